@@ -1,0 +1,203 @@
+//! The agent's side: dialing the gateway over one of the four schemes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Error as WsError;
+
+use crate::proxy::{ProxyConfig, ProxyError};
+use crate::scheme::{Scheme, ServerUrl};
+use crate::tls::{ALPN_H2, ALPN_HTTP1};
+use crate::websocket::{WsByteStream, WsSettings, WS_SUBPROTOCOL};
+use crate::{set_nodelay, BoxedIo, Io};
+
+/// Everything needed to dial the gateway, except the URL (which auto-upgrade varies).
+#[derive(Clone)]
+pub struct DialSettings {
+    /// Base TLS client configuration; ALPN is set per dial.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Name to verify the certificate against, instead of the URL's host.
+    pub server_name: Option<String>,
+    /// Extra headers for the WebSocket upgrade request (Authorization among them).
+    pub upgrade_headers: http::HeaderMap,
+    pub ws: WsSettings,
+    /// Deadline for TCP connect, proxy CONNECT, TLS handshake and WebSocket upgrade, each.
+    pub connect_timeout: Duration,
+    /// Explicit proxy (`--proxy`); `None` means: consult the environment.
+    pub proxy: Option<ProxyConfig>,
+    /// Whether to read `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` when `proxy` is `None`.
+    pub proxy_from_env: bool,
+}
+
+/// Why a dial failed. Each variant says which step broke.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("{step} to {addr} timed out after {after:?}")]
+    Timeout {
+        step: &'static str,
+        addr: String,
+        after: Duration,
+    },
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
+    #[error("{0} needs TLS settings")]
+    NoTls(String),
+    #[error("invalid TLS server name {0:?}")]
+    ServerName(String),
+    #[error("TLS handshake with {addr} failed: {source}")]
+    Tls {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "{addr} did not negotiate HTTP/2 (ALPN {negotiated}); something in between does not \
+         pass HTTP/2 through: use a ws:// or wss:// URL for this path"
+    )]
+    NoHttp2 { addr: String, negotiated: String },
+    #[error("WebSocket upgrade to {url} refused with HTTP {status}: {body}")]
+    WsRejected {
+        url: String,
+        status: u16,
+        body: String,
+    },
+    #[error("WebSocket upgrade to {url} failed: {detail}")]
+    WsHandshake { url: String, detail: String },
+}
+
+/// Dials `url` and returns a byte stream that carries the agent's HTTP/2 connection: raw for
+/// `grpc`/`grpcs`, inside a WebSocket for `ws`/`wss`.
+pub async fn dial(url: &ServerUrl, s: &DialSettings) -> Result<BoxedIo, DialError> {
+    let addr = url.authority();
+    let tcp = connect_tcp(url, s).await?;
+    let io: BoxedIo = if url.scheme.is_tls() {
+        let alpn = if url.scheme.is_websocket() {
+            ALPN_HTTP1
+        } else {
+            ALPN_H2
+        };
+        let base = s.tls.clone().ok_or_else(|| DialError::NoTls(url.to_string()))?;
+        let mut cfg = (*base).clone();
+        cfg.alpn_protocols = vec![alpn.to_vec()];
+        let name = s.server_name.clone().unwrap_or_else(|| url.host.clone());
+        let server_name = rustls_pki_types::ServerName::try_from(name.clone())
+            .map_err(|_| DialError::ServerName(name))?;
+        let connector = TlsConnector::from(Arc::new(cfg));
+        let tls = step(s.connect_timeout, "TLS handshake", &addr, connector.connect(server_name, tcp))
+            .await?
+            .map_err(|source| DialError::Tls {
+                addr: addr.clone(),
+                source,
+            })?;
+        if url.scheme == Scheme::Grpcs {
+            let negotiated = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
+            if negotiated.as_deref() != Some(ALPN_H2) {
+                return Err(DialError::NoHttp2 {
+                    addr,
+                    negotiated: negotiated
+                        .map(|p| String::from_utf8_lossy(&p).into_owned())
+                        .unwrap_or_else(|| "none".into()),
+                });
+            }
+            Box::new(tls)
+        } else {
+            websocket(url, tls, s).await?
+        }
+    } else if url.scheme.is_websocket() {
+        websocket(url, tcp, s).await?
+    } else {
+        Box::new(tcp)
+    };
+    Ok(io)
+}
+
+async fn step<F: std::future::Future>(
+    after: Duration,
+    step: &'static str,
+    addr: &str,
+    fut: F,
+) -> Result<F::Output, DialError> {
+    tokio::time::timeout(after, fut)
+        .await
+        .map_err(|_| DialError::Timeout {
+            step,
+            addr: addr.to_string(),
+            after,
+        })
+}
+
+async fn connect_tcp(url: &ServerUrl, s: &DialSettings) -> Result<TcpStream, DialError> {
+    let addr = url.authority();
+    let proxy = match &s.proxy {
+        Some(p) => Some(p.clone()),
+        None if s.proxy_from_env => ProxyConfig::from_env(&url.host, url.scheme.is_tls())?,
+        None => None,
+    };
+    if let Some(proxy) = proxy {
+        tracing::debug!(proxy = %proxy.display, target = %addr, "dialing through HTTP proxy");
+        return Ok(proxy.connect(&addr, s.connect_timeout).await?);
+    }
+    let tcp = step(s.connect_timeout, "TCP connect", &addr, TcpStream::connect(&addr))
+        .await?
+        .map_err(|source| DialError::Connect {
+            addr: addr.clone(),
+            source,
+        })?;
+    set_nodelay(&tcp);
+    Ok(tcp)
+}
+
+async fn websocket<S: Io>(url: &ServerUrl, io: S, s: &DialSettings) -> Result<BoxedIo, DialError> {
+    let ws_url = url.to_string();
+    let mut req = ws_url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| DialError::WsHandshake {
+            url: ws_url.clone(),
+            detail: e.to_string(),
+        })?;
+    for (k, v) in &s.upgrade_headers {
+        req.headers_mut().append(k, v.clone());
+    }
+    req.headers_mut().insert(
+        http::header::SEC_WEBSOCKET_PROTOCOL,
+        http::HeaderValue::from_static(WS_SUBPROTOCOL),
+    );
+    let cfg = s.ws.tungstenite_config();
+    let fut = tokio_tungstenite::client_async_with_config(req, io, Some(cfg));
+    let (ws, resp) = step(s.connect_timeout, "WebSocket upgrade", &url.authority(), fut)
+        .await?
+        .map_err(|e| match e {
+            WsError::Http(resp) => DialError::WsRejected {
+                url: ws_url.clone(),
+                status: resp.status().as_u16(),
+                body: resp
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).trim().chars().take(300).collect())
+                    .unwrap_or_default(),
+            },
+            other => DialError::WsHandshake {
+                url: ws_url.clone(),
+                detail: other.to_string(),
+            },
+        })?;
+    let agreed = resp
+        .headers()
+        .get(http::header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|v| v.to_str().ok());
+    if agreed != Some(WS_SUBPROTOCOL) {
+        return Err(DialError::WsHandshake {
+            url: ws_url,
+            detail: format!("server did not agree to subprotocol {WS_SUBPROTOCOL:?} (got {agreed:?})"),
+        });
+    }
+    Ok(Box::new(WsByteStream::new(ws, &s.ws)))
+}

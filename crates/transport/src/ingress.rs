@@ -1,0 +1,433 @@
+//! The agent port: one listener, four transports.
+//!
+//! Each accepted connection is classified in its own task under a deadline:
+//! - with TLS, ALPN `h2` is direct gRPC (`grpcs`); anything else, including no ALPN, must be an
+//!   HTTP/1.1 WebSocket upgrade (`wss`);
+//! - without TLS, the first bytes decide: the HTTP/2 preface is h2c (`grpc`), an HTTP/1.x
+//!   request line must be a WebSocket upgrade (`ws`), anything else is refused. The bytes read
+//!   are replayed.
+//!
+//! Every classified connection becomes a [`ServerConn`] on one stream, which the gateway feeds
+//! to ONE gRPC server. The TLS handshake, the sniff and the WebSocket upgrade each have a
+//! deadline, so a client that connects and says nothing is closed rather than held forever.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::time::timeout;
+use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_util::sync::CancellationToken;
+
+use crate::sniff::{read_prefix, PrefixClass, PrefixedIo};
+use crate::websocket::{WsByteStream, WsSettings, WS_SUBPROTOCOL};
+use crate::{set_nodelay, BoxedIo, Io, TransportKind};
+
+/// Limits and deadlines of the agent port.
+#[derive(Debug, Clone)]
+pub struct IngressSettings {
+    /// Deadline for each of: the TLS handshake, the 24-byte sniff, the WebSocket upgrade.
+    pub handshake_timeout: Duration,
+    /// Connections open at once (classified or being classified). Beyond it, new connections
+    /// are closed right after accept and counted as `over_limit`.
+    pub max_connections: usize,
+    /// Listen backlog; the OS default of 128 overflows in reconnect storms.
+    pub listen_backlog: u32,
+    pub ws: WsSettings,
+}
+
+impl Default for IngressSettings {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(5),
+            max_connections: 18_000,
+            listen_backlog: 4096,
+            ws: WsSettings::default(),
+        }
+    }
+}
+
+/// Why a connection was refused before it reached the gRPC server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    /// Cleartext client sent nothing conclusive within the deadline.
+    SniffTimeout,
+    /// Cleartext client's first bytes were neither the HTTP/2 preface nor an HTTP/1.x request.
+    BadPreface,
+    /// The connection closed before anything could be classified.
+    EarlyEof,
+    TlsTimeout,
+    TlsError,
+    /// WebSocket upgrade without the `ws-tunnel` subprotocol.
+    BadSubprotocol,
+    WsUpgradeTimeout,
+    /// An HTTP/1.1 request that is not a valid WebSocket upgrade.
+    WsUpgradeError,
+    /// `max_connections` reached.
+    OverLimit,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 9] = [
+        Self::SniffTimeout,
+        Self::BadPreface,
+        Self::EarlyEof,
+        Self::TlsTimeout,
+        Self::TlsError,
+        Self::BadSubprotocol,
+        Self::WsUpgradeTimeout,
+        Self::WsUpgradeError,
+        Self::OverLimit,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SniffTimeout => "sniff_timeout",
+            Self::BadPreface => "bad_preface",
+            Self::EarlyEof => "early_eof",
+            Self::TlsTimeout => "tls_timeout",
+            Self::TlsError => "tls_error",
+            Self::BadSubprotocol => "bad_subprotocol",
+            Self::WsUpgradeTimeout => "ws_upgrade_timeout",
+            Self::WsUpgradeError => "ws_upgrade_error",
+            Self::OverLimit => "over_limit",
+        }
+    }
+}
+
+impl fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Hooks for the gateway's metrics. Logging happens here, in the transport layer, because
+/// only it has the details.
+pub trait IngressObserver: Send + Sync + 'static {
+    fn rejected(&self, reason: RejectReason);
+    fn opened(&self, meta: &ConnMeta);
+    fn closed(&self, meta: &ConnMeta);
+}
+
+/// What is known about one accepted connection.
+#[derive(Debug)]
+pub struct ConnMeta {
+    pub id: u64,
+    pub kind: TransportKind,
+    pub peer: SocketAddr,
+    pub opened_at: Instant,
+    pub opened_at_wall: SystemTime,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    /// The agent name, once a call on this connection authenticated (for the close log line).
+    pub agent: OnceLock<String>,
+}
+
+/// A classified connection, ready for the gRPC server. Dropping it logs the close line.
+pub struct ServerConn {
+    io: BoxedIo,
+    meta: Arc<ConnMeta>,
+    observer: Arc<dyn IngressObserver>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl ServerConn {
+    pub fn meta(&self) -> &Arc<ConnMeta> {
+        &self.meta
+    }
+}
+
+impl Drop for ServerConn {
+    fn drop(&mut self) {
+        let m = &self.meta;
+        self.observer.closed(m);
+        tracing::info!(
+            conn = m.id,
+            transport = %m.kind,
+            peer = %m.peer,
+            agent = m.agent.get().map(String::as_str).unwrap_or("-"),
+            duration_ms = m.opened_at.elapsed().as_millis() as u64,
+            bytes_in = m.bytes_in.load(Ordering::Relaxed),
+            bytes_out = m.bytes_out.load(Ordering::Relaxed),
+            "connection closed"
+        );
+    }
+}
+
+impl tonic::transport::server::Connected for ServerConn {
+    type ConnectInfo = Arc<ConnMeta>;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.meta.clone()
+    }
+}
+
+impl AsyncRead for ServerConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.io).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.meta.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        res
+    }
+}
+
+impl AsyncWrite for ServerConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let res = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = res {
+            self.meta.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        res
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let res = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = res {
+            self.meta.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        res
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Binds a TCP listener with the given backlog and SO_REUSEADDR.
+pub fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Accepts connections on `listener` until `shutdown`, classifies each, and yields the
+/// classified ones. Errors never end the stream: a failed accept (EMFILE, say) is logged and
+/// retried after a short pause.
+pub fn serve_ingress(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    settings: IngressSettings,
+    observer: Arc<dyn IngressObserver>,
+    shutdown: CancellationToken,
+) -> tokio_stream::wrappers::ReceiverStream<io::Result<ServerConn>> {
+    let (tx, rx) = mpsc::channel(256);
+    let limit = Arc::new(Semaphore::new(settings.max_connections));
+    let settings = Arc::new(settings);
+    let acceptor = tls.map(TlsAcceptor::from);
+    tokio::spawn(async move {
+        let next_id = AtomicU64::new(1);
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = limit.clone().try_acquire_owned() else {
+                observer.rejected(RejectReason::OverLimit);
+                tracing::warn!(
+                    %peer,
+                    reason = "over_limit",
+                    max_connections = settings.max_connections,
+                    "connection refused: too many open connections"
+                );
+                drop(stream);
+                continue;
+            };
+            set_nodelay(&stream);
+            let id = next_id.fetch_add(1, Ordering::Relaxed);
+            let (tx, observer, settings, acceptor) =
+                (tx.clone(), observer.clone(), settings.clone(), acceptor.clone());
+            tokio::spawn(async move {
+                match classify(stream, acceptor, &settings).await {
+                    Ok((io, kind)) => {
+                        let meta = Arc::new(ConnMeta {
+                            id,
+                            kind,
+                            peer,
+                            opened_at: Instant::now(),
+                            opened_at_wall: SystemTime::now(),
+                            bytes_in: AtomicU64::new(0),
+                            bytes_out: AtomicU64::new(0),
+                            agent: OnceLock::new(),
+                        });
+                        observer.opened(&meta);
+                        tracing::info!(conn = id, transport = %kind, %peer, "connection opened");
+                        let conn = ServerConn {
+                            io,
+                            meta,
+                            observer,
+                            _permit: permit,
+                        };
+                        // If the server is gone we are shutting down; the conn is dropped.
+                        let _ = tx.send(Ok(conn)).await;
+                    }
+                    Err((reason, detail)) => {
+                        observer.rejected(reason);
+                        tracing::warn!(conn = id, %peer, %reason, "connection refused: {detail}");
+                    }
+                }
+            });
+        }
+        tracing::info!("agent listener stopped accepting");
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+type Rejection = (RejectReason, String);
+
+async fn classify(
+    mut stream: TcpStream,
+    acceptor: Option<TlsAcceptor>,
+    settings: &IngressSettings,
+) -> Result<(BoxedIo, TransportKind), Rejection> {
+    let deadline = settings.handshake_timeout;
+    if let Some(acceptor) = acceptor {
+        let tls = timeout(deadline, acceptor.accept(stream))
+            .await
+            .map_err(|_| {
+                (
+                    RejectReason::TlsTimeout,
+                    format!("TLS handshake not finished within {deadline:?}"),
+                )
+            })?
+            .map_err(|e| (RejectReason::TlsError, format!("TLS handshake failed: {e}")))?;
+        if tls.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2) {
+            return Ok((Box::new(tls), TransportKind::Grpcs));
+        }
+        let ws = websocket_upgrade(tls, settings).await?;
+        return Ok((ws, TransportKind::Wss));
+    }
+    let (class, prefix) = match timeout(deadline, read_prefix(&mut stream)).await {
+        Err(_) => {
+            return Err((
+                RejectReason::SniffTimeout,
+                format!("no HTTP/2 preface or HTTP/1.1 request within {deadline:?}"),
+            ))
+        }
+        Ok(Err(e)) => return Err((RejectReason::EarlyEof, e.to_string())),
+        Ok(Ok(x)) => x,
+    };
+    match class {
+        PrefixClass::Http2 => Ok((
+            Box::new(PrefixedIo::new(prefix, stream)),
+            TransportKind::Grpc,
+        )),
+        PrefixClass::Http1 => {
+            let ws = websocket_upgrade(PrefixedIo::new(prefix, stream), settings).await?;
+            Ok((ws, TransportKind::Ws))
+        }
+        PrefixClass::Garbage | PrefixClass::NeedMore => Err((
+            RejectReason::BadPreface,
+            format!(
+                "first bytes {:02x?} are neither the HTTP/2 preface nor an HTTP/1.1 request \
+                 (TLS sent to a cleartext port?)",
+                &prefix[..prefix.len().min(8)]
+            ),
+        )),
+    }
+}
+
+/// Whether a `Sec-WebSocket-Protocol` header value offers `ws-tunnel`.
+fn offers_ws_tunnel(value: Option<&http::HeaderValue>) -> bool {
+    value
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(',').any(|p| p.trim() == WS_SUBPROTOCOL))
+        .unwrap_or(false)
+}
+
+async fn websocket_upgrade<S: Io>(io: S, settings: &IngressSettings) -> Result<BoxedIo, Rejection> {
+    let deadline = settings.handshake_timeout;
+    let bad_subprotocol: Arc<Mutex<Option<String>>> = Arc::default();
+    let seen = bad_subprotocol.clone();
+    let callback = move |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+        let offered = req.headers().get(http::header::SEC_WEBSOCKET_PROTOCOL);
+        if !offers_ws_tunnel(offered) {
+            let got = offered
+                .and_then(|v| v.to_str().ok())
+                .map(|v| format!("{v:?}"))
+                .unwrap_or_else(|| "none".into());
+            let msg = format!(
+                "agentgate: WebSocket subprotocol \"{WS_SUBPROTOCOL}\" is required (offered: {got})\n"
+            );
+            *seen.lock().unwrap() = Some(format!("subprotocol {WS_SUBPROTOCOL:?} not offered (offered: {got})"));
+            let mut err = ErrorResponse::new(Some(msg));
+            *err.status_mut() = http::StatusCode::BAD_REQUEST;
+            return Err(err);
+        }
+        resp.headers_mut().insert(
+            http::header::SEC_WEBSOCKET_PROTOCOL,
+            http::HeaderValue::from_static(WS_SUBPROTOCOL),
+        );
+        Ok(resp)
+    };
+    let cfg = settings.ws.tungstenite_config();
+    let upgrade = tokio_tungstenite::accept_hdr_async_with_config(io, callback, Some(cfg));
+    match timeout(deadline, upgrade).await {
+        Err(_) => Err((
+            RejectReason::WsUpgradeTimeout,
+            format!("WebSocket upgrade not finished within {deadline:?}"),
+        )),
+        Ok(Err(e)) => match bad_subprotocol.lock().unwrap().take() {
+            Some(detail) => Err((RejectReason::BadSubprotocol, detail)),
+            None => Err((
+                RejectReason::WsUpgradeError,
+                format!("not a valid WebSocket upgrade: {e}"),
+            )),
+        },
+        Ok(Ok(ws)) => Ok(Box::new(WsByteStream::new(ws, &settings.ws))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subprotocol_offer_parsing() {
+        let v = |s: &'static str| http::HeaderValue::from_static(s);
+        assert!(offers_ws_tunnel(Some(&v("ws-tunnel"))));
+        assert!(offers_ws_tunnel(Some(&v("chat, ws-tunnel"))));
+        assert!(!offers_ws_tunnel(Some(&v("ws-tunnel2"))));
+        assert!(!offers_ws_tunnel(None));
+    }
+}

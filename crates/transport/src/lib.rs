@@ -1,0 +1,44 @@
+//! How bytes reach agentgate.
+//!
+//! This crate knows about TCP, TLS and ALPN, the 24-byte HTTP/2 preface sniff, WebSocket
+//! framing as a plain byte stream, the four agent URL schemes, and HTTP CONNECT proxies. It
+//! knows nothing of gRPC services, agents or tokens: the gateway receives a stream of
+//! [`ServerConn`]s, each an `AsyncRead + AsyncWrite` labelled with its [`TransportKind`], and the
+//! agent receives a [`BoxedIo`] from [`dial`].
+
+mod dial;
+mod ingress;
+mod kind;
+mod proxy;
+mod scheme;
+mod sniff;
+pub mod tls;
+mod websocket;
+
+pub use dial::{dial, DialError, DialSettings};
+pub use ingress::{
+    bind_listener, serve_ingress, ConnMeta, IngressObserver, IngressSettings, RejectReason, ServerConn,
+};
+pub use kind::TransportKind;
+pub use proxy::{ProxyConfig, ProxyError};
+pub use scheme::{Scheme, SchemeError, ServerUrl};
+pub use sniff::{classify_prefix, PrefixClass, PrefixedIo, HTTP2_PREFACE};
+pub use websocket::{WsByteStream, WsSettings, WS_SUBPROTOCOL};
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// Any bidirectional byte stream: TCP, TLS, or a WebSocket seen as bytes.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// A type-erased [`Io`].
+pub type BoxedIo = Box<dyn Io>;
+
+/// Sets TCP_NODELAY. Both tonic's `serve_with_incoming` and custom connectors bypass tonic's
+/// own setting, and without it small RPCs wait for Nagle's algorithm (p50 of 44 ms instead of
+/// ~140 µs measured here).
+pub fn set_nodelay(stream: &tokio::net::TcpStream) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "could not set TCP_NODELAY");
+    }
+}
