@@ -1,0 +1,42 @@
+//! The admin port: liveness, readiness, Prometheus metrics, and the agent list.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+
+use crate::Gateway;
+
+pub fn router(gw: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/agents", get(agents))
+        .with_state(gw)
+}
+
+/// Ready while the agent port accepts connections; 503 once shutdown has begun, so a load
+/// balancer stops sending new agents here.
+async fn readyz(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
+    if gw.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: starting or shutting down\n")
+    }
+}
+
+async fn metrics(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        gw.metrics.render(),
+    )
+}
+
+async fn agents(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
+    Json(gw.directory.list())
+}

@@ -1,0 +1,227 @@
+//! gRPC through the tunnel: any method, raw, to the agent's gRPC upstream.
+//!
+//! The call is forwarded as HTTP/2 with trailers, so status, details, headers and trailers
+//! arrive untouched, and all four call shapes work. The caller's deadline (`grpc-timeout`)
+//! travels with the request and is also enforced here: when it passes, the caller gets
+//! DEADLINE_EXCEEDED and the tunnel stream is dropped, which cancels the call at the agent.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use agentgate_proto::v1::{RequestHead, RequestKind};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use super::{ApiAuthError, ApiBody, BoxError, TokenSource, AGENT_HEADER, TOKEN_HEADER};
+use crate::headers::{from_proto, strip_hop_by_hop, to_proto};
+use crate::tunnel::ForwardError;
+use crate::Gateway;
+
+/// Parses a `grpc-timeout` value (`1*8DIGIT unit`, units H M S m u n).
+pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Percent-encodes a `grpc-message` value as the gRPC spec asks.
+fn encode_grpc_message(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    for b in msg.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn status_headers(code: tonic::Code, message: &str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert("grpc-status", HeaderValue::from(code as i32));
+    if let Ok(v) = HeaderValue::from_str(&encode_grpc_message(&format!("agentgate: {message}"))) {
+        h.insert("grpc-message", v);
+    }
+    h
+}
+
+/// A trailers-only gRPC response carrying an error status.
+fn status_response(code: tonic::Code, message: &str) -> Response<ApiBody> {
+    let mut resp = Response::new(super::full_body(Bytes::new()));
+    let mut h = status_headers(code, message);
+    h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    *resp.headers_mut() = h;
+    resp
+}
+
+/// The gRPC code of each forwarding failure (the error table of the tunnel API).
+pub fn code_for(e: &ForwardError) -> tonic::Code {
+    match e {
+        ForwardError::UnknownAgent(_) => tonic::Code::NotFound,
+        ForwardError::UnknownUpstream { .. } => tonic::Code::Unimplemented,
+        ForwardError::NotConnected(_)
+        | ForwardError::NoIdleTunnel { .. }
+        | ForwardError::UpstreamUnavailable { .. }
+        | ForwardError::TunnelBroken { .. } => tonic::Code::Unavailable,
+        ForwardError::UpstreamTimeout { .. } => tonic::Code::DeadlineExceeded,
+        ForwardError::BadRequest { .. } => tonic::Code::InvalidArgument,
+    }
+}
+
+pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ApiBody> {
+    let method = req.uri().path().to_string();
+    let Some(agent) = req
+        .headers()
+        .get(AGENT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+    else {
+        gw.metrics.tunnel_requests.inc(&["grpc", "bad_request"]);
+        return status_response(
+            tonic::Code::InvalidArgument,
+            &format!("missing '{AGENT_HEADER}: <agent name>' metadata"),
+        );
+    };
+    let source = match gw.authenticate_api(req.headers(), &agent) {
+        Ok((_, s)) => s,
+        Err(e) => {
+            gw.metrics.tunnel_requests.inc(&["grpc", "unauthenticated"]);
+            tracing::warn!(agent, method, "API call refused: {}", e.message());
+            let code = match e {
+                ApiAuthError::Forbidden(_) => tonic::Code::PermissionDenied,
+                _ => tonic::Code::Unauthenticated,
+            };
+            return status_response(code, &e.message());
+        }
+    };
+    let timeout = req
+        .headers()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout);
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let (parts, body) = req.into_parts();
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers, true);
+    headers.remove(AGENT_HEADER);
+    match source {
+        TokenSource::Authorization => headers.remove(http::header::AUTHORIZATION),
+        TokenSource::TokenHeader => headers.remove(TOKEN_HEADER),
+    };
+    headers.remove(http::header::HOST);
+    let head = RequestHead {
+        kind: RequestKind::Grpc as i32,
+        upstream: String::new(),
+        method: parts.method.as_str().to_string(),
+        path_and_query: parts
+            .uri
+            .path_and_query()
+            .map_or(method.clone(), |p| p.as_str().to_string()),
+        headers: to_proto(&headers),
+        timeout_millis: timeout.map_or(0, |t| t.as_millis().max(1) as u64),
+    };
+    let forward = gw.forward(&agent, head, body);
+    let result = match deadline {
+        Some(d) => match tokio::time::timeout_at(d, forward).await {
+            Ok(r) => r,
+            Err(_) => {
+                gw.metrics.tunnel_requests.inc(&["grpc", "deadline_exceeded"]);
+                return status_response(tonic::Code::DeadlineExceeded, "deadline exceeded before the agent answered");
+            }
+        },
+        None => forward.await,
+    };
+    match result {
+        Ok(fwd) => {
+            gw.metrics.tunnel_requests.inc(&["grpc", "ok"]);
+            let body = DeadlineBody {
+                inner: fwd.body.map_err(BoxError::from).boxed_unsync(),
+                sleep: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+                done: false,
+            };
+            let mut resp = Response::new(body.boxed_unsync());
+            *resp.status_mut() = http::StatusCode::from_u16(fwd.status).unwrap_or(http::StatusCode::OK);
+            let mut h = from_proto(&fwd.headers);
+            strip_hop_by_hop(&mut h, false);
+            *resp.headers_mut() = h;
+            resp
+        }
+        Err(e) => {
+            gw.metrics.tunnel_requests.inc(&["grpc", e.outcome()]);
+            tracing::warn!(agent, method, outcome = e.outcome(), "tunnel call failed: {e}");
+            status_response(code_for(&e), &e.to_string())
+        }
+    }
+}
+
+/// A response body that ends with DEADLINE_EXCEEDED trailers when the caller's deadline
+/// passes mid-stream, dropping the tunnel (which cancels the call at the agent).
+struct DeadlineBody {
+    inner: ApiBody,
+    sleep: Option<Pin<Box<Sleep>>>,
+    done: bool,
+}
+
+impl Body for DeadlineBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if let Some(sleep) = self.sleep.as_mut() {
+            if sleep.as_mut().poll(cx).is_ready() {
+                self.done = true;
+                self.inner = super::full_body(Bytes::new());
+                return Poll::Ready(Some(Ok(Frame::trailers(status_headers(
+                    tonic::Code::DeadlineExceeded,
+                    "deadline exceeded",
+                )))));
+            }
+        }
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_values() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("5x"), None);
+        assert_eq!(parse_grpc_timeout("m"), None);
+        assert_eq!(parse_grpc_timeout("123456789S"), None);
+    }
+
+    #[test]
+    fn grpc_message_encoding() {
+        assert_eq!(encode_grpc_message("a b%é"), "a b%25%C3%A9");
+    }
+}

@@ -1,0 +1,206 @@
+//! HTTP through the tunnel: `/agents/{agent}/proxy/...` and `/agents/{agent}/upstreams/{name}/...`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use agentgate_proto::v1::{RequestHead, RequestKind};
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use super::{full_body, ApiBody, TokenSource, TOKEN_HEADER};
+use crate::headers::{from_proto, strip_hop_by_hop, to_proto};
+use crate::tunnel::ForwardError;
+use crate::Gateway;
+
+/// Where a request path points: agent, upstream name, and the path left for the upstream.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Target<'a> {
+    pub agent: &'a str,
+    pub upstream: &'a str,
+    pub rest: &'a str,
+}
+
+/// Parses `/agents/{agent}/proxy/{rest}` and `/agents/{agent}/upstreams/{name}/{rest}`.
+pub fn parse_target(path: &str) -> Option<Target<'_>> {
+    let after = path.strip_prefix("/agents/")?;
+    let (agent, after) = after.split_once('/')?;
+    if agent.is_empty() {
+        return None;
+    }
+    if let Some(rest) = after.strip_prefix("proxy") {
+        if rest.is_empty() || rest.starts_with('/') {
+            return Some(Target {
+                agent,
+                upstream: "default",
+                rest,
+            });
+        }
+        return None;
+    }
+    let after = after.strip_prefix("upstreams/")?;
+    let (upstream, rest) = match after.split_once('/') {
+        Some((u, _)) => (u, &after[u.len()..]),
+        None => (after, ""),
+    };
+    (!upstream.is_empty()).then_some(Target {
+        agent,
+        upstream,
+        rest,
+    })
+}
+
+fn error_response(status: StatusCode, message: &str) -> Response<ApiBody> {
+    let mut resp = Response::new(full_body(format!("agentgate: {message}\n")));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        resp.headers_mut()
+            .insert(http::header::RETRY_AFTER, HeaderValue::from_static("5"));
+    }
+    if status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"agentgate\""),
+        );
+    }
+    resp
+}
+
+/// The HTTP status of each forwarding failure (the error table of the tunnel API).
+pub fn status_for(e: &ForwardError) -> StatusCode {
+    match e {
+        ForwardError::UnknownAgent(_) | ForwardError::UnknownUpstream { .. } => StatusCode::NOT_FOUND,
+        ForwardError::NotConnected(_) | ForwardError::NoIdleTunnel { .. } => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        ForwardError::UpstreamUnavailable { .. } | ForwardError::TunnelBroken { .. } => {
+            StatusCode::BAD_GATEWAY
+        }
+        ForwardError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        ForwardError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+    }
+}
+
+pub async fn handle(
+    gw: Arc<Gateway>,
+    peer: SocketAddr,
+    tls: bool,
+    req: Request<Incoming>,
+) -> Response<ApiBody> {
+    let path = req.uri().path().to_string();
+    let Some(target) = parse_target(&path) else {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            "no such route; use /agents/{agent}/proxy/{path} or \
+             /agents/{agent}/upstreams/{name}/{path}",
+        );
+    };
+    let (agent, upstream) = (target.agent.to_string(), target.upstream.to_string());
+    let source = match gw.authenticate_api(req.headers(), &agent) {
+        Ok((_, source)) => source,
+        Err(e) => {
+            let status = match e {
+                super::ApiAuthError::Forbidden(_) => StatusCode::FORBIDDEN,
+                _ => StatusCode::UNAUTHORIZED,
+            };
+            gw.metrics.tunnel_requests.inc(&["http", "unauthenticated"]);
+            tracing::warn!(%peer, agent, "API request refused: {}", e.message());
+            return error_response(status, &e.message());
+        }
+    };
+    let mut path_and_query = if target.rest.is_empty() {
+        "/".to_string()
+    } else {
+        target.rest.to_string()
+    };
+    if let Some(q) = req.uri().query() {
+        path_and_query.push('?');
+        path_and_query.push_str(q);
+    }
+    let (parts, body) = req.into_parts();
+    let mut headers = parts.headers;
+    let original_host = headers
+        .get(http::header::HOST)
+        .cloned()
+        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    strip_hop_by_hop(&mut headers, false);
+    match source {
+        TokenSource::Authorization => {
+            headers.remove(http::header::AUTHORIZATION);
+        }
+        TokenSource::TokenHeader => {
+            headers.remove(TOKEN_HEADER);
+        }
+    }
+    headers.remove(http::header::HOST);
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {}", peer.ip()),
+        None => peer.ip().to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    if !headers.contains_key("x-forwarded-proto") {
+        let proto = if tls { "https" } else { "http" };
+        headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+    }
+    if let (false, Some(h)) = (headers.contains_key("x-forwarded-host"), original_host) {
+        headers.insert("x-forwarded-host", h);
+    }
+    let head = RequestHead {
+        kind: RequestKind::Http as i32,
+        upstream,
+        method: parts.method.as_str().to_string(),
+        path_and_query,
+        headers: to_proto(&headers),
+        timeout_millis: 0,
+    };
+    match gw.forward(&agent, head, body).await {
+        Ok(fwd) => {
+            gw.metrics.tunnel_requests.inc(&["http", "ok"]);
+            let mut resp = Response::new(fwd.body.map_err(|e| e.into()).boxed_unsync());
+            *resp.status_mut() = StatusCode::from_u16(fwd.status).unwrap_or(StatusCode::BAD_GATEWAY);
+            let mut h = from_proto(&fwd.headers);
+            strip_hop_by_hop(&mut h, false);
+            *resp.headers_mut() = h;
+            resp
+        }
+        Err(e) => {
+            gw.metrics.tunnel_requests.inc(&["http", e.outcome()]);
+            tracing::warn!(%peer, agent, outcome = e.outcome(), "tunnel request failed: {e}");
+            error_response(status_for(&e), &e.to_string())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_targets() {
+        assert_eq!(
+            parse_target("/agents/a1/proxy/x/y"),
+            Some(Target { agent: "a1", upstream: "default", rest: "/x/y" })
+        );
+        assert_eq!(
+            parse_target("/agents/a1/proxy"),
+            Some(Target { agent: "a1", upstream: "default", rest: "" })
+        );
+        assert_eq!(
+            parse_target("/agents/a1/upstreams/metrics/m"),
+            Some(Target { agent: "a1", upstream: "metrics", rest: "/m" })
+        );
+        assert_eq!(
+            parse_target("/agents/a1/upstreams/metrics"),
+            Some(Target { agent: "a1", upstream: "metrics", rest: "" })
+        );
+        assert_eq!(parse_target("/agents/a1/proxyx"), None);
+        assert_eq!(parse_target("/agents//proxy/"), None);
+        assert_eq!(parse_target("/other"), None);
+    }
+}

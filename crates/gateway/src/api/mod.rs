@@ -1,0 +1,175 @@
+//! The user-facing tunnel API: its own listener, HTTP/1.1 and HTTP/2, TLS optional.
+//!
+//! - `/agents/{agent}/proxy/{path...}` reaches the agent's `default` HTTP upstream;
+//! - `/agents/{agent}/upstreams/{name}/{path...}` reaches a named one;
+//! - any gRPC call (content-type `application/grpc*`) with metadata `agentgate-agent: NAME`
+//!   is forwarded as a raw gRPC call to that agent's gRPC upstream.
+//!
+//! Callers authenticate with an API token in `authorization: Bearer <token>` (stripped before
+//! forwarding) or in `agentgate-token: <token>` (then `authorization` passes through to the
+//! upstream untouched).
+
+mod grpc_proxy;
+mod http_proxy;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::bearer_token;
+use crate::tokens::{TokenEntry, TokenKind};
+use crate::Gateway;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type ApiBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Header that carries the API token when `authorization` belongs to the upstream.
+pub const TOKEN_HEADER: &str = "agentgate-token";
+/// gRPC metadata naming the target agent.
+pub const AGENT_HEADER: &str = "agentgate-agent";
+
+pub fn full_body(data: impl Into<Bytes>) -> ApiBody {
+    http_body_util::Full::new(data.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// Why an API caller was refused.
+pub enum ApiAuthError {
+    Missing,
+    Invalid,
+    Forbidden(String),
+}
+
+impl ApiAuthError {
+    pub fn message(&self) -> String {
+        match self {
+            Self::Missing => "missing API token: send 'authorization: Bearer <api token>' or \
+                              'agentgate-token: <api token>'"
+                .into(),
+            Self::Invalid => "invalid API token (unknown or revoked)".into(),
+            Self::Forbidden(agent) => format!("this API token may not reach agent {agent:?}"),
+        }
+    }
+}
+
+/// Where the API token was found, so the front end knows what to strip.
+pub enum TokenSource {
+    Authorization,
+    TokenHeader,
+}
+
+impl Gateway {
+    /// Authenticates an API caller for `agent`.
+    pub fn authenticate_api(
+        &self,
+        headers: &http::HeaderMap,
+        agent: &str,
+    ) -> Result<(TokenEntry, TokenSource), ApiAuthError> {
+        let (token, source) = if let Some(v) = headers.get(TOKEN_HEADER) {
+            (v.to_str().ok().map(str::trim), TokenSource::TokenHeader)
+        } else if let Some(v) = headers.get(http::header::AUTHORIZATION) {
+            (
+                v.to_str().ok().and_then(bearer_token),
+                TokenSource::Authorization,
+            )
+        } else {
+            return Err(ApiAuthError::Missing);
+        };
+        let entry = token
+            .and_then(|t| self.tokens.verify(TokenKind::Api, t))
+            .ok_or(ApiAuthError::Invalid)?;
+        if !entry.allows_agent(agent) {
+            return Err(ApiAuthError::Forbidden(agent.into()));
+        }
+        Ok((entry, source))
+    }
+}
+
+async fn route(gw: Arc<Gateway>, peer: SocketAddr, tls: bool, req: Request<Incoming>) -> Response<ApiBody> {
+    let is_grpc = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if is_grpc {
+        grpc_proxy::handle(gw, req).await
+    } else {
+        http_proxy::handle(gw, peer, tls, req).await
+    }
+}
+
+/// Serves the API listener until `shutdown`, then lets open requests finish.
+pub async fn serve_api(
+    gw: Arc<Gateway>,
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: CancellationToken,
+) {
+    let acceptor = tls.map(TlsAcceptor::from);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "API accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            }
+        };
+        agentgate_transport::set_nodelay(&stream);
+        let gw2 = gw.clone();
+        let is_tls = acceptor.is_some();
+        let svc = hyper::service::service_fn(move |req| {
+            let gw = gw2.clone();
+            async move { Ok::<_, Infallible>(route(gw, peer, is_tls, req).await) }
+        });
+        let watcher = graceful.watcher();
+        let acceptor = acceptor.clone();
+        let handshake_timeout = gw.config.handshake_timeout;
+        tokio::spawn(async move {
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let result = match acceptor {
+                None => {
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    watcher.watch(conn.into_owned()).await
+                }
+                Some(acceptor) => {
+                    let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, %peer, "API TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "API TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let conn = builder.serve_connection(TokioIo::new(tls), svc);
+                    watcher.watch(conn.into_owned()).await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, %peer, "API connection ended with error");
+            }
+        });
+    }
+    let grace = gw.config.shutdown_grace;
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!(?grace, "API requests still open after the shutdown grace period");
+    }
+}

@@ -1,0 +1,111 @@
+//! Every setting of the gateway, named, with its default and the reason for it.
+//!
+//! The CLI fills this from a TOML file, then `AGENTGATE_*` environment variables, then flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Agent port: all four transports.
+    pub listen: SocketAddr,
+    /// Admin port: /healthz, /readyz, /metrics, /api/v1/agents.
+    pub admin_listen: SocketAddr,
+    /// User-facing tunnel API (HTTP and gRPC).
+    pub api_listen: SocketAddr,
+    /// PEM certificate chain and key for TLS on the agent port. Both or neither.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// PEM certificate chain and key for TLS on the API port. Both or neither.
+    pub api_tls_cert: Option<PathBuf>,
+    pub api_tls_key: Option<PathBuf>,
+    /// Token store (agent and API tokens, hashed).
+    pub tokens: PathBuf,
+
+    /// Deadline for the TLS handshake, the 24-byte sniff, and the WebSocket upgrade, each.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Agent connections open at once. The process is capped at 20,000 open files here, so
+    /// the default leaves room for the admin and API listeners and upstream sockets.
+    pub max_connections: usize,
+    /// Listen backlog for the agent port (the OS default of 128 overflows in reconnect storms).
+    pub listen_backlog: u32,
+    /// Largest WebSocket message accepted from an agent (kas: 10 MiB).
+    pub ws_max_message_size: usize,
+    /// WebSocket read buffer per connection; tungstenite's 128 KiB default costs ~127 KiB of
+    /// RSS per idle agent.
+    pub ws_read_buffer_size: usize,
+
+    /// Server HTTP/2 PING interval: below the usual 60 s load-balancer idle timeout (kas: 50 s).
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// How long to wait for a PING acknowledgement before closing the connection.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    /// Clients pinging more often than this are misbehaving (kas: 20 s); advertised in docs.
+    #[serde(with = "humantime_serde")]
+    pub min_client_ping_interval: Duration,
+    /// Application-level heartbeat on long-lived streams (sessions and parked tunnels), for
+    /// proxies whose per-stream idle timeouts HTTP/2 PINGs do not reset (nginx, CDNs: ~60 s).
+    #[serde(with = "humantime_serde")]
+    pub stream_heartbeat_interval: Duration,
+    /// Connections older than this get GOAWAY, so agents rebalance across replicas (kas: 2 h).
+    /// Jittered by up to 10% per connection. `0s` disables.
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age: Duration,
+    /// After GOAWAY for age, how long in-flight requests may take to finish.
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age_grace: Duration,
+    /// On SIGTERM: how long in-flight requests may take to finish before the process exits.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+
+    /// How long a request waits for an idle tunnel of a connected agent before 503.
+    #[serde(with = "humantime_serde")]
+    pub tunnel_wait: Duration,
+    /// How long an agent has to send the descriptor on a new tunnel stream.
+    #[serde(with = "humantime_serde")]
+    pub tunnel_descriptor_timeout: Duration,
+    /// Largest body chunk sent through a tunnel; bounds per-request buffering.
+    pub tunnel_chunk_size: usize,
+    /// HTTP/2 stream and connection windows for agent connections. Larger windows raise bulk
+    /// throughput (a tonic relay went from 395 to 595 Mbit/s at 2 MiB / 4 MiB).
+    pub http2_stream_window: u32,
+    pub http2_connection_window: u32,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8150".parse().unwrap(),
+            admin_listen: "127.0.0.1:8151".parse().unwrap(),
+            api_listen: "127.0.0.1:8154".parse().unwrap(),
+            tls_cert: None,
+            tls_key: None,
+            api_tls_cert: None,
+            api_tls_key: None,
+            tokens: PathBuf::from("agentgate-tokens.json"),
+            handshake_timeout: Duration::from_secs(5),
+            max_connections: 18_000,
+            listen_backlog: 4096,
+            ws_max_message_size: 10 * 1024 * 1024,
+            ws_read_buffer_size: 8 * 1024,
+            keepalive_interval: Duration::from_secs(50),
+            keepalive_timeout: Duration::from_secs(20),
+            min_client_ping_interval: Duration::from_secs(20),
+            stream_heartbeat_interval: Duration::from_secs(20),
+            max_connection_age: Duration::from_secs(2 * 3600),
+            max_connection_age_grace: Duration::from_secs(30 * 60),
+            shutdown_grace: Duration::from_secs(30),
+            tunnel_wait: Duration::from_secs(10),
+            tunnel_descriptor_timeout: Duration::from_secs(10),
+            tunnel_chunk_size: 64 * 1024,
+            http2_stream_window: 2 * 1024 * 1024,
+            http2_connection_window: 4 * 1024 * 1024,
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! The directory of registered agent sessions, for `/api/v1/agents` and routing decisions.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use crate::metrics::Metrics;
+
+/// One registered agent instance, as `/api/v1/agents` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentRecord {
+    /// The name bound to the agent's token.
+    pub name: String,
+    pub instance_id: String,
+    pub version: String,
+    pub hostname: String,
+    /// `grpc`, `grpcs`, `ws` or `wss`.
+    pub transport: String,
+    pub peer: String,
+    /// RFC 3339, UTC.
+    pub connected_since: String,
+    pub connection_id: u64,
+}
+
+/// Registered sessions, keyed by a session id (an instance may briefly hold two sessions while
+/// a dead connection is being noticed).
+#[derive(Default)]
+pub struct Directory {
+    sessions: Mutex<HashMap<u64, AgentRecord>>,
+    next_id: AtomicU64,
+}
+
+/// Removes its session from the directory when dropped.
+pub struct SessionGuard {
+    directory: Arc<Directory>,
+    metrics: Arc<Metrics>,
+    id: u64,
+    transport: String,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        let removed = self.directory.sessions.lock().unwrap().remove(&self.id);
+        if let Some(r) = removed {
+            self.metrics.agents_connected.add(&[&self.transport], -1.0);
+            tracing::info!(
+                agent = %r.name,
+                instance = %r.instance_id,
+                transport = %r.transport,
+                conn = r.connection_id,
+                "agent session ended"
+            );
+        }
+    }
+}
+
+impl Directory {
+    pub fn register(
+        self: &Arc<Self>,
+        metrics: &Arc<Metrics>,
+        record: AgentRecord,
+    ) -> SessionGuard {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let transport = record.transport.clone();
+        metrics.agents_connected.add(&[&transport], 1.0);
+        self.sessions.lock().unwrap().insert(id, record);
+        SessionGuard {
+            directory: self.clone(),
+            metrics: metrics.clone(),
+            id,
+            transport,
+        }
+    }
+
+    /// All sessions, sorted by name then instance.
+    pub fn list(&self) -> Vec<AgentRecord> {
+        let mut v: Vec<_> = self.sessions.lock().unwrap().values().cloned().collect();
+        v.sort_by(|a, b| (&a.name, &a.instance_id).cmp(&(&b.name, &b.instance_id)));
+        v
+    }
+
+    pub fn is_connected(&self, name: &str) -> bool {
+        self.sessions.lock().unwrap().values().any(|r| r.name == name)
+    }
+}
+
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}

@@ -1,0 +1,211 @@
+//! Prometheus metrics, in the text exposition format.
+//!
+//! A deliberately small implementation: labelled counter and gauge families behind a mutex.
+//! Hot paths touch one family once per connection or per RPC, so contention is negligible.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+
+use agentgate_transport::{ConnMeta, IngressObserver, RejectReason, TransportKind};
+
+/// A family of time series that share a name and label names.
+pub struct Family {
+    name: &'static str,
+    help: &'static str,
+    kind: &'static str,
+    labels: &'static [&'static str],
+    values: Mutex<BTreeMap<Vec<String>, f64>>,
+}
+
+impl Family {
+    const fn new(
+        name: &'static str,
+        help: &'static str,
+        kind: &'static str,
+        labels: &'static [&'static str],
+    ) -> Self {
+        Self {
+            name,
+            help,
+            kind,
+            labels,
+            values: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Adds `v` to the series with these label values (in the family's label order).
+    pub fn add(&self, label_values: &[&str], v: f64) {
+        debug_assert_eq!(label_values.len(), self.labels.len());
+        let key = label_values.iter().map(|s| s.to_string()).collect();
+        *self.values.lock().unwrap().entry(key).or_insert(0.0) += v;
+    }
+
+    pub fn inc(&self, label_values: &[&str]) {
+        self.add(label_values, 1.0);
+    }
+
+    pub fn set(&self, label_values: &[&str], v: f64) {
+        let key = label_values.iter().map(|s| s.to_string()).collect();
+        self.values.lock().unwrap().insert(key, v);
+    }
+
+    /// The current value of one series (0 if never touched).
+    pub fn get(&self, label_values: &[&str]) -> f64 {
+        let key: Vec<String> = label_values.iter().map(|s| s.to_string()).collect();
+        self.values.lock().unwrap().get(&key).copied().unwrap_or(0.0)
+    }
+
+    fn render(&self, out: &mut String) {
+        let _ = writeln!(out, "# HELP {} {}", self.name, self.help);
+        let _ = writeln!(out, "# TYPE {} {}", self.name, self.kind);
+        for (key, v) in self.values.lock().unwrap().iter() {
+            out.push_str(self.name);
+            if !key.is_empty() {
+                out.push('{');
+                for (i, (l, v)) in self.labels.iter().zip(key).enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    let v = v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+                    let _ = write!(out, "{l}=\"{v}\"");
+                }
+                out.push('}');
+            }
+            let _ = writeln!(out, " {v}");
+        }
+    }
+}
+
+/// All of the gateway's metrics.
+pub struct Metrics {
+    pub connections_open: Family,
+    pub connections_accepted: Family,
+    pub connections_rejected: Family,
+    pub rpcs: Family,
+    pub agents_connected: Family,
+    pub tunnels_parked: Family,
+    pub tunnel_requests: Family,
+    pub tunnel_request_bytes: Family,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let m = Self {
+            connections_open: Family::new(
+                "agentgate_connections_open",
+                "Agent connections currently open, by transport.",
+                "gauge",
+                &["transport"],
+            ),
+            connections_accepted: Family::new(
+                "agentgate_connections_accepted_total",
+                "Agent connections accepted and classified, by transport.",
+                "counter",
+                &["transport"],
+            ),
+            connections_rejected: Family::new(
+                "agentgate_connections_rejected_total",
+                "Agent connections or calls refused, by reason.",
+                "counter",
+                &["reason"],
+            ),
+            rpcs: Family::new(
+                "agentgate_rpcs_total",
+                "Finished RPCs on the agent port, by method, gRPC status and transport.",
+                "counter",
+                &["method", "status", "transport"],
+            ),
+            agents_connected: Family::new(
+                "agentgate_agents_connected",
+                "Registered agent sessions, by transport.",
+                "gauge",
+                &["transport"],
+            ),
+            tunnels_parked: Family::new(
+                "agentgate_tunnels_parked",
+                "Idle tunnel streams parked by agents, ready for requests.",
+                "gauge",
+                &[],
+            ),
+            tunnel_requests: Family::new(
+                "agentgate_tunnel_requests_total",
+                "Requests through the tunnel API, by kind (http, grpc) and outcome.",
+                "counter",
+                &["kind", "outcome"],
+            ),
+            tunnel_request_bytes: Family::new(
+                "agentgate_tunnel_bytes_total",
+                "Body bytes carried through tunnels, by direction.",
+                "counter",
+                &["direction"],
+            ),
+        };
+        for t in TransportKind::ALL {
+            m.connections_open.set(&[t.as_str()], 0.0);
+            m.connections_accepted.set(&[t.as_str()], 0.0);
+            m.agents_connected.set(&[t.as_str()], 0.0);
+        }
+        for r in RejectReason::ALL {
+            m.connections_rejected.set(&[r.as_str()], 0.0);
+        }
+        m.connections_rejected.set(&[REJECT_UNAUTHENTICATED], 0.0);
+        m.tunnels_parked.set(&[], 0.0);
+        m
+    }
+}
+
+/// The rejection reason for calls with a missing or invalid token.
+pub const REJECT_UNAUTHENTICATED: &str = "unauthenticated";
+
+impl Metrics {
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        for f in [
+            &self.connections_open,
+            &self.connections_accepted,
+            &self.connections_rejected,
+            &self.rpcs,
+            &self.agents_connected,
+            &self.tunnels_parked,
+            &self.tunnel_requests,
+            &self.tunnel_request_bytes,
+        ] {
+            f.render(&mut out);
+        }
+        out
+    }
+}
+
+impl IngressObserver for Metrics {
+    fn rejected(&self, reason: RejectReason) {
+        self.connections_rejected.inc(&[reason.as_str()]);
+    }
+    fn opened(&self, meta: &ConnMeta) {
+        self.connections_accepted.inc(&[meta.kind.as_str()]);
+        self.connections_open.add(&[meta.kind.as_str()], 1.0);
+    }
+    fn closed(&self, meta: &ConnMeta) {
+        self.connections_open.add(&[meta.kind.as_str()], -1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_families_with_escaped_labels() {
+        let m = Metrics::default();
+        m.rpcs.inc(&["/a.B/C", "OK", "grpc"]);
+        m.rpcs.inc(&["/a.B/C", "OK", "grpc"]);
+        m.connections_rejected.inc(&["bad\"x"]);
+        let text = m.render();
+        assert!(text.contains(
+            "agentgate_rpcs_total{method=\"/a.B/C\",status=\"OK\",transport=\"grpc\"} 2"
+        ));
+        assert!(text.contains("agentgate_connections_rejected_total{reason=\"bad\\\"x\"} 1"));
+        assert!(text.contains("agentgate_connections_open{transport=\"wss\"} 0"));
+        assert!(text.contains("# TYPE agentgate_tunnels_parked gauge\nagentgate_tunnels_parked 0"));
+    }
+}

@@ -1,0 +1,199 @@
+//! A tower layer on the agent-port gRPC server: one metric sample and one log line per RPC,
+//! labelled with the transport that carried it.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use agentgate_transport::ConnMeta;
+use http_body::{Body, Frame};
+use pin_project_lite::pin_project;
+
+use crate::metrics::Metrics;
+
+#[derive(Clone)]
+pub struct RpcObserveLayer {
+    pub metrics: Arc<Metrics>,
+}
+
+impl<S> tower::Layer<S> for RpcObserveLayer {
+    type Service = RpcObserve<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcObserve {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct RpcObserve<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+/// What is recorded when the RPC ends.
+struct Observation {
+    metrics: Arc<Metrics>,
+    method: String,
+    conn: Option<Arc<ConnMeta>>,
+    started: Instant,
+}
+
+impl Observation {
+    fn finish(self, status: &str) {
+        let transport = self.conn.as_ref().map_or("unknown", |c| c.kind.as_str());
+        self.metrics.rpcs.inc(&[&self.method, status, transport]);
+        let agent = self
+            .conn
+            .as_ref()
+            .and_then(|c| c.agent.get().cloned())
+            .unwrap_or_else(|| "-".into());
+        tracing::info!(
+            method = %self.method,
+            status,
+            transport,
+            agent = %agent,
+            conn = self.conn.as_ref().map_or(0, |c| c.id),
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            "rpc finished"
+        );
+    }
+}
+
+/// The gRPC status code name for a `grpc-status` value.
+pub fn code_name(value: Option<&http::HeaderValue>) -> &'static str {
+    let code = value
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok());
+    match code {
+        Some(c) => tonic::Code::from_i32(c).description_name(),
+        None => "UNKNOWN",
+    }
+}
+
+trait CodeName {
+    fn description_name(self) -> &'static str;
+}
+
+impl CodeName for tonic::Code {
+    fn description_name(self) -> &'static str {
+        use tonic::Code::*;
+        match self {
+            Ok => "OK",
+            Cancelled => "CANCELLED",
+            Unknown => "UNKNOWN",
+            InvalidArgument => "INVALID_ARGUMENT",
+            DeadlineExceeded => "DEADLINE_EXCEEDED",
+            NotFound => "NOT_FOUND",
+            AlreadyExists => "ALREADY_EXISTS",
+            PermissionDenied => "PERMISSION_DENIED",
+            ResourceExhausted => "RESOURCE_EXHAUSTED",
+            FailedPrecondition => "FAILED_PRECONDITION",
+            Aborted => "ABORTED",
+            OutOfRange => "OUT_OF_RANGE",
+            Unimplemented => "UNIMPLEMENTED",
+            Internal => "INTERNAL",
+            Unavailable => "UNAVAILABLE",
+            DataLoss => "DATA_LOSS",
+            Unauthenticated => "UNAUTHENTICATED",
+        }
+    }
+}
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for RpcObserve<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+    ResBody: Body,
+{
+    type Response = http::Response<ObservedBody<ResBody>>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn std::future::Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+        let obs = Observation {
+            metrics: self.metrics.clone(),
+            method: req.uri().path().to_string(),
+            conn: req.extensions().get::<Arc<ConnMeta>>().cloned(),
+            started: Instant::now(),
+        };
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let resp = fut.await?;
+            let (parts, body) = resp.into_parts();
+            // A trailers-only response carries the status in the headers.
+            let obs = match parts.headers.get("grpc-status") {
+                Some(v) => {
+                    obs.finish(code_name(Some(v)));
+                    None
+                }
+                None => Some(obs),
+            };
+            Ok(http::Response::from_parts(parts, ObservedBody { inner: body, obs }))
+        })
+    }
+}
+
+pin_project! {
+    /// Records the RPC when the trailers pass, or as CANCELLED if dropped before that.
+    pub struct ObservedBody<B> {
+        #[pin]
+        inner: B,
+        obs: Option<Observation>,
+    }
+    impl<B> PinnedDrop for ObservedBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(obs) = this.project().obs.take() {
+                obs.finish("CANCELLED");
+            }
+        }
+    }
+}
+
+impl<B: Body> Body for ObservedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let res = this.inner.poll_frame(cx);
+        match &res {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(t) = frame.trailers_ref() {
+                    if let Some(obs) = this.obs.take() {
+                        obs.finish(code_name(t.get("grpc-status")));
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(obs) = this.obs.take() {
+                    obs.finish("INTERNAL");
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(obs) = this.obs.take() {
+                    obs.finish("UNKNOWN");
+                }
+            }
+            Poll::Pending => {}
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}

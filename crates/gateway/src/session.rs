@@ -1,0 +1,106 @@
+//! `AgentSession.Register`: the long-lived call that makes an agent instance "connected".
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use agentgate_proto::v1::agent_session_server::AgentSession;
+use agentgate_proto::v1::{session_event, Heartbeat, RegisterRequest, Registered, SessionEvent};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::directory::{rfc3339, AgentRecord};
+use crate::Gateway;
+
+pub struct SessionService {
+    pub gw: Arc<Gateway>,
+}
+
+const MAX_FIELD: usize = 256;
+
+fn unix_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[tonic::async_trait]
+impl AgentSession for SessionService {
+    type RegisterStream = ReceiverStream<Result<SessionEvent, Status>>;
+
+    async fn register(
+        &self,
+        req: Request<RegisterRequest>,
+    ) -> Result<Response<Self::RegisterStream>, Status> {
+        let id = self.gw.authenticate_agent(&req, "/agentgate.v1.AgentSession/Register")?;
+        let r = req.into_inner();
+        if r.instance_id.is_empty() || r.instance_id.len() > MAX_FIELD {
+            return Err(Status::invalid_argument(
+                "agentgate: instance_id must be 1-256 characters",
+            ));
+        }
+        let trim = |s: String| s.chars().take(MAX_FIELD).collect::<String>();
+        let record = AgentRecord {
+            name: id.name.clone(),
+            instance_id: trim(r.instance_id),
+            version: trim(r.version),
+            hostname: trim(r.hostname),
+            transport: id.conn.kind.as_str().to_string(),
+            peer: id.conn.peer.to_string(),
+            connected_since: rfc3339(id.conn.opened_at_wall),
+            connection_id: id.conn.id,
+        };
+        tracing::info!(
+            agent = %record.name,
+            instance = %record.instance_id,
+            version = %record.version,
+            hostname = %record.hostname,
+            transport = %record.transport,
+            peer = %record.peer,
+            conn = record.connection_id,
+            "agent registered"
+        );
+        let guard = self.gw.directory.register(&self.gw.metrics, record);
+        let heartbeat = self.gw.config.stream_heartbeat_interval;
+        let (tx, rx) = mpsc::channel(2);
+        let first = SessionEvent {
+            event: Some(session_event::Event::Registered(Registered {
+                agent_name: id.name.clone(),
+                connection_id: id.conn.id.to_string(),
+                transport: id.conn.kind.as_str().into(),
+                heartbeat_interval_seconds: heartbeat.as_secs() as u32,
+            })),
+        };
+        tx.try_send(Ok(first)).expect("fresh channel has room");
+        let gw = self.gw.clone();
+        let conn = id.conn.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let mut tick = tokio::time::interval(heartbeat);
+            tick.tick().await;
+            // The session ends a little after the connection's GOAWAY for max age, so that the
+            // agent dials a fresh connection only once no new streams can land on this one.
+            let end_at = gw.session_deadline(&conn);
+            loop {
+                tokio::select! {
+                    _ = tx.closed() => break,
+                    _ = gw.shutdown.cancelled() => break,
+                    _ = tokio::time::sleep_until(end_at) => {
+                        tracing::info!(conn = conn.id, "ending session: connection reached max age");
+                        break;
+                    }
+                    _ = tick.tick() => {
+                        let hb = SessionEvent {
+                            event: Some(session_event::Event::Heartbeat(Heartbeat { unix_millis: unix_millis() })),
+                        };
+                        if tx.send(Ok(hb)).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

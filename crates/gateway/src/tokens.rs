@@ -1,0 +1,332 @@
+//! The token store: agent tokens and API tokens, kept as SHA-256 hashes in one JSON file.
+//!
+//! Tokens are 256 random bits, so a fast hash is enough (no KDF needed): a leaked store does
+//! not reveal usable tokens. Agent and API tokens live in separate namespaces (the `kind` is
+//! part of what is matched), so one can never stand in for the other. The gateway re-reads the
+//! file when it changes, so `token create` and `token revoke` take effect without a restart.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The namespace a token belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenKind {
+    /// Used by an agent to connect; carries the agent's name.
+    Agent,
+    /// Used by a caller of the tunnel API; may be limited to some agents.
+    Api,
+}
+
+impl TokenKind {
+    fn prefix(self) -> &'static str {
+        match self {
+            Self::Agent => "aga_",
+            Self::Api => "agk_",
+        }
+    }
+}
+
+/// One stored token (never the token itself).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenEntry {
+    /// Short public id, for `token list` and `token revoke`.
+    pub id: String,
+    pub kind: TokenKind,
+    /// Agent name (agent tokens) or caller name (API tokens).
+    pub name: String,
+    /// Hex SHA-256 of the token.
+    pub sha256: String,
+    /// Seconds since the Unix epoch.
+    pub created_at: u64,
+    /// API tokens only: the agents this token may reach; empty means all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agents: Vec<String>,
+}
+
+impl TokenEntry {
+    /// Whether this (API) token may reach `agent`.
+    pub fn allows_agent(&self, agent: &str) -> bool {
+        self.agents.is_empty() || self.agents.iter().any(|a| a == agent)
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct TokenFile {
+    version: u32,
+    tokens: Vec<TokenEntry>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("cannot read token store {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("token store {path} is not valid: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("cannot write token store {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid name {0:?}: use 1-63 characters from [A-Za-z0-9._-]")]
+    InvalidName(String),
+    #[error("no token with id or name {0:?}")]
+    NotFound(String),
+}
+
+fn hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn read_file(path: &Path) -> Result<TokenFile, TokenError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| TokenError::Parse {
+            path: path.to_path_buf(),
+            source,
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(TokenFile {
+            version: 1,
+            tokens: vec![],
+        }),
+        Err(source) => Err(TokenError::Read {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+fn write_file(path: &Path, file: &TokenFile) -> Result<(), TokenError> {
+    let err = |source| TokenError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("json.tmp");
+    let data = serde_json::to_vec_pretty(file).expect("token file serializes");
+    {
+        use std::io::Write;
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        let mut f = opts.open(&tmp).map_err(err)?;
+        f.write_all(&data).map_err(err)?;
+        f.sync_all().map_err(err)?;
+    }
+    std::fs::rename(&tmp, path).map_err(err)
+}
+
+/// Creates a token, stores its hash, and returns the token (the only time it is visible).
+pub fn create_token(
+    path: &Path,
+    kind: TokenKind,
+    name: &str,
+    agents: &[String],
+) -> Result<(String, TokenEntry), TokenError> {
+    if !valid_name(name) {
+        return Err(TokenError::InvalidName(name.into()));
+    }
+    if let Some(bad) = agents.iter().find(|a| !valid_name(a)) {
+        return Err(TokenError::InvalidName(bad.clone()));
+    }
+    let mut file = read_file(path)?;
+    let mut secret = [0u8; 32];
+    rand::rng().fill_bytes(&mut secret);
+    let token = format!(
+        "{}{}",
+        kind.prefix(),
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret)
+    );
+    let mut id = [0u8; 6];
+    rand::rng().fill_bytes(&mut id);
+    let entry = TokenEntry {
+        id: format!("tok_{}", hex::encode(id)),
+        kind,
+        name: name.to_string(),
+        sha256: hash(&token),
+        created_at: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs(),
+        agents: if kind == TokenKind::Api {
+            agents.to_vec()
+        } else {
+            vec![]
+        },
+    };
+    file.version = 1;
+    file.tokens.push(entry.clone());
+    write_file(path, &file)?;
+    Ok((token, entry))
+}
+
+/// Lists stored tokens.
+pub fn list_tokens(path: &Path) -> Result<Vec<TokenEntry>, TokenError> {
+    Ok(read_file(path)?.tokens)
+}
+
+/// Removes the tokens whose id is `id_or_name`, or else all tokens named `id_or_name`.
+/// Returns what was removed.
+pub fn revoke_tokens(path: &Path, id_or_name: &str) -> Result<Vec<TokenEntry>, TokenError> {
+    let mut file = read_file(path)?;
+    let by_id = file.tokens.iter().any(|t| t.id == id_or_name);
+    let (gone, kept): (Vec<_>, Vec<_>) = file.tokens.into_iter().partition(|t| {
+        if by_id {
+            t.id == id_or_name
+        } else {
+            t.name == id_or_name
+        }
+    });
+    if gone.is_empty() {
+        return Err(TokenError::NotFound(id_or_name.into()));
+    }
+    file.tokens = kept;
+    write_file(path, &file)?;
+    Ok(gone)
+}
+
+/// What identifies one version of the file on disk.
+type FileStamp = Option<(SystemTime, u64)>;
+
+#[derive(Default)]
+struct Loaded {
+    stamp: FileStamp,
+    by_hash: HashMap<(TokenKind, String), TokenEntry>,
+}
+
+/// The gateway's view of the token store, reloaded when the file changes.
+pub struct TokenStore {
+    path: PathBuf,
+    loaded: RwLock<Loaded>,
+    last_check: Mutex<Instant>,
+    /// How often the file's stamp is checked at most.
+    recheck: Duration,
+}
+
+impl TokenStore {
+    /// Opens the store; a missing file is an empty store (tokens can be created later).
+    pub fn open(path: &Path) -> Result<Self, TokenError> {
+        let store = Self {
+            path: path.to_path_buf(),
+            loaded: RwLock::default(),
+            last_check: Mutex::new(Instant::now()),
+            recheck: Duration::from_millis(250),
+        };
+        store.reload()?;
+        Ok(store)
+    }
+
+    fn stamp(&self) -> FileStamp {
+        let m = std::fs::metadata(&self.path).ok()?;
+        Some((m.modified().ok()?, m.len()))
+    }
+
+    fn reload(&self) -> Result<(), TokenError> {
+        let stamp = self.stamp();
+        let file = read_file(&self.path)?;
+        let by_hash = file
+            .tokens
+            .into_iter()
+            .map(|t| ((t.kind, t.sha256.clone()), t))
+            .collect::<HashMap<_, _>>();
+        tracing::info!(path = %self.path.display(), tokens = by_hash.len(), "token store loaded");
+        *self.loaded.write().unwrap() = Loaded { stamp, by_hash };
+        Ok(())
+    }
+
+    fn refresh_if_changed(&self) {
+        {
+            let mut last = self.last_check.lock().unwrap();
+            if last.elapsed() < self.recheck {
+                return;
+            }
+            *last = Instant::now();
+        }
+        if self.stamp() != self.loaded.read().unwrap().stamp {
+            if let Err(e) = self.reload() {
+                tracing::error!(error = %e, "token store reload failed; keeping the previous one");
+            }
+        }
+    }
+
+    /// The entry for `token` in namespace `kind`, if it is valid.
+    pub fn verify(&self, kind: TokenKind, token: &str) -> Option<TokenEntry> {
+        self.refresh_if_changed();
+        let key = (kind, hash(token));
+        self.loaded.read().unwrap().by_hash.get(&key).cloned()
+    }
+
+    /// Whether any agent token carries `name` (the agent is "known", connected or not).
+    pub fn agent_known(&self, name: &str) -> bool {
+        self.refresh_if_changed();
+        self.loaded
+            .read()
+            .unwrap()
+            .by_hash
+            .values()
+            .any(|t| t.kind == TokenKind::Agent && t.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_verify_revoke() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        let (agent_tok, e) = create_token(&path, TokenKind::Agent, "edge-1", &[]).unwrap();
+        assert!(agent_tok.starts_with("aga_"));
+        let (api_tok, _) =
+            create_token(&path, TokenKind::Api, "ci", &["edge-1".to_string()]).unwrap();
+        // Only hashes are stored.
+        let raw = std::fs::read_to_string(&path).unwrap();
+        assert!(!raw.contains(&agent_tok) && raw.contains(&e.sha256));
+
+        let store = TokenStore::open(&path).unwrap();
+        assert_eq!(store.verify(TokenKind::Agent, &agent_tok).unwrap().name, "edge-1");
+        // Namespaces are separate.
+        assert!(store.verify(TokenKind::Api, &agent_tok).is_none());
+        assert!(store.verify(TokenKind::Agent, &api_tok).is_none());
+        let api = store.verify(TokenKind::Api, &api_tok).unwrap();
+        assert!(api.allows_agent("edge-1") && !api.allows_agent("edge-2"));
+        assert!(store.agent_known("edge-1") && !store.agent_known("ci"));
+
+        let gone = revoke_tokens(&path, &e.id).unwrap();
+        assert_eq!(gone.len(), 1);
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(store.verify(TokenKind::Agent, &agent_tok).is_none());
+        assert!(matches!(revoke_tokens(&path, "nope"), Err(TokenError::NotFound(_))));
+    }
+
+    #[test]
+    fn rejects_bad_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.json");
+        assert!(create_token(&path, TokenKind::Agent, "a b", &[]).is_err());
+        assert!(create_token(&path, TokenKind::Agent, "", &[]).is_err());
+    }
+}

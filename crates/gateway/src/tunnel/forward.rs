@@ -1,0 +1,332 @@
+//! Forwarding one request down a parked tunnel and streaming the answer back.
+//!
+//! Memory is bounded on every hop: the request body is read from the client only as fast as
+//! the tunnel's small queue and HTTP/2 flow control allow, and the response body is read from
+//! the tunnel only as fast as the client consumes it. Dropping the response body before the
+//! agent's trailer ends the gateway's side of the stream, which the agent takes as cancellation.
+
+use std::fmt::Display;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use agentgate_proto::v1::{
+    agent_message, gateway_message, tunnel_error, AgentMessage, Chunk, EndOfRequest,
+    GatewayMessage, Header, RequestHead, RequestKind, TunnelError,
+};
+use bytes::Bytes;
+use futures_util::Stream;
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use tokio::sync::mpsc;
+use tonic::{Status, Streaming};
+
+use super::ParkedTunnel;
+use crate::headers::{from_proto, to_proto};
+use crate::Gateway;
+
+/// Why a request did not get a response from the agent's upstream. Each maps to one row of
+/// the error table (HTTP status, gRPC code) in the front ends.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("unknown agent {0:?}: no agent token carries this name")]
+    UnknownAgent(String),
+    #[error("agent {0:?} is not connected")]
+    NotConnected(String),
+    #[error("agent {agent:?} is connected but had no idle tunnel within {waited:?}")]
+    NoIdleTunnel { agent: String, waited: Duration },
+    #[error("agent {agent:?}: {message}")]
+    UnknownUpstream { agent: String, message: String },
+    #[error("upstream unavailable at agent {agent:?}: {message}")]
+    UpstreamUnavailable { agent: String, message: String },
+    #[error("upstream timed out at agent {agent:?}: {message}")]
+    UpstreamTimeout { agent: String, message: String },
+    #[error("bad request for agent {agent:?}: {message}")]
+    BadRequest { agent: String, message: String },
+    #[error("tunnel to agent {agent:?} broke: {message}")]
+    TunnelBroken { agent: String, message: String },
+}
+
+impl ForwardError {
+    /// The `outcome` label of `agentgate_tunnel_requests_total`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Self::UnknownAgent(_) => "unknown_agent",
+            Self::NotConnected(_) => "not_connected",
+            Self::NoIdleTunnel { .. } => "no_idle_tunnel",
+            Self::UnknownUpstream { .. } => "unknown_upstream",
+            Self::UpstreamUnavailable { .. } => "upstream_unavailable",
+            Self::UpstreamTimeout { .. } => "upstream_timeout",
+            Self::BadRequest { .. } => "bad_request",
+            Self::TunnelBroken { .. } => "tunnel_broken",
+        }
+    }
+
+    fn from_agent(agent: &str, e: TunnelError) -> Self {
+        let agent = agent.to_string();
+        let message = e.message;
+        match tunnel_error::Code::try_from(e.code).unwrap_or(tunnel_error::Code::Unspecified) {
+            tunnel_error::Code::UnknownUpstream => Self::UnknownUpstream { agent, message },
+            tunnel_error::Code::UpstreamTimeout => Self::UpstreamTimeout { agent, message },
+            tunnel_error::Code::BadRequest => Self::BadRequest { agent, message },
+            _ => Self::UpstreamUnavailable { agent, message },
+        }
+    }
+}
+
+/// The response head from the agent, and its body still streaming through the tunnel.
+pub struct ForwardResponse {
+    pub status: u16,
+    pub headers: Vec<Header>,
+    pub body: TunnelBody,
+}
+
+/// How many times a request is retried on another tunnel when the one it took turned out to
+/// be dead before anything was sent on it.
+const DEAD_TUNNEL_RETRIES: usize = 3;
+
+impl Gateway {
+    /// Forwards one request to `agent` through a parked tunnel.
+    pub async fn forward<B>(
+        &self,
+        agent: &str,
+        head: RequestHead,
+        body: B,
+    ) -> Result<ForwardResponse, ForwardError>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Display + Send,
+    {
+        if !self.tokens.agent_known(agent) && !self.directory.is_connected(agent) {
+            return Err(ForwardError::UnknownAgent(agent.into()));
+        }
+        if !self.directory.is_connected(agent) && self.tunnels.idle_count(agent) == 0 {
+            return Err(ForwardError::NotConnected(agent.into()));
+        }
+        let wait = self.config.tunnel_wait;
+        let mut tunnel = None;
+        for _ in 0..DEAD_TUNNEL_RETRIES {
+            let Some(t) = self.tunnels.take(agent, wait).await else {
+                return Err(if self.directory.is_connected(agent) {
+                    ForwardError::NoIdleTunnel {
+                        agent: agent.into(),
+                        waited: wait,
+                    }
+                } else {
+                    ForwardError::NotConnected(agent.into())
+                });
+            };
+            check_descriptor(agent, &t, &head)?;
+            let msg = GatewayMessage {
+                msg: Some(gateway_message::Msg::RequestHead(head.clone())),
+            };
+            if t.tx.send(Ok(msg)).await.is_ok() {
+                tunnel = Some(t);
+                break;
+            }
+            tracing::debug!(agent, "parked tunnel was dead; taking another");
+        }
+        let Some(ParkedTunnel { tx, mut rx, .. }) = tunnel else {
+            return Err(ForwardError::TunnelBroken {
+                agent: agent.into(),
+                message: "every tunnel tried was closed".into(),
+            });
+        };
+        tokio::spawn(pump_request_body(
+            body,
+            tx.clone(),
+            self.config.tunnel_chunk_size,
+            self.metrics.clone(),
+        ));
+        loop {
+            let msg = rx.message().await.map_err(|s| ForwardError::TunnelBroken {
+                agent: agent.into(),
+                message: s.message().to_string(),
+            })?;
+            match msg.and_then(|m| m.msg) {
+                Some(agent_message::Msg::Heartbeat(_)) => continue,
+                Some(agent_message::Msg::ResponseHead(h)) => {
+                    return Ok(ForwardResponse {
+                        status: h.status as u16,
+                        headers: h.headers,
+                        body: TunnelBody {
+                            rx,
+                            tx: Some(tx),
+                            finished: false,
+                            metrics: self.metrics.clone(),
+                        },
+                    })
+                }
+                Some(agent_message::Msg::Error(e)) => return Err(ForwardError::from_agent(agent, e)),
+                None => {
+                    return Err(ForwardError::TunnelBroken {
+                        agent: agent.into(),
+                        message: "the agent closed the tunnel before answering".into(),
+                    })
+                }
+                Some(other) => {
+                    return Err(ForwardError::TunnelBroken {
+                        agent: agent.into(),
+                        message: format!("unexpected message before the response head: {other:?}"),
+                    })
+                }
+            }
+        }
+    }
+}
+
+fn check_descriptor(agent: &str, t: &ParkedTunnel, head: &RequestHead) -> Result<(), ForwardError> {
+    let d = &t.descriptor;
+    let missing = match RequestKind::try_from(head.kind) {
+        Ok(RequestKind::Grpc) if !d.grpc_upstream => {
+            Some("the agent has no gRPC upstream (start it with --grpc-upstream)".to_string())
+        }
+        Ok(RequestKind::Http) if !d.http_upstreams.contains(&head.upstream) => Some(format!(
+            "the agent has no HTTP upstream named {:?} (it has: {})",
+            head.upstream,
+            if d.http_upstreams.is_empty() {
+                "none".to_string()
+            } else {
+                d.http_upstreams.join(", ")
+            }
+        )),
+        _ => None,
+    };
+    match missing {
+        Some(message) => Err(ForwardError::UnknownUpstream {
+            agent: agent.into(),
+            message,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Streams the client's request body into the tunnel in chunks of at most `chunk_size`.
+async fn pump_request_body<B>(
+    body: B,
+    tx: mpsc::Sender<Result<GatewayMessage, Status>>,
+    chunk_size: usize,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+) where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Display + Send,
+{
+    let mut body = std::pin::pin!(body);
+    let mut trailers = vec![];
+    loop {
+        match body.frame().await {
+            None => break,
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "client request body failed; abandoning the request");
+                return;
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(mut data) => {
+                    metrics.tunnel_request_bytes.add(&["to_agent"], data.len() as f64);
+                    while !data.is_empty() {
+                        let piece = data.split_to(data.len().min(chunk_size));
+                        let msg = GatewayMessage {
+                            msg: Some(gateway_message::Msg::Chunk(Chunk { data: piece })),
+                        };
+                        if tx.send(Ok(msg)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(t) = frame.into_trailers() {
+                        trailers = to_proto(&t);
+                    }
+                }
+            },
+        }
+    }
+    let end = GatewayMessage {
+        msg: Some(gateway_message::Msg::EndOfRequest(EndOfRequest { trailers })),
+    };
+    let _ = tx.send(Ok(end)).await;
+}
+
+/// The response body, read from the tunnel as the client consumes it.
+pub struct TunnelBody {
+    rx: Streaming<AgentMessage>,
+    /// Kept until the agent's trailer: dropping it ends our side of the stream, which the agent
+    /// reads as cancellation.
+    tx: Option<mpsc::Sender<Result<GatewayMessage, Status>>>,
+    finished: bool,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+}
+
+/// A response body that ended abnormally.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TunnelBodyError(pub String);
+
+impl Body for TunnelBody {
+    type Data = Bytes;
+    type Error = TunnelBodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        loop {
+            if this.finished {
+                return Poll::Ready(None);
+            }
+            let msg = match Pin::new(&mut this.rx).poll_next(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(m) => m,
+            };
+            match msg {
+                Some(Ok(AgentMessage { msg: Some(m) })) => match m {
+                    agent_message::Msg::Chunk(c) => {
+                        this.metrics.tunnel_request_bytes.add(&["from_agent"], c.data.len() as f64);
+                        return Poll::Ready(Some(Ok(Frame::data(c.data))));
+                    }
+                    agent_message::Msg::Trailer(t) => {
+                        this.finished = true;
+                        this.tx = None;
+                        if t.trailers.is_empty() {
+                            return Poll::Ready(None);
+                        }
+                        return Poll::Ready(Some(Ok(Frame::trailers(from_proto(&t.trailers)))));
+                    }
+                    agent_message::Msg::Heartbeat(_) => continue,
+                    agent_message::Msg::Error(e) => {
+                        this.finished = true;
+                        return Poll::Ready(Some(Err(TunnelBodyError(format!(
+                            "agent reported an error mid-response: {}",
+                            e.message
+                        )))));
+                    }
+                    other => {
+                        this.finished = true;
+                        return Poll::Ready(Some(Err(TunnelBodyError(format!(
+                            "unexpected message mid-response: {other:?}"
+                        )))));
+                    }
+                },
+                Some(Ok(AgentMessage { msg: None })) => continue,
+                Some(Err(s)) => {
+                    this.finished = true;
+                    return Poll::Ready(Some(Err(TunnelBodyError(format!(
+                        "tunnel failed mid-response: {}",
+                        s.message()
+                    )))));
+                }
+                None => {
+                    this.finished = true;
+                    return Poll::Ready(Some(Err(TunnelBodyError(
+                        "tunnel closed mid-response".into(),
+                    ))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.finished
+    }
+}

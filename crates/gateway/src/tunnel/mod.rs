@@ -1,0 +1,10 @@
+//! The reverse tunnel, gateway side: parking the streams agents open, and forwarding one
+//! request down each.
+
+mod forward;
+mod registry;
+mod service;
+
+pub use forward::{ForwardError, ForwardResponse, TunnelBody};
+pub use registry::{ParkedTunnel, TunnelRegistry};
+pub use service::TunnelService;

@@ -1,0 +1,170 @@
+//! Parked tunnel streams, per agent name.
+//!
+//! A request takes the oldest parked stream of its agent; if there is none, it waits (up to
+//! the `tunnel_wait` setting) in a FIFO of waiters that newly parked streams are handed to
+//! directly. A periodic sweep sends heartbeats on parked streams (so proxies with per-stream
+//! idle timeouts see traffic), drains the agent's heartbeat replies, and drops dead streams.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use agentgate_proto::v1::{agent_message, gateway_message, AgentMessage, Descriptor, GatewayMessage, Heartbeat};
+use agentgate_transport::ConnMeta;
+use futures_util::FutureExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tonic::{Status, Streaming};
+
+use crate::metrics::Metrics;
+
+/// One idle tunnel stream, ready for exactly one request.
+pub struct ParkedTunnel {
+    /// Messages to the agent (the response stream of its `Tunnel.Connect` call).
+    pub tx: mpsc::Sender<Result<GatewayMessage, Status>>,
+    /// Messages from the agent.
+    pub rx: Streaming<AgentMessage>,
+    pub descriptor: Descriptor,
+    pub conn: Arc<ConnMeta>,
+}
+
+impl ParkedTunnel {
+    /// Consumes messages that are already there (heartbeat replies) without waiting. Returns
+    /// false if the stream is dead: ended, failed, or sent something it should not have.
+    fn drain_ready(&mut self) -> bool {
+        if self.tx.is_closed() {
+            return false;
+        }
+        loop {
+            match self.rx.message().now_or_never() {
+                None => return true,
+                Some(Ok(Some(AgentMessage {
+                    msg: Some(agent_message::Msg::Heartbeat(_)),
+                }))) => continue,
+                Some(_) => return false,
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct AgentTunnels {
+    idle: VecDeque<ParkedTunnel>,
+    waiters: VecDeque<oneshot::Sender<ParkedTunnel>>,
+}
+
+pub struct TunnelRegistry {
+    agents: Mutex<HashMap<String, AgentTunnels>>,
+    metrics: Arc<Metrics>,
+    /// Tunnels on connections older than this are not used for new requests: the connection is
+    /// about to get (or got) GOAWAY for max age.
+    drain_after: Option<Duration>,
+}
+
+impl TunnelRegistry {
+    pub fn new(metrics: Arc<Metrics>, drain_after: Option<Duration>) -> Self {
+        Self {
+            agents: Mutex::default(),
+            metrics,
+            drain_after,
+        }
+    }
+
+    fn usable(&self, t: &ParkedTunnel) -> bool {
+        self.drain_after
+            .is_none_or(|age| t.conn.opened_at.elapsed() < age)
+    }
+
+    /// Parks a tunnel, or hands it straight to a waiting request.
+    pub fn park(&self, agent: &str, mut tunnel: ParkedTunnel) {
+        let mut agents = self.agents.lock().unwrap();
+        let entry = agents.entry(agent.to_string()).or_default();
+        while let Some(w) = entry.waiters.pop_front() {
+            match w.send(tunnel) {
+                Ok(()) => return,
+                Err(t) => tunnel = t,
+            }
+        }
+        entry.idle.push_back(tunnel);
+        self.metrics.tunnels_parked.add(&[], 1.0);
+    }
+
+    /// Number of parked tunnels of `agent`.
+    pub fn idle_count(&self, agent: &str) -> usize {
+        self.agents
+            .lock()
+            .unwrap()
+            .get(agent)
+            .map_or(0, |a| a.idle.len())
+    }
+
+    /// Takes a live parked tunnel of `agent`, waiting up to `wait` for one.
+    pub async fn take(&self, agent: &str, wait: Duration) -> Option<ParkedTunnel> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let rx = {
+                let mut agents = self.agents.lock().unwrap();
+                let entry = agents.entry(agent.to_string()).or_default();
+                while let Some(mut t) = entry.idle.pop_front() {
+                    self.metrics.tunnels_parked.add(&[], -1.0);
+                    if self.usable(&t) && t.drain_ready() {
+                        return Some(t);
+                    }
+                }
+                let (tx, rx) = oneshot::channel();
+                entry.waiters.push_back(tx);
+                rx
+            };
+            match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(mut t)) => {
+                    if self.usable(&t) && t.drain_ready() {
+                        return Some(t);
+                    }
+                }
+                Ok(Err(_)) => {}
+                Err(_) => return None,
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+        }
+    }
+
+    /// Sends a heartbeat on every parked tunnel and drops the dead ones. Run periodically.
+    pub fn sweep(&self) {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let mut agents = self.agents.lock().unwrap();
+        let mut dropped = 0usize;
+        agents.retain(|_, a| {
+            let before = a.idle.len();
+            a.idle.retain_mut(|t| {
+                if !(self.usable(t) && t.drain_ready()) {
+                    return false;
+                }
+                let hb = GatewayMessage {
+                    msg: Some(gateway_message::Msg::Heartbeat(Heartbeat { unix_millis: now_ms })),
+                };
+                // A full channel means the previous heartbeat is still queued: fine.
+                !matches!(t.tx.try_send(Ok(hb)), Err(mpsc::error::TrySendError::Closed(_)))
+            });
+            dropped += before - a.idle.len();
+            a.waiters.retain(|w| !w.is_closed());
+            !(a.idle.is_empty() && a.waiters.is_empty())
+        });
+        if dropped > 0 {
+            self.metrics.tunnels_parked.add(&[], -(dropped as f64));
+            tracing::debug!(dropped, "dropped dead parked tunnels");
+        }
+    }
+
+    /// Ends every parked tunnel (on shutdown), so agents see their streams close cleanly.
+    pub fn clear(&self) {
+        let mut agents = self.agents.lock().unwrap();
+        let n: usize = agents.values().map(|a| a.idle.len()).sum();
+        agents.clear();
+        self.metrics.tunnels_parked.add(&[], -(n as f64));
+    }
+}

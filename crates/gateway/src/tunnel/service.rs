@@ -1,0 +1,58 @@
+//! `Tunnel.Connect`: accepts a tunnel stream from an agent and parks it.
+
+use std::sync::Arc;
+
+use agentgate_proto::v1::tunnel_server::Tunnel;
+use agentgate_proto::v1::{agent_message, AgentMessage, GatewayMessage};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::ParkedTunnel;
+use crate::Gateway;
+
+pub struct TunnelService {
+    pub gw: Arc<Gateway>,
+}
+
+/// Messages to the agent queued per tunnel. Small: h2 flow control does the real buffering.
+const TO_AGENT_QUEUE: usize = 4;
+
+#[tonic::async_trait]
+impl Tunnel for TunnelService {
+    type ConnectStream = ReceiverStream<Result<GatewayMessage, Status>>;
+
+    async fn connect(
+        &self,
+        req: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let id = self.gw.authenticate_agent(&req, "/agentgate.v1.Tunnel/Connect")?;
+        let mut rx = req.into_inner();
+        let wait = self.gw.config.tunnel_descriptor_timeout;
+        let first = tokio::time::timeout(wait, rx.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("agentgate: no tunnel descriptor within the deadline"))??;
+        let descriptor = match first {
+            Some(AgentMessage {
+                msg: Some(agent_message::Msg::Descriptor(d)),
+            }) => d,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "agentgate: the first message on a tunnel must be a descriptor",
+                ))
+            }
+        };
+        let (tx, out) = mpsc::channel(TO_AGENT_QUEUE);
+        tracing::debug!(agent = %id.name, conn = id.conn.id, "tunnel parked");
+        self.gw.tunnels.park(
+            &id.name,
+            ParkedTunnel {
+                tx,
+                rx,
+                descriptor,
+                conn: id.conn,
+            },
+        );
+        Ok(Response::new(ReceiverStream::new(out)))
+    }
+}
