@@ -1,0 +1,12 @@
+//! The agentgate agent: dials out to the gateway over one of four transports, registers,
+//! keeps a pool of idle tunnel streams, and executes the requests that arrive on them against
+//! local upstreams.
+
+mod backoff;
+pub mod config;
+mod connection;
+mod pool;
+mod upstream;
+
+pub use config::{AgentConfig, PoolSettings, TransportMode};
+pub use connection::run;

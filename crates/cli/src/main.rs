@@ -1,1 +1,433 @@
-fn main(){}
+//! `agentgate`: the gateway, the agent, token management, and the demo, in one binary.
+
+mod demo;
+mod settings;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use agentgate_agent::{AgentConfig, TransportMode};
+use agentgate_gateway::tokens::{self, TokenKind};
+use agentgate_gateway::GatewayConfig;
+use agentgate_transport::ServerUrl;
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "agentgate",
+    version,
+    about = "Agent gateway: gRPC ingress on one port (grpc, grpcs, ws, wss) and a reverse tunnel to services next to agents"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "AGENTGATE_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax), for example `info` or `agentgate_gateway=debug`.
+    #[arg(long, global = true, default_value = "info", env = "AGENTGATE_LOG")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Server(ServerArgs),
+    /// Run an agent.
+    Agent(Box<AgentArgs>),
+    /// Manage agent and API tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Start a gateway, a small upstream and one agent per transport in this process, measure
+    /// requests through each, print a table, and keep running for manual requests.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    /// TOML file with any gateway setting (see docs/configuration.md).
+    #[arg(long, env = "AGENTGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Agent port (all four transports).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Extra agent port that never uses TLS.
+    #[arg(long)]
+    cleartext_listen: Option<SocketAddr>,
+    /// Admin port: /healthz, /readyz, /metrics, /api/v1/agents.
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
+    /// Tunnel API port.
+    #[arg(long)]
+    api_listen: Option<SocketAddr>,
+    /// PEM certificate chain for TLS on the agent port.
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS on the agent port.
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// PEM certificate chain for TLS on the API port.
+    #[arg(long)]
+    api_tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS on the API port.
+    #[arg(long)]
+    api_tls_key: Option<PathBuf>,
+    /// Token store file.
+    #[arg(long)]
+    tokens: Option<PathBuf>,
+    /// Any setting as NAME=VALUE (TOML value syntax; durations like "5s"). Repeatable.
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    set: Vec<String>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// Gateway URL: grpc://host:port, grpcs://host:port, ws://host:port/path or wss://host:port/path.
+    #[arg(long, env = "AGENTGATE_SERVER")]
+    server: String,
+    /// File holding the agent token (or set AGENTGATE_TOKEN).
+    #[arg(long, env = "AGENTGATE_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// auto: with a ws/wss URL try direct gRPC first and fall back; grpc; websocket.
+    #[arg(long, default_value = "auto", env = "AGENTGATE_TRANSPORT")]
+    transport: TransportMode,
+    /// CA certificate(s) that sign the gateway's certificate (PEM).
+    #[arg(long)]
+    ca_cert: Option<PathBuf>,
+    /// Verify the gateway's certificate against this name instead of the URL's host.
+    #[arg(long)]
+    tls_server_name: Option<String>,
+    /// Do not verify the gateway's certificate (prints a warning). For tests only.
+    #[arg(long)]
+    insecure_skip_tls_verify: bool,
+    /// Extra header 'Name: value' on the WebSocket upgrade and as gRPC metadata. Repeatable.
+    #[arg(long = "header", value_name = "NAME: VALUE")]
+    headers: Vec<String>,
+    /// HTTP proxy for egress (http://[user:pass@]host:port); default: HTTPS_PROXY/HTTP_PROXY/NO_PROXY.
+    #[arg(long, env = "AGENTGATE_PROXY")]
+    proxy: Option<String>,
+    /// HTTP upstream as NAME=URL, or a bare URL for `default`. Repeatable.
+    #[arg(long = "upstream", value_name = "[NAME=]URL")]
+    upstreams: Vec<String>,
+    /// gRPC upstream URL (http:// for h2c, https:// for TLS).
+    #[arg(long)]
+    grpc_upstream: Option<url::Url>,
+    /// CA certificate(s) for https upstreams (PEM).
+    #[arg(long)]
+    upstream_ca: Option<PathBuf>,
+    /// Instance id (default: random per process).
+    #[arg(long)]
+    instance_id: Option<String>,
+    /// While on the WebSocket fallback, how often to re-probe direct gRPC.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    reprobe_interval: Option<Duration>,
+    /// Deadline of a direct-gRPC probe.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    probe_timeout: Option<Duration>,
+    /// First reconnect backoff ceiling.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    backoff_initial: Option<Duration>,
+    /// Largest reconnect backoff.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    backoff_max: Option<Duration>,
+    /// HTTP/2 PING interval.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    keepalive_interval: Option<Duration>,
+    /// Idle tunnels kept ready.
+    #[arg(long)]
+    pool_min_idle: Option<usize>,
+    /// Tunnels opened at once under demand.
+    #[arg(long)]
+    pool_scale_step: Option<usize>,
+    /// Tunnels per connection at most.
+    #[arg(long)]
+    pool_max: Option<usize>,
+    /// Idle lifetime of surplus tunnels.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pool_idle_lifetime: Option<Duration>,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token; it is printed once and only its hash is stored.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, env = "AGENTGATE_TOKENS")]
+        tokens: PathBuf,
+        #[arg(long, value_enum, default_value = "agent")]
+        kind: KindArg,
+        /// API tokens only: an agent this token may reach. Repeatable; none means all.
+        #[arg(long = "agent")]
+        agents: Vec<String>,
+    },
+    /// List stored tokens (ids, kinds, names; never the tokens).
+    List {
+        #[arg(long, env = "AGENTGATE_TOKENS")]
+        tokens: PathBuf,
+    },
+    /// Revoke by token id, or every token with this name.
+    Revoke {
+        id_or_name: String,
+        #[arg(long, env = "AGENTGATE_TOKENS")]
+        tokens: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KindArg {
+    Agent,
+    Api,
+}
+
+fn init_logging(format: LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// Cancelled on SIGTERM or SIGINT.
+fn stop_on_signals() -> CancellationToken {
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        }
+        s.cancel();
+    });
+    stop
+}
+
+fn server_config(a: &ServerArgs) -> anyhow::Result<GatewayConfig> {
+    let mut c: GatewayConfig = settings::layered(GatewayConfig::default(), a.config.as_deref())?;
+    if !a.set.is_empty() {
+        let mut table = toml::Table::try_from(&c)?;
+        for kv in &a.set {
+            let (k, v) = kv
+                .split_once('=')
+                .with_context(|| format!("--set {kv:?}: expected NAME=VALUE"))?;
+            let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {v}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(v.to_string()));
+            table.insert(k.trim().to_string(), value);
+        }
+        c = toml::Value::Table(table)
+            .try_into()
+            .context("invalid --set value")?;
+    }
+    macro_rules! flag {
+        ($field:ident) => {
+            if let Some(v) = &a.$field {
+                c.$field = v.clone().into();
+            }
+        };
+    }
+    flag!(listen);
+    flag!(admin_listen);
+    flag!(api_listen);
+    flag!(tokens);
+    if a.cleartext_listen.is_some() {
+        c.cleartext_listen = a.cleartext_listen;
+    }
+    if a.tls_cert.is_some() {
+        c.tls_cert = a.tls_cert.clone();
+    }
+    if a.tls_key.is_some() {
+        c.tls_key = a.tls_key.clone();
+    }
+    if a.api_tls_cert.is_some() {
+        c.api_tls_cert = a.api_tls_cert.clone();
+    }
+    if a.api_tls_key.is_some() {
+        c.api_tls_key = a.api_tls_key.clone();
+    }
+    Ok(c)
+}
+
+fn agent_config(a: &AgentArgs) -> anyhow::Result<AgentConfig> {
+    let server = ServerUrl::parse(&a.server)?;
+    let token = match (&a.token_file, std::env::var("AGENTGATE_TOKEN")) {
+        (Some(f), _) => std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read token file {}", f.display()))?
+            .trim()
+            .to_string(),
+        (None, Ok(t)) => t.trim().to_string(),
+        (None, Err(_)) => {
+            anyhow::bail!("no agent token: give --token-file FILE or set AGENTGATE_TOKEN")
+        }
+    };
+    if token.is_empty() {
+        anyhow::bail!("the agent token is empty");
+    }
+    let mut c = AgentConfig::new(server, token);
+    c.transport = a.transport;
+    if a.transport == TransportMode::Websocket && !c.server.scheme.is_websocket() {
+        anyhow::bail!("--transport websocket needs a ws:// or wss:// URL (it carries the path)");
+    }
+    c.ca_cert = a.ca_cert.clone();
+    c.tls_server_name = a.tls_server_name.clone();
+    c.insecure_skip_tls_verify = a.insecure_skip_tls_verify;
+    for h in &a.headers {
+        let (k, v) = h
+            .split_once(':')
+            .with_context(|| format!("--header {h:?}: expected 'Name: value'"))?;
+        c.headers.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    c.proxy = a.proxy.clone();
+    for u in &a.upstreams {
+        let (name, url) = match u.split_once('=') {
+            Some((n, url)) if !n.contains("://") => (n.to_string(), url),
+            _ => ("default".to_string(), u.as_str()),
+        };
+        let url = url::Url::parse(url).with_context(|| format!("--upstream {u:?}: invalid URL"))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            anyhow::bail!("--upstream {u:?}: only http:// and https:// upstreams are supported");
+        }
+        c.http_upstreams.push((name, url));
+    }
+    c.grpc_upstream = a.grpc_upstream.clone();
+    c.upstream_ca = a.upstream_ca.clone();
+    if let Some(id) = &a.instance_id {
+        c.instance_id = id.clone();
+    }
+    macro_rules! opt {
+        ($arg:ident => $($field:ident).+) => {
+            if let Some(v) = a.$arg {
+                c.$($field).+ = v;
+            }
+        };
+    }
+    opt!(reprobe_interval => reprobe_interval);
+    opt!(probe_timeout => probe_timeout);
+    opt!(backoff_initial => backoff_initial);
+    opt!(backoff_max => backoff_max);
+    opt!(keepalive_interval => keepalive_interval);
+    opt!(pool_min_idle => pool.min_idle);
+    opt!(pool_scale_step => pool.scale_step);
+    opt!(pool_max => pool.max);
+    opt!(pool_idle_lifetime => pool.idle_lifetime);
+    Ok(c)
+}
+
+fn token_command(cmd: TokenCommand) -> anyhow::Result<()> {
+    match cmd {
+        TokenCommand::Create {
+            name,
+            tokens: path,
+            kind,
+            agents,
+        } => {
+            let kind = match kind {
+                KindArg::Agent => TokenKind::Agent,
+                KindArg::Api => TokenKind::Api,
+            };
+            let (token, entry) = tokens::create_token(&path, kind, &name, &agents)?;
+            eprintln!(
+                "created {:?} token {} for {:?} in {} (shown once; only its hash is stored)",
+                entry.kind,
+                entry.id,
+                entry.name,
+                path.display()
+            );
+            println!("{token}");
+        }
+        TokenCommand::List { tokens: path } => {
+            println!(
+                "{:<18} {:<6} {:<24} {:<20} AGENTS",
+                "ID", "KIND", "NAME", "CREATED"
+            );
+            for t in tokens::list_tokens(&path)? {
+                let created = humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + Duration::from_secs(t.created_at),
+                );
+                let kind = match t.kind {
+                    TokenKind::Agent => "agent",
+                    TokenKind::Api => "api",
+                };
+                let agents = if t.kind == TokenKind::Api && t.agents.is_empty() {
+                    "*".to_string()
+                } else {
+                    t.agents.join(",")
+                };
+                println!(
+                    "{:<18} {:<6} {:<24} {:<20} {}",
+                    t.id, kind, t.name, created, agents
+                );
+            }
+        }
+        TokenCommand::Revoke {
+            id_or_name,
+            tokens: path,
+        } => {
+            for t in tokens::revoke_tokens(&path, &id_or_name)? {
+                println!("revoked {} ({:?} {:?})", t.id, t.kind, t.name);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, &cli.log);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Server(a) => {
+                let c = server_config(&a)?;
+                if a.print_config {
+                    print!("{}", toml::to_string_pretty(&c)?);
+                    return Ok(());
+                }
+                agentgate_gateway::run(c, stop_on_signals(), |_| {}).await
+            }
+            Command::Agent(a) => {
+                let c = agent_config(&a)?;
+                agentgate_agent::run(c, stop_on_signals()).await
+            }
+            Command::Token { command } => token_command(command),
+            Command::Demo(a) => demo::run(a, stop_on_signals()).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("agentgate: error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}

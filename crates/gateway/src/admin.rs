@@ -26,13 +26,19 @@ async fn readyz(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
     if gw.ready.load(Ordering::Relaxed) {
         (StatusCode::OK, "ready\n")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: starting or shutting down\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: starting or shutting down\n",
+        )
     }
 }
 
 async fn metrics(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         gw.metrics.render(),
     )
 }

@@ -26,7 +26,11 @@ pub fn bearer_token(value: &str) -> Option<&str> {
 impl Gateway {
     /// Authenticates an agent call, or returns `Unauthenticated` with a message that says what
     /// is wrong. Every refusal is counted and logged (without the token).
-    pub fn authenticate_agent<T>(&self, req: &Request<T>, method: &str) -> Result<AgentIdentity, Status> {
+    pub fn authenticate_agent<T>(
+        &self,
+        req: &Request<T>,
+        method: &str,
+    ) -> Result<AgentIdentity, Status> {
         let conn = req
             .extensions()
             .get::<Arc<ConnMeta>>()
@@ -37,7 +41,9 @@ impl Gateway {
             .get("authorization")
             .and_then(|v| v.to_str().ok());
         let refuse = |why: &'static str| {
-            self.metrics.connections_rejected.inc(&[REJECT_UNAUTHENTICATED]);
+            self.metrics
+                .connections_rejected
+                .inc(&[REJECT_UNAUTHENTICATED]);
             tracing::warn!(
                 conn = conn.id,
                 peer = %conn.peer,

@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 pub struct GatewayConfig {
     /// Agent port: all four transports.
     pub listen: SocketAddr,
+    /// An optional second agent listener that never uses TLS (say, for agents inside the
+    /// cluster while `listen` faces the internet with TLS). Same gRPC server, same services.
+    pub cleartext_listen: Option<SocketAddr>,
     /// Admin port: /healthz, /readyz, /metrics, /api/v1/agents.
     pub admin_listen: SocketAddr,
     /// User-facing tunnel API (HTTP and gRPC).
@@ -82,6 +85,7 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:8150".parse().unwrap(),
+            cleartext_listen: None,
             admin_listen: "127.0.0.1:8151".parse().unwrap(),
             api_listen: "127.0.0.1:8154".parse().unwrap(),
             tls_cert: None,

@@ -58,11 +58,7 @@ impl Drop for SessionGuard {
 }
 
 impl Directory {
-    pub fn register(
-        self: &Arc<Self>,
-        metrics: &Arc<Metrics>,
-        record: AgentRecord,
-    ) -> SessionGuard {
+    pub fn register(self: &Arc<Self>, metrics: &Arc<Metrics>, record: AgentRecord) -> SessionGuard {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let transport = record.transport.clone();
         metrics.agents_connected.add(&[&transport], 1.0);
@@ -83,7 +79,11 @@ impl Directory {
     }
 
     pub fn is_connected(&self, name: &str) -> bool {
-        self.sessions.lock().unwrap().values().any(|r| r.name == name)
+        self.sessions
+            .lock()
+            .unwrap()
+            .values()
+            .any(|r| r.name == name)
     }
 }
 

@@ -33,7 +33,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
         && headers
             .get(http::header::TE)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("trailers")));
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|p| p.trim().eq_ignore_ascii_case("trailers"))
+            });
     for n in HOP_BY_HOP {
         headers.remove(n);
     }

@@ -26,6 +26,7 @@ use agentgate_proto::v1::agent_session_server::AgentSessionServer;
 use agentgate_proto::v1::tunnel_server::TunnelServer;
 use agentgate_transport::{bind_listener, serve_ingress, ConnMeta, IngressSettings, WsSettings};
 use anyhow::Context;
+use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 pub use config::GatewayConfig;
@@ -84,6 +85,7 @@ impl Gateway {
 #[derive(Debug, Clone, Copy)]
 pub struct BoundAddrs {
     pub agent: SocketAddr,
+    pub cleartext_agent: Option<SocketAddr>,
     pub admin: SocketAddr,
     pub api: SocketAddr,
 }
@@ -136,7 +138,18 @@ pub async fn run_with(
         .with_context(|| format!("cannot listen for admin on {}", cfg.admin_listen))?;
     let api_listener = bind_listener(cfg.api_listen, 1024)
         .with_context(|| format!("cannot listen for the API on {}", cfg.api_listen))?;
+    let cleartext_listener = cfg
+        .cleartext_listen
+        .map(|a| {
+            bind_listener(a, cfg.listen_backlog)
+                .with_context(|| format!("cannot listen for cleartext agents on {a}"))
+        })
+        .transpose()?;
     let addrs = BoundAddrs {
+        cleartext_agent: cleartext_listener
+            .as_ref()
+            .map(|l| l.local_addr())
+            .transpose()?,
         agent: agent_listener.local_addr()?,
         admin: admin_listener.local_addr()?,
         api: api_listener.local_addr()?,
@@ -144,6 +157,7 @@ pub async fn run_with(
     tracing::info!(
         agent = %addrs.agent,
         agent_tls = agent_tls.is_some(),
+        cleartext_agent = ?addrs.cleartext_agent,
         admin = %addrs.admin,
         api = %addrs.api,
         api_tls = api_tls.is_some(),
@@ -164,10 +178,21 @@ pub async fn run_with(
     let incoming = serve_ingress(
         agent_listener,
         agent_tls,
-        settings,
+        settings.clone(),
         gw.metrics.clone(),
         accept_stop.clone(),
     );
+    type Incoming = std::pin::Pin<
+        Box<
+            dyn tokio_stream::Stream<Item = std::io::Result<agentgate_transport::ServerConn>>
+                + Send,
+        >,
+    >;
+    let mut incoming: Incoming = Box::pin(incoming);
+    if let Some(l) = cleartext_listener {
+        let more = serve_ingress(l, None, settings, gw.metrics.clone(), accept_stop.clone());
+        incoming = Box::pin(incoming.merge(more));
+    }
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -176,7 +201,9 @@ pub async fn run_with(
     health
         .set_serving::<AgentSessionServer<session::SessionService>>()
         .await;
-    health.set_serving::<TunnelServer<tunnel::TunnelService>>().await;
+    health
+        .set_serving::<TunnelServer<tunnel::TunnelService>>()
+        .await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(agentgate_proto::FILE_DESCRIPTOR_SET)
@@ -203,7 +230,9 @@ pub async fn run_with(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(AgentSessionServer::new(session::SessionService { gw: gw.clone() }))
+        .add_service(AgentSessionServer::new(session::SessionService {
+            gw: gw.clone(),
+        }))
         .add_service(TunnelServer::new(tunnel::TunnelService { gw: gw.clone() }))
         .serve_with_incoming_shutdown(incoming, server_stop.clone().cancelled_owned());
     let server = tokio::spawn(server);
@@ -213,7 +242,12 @@ pub async fn run_with(
         .with_graceful_shutdown(admin_stop.clone().cancelled_owned());
     let admin = tokio::spawn(async move { admin_serve.await });
     let api_stop = CancellationToken::new();
-    let api = tokio::spawn(api::serve_api(gw.clone(), api_listener, api_tls, api_stop.clone()));
+    let api = tokio::spawn(api::serve_api(
+        gw.clone(),
+        api_listener,
+        api_tls,
+        api_stop.clone(),
+    ));
 
     let sweeper = {
         let gw = gw.clone();
@@ -233,7 +267,10 @@ pub async fn run_with(
 
     // Graceful shutdown, in the order that avoids "EOF after GOAWAY" at agents.
     let grace = gw.config.shutdown_grace;
-    tracing::info!(?grace, "shutting down: no new connections, GOAWAY to every agent");
+    tracing::info!(
+        ?grace,
+        "shutting down: no new connections, GOAWAY to every agent"
+    );
     gw.ready.store(false, Ordering::Relaxed);
     accept_stop.cancel();
     server_stop.cancel();
@@ -248,7 +285,10 @@ pub async fn run_with(
     })
     .await;
     if drained.is_err() {
-        tracing::warn!(?grace, "requests still in flight after the grace period; exiting anyway");
+        tracing::warn!(
+            ?grace,
+            "requests still in flight after the grace period; exiting anyway"
+        );
     }
     admin_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), admin).await;

@@ -53,7 +53,12 @@ impl Family {
     /// The current value of one series (0 if never touched).
     pub fn get(&self, label_values: &[&str]) -> f64 {
         let key: Vec<String> = label_values.iter().map(|s| s.to_string()).collect();
-        self.values.lock().unwrap().get(&key).copied().unwrap_or(0.0)
+        self.values
+            .lock()
+            .unwrap()
+            .get(&key)
+            .copied()
+            .unwrap_or(0.0)
     }
 
     fn render(&self, out: &mut String) {
@@ -67,7 +72,10 @@ impl Family {
                     if i > 0 {
                         out.push(',');
                     }
-                    let v = v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+                    let v = v
+                        .replace('\\', "\\\\")
+                        .replace('"', "\\\"")
+                        .replace('\n', "\\n");
                     let _ = write!(out, "{l}=\"{v}\"");
                 }
                 out.push('}');

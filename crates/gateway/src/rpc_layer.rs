@@ -110,7 +110,8 @@ where
 {
     type Response = http::Response<ObservedBody<ResBody>>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn std::future::Future<Output = Result<Self::Response, S::Error>> + Send>>;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, S::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -135,7 +136,10 @@ where
                 }
                 None => Some(obs),
             };
-            Ok(http::Response::from_parts(parts, ObservedBody { inner: body, obs }))
+            Ok(http::Response::from_parts(
+                parts,
+                ObservedBody { inner: body, obs },
+            ))
         })
     }
 }

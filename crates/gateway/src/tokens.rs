@@ -307,7 +307,10 @@ mod tests {
         assert!(!raw.contains(&agent_tok) && raw.contains(&e.sha256));
 
         let store = TokenStore::open(&path).unwrap();
-        assert_eq!(store.verify(TokenKind::Agent, &agent_tok).unwrap().name, "edge-1");
+        assert_eq!(
+            store.verify(TokenKind::Agent, &agent_tok).unwrap().name,
+            "edge-1"
+        );
         // Namespaces are separate.
         assert!(store.verify(TokenKind::Api, &agent_tok).is_none());
         assert!(store.verify(TokenKind::Agent, &api_tok).is_none());
@@ -319,7 +322,10 @@ mod tests {
         assert_eq!(gone.len(), 1);
         std::thread::sleep(Duration::from_millis(300));
         assert!(store.verify(TokenKind::Agent, &agent_tok).is_none());
-        assert!(matches!(revoke_tokens(&path, "nope"), Err(TokenError::NotFound(_))));
+        assert!(matches!(
+            revoke_tokens(&path, "nope"),
+            Err(TokenError::NotFound(_))
+        ));
     }
 
     #[test]

@@ -83,19 +83,27 @@ pub async fn dial(url: &ServerUrl, s: &DialSettings) -> Result<BoxedIo, DialErro
         } else {
             ALPN_H2
         };
-        let base = s.tls.clone().ok_or_else(|| DialError::NoTls(url.to_string()))?;
+        let base = s
+            .tls
+            .clone()
+            .ok_or_else(|| DialError::NoTls(url.to_string()))?;
         let mut cfg = (*base).clone();
         cfg.alpn_protocols = vec![alpn.to_vec()];
         let name = s.server_name.clone().unwrap_or_else(|| url.host.clone());
         let server_name = rustls_pki_types::ServerName::try_from(name.clone())
             .map_err(|_| DialError::ServerName(name))?;
         let connector = TlsConnector::from(Arc::new(cfg));
-        let tls = step(s.connect_timeout, "TLS handshake", &addr, connector.connect(server_name, tcp))
-            .await?
-            .map_err(|source| DialError::Tls {
-                addr: addr.clone(),
-                source,
-            })?;
+        let tls = step(
+            s.connect_timeout,
+            "TLS handshake",
+            &addr,
+            connector.connect(server_name, tcp),
+        )
+        .await?
+        .map_err(|source| DialError::Tls {
+            addr: addr.clone(),
+            source,
+        })?;
         if url.scheme == Scheme::Grpcs {
             let negotiated = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
             if negotiated.as_deref() != Some(ALPN_H2) {
@@ -144,12 +152,17 @@ async fn connect_tcp(url: &ServerUrl, s: &DialSettings) -> Result<TcpStream, Dia
         tracing::debug!(proxy = %proxy.display, target = %addr, "dialing through HTTP proxy");
         return Ok(proxy.connect(&addr, s.connect_timeout).await?);
     }
-    let tcp = step(s.connect_timeout, "TCP connect", &addr, TcpStream::connect(&addr))
-        .await?
-        .map_err(|source| DialError::Connect {
-            addr: addr.clone(),
-            source,
-        })?;
+    let tcp = step(
+        s.connect_timeout,
+        "TCP connect",
+        &addr,
+        TcpStream::connect(&addr),
+    )
+    .await?
+    .map_err(|source| DialError::Connect {
+        addr: addr.clone(),
+        source,
+    })?;
     set_nodelay(&tcp);
     Ok(tcp)
 }
@@ -172,23 +185,34 @@ async fn websocket<S: Io>(url: &ServerUrl, io: S, s: &DialSettings) -> Result<Bo
     );
     let cfg = s.ws.tungstenite_config();
     let fut = tokio_tungstenite::client_async_with_config(req, io, Some(cfg));
-    let (ws, resp) = step(s.connect_timeout, "WebSocket upgrade", &url.authority(), fut)
-        .await?
-        .map_err(|e| match e {
-            WsError::Http(resp) => DialError::WsRejected {
-                url: ws_url.clone(),
-                status: resp.status().as_u16(),
-                body: resp
-                    .body()
-                    .as_ref()
-                    .map(|b| String::from_utf8_lossy(b).trim().chars().take(300).collect())
-                    .unwrap_or_default(),
-            },
-            other => DialError::WsHandshake {
-                url: ws_url.clone(),
-                detail: other.to_string(),
-            },
-        })?;
+    let (ws, resp) = step(
+        s.connect_timeout,
+        "WebSocket upgrade",
+        &url.authority(),
+        fut,
+    )
+    .await?
+    .map_err(|e| match e {
+        WsError::Http(resp) => DialError::WsRejected {
+            url: ws_url.clone(),
+            status: resp.status().as_u16(),
+            body: resp
+                .body()
+                .as_ref()
+                .map(|b| {
+                    String::from_utf8_lossy(b)
+                        .trim()
+                        .chars()
+                        .take(300)
+                        .collect()
+                })
+                .unwrap_or_default(),
+        },
+        other => DialError::WsHandshake {
+            url: ws_url.clone(),
+            detail: other.to_string(),
+        },
+    })?;
     let agreed = resp
         .headers()
         .get(http::header::SEC_WEBSOCKET_PROTOCOL)
@@ -196,7 +220,9 @@ async fn websocket<S: Io>(url: &ServerUrl, io: S, s: &DialSettings) -> Result<Bo
     if agreed != Some(WS_SUBPROTOCOL) {
         return Err(DialError::WsHandshake {
             url: ws_url,
-            detail: format!("server did not agree to subprotocol {WS_SUBPROTOCOL:?} (got {agreed:?})"),
+            detail: format!(
+                "server did not agree to subprotocol {WS_SUBPROTOCOL:?} (got {agreed:?})"
+            ),
         });
     }
     Ok(Box::new(WsByteStream::new(ws, &s.ws)))

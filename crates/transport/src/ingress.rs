@@ -275,8 +275,12 @@ pub fn serve_ingress(
             };
             set_nodelay(&stream);
             let id = next_id.fetch_add(1, Ordering::Relaxed);
-            let (tx, observer, settings, acceptor) =
-                (tx.clone(), observer.clone(), settings.clone(), acceptor.clone());
+            let (tx, observer, settings, acceptor) = (
+                tx.clone(),
+                observer.clone(),
+                settings.clone(),
+                acceptor.clone(),
+            );
             tokio::spawn(async move {
                 match classify(stream, acceptor, &settings).await {
                     Ok((io, kind)) => {
@@ -389,7 +393,9 @@ async fn websocket_upgrade<S: Io>(io: S, settings: &IngressSettings) -> Result<B
             let msg = format!(
                 "agentgate: WebSocket subprotocol \"{WS_SUBPROTOCOL}\" is required (offered: {got})\n"
             );
-            *seen.lock().unwrap() = Some(format!("subprotocol {WS_SUBPROTOCOL:?} not offered (offered: {got})"));
+            *seen.lock().unwrap() = Some(format!(
+                "subprotocol {WS_SUBPROTOCOL:?} not offered (offered: {got})"
+            ));
             let mut err = ErrorResponse::new(Some(msg));
             *err.status_mut() = http::StatusCode::BAD_REQUEST;
             return Err(err);

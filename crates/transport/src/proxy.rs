@@ -48,7 +48,8 @@ impl ProxyConfig {
         } else {
             format!("http://{input}")
         };
-        let url = url::Url::parse(&with_scheme).map_err(|_| ProxyError::InvalidUrl(input.into()))?;
+        let url =
+            url::Url::parse(&with_scheme).map_err(|_| ProxyError::InvalidUrl(input.into()))?;
         if url.scheme() != "http" {
             return Err(ProxyError::InvalidUrl(input.into()));
         }
@@ -124,10 +125,13 @@ impl ProxyConfig {
                     detail: "response head larger than 16 KiB".into(),
                 });
             }
-            let b = stream.read_u8().await.map_err(|e| ProxyError::BadResponse {
-                proxy: self.display.clone(),
-                detail: format!("connection ended during the response: {e}"),
-            })?;
+            let b = stream
+                .read_u8()
+                .await
+                .map_err(|e| ProxyError::BadResponse {
+                    proxy: self.display.clone(),
+                    detail: format!("connection ended during the response: {e}"),
+                })?;
             head.push(b);
         }
         let text = String::from_utf8_lossy(&head);
@@ -165,16 +169,23 @@ fn percent_decode(s: &str) -> String {
 /// Whether `NO_PROXY` (comma-separated hosts, domain suffixes with or without a leading dot,
 /// or `*`) covers `host`.
 pub fn no_proxy_matches(no_proxy: &str, host: &str) -> bool {
-    let host = host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
-    no_proxy.split(',').map(str::trim).filter(|e| !e.is_empty()).any(|entry| {
-        let entry = entry.to_ascii_lowercase();
-        let entry = entry.split(':').next().unwrap_or("");
-        if entry == "*" {
-            return true;
-        }
-        let suffix = entry.trim_start_matches('.');
-        host == suffix || host.ends_with(&format!(".{suffix}"))
-    })
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_ascii_lowercase();
+    no_proxy
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .any(|entry| {
+            let entry = entry.to_ascii_lowercase();
+            let entry = entry.split(':').next().unwrap_or("");
+            if entry == "*" {
+                return true;
+            }
+            let suffix = entry.trim_start_matches('.');
+            host == suffix || host.ends_with(&format!(".{suffix}"))
+        })
 }
 
 #[cfg(test)]
@@ -187,7 +198,10 @@ mod tests {
         assert_eq!(p.authority, "proxy:3128");
         assert_eq!(p.credentials.as_deref(), Some("u@x:p:w"));
         assert_eq!(p.display, "http://proxy:3128");
-        assert_eq!(ProxyConfig::parse("proxy:8080").unwrap().authority, "proxy:8080");
+        assert_eq!(
+            ProxyConfig::parse("proxy:8080").unwrap().authority,
+            "proxy:8080"
+        );
         assert!(ProxyConfig::parse("socks5://proxy:1080").is_err());
     }
 

@@ -155,7 +155,10 @@ mod tests {
     #[test]
     fn parses_the_four_schemes() {
         let u = ServerUrl::parse("grpc://127.0.0.1:8150").unwrap();
-        assert_eq!((u.scheme, u.port, u.path.as_str()), (Scheme::Grpc, 8150, "/"));
+        assert_eq!(
+            (u.scheme, u.port, u.path.as_str()),
+            (Scheme::Grpc, 8150, "/")
+        );
         let u = ServerUrl::parse("grpcs://gw.example.com").unwrap();
         assert_eq!((u.scheme, u.port), (Scheme::Grpcs, 443));
         let u = ServerUrl::parse("ws://h:1/-/agent/").unwrap();

@@ -60,7 +60,10 @@ pub async fn read_prefix<S: AsyncRead + Unpin>(io: &mut S) -> io::Result<(Prefix
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
-                format!("connection closed after {} bytes, before a request", buf.len()),
+                format!(
+                    "connection closed after {} bytes, before a request",
+                    buf.len()
+                ),
             ));
         }
         buf.extend_from_slice(&chunk[..n]);
@@ -138,15 +141,23 @@ mod tests {
         assert_eq!(classify_prefix(b"GE"), PrefixClass::NeedMore);
         // "PRI " diverges from the preface only at byte 4: it is an HTTP/1 method token.
         assert_eq!(classify_prefix(b"PRI / HTTP/1.1"), PrefixClass::Http1);
-        assert_eq!(classify_prefix(b"\x16\x03\x01\x02\x00"), PrefixClass::Garbage);
+        assert_eq!(
+            classify_prefix(b"\x16\x03\x01\x02\x00"),
+            PrefixClass::Garbage
+        );
         assert_eq!(classify_prefix(b"get / HTTP/1.1"), PrefixClass::Garbage);
-        assert_eq!(classify_prefix(b"AAAAAAAAAAAAAAAAAAAAAAAA"), PrefixClass::Garbage);
+        assert_eq!(
+            classify_prefix(b"AAAAAAAAAAAAAAAAAAAAAAAA"),
+            PrefixClass::Garbage
+        );
     }
 
     #[tokio::test]
     async fn replays_the_prefix() {
         let (mut a, mut b) = tokio::io::duplex(64);
-        a.write_all(b"GET /x HTTP/1.1\r\nHost: y\r\n\r\n").await.unwrap();
+        a.write_all(b"GET /x HTTP/1.1\r\nHost: y\r\n\r\n")
+            .await
+            .unwrap();
         drop(a);
         let (class, prefix) = read_prefix(&mut b).await.unwrap();
         assert_eq!(class, PrefixClass::Http1);

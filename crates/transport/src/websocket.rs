@@ -207,19 +207,30 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_tungstenite::tungstenite::protocol::Role;
 
-    async fn pair() -> (WebSocketStream<tokio::io::DuplexStream>, WsByteStream<tokio::io::DuplexStream>) {
+    async fn pair() -> (
+        WebSocketStream<tokio::io::DuplexStream>,
+        WsByteStream<tokio::io::DuplexStream>,
+    ) {
         let (a, b) = tokio::io::duplex(1 << 20);
         let s = WsSettings::default();
-        let client = WebSocketStream::from_raw_socket(a, Role::Client, Some(s.tungstenite_config())).await;
-        let server = WebSocketStream::from_raw_socket(b, Role::Server, Some(s.tungstenite_config())).await;
+        let client =
+            WebSocketStream::from_raw_socket(a, Role::Client, Some(s.tungstenite_config())).await;
+        let server =
+            WebSocketStream::from_raw_socket(b, Role::Server, Some(s.tungstenite_config())).await;
         (client, WsByteStream::new(server, &s))
     }
 
     #[tokio::test]
     async fn bytes_round_trip_across_message_boundaries() {
         let (mut client, mut server) = pair().await;
-        client.send(Message::Binary(Bytes::from_static(b"hel"))).await.unwrap();
-        client.send(Message::Binary(Bytes::from_static(b"lo"))).await.unwrap();
+        client
+            .send(Message::Binary(Bytes::from_static(b"hel")))
+            .await
+            .unwrap();
+        client
+            .send(Message::Binary(Bytes::from_static(b"lo")))
+            .await
+            .unwrap();
         let mut got = [0u8; 5];
         server.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"hello");

@@ -68,7 +68,10 @@ fn status_headers(code: tonic::Code, message: &str) -> HeaderMap {
 fn status_response(code: tonic::Code, message: &str) -> Response<ApiBody> {
     let mut resp = Response::new(super::full_body(Bytes::new()));
     let mut h = status_headers(code, message);
-    h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
     *resp.headers_mut() = h;
     resp
 }
@@ -144,8 +147,13 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ApiBod
         Some(d) => match tokio::time::timeout_at(d, forward).await {
             Ok(r) => r,
             Err(_) => {
-                gw.metrics.tunnel_requests.inc(&["grpc", "deadline_exceeded"]);
-                return status_response(tonic::Code::DeadlineExceeded, "deadline exceeded before the agent answered");
+                gw.metrics
+                    .tunnel_requests
+                    .inc(&["grpc", "deadline_exceeded"]);
+                return status_response(
+                    tonic::Code::DeadlineExceeded,
+                    "deadline exceeded before the agent answered",
+                );
             }
         },
         None => forward.await,
@@ -159,7 +167,8 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ApiBod
                 done: false,
             };
             let mut resp = Response::new(body.boxed_unsync());
-            *resp.status_mut() = http::StatusCode::from_u16(fwd.status).unwrap_or(http::StatusCode::OK);
+            *resp.status_mut() =
+                http::StatusCode::from_u16(fwd.status).unwrap_or(http::StatusCode::OK);
             let mut h = from_proto(&fwd.headers);
             strip_hop_by_hop(&mut h, false);
             *resp.headers_mut() = h;
@@ -167,7 +176,12 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ApiBod
         }
         Err(e) => {
             gw.metrics.tunnel_requests.inc(&["grpc", e.outcome()]);
-            tracing::warn!(agent, method, outcome = e.outcome(), "tunnel call failed: {e}");
+            tracing::warn!(
+                agent,
+                method,
+                outcome = e.outcome(),
+                "tunnel call failed: {e}"
+            );
             status_response(code_for(&e), &e.to_string())
         }
     }

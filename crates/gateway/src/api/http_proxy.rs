@@ -73,7 +73,9 @@ fn error_response(status: StatusCode, message: &str) -> Response<ApiBody> {
 /// The HTTP status of each forwarding failure (the error table of the tunnel API).
 pub fn status_for(e: &ForwardError) -> StatusCode {
     match e {
-        ForwardError::UnknownAgent(_) | ForwardError::UnknownUpstream { .. } => StatusCode::NOT_FOUND,
+        ForwardError::UnknownAgent(_) | ForwardError::UnknownUpstream { .. } => {
+            StatusCode::NOT_FOUND
+        }
         ForwardError::NotConnected(_) | ForwardError::NoIdleTunnel { .. } => {
             StatusCode::SERVICE_UNAVAILABLE
         }
@@ -123,10 +125,12 @@ pub async fn handle(
     }
     let (parts, body) = req.into_parts();
     let mut headers = parts.headers;
-    let original_host = headers
-        .get(http::header::HOST)
-        .cloned()
-        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    let original_host = headers.get(http::header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
     strip_hop_by_hop(&mut headers, false);
     match source {
         TokenSource::Authorization => {
@@ -163,7 +167,8 @@ pub async fn handle(
         Ok(fwd) => {
             gw.metrics.tunnel_requests.inc(&["http", "ok"]);
             let mut resp = Response::new(fwd.body.map_err(|e| e.into()).boxed_unsync());
-            *resp.status_mut() = StatusCode::from_u16(fwd.status).unwrap_or(StatusCode::BAD_GATEWAY);
+            *resp.status_mut() =
+                StatusCode::from_u16(fwd.status).unwrap_or(StatusCode::BAD_GATEWAY);
             let mut h = from_proto(&fwd.headers);
             strip_hop_by_hop(&mut h, false);
             *resp.headers_mut() = h;
@@ -185,19 +190,35 @@ mod tests {
     fn parses_targets() {
         assert_eq!(
             parse_target("/agents/a1/proxy/x/y"),
-            Some(Target { agent: "a1", upstream: "default", rest: "/x/y" })
+            Some(Target {
+                agent: "a1",
+                upstream: "default",
+                rest: "/x/y"
+            })
         );
         assert_eq!(
             parse_target("/agents/a1/proxy"),
-            Some(Target { agent: "a1", upstream: "default", rest: "" })
+            Some(Target {
+                agent: "a1",
+                upstream: "default",
+                rest: ""
+            })
         );
         assert_eq!(
             parse_target("/agents/a1/upstreams/metrics/m"),
-            Some(Target { agent: "a1", upstream: "metrics", rest: "/m" })
+            Some(Target {
+                agent: "a1",
+                upstream: "metrics",
+                rest: "/m"
+            })
         );
         assert_eq!(
             parse_target("/agents/a1/upstreams/metrics"),
-            Some(Target { agent: "a1", upstream: "metrics", rest: "" })
+            Some(Target {
+                agent: "a1",
+                upstream: "metrics",
+                rest: ""
+            })
         );
         assert_eq!(parse_target("/agents/a1/proxyx"), None);
         assert_eq!(parse_target("/agents//proxy/"), None);

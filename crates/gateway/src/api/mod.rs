@@ -96,7 +96,12 @@ impl Gateway {
     }
 }
 
-async fn route(gw: Arc<Gateway>, peer: SocketAddr, tls: bool, req: Request<Incoming>) -> Response<ApiBody> {
+async fn route(
+    gw: Arc<Gateway>,
+    peer: SocketAddr,
+    tls: bool,
+    req: Request<Incoming>,
+) -> Response<ApiBody> {
     let is_grpc = req
         .headers()
         .get(http::header::CONTENT_TYPE)
@@ -148,7 +153,9 @@ pub async fn serve_api(
                     watcher.watch(conn.into_owned()).await
                 }
                 Some(acceptor) => {
-                    let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                    let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream))
+                        .await
+                    {
                         Ok(Ok(tls)) => tls,
                         Ok(Err(e)) => {
                             tracing::debug!(error = %e, %peer, "API TLS handshake failed");
@@ -169,7 +176,13 @@ pub async fn serve_api(
         });
     }
     let grace = gw.config.shutdown_grace;
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
-        tracing::warn!(?grace, "API requests still open after the shutdown grace period");
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?grace,
+            "API requests still open after the shutdown grace period"
+        );
     }
 }

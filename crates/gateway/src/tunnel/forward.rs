@@ -157,7 +157,9 @@ impl Gateway {
                         },
                     })
                 }
-                Some(agent_message::Msg::Error(e)) => return Err(ForwardError::from_agent(agent, e)),
+                Some(agent_message::Msg::Error(e)) => {
+                    return Err(ForwardError::from_agent(agent, e))
+                }
                 None => {
                     return Err(ForwardError::TunnelBroken {
                         agent: agent.into(),
@@ -222,7 +224,9 @@ async fn pump_request_body<B>(
             }
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(mut data) => {
-                    metrics.tunnel_request_bytes.add(&["to_agent"], data.len() as f64);
+                    metrics
+                        .tunnel_request_bytes
+                        .add(&["to_agent"], data.len() as f64);
                     while !data.is_empty() {
                         let piece = data.split_to(data.len().min(chunk_size));
                         let msg = GatewayMessage {
@@ -242,7 +246,9 @@ async fn pump_request_body<B>(
         }
     }
     let end = GatewayMessage {
-        msg: Some(gateway_message::Msg::EndOfRequest(EndOfRequest { trailers })),
+        msg: Some(gateway_message::Msg::EndOfRequest(EndOfRequest {
+            trailers,
+        })),
     };
     let _ = tx.send(Ok(end)).await;
 }
@@ -282,7 +288,9 @@ impl Body for TunnelBody {
             match msg {
                 Some(Ok(AgentMessage { msg: Some(m) })) => match m {
                     agent_message::Msg::Chunk(c) => {
-                        this.metrics.tunnel_request_bytes.add(&["from_agent"], c.data.len() as f64);
+                        this.metrics
+                            .tunnel_request_bytes
+                            .add(&["from_agent"], c.data.len() as f64);
                         return Poll::Ready(Some(Ok(Frame::data(c.data))));
                     }
                     agent_message::Msg::Trailer(t) => {

@@ -9,7 +9,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use agentgate_proto::v1::{agent_message, gateway_message, AgentMessage, Descriptor, GatewayMessage, Heartbeat};
+use agentgate_proto::v1::{
+    agent_message, gateway_message, AgentMessage, Descriptor, GatewayMessage, Heartbeat,
+};
 use agentgate_transport::ConnMeta;
 use futures_util::FutureExt;
 use tokio::sync::{mpsc, oneshot};
@@ -145,10 +147,15 @@ impl TunnelRegistry {
                     return false;
                 }
                 let hb = GatewayMessage {
-                    msg: Some(gateway_message::Msg::Heartbeat(Heartbeat { unix_millis: now_ms })),
+                    msg: Some(gateway_message::Msg::Heartbeat(Heartbeat {
+                        unix_millis: now_ms,
+                    })),
                 };
                 // A full channel means the previous heartbeat is still queued: fine.
-                !matches!(t.tx.try_send(Ok(hb)), Err(mpsc::error::TrySendError::Closed(_)))
+                !matches!(
+                    t.tx.try_send(Ok(hb)),
+                    Err(mpsc::error::TrySendError::Closed(_))
+                )
             });
             dropped += before - a.idle.len();
             a.waiters.retain(|w| !w.is_closed());

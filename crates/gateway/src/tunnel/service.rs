@@ -26,12 +26,16 @@ impl Tunnel for TunnelService {
         &self,
         req: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        let id = self.gw.authenticate_agent(&req, "/agentgate.v1.Tunnel/Connect")?;
+        let id = self
+            .gw
+            .authenticate_agent(&req, "/agentgate.v1.Tunnel/Connect")?;
         let mut rx = req.into_inner();
         let wait = self.gw.config.tunnel_descriptor_timeout;
         let first = tokio::time::timeout(wait, rx.message())
             .await
-            .map_err(|_| Status::deadline_exceeded("agentgate: no tunnel descriptor within the deadline"))??;
+            .map_err(|_| {
+                Status::deadline_exceeded("agentgate: no tunnel descriptor within the deadline")
+            })??;
         let descriptor = match first {
             Some(AgentMessage {
                 msg: Some(agent_message::Msg::Descriptor(d)),

@@ -1,0 +1,398 @@
+//! The connection manager: choose a transport, dial, register, keep the tunnel pool running,
+//! notice the end, back off, and do it again.
+//!
+//! With a ws/wss URL in `auto` mode the agent first probes direct gRPC on the same host and
+//! port (h2 via ALPN for wss, h2c for ws). The probe counts only if the health RPC and the
+//! authenticated registration both succeed within `probe_timeout`; otherwise the agent uses the
+//! WebSocket URL as given, and re-probes every `reprobe_interval` (jittered) and on every
+//! reconnect. Moving over starts the new connection first and retires the old one after:
+//! requests in flight on the old connection finish there.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agentgate_proto::v1::agent_session_client::AgentSessionClient;
+use agentgate_proto::v1::{session_event, RegisterRequest, SessionEvent};
+use agentgate_transport::tls::{client_config, ServerVerification};
+use agentgate_transport::{
+    dial, DialError, DialSettings, ProxyConfig, Scheme, ServerUrl, TransportKind, WsSettings,
+};
+use hyper_util::rt::TokioIo;
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Streaming};
+
+use crate::backoff::{jittered, Backoff};
+use crate::config::{AgentConfig, TransportMode};
+use crate::pool::run_pool;
+use crate::upstream::Upstreams;
+
+/// Adds the agent's credentials and extra metadata to every call.
+pub struct Authed {
+    authorization: AsciiMetadataValue,
+    pub instance_id: String,
+    extra: Vec<(AsciiMetadataKey, AsciiMetadataValue)>,
+}
+
+impl Authed {
+    pub fn request<T>(&self, msg: T) -> Request<T> {
+        let mut req = Request::new(msg);
+        let md = req.metadata_mut();
+        md.insert("authorization", self.authorization.clone());
+        for (k, v) in &self.extra {
+            md.append(k.clone(), v.clone());
+        }
+        req
+    }
+}
+
+/// Why one connection attempt failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(transparent)]
+    Dial(#[from] DialError),
+    #[error("HTTP/2 to {url} failed: {source}")]
+    Http2 {
+        url: String,
+        source: tonic::transport::Error,
+    },
+    #[error("the gateway rejected the agent token: {0}")]
+    Unauthenticated(String),
+    #[error("{call} failed: {status}")]
+    Call {
+        call: &'static str,
+        status: tonic::Status,
+    },
+    #[error("{what} did not finish within {after:?}")]
+    Timeout { what: String, after: Duration },
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+/// One live, registered connection to the gateway.
+struct Connection {
+    transport: TransportKind,
+    url: ServerUrl,
+    session: Streaming<SessionEvent>,
+    pool_stop: CancellationToken,
+    since: Instant,
+}
+
+impl Connection {
+    /// Waits until the gateway ends the session (or the connection breaks). Cancel-safe.
+    async fn wait_end(&mut self) -> String {
+        loop {
+            match self.session.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return "the gateway ended the session".into(),
+                Err(s) => return format!("session failed: {}", s.message()),
+            }
+        }
+    }
+
+    /// Stops opening tunnels on this connection; busy tunnels finish their request.
+    fn retire(&self) {
+        self.pool_stop.cancel();
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.pool_stop.cancel();
+    }
+}
+
+/// Everything the manager needs, built once.
+struct Ctx {
+    cfg: AgentConfig,
+    dial: DialSettings,
+    auth: Arc<Authed>,
+    upstreams: Arc<Upstreams>,
+}
+
+fn direct_variant(url: &ServerUrl) -> ServerUrl {
+    match url.scheme {
+        Scheme::Ws => url.with_scheme(Scheme::Grpc),
+        Scheme::Wss => url.with_scheme(Scheme::Grpcs),
+        _ => url.clone(),
+    }
+}
+
+impl Ctx {
+    fn new(cfg: AgentConfig) -> anyhow::Result<Self> {
+        let verify = if cfg.insecure_skip_tls_verify {
+            tracing::warn!(
+                "--insecure-skip-tls-verify: the gateway's certificate is NOT verified; \
+                 anyone on the path can impersonate it"
+            );
+            ServerVerification::InsecureSkipVerify
+        } else if let Some(ca) = &cfg.ca_cert {
+            ServerVerification::CaFile(ca.clone())
+        } else {
+            ServerVerification::SystemRoots
+        };
+        let needs_tls = cfg.server.scheme.is_tls();
+        let tls = if needs_tls {
+            Some(Arc::new(client_config(&verify)?))
+        } else {
+            None
+        };
+        let bearer = format!("Bearer {}", cfg.token);
+        let mut upgrade_headers = http::HeaderMap::new();
+        upgrade_headers.insert(
+            http::header::AUTHORIZATION,
+            http::HeaderValue::from_str(&bearer)
+                .map_err(|_| anyhow::anyhow!("the agent token contains invalid characters"))?,
+        );
+        let mut extra = vec![];
+        for (k, v) in &cfg.headers {
+            let name = http::HeaderName::from_bytes(k.as_bytes())
+                .map_err(|_| anyhow::anyhow!("invalid header name {k:?}"))?;
+            let value = http::HeaderValue::from_str(v)
+                .map_err(|_| anyhow::anyhow!("invalid value for header {k:?}"))?;
+            upgrade_headers.append(name, value);
+            extra.push((
+                AsciiMetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes())
+                    .map_err(|_| anyhow::anyhow!("header {k:?} cannot be gRPC metadata"))?,
+                AsciiMetadataValue::try_from(v.as_str()).map_err(|_| {
+                    anyhow::anyhow!("value of header {k:?} cannot be gRPC metadata")
+                })?,
+            ));
+        }
+        let proxy = cfg.proxy.as_deref().map(ProxyConfig::parse).transpose()?;
+        let dial = DialSettings {
+            tls,
+            server_name: cfg.tls_server_name.clone(),
+            upgrade_headers,
+            ws: WsSettings::default(),
+            connect_timeout: cfg.connect_timeout,
+            proxy,
+            proxy_from_env: true,
+        };
+        let auth = Arc::new(Authed {
+            authorization: AsciiMetadataValue::try_from(bearer.as_str())
+                .map_err(|_| anyhow::anyhow!("the agent token contains invalid characters"))?,
+            instance_id: cfg.instance_id.clone(),
+            extra,
+        });
+        let upstreams = Arc::new(Upstreams::new(&cfg)?);
+        Ok(Self {
+            cfg,
+            dial,
+            auth,
+            upstreams,
+        })
+    }
+
+    /// An HTTP/2 channel over an already-dialled stream. The connector hands the stream out
+    /// once, so a broken connection is never silently re-dialled by tonic: the manager
+    /// notices and dials again itself (with backoff and transport choice).
+    async fn channel_over(
+        &self,
+        io: agentgate_transport::BoxedIo,
+        url: &ServerUrl,
+    ) -> Result<Channel, ConnectError> {
+        let slot = Arc::new(std::sync::Mutex::new(Some(io)));
+        let endpoint = Endpoint::from_shared(format!("http://{}", url.authority()))
+            .map_err(|e| ConnectError::Protocol(e.to_string()))?
+            .http2_keep_alive_interval(self.cfg.keepalive_interval)
+            .keep_alive_timeout(self.cfg.keepalive_timeout)
+            .keep_alive_while_idle(true)
+            .initial_stream_window_size(2 * 1024 * 1024)
+            .initial_connection_window_size(4 * 1024 * 1024);
+        let connector = tower::service_fn(move |_: http::Uri| {
+            let io = slot.lock().unwrap().take();
+            async move {
+                io.map(TokioIo::new).ok_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::NotConnected, "agent connection closed")
+                })
+            }
+        });
+        endpoint
+            .connect_with_connector(connector)
+            .await
+            .map_err(|source| ConnectError::Http2 {
+                url: url.to_string(),
+                source,
+            })
+    }
+
+    /// Dials `url`, checks health when probing, registers, and starts the tunnel pool.
+    async fn establish(
+        &self,
+        url: &ServerUrl,
+        probe: bool,
+        deadline: Duration,
+    ) -> Result<Connection, ConnectError> {
+        let attempt = async {
+            let io = dial(url, &self.dial).await?;
+            let channel = self.channel_over(io, url).await?;
+            if probe {
+                let mut health =
+                    tonic_health::pb::health_client::HealthClient::new(channel.clone());
+                let req = tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                };
+                health
+                    .check(req)
+                    .await
+                    .map_err(|status| ConnectError::Call {
+                        call: "health check",
+                        status,
+                    })?;
+            }
+            let req = self.auth.request(RegisterRequest {
+                instance_id: self.cfg.instance_id.clone(),
+                version: self.cfg.version.clone(),
+                hostname: self.cfg.hostname.clone(),
+            });
+            let mut session = AgentSessionClient::new(channel.clone())
+                .register(req)
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            let registered = match session.message().await.map_err(call_error)? {
+                Some(SessionEvent {
+                    event: Some(session_event::Event::Registered(r)),
+                }) => r,
+                other => {
+                    return Err(ConnectError::Protocol(format!(
+                        "expected a registered event first, got {other:?}"
+                    )))
+                }
+            };
+            Ok((channel, session, registered))
+        };
+        let (channel, session, registered) = tokio::time::timeout(deadline, attempt)
+            .await
+            .map_err(|_| ConnectError::Timeout {
+                what: format!("connecting to {url}"),
+                after: deadline,
+            })??;
+        let transport = url.scheme.transport();
+        tracing::info!(
+            url = %url,
+            transport = %transport,
+            agent = %registered.agent_name,
+            conn = %registered.connection_id,
+            "connected and registered"
+        );
+        let pool_stop = CancellationToken::new();
+        tokio::spawn(run_pool(
+            channel,
+            self.auth.clone(),
+            self.cfg.pool.clone(),
+            self.upstreams.clone(),
+            pool_stop.clone(),
+        ));
+        Ok(Connection {
+            transport,
+            url: url.clone(),
+            session,
+            pool_stop,
+            since: Instant::now(),
+        })
+    }
+
+    /// Connects with the configured transport policy. Returns the connection and whether it
+    /// is a fallback (so the caller re-probes).
+    async fn connect_preferred(&self) -> Result<(Connection, bool), ConnectError> {
+        let server = &self.cfg.server;
+        let full = self.cfg.connect_timeout * 4;
+        match (self.cfg.transport, server.scheme.is_websocket()) {
+            (TransportMode::Auto, true) => {
+                let direct = direct_variant(server);
+                match self.establish(&direct, true, self.cfg.probe_timeout).await {
+                    Ok(c) => Ok((c, false)),
+                    Err(e @ ConnectError::Unauthenticated(_)) => Err(e),
+                    Err(e) => {
+                        tracing::info!(probe = %direct, "direct gRPC probe failed ({e}); falling back to {server}");
+                        Ok((self.establish(server, false, full).await?, true))
+                    }
+                }
+            }
+            (TransportMode::Grpc, true) => Ok((
+                self.establish(&direct_variant(server), false, full).await?,
+                false,
+            )),
+            _ => Ok((self.establish(server, false, full).await?, false)),
+        }
+    }
+}
+
+fn call_error(status: tonic::Status) -> ConnectError {
+    if status.code() == tonic::Code::Unauthenticated {
+        ConnectError::Unauthenticated(status.message().to_string())
+    } else {
+        ConnectError::Call {
+            call: "registration",
+            status,
+        }
+    }
+}
+
+/// Runs the agent until `stop` is cancelled.
+pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> anyhow::Result<()> {
+    let ctx = Ctx::new(cfg)?;
+    let cfg = &ctx.cfg;
+    tracing::info!(
+        server = %cfg.server,
+        instance = %cfg.instance_id,
+        upstreams = ?ctx.upstreams.http_names(),
+        grpc_upstream = ctx.upstreams.has_grpc(),
+        "agent starting"
+    );
+    let mut backoff = Backoff::new(cfg.backoff_initial, cfg.backoff_max);
+    while !stop.is_cancelled() {
+        match ctx.connect_preferred().await {
+            Err(e) => match &e {
+                ConnectError::Unauthenticated(_) => {
+                    tracing::error!("{e}; check --token-file or AGENTGATE_TOKEN")
+                }
+                _ => tracing::warn!("cannot connect: {e}"),
+            },
+            Ok((mut conn, mut on_fallback)) => {
+                let end = loop {
+                    let reprobe = jittered(cfg.reprobe_interval, 0.2);
+                    tokio::select! {
+                        why = conn.wait_end() => break why,
+                        _ = stop.cancelled() => break "agent stopping".to_string(),
+                        _ = tokio::time::sleep(reprobe), if on_fallback => {
+                            let direct = direct_variant(&cfg.server);
+                            match ctx.establish(&direct, true, cfg.probe_timeout).await {
+                                Ok(new) => {
+                                    tracing::info!(from = %conn.url, to = %new.url, "re-probe succeeded: moving to direct gRPC");
+                                    conn.retire();
+                                    conn = new;
+                                    on_fallback = false;
+                                }
+                                Err(e) => tracing::info!(probe = %direct, "re-probe failed, staying on {}: {e}", conn.transport),
+                            }
+                        }
+                    }
+                };
+                let lived = conn.since.elapsed();
+                tracing::info!(transport = %conn.transport, lived_ms = lived.as_millis() as u64, "disconnected: {end}");
+                conn.retire();
+                if lived >= cfg.backoff_reset_after {
+                    backoff.reset();
+                }
+            }
+        }
+        if stop.is_cancelled() {
+            break;
+        }
+        let delay = backoff.next_delay();
+        tracing::info!(
+            delay_ms = delay.as_millis() as u64,
+            "reconnecting after backoff"
+        );
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+    tracing::info!("agent stopped");
+    Ok(())
+}

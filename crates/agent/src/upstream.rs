@@ -1,0 +1,418 @@
+//! Executing one tunnelled request against a local upstream, streaming both ways.
+//!
+//! The request body arrives as Chunk messages and is fed to the upstream through a small
+//! bounded channel; the response body goes back as Chunk messages through the tunnel's small
+//! queue. Nothing buffers a whole body. If the gateway's side of the tunnel ends before we
+//! sent our trailer, the request was cancelled: the upstream request is dropped, which closes
+//! its connection.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentgate_proto::v1::{
+    agent_message, gateway_message, tunnel_error, AgentMessage, Chunk, GatewayMessage, Header,
+    RequestHead, RequestKind, ResponseHead, Trailer, TunnelError,
+};
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http_body::Frame;
+use http_body_util::{BodyExt, StreamBody};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::Streaming;
+
+use crate::config::AgentConfig;
+
+/// After our trailer or error, how long we wait for the gateway to end its side of the stream.
+const LINGER_FOR_GATEWAY_CLOSE: Duration = Duration::from_secs(30);
+
+type RequestBody = StreamBody<ReceiverStream<Result<Frame<Bytes>, std::io::Error>>>;
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, RequestBody>;
+
+/// The agent's upstreams and the HTTP clients that reach them.
+pub struct Upstreams {
+    http: HashMap<String, url::Url>,
+    grpc: Option<url::Url>,
+    http_client: HttpsClient,
+    grpc_client: HttpsClient,
+    response_timeout: Duration,
+    chunk_size: usize,
+}
+
+impl Upstreams {
+    pub fn new(cfg: &AgentConfig) -> anyhow::Result<Self> {
+        use agentgate_transport::tls::{client_config, ServerVerification};
+        let verify = match &cfg.upstream_ca {
+            Some(p) => ServerVerification::CaFile(p.clone()),
+            None => ServerVerification::SystemRoots,
+        };
+        let tls = client_config(&verify)?;
+        let build = |http2_only: bool| {
+            let mut http = HttpConnector::new();
+            http.enforce_http(false);
+            http.set_nodelay(true);
+            http.set_connect_timeout(Some(cfg.upstream_connect_timeout));
+            let https = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls.clone())
+                .https_or_http()
+                .enable_http1()
+                .enable_http2()
+                .wrap_connector(http);
+            Client::builder(TokioExecutor::new())
+                .http2_only(http2_only)
+                .pool_idle_timeout(Duration::from_secs(30))
+                .build(https)
+        };
+        Ok(Self {
+            http: cfg.http_upstreams.iter().cloned().collect(),
+            grpc: cfg.grpc_upstream.clone(),
+            http_client: build(false),
+            grpc_client: build(true),
+            response_timeout: cfg.upstream_response_timeout,
+            chunk_size: cfg.chunk_size,
+        })
+    }
+
+    pub fn http_names(&self) -> Vec<String> {
+        let mut v: Vec<_> = self.http.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    pub fn has_grpc(&self) -> bool {
+        self.grpc.is_some()
+    }
+
+    /// Runs one request: `head` was just received on the tunnel, `inbound` carries the rest
+    /// of the request, and `tx` sends the response back.
+    pub async fn execute(
+        self: Arc<Self>,
+        head: RequestHead,
+        inbound: Streaming<GatewayMessage>,
+        tx: mpsc::Sender<AgentMessage>,
+    ) {
+        let started = std::time::Instant::now();
+        let cancel = CancellationToken::new();
+        let (body_tx, body_rx) = mpsc::channel(4);
+        let mut reader = tokio::spawn(read_request(inbound, body_tx, cancel.clone()));
+        let outcome = tokio::select! {
+            r = self.exchange(&head, body_rx, &tx) => r,
+            _ = cancel.cancelled() => Err("cancelled by the gateway".to_string()),
+        };
+        // End our side, then let the gateway end its side before the stream is dropped:
+        // dropping it early resets the stream, and a reset can overtake the last messages
+        // (trailer or error) that the gateway has not read yet.
+        drop(tx);
+        if !cancel.is_cancelled() {
+            let _ = tokio::time::timeout(LINGER_FOR_GATEWAY_CLOSE, &mut reader).await;
+        }
+        reader.abort();
+        match &outcome {
+            Ok(status) => tracing::info!(
+                method = %head.method,
+                path = %head.path_and_query,
+                upstream = %upstream_label(&head),
+                status,
+                duration_ms = started.elapsed().as_millis() as u64,
+                "tunnel request served"
+            ),
+            Err(why) => tracing::warn!(
+                method = %head.method,
+                path = %head.path_and_query,
+                upstream = %upstream_label(&head),
+                duration_ms = started.elapsed().as_millis() as u64,
+                "tunnel request not completed: {why}"
+            ),
+        }
+    }
+
+    /// Sends the request upstream and streams the answer into `tx`. Returns the upstream
+    /// status, or why it failed (already reported to the gateway where possible).
+    async fn exchange(
+        &self,
+        head: &RequestHead,
+        body_rx: mpsc::Receiver<Result<Frame<Bytes>, std::io::Error>>,
+        tx: &mpsc::Sender<AgentMessage>,
+    ) -> Result<u16, String> {
+        let kind = RequestKind::try_from(head.kind).unwrap_or(RequestKind::Unspecified);
+        let (base, client) = match kind {
+            RequestKind::Grpc => match &self.grpc {
+                Some(u) => (u, &self.grpc_client),
+                None => {
+                    return fail(
+                        tx,
+                        tunnel_error::Code::UnknownUpstream,
+                        "no gRPC upstream configured".into(),
+                    )
+                    .await
+                }
+            },
+            RequestKind::Http => match self.http.get(&head.upstream) {
+                Some(u) => (u, &self.http_client),
+                None => {
+                    let msg = format!("no HTTP upstream named {:?}", head.upstream);
+                    return fail(tx, tunnel_error::Code::UnknownUpstream, msg).await;
+                }
+            },
+            RequestKind::Unspecified => {
+                return fail(
+                    tx,
+                    tunnel_error::Code::BadRequest,
+                    "request kind missing".into(),
+                )
+                .await
+            }
+        };
+        let uri = match join_uri(base, &head.path_and_query) {
+            Ok(u) => u,
+            Err(e) => return fail(tx, tunnel_error::Code::BadRequest, e).await,
+        };
+        let mut req = http::Request::new(StreamBody::new(ReceiverStream::new(body_rx)));
+        *req.uri_mut() = uri;
+        *req.method_mut() = match http::Method::from_bytes(head.method.as_bytes()) {
+            Ok(m) => m,
+            Err(_) => {
+                return fail(
+                    tx,
+                    tunnel_error::Code::BadRequest,
+                    format!("invalid method {:?}", head.method),
+                )
+                .await
+            }
+        };
+        *req.headers_mut() = headers_from(&head.headers);
+        if kind == RequestKind::Grpc {
+            *req.version_mut() = http::Version::HTTP_2;
+        }
+        let timeout = match (kind, head.timeout_millis) {
+            (_, ms) if ms > 0 => Duration::from_millis(ms),
+            (RequestKind::Grpc, _) => Duration::MAX,
+            _ => self.response_timeout,
+        };
+        let target = format!("{} upstream {}", upstream_label(head), base);
+        let resp = match tokio::time::timeout(timeout, client.request(req)).await {
+            Err(_) => {
+                let msg = format!("{target} did not answer within {timeout:?}");
+                return fail(tx, tunnel_error::Code::UpstreamTimeout, msg).await;
+            }
+            Ok(Err(e)) => {
+                let code = if is_timeout(&e) {
+                    tunnel_error::Code::UpstreamTimeout
+                } else {
+                    tunnel_error::Code::UpstreamUnavailable
+                };
+                return fail(tx, code, format!("{target}: {}", error_chain(&e))).await;
+            }
+            Ok(Ok(r)) => r,
+        };
+        let status = resp.status().as_u16();
+        let head_msg = AgentMessage {
+            msg: Some(agent_message::Msg::ResponseHead(ResponseHead {
+                status: status as u32,
+                headers: headers_to(resp.headers()),
+            })),
+        };
+        tx.send(head_msg)
+            .await
+            .map_err(|_| "gateway went away".to_string())?;
+        let mut body = resp.into_body();
+        let mut trailers = vec![];
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| format!("upstream body failed: {e}"))?;
+            match frame.into_data() {
+                Ok(mut data) => {
+                    while !data.is_empty() {
+                        let piece = data.split_to(data.len().min(self.chunk_size));
+                        let msg = AgentMessage {
+                            msg: Some(agent_message::Msg::Chunk(Chunk { data: piece })),
+                        };
+                        tx.send(msg)
+                            .await
+                            .map_err(|_| "gateway went away".to_string())?;
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(t) = frame.into_trailers() {
+                        trailers = headers_to(&t);
+                    }
+                }
+            }
+        }
+        let end = AgentMessage {
+            msg: Some(agent_message::Msg::Trailer(Trailer { trailers })),
+        };
+        tx.send(end)
+            .await
+            .map_err(|_| "gateway went away".to_string())?;
+        Ok(status)
+    }
+}
+
+fn upstream_label(head: &RequestHead) -> String {
+    if head.kind == RequestKind::Grpc as i32 {
+        "grpc".into()
+    } else {
+        head.upstream.clone()
+    }
+}
+
+async fn fail(
+    tx: &mpsc::Sender<AgentMessage>,
+    code: tunnel_error::Code,
+    message: String,
+) -> Result<u16, String> {
+    let msg = AgentMessage {
+        msg: Some(agent_message::Msg::Error(TunnelError {
+            code: code as i32,
+            message: message.clone(),
+        })),
+    };
+    let _ = tx.send(msg).await;
+    Err(message)
+}
+
+fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return true;
+            }
+        }
+        if err.to_string().contains("timed out") {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// "outer: inner: innermost", the way operators want to read it.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(err) = cur {
+        let s = err.to_string();
+        if !parts.last().is_some_and(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+        cur = err.source();
+    }
+    parts.join(": ")
+}
+
+/// `base` (scheme, authority and optional path prefix) joined with `path_and_query`.
+pub fn join_uri(base: &url::Url, path_and_query: &str) -> Result<http::Uri, String> {
+    let prefix = base.path().trim_end_matches('/');
+    let pq = if path_and_query.starts_with('/') {
+        path_and_query.to_string()
+    } else {
+        format!("/{path_and_query}")
+    };
+    let host = base.host_str().ok_or("upstream URL has no host")?;
+    let host = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    };
+    let authority = match base.port() {
+        Some(p) => format!("{host}:{p}"),
+        None => host,
+    };
+    format!("{}://{}{}{}", base.scheme(), authority, prefix, pq)
+        .parse()
+        .map_err(|e| format!("invalid upstream URI: {e}"))
+}
+
+fn headers_from(h: &[Header]) -> HeaderMap {
+    let mut map = HeaderMap::with_capacity(h.len());
+    for h in h {
+        if let (Ok(k), Ok(v)) = (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_bytes(&h.value),
+        ) {
+            map.append(k, v);
+        }
+    }
+    map
+}
+
+fn headers_to(h: &HeaderMap) -> Vec<Header> {
+    h.iter()
+        .map(|(k, v)| Header {
+            name: k.as_str().into(),
+            value: v.as_bytes().to_vec(),
+        })
+        .collect()
+}
+
+/// Feeds the request body from the tunnel to the upstream, then watches the tunnel for
+/// cancellation (its end before our trailer).
+async fn read_request(
+    mut inbound: Streaming<GatewayMessage>,
+    body_tx: mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>,
+    cancel: CancellationToken,
+) {
+    let mut body_tx = Some(body_tx);
+    loop {
+        let msg = match inbound.message().await {
+            Ok(Some(GatewayMessage { msg: Some(m) })) => m,
+            Ok(Some(GatewayMessage { msg: None })) => continue,
+            Ok(None) | Err(_) => {
+                if let Some(tx) = body_tx.take() {
+                    let _ = tx
+                        .send(Err(std::io::Error::new(
+                            std::io::ErrorKind::ConnectionAborted,
+                            "request cancelled by the gateway",
+                        )))
+                        .await;
+                }
+                cancel.cancel();
+                return;
+            }
+        };
+        match msg {
+            gateway_message::Msg::Chunk(c) => {
+                if let Some(tx) = &body_tx {
+                    if tx.send(Ok(Frame::data(c.data))).await.is_err() {
+                        // The upstream stopped reading the body; keep watching for cancel.
+                        body_tx = None;
+                    }
+                }
+            }
+            gateway_message::Msg::EndOfRequest(end) => {
+                if let Some(tx) = body_tx.take() {
+                    if !end.trailers.is_empty() {
+                        let _ = tx
+                            .send(Ok(Frame::trailers(headers_from(&end.trailers))))
+                            .await;
+                    }
+                }
+            }
+            gateway_message::Msg::Heartbeat(_) | gateway_message::Msg::RequestHead(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn joins_uris() {
+        let b = url::Url::parse("http://127.0.0.1:9000").unwrap();
+        assert_eq!(
+            join_uri(&b, "/a?b=1").unwrap(),
+            "http://127.0.0.1:9000/a?b=1"
+        );
+        let b = url::Url::parse("https://svc.local/prefix/").unwrap();
+        assert_eq!(join_uri(&b, "/x").unwrap(), "https://svc.local/prefix/x");
+        let b = url::Url::parse("http://[::1]:80/").unwrap();
+        assert_eq!(join_uri(&b, "/").unwrap(), "http://[::1]/");
+    }
+}

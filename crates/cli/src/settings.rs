@@ -1,0 +1,98 @@
+//! Layered settings: built-in defaults, then a TOML file, then `AGENTGATE_*` environment
+//! variables, then flags. Every field of the gateway's configuration can be set from the file
+//! and from the environment (`AGENTGATE_<FIELD_IN_UPPER_CASE>`); the common ones also have
+//! flags.
+
+use std::path::Path;
+
+use anyhow::Context;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// Applies a TOML file (if any) and then environment overrides to `defaults`.
+pub fn layered<T: Serialize + DeserializeOwned>(
+    defaults: T,
+    file: Option<&Path>,
+) -> anyhow::Result<T> {
+    let mut table = toml::Table::try_from(&defaults).context("serializing defaults")?;
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let from_file: toml::Table =
+            toml::from_str(&text).with_context(|| format!("invalid TOML in {}", path.display()))?;
+        for (k, v) in from_file {
+            if !table.contains_key(&k) && !is_optional_field::<T>(&k) {
+                anyhow::bail!("{}: unknown setting {k:?}", path.display());
+            }
+            table.insert(k, v);
+        }
+    }
+    let keys: Vec<String> = table.keys().cloned().collect();
+    for key in keys
+        .iter()
+        .map(String::as_str)
+        .chain(OPTIONAL_FIELDS.iter().copied())
+    {
+        let var = format!("AGENTGATE_{}", key.to_ascii_uppercase());
+        if let Ok(raw) = std::env::var(&var) {
+            table.insert(key.to_string(), parse_env_value(&raw));
+        }
+    }
+    let t: T = toml::Value::Table(table)
+        .try_into()
+        .context("invalid setting (from the config file or an AGENTGATE_* variable)")?;
+    Ok(t)
+}
+
+/// Fields that serialize to nothing while unset (TOML has no null), so they must be listed.
+const OPTIONAL_FIELDS: &[&str] = &[
+    "tls_cert",
+    "tls_key",
+    "api_tls_cert",
+    "api_tls_key",
+    "cleartext_listen",
+];
+
+fn is_optional_field<T>(k: &str) -> bool {
+    OPTIONAL_FIELDS.contains(&k)
+}
+
+/// An environment value: a TOML scalar if it parses as one (numbers, booleans), else a string.
+fn parse_env_value(raw: &str) -> toml::Value {
+    if let Ok(i) = raw.parse::<i64>() {
+        return toml::Value::Integer(i);
+    }
+    if let Ok(b) = raw.parse::<bool>() {
+        return toml::Value::Boolean(b);
+    }
+    toml::Value::String(raw.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agentgate_gateway::GatewayConfig;
+    use std::time::Duration;
+
+    #[test]
+    fn file_then_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("g.toml");
+        std::fs::write(
+            &f,
+            "listen = \"127.0.0.1:9000\"\nhandshake_timeout = \"2s\"\nmax_connections = 5\ntls_cert = \"/c.pem\"\n",
+        )
+        .unwrap();
+        // SAFETY: this test is the only one touching this variable.
+        unsafe { std::env::set_var("AGENTGATE_MAX_CONNECTIONS", "7") };
+        let c: GatewayConfig = layered(GatewayConfig::default(), Some(&f)).unwrap();
+        unsafe { std::env::remove_var("AGENTGATE_MAX_CONNECTIONS") };
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.handshake_timeout, Duration::from_secs(2));
+        assert_eq!(c.max_connections, 7);
+        assert_eq!(c.tls_cert.as_deref(), Some(Path::new("/c.pem")));
+        std::fs::write(&f, "no_such_setting = 1\n").unwrap();
+        let err = layered(GatewayConfig::default(), Some(&f)).unwrap_err();
+        assert!(format!("{err:#}").contains("no_such_setting"));
+    }
+}
