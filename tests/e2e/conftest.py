@@ -1,0 +1,271 @@
+"""Shared fixtures for agentgate's end-to-end tests.
+
+Every test starts real processes (the agentgate binary, and where needed nginx, haproxy,
+redis-server, Python grpcio peers) on 127.0.0.1, on ports picked at run time, and stops them
+all at the end. Nothing here mocks what a user would meet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(os.environ.get("AGENTGATE_BIN", ROOT / "target" / "debug" / "agentgate"))
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(pred, timeout: float = 15.0, interval: float = 0.05, what: str = "condition"):
+    """Polls `pred` until it returns a truthy value; fails the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last_exc = None
+    while time.monotonic() < deadline:
+        try:
+            v = pred()
+            if v:
+                return v
+        except Exception as e:  # noqa: BLE001 - the predicate may fail while things start
+            last_exc = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc})")
+
+
+def http_get(url: str, headers: dict | None = None, timeout: float = 10.0):
+    """GET returning (status, headers, body bytes); HTTP errors are returned, not raised."""
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+class Proc:
+    """A child process whose output goes to a log file; killed (and reaped) on stop()."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict | None = None, cwd=None):
+        self.args = [str(a) for a in args]
+        self.log_path = log_path
+        self.log = open(log_path, "ab")
+        full_env = dict(os.environ)
+        full_env.setdefault("AGENTGATE_LOG", "info")
+        if env:
+            full_env.update(env)
+        self.p = subprocess.Popen(
+            self.args, stdout=self.log, stderr=subprocess.STDOUT, env=full_env, cwd=cwd,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def send_signal(self, sig):
+        if self.alive():
+            os.kill(self.p.pid, sig)
+
+    def wait(self, timeout: float = 10.0) -> int:
+        return self.p.wait(timeout=timeout)
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 10.0):
+        if self.alive():
+            try:
+                os.killpg(self.p.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.p.pid, signal.SIGKILL)
+                self.p.wait(timeout=5)
+        self.log.close()
+
+    def rss_kib(self) -> int:
+        with open(f"/proc/{self.p.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+
+class Env:
+    """A per-test workspace: temp dir, process registry, token store, certificates."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.procs: list[Proc] = []
+        self.tokens = tmp / "tokens.json"
+        self._certs = None
+
+    def spawn(self, args, name: str, env=None, cwd=None) -> Proc:
+        p = Proc(args, self.tmp / f"{name}.log", env=env, cwd=cwd)
+        self.procs.append(p)
+        return p
+
+    def token(self, name: str, kind: str = "agent", agents: list[str] | None = None) -> str:
+        args = [BIN, "token", "create", "--name", name, "--tokens", self.tokens, "--kind", kind]
+        for a in agents or []:
+            args += ["--agent", a]
+        out = subprocess.run([str(a) for a in args], capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+
+    def token_file(self, name: str, kind: str = "agent") -> Path:
+        path = self.tmp / f"token-{name}-{kind}.txt"
+        path.write_text(self.token(name, kind) + "\n")
+        return path
+
+    @property
+    def certs(self) -> dict:
+        """A private CA and a server certificate it signs, valid for localhost, 127.0.0.1
+        and gateway.test. Keys: ca, cert, key (paths)."""
+        if self._certs is None:
+            self._certs = make_certs(self.tmp / "pki")
+        return self._certs
+
+    def gateway(self, tls: bool = True, cleartext: bool = True, extra: list[str] | None = None,
+                name: str = "gateway", env=None) -> "Gateway":
+        g = Gateway(self, tls=tls, cleartext=cleartext, extra=extra or [], name=name, env_vars=env)
+        return g
+
+    def agent(self, server: str, token_file: Path | None = None, extra: list[str] | None = None,
+              name: str = "agent", env=None, ca: bool = True) -> Proc:
+        args = [BIN, "agent", "--server", server]
+        if token_file is not None:
+            args += ["--token-file", token_file]
+        if ca and server.split(":")[0] in ("grpcs", "wss"):
+            args += ["--ca-cert", self.certs["ca"]]
+        args += extra or []
+        return self.spawn(args, name, env=env)
+
+    def close(self):
+        for p in reversed(self.procs):
+            p.stop()
+
+
+class Gateway:
+    """`agentgate server` with TLS on its agent port and (optionally) a cleartext agent port."""
+
+    def __init__(self, env: Env, tls: bool, cleartext: bool, extra: list[str], name: str, env_vars=None):
+        self.env = env
+        self.port = free_port()
+        self.clear_port = free_port() if cleartext and tls else None
+        self.admin_port = free_port()
+        self.api_port = free_port()
+        self.tls = tls
+        args = [
+            BIN, "server",
+            "--listen", f"127.0.0.1:{self.port}",
+            "--admin-listen", f"127.0.0.1:{self.admin_port}",
+            "--api-listen", f"127.0.0.1:{self.api_port}",
+            "--tokens", env.tokens,
+        ]
+        if tls:
+            args += ["--tls-cert", env.certs["cert"], "--tls-key", env.certs["key"]]
+        if self.clear_port:
+            args += ["--cleartext-listen", f"127.0.0.1:{self.clear_port}"]
+        args += extra
+        self.proc = env.spawn(args, name, env=env_vars)
+        wait_for(lambda: self.healthy(), what=f"{name} /healthz")
+
+    # Agent URLs for each scheme.
+    def url(self, scheme: str, path: str = "/") -> str:
+        if scheme in ("grpcs", "wss"):
+            assert self.tls
+            host = f"localhost:{self.port}"
+        else:
+            host = f"127.0.0.1:{self.clear_port or self.port}"
+        return f"{scheme}://{host}{path if scheme.startswith('ws') else ''}"
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def healthy(self) -> bool:
+        if not self.proc.alive():
+            raise AssertionError(f"gateway exited:\n{self.proc.output()[-3000:]}")
+        return http_get(self.admin + "/healthz", timeout=2)[0] == 200
+
+    def agents(self) -> list[dict]:
+        status, _, body = http_get(self.admin + "/api/v1/agents")
+        assert status == 200
+        return json.loads(body)
+
+    def wait_agent(self, name: str, transport: str | None = None, timeout: float = 20.0) -> dict:
+        def find():
+            for a in self.agents():
+                if a["name"] == name and (transport is None or a["transport"] == transport):
+                    return a
+            return None
+        return wait_for(find, timeout=timeout, what=f"agent {name} ({transport}) registered")
+
+    def metrics_text(self) -> str:
+        return http_get(self.admin + "/metrics")[2].decode()
+
+    def metric(self, name: str, **labels) -> float:
+        """Value of one series (0 if absent)."""
+        text = self.metrics_text()
+        want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        pat = re.compile(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", re.M)
+        for m in pat.finditer(text):
+            lbl = (m.group(1) or "").strip("{}")
+            if all(f'{k}="{v}"' in lbl.split(",") for k, v in labels.items()) or (not labels and not lbl):
+                return float(m.group(2))
+        _ = want
+        return 0.0
+
+
+def make_certs(d: Path) -> dict:
+    """CA + server certificate with openssl (SANs: localhost, 127.0.0.1, gateway.test)."""
+    d.mkdir(parents=True, exist_ok=True)
+    ca_key, ca = d / "ca.key", d / "ca.pem"
+    key, csr, cert = d / "server.key", d / "server.csr", d / "server.pem"
+    ext = d / "ext.cnf"
+    ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1,DNS:gateway.test\n"
+                   "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+                   "extendedKeyUsage=serverAuth\n")
+    run = lambda *a: subprocess.run([str(x) for x in a], check=True, capture_output=True)  # noqa: E731
+    run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+        "-keyout", ca_key, "-out", ca, "-days", "2", "-subj", "/CN=agentgate test CA")
+    run("openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+        "-keyout", key, "-out", csr, "-subj", "/CN=localhost")
+    run("openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+        "-out", cert, "-days", "2", "-extfile", ext)
+    return {"ca": ca, "cert": cert, "key": key}
+
+
+@pytest.fixture
+def env():
+    with tempfile.TemporaryDirectory(prefix="agentgate-e2e-") as d:
+        e = Env(Path(d))
+        try:
+            yield e
+        finally:
+            e.close()
