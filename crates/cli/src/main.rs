@@ -135,6 +135,12 @@ struct AgentArgs {
     /// CA certificate(s) for https upstreams (PEM).
     #[arg(long)]
     upstream_ca: Option<PathBuf>,
+    /// Deadline for connecting to an upstream.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    upstream_connect_timeout: Option<Duration>,
+    /// Deadline for an HTTP upstream's response head (504 after it).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    upstream_response_timeout: Option<Duration>,
     /// Instance id (default: random per process).
     #[arg(long)]
     instance_id: Option<String>,
@@ -328,6 +334,8 @@ fn agent_config(a: &AgentArgs) -> anyhow::Result<AgentConfig> {
             }
         };
     }
+    opt!(upstream_connect_timeout => upstream_connect_timeout);
+    opt!(upstream_response_timeout => upstream_response_timeout);
     opt!(reprobe_interval => reprobe_interval);
     opt!(probe_timeout => probe_timeout);
     opt!(backoff_initial => backoff_initial);

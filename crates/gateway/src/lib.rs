@@ -169,6 +169,8 @@ pub async fn run_with(
         handshake_timeout: cfg.handshake_timeout,
         max_connections: cfg.max_connections,
         listen_backlog: cfg.listen_backlog,
+        min_client_ping_interval: (!cfg.min_client_ping_interval.is_zero())
+            .then_some(cfg.min_client_ping_interval),
         ws: WsSettings {
             read_buffer_size: cfg.ws_read_buffer_size,
             max_message_size: cfg.ws_max_message_size,

@@ -28,6 +28,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_util::sync::CancellationToken;
 
+use crate::ping_policy::PingPolicy;
 use crate::sniff::{read_prefix, PrefixClass, PrefixedIo};
 use crate::websocket::{WsByteStream, WsSettings, WS_SUBPROTOCOL};
 use crate::{set_nodelay, BoxedIo, Io, TransportKind};
@@ -42,6 +43,9 @@ pub struct IngressSettings {
     pub max_connections: usize,
     /// Listen backlog; the OS default of 128 overflows in reconnect storms.
     pub listen_backlog: u32,
+    /// Clients that PING more often than this (more than a couple of times in a row, with no
+    /// request traffic between) are disconnected. `None` disables the check.
+    pub min_client_ping_interval: Option<Duration>,
     pub ws: WsSettings,
 }
 
@@ -51,6 +55,7 @@ impl Default for IngressSettings {
             handshake_timeout: Duration::from_secs(5),
             max_connections: 18_000,
             listen_backlog: 4096,
+            min_client_ping_interval: Some(Duration::from_secs(20)),
             ws: WsSettings::default(),
         }
     }
@@ -74,10 +79,12 @@ pub enum RejectReason {
     WsUpgradeError,
     /// `max_connections` reached.
     OverLimit,
+    /// The client sent HTTP/2 PINGs more often than `min_client_ping_interval` allows.
+    TooManyPings,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 9] = [
+    pub const ALL: [RejectReason; 10] = [
         Self::SniffTimeout,
         Self::BadPreface,
         Self::EarlyEof,
@@ -87,6 +94,7 @@ impl RejectReason {
         Self::WsUpgradeTimeout,
         Self::WsUpgradeError,
         Self::OverLimit,
+        Self::TooManyPings,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -100,6 +108,7 @@ impl RejectReason {
             Self::WsUpgradeTimeout => "ws_upgrade_timeout",
             Self::WsUpgradeError => "ws_upgrade_error",
             Self::OverLimit => "over_limit",
+            Self::TooManyPings => "too_many_pings",
         }
     }
 }
@@ -137,6 +146,7 @@ pub struct ServerConn {
     io: BoxedIo,
     meta: Arc<ConnMeta>,
     observer: Arc<dyn IngressObserver>,
+    ping_policy: Option<PingPolicy>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -181,6 +191,24 @@ impl AsyncRead for ServerConn {
         let n = buf.filled().len() - before;
         if n > 0 {
             self.meta.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+            let this = &mut *self;
+            if let Some(policy) = &mut this.ping_policy {
+                if let Err(e) = policy.feed(&buf.filled()[before..], Instant::now()) {
+                    this.ping_policy = None;
+                    this.observer.rejected(RejectReason::TooManyPings);
+                    tracing::warn!(
+                        conn = this.meta.id,
+                        peer = %this.meta.peer,
+                        reason = "too_many_pings",
+                        strikes = e.strikes,
+                        "closing connection: the client sends HTTP/2 PINGs more often than allowed"
+                    );
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "too many pings",
+                    )));
+                }
+            }
         }
         res
     }
@@ -300,6 +328,7 @@ pub fn serve_ingress(
                             io,
                             meta,
                             observer,
+                            ping_policy: settings.min_client_ping_interval.map(PingPolicy::new),
                             _permit: permit,
                         };
                         // If the server is gone we are shutting down; the conn is dropped.

@@ -9,6 +9,7 @@
 mod dial;
 mod ingress;
 mod kind;
+mod ping_policy;
 mod proxy;
 mod scheme;
 mod sniff;
@@ -21,6 +22,7 @@ pub use ingress::{
     ServerConn,
 };
 pub use kind::TransportKind;
+pub use ping_policy::{PingPolicy, TooManyPings};
 pub use proxy::{ProxyConfig, ProxyError};
 pub use scheme::{Scheme, SchemeError, ServerUrl};
 pub use sniff::{classify_prefix, PrefixClass, PrefixedIo, HTTP2_PREFACE};
