@@ -66,6 +66,8 @@ pub struct AgentConfig {
     pub insecure_skip_tls_verify: bool,
     /// Extra headers: on the WebSocket upgrade and as gRPC metadata on every call.
     pub headers: Vec<(String, String)>,
+    /// Source IP for the connection to the gateway (`None`: the OS chooses).
+    pub local_ip: Option<std::net::IpAddr>,
     /// Explicit egress proxy (`http://[user:pass@]host:port`); otherwise the environment.
     pub proxy: Option<String>,
 
@@ -116,6 +118,7 @@ impl AgentConfig {
             insecure_skip_tls_verify: false,
             headers: vec![],
             proxy: None,
+            local_ip: None,
             http_upstreams: vec![],
             grpc_upstream: None,
             upstream_ca: None,

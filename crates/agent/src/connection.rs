@@ -169,6 +169,7 @@ impl Ctx {
             connect_timeout: cfg.connect_timeout,
             proxy,
             proxy_from_env: true,
+            local_ip: cfg.local_ip,
         };
         let auth = Arc::new(Authed {
             authorization: AsciiMetadataValue::try_from(bearer.as_str())

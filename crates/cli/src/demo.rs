@@ -15,9 +15,9 @@ use agentgate_gateway::{BoundAddrs, Gateway, GatewayConfig};
 use agentgate_transport::ServerUrl;
 use anyhow::Context;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Args)]
@@ -52,55 +52,6 @@ fn write_cert(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     std::fs::write(&cert, ck.cert.pem())?;
     std::fs::write(&key, ck.signing_key.serialize_pem())?;
     Ok((cert, key))
-}
-
-/// The demo upstream: `/` says hello, `/bytes/N` streams N bytes, `/echo` echoes the body.
-async fn upstream(listener: tokio::net::TcpListener) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(
-                |req: hyper::Request<hyper::body::Incoming>| async move {
-                    let path = req.uri().path().to_string();
-                    let resp: hyper::Response<
-                        http_body_util::combinators::UnsyncBoxBody<Bytes, hyper::Error>,
-                    > = if let Some(n) = path.strip_prefix("/bytes/") {
-                        let n: u64 = n.parse().unwrap_or(0);
-                        let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
-                        let frames = futures_util::stream::unfold(n, move |left| {
-                            let chunk = chunk.clone();
-                            async move {
-                                (left > 0).then(|| {
-                                    let take = left.min(chunk.len() as u64) as usize;
-                                    (
-                                        Ok(hyper::body::Frame::data(chunk.slice(..take))),
-                                        left - take as u64,
-                                    )
-                                })
-                            }
-                        });
-                        hyper::Response::new(StreamBody::new(frames).boxed_unsync())
-                    } else if path == "/echo" {
-                        hyper::Response::new(req.into_body().boxed_unsync())
-                    } else {
-                        hyper::Response::new(
-                            Full::new(Bytes::from_static(
-                                b"hello from the upstream behind the agent\n",
-                            ))
-                            .map_err(|never| match never {})
-                            .boxed_unsync(),
-                        )
-                    };
-                    Ok::<_, std::convert::Infallible>(resp)
-                },
-            );
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
 }
 
 struct Row {
@@ -174,7 +125,7 @@ pub async fn run(a: DemoArgs, stop: CancellationToken) -> anyhow::Result<()> {
 
     let up = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let up_addr = up.local_addr()?;
-    tokio::spawn(upstream(up));
+    tokio::spawn(crate::test_upstream::serve(up));
 
     let config = GatewayConfig {
         listen: a.listen,

@@ -1,7 +1,9 @@
 //! `agentgate`: the gateway, the agent, token management, and the demo, in one binary.
 
+mod bench;
 mod demo;
 mod settings;
+mod test_upstream;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -58,6 +60,11 @@ enum Command {
     /// Start a gateway, a small upstream and one agent per transport in this process, measure
     /// requests through each, print a table, and keep running for manual requests.
     Demo(demo::DemoArgs),
+    /// Benchmarks: transports side by side (markdown table on stdout, --json for machines).
+    Bench(bench::BenchArgs),
+    /// Internal: many agents in one process, for `bench`.
+    #[command(hide = true)]
+    BenchLoad(bench::load::LoadArgs),
 }
 
 #[derive(Args)]
@@ -429,6 +436,8 @@ fn main() -> std::process::ExitCode {
             }
             Command::Token { command } => token_command(command),
             Command::Demo(a) => demo::run(a, stop_on_signals()).await,
+            Command::Bench(a) => bench::run(a).await,
+            Command::BenchLoad(a) => bench::load::run(a, stop_on_signals()).await,
         }
     });
     match result {

@@ -30,6 +30,8 @@ pub struct DialSettings {
     pub proxy: Option<ProxyConfig>,
     /// Whether to read `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` when `proxy` is `None`.
     pub proxy_from_env: bool,
+    /// Source address for direct TCP connections (`None`: the OS chooses).
+    pub local_ip: Option<std::net::IpAddr>,
 }
 
 /// Why a dial failed. Each variant says which step broke.
@@ -141,6 +143,31 @@ async fn step<F: std::future::Future>(
         })
 }
 
+/// Connects to `addr`, from `local_ip` if given (load generators spread many connections over
+/// 127.0.0.x source addresses to get past one address's ephemeral ports).
+async fn connect_from(
+    addr: &str,
+    local_ip: Option<std::net::IpAddr>,
+) -> std::io::Result<TcpStream> {
+    let Some(ip) = local_ip else {
+        return TcpStream::connect(addr).await;
+    };
+    let mut last = None;
+    for target in tokio::net::lookup_host(addr).await? {
+        let socket = if target.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.bind(std::net::SocketAddr::new(ip, 0))?;
+        match socket.connect(target).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address")))
+}
+
 async fn connect_tcp(url: &ServerUrl, s: &DialSettings) -> Result<TcpStream, DialError> {
     let addr = url.authority();
     let proxy = match &s.proxy {
@@ -156,7 +183,7 @@ async fn connect_tcp(url: &ServerUrl, s: &DialSettings) -> Result<TcpStream, Dia
         s.connect_timeout,
         "TCP connect",
         &addr,
-        TcpStream::connect(&addr),
+        connect_from(&addr, s.local_ip),
     )
     .await?
     .map_err(|source| DialError::Connect {

@@ -20,9 +20,16 @@ pub const MAX_STRIKES: u32 = 2;
 
 #[derive(Debug)]
 enum State {
-    Preface { remaining: usize },
-    Header { buf: [u8; FRAME_HEADER_LEN], have: usize },
-    Payload { remaining: usize },
+    Preface {
+        remaining: usize,
+    },
+    Header {
+        buf: [u8; FRAME_HEADER_LEN],
+        have: usize,
+    },
+    Payload {
+        remaining: usize,
+    },
 }
 
 /// Watches the inbound byte stream of one HTTP/2 server connection.
@@ -143,7 +150,11 @@ mod tests {
         p.feed(HTTP2_PREFACE, t0).unwrap();
         p.feed(&frame(0x4, 0, &[0; 6]), t0).unwrap(); // SETTINGS
         for i in 0..10 {
-            p.feed(&frame(FRAME_PING, 0, &[0; 8]), t0 + Duration::from_secs(21 * i)).unwrap();
+            p.feed(
+                &frame(FRAME_PING, 0, &[0; 8]),
+                t0 + Duration::from_secs(21 * i),
+            )
+            .unwrap();
             // ACKs of the server's own pings never count.
             p.feed(&frame(FRAME_PING, FLAG_ACK, &[0; 8]), t0).unwrap();
         }
