@@ -99,6 +99,18 @@ struct ServerArgs {
     /// Token store file.
     #[arg(long)]
     tokens: Option<PathBuf>,
+    /// Cluster mode: redis://[:password@]host:port/db or rediss://...
+    #[arg(long, env = "AGENTGATE_REDIS")]
+    redis: Option<String>,
+    /// Internal API listener for other replicas (cluster mode).
+    #[arg(long)]
+    internal_listen: Option<SocketAddr>,
+    /// How other replicas reach this one (default http://<internal-listen>).
+    #[arg(long)]
+    internal_url: Option<String>,
+    /// File with the secret shared by all replicas (cluster mode).
+    #[arg(long)]
+    internal_secret_file: Option<PathBuf>,
     /// Any setting as NAME=VALUE (TOML value syntax; durations like "5s"). Repeatable.
     #[arg(long = "set", value_name = "NAME=VALUE")]
     set: Vec<String>,
@@ -216,8 +228,10 @@ enum KindArg {
 fn init_logging(format: LogFormat, filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -270,6 +284,16 @@ fn server_config(a: &ServerArgs) -> anyhow::Result<GatewayConfig> {
     flag!(admin_listen);
     flag!(api_listen);
     flag!(tokens);
+    if a.redis.is_some() {
+        c.redis = a.redis.clone();
+    }
+    flag!(internal_listen);
+    if a.internal_url.is_some() {
+        c.internal_url = a.internal_url.clone();
+    }
+    if a.internal_secret_file.is_some() {
+        c.internal_secret_file = a.internal_secret_file.clone();
+    }
     if a.cleartext_listen.is_some() {
         c.cleartext_listen = a.cleartext_listen;
     }
@@ -415,6 +439,8 @@ fn token_command(cmd: TokenCommand) -> anyhow::Result<()> {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // One process-wide TLS provider (ring) for libraries that build configs themselves.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     init_logging(cli.log_format, &cli.log);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -51,6 +51,9 @@ const OPTIONAL_FIELDS: &[&str] = &[
     "api_tls_cert",
     "api_tls_key",
     "cleartext_listen",
+    "redis",
+    "internal_url",
+    "internal_secret_file",
 ];
 
 fn is_optional_field<T>(k: &str) -> bool {

@@ -3,7 +3,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -43,6 +43,26 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
     )
 }
 
-async fn agents(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
-    Json(gw.directory.list())
+#[derive(serde::Deserialize)]
+struct AgentsQuery {
+    /// `cluster` lists every replica's agents (cluster mode).
+    scope: Option<String>,
+}
+
+/// This replica's agents, or with `?scope=cluster` the whole cluster's, each with its replica.
+async fn agents(
+    State(gw): State<Arc<Gateway>>,
+    Query(q): Query<AgentsQuery>,
+) -> axum::response::Response {
+    match (q.scope.as_deref(), &gw.cluster) {
+        (Some("cluster"), Some(c)) => match c.cluster_agents(&gw).await {
+            Ok(list) => Json(list).into_response(),
+            Err(e) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cluster registry unavailable: {e}\n"),
+            )
+                .into_response(),
+        },
+        _ => Json(gw.directory.list()).into_response(),
+    }
 }

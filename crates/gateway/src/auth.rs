@@ -13,6 +13,8 @@ use crate::Gateway;
 #[derive(Debug, Clone)]
 pub struct AgentIdentity {
     pub name: String,
+    /// The id of the token used (for per-token limits).
+    pub token_id: String,
     pub conn: Arc<ConnMeta>,
 }
 
@@ -69,6 +71,7 @@ impl Gateway {
         };
         let _ = conn.agent.set(entry.name.clone());
         Ok(AgentIdentity {
+            token_id: entry.id,
             name: entry.name,
             conn,
         })

@@ -80,6 +80,31 @@ pub struct GatewayConfig {
     /// throughput (a tonic relay went from 395 to 595 Mbit/s at 2 MiB / 4 MiB).
     pub http2_stream_window: u32,
     pub http2_connection_window: u32,
+
+    /// Cluster mode: `redis://[:password@]host:port/db` or `rediss://...`. Unset means a
+    /// single process with no shared state.
+    pub redis: Option<String>,
+    /// Internal API for other replicas (cluster mode only).
+    pub internal_listen: SocketAddr,
+    /// How other replicas reach this one's internal API (default: `http://{internal_listen}`).
+    pub internal_url: Option<String>,
+    /// File with the secret shared by all replicas, for signing internal calls.
+    pub internal_secret_file: Option<PathBuf>,
+    /// Validity of the signed token on each internal call (short: a few seconds).
+    #[serde(with = "humantime_serde")]
+    pub internal_token_validity: Duration,
+    /// Expiry written into each registry entry (kas: 5 min).
+    #[serde(with = "humantime_serde")]
+    pub registry_ttl: Duration,
+    /// How often this replica refreshes its registry entries (kas: 4 min; below the TTL).
+    #[serde(with = "humantime_serde")]
+    pub registry_refresh_interval: Duration,
+    /// Deadline for each Redis round trip; past it the call counts as a Redis error.
+    #[serde(with = "humantime_serde")]
+    pub redis_timeout: Duration,
+    /// New agent connections (registrations) allowed per token per minute; 0 disables. Held
+    /// in Redis in cluster mode, so it holds across replicas.
+    pub connect_rate_limit_per_minute: u32,
 }
 
 impl Default for GatewayConfig {
@@ -111,6 +136,15 @@ impl Default for GatewayConfig {
             tunnel_chunk_size: 64 * 1024,
             http2_stream_window: 2 * 1024 * 1024,
             http2_connection_window: 4 * 1024 * 1024,
+            redis: None,
+            internal_listen: "127.0.0.1:8155".parse().unwrap(),
+            internal_url: None,
+            internal_secret_file: None,
+            internal_token_validity: Duration::from_secs(5),
+            registry_ttl: Duration::from_secs(5 * 60),
+            registry_refresh_interval: Duration::from_secs(4 * 60),
+            redis_timeout: Duration::from_secs(1),
+            connect_rate_limit_per_minute: 600,
         }
     }
 }

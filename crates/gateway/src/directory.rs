@@ -27,10 +27,15 @@ pub struct AgentRecord {
 
 /// Registered sessions, keyed by a session id (an instance may briefly hold two sessions while
 /// a dead connection is being noticed).
+/// Told whenever a session of an agent starts (`true`) or ends (`false`).
+pub type PresenceHook = Arc<dyn Fn(&str, bool) + Send + Sync>;
+
 #[derive(Default)]
 pub struct Directory {
     sessions: Mutex<HashMap<u64, AgentRecord>>,
     next_id: AtomicU64,
+    /// In cluster mode, the registry keeps Redis in step through this.
+    pub presence: std::sync::OnceLock<PresenceHook>,
 }
 
 /// Removes its session from the directory when dropped.
@@ -46,6 +51,9 @@ impl Drop for SessionGuard {
         let removed = self.directory.sessions.lock().unwrap().remove(&self.id);
         if let Some(r) = removed {
             self.metrics.agents_connected.add(&[&self.transport], -1.0);
+            if let Some(hook) = self.directory.presence.get() {
+                hook(&r.name, false);
+            }
             tracing::info!(
                 agent = %r.name,
                 instance = %r.instance_id,
@@ -62,6 +70,9 @@ impl Directory {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let transport = record.transport.clone();
         metrics.agents_connected.add(&[&transport], 1.0);
+        if let Some(hook) = self.presence.get() {
+            hook(&record.name, true);
+        }
         self.sessions.lock().unwrap().insert(id, record);
         SessionGuard {
             directory: self.clone(),

@@ -8,6 +8,7 @@
 mod admin;
 mod api;
 mod auth;
+pub mod cluster;
 pub mod config;
 pub mod directory;
 mod headers;
@@ -24,7 +25,9 @@ use std::time::Duration;
 
 use agentgate_proto::v1::agent_session_server::AgentSessionServer;
 use agentgate_proto::v1::tunnel_server::TunnelServer;
-use agentgate_transport::{bind_listener, serve_ingress, ConnMeta, IngressSettings, WsSettings};
+use agentgate_transport::{
+    bind_listener, serve_ingress, ConnMeta, ConnectionLimit, IngressSettings, WsSettings,
+};
 use anyhow::Context;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -42,6 +45,10 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     pub directory: Arc<Directory>,
     pub tunnels: TunnelRegistry,
+    /// Cluster mode (`--redis`): the registry and the internal API client.
+    pub cluster: Option<Arc<cluster::Cluster>>,
+    /// Per-token connect counts of the current minute (single-process mode).
+    connects: std::sync::Mutex<(u64, std::collections::HashMap<String, u32>)>,
     /// Cancelled during shutdown, after GOAWAY: ends sessions and other long-lived handlers.
     pub shutdown: CancellationToken,
     ready: AtomicBool,
@@ -56,15 +63,84 @@ impl Gateway {
         let metrics = Arc::new(Metrics::default());
         let age = config.max_connection_age;
         let drain_after = (!age.is_zero()).then(|| age.mul_f64(0.9));
+        let cluster = match &config.redis {
+            None => None,
+            Some(url) => {
+                let secret_file = config.internal_secret_file.as_ref().context(
+                    "cluster mode (--redis) needs --internal-secret-file with a secret shared by all replicas",
+                )?;
+                let secret = std::fs::read(secret_file)
+                    .with_context(|| format!("cannot read {}", secret_file.display()))?;
+                let secret = secret.trim_ascii().to_vec();
+                anyhow::ensure!(
+                    secret.len() >= 16,
+                    "the internal secret must be at least 16 bytes"
+                );
+                let self_url = config
+                    .internal_url
+                    .clone()
+                    .unwrap_or_else(|| format!("http://{}", config.internal_listen));
+                let registry = cluster::registry::Registry::new(
+                    url,
+                    self_url.clone(),
+                    config.registry_ttl,
+                    config.registry_refresh_interval,
+                    config.redis_timeout,
+                    metrics.clone(),
+                )?;
+                Some(Arc::new(cluster::Cluster::new(
+                    registry,
+                    self_url,
+                    secret,
+                    config.internal_token_validity,
+                    metrics.clone(),
+                )))
+            }
+        };
+        let directory: Arc<Directory> = Arc::default();
+        if let Some(c) = &cluster {
+            let registry = c.registry.clone();
+            let hook: directory::PresenceHook =
+                Arc::new(move |name, up| registry.set_present(name, up));
+            let _ = directory.presence.set(hook);
+        }
         Ok(Arc::new(Self {
+            cluster,
+            connects: std::sync::Mutex::default(),
             tunnels: TunnelRegistry::new(metrics.clone(), drain_after),
             tokens,
             metrics,
-            directory: Arc::default(),
+            directory,
             shutdown: CancellationToken::new(),
             ready: AtomicBool::new(false),
             config,
         }))
+    }
+
+    /// Counts a new registration of `token_id`; false when over the per-minute limit.
+    pub async fn allow_connect(&self, token_id: &str) -> bool {
+        let limit = self.config.connect_rate_limit_per_minute;
+        if limit == 0 {
+            return true;
+        }
+        if let Some(c) = &self.cluster {
+            // Shared across replicas; if Redis is down, fail open rather than lock agents out.
+            if let Ok(allowed) = c.registry.allow_connect(token_id, limit).await {
+                return allowed;
+            }
+        }
+        let minute = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+            / 60;
+        let mut g = self.connects.lock().unwrap();
+        if g.0 != minute {
+            *g = (minute, Default::default());
+        }
+        let n = g.1.entry(token_id.to_string()).or_insert(0);
+        *n += 1;
+        *n <= limit
     }
 
     /// When the session on `conn` should end: a little after the connection's GOAWAY for max
@@ -167,7 +243,6 @@ pub async fn run_with(
     let accept_stop = CancellationToken::new();
     let settings = IngressSettings {
         handshake_timeout: cfg.handshake_timeout,
-        max_connections: cfg.max_connections,
         listen_backlog: cfg.listen_backlog,
         min_client_ping_interval: (!cfg.min_client_ping_interval.is_zero())
             .then_some(cfg.min_client_ping_interval),
@@ -177,11 +252,13 @@ pub async fn run_with(
             ..WsSettings::default()
         },
     };
+    let limit = ConnectionLimit::new(cfg.max_connections);
     let incoming = serve_ingress(
         agent_listener,
         agent_tls,
         settings.clone(),
         gw.metrics.clone(),
+        limit.clone(),
         accept_stop.clone(),
     );
     type Incoming = std::pin::Pin<
@@ -192,7 +269,14 @@ pub async fn run_with(
     >;
     let mut incoming: Incoming = Box::pin(incoming);
     if let Some(l) = cleartext_listener {
-        let more = serve_ingress(l, None, settings, gw.metrics.clone(), accept_stop.clone());
+        let more = serve_ingress(
+            l,
+            None,
+            settings,
+            gw.metrics.clone(),
+            limit,
+            accept_stop.clone(),
+        );
         incoming = Box::pin(incoming.merge(more));
     }
 
@@ -251,6 +335,36 @@ pub async fn run_with(
         api_stop.clone(),
     ));
 
+    let internal_stop = CancellationToken::new();
+    let mut internal = None;
+    if let Some(c) = gw.cluster.clone() {
+        let l = bind_listener(gw.config.internal_listen, 1024).with_context(|| {
+            format!(
+                "cannot listen for the internal API on {}",
+                gw.config.internal_listen
+            )
+        })?;
+        tracing::info!(internal = %l.local_addr()?, advertised = %c.self_url, "cluster mode: internal API listening");
+        internal = Some(tokio::spawn(cluster::internal_api::serve_internal(
+            gw.clone(),
+            l,
+            internal_stop.clone(),
+        )));
+        let registry = c.registry.clone();
+        tokio::spawn(registry.run_refresher(internal_stop.clone()));
+        let gw2 = gw.clone();
+        let stop2 = internal_stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = stop2.cancelled() => break,
+                    _ = tick.tick() => c.expire_reservations(&gw2),
+                }
+            }
+        });
+    }
+
     let sweeper = {
         let gw = gw.clone();
         let every = gw.config.stream_heartbeat_interval;
@@ -292,6 +406,12 @@ pub async fn run_with(
             "requests still in flight after the grace period; exiting anyway"
         );
     }
+    internal_stop.cancel();
+    if let Some(i) = internal {
+        let _ = tokio::time::timeout(Duration::from_secs(2), i).await;
+    }
+    // Let the registry remove this replica's entries.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     admin_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), admin).await;
     tracing::info!("gateway stopped");

@@ -95,6 +95,11 @@ pub struct Metrics {
     pub tunnels_parked: Family,
     pub tunnel_requests: Family,
     pub tunnel_request_bytes: Family,
+    pub redis_ops: Family,
+    pub registry_writes: Family,
+    pub forwards: Family,
+    pub internal_rejected: Family,
+    pub connect_rate_limited: Family,
 }
 
 impl Default for Metrics {
@@ -148,7 +153,40 @@ impl Default for Metrics {
                 "counter",
                 &["direction"],
             ),
+            redis_ops: Family::new(
+                "agentgate_redis_ops_total",
+                "Redis round trips (one per command or pipeline), by operation and outcome.",
+                "counter",
+                &["op", "outcome"],
+            ),
+            registry_writes: Family::new(
+                "agentgate_registry_writes_total",
+                "Registry entries written to Redis (never per tunnel or per request).",
+                "counter",
+                &[],
+            ),
+            forwards: Family::new(
+                "agentgate_forwards_total",
+                "Requests forwarded to another replica, by outcome.",
+                "counter",
+                &["outcome"],
+            ),
+            internal_rejected: Family::new(
+                "agentgate_internal_rejected_total",
+                "Internal API calls refused for a missing or invalid signed token.",
+                "counter",
+                &[],
+            ),
+            connect_rate_limited: Family::new(
+                "agentgate_connect_rate_limited_total",
+                "Registrations refused by the per-token connect rate limit.",
+                "counter",
+                &[],
+            ),
         };
+        m.registry_writes.set(&[], 0.0);
+        m.internal_rejected.set(&[], 0.0);
+        m.connect_rate_limited.set(&[], 0.0);
         for t in TransportKind::ALL {
             m.connections_open.set(&[t.as_str()], 0.0);
             m.connections_accepted.set(&[t.as_str()], 0.0);
@@ -178,6 +216,11 @@ impl Metrics {
             &self.tunnels_parked,
             &self.tunnel_requests,
             &self.tunnel_request_bytes,
+            &self.redis_ops,
+            &self.registry_writes,
+            &self.forwards,
+            &self.internal_rejected,
+            &self.connect_rate_limited,
         ] {
             f.render(&mut out);
         }

@@ -42,6 +42,14 @@ impl AgentSession for SessionService {
                 "agentgate: instance_id must be 1-256 characters",
             ));
         }
+        if !self.gw.allow_connect(&id.token_id).await {
+            self.gw.metrics.connect_rate_limited.inc(&[]);
+            tracing::warn!(agent = %id.name, peer = %id.conn.peer, "registration refused: connect rate limit");
+            return Err(Status::resource_exhausted(format!(
+                "agentgate: too many connections for this token in the last minute (limit {})",
+                self.gw.config.connect_rate_limit_per_minute
+            )));
+        }
         let trim = |s: String| s.chars().take(MAX_FIELD).collect::<String>();
         let record = AgentRecord {
             name: id.name.clone(),

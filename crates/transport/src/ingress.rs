@@ -38,9 +38,6 @@ use crate::{set_nodelay, BoxedIo, Io, TransportKind};
 pub struct IngressSettings {
     /// Deadline for each of: the TLS handshake, the 24-byte sniff, the WebSocket upgrade.
     pub handshake_timeout: Duration,
-    /// Connections open at once (classified or being classified). Beyond it, new connections
-    /// are closed right after accept and counted as `over_limit`.
-    pub max_connections: usize,
     /// Listen backlog; the OS default of 128 overflows in reconnect storms.
     pub listen_backlog: u32,
     /// Clients that PING more often than this (more than a couple of times in a row, with no
@@ -53,7 +50,6 @@ impl Default for IngressSettings {
     fn default() -> Self {
         Self {
             handshake_timeout: Duration::from_secs(5),
-            max_connections: 18_000,
             listen_backlog: 4096,
             min_client_ping_interval: Some(Duration::from_secs(20)),
             ws: WsSettings::default(),
@@ -262,6 +258,24 @@ pub fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> 
     TcpListener::from_std(socket.into())
 }
 
+/// The connection limit and connection ids, shared by every agent listener of a process so
+/// that `max_connections` bounds the process and ids are unique in its logs.
+pub struct ConnectionLimit {
+    permits: Arc<Semaphore>,
+    max: usize,
+    next_id: AtomicU64,
+}
+
+impl ConnectionLimit {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            permits: Arc::new(Semaphore::new(max)),
+            max,
+            next_id: AtomicU64::new(1),
+        })
+    }
+}
+
 /// Accepts connections on `listener` until `shutdown`, classifies each, and yields the
 /// classified ones. Errors never end the stream: a failed accept (EMFILE, say) is logged and
 /// retried after a short pause.
@@ -270,14 +284,13 @@ pub fn serve_ingress(
     tls: Option<Arc<rustls::ServerConfig>>,
     settings: IngressSettings,
     observer: Arc<dyn IngressObserver>,
+    limit: Arc<ConnectionLimit>,
     shutdown: CancellationToken,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<ServerConn>> {
     let (tx, rx) = mpsc::channel(256);
-    let limit = Arc::new(Semaphore::new(settings.max_connections));
     let settings = Arc::new(settings);
     let acceptor = tls.map(TlsAcceptor::from);
     tokio::spawn(async move {
-        let next_id = AtomicU64::new(1);
         loop {
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -290,19 +303,19 @@ pub fn serve_ingress(
                     }
                 },
             };
-            let Ok(permit) = limit.clone().try_acquire_owned() else {
+            let Ok(permit) = limit.permits.clone().try_acquire_owned() else {
                 observer.rejected(RejectReason::OverLimit);
                 tracing::warn!(
                     %peer,
                     reason = "over_limit",
-                    max_connections = settings.max_connections,
+                    max_connections = limit.max,
                     "connection refused: too many open connections"
                 );
                 drop(stream);
                 continue;
             };
             set_nodelay(&stream);
-            let id = next_id.fetch_add(1, Ordering::Relaxed);
+            let id = limit.next_id.fetch_add(1, Ordering::Relaxed);
             let (tx, observer, settings, acceptor) = (
                 tx.clone(),
                 observer.clone(),

@@ -47,7 +47,7 @@ pub enum SchemeError {
     #[error("invalid gateway URL {url:?}: {reason}")]
     Invalid { url: String, reason: String },
     #[error(
-        "unsupported URL scheme {scheme:?} in {url:?}; use one of grpc://host:port, \
+        "unsupported or missing URL scheme {scheme:?} in {url:?}; use one of grpc://host:port, \
          grpcs://host:port, ws://host:port/path or wss://host:port/path"
     )]
     UnknownScheme { url: String, scheme: String },
@@ -65,9 +65,15 @@ pub struct ServerUrl {
 
 impl ServerUrl {
     pub fn parse(input: &str) -> Result<Self, SchemeError> {
-        let parsed = url::Url::parse(input).map_err(|e| SchemeError::Invalid {
-            url: input.to_string(),
-            reason: e.to_string(),
+        let parsed = url::Url::parse(input).map_err(|e| match e {
+            url::ParseError::RelativeUrlWithoutBase => SchemeError::UnknownScheme {
+                url: input.to_string(),
+                scheme: String::new(),
+            },
+            e => SchemeError::Invalid {
+                url: input.to_string(),
+                reason: e.to_string(),
+            },
         })?;
         let scheme = match parsed.scheme() {
             "grpc" => Scheme::Grpc,
@@ -176,8 +182,10 @@ mod tests {
         for s in ["grpc://", "grpcs://", "ws://", "wss://", "\"https\""] {
             assert!(msg.contains(s), "{msg} lacks {s}");
         }
+        let msg = ServerUrl::parse("127.0.0.1:8150").unwrap_err().to_string();
+        assert!(msg.contains("wss://"), "{msg}");
         assert!(matches!(
-            ServerUrl::parse("not a url"),
+            ServerUrl::parse("grpc://"),
             Err(SchemeError::Invalid { .. })
         ));
     }

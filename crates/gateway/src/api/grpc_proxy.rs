@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use super::{ApiAuthError, ApiBody, BoxError, TokenSource, AGENT_HEADER, TOKEN_HEADER};
-use crate::headers::{from_proto, strip_hop_by_hop, to_proto};
+use crate::headers::{strip_hop_by_hop, to_proto};
 use crate::tunnel::ForwardError;
 use crate::Gateway;
 
@@ -84,7 +84,8 @@ pub fn code_for(e: &ForwardError) -> tonic::Code {
         ForwardError::NotConnected(_)
         | ForwardError::NoIdleTunnel { .. }
         | ForwardError::UpstreamUnavailable { .. }
-        | ForwardError::TunnelBroken { .. } => tonic::Code::Unavailable,
+        | ForwardError::TunnelBroken { .. }
+        | ForwardError::ClusterUnavailable { .. } => tonic::Code::Unavailable,
         ForwardError::UpstreamTimeout { .. } => tonic::Code::DeadlineExceeded,
         ForwardError::BadRequest { .. } => tonic::Code::InvalidArgument,
     }
@@ -162,14 +163,14 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ApiBod
         Ok(fwd) => {
             gw.metrics.tunnel_requests.inc(&["grpc", "ok"]);
             let body = DeadlineBody {
-                inner: fwd.body.map_err(BoxError::from).boxed_unsync(),
+                inner: fwd.body,
                 sleep: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
                 done: false,
             };
             let mut resp = Response::new(body.boxed_unsync());
             *resp.status_mut() =
                 http::StatusCode::from_u16(fwd.status).unwrap_or(http::StatusCode::OK);
-            let mut h = from_proto(&fwd.headers);
+            let mut h = fwd.headers;
             strip_hop_by_hop(&mut h, false);
             *resp.headers_mut() = h;
             resp

@@ -5,11 +5,10 @@ use std::sync::Arc;
 
 use agentgate_proto::v1::{RequestHead, RequestKind};
 use http::{HeaderValue, Request, Response, StatusCode};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::{full_body, ApiBody, TokenSource, TOKEN_HEADER};
-use crate::headers::{from_proto, strip_hop_by_hop, to_proto};
+use crate::headers::{strip_hop_by_hop, to_proto};
 use crate::tunnel::ForwardError;
 use crate::Gateway;
 
@@ -82,6 +81,7 @@ pub fn status_for(e: &ForwardError) -> StatusCode {
         ForwardError::UpstreamUnavailable { .. } | ForwardError::TunnelBroken { .. } => {
             StatusCode::BAD_GATEWAY
         }
+        ForwardError::ClusterUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         ForwardError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         ForwardError::BadRequest { .. } => StatusCode::BAD_REQUEST,
     }
@@ -166,10 +166,10 @@ pub async fn handle(
     match gw.forward(&agent, head, body).await {
         Ok(fwd) => {
             gw.metrics.tunnel_requests.inc(&["http", "ok"]);
-            let mut resp = Response::new(fwd.body.map_err(|e| e.into()).boxed_unsync());
+            let mut resp = Response::new(fwd.body);
             *resp.status_mut() =
                 StatusCode::from_u16(fwd.status).unwrap_or(StatusCode::BAD_GATEWAY);
-            let mut h = from_proto(&fwd.headers);
+            let mut h = fwd.headers;
             strip_hop_by_hop(&mut h, false);
             *resp.headers_mut() = h;
             resp

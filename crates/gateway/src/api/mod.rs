@@ -30,7 +30,7 @@ use crate::auth::bearer_token;
 use crate::tokens::{TokenEntry, TokenKind};
 use crate::Gateway;
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use crate::tunnel::BoxError;
 pub type ApiBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// Header that carries the API token when `authorization` belongs to the upstream.

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use agentgate_proto::v1::{
     agent_message, gateway_message, tunnel_error, AgentMessage, Chunk, EndOfRequest,
-    GatewayMessage, Header, RequestHead, RequestKind, TunnelError,
+    GatewayMessage, RequestHead, RequestKind, TunnelError,
 };
 use bytes::Bytes;
 use futures_util::Stream;
@@ -45,6 +45,10 @@ pub enum ForwardError {
     BadRequest { agent: String, message: String },
     #[error("tunnel to agent {agent:?} broke: {message}")]
     TunnelBroken { agent: String, message: String },
+    #[error(
+        "agent {agent:?} is not connected here and the cluster registry is unavailable: {message}"
+    )]
+    ClusterUnavailable { agent: String, message: String },
 }
 
 impl ForwardError {
@@ -59,6 +63,39 @@ impl ForwardError {
             Self::UpstreamTimeout { .. } => "upstream_timeout",
             Self::BadRequest { .. } => "bad_request",
             Self::TunnelBroken { .. } => "tunnel_broken",
+            Self::ClusterUnavailable { .. } => "cluster_unavailable",
+        }
+    }
+
+    /// Rebuilds an error from its outcome label and message (as a peer replica reports it).
+    pub fn from_outcome(outcome: &str, agent: &str, message: String) -> Self {
+        let agent = agent.to_string();
+        match outcome {
+            "unknown_agent" => Self::UnknownAgent(agent),
+            "not_connected" => Self::NotConnected(agent),
+            "no_idle_tunnel" => Self::NoIdleTunnel {
+                agent,
+                waited: Duration::ZERO,
+            },
+            "unknown_upstream" => Self::UnknownUpstream { agent, message },
+            "upstream_timeout" => Self::UpstreamTimeout { agent, message },
+            "bad_request" => Self::BadRequest { agent, message },
+            "upstream_unavailable" => Self::UpstreamUnavailable { agent, message },
+            "cluster_unavailable" => Self::ClusterUnavailable { agent, message },
+            _ => Self::TunnelBroken { agent, message },
+        }
+    }
+
+    /// The message without the agent prefix (what a peer replica sends back).
+    pub fn detail(&self) -> String {
+        match self {
+            Self::UnknownUpstream { message, .. }
+            | Self::UpstreamUnavailable { message, .. }
+            | Self::UpstreamTimeout { message, .. }
+            | Self::BadRequest { message, .. }
+            | Self::TunnelBroken { message, .. }
+            | Self::ClusterUnavailable { message, .. } => message.clone(),
+            other => other.to_string(),
         }
     }
 
@@ -74,11 +111,15 @@ impl ForwardError {
     }
 }
 
-/// The response head from the agent, and its body still streaming through the tunnel.
+/// A boxed response body: from a local tunnel, or streamed from a peer replica.
+pub type ResponseBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The response head from the agent, and its body still streaming.
 pub struct ForwardResponse {
     pub status: u16,
-    pub headers: Vec<Header>,
-    pub body: TunnelBody,
+    pub headers: http::HeaderMap,
+    pub body: ResponseBody,
 }
 
 /// How many times a request is retried on another tunnel when the one it took turned out to
@@ -86,7 +127,8 @@ pub struct ForwardResponse {
 const DEAD_TUNNEL_RETRIES: usize = 3;
 
 impl Gateway {
-    /// Forwards one request to `agent` through a parked tunnel.
+    /// Forwards one request to `agent`: through a local tunnel if the agent is connected
+    /// here, otherwise (in cluster mode) through the replica that holds it.
     pub async fn forward<B>(
         &self,
         agent: &str,
@@ -97,36 +139,69 @@ impl Gateway {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Display + Send,
     {
-        if !self.tokens.agent_known(agent) && !self.directory.is_connected(agent) {
+        let local = self.directory.is_connected(agent) || self.tunnels.idle_count(agent) > 0;
+        if !local && !self.tokens.agent_known(agent) {
             return Err(ForwardError::UnknownAgent(agent.into()));
         }
-        if !self.directory.is_connected(agent) && self.tunnels.idle_count(agent) == 0 {
-            return Err(ForwardError::NotConnected(agent.into()));
+        if local {
+            let tunnel = self.take_local(agent, self.config.tunnel_wait).await?;
+            return self.forward_on(agent, tunnel, head, body).await;
         }
-        let wait = self.config.tunnel_wait;
-        let mut tunnel = None;
+        match &self.cluster {
+            Some(cluster) => cluster.forward_remote(self, agent, head, body).await,
+            None => Err(ForwardError::NotConnected(agent.into())),
+        }
+    }
+
+    /// Takes a live parked tunnel of `agent`, waiting up to `wait`.
+    pub async fn take_local(
+        &self,
+        agent: &str,
+        wait: Duration,
+    ) -> Result<ParkedTunnel, ForwardError> {
+        self.tunnels.take(agent, wait).await.ok_or_else(|| {
+            if self.directory.is_connected(agent) {
+                ForwardError::NoIdleTunnel {
+                    agent: agent.into(),
+                    waited: wait,
+                }
+            } else {
+                ForwardError::NotConnected(agent.into())
+            }
+        })
+    }
+
+    /// Sends the request down `tunnel` (or, if it turns out dead, down another local one)
+    /// and returns the agent's response head with the body still streaming.
+    pub async fn forward_on<B>(
+        &self,
+        agent: &str,
+        tunnel: ParkedTunnel,
+        head: RequestHead,
+        body: B,
+    ) -> Result<ForwardResponse, ForwardError>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Display + Send,
+    {
+        let mut next = Some(tunnel);
+        let mut sent = None;
         for _ in 0..DEAD_TUNNEL_RETRIES {
-            let Some(t) = self.tunnels.take(agent, wait).await else {
-                return Err(if self.directory.is_connected(agent) {
-                    ForwardError::NoIdleTunnel {
-                        agent: agent.into(),
-                        waited: wait,
-                    }
-                } else {
-                    ForwardError::NotConnected(agent.into())
-                });
+            let t = match next.take() {
+                Some(t) => t,
+                None => self.take_local(agent, self.config.tunnel_wait).await?,
             };
             check_descriptor(agent, &t, &head)?;
             let msg = GatewayMessage {
                 msg: Some(gateway_message::Msg::RequestHead(head.clone())),
             };
             if t.tx.send(Ok(msg)).await.is_ok() {
-                tunnel = Some(t);
+                sent = Some(t);
                 break;
             }
             tracing::debug!(agent, "parked tunnel was dead; taking another");
         }
-        let Some(ParkedTunnel { tx, mut rx, .. }) = tunnel else {
+        let Some(ParkedTunnel { tx, mut rx, .. }) = sent else {
             return Err(ForwardError::TunnelBroken {
                 agent: agent.into(),
                 message: "every tunnel tried was closed".into(),
@@ -146,16 +221,17 @@ impl Gateway {
             match msg.and_then(|m| m.msg) {
                 Some(agent_message::Msg::Heartbeat(_)) => continue,
                 Some(agent_message::Msg::ResponseHead(h)) => {
+                    let body = TunnelBody {
+                        rx,
+                        tx: Some(tx),
+                        finished: false,
+                        metrics: self.metrics.clone(),
+                    };
                     return Ok(ForwardResponse {
                         status: h.status as u16,
-                        headers: h.headers,
-                        body: TunnelBody {
-                            rx,
-                            tx: Some(tx),
-                            finished: false,
-                            metrics: self.metrics.clone(),
-                        },
-                    })
+                        headers: from_proto(&h.headers),
+                        body: body.map_err(BoxError::from).boxed_unsync(),
+                    });
                 }
                 Some(agent_message::Msg::Error(e)) => {
                     return Err(ForwardError::from_agent(agent, e))

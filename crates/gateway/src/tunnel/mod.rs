@@ -5,6 +5,6 @@ mod forward;
 mod registry;
 mod service;
 
-pub use forward::{ForwardError, ForwardResponse, TunnelBody};
+pub use forward::{BoxError, ForwardError, ForwardResponse, ResponseBody, TunnelBody};
 pub use registry::{ParkedTunnel, TunnelRegistry};
 pub use service::TunnelService;

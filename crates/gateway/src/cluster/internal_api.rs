@@ -1,0 +1,189 @@
+//! The internal API that replicas call on each other. Every call must carry a valid signed
+//! token; anything else gets 401, a metric and a log line.
+//!
+//! - `POST /internal/v1/agents/{agent}/reserve?wait_ms=N`: take a ready tunnel of `agent` and
+//!   hold it for a request; answers the reservation id, or 404 if there is none.
+//! - `POST /internal/v1/reservations/{id}/release`: put the tunnel back in the pool.
+//! - `ANY /internal/v1/reservations/{id}/request`: the request itself, streamed both ways.
+//! - `GET /internal/v1/agents`: this replica's agents.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentgate_proto::v1::RequestHead;
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    ERROR_HEADER, INTERNAL_TOKEN_HEADER, KIND_HEADER, PATH_HEADER, TIMEOUT_HEADER, UPSTREAM_HEADER,
+};
+use crate::headers::to_proto;
+use crate::tunnel::ResponseBody;
+use crate::Gateway;
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<ResponseBody> {
+    let mut r = Response::new(
+        http_body_util::Full::new(body.into())
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    r
+}
+
+async fn route(
+    gw: Arc<Gateway>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<ResponseBody> {
+    let cluster = gw
+        .cluster
+        .as_ref()
+        .expect("internal API runs in cluster mode")
+        .clone();
+    let token = req
+        .headers()
+        .get(INTERNAL_TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok());
+    if let Err(e) = cluster.verify(token) {
+        gw.metrics.internal_rejected.inc(&[]);
+        tracing::warn!(%peer, path = %req.uri().path(), "internal API call refused: {e}");
+        return text(
+            StatusCode::UNAUTHORIZED,
+            format!("agentgate internal API: {e}\n"),
+        );
+    }
+    let path = req.uri().path().to_string();
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match (req.method().clone(), parts.as_slice()) {
+        (http::Method::GET, ["internal", "v1", "agents"]) => {
+            let body = serde_json::to_vec(&gw.directory.list()).unwrap_or_default();
+            text(StatusCode::OK, body)
+        }
+        (http::Method::POST, ["internal", "v1", "agents", agent, "reserve"]) => {
+            let wait_ms: u64 = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("wait_ms=")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let wait = Duration::from_millis(wait_ms).min(gw.config.tunnel_wait);
+            if !gw.directory.is_connected(agent) && gw.tunnels.idle_count(agent) == 0 {
+                return text(
+                    StatusCode::NOT_FOUND,
+                    format!("agent {agent:?} is not connected here\n"),
+                );
+            }
+            match gw.take_local(agent, wait).await {
+                Ok(t) => text(StatusCode::OK, cluster.reserve(agent, t).to_string()),
+                Err(e) => text(StatusCode::NOT_FOUND, format!("{e}\n")),
+            }
+        }
+        (http::Method::POST, ["internal", "v1", "reservations", id, "release"]) => {
+            let res = id
+                .parse()
+                .ok()
+                .and_then(|id: u64| cluster.reservations.lock().unwrap().remove(&id));
+            if let Some(r) = res {
+                gw.tunnels.park(&r.agent, r.tunnel);
+            }
+            text(StatusCode::NO_CONTENT, "")
+        }
+        (method, ["internal", "v1", "reservations", id, "request"]) => {
+            let res = id
+                .parse()
+                .ok()
+                .and_then(|id: u64| cluster.reservations.lock().unwrap().remove(&id));
+            let Some(res) = res else {
+                let mut r = text(StatusCode::GONE, "reservation expired or unknown\n");
+                r.headers_mut()
+                    .insert(ERROR_HEADER, HeaderValue::from_static("tunnel_broken"));
+                return r;
+            };
+            let (parts, body) = req.into_parts();
+            let mut headers = parts.headers;
+            let take = |h: &mut http::HeaderMap, k: &str| -> String {
+                h.remove(k)
+                    .and_then(|v| v.to_str().ok().map(str::to_string))
+                    .unwrap_or_default()
+            };
+            let kind: i32 = take(&mut headers, KIND_HEADER).parse().unwrap_or(0);
+            let upstream = take(&mut headers, UPSTREAM_HEADER);
+            let path_and_query = take(&mut headers, PATH_HEADER);
+            let timeout_millis: u64 = take(&mut headers, TIMEOUT_HEADER).parse().unwrap_or(0);
+            headers.remove(INTERNAL_TOKEN_HEADER);
+            headers.remove(http::header::HOST);
+            let head = RequestHead {
+                kind,
+                upstream,
+                method: method.as_str().to_string(),
+                path_and_query,
+                headers: to_proto(&headers),
+                timeout_millis,
+            };
+            match gw.forward_on(&res.agent, res.tunnel, head, body).await {
+                Ok(fwd) => {
+                    let mut r = Response::new(fwd.body);
+                    *r.status_mut() =
+                        StatusCode::from_u16(fwd.status).unwrap_or(StatusCode::BAD_GATEWAY);
+                    *r.headers_mut() = fwd.headers;
+                    r
+                }
+                Err(e) => {
+                    let mut r = text(StatusCode::OK, e.detail());
+                    if let Ok(v) = HeaderValue::from_str(e.outcome()) {
+                        r.headers_mut().insert(ERROR_HEADER, v);
+                    }
+                    r
+                }
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "no such internal route\n"),
+    }
+}
+
+/// Serves the internal API until `stop`.
+pub async fn serve_internal(gw: Arc<Gateway>, listener: TcpListener, stop: CancellationToken) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "internal API accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            }
+        };
+        agentgate_transport::set_nodelay(&stream);
+        let gw = gw.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let gw = gw.clone();
+            async move { Ok::<_, Infallible>(route(gw, peer, req).await) }
+        });
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http2()
+            .initial_stream_window_size(2 * 1024 * 1024)
+            .initial_connection_window_size(4 * 1024 * 1024);
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), svc)
+            .into_owned();
+        let watched = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = watched.await {
+                tracing::debug!(error = %e, %peer, "internal connection ended with error");
+            }
+        });
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
+}

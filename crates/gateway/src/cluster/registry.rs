@@ -1,0 +1,304 @@
+//! The cluster registry in Redis: which replicas hold which agents.
+//!
+//! One hash per agent (`agentgate:agent:{name}`), one field per replica (its internal URL),
+//! and the entry's expiry time (Unix ms) as the value, as kas does it. A replica writes its
+//! field when the first session of an agent arrives, refreshes every `registry_refresh_interval`
+//! in one pipeline for all its agents, and removes it when the last session goes or the
+//! replica shuts down. Readers ignore and delete expired fields. There is never a write per
+//! tunnel or per request: at kas's scale that saturated Redis.
+//!
+//! While Redis is unreachable, writes are remembered as "dirty" and the whole local state is
+//! rewritten once it returns, so the registry rebuilds itself.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redis::aio::ConnectionManager;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+const REPLICAS_KEY: &str = "agentgate:replicas";
+
+fn agent_key(agent: &str) -> String {
+    format!("agentgate:agent:{agent}")
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("Redis round trip timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+pub struct Registry {
+    client: redis::Client,
+    conn: tokio::sync::Mutex<Option<ConnectionManager>>,
+    self_url: String,
+    ttl: Duration,
+    refresh: Duration,
+    timeout: Duration,
+    metrics: Arc<Metrics>,
+    /// Local session count per agent name.
+    local: Mutex<HashMap<String, usize>>,
+    /// A write failed; rewrite everything as soon as Redis answers.
+    dirty: AtomicBool,
+    wake: Notify,
+}
+
+impl Registry {
+    pub fn new(
+        url: &str,
+        self_url: String,
+        ttl: Duration,
+        refresh: Duration,
+        timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let client =
+            redis::Client::open(url).map_err(|e| anyhow::anyhow!("invalid --redis URL: {e}"))?;
+        Ok(Arc::new(Self {
+            client,
+            conn: tokio::sync::Mutex::new(None),
+            self_url,
+            ttl,
+            refresh,
+            timeout,
+            metrics,
+            local: Mutex::default(),
+            dirty: AtomicBool::new(true),
+            wake: Notify::new(),
+        }))
+    }
+
+    /// A connection, created on first use (Redis may be down at start-up).
+    async fn connection(&self) -> Result<ConnectionManager, RegistryError> {
+        let mut slot = self.conn.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let cfg = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_number_of_retries(1);
+        let c = tokio::time::timeout(
+            self.timeout * 2,
+            ConnectionManager::new_with_config(self.client.clone(), cfg),
+        )
+        .await
+        .map_err(|_| RegistryError::Timeout(self.timeout))??;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Runs one command or pipeline with the deadline, counting it.
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        cmd: impl FnOnce() -> redis::Pipeline,
+    ) -> Result<T, RegistryError> {
+        let result = async {
+            let mut c = self.connection().await?;
+            let pipe = cmd();
+            tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut c))
+                .await
+                .map_err(|_| RegistryError::Timeout(self.timeout))?
+                .map_err(RegistryError::from)
+        }
+        .await;
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        self.metrics.redis_ops.inc(&[op, outcome]);
+        if let Err(e) = &result {
+            tracing::warn!(op, error = %e, "Redis call failed");
+        }
+        result
+    }
+
+    fn expiry(&self) -> u64 {
+        now_ms() + self.ttl.as_millis() as u64
+    }
+
+    /// The first session of `agent` arrived here, or its last one left.
+    pub fn set_present(self: &Arc<Self>, agent: &str, present: bool) {
+        {
+            let mut local = self.local.lock().unwrap();
+            let n = local.entry(agent.to_string()).or_insert(0);
+            if present {
+                *n += 1;
+                if *n > 1 {
+                    return;
+                }
+            } else {
+                *n = n.saturating_sub(1);
+                if *n > 0 {
+                    return;
+                }
+                local.remove(agent);
+            }
+        }
+        let this = self.clone();
+        let agent = agent.to_string();
+        tokio::spawn(async move {
+            let key = agent_key(&agent);
+            let r: Result<(), _> = if present {
+                let (exp, ttl_ms) = (this.expiry(), this.ttl.as_millis() as u64);
+                this.run("register", || {
+                    let mut p = redis::pipe();
+                    p.cmd("HSET")
+                        .arg(&key)
+                        .arg(&this.self_url)
+                        .arg(exp)
+                        .ignore();
+                    p.cmd("PEXPIRE").arg(&key).arg(ttl_ms).ignore();
+                    p
+                })
+                .await
+            } else {
+                this.run("unregister", || {
+                    let mut p = redis::pipe();
+                    p.cmd("HDEL").arg(&key).arg(&this.self_url).ignore();
+                    p
+                })
+                .await
+            };
+            match r {
+                Ok(()) => this.metrics.registry_writes.inc(&[]),
+                Err(_) => {
+                    this.dirty.store(true, Ordering::Relaxed);
+                    this.wake.notify_one();
+                }
+            }
+        });
+    }
+
+    /// Rewrites every local entry (and this replica's own entry) in one pipeline.
+    async fn refresh_all(&self) -> Result<(), RegistryError> {
+        let agents: Vec<String> = self.local.lock().unwrap().keys().cloned().collect();
+        let exp = self.expiry();
+        let ttl_ms = self.ttl.as_millis() as u64;
+        self.run::<()>("refresh", || {
+            let mut p = redis::pipe();
+            p.cmd("HSET")
+                .arg(REPLICAS_KEY)
+                .arg(&self.self_url)
+                .arg(exp)
+                .ignore();
+            for a in &agents {
+                let key = agent_key(a);
+                p.cmd("HSET")
+                    .arg(&key)
+                    .arg(&self.self_url)
+                    .arg(exp)
+                    .ignore();
+                p.cmd("PEXPIRE").arg(&key).arg(ttl_ms).ignore();
+            }
+            p
+        })
+        .await?;
+        self.metrics
+            .registry_writes
+            .add(&[], (agents.len() + 1) as f64);
+        Ok(())
+    }
+
+    /// Replicas (internal URLs) that hold `agent`, expired entries removed.
+    pub async fn replicas_for(&self, agent: &str) -> Result<Vec<String>, RegistryError> {
+        self.live_fields("lookup", &agent_key(agent)).await
+    }
+
+    /// Every live replica.
+    pub async fn replicas(&self) -> Result<Vec<String>, RegistryError> {
+        self.live_fields("replicas", REPLICAS_KEY).await
+    }
+
+    async fn live_fields(&self, op: &'static str, key: &str) -> Result<Vec<String>, RegistryError> {
+        let (fields,): (HashMap<String, u64>,) = self
+            .run(op, || {
+                let mut p = redis::pipe();
+                p.cmd("HGETALL").arg(key);
+                p
+            })
+            .await?;
+        let now = now_ms();
+        let (live, expired): (Vec<_>, Vec<_>) = fields.into_iter().partition(|(_, exp)| *exp > now);
+        if !expired.is_empty() {
+            let stale: Vec<String> = expired.into_iter().map(|(f, _)| f).collect();
+            let _ = self
+                .run::<()>("expire", || {
+                    let mut p = redis::pipe();
+                    p.cmd("HDEL").arg(key).arg(&stale).ignore();
+                    p
+                })
+                .await;
+        }
+        let mut live: Vec<String> = live.into_iter().map(|(f, _)| f).collect();
+        live.sort();
+        Ok(live)
+    }
+
+    /// Counts one new connection of `token_id` in this minute; false if over `limit`.
+    pub async fn allow_connect(&self, token_id: &str, limit: u32) -> Result<bool, RegistryError> {
+        let minute = now_ms() / 60_000;
+        let key = format!("agentgate:connects:{token_id}:{minute}");
+        let (n,): (u64,) = self
+            .run("rate_limit", || {
+                let mut p = redis::pipe();
+                p.cmd("INCR").arg(&key);
+                p.cmd("EXPIRE").arg(&key).arg(120).ignore();
+                p
+            })
+            .await?;
+        Ok(n <= limit as u64)
+    }
+
+    /// Keeps the entries fresh until `stop`, then removes this replica's entries.
+    pub async fn run_refresher(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            let dirty = self.dirty.load(Ordering::Relaxed);
+            if dirty {
+                if self.refresh_all().await.is_ok() {
+                    self.dirty.store(false, Ordering::Relaxed);
+                    tracing::info!("cluster registry written");
+                }
+            }
+            let wait = if self.dirty.load(Ordering::Relaxed) {
+                Duration::from_secs(1)
+            } else {
+                self.refresh
+            };
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {
+                    self.dirty.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+        let agents: Vec<String> = self.local.lock().unwrap().keys().cloned().collect();
+        let _ = self
+            .run::<()>("unregister", || {
+                let mut p = redis::pipe();
+                p.cmd("HDEL").arg(REPLICAS_KEY).arg(&self.self_url).ignore();
+                for a in &agents {
+                    p.cmd("HDEL").arg(agent_key(a)).arg(&self.self_url).ignore();
+                }
+                p
+            })
+            .await;
+        tracing::info!(
+            agents = agents.len(),
+            "removed this replica from the cluster registry"
+        );
+    }
+}
