@@ -21,7 +21,7 @@ pub fn layered<T: Serialize + DeserializeOwned>(
         let from_file: toml::Table =
             toml::from_str(&text).with_context(|| format!("invalid TOML in {}", path.display()))?;
         for (k, v) in from_file {
-            if !table.contains_key(&k) && !is_optional_field::<T>(&k) {
+            if !table.contains_key(&k) && !is_optional_field(&k) {
                 anyhow::bail!("{}: unknown setting {k:?}", path.display());
             }
             table.insert(k, v);
@@ -56,7 +56,7 @@ const OPTIONAL_FIELDS: &[&str] = &[
     "internal_secret_file",
 ];
 
-fn is_optional_field<T>(k: &str) -> bool {
+fn is_optional_field(k: &str) -> bool {
     OPTIONAL_FIELDS.contains(&k)
 }
 

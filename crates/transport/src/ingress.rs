@@ -425,6 +425,7 @@ async fn websocket_upgrade<S: Io>(io: S, settings: &IngressSettings) -> Result<B
     let deadline = settings.handshake_timeout;
     let bad_subprotocol: Arc<Mutex<Option<String>>> = Arc::default();
     let seen = bad_subprotocol.clone();
+    #[allow(clippy::result_large_err)] // the error type is tungstenite's, not ours
     let callback = move |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
         let offered = req.headers().get(http::header::SEC_WEBSOCKET_PROTOCOL);
         if !offers_ws_tunnel(offered) {

@@ -357,7 +357,7 @@ impl Bench {
                 async move {
                     let r = t.await;
                     let d = done.fetch_add(1, Ordering::Relaxed) + 1;
-                    if d % 100 == 0 {
+                    if d.is_multiple_of(100) {
                         progress(&format!("burst: {transport}: {d}/{n} responses of 1 MiB"));
                     }
                     r

@@ -265,12 +265,9 @@ impl Registry {
     /// Keeps the entries fresh until `stop`, then removes this replica's entries.
     pub async fn run_refresher(self: Arc<Self>, stop: CancellationToken) {
         loop {
-            let dirty = self.dirty.load(Ordering::Relaxed);
-            if dirty {
-                if self.refresh_all().await.is_ok() {
-                    self.dirty.store(false, Ordering::Relaxed);
-                    tracing::info!("cluster registry written");
-                }
+            if self.dirty.load(Ordering::Relaxed) && self.refresh_all().await.is_ok() {
+                self.dirty.store(false, Ordering::Relaxed);
+                tracing::debug!("cluster registry written");
             }
             let wait = if self.dirty.load(Ordering::Relaxed) {
                 Duration::from_secs(1)
