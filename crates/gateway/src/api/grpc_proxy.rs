@@ -162,12 +162,20 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ApiBod
     match result {
         Ok(fwd) => {
             gw.metrics.tunnel_requests.inc(&["grpc", "ok"]);
-            let body = DeadlineBody {
-                inner: fwd.body,
-                sleep: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
-                done: false,
+            // A "trailers-only" answer (an error status straight away) carries grpc-status in
+            // its headers and must end the stream on them: relaying the empty body as a DATA
+            // frame would make clients read the status as plain headers and see UNKNOWN.
+            let body = if fwd.headers.contains_key("grpc-status") {
+                super::full_body(Bytes::new())
+            } else {
+                DeadlineBody {
+                    inner: fwd.body,
+                    sleep: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+                    done: false,
+                }
+                .boxed_unsync()
             };
-            let mut resp = Response::new(body.boxed_unsync());
+            let mut resp = Response::new(body);
             *resp.status_mut() =
                 http::StatusCode::from_u16(fwd.status).unwrap_or(http::StatusCode::OK);
             let mut h = fwd.headers;

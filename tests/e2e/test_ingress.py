@@ -1,0 +1,563 @@
+"""One port, four schemes: grpc, grpcs, ws and wss against one gateway process.
+
+Every check here talks to a real `agentgate server` on 127.0.0.1: agents of our own, and
+clients that are not ours (grpcio, grpcurl, websocat, the `websockets` library, raw sockets).
+Refusals are checked three ways: what the client sees, the rejection counter by reason, and the
+gateway's log line; and each refusal must leave already connected agents exactly as they were.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from websockets.exceptions import ConnectionClosedError
+from websockets.sync.client import connect as ws_connect
+
+import ingress_clients as ic
+from conftest import BIN, wait_for
+
+SCHEMES = ("grpc", "grpcs", "ws", "wss")
+REQUIRED_SERVICES = {"agentgate.v1.AgentSession", "agentgate.v1.Tunnel", "grpc.health.v1.Health"}
+FAST_HANDSHAKE = ["--set", 'handshake_timeout="1s"']
+
+
+@pytest.fixture(scope="module")
+def stubs(tmp_path_factory):
+    """Python stubs for proto/agentgate/v1, generated now (never committed)."""
+    return ic.agentgate_stubs(tmp_path_factory.mktemp("agentgate-stubs"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers.
+
+def glog(g) -> str:
+    return ic.plain(g.proc.output())
+
+
+def wait_log(proc_or_gw, pattern: str, timeout: float = 10.0, what: str | None = None) -> str:
+    """Waits for a line matching `pattern` (regex) in the log (ANSI codes removed)."""
+    proc = getattr(proc_or_gw, "proc", proc_or_gw)
+    rx = re.compile(pattern)
+
+    def find():
+        for line in ic.plain(proc.output()).splitlines():
+            if rx.search(line):
+                return line
+        return None
+
+    return wait_for(find, timeout=timeout, what=what or f"log line /{pattern}/ in {proc.log_path.name}")
+
+
+def rejected(g, reason: str) -> float:
+    return g.metric("agentgate_connections_rejected_total", reason=reason)
+
+
+def wait_rejected(g, reason: str, at_least: float, timeout: float = 5.0):
+    wait_for(lambda: rejected(g, reason) >= at_least, timeout=timeout,
+             what=f"agentgate_connections_rejected_total{{reason={reason}}} >= {at_least}")
+
+
+def agent_cmd(server: str, token_file: Path | None, extra: list | None = None) -> list[str]:
+    args = [str(BIN), "agent", "--server", server]
+    if token_file is not None:
+        args += ["--token-file", str(token_file)]
+    return args + [str(a) for a in (extra or [])]
+
+
+class Steady:
+    """Agents connected before the refusals; they must come through untouched.
+
+    Construct before the gateway starts (tokens are created now, so the gateway loads them at
+    start-up), then call start(g)."""
+
+    def __init__(self, env, tls: bool = True):
+        self.env = env
+        self.plan = {"steady-ws": ("ws", ["--transport", "websocket"])}
+        if tls:
+            self.plan["steady-grpcs"] = ("grpcs", [])
+        self.tokens = {name: env.token_file(name) for name in self.plan}
+        self.procs, self.before, self.g = {}, {}, None
+
+    def start(self, g) -> "Steady":
+        self.g = g
+        for name, (scheme, extra) in self.plan.items():
+            self.procs[name] = self.env.agent(g.url(scheme), self.tokens[name], extra=extra, name=name)
+        for name, (scheme, _) in self.plan.items():
+            self.before[name] = g.wait_agent(name, transport=scheme)
+        for p in self.procs.values():
+            wait_log(p, "connected and registered")
+        return self
+
+    def assert_undisturbed(self):
+        now = {a["name"]: a for a in self.g.agents()}
+        for name, was in self.before.items():
+            assert name in now, f"{name} is no longer registered: {now}"
+            for k in ("connection_id", "instance_id", "transport", "peer", "connected_since"):
+                assert now[name][k] == was[k], f"{name}: {k} changed from {was[k]!r} to {now[name][k]!r}"
+            p = self.procs[name]
+            assert p.alive(), f"{name} exited:\n{p.output()[-2000:]}"
+            out = ic.plain(p.output())
+            assert out.count("connected and registered") == 1, f"{name} reconnected:\n{out[-3000:]}"
+            for word in ("disconnected", "reconnecting", "rejected"):
+                assert word not in out, f"{name} logged {word!r}:\n{out[-3000:]}"
+
+
+def services_of_grpcurl(args: list) -> list[str]:
+    r = ic.run([ic.grpcurl_path(), *args, "list"], timeout=20)
+    assert r.returncode == 0, f"grpcurl {args} list failed: {r.stderr}"
+    return sorted(r.stdout.split())
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Four schemes, one gateway.
+
+def test_agents_register_over_all_four_schemes_and_metrics_agree(env):
+    tokens = {scheme: env.token_file(f"four-{scheme}") for scheme in SCHEMES}
+    g = env.gateway(tls=True, cleartext=True)
+    assert g.clear_port and g.clear_port != g.port
+    agents = {}
+    for scheme in SCHEMES:
+        extra = ["--transport", "websocket"] if scheme.startswith("ws") else []
+        agents[scheme] = env.agent(g.url(scheme), tokens[scheme], extra=extra, name=f"agent-{scheme}")
+    # grpc and ws share the cleartext port; grpcs and wss share the TLS port.
+    assert {g.url(s).rsplit(":", 1)[1].rstrip("/") for s in ("grpc", "ws")} == {str(g.clear_port)}
+    assert {g.url(s).rsplit(":", 1)[1].rstrip("/") for s in ("grpcs", "wss")} == {str(g.port)}
+
+    for scheme in SCHEMES:
+        a = g.wait_agent(f"four-{scheme}", transport=scheme)
+        assert a["instance_id"] and a["version"].startswith("agentgate/")
+        line = wait_log(agents[scheme], "connected and registered")
+        assert f"transport={scheme}" in line, line
+        # Registered on the first attempt: nothing refused, nothing retried.
+        out = ic.plain(agents[scheme].output())
+        assert "reconnecting" not in out and "rejected" not in out, out
+
+    listed = g.agents()
+    assert sorted(a["transport"] for a in listed) == sorted(SCHEMES), listed
+
+    def agree():
+        rows = {}
+        for t in SCHEMES:
+            rows[t] = (
+                g.metric("agentgate_connections_open", transport=t),
+                g.metric("agentgate_agents_connected", transport=t),
+                sum(1 for a in g.agents() if a["transport"] == t),
+            )
+        return all(v == (1.0, 1.0, 1) for v in rows.values()) and rows
+
+    rows = wait_for(agree, timeout=10, what="connections_open == agents_connected == listed, per transport")
+    for t in SCHEMES:
+        assert g.metric("agentgate_connections_accepted_total", transport=t) >= 1, rows
+    for p in agents.values():
+        assert p.alive()
+
+
+def test_connection_ids_are_unique_across_the_two_listeners(env):
+    """Registered.connection_id is "the gateway's id for the underlying connection (for
+    correlating logs)"; two connections open at once must not share it."""
+    clear_tok, tls_tok = env.token_file("ids-clear"), env.token_file("ids-tls")
+    g = env.gateway(tls=True, cleartext=True)
+    env.agent(g.url("grpc"), clear_tok, name="ids-clear")
+    env.agent(g.url("grpcs"), tls_tok, name="ids-tls")
+    a = g.wait_agent("ids-clear", transport="grpc")
+    b = g.wait_agent("ids-tls", transport="grpcs")
+    assert a["connection_id"] != b["connection_id"], (
+        f"two open connections share connection_id {a['connection_id']}: {a} / {b}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Clients that are not ours get the same answers on every transport.
+
+def test_foreign_clients_get_the_same_answers_on_every_transport(env):
+    g = env.gateway(tls=True, cleartext=True)
+    ca = env.certs["ca"]
+    answers = {}
+
+    def ask(ch: grpc.Channel):
+        with ch:
+            return (
+                ic.health_check(ch),
+                ic.health_check(ch, "agentgate.v1.AgentSession"),
+                ic.health_check(ch, "agentgate.v1.Tunnel"),
+                [s for s in ic.reflection_services(ch, "v1alpha") if not s.startswith("grpc.reflection")],
+                [s for s in ic.reflection_services(ch, "v1") if not s.startswith("grpc.reflection")],
+            )
+
+    answers["grpc (h2c)"] = ask(ic.h2c_channel(g.clear_port))
+    answers["grpcs (TLS h2)"] = ask(ic.tls_channel(g.port, ca))
+    ref = answers["grpc (h2c)"]
+    assert ref[:3] == ("SERVING", "SERVING", "SERVING"), ref
+    assert REQUIRED_SERVICES <= set(ref[3]) and REQUIRED_SERVICES <= set(ref[4]), ref
+    # Both reflection versions are served (the full list includes the reflection service).
+    with ic.h2c_channel(g.clear_port) as ch:
+        assert "grpc.reflection.v1alpha.ServerReflection" in ic.reflection_services(ch, "v1alpha")
+        assert "grpc.reflection.v1.ServerReflection" in ic.reflection_services(ch, "v1")
+
+    # grpcurl (reflection v1alpha) over h2c and over TLS with the test CA.
+    plain_list = services_of_grpcurl(["-plaintext", f"127.0.0.1:{g.clear_port}"])
+    tls_list = services_of_grpcurl(["-cacert", ca, f"localhost:{g.port}"])
+    assert REQUIRED_SERVICES <= set(plain_list), plain_list
+    assert plain_list == tls_list
+
+    # websocat carries each TCP connection as a ws-tunnel WebSocket; a plaintext gRPC client
+    # then talks HTTP/2 inside it. wss: websocat (native-tls/OpenSSL) trusts SSL_CERT_FILE.
+    bridges = {}
+    for scheme, url, wenv in (
+        ("ws", f"ws://127.0.0.1:{g.clear_port}/", None),
+        ("wss", f"wss://localhost:{g.port}/", {"SSL_CERT_FILE": str(ca), "SSL_CERT_DIR": "/nonexistent"}),
+    ):
+        port = ic.free_port()
+        bridges[scheme] = (port, env.spawn(ic.websocat_bridge_args(port, url), f"websocat-{scheme}", env=wenv))
+    for scheme, (port, proc) in bridges.items():
+        def via_bridge(port=port, proc=proc):
+            assert proc.alive(), proc.output()
+            return ask(ic.h2c_channel(port))
+        answers[f"{scheme} (websocat)"] = wait_for(via_bridge, timeout=15, interval=0.2,
+                                                   what=f"health through websocat {scheme}")
+        assert services_of_grpcurl(["-plaintext", f"127.0.0.1:{port}"]) == plain_list
+    for k, v in answers.items():
+        assert v == ref, f"{k} answered {v}, h2c answered {ref}"
+
+    # The gateway really saw those calls arrive over ws and wss.
+    for t in ("ws", "wss"):
+        assert g.metric("agentgate_connections_accepted_total", transport=t) >= 1
+        wait_log(g, rf"rpc finished method=/grpc.health.v1.Health/Check status=\"OK\" transport=\"{t}\"")
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Refusals: counted, logged, and harmless to connected agents.
+
+def test_bad_agent_tokens_are_refused_unauthenticated(env, stubs):
+    revoked_tok = env.token("soon-revoked")
+    steady = Steady(env)
+    g = env.gateway(tls=True, cleartext=True)
+    steady.start(g)
+    ca = env.certs["ca"]
+    before = rejected(g, "unauthenticated")
+    refusals = 0
+    for label, make in (("h2c", lambda: ic.h2c_channel(g.clear_port)),
+                        ("tls", lambda: ic.tls_channel(g.port, ca))):
+        for token, want in (("not-a-real-token", "invalid agent token"),
+                            (None, "missing agent token")):
+            with make() as ch:
+                with pytest.raises(grpc.RpcError) as ei:
+                    ic.register(ch, stubs, token)
+            assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED, (label, ei.value)
+            assert want in ei.value.details(), (label, ei.value.details())
+            refusals += 1
+    assert "authorization: Bearer" in ei.value.details()  # says what to send
+    wait_rejected(g, "unauthenticated", before + refusals)
+    wait_log(g, r"agent call refused: invalid agent token.*reason=\"?unauthenticated")
+    wait_log(g, r"agent call refused: missing agent token.*reason=\"?unauthenticated")
+
+    # Revoked while the gateway runs: accepted before, refused shortly after.
+    with ic.h2c_channel(g.clear_port) as ch:
+        ev = ic.register(ch, stubs, revoked_tok)
+        assert ev.registered.agent_name == "soon-revoked"
+        r = subprocess.run([str(BIN), "token", "revoke", "soon-revoked", "--tokens", str(env.tokens)],
+                           capture_output=True, text=True, timeout=20)
+        assert r.returncode == 0, r.stderr
+        t0 = time.monotonic()
+        refused = None
+        while time.monotonic() - t0 < 2.0:
+            try:
+                ic.register(ch, stubs, revoked_tok)
+            except grpc.RpcError as e:
+                refused = e
+                break
+            time.sleep(0.05)
+        took = time.monotonic() - t0
+    assert refused is not None, "revoked token still accepted 2 s after `token revoke`"
+    print(f"revoked token refused {took:.2f}s after `token revoke` returned")
+    assert refused.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "revoked" in refused.details(), refused.details()
+    assert took < 1.5, f"the store was re-read only after {took:.2f}s"
+    wait_rejected(g, "unauthenticated", before + refusals + 1)
+    steady.assert_undisturbed()
+
+
+def test_websocket_refusals(env):
+    steady = Steady(env)
+    g = env.gateway(tls=True, cleartext=True)
+    steady.start(g)
+    ca = env.certs["ca"]
+    tls_ctx = ic.client_tls_context(ca)
+
+    # Upgrades without ws-tunnel: HTTP 400 naming the subprotocol, on both ports.
+    before = rejected(g, "bad_subprotocol")
+    cases = [(g.clear_port, None, None), (g.clear_port, "chat, superchat", None),
+             (g.port, None, tls_ctx), (g.port, "wrong", tls_ctx)]
+    for port, proto, ctx in cases:
+        status, head, body = ic.ws_upgrade_raw(port, proto, ctx)
+        assert status == 400, (port, proto, head, body)
+        assert b"ws-tunnel" in body, body
+    wait_rejected(g, "bad_subprotocol", before + len(cases))
+    assert rejected(g, "bad_subprotocol") == before + len(cases)
+    wait_log(g, r"connection refused: .*ws-tunnel.*offered: none.*reason=bad_subprotocol")
+    wait_log(g, r"connection refused: .*ws-tunnel.*offered: \"wrong\".*reason=bad_subprotocol")
+
+    # The `websockets` library sees the same refusal.
+    with pytest.raises(Exception) as ei:
+        ws_connect(f"ws://127.0.0.1:{g.clear_port}/", subprotocols=["not-ws-tunnel"], open_timeout=5,
+                   proxy=None).close()
+    assert "400" in str(ei.value), ei.value
+
+    # A text frame inside an accepted ws-tunnel WebSocket: close 1002, connection gone.
+    def open_ws(transport):
+        return g.metric("agentgate_connections_open", transport=transport)
+
+    baseline = {"ws": open_ws("ws"), "wss": open_ws("wss")}
+    assert baseline == {"ws": 1.0, "wss": 0.0}, baseline  # steady-ws only
+    for url, ctx in ((f"ws://127.0.0.1:{g.clear_port}/tunnel", None), (f"wss://localhost:{g.port}/", tls_ctx)):
+        transport = url.split(":")[0]
+        with ws_connect(url, subprotocols=["ws-tunnel"], ssl=ctx, open_timeout=5, proxy=None) as ws:
+            assert ws.subprotocol == "ws-tunnel"
+            ws.send("hello, I am text")
+            got = []
+            with pytest.raises(ConnectionClosedError) as ei:
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline:
+                    # The gateway's HTTP/2 server may speak first (SETTINGS, as binary).
+                    got.append(ws.recv(timeout=max(0.1, deadline - time.monotonic())))
+            assert all(isinstance(m, bytes) for m in got), got
+            assert ei.value.rcvd is not None, (url, ei.value)
+            assert ei.value.rcvd.code == 1002, (url, ei.value.rcvd)
+            assert "text" in ei.value.rcvd.reason, ei.value.rcvd
+        # The gateway closed its side: the connection is no longer counted as open.
+        wait_for(lambda: open_ws(transport) == baseline[transport], timeout=5,
+                 what=f"the {transport} connection that sent text is closed on the gateway")
+        wait_log(g, rf"connection closed conn=\d+ transport={transport} ")
+    steady.assert_undisturbed()
+
+
+def test_garbage_and_silent_clients_are_cut_off(env):
+    steady = Steady(env)
+    g = env.gateway(tls=True, cleartext=True, extra=FAST_HANDSHAKE)
+    steady.start(g)
+    base = {r: rejected(g, r) for r in ("bad_preface", "sniff_timeout", "tls_timeout", "tls_error")}
+
+    # Random bytes on the cleartext port: closed at once.
+    s = ic.connect(g.clear_port)
+    s.sendall(b"\x8f\x01\xfe\x00random bytes, not a preface\x00\xff" * 2)
+    data, took = ic.read_until_closed(s, timeout=3)
+    s.close()
+    assert data == b"", data
+    wait_rejected(g, "bad_preface", base["bad_preface"] + 1)
+    wait_log(g, r"connection refused: first bytes .*reason=bad_preface")
+
+    # Plain HTTP on the TLS port: not a ClientHello, a TLS error, also counted.
+    s = ic.connect(g.port)
+    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    ic.read_until_closed(s, timeout=3)
+    s.close()
+    wait_rejected(g, "tls_error", base["tls_error"] + 1)
+    wait_log(g, r"connection refused: TLS handshake failed.*reason=tls_error")
+
+    # Silent clients on both ports, at the same time: closed at the 1 s deadline.
+    results = {}
+
+    def silent(label, port):
+        sock = ic.connect(port)
+        try:
+            results[label] = ic.read_until_closed(sock, timeout=6)
+        except AssertionError as e:
+            results[label] = e
+        finally:
+            sock.close()
+
+    threads = [threading.Thread(target=silent, args=(lbl, p)) for lbl, p in
+               (("cleartext", g.clear_port), ("tls", g.port))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    for label in ("cleartext", "tls"):
+        r = results.get(label)
+        assert isinstance(r, tuple), f"{label}: {r}"
+        data, took = r
+        print(f"silent {label} client closed after {took:.2f}s")
+        assert data == b"", (label, data)
+        assert 0.8 <= took <= 3.0, f"silent {label} client closed after {took:.2f}s (deadline 1s)"
+    wait_rejected(g, "sniff_timeout", base["sniff_timeout"] + 1)
+    wait_rejected(g, "tls_timeout", base["tls_timeout"] + 1)
+    assert rejected(g, "sniff_timeout") == base["sniff_timeout"] + 1
+    assert rejected(g, "tls_timeout") == base["tls_timeout"] + 1
+    wait_log(g, r"connection refused: no HTTP/2 preface or HTTP/1.1 request within 1s.*reason=sniff_timeout")
+    wait_log(g, r"connection refused: TLS handshake not finished within 1s.*reason=tls_timeout")
+    steady.assert_undisturbed()
+
+
+def test_agent_refuses_unknown_url_schemes(env):
+    tok = env.token_file("schemeless")
+    for url in ("https://127.0.0.1:1", "http://127.0.0.1:1/", "tcp://127.0.0.1:1", "unix:///tmp/gw.sock"):
+        _assert_refused_listing_schemes(url, tok)
+
+
+def test_agent_refuses_a_server_address_without_scheme(env):
+    """`--server gateway.example:8150` (the likeliest slip) is "anything else" too: the
+    message must say which schemes are accepted."""
+    tok = env.token_file("schemeless")
+    for url in ("127.0.0.1:8150", "gateway.test:8150"):
+        _assert_refused_listing_schemes(url, tok)
+
+
+def _assert_refused_listing_schemes(url: str, tok: Path):
+    r = subprocess.run(agent_cmd(url, tok), capture_output=True, text=True, timeout=20)
+    out = ic.plain(r.stdout + r.stderr)
+    assert r.returncode != 0, (url, out)
+    for scheme in ("grpc://", "grpcs://", "ws://", "wss://"):
+        assert scheme in out, f"{url}: message does not list {scheme}:\n{out}"
+
+
+def test_agent_with_invalid_token_backs_off(env):
+    g = env.gateway(tls=False, cleartext=False)
+    bad = env.tmp / "bad-token.txt"
+    bad.write_text("agt_this_token_does_not_exist\n")
+    before = rejected(g, "unauthenticated")
+    p = env.agent(g.url("grpc"), bad, extra=["--backoff-initial", "1s"], name="bad-agent")
+    wait_log(p, "rejected the agent token")
+    time.sleep(4.0)
+    assert p.alive(), f"agent gave up instead of backing off:\n{p.output()[-2000:]}"
+    out = ic.plain(p.output())
+    attempts = out.count("rejected the agent token")
+    print(f"invalid-token agent: {attempts} attempts in ~4 s")
+    assert 1 <= attempts <= 6, f"{attempts} attempts in ~4 s:\n{out[-4000:]}"
+    line = next(line for line in out.splitlines() if "rejected the agent token" in line)
+    assert "invalid agent token" in line and ("ERROR" in line or "WARN" in line), line
+    assert "reconnecting after backoff" in out
+    assert rejected(g, "unauthenticated") >= before + attempts
+    assert not [a for a in g.agents() if a["name"] == "bad-agent"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. TLS variants for grpcs and wss agents.
+
+def test_tls_variants(env):
+    g = env.gateway(tls=True, cleartext=False)
+    ca = str(env.certs["ca"])
+    ws = ["--transport", "websocket"]
+    ip_url = {"grpcs": f"grpcs://127.0.0.1:{g.port}", "wss": f"wss://127.0.0.1:{g.port}/"}
+    good, bad = {}, {}
+    for scheme in ("grpcs", "wss"):
+        tx = ws if scheme == "wss" else []
+        good[f"ca-{scheme}"] = env.spawn(
+            agent_cmd(g.url(scheme), env.token_file(f"ca-{scheme}"), ["--ca-cert", ca, *tx]), f"ca-{scheme}")
+        good[f"sni-{scheme}"] = env.spawn(
+            agent_cmd(ip_url[scheme], env.token_file(f"sni-{scheme}"),
+                      ["--ca-cert", ca, "--tls-server-name", "gateway.test", *tx]), f"sni-{scheme}")
+        good[f"insecure-{scheme}"] = env.spawn(
+            agent_cmd(g.url(scheme), env.token_file(f"insecure-{scheme}"), ["--insecure-skip-tls-verify", *tx]),
+            f"insecure-{scheme}")
+        # Negatives: system roots only; and a server name the certificate does not carry
+        # (proves --tls-server-name is what gets verified).
+        bad[f"sysroots-{scheme}"] = env.spawn(
+            agent_cmd(g.url(scheme), env.token_file(f"sysroots-{scheme}"), tx), f"sysroots-{scheme}")
+        bad[f"wrongname-{scheme}"] = env.spawn(
+            agent_cmd(ip_url[scheme], env.token_file(f"wrongname-{scheme}"),
+                      ["--ca-cert", ca, "--tls-server-name", "wrong.test", *tx]), f"wrongname-{scheme}")
+
+    for name in good:
+        g.wait_agent(name, transport=name.rsplit("-", 1)[1])
+    for scheme in ("grpcs", "wss"):
+        out = ic.plain(good[f"insecure-{scheme}"].output())
+        assert "--insecure-skip-tls-verify" in out and "NOT verified" in out, out
+        assert "WARN" in next(line for line in out.splitlines() if "NOT verified" in line)
+        assert "NOT verified" not in ic.plain(good[f"ca-{scheme}"].output())
+
+    for name, p in bad.items():
+        line = wait_log(p, r"(?i)certificate|UnknownIssuer|NotValidForName", timeout=15,
+                        what=f"{name} reports a certificate error")
+        print(f"{name}: {line[-200:]}")
+        assert "cannot connect" in line or "ERROR" in line or "WARN" in line, line
+    wanted = {"sysroots-grpcs": r"(?i)unknown ?issuer|not trusted|certificate",
+              "wrongname-grpcs": r"(?i)not ?valid ?for ?name|name|certificate"}
+    for name, pat in wanted.items():
+        assert re.search(pat, ic.plain(bad[name].output())), bad[name].output()[-2000:]
+    names = {a["name"] for a in g.agents()}
+    assert not names & set(bad), f"agents with a certificate error registered: {names & set(bad)}"
+    assert names >= set(good)
+    assert rejected(g, "tls_error") >= 1
+    for p in bad.values():
+        assert p.alive()
+        assert "connected and registered" not in ic.plain(p.output())
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. max_connections.
+
+def _open_checked_channel(port: int, ca=None) -> grpc.Channel:
+    ch = ic.tls_channel(port, ca) if ca else ic.h2c_channel(port)
+    assert ic.health_check(ch) == "SERVING"
+    return ch
+
+
+def test_max_connections_refuses_the_fourth(env):
+    steady = Steady(env, tls=False)  # one ws agent: one connection
+    g = env.gateway(tls=False, cleartext=False, extra=["--set", "max_connections=3"])
+    steady.start(g)
+    chans = [_open_checked_channel(g.port) for _ in range(2)]
+    try:
+        total = lambda: sum(g.metric("agentgate_connections_open", transport=t) for t in SCHEMES)  # noqa: E731
+        wait_for(lambda: total() == 3, timeout=5, what="3 connections open")
+        before = rejected(g, "over_limit")
+
+        # The 4th: dropped without a byte, counted and logged.
+        s = ic.connect(g.port)
+        s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        data, took = ic.read_until_closed(s, timeout=3)
+        s.close()
+        assert data == b""
+        wait_rejected(g, "over_limit", before + 1)
+        wait_log(g, r"connection refused: too many open connections.*max_connections=3")
+        assert "over_limit" in next(line for line in glog(g).splitlines() if "too many open connections" in line)
+        # A 4th gRPC client fails the same way.
+        with ic.h2c_channel(g.port) as ch4:
+            with pytest.raises(grpc.RpcError) as ei:
+                ic.health_check(ch4, timeout=3)
+            assert ei.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert rejected(g, "over_limit") >= before + 2
+
+        # The three keep working.
+        for ch in chans:
+            assert ic.health_check(ch) == "SERVING"
+        steady.assert_undisturbed()
+        assert g.proc.alive()
+
+        # Closing one frees a slot.
+        chans.pop().close()
+        wait_for(lambda: total() == 2, timeout=5, what="a slot freed")
+        chans.append(_open_checked_channel(g.port))
+    finally:
+        for ch in chans:
+            ch.close()
+
+
+def test_max_connections_counts_both_agent_ports_together(env):
+    """max_connections is "agent connections open at once" for the process (sized against its
+    open-file cap), so the TLS port and the cleartext port share it."""
+    g = env.gateway(tls=True, cleartext=True, extra=["--set", "max_connections=3"])
+    ca = env.certs["ca"]
+    chans = [_open_checked_channel(g.clear_port), _open_checked_channel(g.clear_port),
+             _open_checked_channel(g.port, ca)]
+    try:
+        total = lambda: sum(g.metric("agentgate_connections_open", transport=t) for t in SCHEMES)  # noqa: E731
+        wait_for(lambda: total() == 3, timeout=5, what="3 connections open")
+        before = rejected(g, "over_limit")
+        with ic.tls_channel(g.port, ca) as ch4:
+            try:
+                status = ic.health_check(ch4, timeout=3)
+            except grpc.RpcError as e:
+                status = e.code()
+            open_now = {t: g.metric("agentgate_connections_open", transport=t) for t in SCHEMES}
+        assert status != "SERVING", (
+            f"a 4th connection was served with max_connections=3; open now: {open_now}")
+        assert rejected(g, "over_limit") >= before + 1
+    finally:
+        for ch in chans:
+            ch.close()
