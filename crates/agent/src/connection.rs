@@ -76,17 +76,40 @@ struct Connection {
     url: ServerUrl,
     session: Streaming<SessionEvent>,
     pool_stop: CancellationToken,
+    /// Cancelled by the pool when the connection stops taking new streams.
+    broken: CancellationToken,
     since: Instant,
 }
 
+/// What a session can tell the agent.
+enum SessionSignal {
+    /// The gateway is retiring this connection: connect anew, then let this one go.
+    Draining(String),
+    /// The session is over; `planned` when the gateway ended it cleanly (max age, shutdown).
+    Ended { why: String, planned: bool },
+}
+
 impl Connection {
-    /// Waits until the gateway ends the session (or the connection breaks). Cancel-safe.
-    async fn wait_end(&mut self) -> String {
+    /// Waits for the next thing the session says: draining, or its end. Cancel-safe.
+    async fn next_signal(&mut self) -> SessionSignal {
         loop {
             match self.session.message().await {
+                Ok(Some(SessionEvent {
+                    event: Some(session_event::Event::Draining(d)),
+                })) => return SessionSignal::Draining(d.reason),
                 Ok(Some(_)) => continue,
-                Ok(None) => return "the gateway ended the session".into(),
-                Err(s) => return format!("session failed: {}", s.message()),
+                Ok(None) => {
+                    return SessionSignal::Ended {
+                        why: "the gateway ended the session".into(),
+                        planned: true,
+                    }
+                }
+                Err(s) => {
+                    return SessionSignal::Ended {
+                        why: format!("session failed: {}", s.message()),
+                        planned: false,
+                    }
+                }
             }
         }
     }
@@ -280,18 +303,21 @@ impl Ctx {
             "connected and registered"
         );
         let pool_stop = CancellationToken::new();
+        let broken = CancellationToken::new();
         tokio::spawn(run_pool(
             channel,
             self.auth.clone(),
             self.cfg.pool.clone(),
             self.upstreams.clone(),
             pool_stop.clone(),
+            broken.clone(),
         ));
         Ok(Connection {
             transport,
             url: url.clone(),
             session,
             pool_stop,
+            broken,
             since: Instant::now(),
         })
     }
@@ -354,11 +380,40 @@ pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> anyhow::Result<()
                 _ => tracing::warn!("cannot connect: {e}"),
             },
             Ok((mut conn, mut on_fallback)) => {
-                let end = loop {
+                let (end, planned) = loop {
                     let reprobe = jittered(cfg.reprobe_interval, 0.2);
+                    let broken = conn.broken.clone();
                     tokio::select! {
-                        why = conn.wait_end() => break why,
-                        _ = stop.cancelled() => break "agent stopping".to_string(),
+                        signal = conn.next_signal() => match signal {
+                            SessionSignal::Draining(reason) => {
+                                // Make before break: the new connection registers while the
+                                // old one still serves its requests in flight.
+                                tracing::info!(%reason, "the gateway is draining this connection; connecting anew");
+                                match ctx.connect_preferred().await {
+                                    Ok((new, fallback)) => {
+                                        conn.retire();
+                                        conn = new;
+                                        on_fallback = fallback;
+                                    }
+                                    Err(e) => tracing::warn!("could not connect anew while draining ({e}); staying until the session ends"),
+                                }
+                            }
+                            SessionSignal::Ended { why, planned } => break (why, planned),
+                        },
+                        _ = broken.cancelled() => {
+                            // Make before break here too: requests in flight on the old
+                            // connection finish there.
+                            tracing::info!("the connection takes no new streams (GOAWAY?); connecting anew");
+                            match ctx.connect_preferred().await {
+                                Ok((new, fallback)) => {
+                                    conn.retire();
+                                    conn = new;
+                                    on_fallback = fallback;
+                                }
+                                Err(e) => break (format!("connection unusable and reconnecting failed: {e}"), false),
+                            }
+                        }
+                        _ = stop.cancelled() => break ("agent stopping".to_string(), true),
                         _ = tokio::time::sleep(reprobe), if on_fallback => {
                             let direct = direct_variant(&cfg.server);
                             match ctx.establish(&direct, true, cfg.probe_timeout).await {
@@ -376,7 +431,9 @@ pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> anyhow::Result<()
                 let lived = conn.since.elapsed();
                 tracing::info!(transport = %conn.transport, lived_ms = lived.as_millis() as u64, "disconnected: {end}");
                 conn.retire();
-                if lived >= cfg.backoff_reset_after {
+                // A clean end (max age, shutdown) is not a failure: reconnect within the first
+                // backoff step, jittered, instead of growing the delay.
+                if planned || lived >= cfg.backoff_reset_after {
                     backoff.reset();
                 }
             }

@@ -62,13 +62,15 @@ pub fn to_open(s: &PoolSettings, idle: usize, total: usize) -> usize {
     want.min(s.max - total)
 }
 
-/// Runs the pool until `stop`. Busy streams outlive it: they finish their request.
+/// Runs the pool until `stop`. Busy streams outlive it: they finish their request. `broken`
+/// is cancelled when the connection can no longer open streams.
 pub async fn run_pool(
     channel: Channel,
     auth: Arc<Authed>,
     settings: PoolSettings,
     upstreams: Arc<Upstreams>,
     stop: CancellationToken,
+    broken: CancellationToken,
 ) {
     let state = Arc::new(PoolState::default());
     let descriptor = Descriptor {
@@ -96,6 +98,7 @@ pub async fn run_pool(
                 state.clone(),
                 failures.clone(),
                 stop.clone(),
+                broken.clone(),
             ));
         }
         let pause = match failures.load(Ordering::SeqCst) {
@@ -125,6 +128,7 @@ async fn tunnel(
     state: Arc<PoolState>,
     failures: Arc<AtomicUsize>,
     stop: CancellationToken,
+    broken: CancellationToken,
 ) {
     let _total = CountGuard {
         state: &state,
@@ -143,7 +147,12 @@ async fn tunnel(
         Ok(r) => r.into_inner(),
         Err(status) => {
             failures.fetch_add(1, Ordering::SeqCst);
-            tracing::warn!(code = ?status.code(), "cannot open a tunnel stream: {}", status.message());
+            if !stop.is_cancelled() {
+                // The connection takes no new streams (a GOAWAY from the gateway or from a
+                // proxy in between, say on reload): tell the manager to move to a new one.
+                tracing::warn!(code = ?status.code(), "cannot open a tunnel stream: {}", status.message());
+                broken.cancel();
+            }
             return;
         }
     };

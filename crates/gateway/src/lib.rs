@@ -54,6 +54,12 @@ pub struct Gateway {
     ready: AtomicBool,
 }
 
+/// When an aged connection starts draining: its tunnels stop being used and its agent is
+/// asked to reconnect, ahead of the GOAWAY at the full age.
+fn drain_point(age: Duration) -> Duration {
+    age.mul_f64(0.9)
+}
+
 /// How long after GOAWAY long-lived handlers on an aged connection end.
 const LONG_POLL_END_DELAY: Duration = Duration::from_secs(2);
 
@@ -62,7 +68,7 @@ impl Gateway {
         let tokens = TokenStore::open(&config.tokens)?;
         let metrics = Arc::new(Metrics::default());
         let age = config.max_connection_age;
-        let drain_after = (!age.is_zero()).then(|| age.mul_f64(0.9));
+        let drain_after = (!age.is_zero()).then(|| drain_point(age));
         let cluster = match &config.redis {
             None => None,
             Some(url) => {
@@ -141,6 +147,13 @@ impl Gateway {
         let n = g.1.entry(token_id.to_string()).or_insert(0);
         *n += 1;
         *n <= limit
+    }
+
+    /// When the agent on `conn` is asked to move to a new connection (the moment its parked
+    /// tunnels stop being used), or `None` when max age is off.
+    pub fn drain_deadline(&self, conn: &ConnMeta) -> Option<tokio::time::Instant> {
+        let age = self.config.max_connection_age;
+        (!age.is_zero()).then(|| tokio::time::Instant::from_std(conn.opened_at + drain_point(age)))
     }
 
     /// When the session on `conn` should end: a little after the connection's GOAWAY for max

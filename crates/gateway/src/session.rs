@@ -4,7 +4,9 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use agentgate_proto::v1::agent_session_server::AgentSession;
-use agentgate_proto::v1::{session_event, Heartbeat, RegisterRequest, Registered, SessionEvent};
+use agentgate_proto::v1::{
+    session_event, Draining, Heartbeat, RegisterRequest, Registered, SessionEvent,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -92,8 +94,21 @@ impl AgentSession for SessionService {
             // The session ends a little after the connection's GOAWAY for max age, so that the
             // agent dials a fresh connection only once no new streams can land on this one.
             let end_at = gw.session_deadline(&conn);
+            let mut drain_at = gw.drain_deadline(&conn);
             loop {
                 tokio::select! {
+                    _ = tokio::time::sleep_until(drain_at.unwrap_or(end_at)), if drain_at.is_some() => {
+                        drain_at = None;
+                        let ev = SessionEvent {
+                            event: Some(session_event::Event::Draining(Draining {
+                                reason: "connection reached max_connection_age".into(),
+                            })),
+                        };
+                        tracing::info!(conn = conn.id, "connection draining: asking the agent to reconnect");
+                        if tx.send(Ok(ev)).await.is_err() {
+                            break;
+                        }
+                    }
                     _ = tx.closed() => break,
                     _ = gw.shutdown.cancelled() => break,
                     _ = tokio::time::sleep_until(end_at) => {

@@ -102,9 +102,18 @@ pub async fn dial(url: &ServerUrl, s: &DialSettings) -> Result<BoxedIo, DialErro
             connector.connect(server_name, tcp),
         )
         .await?
-        .map_err(|source| DialError::Tls {
-            addr: addr.clone(),
-            source,
+        .map_err(|source| {
+            if url.scheme == Scheme::Grpcs && refused_alpn(&source) {
+                DialError::NoHttp2 {
+                    addr: addr.clone(),
+                    negotiated: "refused by the server (no_application_protocol alert)".into(),
+                }
+            } else {
+                DialError::Tls {
+                    addr: addr.clone(),
+                    source,
+                }
+            }
         })?;
         if url.scheme == Scheme::Grpcs {
             let negotiated = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
@@ -126,6 +135,18 @@ pub async fn dial(url: &ServerUrl, s: &DialSettings) -> Result<BoxedIo, DialErro
         Box::new(tcp)
     };
     Ok(io)
+}
+
+/// Whether the server aborted the handshake because it speaks none of our ALPN protocols
+/// (nginx without `http2` does this when offered only `h2`).
+fn refused_alpn(e: &std::io::Error) -> bool {
+    matches!(
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::AlertReceived(
+            rustls::AlertDescription::NoApplicationProtocol
+        ))
+    )
 }
 
 async fn step<F: std::future::Future>(

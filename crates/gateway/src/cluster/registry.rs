@@ -121,6 +121,10 @@ impl Registry {
         self.metrics.redis_ops.inc(&[op, outcome]);
         if let Err(e) = &result {
             tracing::warn!(op, error = %e, "Redis call failed");
+            // Redis may come back empty (restarted without persistence): rewrite everything
+            // as soon as it answers again.
+            self.dirty.store(true, Ordering::Relaxed);
+            self.wake.notify_one();
         }
         result
     }
@@ -223,13 +227,16 @@ impl Registry {
     }
 
     async fn live_fields(&self, op: &'static str, key: &str) -> Result<Vec<String>, RegistryError> {
-        let (fields,): (HashMap<String, u64>,) = self
-            .run(op, || {
-                let mut p = redis::pipe();
-                p.cmd("HGETALL").arg(key);
-                p
-            })
-            .await?;
+        let hgetall = || {
+            let mut p = redis::pipe();
+            p.cmd("HGETALL").arg(key);
+            p
+        };
+        // One retry: after an outage the first call may still fail on the old connection.
+        let (fields,): (HashMap<String, u64>,) = match self.run(op, hgetall).await {
+            Ok(f) => f,
+            Err(_) => self.run(op, hgetall).await?,
+        };
         let now = now_ms();
         let (live, expired): (Vec<_>, Vec<_>) = fields.into_iter().partition(|(_, exp)| *exp > now);
         if !expired.is_empty() {

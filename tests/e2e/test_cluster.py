@@ -1,0 +1,469 @@
+"""Cluster mode: several gateway replicas behind one load balancer, sharing a Redis registry.
+
+Setup (one cluster for the module, built once; the destructive tests run last: kill -9 of a
+replica, then Redis stopped and started with the two survivors):
+- a real redis-server from Debian on a random port, no persistence (`--save '' --appendonly no`),
+  so a restarted Redis is empty and the replicas must rebuild the registry;
+- three replicas (`agentgate server --redis ... --internal-listen/--internal-url
+  --internal-secret-file`), one shared token store, the production defaults for the registry
+  (ttl 5 min, refresh 4 min), so that nothing here passes only thanks to a fast refresh;
+- HAProxy in front as the agents' load balancer: the SHIPPED deploy/haproxy/agentgate.cfg
+  (rendered by proxies.render_haproxy: ports, paths and certificates substituted) with every
+  `server` line repeated for the other two replicas; HAProxy's default `balance roundrobin`;
+- 30 agents, each its own process and token, each with its own upstream path prefix on one
+  Python HTTP server (so the echoed path proves which agent answered).
+
+Transport choice: the agents connect with `wss://haproxy/-/agent/ --transport websocket`. In the
+shipped config that is the route (backend agentgate_ws) where HAProxy balances *connections*:
+after the upgrade the agent's whole HTTP/2 connection (session and tunnels) is a byte tunnel
+to one replica. The shipped grpcs route (backend agentgate_grpc, HTTP/2 terminated at HAProxy)
+balances every HTTP/2 *stream* on its own, so an agent's Register stream and its Tunnel/Connect
+streams land on different replicas; test_grpcs_agents_through_shipped_h2_route checks that
+route separately.
+
+Users' requests go straight to each replica's tunnel API (not through HAProxy), so that the
+test chooses which replica serves each request.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import statistics
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from conftest import Env, wait_for
+from cluster_helpers import (
+    MiB, AgentUpstream, ApiClient, Redis, Replica, cluster_agents, echo_ok, expected_sha256,
+    internal_call, sign_jwt, start_haproxy_cluster, write_secret,
+)
+
+N_AGENTS = 30
+N_REPLICAS = 3
+AGENT_FLAGS = ["--pool-min-idle", "1", "--backoff-initial", "500ms", "--backoff-max", "2s"]
+# The registry timing the replicas run with: the production defaults, spelled out.
+REGISTRY_TTL_S = 300
+REGISTRY_REFRESH_S = 240
+REPLICA_FLAGS = ["--set", f'registry_ttl="{REGISTRY_TTL_S}s"',
+                 "--set", f'registry_refresh_interval="{REGISTRY_REFRESH_S}s"']
+
+
+class Cluster:
+    def __init__(self, env: Env, upstream: AgentUpstream):
+        self.env = env
+        self.upstream = upstream
+        self.names = [f"agent{i:02d}" for i in range(N_AGENTS)]
+        # All tokens exist before the replicas open the shared token store.
+        self.token_files = {n: env.token_file(n) for n in self.names}
+        self.api_token = env.token("e2e-user", kind="api")
+        self.redis = Redis(env)
+        self.secret_file, self.secret = write_secret(env)
+        self.replicas = [Replica(env, i + 1, self.redis, self.secret_file, REPLICA_FLAGS)
+                         for i in range(N_REPLICAS)]
+        self.haproxy = start_haproxy_cluster(env, self.replicas)
+        self.agent_url = f"wss://localhost:{self.haproxy.port}/-/agent/"
+        self.agents = {}
+        for n in self.names:
+            self.agents[n] = env.agent(
+                self.agent_url, self.token_files[n],
+                extra=["--upstream", upstream.url_for(n), "--transport", "websocket"] + AGENT_FLAGS,
+                name=f"agent-{n}")
+        self.client = ApiClient(self.api_token)
+        wait_for(lambda: len(self.placement()) == N_AGENTS, timeout=60, interval=0.3,
+                 what=f"all {N_AGENTS} agents connected to some replica")
+
+    @property
+    def alive_replicas(self) -> list[Replica]:
+        return [r for r in self.replicas if r.proc.alive()]
+
+    def by_url(self, url: str) -> Replica:
+        return next(r for r in self.replicas if r.internal_url == url)
+
+    def placement(self) -> dict[str, Replica]:
+        """agent name -> the (live) replica it is connected to, from each /api/v1/agents."""
+        out = {}
+        for r in self.alive_replicas:
+            for a in r.agents():
+                assert a["name"] not in out, f"{a['name']} listed on two replicas"
+                out[a["name"]] = r
+        return out
+
+    def request(self, replica: Replica, agent: str, tag: str):
+        """One tunnelled request; returns (ok, description)."""
+        try:
+            status, body = self.client.echo(replica.api_port, agent, tag)
+        except Exception as e:  # noqa: BLE001 - any failure counts
+            return False, f"{agent} via {replica.name}: {type(e).__name__}: {e}"
+        return echo_ok(status, body, agent, tag), f"{agent} via {replica.name}: {status} {body[:200]!r}"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with tempfile.TemporaryDirectory(prefix="agentgate-e2e-cluster-") as d:
+        env = Env(Path(d))
+        upstream = AgentUpstream()
+        try:
+            yield Cluster(env, upstream)
+        finally:
+            env.close()
+            upstream.close()
+
+
+class RequestLoop:
+    """Background threads sending tunnelled requests over (replica, agent) pairs until stopped,
+    recording every failure."""
+
+    def __init__(self, cluster: Cluster, pairs: list[tuple[Replica, str]], threads: int = 4):
+        self.cluster = cluster
+        self.pairs = pairs
+        self.stop_ev = threading.Event()
+        self.lock = threading.Lock()
+        self.ok = 0
+        self.failures: list[str] = []
+        self.threads = [threading.Thread(target=self._run, args=(i, threads), daemon=True)
+                        for i in range(threads)]
+
+    def _run(self, offset: int, step: int):
+        i = offset
+        while not self.stop_ev.is_set():
+            replica, agent = self.pairs[i % len(self.pairs)]
+            i += step
+            ok, what = self.cluster.request(replica, agent, f"loop{i}")
+            with self.lock:
+                if ok:
+                    self.ok += 1
+                else:
+                    self.failures.append(f"{time.strftime('%H:%M:%S')} {what}")
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop_ev.set()
+        for t in self.threads:
+            t.join(timeout=30)
+
+
+def all_pairs_ok(cluster: Cluster, pairs, tag: str) -> list[str]:
+    """Sends one request per (replica, agent) pair concurrently; returns the failures."""
+    with ThreadPoolExecutor(12) as ex:
+        results = list(ex.map(lambda p: cluster.request(p[0], p[1], tag), pairs))
+    return [what for ok, what in results if not ok]
+
+
+# ------------------------------------------------------------------------------------ tests
+
+
+def test_agents_spread_over_replicas_and_every_replica_reaches_every_agent(cluster):
+    """30 agents spread over three replicas by HAProxy; every replica's API reaches every agent
+    (90 combinations, each answered by that agent's upstream); 256 MiB streamed across replicas."""
+    place = cluster.placement()
+    per_replica = {r.name: sorted(n for n, p in place.items() if p is r) for r in cluster.replicas}
+    print("agents per replica:", {k: len(v) for k, v in per_replica.items()})
+    for r in cluster.replicas:
+        assert per_replica[r.name], f"HAProxy gave {r.name} no agent: {per_replica}"
+
+    # The registry says where each agent is: one field, the replica's internal URL.
+    for n, r in place.items():
+        fields = cluster.redis.hgetall(f"agentgate:agent:{n}")
+        assert list(fields) == [r.internal_url], (n, fields, r.internal_url)
+    assert sorted(cluster.redis.hgetall("agentgate:replicas")) == sorted(
+        r.internal_url for r in cluster.replicas)
+
+    forwards_before = {r.name: r.forwards("ok") for r in cluster.replicas}
+    pairs = [(r, n) for r in cluster.replicas for n in cluster.names]
+    assert len(pairs) == 90
+    failures = all_pairs_ok(cluster, pairs, "matrix")
+    assert not failures, "\n".join(failures)
+    # Each replica forwarded exactly the requests for agents held elsewhere.
+    for r in cluster.replicas:
+        remote = N_AGENTS - len(per_replica[r.name])
+        assert r.forwards("ok") - forwards_before[r.name] == remote, r.name
+
+    # One large streaming transfer across replicas, verified by byte count and digest.
+    agent = per_replica["replica1"][0]
+    mib = 256
+    status, n, digest, secs = cluster.client.download(cluster.replicas[1].api_port, agent, mib)
+    print(f"{mib} MiB from {agent} (replica1) via replica2: {secs:.1f}s ({mib / secs:.0f} MiB/s)")
+    assert status == 200
+    assert n == mib * MiB
+    assert digest == expected_sha256(mib)
+
+
+def test_cluster_scope_lists_every_agent_with_its_replica(cluster):
+    """/api/v1/agents?scope=cluster on any replica lists all 30 agents, each with its replica."""
+    place = cluster.placement()
+    for r in cluster.replicas:
+        listed = cluster_agents(r.admin)
+        names = sorted(a["name"] for a in listed)
+        assert names == sorted(cluster.names), (r.name, names)
+        for a in listed:
+            assert a["replica"] == place[a["name"]].internal_url, (r.name, a)
+    # Without scope=cluster a replica lists only its own agents.
+    own = {a["name"] for a in cluster.replicas[0].agents()}
+    assert own == {n for n, p in place.items() if p is cluster.replicas[0]}
+
+
+def test_internal_api_requires_a_signed_token(cluster):
+    """Internal API calls without a token, or with one that is unsigned, signed with another
+    secret, expired or for another audience, get 401 and are counted; a correctly signed HS256
+    token (signed here in Python) lists agents and reserves and releases a tunnel."""
+    r = cluster.replicas[0]
+    agent = next(n for n, p in cluster.placement().items() if p is r)
+    reserve = f"/internal/v1/agents/{agent}/reserve?wait_ms=2000"
+    before = r.metric("agentgate_internal_rejected_total")
+    now = int(time.time())
+    bad = {
+        "no token": None,
+        "garbage": "not-a-jwt",
+        "wrong secret": sign_jwt(b"a-different-secret-of-32-bytes!!"),
+        "expired": sign_jwt(cluster.secret, iat=now - 120, exp=now - 60),
+        "other audience": sign_jwt(cluster.secret, aud="someone-else"),
+    }
+    for what, token in bad.items():
+        for method, path in (("POST", reserve), ("GET", "/internal/v1/agents")):
+            status, body = internal_call(r.internal_port, method, path, token)
+            assert status == 401, (what, path, status, body)
+    assert r.metric("agentgate_internal_rejected_total") - before == 2 * len(bad)
+    assert "internal API call refused" in r.proc.output()
+
+    # Correctly signed: list, reserve a tunnel, give it back.
+    status, body = internal_call(r.internal_port, "GET", "/internal/v1/agents", sign_jwt(cluster.secret))
+    assert status == 200, body
+    assert agent in {a["name"] for a in json.loads(body)}
+    status, body = internal_call(r.internal_port, "POST", reserve, sign_jwt(cluster.secret))
+    assert status == 200, body
+    rid = int(body.strip())
+    status, body = internal_call(r.internal_port, "POST", f"/internal/v1/reservations/{rid}/release",
+                                 sign_jwt(cluster.secret))
+    assert status == 204, body
+    assert r.metric("agentgate_internal_rejected_total") - before == 2 * len(bad)
+    # The agent still works after the reservation was released.
+    ok, what = cluster.request(r, agent, "after-release")
+    assert ok, what
+
+
+def test_redis_writes_stay_flat_while_tunnels_churn(cluster):
+    """2000 tunnelled requests (each consumes a tunnel, the agent opens a replacement) must not
+    write to Redis per tunnel or per request: HSET calls (INFO commandstats) stay within what
+    the periodic refresh writes (one per agent per refresh interval) plus one per agent."""
+    n_requests = 2000
+    pairs = [(r, n) for r in cluster.replicas for n in cluster.names]
+    stats0 = cluster.redis.commandstats()
+    writes0 = sum(r.metric("agentgate_registry_writes_total") for r in cluster.replicas)
+    parked0 = sum(r.metric("agentgate_tunnel_requests_total", outcome="ok") for r in cluster.replicas)
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(12) as ex:
+        results = list(ex.map(lambda i: cluster.request(pairs[i % len(pairs)][0],
+                                                        pairs[i % len(pairs)][1], f"churn{i}"),
+                              range(n_requests)))
+    elapsed = time.monotonic() - t0
+    failures = [what for ok, what in results if not ok]
+    assert not failures, f"{len(failures)} failures:\n" + "\n".join(failures[:20])
+    stats1 = cluster.redis.commandstats()
+    writes1 = sum(r.metric("agentgate_registry_writes_total") for r in cluster.replicas)
+    served = sum(r.metric("agentgate_tunnel_requests_total", outcome="ok")
+                 for r in cluster.replicas) - parked0
+    hset = stats1.get("hset", 0) - stats0.get("hset", 0)
+    writes = {c: stats1.get(c, 0) - stats0.get(c, 0)
+              for c in ("hset", "hdel", "pexpire", "expire", "incr") if stats1.get(c, 0) != stats0.get(c, 0)}
+    minutes = elapsed / 60
+    print(f"{n_requests} requests ({served:.0f} tunnels used) in {elapsed:.1f}s: "
+          f"Redis writes {writes}, registry writes {writes1 - writes0:.0f}, "
+          f"HSET per agent per minute {hset / N_AGENTS / max(minutes, 1e-9):.2f}")
+    assert served >= n_requests  # every request consumed a tunnel (churn really happened)
+    # Only the periodic refresh may write (one HSET per agent and per replica each refresh
+    # interval), plus one write per agent as slack: nothing that grows with the request count.
+    bound = (N_AGENTS + N_REPLICAS) * (int(elapsed // REGISTRY_REFRESH_S) + 1) + N_AGENTS
+    assert hset <= bound, f"{hset} HSET for {n_requests} requests (bound {bound})"
+    assert writes1 - writes0 <= bound
+
+
+def test_cross_replica_latency(cluster):
+    """Prints median latency via the agent's own replica vs via another replica."""
+    place = cluster.placement()
+    own = cluster.replicas[0]
+    other = cluster.replicas[1]
+    agent = next(n for n, p in place.items() if p is own)
+    results = {}
+    for label, r in (("own replica", own), ("other replica", other)):
+        for i in range(10):  # warm up the keep-alive and internal connections
+            assert cluster.request(r, agent, f"warm{i}")[0]
+        lat = []
+        for i in range(200):
+            t0 = time.perf_counter()
+            ok, what = cluster.request(r, agent, f"lat{i}")
+            lat.append(time.perf_counter() - t0)
+            assert ok, what
+        lat.sort()
+        results[label] = (statistics.median(lat) * 1000, lat[int(len(lat) * 0.9)] * 1000)
+    added = results["other replica"][0] - results["own replica"][0]
+    print("LATENCY " + ", ".join(f"{k}: median {m:.2f} ms p90 {p:.2f} ms" for k, (m, p) in results.items())
+          + f"; cross-replica adds {added:.2f} ms (median)")
+
+
+def test_kill_9_of_one_replica(cluster):
+    """kill -9 of one replica: its agents reconnect through HAProxy (backoff 500 ms..2 s) and are
+    served through both survivors within 30 s; requests to the other agents, through both
+    survivors' APIs (local and forwarded), never fail meanwhile. The registry keeps the default
+    TTL (5 min), so the dead replica's entries stay in Redis: survivors must skip it fast
+    (connection refused) rather than wait for the TTL."""
+    place = cluster.placement()
+    victim = cluster.replicas[2]
+    survivors = [r for r in cluster.replicas if r is not victim]
+    moved = sorted(n for n, p in place.items() if p is victim)
+    stayed = sorted(n for n, p in place.items() if p is not victim)
+    assert moved and stayed
+    bound = 30.0
+
+    steady_pairs = [(r, n) for n in stayed for r in survivors]  # local and remote
+    with RequestLoop(cluster, steady_pairs) as loop:
+        time.sleep(0.5)
+        victim.proc.send_signal(signal.SIGKILL)
+        victim.proc.wait(timeout=5)
+        t_kill = time.monotonic()
+        pending = {(r, n) for n in moved for r in survivors}
+
+        def moved_agents_served():
+            for pair in list(pending):
+                if cluster.request(pair[0], pair[1], "after-kill")[0]:
+                    pending.discard(pair)
+            return not pending
+
+        try:
+            wait_for(moved_agents_served, timeout=bound, interval=0.2,
+                     what="the killed replica's agents to be served through the survivors")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; still failing: {sorted((r.name, n) for r, n in pending)}")
+        recovered = time.monotonic() - t_kill
+        time.sleep(1)
+    print(f"kill -9 {victim.name}: its {len(moved)} agents served via both survivors after "
+          f"{recovered:.1f}s; {loop.ok} requests to the other agents meanwhile")
+    assert not loop.failures, f"{len(loop.failures)} failures:\n" + "\n".join(loop.failures[:20])
+    assert loop.ok > 20
+    # Every agent is connected to a survivor, and every survivor reaches every agent.
+    place = cluster.placement()
+    assert sorted(place) == sorted(cluster.names)
+    failures = all_pairs_ok(cluster, [(r, n) for r in survivors for n in cluster.names], "final")
+    assert not failures, "\n".join(failures)
+
+
+def test_redis_stop_and_start(cluster):
+    """Redis stopped (SIGTERM) for ~3 s and started again, empty, on the same port: local requests
+    never fail; remote ones fail at once with 503 naming the registry while Redis is down, and
+    work again within 20 s after it returns; the registry is rebuilt (HGETALL shows every agent
+    at its replica again). Runs after the kill -9 test, so with the two surviving replicas, and
+    with the default registry refresh interval (4 min): nothing but noticing Redis come back
+    can rebuild the registry within the bound (with a refresh interval of 2 s it passes)."""
+    place = cluster.placement()
+    reps = cluster.alive_replicas
+    local_pairs = [(p, n) for n, p in place.items()]
+    # Remote: every agent via the next replica over.
+    remote_pairs = [(reps[(reps.index(p) + 1) % len(reps)], n) for n, p in place.items()]
+    assert not all_pairs_ok(cluster, remote_pairs, "before")
+    errors0 = {r.name: r.metric("agentgate_redis_ops_total", op="lookup", outcome="error") for r in reps}
+
+    with RequestLoop(cluster, local_pairs) as loop:
+        time.sleep(0.5)
+        cluster.redis.stop()
+        t_down = time.monotonic()
+        # Remote routing fails fast with a clear error while Redis is down.
+        one_per_replica = {r.name: (r, n) for r, n in remote_pairs}.values()
+        for r, n in one_per_replica:
+            t0 = time.monotonic()
+            status, body = cluster.client.echo(r.api_port, n, "down")
+            assert status == 503, (r.name, n, status, body)
+            assert b"registry" in body, body
+            assert time.monotonic() - t0 < 5, "remote request during the outage took too long"
+        for r in reps:
+            assert r.metric("agentgate_redis_ops_total", op="lookup", outcome="error") > errors0[r.name], (
+                r.name, [ln for ln in r.metrics_text().splitlines() if "redis" in ln])
+            assert r.metric("agentgate_tunnel_requests_total", outcome="cluster_unavailable") >= 1
+        time.sleep(max(0.0, 3 - (time.monotonic() - t_down)))
+
+        cluster.redis.start()
+        t_up = time.monotonic()
+        pending = set(remote_pairs)
+
+        def all_remote_recovered():
+            for pair in list(pending):
+                if cluster.request(pair[0], pair[1], "up")[0]:
+                    pending.discard(pair)
+            return not pending
+
+        not_recovered = None
+        try:
+            wait_for(all_remote_recovered, timeout=20, interval=0.2,
+                     what="remote routing to recover after Redis came back")
+        except AssertionError as e:
+            not_recovered = (f"{e}; still failing: {sorted((r.name, n) for r, n in pending)}; "
+                             f"registry now: {cluster.redis.keys('agentgate:*')}")
+        recovered = time.monotonic() - t_up
+        time.sleep(0.5)
+    print(f"Redis down {t_up - t_down:.1f}s; remote routing back "
+          f"{'never' if not_recovered else f'{recovered:.1f}s'} after restart; "
+          f"{loop.ok} local requests, {len(loop.failures)} failed, during the event")
+    assert not loop.failures, f"{len(loop.failures)} local failures:\n" + "\n".join(loop.failures[:20])
+    assert loop.ok > 20
+    assert not_recovered is None, not_recovered
+
+    # The registry was rebuilt from the replicas' local state.
+    for n, r in place.items():
+        assert list(cluster.redis.hgetall(f"agentgate:agent:{n}")) == [r.internal_url], n
+    assert sorted(cluster.redis.hgetall("agentgate:replicas")) == sorted(r.internal_url for r in reps)
+
+
+def test_grpcs_agents_through_shipped_h2_route(env):
+    """grpcs:// agents through the shipped config's HTTP/2 route (backend agentgate_grpc, TLS and
+    HTTP/2 terminated at HAProxy), the config extended to three replicas like the WebSocket
+    route above: every agent must be reachable from every replica, request after request.
+
+    HAProxy balances each HTTP/2 stream on its own there, so an agent's session (Register) and
+    its tunnels (Tunnel/Connect) can land on different replicas. tunnel_wait is lowered to 2 s
+    only to keep a failing request short; with working routing a tunnel is ready within ms."""
+    upstream = AgentUpstream()
+    try:
+        names = [f"h2agent{i}" for i in range(4)]
+        toks = {n: env.token_file(n) for n in names}
+        api = env.token("e2e-user", kind="api")
+        redis = Redis(env)
+        secret_file, _ = write_secret(env)
+        reps = [Replica(env, i + 1, redis, secret_file, ["--set", 'tunnel_wait="2s"'])
+                for i in range(N_REPLICAS)]
+        hp = start_haproxy_cluster(env, reps)
+        for n in names:
+            env.agent(f"grpcs://localhost:{hp.port}", toks[n],
+                      extra=["--upstream", upstream.url_for(n)] + AGENT_FLAGS, name=f"agent-{n}")
+
+        def connected():
+            return sorted(a["name"] for r in reps for a in r.agents()) == names
+        wait_for(connected, timeout=30, what="the grpcs agents registered")
+        time.sleep(1)  # let each agent park its tunnels
+        where = {a["name"]: r.name for r in reps for a in r.agents()}
+        parked = {r.name: r.metric("agentgate_tunnels_parked") for r in reps}
+        print("sessions:", where, "parked tunnels per replica:", parked)
+
+        client = ApiClient(api)
+        failures, total = [], 0
+        for rnd in range(5):
+            for n in names:
+                for r in reps:
+                    total += 1
+                    t0 = time.monotonic()
+                    status, body = client.echo(r.api_port, n, f"h2-{rnd}")
+                    if not echo_ok(status, body, n, f"h2-{rnd}"):
+                        failures.append(f"{n} (session on {where[n]}) via {r.name}: {status} "
+                                        f"{body[:120]!r} after {time.monotonic() - t0:.1f}s")
+            if len(failures) >= 3:
+                break
+        assert not failures, f"{len(failures)} of {total} requests failed:\n" + "\n".join(failures)
+    finally:
+        upstream.close()
