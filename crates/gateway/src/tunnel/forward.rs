@@ -171,9 +171,50 @@ impl Gateway {
         })
     }
 
-    /// Sends the request down `tunnel` (or, if it turns out dead, down another local one)
-    /// and returns the agent's response head with the body still streaming.
+    /// Sends the request down `tunnel` and returns the agent's response head with the body
+    /// still streaming. A request without a body and with an idempotent method is retried on
+    /// another tunnel if the tunnel breaks before the response head (as proxies retry
+    /// idempotent requests): an agent may drop an idle tunnel at the moment it is taken.
     pub async fn forward_on<B>(
+        &self,
+        agent: &str,
+        tunnel: ParkedTunnel,
+        head: RequestHead,
+        body: B,
+    ) -> Result<ForwardResponse, ForwardError>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Display + Send,
+    {
+        let idempotent = matches!(head.method.as_str(), "GET" | "HEAD" | "OPTIONS");
+        if !(idempotent && body.is_end_stream()) {
+            return self.exchange(agent, tunnel, head, body).await;
+        }
+        let mut tunnel = Some(tunnel);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let t = match tunnel.take() {
+                Some(t) => t,
+                None => self.take_local(agent, self.config.tunnel_wait).await?,
+            };
+            let empty = http_body_util::Empty::<Bytes>::new();
+            match self.exchange(agent, t, head.clone(), empty).await {
+                Err(e @ ForwardError::TunnelBroken { .. }) if attempt < DEAD_TUNNEL_RETRIES => {
+                    tracing::info!(
+                        agent,
+                        attempt,
+                        "retrying an idempotent request on another tunnel: {e}"
+                    );
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// One attempt: the request down `tunnel` (or, if it turns out dead before anything was
+    /// sent, down another local one).
+    async fn exchange<B>(
         &self,
         agent: &str,
         tunnel: ParkedTunnel,
