@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .build_transport(false)
+        .codec_path("crate::codec::SmallBufferCodec")
         .bytes(".agentgate.v1.Chunk.data")
         .file_descriptor_set_path(out.join("agentgate_descriptor.bin"))
         .compile_protos(&files, &[root])?;

@@ -1,9 +1,10 @@
 //! The tunnel pool of one connection: idle `Tunnel.Connect` streams, kept ready for requests.
 //!
 //! At least `min_idle` streams are idle at any time. When a stream gets a request it stops
-//! being idle, and the pool opens replacements: `scale_step` at once while there is demand, up
-//! to `max` per connection. Streams idle past `idle_lifetime` close while more than `min_idle`
-//! are idle. Each stream carries exactly one request.
+//! being idle, and the pool opens replacements plus headroom in proportion to the demand (one
+//! per busy stream, at most `scale_step` at once), up to `max` per connection. Streams idle
+//! past `idle_lifetime` close while more than `min_idle` are idle. Each stream carries exactly
+//! one request.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -52,14 +53,12 @@ pub fn to_open(s: &PoolSettings, idle: usize, total: usize) -> usize {
     if idle >= s.min_idle || total >= s.max {
         return 0;
     }
+    // Restore the minimum, plus headroom in proportion to the demand just seen (one more per
+    // busy stream, at most `scale_step` at once): a single request does not leave ten idle
+    // streams parked at the gateway, while a burst still grows the pool quickly.
     let deficit = s.min_idle - idle;
     let busy = total - idle;
-    let want = if busy > 0 {
-        deficit.max(s.scale_step)
-    } else {
-        deficit
-    };
-    want.min(s.max - total)
+    (deficit + busy.min(s.scale_step)).min(s.max - total)
 }
 
 /// Runs the pool until `stop`. Busy streams outlive it: they finish their request. `broken`
@@ -214,8 +213,18 @@ mod tests {
         };
         assert_eq!(to_open(&s, 0, 0), 2, "start with min_idle");
         assert_eq!(to_open(&s, 2, 2), 0);
-        assert_eq!(to_open(&s, 1, 2), 10, "demand scales by step");
+        assert_eq!(
+            to_open(&s, 1, 2),
+            2,
+            "one busy: replace it, plus one of headroom"
+        );
         assert_eq!(to_open(&s, 0, 12), 3, "capped at max");
+        assert_eq!(to_open(&s, 1, 14), 1, "capped at max");
+        let wide = PoolSettings {
+            max: 500,
+            ..s.clone()
+        };
+        assert_eq!(to_open(&wide, 0, 40), 12, "demand scales by step at most");
         assert_eq!(to_open(&s, 0, 15), 0);
     }
 }

@@ -102,6 +102,11 @@ pub struct GatewayConfig {
     /// Deadline for each Redis round trip; past it the call counts as a Redis error.
     #[serde(with = "humantime_serde")]
     pub redis_timeout: Duration,
+    /// How often to hand freed heap memory back to the OS (glibc `malloc_trim`). After a burst
+    /// of large transfers glibc keeps the freed memory in its arenas; trimming brings RSS back
+    /// to the idle baseline. `0s` disables.
+    #[serde(with = "humantime_serde")]
+    pub memory_trim_interval: Duration,
     /// New agent connections (registrations) allowed per token per minute; 0 disables. Held
     /// in Redis in cluster mode, so it holds across replicas.
     pub connect_rate_limit_per_minute: u32,
@@ -145,6 +150,7 @@ impl Default for GatewayConfig {
             registry_refresh_interval: Duration::from_secs(4 * 60),
             redis_timeout: Duration::from_secs(1),
             connect_rate_limit_per_minute: 600,
+            memory_trim_interval: Duration::from_secs(10),
         }
     }
 }

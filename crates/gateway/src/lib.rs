@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod config;
 pub mod directory;
 mod headers;
+mod memory;
 pub mod metrics;
 mod rpc_layer;
 mod session;
@@ -378,6 +379,17 @@ pub async fn run_with(
         });
     }
 
+    let trimmer = (!gw.config.memory_trim_interval.is_zero()).then(|| {
+        let every = gw.config.memory_trim_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                memory::trim();
+            }
+        })
+    });
+
     let sweeper = {
         let gw = gw.clone();
         let every = gw.config.stream_heartbeat_interval;
@@ -408,6 +420,9 @@ pub async fn run_with(
     gw.shutdown.cancel();
     gw.tunnels.clear();
     sweeper.abort();
+    if let Some(t) = trimmer {
+        t.abort();
+    }
     let drained = tokio::time::timeout(grace, async {
         let _ = server.await;
         let _ = api.await;

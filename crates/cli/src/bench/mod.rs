@@ -53,6 +53,10 @@ pub struct BenchArgs {
     /// Agents per load-generator process (the open-file cap is 20,000 per process).
     #[arg(long, default_value_t = 6000)]
     agents_per_process: usize,
+    /// Extra gateway setting NAME=VALUE for every gateway the bench starts (repeatable), for
+    /// experiments such as `memory_trim_interval="0s"`.
+    #[arg(long = "gateway-set", value_name = "NAME=VALUE")]
+    gateway_set: Vec<String>,
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -164,6 +168,12 @@ impl Bench {
         ]
         .iter()
         .map(|s| s.to_string())
+        .chain(
+            self.args
+                .gateway_set
+                .iter()
+                .flat_map(|kv| ["--set".to_string(), kv.clone()]),
+        )
         .collect();
         let kid = Kid::spawn(&args, &self.dir.join(format!("gateway-{tls_port}.log")))?;
         let gw = Gw {
@@ -344,12 +354,11 @@ impl Bench {
             let mut tasks = vec![];
             let this: &Bench = self;
             for _ in 0..n {
-                let permit = sem.clone().acquire_owned().await?;
                 let url = url.clone();
+                let sem = sem.clone();
                 tasks.push(async move {
-                    let r = this.fetch(&url, true).await;
-                    drop(permit);
-                    r
+                    let _permit = sem.acquire_owned().await?;
+                    this.fetch(&url, true).await
                 });
             }
             let results = futures_util::future::join_all(tasks.into_iter().map(|t| {
