@@ -14,6 +14,22 @@ use tonic::{Request, Response, Status};
 use crate::directory::{rfc3339, AgentRecord};
 use crate::Gateway;
 
+/// The response stream of `Register`. Items are boxed in the channel: a bounded tokio channel
+/// allocates room for 32 items up front, once per connected agent.
+pub struct SessionStream(ReceiverStream<Box<SessionEvent>>);
+
+impl tokio_stream::Stream for SessionStream {
+    type Item = Result<SessionEvent, Status>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::pin::Pin::new(&mut self.0)
+            .poll_next(cx)
+            .map(|m| m.map(|m| Ok(*m)))
+    }
+}
+
 pub struct SessionService {
     pub gw: Arc<Gateway>,
 }
@@ -29,7 +45,7 @@ fn unix_millis() -> i64 {
 
 #[tonic::async_trait]
 impl AgentSession for SessionService {
-    type RegisterStream = ReceiverStream<Result<SessionEvent, Status>>;
+    type RegisterStream = SessionStream;
 
     async fn register(
         &self,
@@ -75,7 +91,7 @@ impl AgentSession for SessionService {
         );
         let guard = self.gw.directory.register(&self.gw.metrics, record);
         let heartbeat = self.gw.config.stream_heartbeat_interval;
-        let (tx, rx) = mpsc::channel(2);
+        let (tx, rx) = mpsc::channel::<Box<SessionEvent>>(2);
         let first = SessionEvent {
             event: Some(session_event::Event::Registered(Registered {
                 agent_name: id.name.clone(),
@@ -84,7 +100,8 @@ impl AgentSession for SessionService {
                 heartbeat_interval_seconds: heartbeat.as_secs() as u32,
             })),
         };
-        tx.try_send(Ok(first)).expect("fresh channel has room");
+        tx.try_send(Box::new(first))
+            .expect("fresh channel has room");
         let gw = self.gw.clone();
         let conn = id.conn.clone();
         tokio::spawn(async move {
@@ -105,7 +122,7 @@ impl AgentSession for SessionService {
                             })),
                         };
                         tracing::info!(conn = conn.id, "connection draining: asking the agent to reconnect");
-                        if tx.send(Ok(ev)).await.is_err() {
+                        if tx.send(Box::new(ev)).await.is_err() {
                             break;
                         }
                     }
@@ -119,13 +136,13 @@ impl AgentSession for SessionService {
                         let hb = SessionEvent {
                             event: Some(session_event::Event::Heartbeat(Heartbeat { unix_millis: unix_millis() })),
                         };
-                        if tx.send(Ok(hb)).await.is_err() {
+                        if tx.send(Box::new(hb)).await.is_err() {
                             break;
                         }
                     }
                 }
             }
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(SessionStream(ReceiverStream::new(rx))))
     }
 }

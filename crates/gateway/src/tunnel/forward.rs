@@ -19,9 +19,9 @@ use futures_util::Stream;
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use tokio::sync::mpsc;
-use tonic::{Status, Streaming};
+use tonic::Streaming;
 
-use super::ParkedTunnel;
+use super::{ParkedTunnel, ToAgent};
 use crate::headers::{from_proto, to_proto};
 use crate::Gateway;
 
@@ -236,7 +236,7 @@ impl Gateway {
             let msg = GatewayMessage {
                 msg: Some(gateway_message::Msg::RequestHead(head.clone())),
             };
-            if t.tx.send(Ok(msg)).await.is_ok() {
+            if t.tx.send(Box::new(msg)).await.is_ok() {
                 sent = Some(t);
                 break;
             }
@@ -323,7 +323,7 @@ fn check_descriptor(agent: &str, t: &ParkedTunnel, head: &RequestHead) -> Result
 /// Streams the client's request body into the tunnel in chunks of at most `chunk_size`.
 async fn pump_request_body<B>(
     body: B,
-    tx: mpsc::Sender<Result<GatewayMessage, Status>>,
+    tx: mpsc::Sender<ToAgent>,
     chunk_size: usize,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
 ) where
@@ -349,7 +349,7 @@ async fn pump_request_body<B>(
                         let msg = GatewayMessage {
                             msg: Some(gateway_message::Msg::Chunk(Chunk { data: piece })),
                         };
-                        if tx.send(Ok(msg)).await.is_err() {
+                        if tx.send(Box::new(msg)).await.is_err() {
                             return;
                         }
                     }
@@ -367,7 +367,7 @@ async fn pump_request_body<B>(
             trailers,
         })),
     };
-    let _ = tx.send(Ok(end)).await;
+    let _ = tx.send(Box::new(end)).await;
 }
 
 /// The response body, read from the tunnel as the client consumes it.
@@ -375,7 +375,7 @@ pub struct TunnelBody {
     rx: Streaming<AgentMessage>,
     /// Kept until the agent's trailer: dropping it ends our side of the stream, which the agent
     /// reads as cancellation.
-    tx: Option<mpsc::Sender<Result<GatewayMessage, Status>>>,
+    tx: Option<mpsc::Sender<ToAgent>>,
     finished: bool,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
 }

@@ -6,5 +6,5 @@ mod registry;
 mod service;
 
 pub use forward::{BoxError, ForwardError, ForwardResponse, ResponseBody, TunnelBody};
-pub use registry::{ParkedTunnel, TunnelRegistry};
+pub use registry::{ParkedTunnel, ToAgent, TunnelRegistry};
 pub use service::TunnelService;

@@ -16,14 +16,18 @@ use agentgate_transport::ConnMeta;
 use futures_util::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use tonic::{Status, Streaming};
+use tonic::Streaming;
 
 use crate::metrics::Metrics;
+
+/// A message queued for the agent. Boxed: a bounded tokio channel allocates room for 32 items
+/// up front, and an idle agent holds two tunnel channels, so the item size is per-agent memory.
+pub type ToAgent = Box<GatewayMessage>;
 
 /// One idle tunnel stream, ready for exactly one request.
 pub struct ParkedTunnel {
     /// Messages to the agent (the response stream of its `Tunnel.Connect` call).
-    pub tx: mpsc::Sender<Result<GatewayMessage, Status>>,
+    pub tx: mpsc::Sender<ToAgent>,
     /// Messages from the agent.
     pub rx: Streaming<AgentMessage>,
     pub descriptor: Descriptor,
@@ -153,7 +157,7 @@ impl TunnelRegistry {
                 };
                 // A full channel means the previous heartbeat is still queued: fine.
                 !matches!(
-                    t.tx.try_send(Ok(hb)),
+                    t.tx.try_send(Box::new(hb)),
                     Err(mpsc::error::TrySendError::Closed(_))
                 )
             });
