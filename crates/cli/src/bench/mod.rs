@@ -57,6 +57,9 @@ pub struct BenchArgs {
     /// experiments such as `memory_trim_interval="0s"`.
     #[arg(long = "gateway-set", value_name = "NAME=VALUE")]
     gateway_set: Vec<String>,
+    /// Seconds to wait after a burst before measuring what memory was kept.
+    #[arg(long, default_value_t = 10)]
+    settle_secs: u64,
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,

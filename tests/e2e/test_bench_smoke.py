@@ -1,0 +1,32 @@
+"""A small smoke run of every benchmark scenario: it runs, prints its table, and writes JSON
+that parses with a sample for every scenario and transport. Timing is never asserted here;
+the numbers live in docs/BENCHMARKS.md."""
+
+import json
+import subprocess
+
+from conftest import BIN
+
+SCENARIOS = {"idle", "burst", "latency", "throughput", "storm"}
+TRANSPORTS = ["grpc", "grpcs", "ws", "wss"]
+
+
+def test_bench_all_scenarios_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [str(BIN), "bench", "all", "--agents", "3", "--requests", "16", "--mib", "2",
+         "--settle-secs", "1", "--transports", ",".join(TRANSPORTS), "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "| scenario | metric |" in run.stdout
+    doc = json.loads(out.read_text())
+    seen = {(s["scenario"], s["transport"]) for s in doc["samples"]}
+    for scenario in SCENARIOS:
+        for t in TRANSPORTS:
+            assert (scenario, t) in seen, f"no {scenario} sample for {t}"
+    assert ("latency", "direct") in seen and ("throughput", "direct") in seen
+    failed = [s for s in doc["samples"] if s["metric"] == "failed requests" and s["value"] != 0]
+    assert not failed, failed
+    for s in doc["samples"]:
+        assert s["value"] == s["value"], f"NaN in {s}"  # noqa: PLR0124 - NaN check
