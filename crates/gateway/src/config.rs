@@ -58,7 +58,8 @@ pub struct GatewayConfig {
     #[serde(with = "humantime_serde")]
     pub stream_heartbeat_interval: Duration,
     /// Connections older than this get GOAWAY, so agents rebalance across replicas (kas: 2 h).
-    /// Jittered by up to 10% per connection. `0s` disables.
+    /// Each connection drains earlier, at a point jittered between 80% and 95% of the age:
+    /// its agent is asked to reconnect and its tunnels stop taking requests. `0s` disables.
     #[serde(with = "humantime_serde")]
     pub max_connection_age: Duration,
     /// After GOAWAY for age, how long in-flight requests may take to finish.

@@ -56,9 +56,13 @@ pub struct Gateway {
 }
 
 /// When an aged connection starts draining: its tunnels stop being used and its agent is
-/// asked to reconnect, ahead of the GOAWAY at the full age.
-fn drain_point(age: Duration) -> Duration {
-    age.mul_f64(0.9)
+/// asked to reconnect, ahead of the GOAWAY at the full age. Jittered per connection between
+/// 80% and 95% of the age, so connections made together (after a restart, say) do not all
+/// rebalance at the same moment.
+pub fn drain_point(age: Duration, conn_id: u64) -> Duration {
+    // A multiplicative hash spreads consecutive ids over [0, 1).
+    let spread = (conn_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
+    age.mul_f64(0.80 + 0.15 * spread)
 }
 
 /// How long after GOAWAY long-lived handlers on an aged connection end.
@@ -69,7 +73,7 @@ impl Gateway {
         let tokens = TokenStore::open(&config.tokens)?;
         let metrics = Arc::new(Metrics::default());
         let age = config.max_connection_age;
-        let drain_after = (!age.is_zero()).then(|| drain_point(age));
+        let max_age = (!age.is_zero()).then_some(age);
         let cluster = match &config.redis {
             None => None,
             Some(url) => {
@@ -114,7 +118,7 @@ impl Gateway {
         Ok(Arc::new(Self {
             cluster,
             connects: std::sync::Mutex::default(),
-            tunnels: TunnelRegistry::new(metrics.clone(), drain_after),
+            tunnels: TunnelRegistry::new(metrics.clone(), max_age),
             tokens,
             metrics,
             directory,
@@ -154,7 +158,8 @@ impl Gateway {
     /// tunnels stop being used), or `None` when max age is off.
     pub fn drain_deadline(&self, conn: &ConnMeta) -> Option<tokio::time::Instant> {
         let age = self.config.max_connection_age;
-        (!age.is_zero()).then(|| tokio::time::Instant::from_std(conn.opened_at + drain_point(age)))
+        (!age.is_zero())
+            .then(|| tokio::time::Instant::from_std(conn.opened_at + drain_point(age, conn.id)))
     }
 
     /// When the session on `conn` should end: a little after the connection's GOAWAY for max
@@ -444,4 +449,26 @@ pub async fn run_with(
     let _ = tokio::time::timeout(Duration::from_secs(1), admin).await;
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::drain_point;
+    use std::time::Duration;
+
+    #[test]
+    fn drain_points_are_spread_within_bounds() {
+        let age = Duration::from_secs(100);
+        let points: Vec<f64> = (1..=200)
+            .map(|id| drain_point(age, id).as_secs_f64())
+            .collect();
+        assert!(
+            points.iter().all(|p| (80.0..=95.0).contains(p)),
+            "{points:?}"
+        );
+        let (min, max) = points
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(*p), b.max(*p)));
+        assert!(max - min > 10.0, "not spread: {min}..{max}");
+    }
 }

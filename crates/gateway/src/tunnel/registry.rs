@@ -62,23 +62,23 @@ struct AgentTunnels {
 pub struct TunnelRegistry {
     agents: Mutex<HashMap<String, AgentTunnels>>,
     metrics: Arc<Metrics>,
-    /// Tunnels on connections older than this are not used for new requests: the connection is
-    /// about to get (or got) GOAWAY for max age.
-    drain_after: Option<Duration>,
+    /// Tunnels on connections past their drain point (see [`crate::drain_point`]) are not
+    /// used for new requests: the connection is about to get GOAWAY for max age.
+    max_age: Option<Duration>,
 }
 
 impl TunnelRegistry {
-    pub fn new(metrics: Arc<Metrics>, drain_after: Option<Duration>) -> Self {
+    pub fn new(metrics: Arc<Metrics>, max_age: Option<Duration>) -> Self {
         Self {
             agents: Mutex::default(),
             metrics,
-            drain_after,
+            max_age,
         }
     }
 
     fn usable(&self, t: &ParkedTunnel) -> bool {
-        self.drain_after
-            .is_none_or(|age| t.conn.opened_at.elapsed() < age)
+        self.max_age
+            .is_none_or(|age| t.conn.opened_at.elapsed() < crate::drain_point(age, t.conn.id))
     }
 
     /// Parks a tunnel, or hands it straight to a waiting request.
