@@ -18,6 +18,7 @@ mod rpc_layer;
 mod session;
 pub mod tokens;
 pub mod tunnel;
+mod unboxed;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};

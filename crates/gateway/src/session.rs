@@ -12,23 +12,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::directory::{rfc3339, AgentRecord};
+use crate::unboxed::Unboxed;
 use crate::Gateway;
-
-/// The response stream of `Register`. Items are boxed in the channel: a bounded tokio channel
-/// allocates room for 32 items up front, once per connected agent.
-pub struct SessionStream(ReceiverStream<Box<SessionEvent>>);
-
-impl tokio_stream::Stream for SessionStream {
-    type Item = Result<SessionEvent, Status>;
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        std::pin::Pin::new(&mut self.0)
-            .poll_next(cx)
-            .map(|m| m.map(|m| Ok(*m)))
-    }
-}
 
 pub struct SessionService {
     pub gw: Arc<Gateway>,
@@ -45,7 +30,7 @@ fn unix_millis() -> i64 {
 
 #[tonic::async_trait]
 impl AgentSession for SessionService {
-    type RegisterStream = SessionStream;
+    type RegisterStream = Unboxed<SessionEvent>;
 
     async fn register(
         &self,
@@ -143,6 +128,6 @@ impl AgentSession for SessionService {
                 }
             }
         });
-        Ok(Response::new(SessionStream(ReceiverStream::new(rx))))
+        Ok(Response::new(Unboxed(ReceiverStream::new(rx))))
     }
 }

@@ -20,8 +20,7 @@ use tonic::Streaming;
 
 use crate::metrics::Metrics;
 
-/// A message queued for the agent. Boxed: a bounded tokio channel allocates room for 32 items
-/// up front, and an idle agent holds two tunnel channels, so the item size is per-agent memory.
+/// A message queued for the agent, boxed (see `crate::unboxed`).
 pub type ToAgent = Box<GatewayMessage>;
 
 /// One idle tunnel stream, ready for exactly one request.

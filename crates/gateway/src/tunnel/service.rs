@@ -9,22 +9,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::ParkedTunnel;
+use crate::unboxed::Unboxed;
 use crate::Gateway;
-
-/// The response stream of `Tunnel.Connect`: queued messages, unboxed for the encoder.
-pub struct ToAgentStream(ReceiverStream<super::ToAgent>);
-
-impl tokio_stream::Stream for ToAgentStream {
-    type Item = Result<GatewayMessage, Status>;
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        std::pin::Pin::new(&mut self.0)
-            .poll_next(cx)
-            .map(|m| m.map(|m| Ok(*m)))
-    }
-}
 
 pub struct TunnelService {
     pub gw: Arc<Gateway>,
@@ -35,7 +21,7 @@ const TO_AGENT_QUEUE: usize = 4;
 
 #[tonic::async_trait]
 impl Tunnel for TunnelService {
-    type ConnectStream = ToAgentStream;
+    type ConnectStream = Unboxed<GatewayMessage>;
 
     async fn connect(
         &self,
@@ -72,6 +58,6 @@ impl Tunnel for TunnelService {
                 conn: id.conn,
             },
         );
-        Ok(Response::new(ToAgentStream(ReceiverStream::new(out))))
+        Ok(Response::new(Unboxed(ReceiverStream::new(out))))
     }
 }
