@@ -244,6 +244,31 @@ impl AsyncWrite for ServerConn {
     }
 }
 
+/// Accepts the next connection (with TCP_NODELAY set), or `None` once `shutdown` is
+/// cancelled. A failed accept (EMFILE, say) is logged and retried after a short pause, so a
+/// full file table never ends a listener.
+pub async fn accept_until(
+    listener: &TcpListener,
+    shutdown: &CancellationToken,
+    what: &str,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => {
+                    set_nodelay(&stream);
+                    return Some((stream, peer));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, listener = what, "accept failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
 /// Binds a TCP listener with the given backlog and SO_REUSEADDR.
 pub fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     let socket = socket2::Socket::new(
@@ -291,18 +316,7 @@ pub fn serve_ingress(
     let settings = Arc::new(settings);
     let acceptor = tls.map(TlsAcceptor::from);
     tokio::spawn(async move {
-        loop {
-            let (stream, peer) = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
+        while let Some((stream, peer)) = accept_until(&listener, &shutdown, "agent").await {
             let Ok(permit) = limit.permits.clone().try_acquire_owned() else {
                 observer.rejected(RejectReason::OverLimit);
                 tracing::warn!(
@@ -314,7 +328,6 @@ pub fn serve_ingress(
                 drop(stream);
                 continue;
             };
-            set_nodelay(&stream);
             let id = limit.next_id.fetch_add(1, Ordering::Relaxed);
             let (tx, observer, settings, acceptor) = (
                 tx.clone(),

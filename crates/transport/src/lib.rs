@@ -18,8 +18,8 @@ mod websocket;
 
 pub use dial::{dial, DialError, DialSettings};
 pub use ingress::{
-    bind_listener, serve_ingress, ConnMeta, ConnectionLimit, IngressObserver, IngressSettings,
-    RejectReason, ServerConn,
+    accept_until, bind_listener, serve_ingress, ConnMeta, ConnectionLimit, IngressObserver,
+    IngressSettings, RejectReason, ServerConn,
 };
 pub use kind::TransportKind;
 pub use ping_policy::{PingPolicy, TooManyPings};

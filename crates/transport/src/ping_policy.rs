@@ -20,15 +20,11 @@ pub const MAX_STRIKES: u32 = 2;
 
 #[derive(Debug)]
 enum State {
-    Preface {
-        remaining: usize,
-    },
+    /// Bytes to pass over: the client preface, or a frame's payload.
+    Skip { remaining: usize },
     Header {
         buf: [u8; FRAME_HEADER_LEN],
         have: usize,
-    },
-    Payload {
-        remaining: usize,
     },
 }
 
@@ -51,7 +47,7 @@ impl PingPolicy {
     pub fn new(min_interval: Duration) -> Self {
         Self {
             min_interval,
-            state: State::Preface {
+            state: State::Skip {
                 remaining: HTTP2_PREFACE.len(),
             },
             last_ping: None,
@@ -63,7 +59,7 @@ impl PingPolicy {
     pub fn feed(&mut self, mut data: &[u8], now: Instant) -> Result<(), TooManyPings> {
         while !data.is_empty() {
             match &mut self.state {
-                State::Preface { remaining } => {
+                State::Skip { remaining } => {
                     let n = (*remaining).min(data.len());
                     *remaining -= n;
                     data = &data[n..];
@@ -89,18 +85,7 @@ impl PingPolicy {
                                 have: 0,
                             }
                         } else {
-                            State::Payload { remaining: len }
-                        };
-                    }
-                }
-                State::Payload { remaining } => {
-                    let n = (*remaining).min(data.len());
-                    *remaining -= n;
-                    data = &data[n..];
-                    if *remaining == 0 {
-                        self.state = State::Header {
-                            buf: [0; FRAME_HEADER_LEN],
-                            have: 0,
+                            State::Skip { remaining: len }
                         };
                     }
                 }

@@ -123,19 +123,9 @@ pub async fn serve_api(
 ) {
     let acceptor = tls.map(TlsAcceptor::from);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "API accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            }
-        };
-        agentgate_transport::set_nodelay(&stream);
+    while let Some((stream, peer)) =
+        agentgate_transport::accept_until(&listener, &shutdown, "api").await
+    {
         let gw2 = gw.clone();
         let is_tls = acceptor.is_some();
         let svc = hyper::service::service_fn(move |req| {

@@ -152,19 +152,9 @@ async fn route(
 /// Serves the internal API until `stop`.
 pub async fn serve_internal(gw: Arc<Gateway>, listener: TcpListener, stop: CancellationToken) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = stop.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "internal API accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            }
-        };
-        agentgate_transport::set_nodelay(&stream);
+    while let Some((stream, peer)) =
+        agentgate_transport::accept_until(&listener, &stop, "internal").await
+    {
         let gw = gw.clone();
         let svc = hyper::service::service_fn(move |req| {
             let gw = gw.clone();

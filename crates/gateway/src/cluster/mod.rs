@@ -124,6 +124,27 @@ impl Cluster {
         req
     }
 
+    /// A signed internal call without a body; returns the status and the whole (small) body.
+    async fn call(
+        &self,
+        method: http::Method,
+        url: String,
+    ) -> Result<(http::StatusCode, Bytes), String> {
+        let resp = self
+            .client
+            .request(self.request(method, url, empty()))
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((status, body))
+    }
+
     /// Stores a reserved tunnel; returns its id.
     pub fn reserve(&self, agent: &str, tunnel: ParkedTunnel) -> u64 {
         let id = self.next_reservation.fetch_add(1, Ordering::Relaxed);
@@ -160,18 +181,10 @@ impl Cluster {
             "{peer}/internal/v1/agents/{agent}/reserve?wait_ms={}",
             wait.as_millis()
         );
-        let resp = self
-            .client
-            .request(self.request(http::Method::POST, url, empty()))
+        let (status, body) = self
+            .call(http::Method::POST, url)
             .await
             .map_err(|e| format!("{peer}: {e}"))?;
-        let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
         let text = String::from_utf8_lossy(&body).trim().to_string();
         if status.is_success() {
             text.parse()
@@ -183,11 +196,7 @@ impl Cluster {
 
     async fn release_at(&self, peer: &str, id: u64) {
         let url = format!("{peer}/internal/v1/reservations/{id}/release");
-        if let Err(e) = self
-            .client
-            .request(self.request(http::Method::POST, url, empty()))
-            .await
-        {
+        if let Err(e) = self.call(http::Method::POST, url).await {
             tracing::debug!(peer, id, error = %e, "could not release a reservation; it will expire");
         }
     }
@@ -318,17 +327,7 @@ impl Cluster {
         for peer in peers.into_iter().filter(|p| *p != self.self_url) {
             let url = format!("{peer}/internal/v1/agents");
             let fetched = async {
-                let resp = self
-                    .client
-                    .request(self.request(http::Method::GET, url, empty()))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let body = resp
-                    .into_body()
-                    .collect()
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .to_bytes();
+                let (_, body) = self.call(http::Method::GET, url).await?;
                 serde_json::from_slice::<Vec<serde_json::Value>>(&body).map_err(|e| e.to_string())
             };
             match tokio::time::timeout(Duration::from_secs(3), fetched).await {
