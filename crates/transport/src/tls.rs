@@ -2,7 +2,7 @@
 //! of aws-lc-rs here and gives a smaller binary).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -91,20 +91,32 @@ pub enum ServerVerification {
     InsecureSkipVerify,
 }
 
-/// Client configuration without ALPN (each dial sets its own).
-pub fn client_config(verify: &ServerVerification) -> Result<ClientConfig, TlsConfigError> {
-    let builder =
-        ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
-    let cfg = match verify {
-        ServerVerification::SystemRoots => {
+/// The operating system's trust store, read once per process. Parsing it takes milliseconds
+/// of CPU, and a process that runs many agents (the bench's load generators) would otherwise
+/// parse it once per agent. A changed trust store takes effect on restart.
+fn system_roots() -> Arc<RootCertStore> {
+    static ROOTS: OnceLock<Arc<RootCertStore>> = OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
             let mut roots = RootCertStore::empty();
             let native = rustls_native_certs::load_native_certs();
             for e in &native.errors {
                 tracing::debug!(error = %e, "skipping a system certificate");
             }
             roots.add_parsable_certificates(native.certs);
-            builder.with_root_certificates(roots).with_no_client_auth()
-        }
+            Arc::new(roots)
+        })
+        .clone()
+}
+
+/// Client configuration without ALPN (each dial sets its own).
+pub fn client_config(verify: &ServerVerification) -> Result<ClientConfig, TlsConfigError> {
+    let builder =
+        ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let cfg = match verify {
+        ServerVerification::SystemRoots => builder
+            .with_root_certificates(system_roots())
+            .with_no_client_auth(),
         ServerVerification::CaFile(path) => {
             let mut roots = RootCertStore::empty();
             for c in load_certs(path)? {
