@@ -25,8 +25,26 @@ def test_bench_all_scenarios_smoke(tmp_path):
     for scenario in SCENARIOS:
         for t in TRANSPORTS:
             assert (scenario, t) in seen, f"no {scenario} sample for {t}"
-    assert ("latency", "direct") in seen and ("throughput", "direct") in seen
+    for column in ("direct", "control"):
+        assert ("latency", column) in seen and ("throughput", column) in seen, column
     failed = [s for s in doc["samples"] if s["metric"] == "failed requests" and s["value"] != 0]
     assert not failed, failed
     for s in doc["samples"]:
         assert s["value"] == s["value"], f"NaN in {s}"  # noqa: PLR0124 - NaN check
+
+
+def test_bench_control_scenario_smoke(tmp_path):
+    """`bench control`: the bare tonic tunnel next to direct gRPC, both through real bytes."""
+    out = tmp_path / "control.json"
+    run = subprocess.run(
+        [str(BIN), "bench", "control", "--requests", "16", "--mib", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "control/grpc" in run.stdout
+    doc = json.loads(out.read_text())
+    columns = {(s["scenario"], s["metric"], s["transport"]) for s in doc["samples"]}
+    for t in ("direct", "control", "grpc"):
+        assert ("throughput", "download", t) in columns, t
+    assert ("latency", "CPU per request, concurrency 1", "control") in columns
+    assert not any(s["transport"] in ("grpcs", "ws", "wss") for s in doc["samples"])

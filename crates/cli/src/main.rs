@@ -65,6 +65,9 @@ enum Command {
     /// Internal: many agents in one process, for `bench`.
     #[command(hide = true)]
     BenchLoad(bench::load::LoadArgs),
+    /// Internal: the bare tonic reverse tunnel that `bench` compares against.
+    #[command(hide = true)]
+    BenchControl(bench::control::ControlArgs),
 }
 
 #[derive(Args)]
@@ -464,6 +467,7 @@ fn main() -> std::process::ExitCode {
             Command::Demo(a) => demo::run(a, stop_on_signals()).await,
             Command::Bench(a) => bench::run(a).await,
             Command::BenchLoad(a) => bench::load::run(a, stop_on_signals()).await,
+            Command::BenchControl(a) => bench::control::run(a).await,
         }
     });
     match result {

@@ -5,6 +5,7 @@
 //! noisy, ratios much less so. Gateways and load generators are separate processes (this
 //! binary), so RSS and CPU are measured per process from /proc.
 
+pub mod control;
 pub mod load;
 mod procs;
 
@@ -31,6 +32,8 @@ pub enum Scenario {
     Latency,
     Throughput,
     Storm,
+    /// Latency and throughput of `grpc` next to the bare tonic tunnel (see `control.rs`).
+    Control,
     All,
 }
 
@@ -92,6 +95,13 @@ struct Gw {
     tls_port: u16,
     clear_port: u16,
     admin: SocketAddr,
+    api: SocketAddr,
+}
+
+/// The processes of the control tunnel.
+struct Control {
+    gateway: Kid,
+    agent: Kid,
     api: SocketAddr,
 }
 
@@ -200,6 +210,49 @@ impl Bench {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Ok(gw)
+    }
+
+    /// Starts the bare tonic tunnel of `control.rs`: its gateway, then its agent.
+    async fn control(&self) -> anyhow::Result<Control> {
+        let a = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+        let (agent_listen, api) = (a(free_port()), a(free_port()));
+        let gateway = Kid::spawn(
+            &[
+                "bench-control".into(),
+                "gateway".into(),
+                "--agent-listen".into(),
+                agent_listen.to_string(),
+                "--api-listen".into(),
+                api.to_string(),
+            ],
+            &self.dir.join("control-gateway.log"),
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(agent_listen).await.is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "control gateway did not listen");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let agent = Kid::spawn(
+            &[
+                "bench-control".into(),
+                "agent".into(),
+                "--server".into(),
+                agent_listen.to_string(),
+                "--upstream".into(),
+                self.upstream.to_string(),
+            ],
+            &self.dir.join("control-agent.log"),
+        )?;
+        let control = Control {
+            gateway,
+            agent,
+            api,
+        };
+        while self.get_status(&format!("http://{api}/")).await != Some(200) {
+            anyhow::ensure!(Instant::now() < deadline, "control tunnel did not answer");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(control)
     }
 
     fn url(&self, gw: &Gw, transport: &str) -> String {
@@ -488,16 +541,29 @@ impl Bench {
             self.wait_connected(&gw, t, 1, "setup").await?;
             loads.insert(t.clone(), kids.remove(0));
         }
-        let mut names: Vec<String> = vec!["direct".into()];
+        let control = self.control().await?;
+        let mut names: Vec<String> = vec!["direct".into(), "control".into()];
         names.extend(transports.iter().cloned());
         let upstream = self.upstream;
         let base = |t: &str| -> String {
-            if t == "direct" {
-                format!("http://{upstream}")
-            } else {
-                format!("http://{}/agents/one-{t}/proxy", gw.api)
+            match t {
+                "direct" => format!("http://{upstream}"),
+                "control" => format!("http://{}", control.api),
+                _ => format!("http://{}/agents/one-{t}/proxy", gw.api),
             }
         };
+        // CPU of the two tunnel ends (gateway and agent process) of a column.
+        let ends_cpu = |t: &str| -> (Duration, Duration) {
+            match t {
+                "direct" => (Duration::ZERO, Duration::ZERO),
+                "control" => (control.gateway.cpu(), control.agent.cpu()),
+                _ => (
+                    gw.kid.cpu(),
+                    loads.get(t).map_or(Duration::ZERO, |k| k.cpu()),
+                ),
+            }
+        };
+        let auth = |t: &str| t != "direct" && t != "control";
         if latency {
             for conc in [1usize, 64] {
                 let rounds = 4;
@@ -507,7 +573,7 @@ impl Bench {
                 // Warm-up: connections, pools, tunnels.
                 for t in &names {
                     for _ in 0..20 {
-                        self.fetch(&format!("{}/", base(t)), t != "direct").await?;
+                        self.fetch(&format!("{}/", base(t)), auth(t)).await?;
                     }
                 }
                 for r in 0..rounds {
@@ -516,12 +582,12 @@ impl Bench {
                             "latency: concurrency {conc}: round {}/{rounds}: {t}",
                             r + 1
                         ));
-                        let cpu0 = gw.kid.cpu() + loads.get(t).map_or(Duration::ZERO, |k| k.cpu());
+                        let (g0, a0) = ends_cpu(t);
                         let url = format!("{}/", base(t));
                         let this: &Bench = self;
                         let results = futures_util::future::join_all((0..conc).map(|_| {
                             let url = url.clone();
-                            let auth = t != "direct";
+                            let auth = auth(t);
                             async move {
                                 let mut v = Vec::with_capacity(per_round / conc);
                                 for _ in 0..per_round / conc {
@@ -531,8 +597,8 @@ impl Bench {
                             }
                         }))
                         .await;
-                        let cpu1 = gw.kid.cpu() + loads.get(t).map_or(Duration::ZERO, |k| k.cpu());
-                        *cpu.entry(t.clone()).or_default() += cpu1 - cpu0;
+                        let (g1, a1) = ends_cpu(t);
+                        *cpu.entry(t.clone()).or_default() += (g1 - g0) + (a1 - a0);
                         let v = lat.entry(t.clone()).or_default();
                         for r in results.into_iter().flatten() {
                             v.push(r?);
@@ -580,10 +646,9 @@ impl Bench {
             let bytes = self.args.mib << 20;
             for t in &names {
                 progress(&format!("throughput: {t}: download {} MiB", self.args.mib));
-                let agent_cpu0 = loads.get(t).map_or(Duration::ZERO, |k| k.cpu());
-                let gw_cpu0 = gw.kid.cpu();
+                let (gw_cpu0, agent_cpu0) = ends_cpu(t);
                 let (took, n) = self
-                    .fetch(&format!("{}/bytes/{bytes}", base(t)), t != "direct")
+                    .fetch(&format!("{}/bytes/{bytes}", base(t)), auth(t))
                     .await?;
                 anyhow::ensure!(n == bytes, "{t}: download truncated at {n}");
                 self.push(
@@ -595,7 +660,7 @@ impl Bench {
                 );
                 progress(&format!("throughput: {t}: upload {} MiB", self.args.mib));
                 let took_up = self
-                    .upload(&format!("{}/sink", base(t)), t != "direct", bytes)
+                    .upload(&format!("{}/sink", base(t)), auth(t), bytes)
                     .await?;
                 self.push(
                     "throughput",
@@ -606,20 +671,20 @@ impl Bench {
                 );
                 if t != "direct" {
                     let gib = 2.0 * self.args.mib as f64 / 1024.0;
+                    let (gw_cpu1, agent_cpu1) = ends_cpu(t);
                     self.push(
                         "throughput",
                         "gateway CPU per GiB",
                         "s",
                         t,
-                        (gw.kid.cpu() - gw_cpu0).as_secs_f64() / gib,
+                        (gw_cpu1 - gw_cpu0).as_secs_f64() / gib,
                     );
-                    let agent_cpu = loads.get(t).map_or(Duration::ZERO, |k| k.cpu()) - agent_cpu0;
                     self.push(
                         "throughput",
                         "agent CPU per GiB",
                         "s",
                         t,
-                        agent_cpu.as_secs_f64() / gib,
+                        (agent_cpu1 - agent_cpu0).as_secs_f64() / gib,
                     );
                 }
             }
@@ -662,7 +727,7 @@ impl Bench {
 
     fn report(&self) -> String {
         let transports: Vec<String> = {
-            let mut v = vec!["direct".to_string()];
+            let mut v = vec!["direct".to_string(), "control".to_string()];
             v.extend(self.args.transports.iter().cloned());
             v
         };
@@ -760,7 +825,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("idle/burst over {t}"))?;
         }
     }
-    if matches!(s, Scenario::Latency | Scenario::Throughput | Scenario::All) {
+    if s == Scenario::Control {
+        b.args.transports = vec!["grpc".into()];
+    }
+    if matches!(
+        s,
+        Scenario::Latency | Scenario::Throughput | Scenario::Control | Scenario::All
+    ) {
         b.latency_throughput(s != Scenario::Throughput, s != Scenario::Latency)
             .await?;
     }

@@ -1,0 +1,342 @@
+//! The `control` of the benchmarks: the same reverse tunnel built from bare tonic and hyper,
+//! with none of agentgate's layers.
+//!
+//! It answers "what does a reverse tunnel over tonic cost at the least?", so that the bench can
+//! say how much of agentgate's cost is its own (authentication, the tunnel registry and its
+//! heartbeats, metrics, logs, the one-port sniffing, connection limits, the agent's pool
+//! policy) and how much is the floor of the building blocks. It speaks the same
+//! `Tunnel.Connect` messages over one cleartext HTTP/2 connection (`tonic::transport::Server`
+//! and `Channel` with their defaults), and its HTTP front and upstream client are plain hyper.
+//! What it leaves out: authentication, TLS, heartbeats, error reporting, retries, limits.
+//! Two processes, like the real thing: `bench-control gateway` and `bench-control agent`.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use agentgate_proto::v1::tunnel_client::TunnelClient;
+use agentgate_proto::v1::tunnel_server::{Tunnel, TunnelServer};
+use agentgate_proto::v1::{
+    agent_message, gateway_message, AgentMessage, Chunk, Descriptor, EndOfRequest, GatewayMessage,
+    Header, RequestHead, RequestKind, ResponseHead, Trailer,
+};
+use bytes::Bytes;
+use http_body::Frame;
+use http_body_util::{BodyExt, StreamBody};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+/// Largest body piece per `Chunk` message, as in the agent.
+const CHUNK: usize = 64 * 1024;
+/// Idle tunnel streams the control agent keeps open, as the agent's default pool.
+const PARKED: usize = 2;
+
+#[derive(clap::Args)]
+pub struct ControlArgs {
+    #[command(subcommand)]
+    role: Role,
+}
+
+#[derive(clap::Subcommand)]
+enum Role {
+    /// The gateway side: a tonic server for tunnels and an HTTP/1.1 front.
+    Gateway {
+        #[arg(long)]
+        agent_listen: SocketAddr,
+        #[arg(long)]
+        api_listen: SocketAddr,
+    },
+    /// The agent side: a tonic channel to the gateway and a hyper client to the upstream.
+    Agent {
+        #[arg(long)]
+        server: SocketAddr,
+        #[arg(long)]
+        upstream: SocketAddr,
+    },
+}
+
+pub async fn run(a: ControlArgs) -> anyhow::Result<()> {
+    match a.role {
+        Role::Gateway {
+            agent_listen,
+            api_listen,
+        } => gateway(agent_listen, api_listen).await,
+        Role::Agent { server, upstream } => agent(server, upstream).await,
+    }
+}
+
+/// One parked stream at the control gateway.
+struct Parked {
+    tx: mpsc::Sender<Result<GatewayMessage, Status>>,
+    rx: Streaming<AgentMessage>,
+}
+
+#[derive(Default)]
+struct Parking {
+    idle: Mutex<VecDeque<Parked>>,
+    parked: Notify,
+}
+
+impl Parking {
+    async fn take(&self) -> Parked {
+        loop {
+            let notified = self.parked.notified();
+            if let Some(p) = self.idle.lock().unwrap().pop_front() {
+                return p;
+            }
+            notified.await;
+        }
+    }
+}
+
+struct ControlTunnel(Arc<Parking>);
+
+#[tonic::async_trait]
+impl Tunnel for ControlTunnel {
+    type ConnectStream = ReceiverStream<Result<GatewayMessage, Status>>;
+
+    async fn connect(
+        &self,
+        req: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let mut rx = req.into_inner();
+        rx.message().await?; // the descriptor
+        let (tx, out) = mpsc::channel(4);
+        self.0.idle.lock().unwrap().push_back(Parked { tx, rx });
+        self.0.parked.notify_one();
+        Ok(Response::new(ReceiverStream::new(out)))
+    }
+}
+
+/// The headers that cross the tunnel: all but the hop-by-hop ones and Host.
+fn end_to_end(h: &http::HeaderMap) -> Vec<Header> {
+    use http::header::{CONNECTION, HOST, TRANSFER_ENCODING};
+    h.iter()
+        .filter(|(k, _)| ![CONNECTION, HOST, TRANSFER_ENCODING].contains(k))
+        .map(|(k, v)| Header {
+            name: k.as_str().into(),
+            value: v.as_bytes().to_vec(),
+        })
+        .collect()
+}
+
+fn header_map(h: &[Header]) -> http::HeaderMap {
+    h.iter()
+        .filter_map(|h| {
+            Some((
+                http::HeaderName::from_bytes(h.name.as_bytes()).ok()?,
+                http::HeaderValue::from_bytes(&h.value).ok()?,
+            ))
+        })
+        .collect()
+}
+
+type FrontBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Status>;
+
+async fn gateway(agent_listen: SocketAddr, api_listen: SocketAddr) -> anyhow::Result<()> {
+    let parking = Arc::new(Parking::default());
+    let tunnels = tonic::transport::Server::builder()
+        .add_service(TunnelServer::new(ControlTunnel(parking.clone())))
+        .serve(agent_listen);
+    let front = tokio::net::TcpListener::bind(api_listen).await?;
+    let api = async move {
+        loop {
+            let (tcp, _) = front.accept().await?;
+            tcp.set_nodelay(true)?;
+            let parking = parking.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let parking = parking.clone();
+                    async move { Ok::<_, Infallible>(forward(&parking, req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+        #[allow(unreachable_code)]
+        Ok::<_, std::io::Error>(())
+    };
+    tokio::select! {
+        r = tunnels => r?,
+        r = api => r?,
+    }
+    Ok(())
+}
+
+/// Sends one request down a parked stream and streams the answer back.
+async fn forward(
+    parking: &Parking,
+    req: http::Request<hyper::body::Incoming>,
+) -> http::Response<FrontBody> {
+    let Parked { tx, mut rx } = parking.take().await;
+    let (parts, mut body) = req.into_parts();
+    let head = RequestHead {
+        kind: RequestKind::Http as i32,
+        upstream: "default".into(),
+        method: parts.method.to_string(),
+        path_and_query: parts
+            .uri
+            .path_and_query()
+            .map_or("/".into(), |p| p.to_string()),
+        headers: end_to_end(&parts.headers),
+        timeout_millis: 0,
+    };
+    let msg = |m| Ok(GatewayMessage { msg: Some(m) });
+    let _ = tx.send(msg(gateway_message::Msg::RequestHead(head))).await;
+    // Our side of the stream stays open until the response body is done (its end is what
+    // drops `done`): the agent reads an early end as a cancel.
+    let (done, response_done) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                let chunk = gateway_message::Msg::Chunk(Chunk { data });
+                if tx.send(msg(chunk)).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let end = gateway_message::Msg::EndOfRequest(EndOfRequest { trailers: vec![] });
+        let _ = tx.send(msg(end)).await;
+        let _ = response_done.await;
+    });
+    let mut status = 502;
+    let mut headers = http::HeaderMap::new();
+    while let Ok(Some(m)) = rx.message().await {
+        if let Some(agent_message::Msg::ResponseHead(h)) = m.msg {
+            status = h.status as u16;
+            headers = header_map(&h.headers);
+            break;
+        }
+    }
+    let frames = futures_util::stream::unfold((rx, done), |(mut rx, done)| async move {
+        match rx.message().await {
+            Ok(Some(AgentMessage {
+                msg: Some(agent_message::Msg::Chunk(c)),
+            })) => Some((Ok(Frame::data(c.data)), (rx, done))),
+            Ok(_) => None,
+            Err(e) => Some((Err(e), (rx, done))),
+        }
+    });
+    let mut resp = http::Response::new(StreamBody::new(frames).boxed_unsync());
+    *resp.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
+    *resp.headers_mut() = headers;
+    resp
+}
+
+type UpstreamBody = StreamBody<ReceiverStream<Result<Frame<Bytes>, Infallible>>>;
+
+async fn agent(server: SocketAddr, upstream: SocketAddr) -> anyhow::Result<()> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{server}"))?
+        .connect()
+        .await?;
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    let client: Client<_, UpstreamBody> = Client::builder(TokioExecutor::new()).build(http);
+    // Each stream that gets a request asks for a replacement through `busy`.
+    let (busy_tx, mut busy_rx) = mpsc::unbounded_channel::<()>();
+    for _ in 0..PARKED {
+        busy_tx.send(())?;
+    }
+    while busy_rx.recv().await.is_some() {
+        tokio::spawn(serve_one(
+            TunnelClient::new(channel.clone()),
+            client.clone(),
+            upstream,
+            busy_tx.clone(),
+        ));
+    }
+    Ok(())
+}
+
+/// One tunnel stream: park, take one request, run it against the upstream, answer.
+async fn serve_one(
+    mut tunnels: TunnelClient<tonic::transport::Channel>,
+    client: Client<HttpConnector, UpstreamBody>,
+    upstream: SocketAddr,
+    busy: mpsc::UnboundedSender<()>,
+) {
+    let (tx, rx) = mpsc::channel(8);
+    let descriptor = Descriptor {
+        instance_id: "control".into(),
+        http_upstreams: vec!["default".into()],
+        grpc_upstream: false,
+    };
+    let msg = |m| AgentMessage { msg: Some(m) };
+    let _ = tx.try_send(msg(agent_message::Msg::Descriptor(descriptor)));
+    let Ok(resp) = tunnels.connect(ReceiverStream::new(rx)).await else {
+        let _ = busy.send(());
+        return;
+    };
+    let mut inbound = resp.into_inner();
+    let head = loop {
+        match inbound.message().await {
+            Ok(Some(GatewayMessage {
+                msg: Some(gateway_message::Msg::RequestHead(h)),
+            })) => break h,
+            Ok(Some(_)) => continue,
+            _ => {
+                let _ = busy.send(());
+                return;
+            }
+        }
+    };
+    let _ = busy.send(());
+    let (body_tx, body_rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        while let Ok(Some(m)) = inbound.message().await {
+            match m.msg {
+                Some(gateway_message::Msg::Chunk(c)) => {
+                    let _ = body_tx.send(Ok(Frame::data(c.data))).await;
+                }
+                Some(gateway_message::Msg::EndOfRequest(_)) => break,
+                _ => {}
+            }
+        }
+        drop(body_tx);
+        // Drain to the end of the gateway's side.
+        while let Ok(Some(_)) = inbound.message().await {}
+    });
+    let mut req = http::Request::new(StreamBody::new(ReceiverStream::new(body_rx)));
+    *req.method_mut() = http::Method::from_bytes(head.method.as_bytes()).unwrap_or_default();
+    *req.uri_mut() = match format!("http://{upstream}{}", head.path_and_query).parse() {
+        Ok(u) => u,
+        Err(_) => return,
+    };
+    *req.headers_mut() = header_map(&head.headers);
+    let Ok(resp) = client.request(req).await else {
+        return;
+    };
+    let head = ResponseHead {
+        status: resp.status().as_u16() as u32,
+        headers: end_to_end(resp.headers()),
+    };
+    if tx
+        .send(msg(agent_message::Msg::ResponseHead(head)))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut body = resp.into_body();
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Ok(mut data) = frame.into_data() {
+            while !data.is_empty() {
+                let piece = data.split_to(data.len().min(CHUNK));
+                let chunk = agent_message::Msg::Chunk(Chunk { data: piece });
+                if tx.send(msg(chunk)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = tx
+        .send(msg(agent_message::Msg::Trailer(Trailer {
+            trailers: vec![],
+        })))
+        .await;
+}
