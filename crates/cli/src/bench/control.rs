@@ -269,6 +269,8 @@ async fn serve_one(
     let msg = |m| AgentMessage { msg: Some(m) };
     let _ = tx.try_send(msg(agent_message::Msg::Descriptor(descriptor)));
     let Ok(resp) = tunnels.connect(ReceiverStream::new(rx)).await else {
+        // The gateway is gone or refusing: retry, but not in a tight loop.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         let _ = busy.send(());
         return;
     };
