@@ -10,12 +10,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use agentgate_proto::headers::to_proto;
 use agentgate_proto::v1::{
     agent_message, gateway_message, tunnel_error, AgentMessage, Chunk, GatewayMessage, Header,
     RequestHead, RequestKind, ResponseHead, Trailer, TunnelError,
 };
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::HeaderMap;
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -214,7 +215,7 @@ impl Upstreams {
         let head_msg = AgentMessage {
             msg: Some(agent_message::Msg::ResponseHead(ResponseHead {
                 status: status as u32,
-                headers: headers_to(resp.headers()),
+                headers: to_proto(resp.headers()),
             })),
         };
         tx.send(head_msg)
@@ -238,7 +239,7 @@ impl Upstreams {
                 }
                 Err(frame) => {
                     if let Ok(t) = frame.into_trailers() {
-                        trailers = headers_to(&t);
+                        trailers = to_proto(&t);
                     }
                 }
             }
@@ -329,26 +330,9 @@ pub fn join_uri(base: &url::Url, path_and_query: &str) -> Result<http::Uri, Stri
         .map_err(|e| format!("invalid upstream URI: {e}"))
 }
 
+/// Tunnel headers as an HTTP header map; invalid ones (the gateway never sends them) are dropped.
 fn headers_from(h: &[Header]) -> HeaderMap {
-    let mut map = HeaderMap::with_capacity(h.len());
-    for h in h {
-        if let (Ok(k), Ok(v)) = (
-            HeaderName::from_bytes(h.name.as_bytes()),
-            HeaderValue::from_bytes(&h.value),
-        ) {
-            map.append(k, v);
-        }
-    }
-    map
-}
-
-fn headers_to(h: &HeaderMap) -> Vec<Header> {
-    h.iter()
-        .map(|(k, v)| Header {
-            name: k.as_str().into(),
-            value: v.as_bytes().to_vec(),
-        })
-        .collect()
+    agentgate_proto::headers::from_proto(h, |_| {})
 }
 
 /// Feeds the request body from the tunnel to the upstream, then watches the tunnel for

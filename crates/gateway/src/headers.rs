@@ -45,31 +45,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     }
 }
 
-pub fn to_proto(headers: &HeaderMap) -> Vec<Header> {
-    headers
-        .iter()
-        .map(|(k, v)| Header {
-            name: k.as_str().to_string(),
-            value: v.as_bytes().to_vec(),
-        })
-        .collect()
-}
+pub use agentgate_proto::headers::to_proto;
 
 /// Converts tunnel headers back; invalid names or values are dropped (and logged).
 pub fn from_proto(headers: &[Header]) -> HeaderMap {
-    let mut map = HeaderMap::with_capacity(headers.len());
-    for h in headers {
-        match (
-            HeaderName::from_bytes(h.name.as_bytes()),
-            HeaderValue::from_bytes(&h.value),
-        ) {
-            (Ok(k), Ok(v)) => {
-                map.append(k, v);
-            }
-            _ => tracing::debug!(name = %h.name, "dropping invalid header from tunnel"),
-        }
-    }
-    map
+    agentgate_proto::headers::from_proto(
+        headers,
+        |h| tracing::debug!(name = %h.name, "dropping invalid header from tunnel"),
+    )
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! agentgate's public gRPC contract, generated from the `.proto` files in `proto/`.
 
 pub mod codec;
+pub mod headers;
 
 /// Version 1 of the contract: `agentgate.v1`.
 pub mod v1 {

@@ -15,6 +15,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use agentgate_proto::headers::{from_proto, to_proto};
 use agentgate_proto::v1::tunnel_client::TunnelClient;
 use agentgate_proto::v1::tunnel_server::{Tunnel, TunnelServer};
 use agentgate_proto::v1::{
@@ -113,26 +114,15 @@ impl Tunnel for ControlTunnel {
 }
 
 /// The headers that cross the tunnel: all but the hop-by-hop ones and Host.
-fn end_to_end(h: &http::HeaderMap) -> Vec<Header> {
-    use http::header::{CONNECTION, HOST, TRANSFER_ENCODING};
-    h.iter()
-        .filter(|(k, _)| ![CONNECTION, HOST, TRANSFER_ENCODING].contains(k))
-        .map(|(k, v)| Header {
-            name: k.as_str().into(),
-            value: v.as_bytes().to_vec(),
-        })
-        .collect()
-}
-
-fn header_map(h: &[Header]) -> http::HeaderMap {
-    h.iter()
-        .filter_map(|h| {
-            Some((
-                http::HeaderName::from_bytes(h.name.as_bytes()).ok()?,
-                http::HeaderValue::from_bytes(&h.value).ok()?,
-            ))
-        })
-        .collect()
+fn end_to_end(mut h: http::HeaderMap) -> Vec<Header> {
+    for hop in [
+        http::header::CONNECTION,
+        http::header::HOST,
+        http::header::TRANSFER_ENCODING,
+    ] {
+        h.remove(hop);
+    }
+    to_proto(&h)
 }
 
 type FrontBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Status>;
@@ -183,7 +173,7 @@ async fn forward(
             .uri
             .path_and_query()
             .map_or("/".into(), |p| p.to_string()),
-        headers: end_to_end(&parts.headers),
+        headers: end_to_end(parts.headers),
         timeout_millis: 0,
     };
     let msg = |m| Ok(GatewayMessage { msg: Some(m) });
@@ -209,7 +199,7 @@ async fn forward(
     while let Ok(Some(m)) = rx.message().await {
         if let Some(agent_message::Msg::ResponseHead(h)) = m.msg {
             status = h.status as u16;
-            headers = header_map(&h.headers);
+            headers = from_proto(&h.headers, |_| {});
             break;
         }
     }
@@ -309,13 +299,14 @@ async fn serve_one(
         Ok(u) => u,
         Err(_) => return,
     };
-    *req.headers_mut() = header_map(&head.headers);
+    *req.headers_mut() = from_proto(&head.headers, |_| {});
     let Ok(resp) = client.request(req).await else {
         return;
     };
+    let (parts, mut body) = resp.into_parts();
     let head = ResponseHead {
-        status: resp.status().as_u16() as u32,
-        headers: end_to_end(resp.headers()),
+        status: parts.status.as_u16() as u32,
+        headers: end_to_end(parts.headers),
     };
     if tx
         .send(msg(agent_message::Msg::ResponseHead(head)))
@@ -324,7 +315,6 @@ async fn serve_one(
     {
         return;
     }
-    let mut body = resp.into_body();
     while let Some(Ok(frame)) = body.frame().await {
         if let Ok(mut data) = frame.into_data() {
             while !data.is_empty() {
