@@ -49,8 +49,8 @@ pub struct GatewayConfig {
     /// How long to wait for a PING acknowledgement before closing the connection.
     #[serde(with = "humantime_serde")]
     pub keepalive_timeout: Duration,
-    /// Clients pinging more often than this (three times in a row without request traffic)
-    /// are disconnected, reason `too_many_pings` (kas: 20 s). `0s` disables the check.
+    /// Clients pinging more often than this (three times in a row with no DATA or HEADERS sent
+    /// to them in between, as grpc-go) are disconnected, reason `too_many_pings` (kas: 20 s). `0s` disables the check.
     #[serde(with = "humantime_serde")]
     pub min_client_ping_interval: Duration,
     /// Application-level heartbeat on long-lived streams (sessions and parked tunnels), for

@@ -14,6 +14,7 @@ pub mod directory;
 mod headers;
 mod memory;
 pub mod metrics;
+mod rpc_guard;
 mod rpc_layer;
 mod session;
 pub mod tokens;
@@ -315,8 +316,13 @@ pub async fn run_with(
             .register_encoded_file_descriptor_set(agentgate_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let reflection_v1 = reflection().build_v1()?;
-    let reflection_v1alpha = reflection().build_v1alpha()?;
+    // Every service takes gzip-compressed requests: GitLab's agentk compresses every call
+    // (`grpc.UseCompressor(gzip)`). Answers go out uncompressed, which every client accepts;
+    // docs/compat.md has the measurement behind that choice.
+    let gzip = tonic::codec::CompressionEncoding::Gzip;
+    let health_service = health_service.accept_compressed(gzip);
+    let reflection_v1 = reflection().build_v1()?.accept_compressed(gzip);
+    let reflection_v1alpha = reflection().build_v1alpha()?.accept_compressed(gzip);
 
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(cfg.keepalive_interval))
@@ -333,13 +339,19 @@ pub async fn run_with(
         .layer(rpc_layer::RpcObserveLayer {
             metrics: gw.metrics.clone(),
         })
+        .layer(rpc_guard::RpcGuardLayer {
+            metrics: gw.metrics.clone(),
+        })
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(AgentSessionServer::new(session::SessionService {
-            gw: gw.clone(),
-        }))
-        .add_service(TunnelServer::new(tunnel::TunnelService { gw: gw.clone() }))
+        .add_service(
+            AgentSessionServer::new(session::SessionService { gw: gw.clone() })
+                .accept_compressed(gzip),
+        )
+        .add_service(
+            TunnelServer::new(tunnel::TunnelService { gw: gw.clone() }).accept_compressed(gzip),
+        )
         .serve_with_incoming_shutdown(incoming, server_stop.clone().cancelled_owned());
     let server = tokio::spawn(server);
 

@@ -41,7 +41,7 @@ pub struct IngressSettings {
     /// Listen backlog; the OS default of 128 overflows in reconnect storms.
     pub listen_backlog: u32,
     /// Clients that PING more often than this (more than a couple of times in a row, with no
-    /// request traffic between) are disconnected. `None` disables the check.
+    /// DATA or HEADERS sent to them between, grpc-go's rule) are disconnected. `None` disables the check.
     pub min_client_ping_interval: Option<Duration>,
     pub ws: WsSettings,
 }
@@ -219,6 +219,9 @@ impl AsyncWrite for ServerConn {
         let res = Pin::new(&mut self.io).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = res {
             self.meta.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+            if let Some(policy) = &mut self.ping_policy {
+                policy.feed_outbound(&buf[..n]);
+            }
         }
         res
     }
@@ -230,6 +233,17 @@ impl AsyncWrite for ServerConn {
         let res = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = res {
             self.meta.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+            if let Some(policy) = &mut self.ping_policy {
+                let mut left = n;
+                for b in bufs {
+                    let take = left.min(b.len());
+                    policy.feed_outbound(&b[..take]);
+                    left -= take;
+                    if left == 0 {
+                        break;
+                    }
+                }
+            }
         }
         res
     }

@@ -6,6 +6,7 @@
 //! [`ServerConn`]s, each an `AsyncRead + AsyncWrite` labelled with its [`TransportKind`], and the
 //! agent receives a [`BoxedIo`] from [`dial`].
 
+mod authority;
 mod dial;
 mod ingress;
 mod kind;
@@ -16,6 +17,7 @@ mod sniff;
 pub mod tls;
 mod websocket;
 
+pub use authority::{non_uri_authority, refuse_non_uri_authority};
 pub use dial::{dial, DialError, DialSettings};
 pub use ingress::{
     accept_until, bind_listener, serve_ingress, ConnMeta, ConnectionLimit, IngressObserver,

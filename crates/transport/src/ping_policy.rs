@@ -1,10 +1,14 @@
 //! Enforcement of the minimum interval between a client's HTTP/2 PINGs.
 //!
 //! hyper answers every PING and has no policy of its own, so a client could keep the server
-//! busy with PINGs. This reads the frame headers of the inbound HTTP/2 byte stream (it never
-//! copies payloads) and reports a violation when PINGs arrive closer together than the
-//! minimum interval more than `MAX_STRIKES` times without any request traffic in between,
-//! the way grpc-go's keepalive enforcement policy does.
+//! busy with PINGs. This reads the frame headers of both directions of one HTTP/2 server
+//! connection (it never copies payloads) and reports a violation when the client's PINGs
+//! arrive closer together than the minimum interval more than `MAX_STRIKES` times with no
+//! DATA or HEADERS *sent by the server* in between. That is grpc-go's keepalive enforcement
+//! rule, and it matters: grpc-go clients (GitLab's agentk among them) send a bandwidth-probe
+//! PING for every burst of DATA they receive, so a download to the agent produces PINGs
+//! milliseconds apart that are legitimate. What the client itself sends never resets the
+//! count, so interleaving HEADERS or DATA does not hide a PING flood.
 
 use std::time::{Duration, Instant};
 
@@ -28,35 +32,33 @@ enum State {
     },
 }
 
-/// Watches the inbound byte stream of one HTTP/2 server connection.
+/// Finds the frame headers in one direction of an HTTP/2 byte stream, however it is split
+/// into reads or writes.
 #[derive(Debug)]
-pub struct PingPolicy {
-    min_interval: Duration,
+struct FrameScanner {
     state: State,
-    last_ping: Option<Instant>,
-    strikes: u32,
 }
 
-/// The client pinged too often.
-#[derive(Debug, PartialEq, Eq)]
-pub struct TooManyPings {
-    pub strikes: u32,
-}
-
-impl PingPolicy {
-    pub fn new(min_interval: Duration) -> Self {
-        Self {
-            min_interval,
-            state: State::Skip {
-                remaining: HTTP2_PREFACE.len(),
-            },
-            last_ping: None,
-            strikes: 0,
-        }
+impl FrameScanner {
+    /// A scanner that first passes over `skip` bytes (the client preface inbound).
+    fn new(skip: usize) -> Self {
+        let state = if skip == 0 {
+            State::Header {
+                buf: [0; FRAME_HEADER_LEN],
+                have: 0,
+            }
+        } else {
+            State::Skip { remaining: skip }
+        };
+        Self { state }
     }
 
-    /// Feeds bytes just read from the client.
-    pub fn feed(&mut self, mut data: &[u8], now: Instant) -> Result<(), TooManyPings> {
+    /// Calls `on_frame(type, flags)` for every frame header completed by `data`.
+    fn scan<E>(
+        &mut self,
+        mut data: &[u8],
+        mut on_frame: impl FnMut(u8, u8) -> Result<(), E>,
+    ) -> Result<(), E> {
         while !data.is_empty() {
             match &mut self.state {
                 State::Skip { remaining } => {
@@ -78,41 +80,78 @@ impl PingPolicy {
                     if *have == FRAME_HEADER_LEN {
                         let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
                         let (kind, flags) = (buf[3], buf[4]);
-                        self.on_frame(kind, flags, now)?;
-                        self.state = if len == 0 {
-                            State::Header {
-                                buf: [0; FRAME_HEADER_LEN],
-                                have: 0,
-                            }
-                        } else {
-                            State::Skip { remaining: len }
-                        };
+                        self.state = Self::new(len).state;
+                        on_frame(kind, flags)?;
                     }
                 }
             }
         }
         Ok(())
     }
+}
 
-    fn on_frame(&mut self, kind: u8, flags: u8, now: Instant) -> Result<(), TooManyPings> {
-        match kind {
-            FRAME_DATA | FRAME_HEADERS => self.strikes = 0,
-            FRAME_PING if flags & FLAG_ACK == 0 => {
-                if let Some(last) = self.last_ping {
-                    if now.duration_since(last) < self.min_interval {
-                        self.strikes += 1;
-                        if self.strikes > MAX_STRIKES {
-                            return Err(TooManyPings {
-                                strikes: self.strikes,
-                            });
+/// Watches both directions of one HTTP/2 server connection.
+#[derive(Debug)]
+pub struct PingPolicy {
+    min_interval: Duration,
+    inbound: FrameScanner,
+    outbound: FrameScanner,
+    last_ping: Option<Instant>,
+    strikes: u32,
+}
+
+/// The client pinged too often.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TooManyPings {
+    pub strikes: u32,
+}
+
+impl PingPolicy {
+    pub fn new(min_interval: Duration) -> Self {
+        Self {
+            min_interval,
+            inbound: FrameScanner::new(HTTP2_PREFACE.len()),
+            outbound: FrameScanner::new(0),
+            last_ping: None,
+            strikes: 0,
+        }
+    }
+
+    /// Feeds bytes just read from the client.
+    pub fn feed(&mut self, data: &[u8], now: Instant) -> Result<(), TooManyPings> {
+        let Self {
+            inbound,
+            min_interval,
+            last_ping,
+            strikes,
+            ..
+        } = self;
+        inbound.scan(data, |kind, flags| {
+            if kind == FRAME_PING && flags & FLAG_ACK == 0 {
+                if let Some(last) = *last_ping {
+                    if now.duration_since(last) < *min_interval {
+                        *strikes += 1;
+                        if *strikes > MAX_STRIKES {
+                            return Err(TooManyPings { strikes: *strikes });
                         }
                     }
                 }
-                self.last_ping = Some(now);
+                *last_ping = Some(now);
             }
-            _ => {}
-        }
-        Ok(())
+            Ok(())
+        })
+    }
+
+    /// Feeds bytes just written to the client: DATA or HEADERS from the server clear the
+    /// strikes, as in grpc-go.
+    pub fn feed_outbound(&mut self, data: &[u8]) {
+        let strikes = &mut self.strikes;
+        let _ = self.outbound.scan(data, |kind, _| {
+            if kind == FRAME_DATA || kind == FRAME_HEADERS {
+                *strikes = 0;
+            }
+            Ok::<(), ()>(())
+        });
     }
 }
 
@@ -164,13 +203,40 @@ mod tests {
     }
 
     #[test]
-    fn request_traffic_resets_strikes() {
+    fn server_data_or_headers_reset_strikes() {
+        // grpc-go's BDP probes: a PING after each DATA burst the server sends.
         let mut p = PingPolicy::new(Duration::from_secs(20));
         let t0 = Instant::now();
         p.feed(HTTP2_PREFACE, t0).unwrap();
-        for _ in 0..10 {
+        let mut out = frame(0x4, 0, &[0; 6]); // server SETTINGS
+        out.extend(frame(FRAME_HEADERS, 0x4, &[0x88]));
+        p.feed_outbound(&out[..7]);
+        p.feed_outbound(&out[7..]);
+        for i in 0..10 {
             p.feed(&frame(FRAME_PING, 0, &[0; 8]), t0).unwrap();
-            p.feed(&frame(FRAME_DATA, 0, b"hello"), t0).unwrap();
+            let data = frame(FRAME_DATA, 0, &[i; 100]);
+            // Split across writes, as a vectored write would.
+            p.feed_outbound(&data[..3]);
+            p.feed_outbound(&data[3..]);
         }
+    }
+
+    #[test]
+    fn client_traffic_does_not_hide_a_ping_flood() {
+        let mut p = PingPolicy::new(Duration::from_secs(20));
+        let t0 = Instant::now();
+        p.feed(HTTP2_PREFACE, t0).unwrap();
+        let mut result = Ok(());
+        for _ in 0..4 {
+            result = p.feed(&frame(FRAME_PING, 0, &[0; 8]), t0);
+            if result.is_err() {
+                break;
+            }
+            p.feed(&frame(FRAME_HEADERS, 0x4, &[0x82]), t0).unwrap();
+            p.feed(&frame(FRAME_DATA, 0, b"hello"), t0).unwrap();
+            // PING ACKs from the server are not DATA or HEADERS.
+            p.feed_outbound(&frame(FRAME_PING, FLAG_ACK, &[0; 8]));
+        }
+        assert_eq!(result, Err(TooManyPings { strikes: 3 }));
     }
 }

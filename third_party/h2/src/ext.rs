@@ -53,3 +53,31 @@ impl fmt::Debug for Protocol {
         self.value.fmt(f)
     }
 }
+
+/// agentgate patch: the raw `:authority` of a request whose value is not a URI authority
+/// (for example a whole URL such as `wss://host/path/`, or an empty value). The request's URI
+/// then has no authority; a server that wants the strict behaviour refuses requests that carry
+/// this extension.
+#[derive(Clone, Eq, PartialEq)]
+pub struct NonUriAuthority {
+    value: Bytes,
+}
+
+impl NonUriAuthority {
+    pub(crate) fn new(value: Bytes) -> Self {
+        Self { value }
+    }
+
+    /// The raw bytes of the `:authority` pseudo-header as received.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.value
+    }
+}
+
+impl fmt::Debug for NonUriAuthority {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.debug_tuple("NonUriAuthority")
+            .field(&String::from_utf8_lossy(&self.value))
+            .finish()
+    }
+}

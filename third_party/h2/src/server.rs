@@ -1700,15 +1700,28 @@ impl proto::Peer for Peer {
 
         // A request translated from HTTP/1 must not include the :authority
         // header
+        //
+        // agentgate patch: an :authority that is not a URI authority (grpc-go sends the whole
+        // target URL, `wss://host/path/`, when dialed with a `passthrough:` URL target, as
+        // GitLab's agentk does) no longer resets the stream. The URI is built without an
+        // authority and the raw value travels in the `ext::NonUriAuthority` extension, so
+        // each server decides whether to accept it. Every other check is unchanged.
+        let mut non_uri_authority = None;
         if let Some(authority) = pseudo.authority {
             let maybe_authority = uri::Authority::from_maybe_shared(authority.clone().into_inner());
-            parts.authority = Some(maybe_authority.or_else(|why| {
-                malformed!(
-                    "malformed headers: malformed authority ({:?}): {}",
-                    authority,
-                    why,
-                )
-            })?);
+            match maybe_authority {
+                Ok(a) => parts.authority = Some(a),
+                Err(why) => {
+                    tracing::debug!(
+                        "non-URI authority ({:?}): {}; kept as ext::NonUriAuthority",
+                        authority,
+                        why
+                    );
+                    non_uri_authority = Some(crate::ext::NonUriAuthority::new(
+                        authority.into_inner(),
+                    ));
+                }
+            }
         }
 
         // A :scheme is required, except CONNECT.
@@ -1766,6 +1779,9 @@ impl proto::Peer for Peer {
         };
 
         *request.headers_mut() = fields;
+        if let Some(raw) = non_uri_authority {
+            request.extensions_mut().insert(raw);
+        }
 
         Ok(request)
     }

@@ -102,6 +102,12 @@ async fn route(
     tls: bool,
     req: Request<Incoming>,
 ) -> Response<ApiBody> {
+    if let Some(why) = agentgate_transport::refuse_non_uri_authority(req.extensions()) {
+        tracing::warn!(%peer, path = %req.uri().path(), "API request refused: {why}");
+        let mut resp = Response::new(full_body(format!("agentgate: {why}\n")));
+        *resp.status_mut() = http::StatusCode::BAD_REQUEST;
+        return resp;
+    }
     let is_grpc = req
         .headers()
         .get(http::header::CONTENT_TYPE)

@@ -43,6 +43,13 @@ async fn route(
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<ResponseBody> {
+    if let Some(why) = agentgate_transport::refuse_non_uri_authority(req.extensions()) {
+        tracing::warn!(%peer, path = %req.uri().path(), "internal API call refused: {why}");
+        return text(
+            StatusCode::BAD_REQUEST,
+            format!("agentgate internal API: {why}\n"),
+        );
+    }
     let cluster = gw
         .cluster
         .as_ref()

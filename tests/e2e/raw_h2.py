@@ -1,0 +1,142 @@
+"""A raw HTTP/2 client for tests that must send what well-behaved clients never do.
+
+Built on the `h2` protocol library (not a gRPC stack), over a plain socket or TLS, with
+header validation switched off so that a test can send a URL as `:authority`, an empty one,
+unknown encodings or corrupt message bodies exactly as written.
+"""
+
+from __future__ import annotations
+
+import gzip
+import socket
+import ssl
+import struct
+import time
+from dataclasses import dataclass, field
+
+import h2.config
+import h2.connection
+import h2.events
+
+
+def grpc_frame(payload: bytes, compressed: bool = False) -> bytes:
+    """One gRPC length-prefixed message."""
+    return struct.pack(">BI", 1 if compressed else 0, len(payload)) + payload
+
+
+def gzip_frame(payload: bytes) -> bytes:
+    return grpc_frame(gzip.compress(payload), compressed=True)
+
+
+@dataclass
+class Answer:
+    """What came back on one stream."""
+
+    headers: dict = field(default_factory=dict)
+    trailers: dict = field(default_factory=dict)
+    data: bytes = b""
+    reset: int | None = None
+    ended: bool = False
+
+    @property
+    def grpc_status(self) -> str | None:
+        return self.trailers.get("grpc-status") or self.headers.get("grpc-status")
+
+    @property
+    def grpc_message(self) -> str:
+        from urllib.parse import unquote
+
+        return unquote(self.trailers.get("grpc-message") or self.headers.get("grpc-message") or "")
+
+
+class RawH2:
+    """One HTTP/2 connection, driven by hand."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1", tls_ctx: ssl.SSLContext | None = None,
+                 server_hostname: str = "localhost", timeout: float = 10.0):
+        sock = socket.create_connection((host, port), timeout=timeout)
+        if tls_ctx is not None:
+            sock = tls_ctx.wrap_socket(sock, server_hostname=server_hostname)
+        self.sock = sock
+        cfg = h2.config.H2Configuration(client_side=True, validate_outbound_headers=False,
+                                        normalize_outbound_headers=False, validate_inbound_headers=False)
+        self.conn = h2.connection.H2Connection(config=cfg)
+        self.conn.initiate_connection()
+        self.answers: dict[int, Answer] = {}
+        self.closed = False
+        self.flush()
+
+    def flush(self):
+        data = self.conn.data_to_send()
+        if data:
+            self.sock.sendall(data)
+
+    def request(self, path: str, headers: list[tuple[str, str]] | None = None, body: bytes | None = None,
+                authority: str | None = "localhost", method: str = "POST", scheme: str = "http",
+                end: bool = True, grpc: bool = True) -> int:
+        """Opens a stream; returns its id. `authority=None` leaves :authority out."""
+        sid = self.conn.get_next_available_stream_id()
+        hs = [(":method", method), (":scheme", scheme), (":path", path)]
+        if authority is not None:
+            hs.append((":authority", authority))
+        if grpc:
+            hs += [("content-type", "application/grpc"), ("te", "trailers")]
+        hs += headers or []
+        self.conn.send_headers(sid, hs, end_stream=end and body is None)
+        if body is not None:
+            self.conn.send_data(sid, body, end_stream=end)
+        self.answers[sid] = Answer()
+        self.flush()
+        return sid
+
+    def pump(self, until, timeout: float = 10.0) -> bool:
+        """Reads and handles events until `until()` is true, the connection closes, or time
+        runs out. Returns until()'s last value."""
+        deadline = time.monotonic() + timeout
+        while not until() and not self.closed and time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                chunk = self.sock.recv(65536)
+            except (socket.timeout, TimeoutError):
+                break
+            except (ConnectionResetError, ssl.SSLError, OSError):
+                self.closed = True
+                break
+            if not chunk:
+                self.closed = True
+                break
+            for ev in self.conn.receive_data(chunk):
+                self._on(ev)
+            self.flush()
+        return bool(until())
+
+    def _on(self, ev):
+        sid = getattr(ev, "stream_id", None)
+        a = self.answers.get(sid) if sid else None
+        if isinstance(ev, h2.events.ResponseReceived) and a:
+            a.headers = {k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
+                         for k, v in ev.headers}
+        elif isinstance(ev, h2.events.TrailersReceived) and a:
+            a.trailers = {k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
+                          for k, v in ev.headers}
+        elif isinstance(ev, h2.events.DataReceived):
+            if a:
+                a.data += ev.data
+            self.conn.acknowledge_received_data(ev.flow_controlled_length, sid)
+        elif isinstance(ev, h2.events.StreamEnded) and a:
+            a.ended = True
+        elif isinstance(ev, h2.events.StreamReset) and a:
+            a.reset = ev.error_code
+            a.ended = True
+        elif isinstance(ev, h2.events.ConnectionTerminated):
+            self.closed = True
+
+    def wait(self, sid: int, timeout: float = 10.0) -> Answer:
+        self.pump(lambda: self.answers[sid].ended, timeout)
+        return self.answers[sid]
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
