@@ -28,7 +28,7 @@ import pytest
 
 import ingress_clients as ic
 import raw_h2
-from conftest import ROOT, wait_for
+from conftest import BIN, ROOT, wait_for
 from test_tunnel import api_request, start_agent, HttpUpstream
 
 SCHEMES = ("grpc", "grpcs", "ws", "wss")
@@ -94,9 +94,18 @@ def expected_body(method: str, path: str, request_bytes: int) -> bytes:
 # --------------------------------------------------------------------------------------------
 
 
+def kas_token_file(env, name: str) -> Path:
+    """A token as GitLab issues them to agentk, imported into the store unchanged: the agent
+    keeps the token file it used with kas."""
+    path = env.tmp / f"{name}.glagent-token"
+    path.write_text("glagent-" + os.urandom(24).hex() + "\n")
+    ic.run([BIN, "token", "create", "--name", name, "--tokens", env.tokens, "--from-file", path]).check_returncode()
+    return path
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_agentk_like_client_registers_and_serves_tunnelled_requests(env, agentk_like, scheme):
-    tok = env.token_file("edge-go")
+    tok = kas_token_file(env, "edge-go")
     api = env.token("ci", kind="api", agents=["edge-go"])
     g = env.gateway()
     url = g.url(scheme, "/-/kubernetes-agent/")

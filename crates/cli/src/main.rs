@@ -208,6 +208,10 @@ enum TokenCommand {
         /// API tokens only: an agent this token may reach. Repeatable; none means all.
         #[arg(long = "agent")]
         agents: Vec<String>,
+        /// Register the token in this file instead of generating one (for example the token
+        /// file an agentk already uses with kas); only its hash is stored, nothing is printed.
+        #[arg(long, value_name = "FILE")]
+        from_file: Option<PathBuf>,
     },
     /// List stored tokens (ids, kinds, names; never the tokens).
     List {
@@ -389,11 +393,26 @@ fn token_command(cmd: TokenCommand) -> anyhow::Result<()> {
             tokens: path,
             kind,
             agents,
+            from_file,
         } => {
             let kind = match kind {
                 KindArg::Agent => TokenKind::Agent,
                 KindArg::Api => TokenKind::Api,
             };
+            if let Some(file) = from_file {
+                let value = std::fs::read_to_string(&file).with_context(|| {
+                    format!("cannot read the token to import from {}", file.display())
+                })?;
+                let entry = tokens::import_token(&path, kind, &name, &agents, &value)?;
+                eprintln!(
+                    "imported {:?} token {} for {:?} into {} (only its hash is stored)",
+                    entry.kind,
+                    entry.id,
+                    entry.name,
+                    path.display()
+                );
+                return Ok(());
+            }
             let (token, entry) = tokens::create_token(&path, kind, &name, &agents)?;
             eprintln!(
                 "created {:?} token {} for {:?} in {} (shown once; only its hash is stored)",

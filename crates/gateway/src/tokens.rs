@@ -85,6 +85,10 @@ pub enum TokenError {
     InvalidName(String),
     #[error("no token with id or name {0:?}")]
     NotFound(String),
+    #[error("the token to import must be at least {0} characters with no white space inside")]
+    WeakImport(usize),
+    #[error("this token is already in the store; revoke the old entry first to rename it")]
+    DuplicateImport,
 }
 
 fn hash(token: &str) -> String {
@@ -145,13 +149,6 @@ pub fn create_token(
     name: &str,
     agents: &[String],
 ) -> Result<(String, TokenEntry), TokenError> {
-    if !valid_name(name) {
-        return Err(TokenError::InvalidName(name.into()));
-    }
-    if let Some(bad) = agents.iter().find(|a| !valid_name(a)) {
-        return Err(TokenError::InvalidName(bad.clone()));
-    }
-    let mut file = read_file(path)?;
     let mut secret = [0u8; 32];
     rand::rng().fill_bytes(&mut secret);
     let token = format!(
@@ -159,6 +156,51 @@ pub fn create_token(
         kind.prefix(),
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret)
     );
+    store_token(path, kind, name, agents, token)
+}
+
+/// Stores the hash of a token that already exists elsewhere, such as the token file of an
+/// agentk that moves here from kas unchanged. Surrounding white space is not part of it
+/// (agentk trims its token file the same way).
+pub fn import_token(
+    path: &Path,
+    kind: TokenKind,
+    name: &str,
+    agents: &[String],
+    value: &str,
+) -> Result<TokenEntry, TokenError> {
+    let value = value.trim();
+    if value.len() < MIN_IMPORTED_LEN || value.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(TokenError::WeakImport(MIN_IMPORTED_LEN));
+    }
+    if read_file(path)?
+        .tokens
+        .iter()
+        .any(|t| t.sha256 == hash(value))
+    {
+        return Err(TokenError::DuplicateImport);
+    }
+    store_token(path, kind, name, agents, value.to_string()).map(|(_, e)| e)
+}
+
+/// The shortest token `import_token` takes: GitLab agent tokens are 50 characters and more.
+pub const MIN_IMPORTED_LEN: usize = 20;
+
+fn store_token(
+    path: &Path,
+    kind: TokenKind,
+    name: &str,
+    agents: &[String],
+    token: String,
+) -> Result<(String, TokenEntry), TokenError> {
+    if !valid_name(name) {
+        return Err(TokenError::InvalidName(name.into()));
+    }
+    if let Some(bad) = agents.iter().find(|a| !valid_name(a)) {
+        return Err(TokenError::InvalidName(bad.clone()));
+    }
+    let mut file = read_file(path)?;
     let mut id = [0u8; 6];
     rand::rng().fill_bytes(&mut id);
     let entry = TokenEntry {
@@ -293,6 +335,34 @@ impl TokenStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn imported_token_verifies_and_only_its_hash_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        let value = "glagent-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789abcdefgh";
+        let e = import_token(
+            &path,
+            TokenKind::Agent,
+            "kas-agent",
+            &[],
+            &format!("{value}\n"),
+        )
+        .unwrap();
+        assert_eq!(e.name, "kas-agent");
+        let store = TokenStore::open(&path).unwrap();
+        assert_eq!(store.verify(TokenKind::Agent, value).unwrap().id, e.id);
+        assert!(store.verify(TokenKind::Api, value).is_none());
+        assert!(!std::fs::read_to_string(&path).unwrap().contains(value));
+        assert!(matches!(
+            import_token(&path, TokenKind::Agent, "again", &[], value),
+            Err(TokenError::DuplicateImport)
+        ));
+        assert!(matches!(
+            import_token(&path, TokenKind::Agent, "short", &[], "abc"),
+            Err(TokenError::WeakImport(_))
+        ));
+    }
 
     #[test]
     fn create_verify_revoke() {

@@ -5,6 +5,7 @@
 //! noisy, ratios much less so. Gateways and load generators are separate processes (this
 //! binary), so RSS and CPU are measured per process from /proc.
 
+pub mod compression;
 pub mod control;
 pub mod load;
 mod procs;
@@ -34,6 +35,9 @@ pub enum Scenario {
     Storm,
     /// Latency and throughput of `grpc` next to the bare tonic tunnel (see `control.rs`).
     Control,
+    /// gzip's CPU cost and size change per tunnel message kind (no network; see
+    /// `compression.rs`). Not part of `all`.
+    Compression,
     All,
 }
 
@@ -788,6 +792,14 @@ fn empty() -> http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error> 
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.scenario == Scenario::Compression {
+        let rows = compression::measure(std::time::Duration::from_millis(300));
+        println!("{}", compression::table(&rows));
+        if let Some(path) = &args.json {
+            std::fs::write(path, serde_json::to_vec_pretty(&rows)?)?;
+        }
+        return Ok(());
+    }
     let dir = std::env::temp_dir().join(format!("agentgate-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()])?;
