@@ -368,3 +368,24 @@ def test_api_port_keeps_strict_authority(env):
                           authority=f"127.0.0.1:{g.api_port}", method="GET", grpc=False))
     assert ok.headers.get(":status") == "200" and len(ok.data) == 10, ok
     c.close()
+
+
+def test_kas_only_methods_get_a_sentence_and_no_metric_label(env):
+    """agentk's calls to kas's own services are answered UNIMPLEMENTED with a sentence naming
+    what this port serves; unknown paths are labelled `other`, so /metrics does not grow."""
+    g = env.gateway(tls=False)
+    c = raw_h2.RawH2(g.port)
+    a = c.wait(c.request("/gitlab.agent.reverse_tunnel.rpc.ReverseTunnel/Connect", body=raw_h2.grpc_frame(b"")))
+    assert a.grpc_status == "12", a
+    assert "agent port has no method" in a.grpc_message and "agentgate.v1.Tunnel" in a.grpc_message, a
+    size_before = len(g.metrics_text())
+    for i in range(300):
+        sid = c.request(f"/random.Service{i}/Method{os.urandom(4).hex()}", body=raw_h2.grpc_frame(b""))
+        assert c.wait(sid).grpc_status == "12"
+    assert not c.closed
+    c.close()
+    text = g.metrics_text()
+    assert "random.Service" not in text
+    assert len(text) - size_before < 600, "unknown methods must not create series"
+    assert g.metric("agentgate_rpcs_total", method="other", status="UNIMPLEMENTED", transport="grpc") >= 301
+    assert g.metric("agentgate_connections_rejected_total", reason="unknown_method") >= 301

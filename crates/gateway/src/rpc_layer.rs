@@ -36,7 +36,7 @@ pub struct RpcObserve<S> {
 /// What is recorded when the RPC ends.
 struct Observation {
     metrics: Arc<Metrics>,
-    method: String,
+    method: &'static str,
     conn: Option<Arc<ConnMeta>>,
     started: Instant,
 }
@@ -44,7 +44,7 @@ struct Observation {
 impl Observation {
     fn finish(self, status: &str) {
         let transport = self.conn.as_ref().map_or("unknown", |c| c.kind.as_str());
-        self.metrics.rpcs.inc(&[&self.method, status, transport]);
+        self.metrics.rpcs.inc(&[self.method, status, transport]);
         let agent = self
             .conn
             .as_ref()
@@ -120,7 +120,7 @@ where
     fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
         let obs = Observation {
             metrics: self.metrics.clone(),
-            method: req.uri().path().to_string(),
+            method: crate::rpc_guard::method_label(req.uri().path()),
             conn: req.extensions().get::<Arc<ConnMeta>>().cloned(),
             started: Instant::now(),
         };
