@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 
 
 def grpc_frame(payload: bytes, compressed: bool = False) -> bytes:
@@ -53,8 +54,9 @@ class RawH2:
     """One HTTP/2 connection, driven by hand."""
 
     def __init__(self, port: int, host: str = "127.0.0.1", tls_ctx: ssl.SSLContext | None = None,
-                 server_hostname: str = "localhost", timeout: float = 10.0):
-        sock = socket.create_connection((host, port), timeout=timeout)
+                 server_hostname: str = "localhost", timeout: float = 10.0, source: str | None = None):
+        sock = socket.create_connection((host, port), timeout=timeout,
+                                        source_address=(source, 0) if source else None)
         if tls_ctx is not None:
             sock = tls_ctx.wrap_socket(sock, server_hostname=server_hostname)
         self.sock = sock
@@ -130,6 +132,18 @@ class RawH2:
             a.ended = True
         elif isinstance(ev, h2.events.ConnectionTerminated):
             self.closed = True
+
+    def finish(self, sids):
+        """Ends our side of streams the server already answered (a request sent with
+        `end=False` otherwise stays open on our side and counts against the stream limit)."""
+        for sid in sids:
+            try:
+                self.conn.end_stream(sid)
+            except h2.exceptions.StreamClosedError:
+                pass
+            except h2.exceptions.ProtocolError:
+                pass
+        self.flush()
 
     def wait(self, sid: int, timeout: float = 10.0) -> Answer:
         self.pump(lambda: self.answers[sid].ended, timeout)

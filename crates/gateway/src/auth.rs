@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use agentgate_transport::ConnMeta;
-use tonic::{Request, Status};
+use agentgate_transport::PRE_AUTH_LOG;
+use tonic::Status;
 
 use crate::metrics::REJECT_UNAUTHENTICATED;
 use crate::tokens::TokenKind;
@@ -26,34 +27,32 @@ pub fn bearer_token(value: &str) -> Option<&str> {
 }
 
 impl Gateway {
-    /// Authenticates an agent call, or returns `Unauthenticated` with a message that says what
-    /// is wrong. Every refusal is counted and logged (without the token).
-    pub fn authenticate_agent<T>(
+    /// Authenticates an agent call from its headers alone, before any body is read, or
+    /// returns `Unauthenticated` with a message that says what is wrong. Every refusal is
+    /// counted and logged (without the token; log lines are rate-limited, because anyone can
+    /// cause them).
+    pub fn authenticate_agent(
         &self,
-        req: &Request<T>,
+        headers: &http::HeaderMap,
+        conn: &Arc<ConnMeta>,
         method: &str,
     ) -> Result<AgentIdentity, Status> {
-        let conn = req
-            .extensions()
-            .get::<Arc<ConnMeta>>()
-            .cloned()
-            .ok_or_else(|| Status::internal("connection metadata missing"))?;
-        let header = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok());
+        let header = headers.get("authorization").and_then(|v| v.to_str().ok());
         let refuse = |why: &'static str| {
             self.metrics
                 .connections_rejected
                 .inc(&[REJECT_UNAUTHENTICATED]);
-            tracing::warn!(
-                conn = conn.id,
-                peer = %conn.peer,
-                transport = %conn.kind,
-                method,
-                reason = REJECT_UNAUTHENTICATED,
-                "agent call refused: {why}"
-            );
+            if let Some(suppressed) = PRE_AUTH_LOG.allow() {
+                tracing::warn!(
+                    conn = conn.id,
+                    peer = %conn.peer,
+                    transport = %conn.kind,
+                    method,
+                    reason = REJECT_UNAUTHENTICATED,
+                    suppressed,
+                    "agent call refused: {why}"
+                );
+            }
             Status::unauthenticated(format!("agentgate: {why}"))
         };
         let Some(header) = header else {
@@ -73,9 +72,18 @@ impl Gateway {
         Ok(AgentIdentity {
             token_id: entry.id,
             name: entry.name,
-            conn,
+            conn: conn.clone(),
         })
     }
+}
+
+/// The identity `rpc_guard` attached to an authenticated call. Services that need a token
+/// are only reached through the guard, so a missing identity is a wiring bug.
+pub fn identity_of<T>(req: &tonic::Request<T>) -> Result<AgentIdentity, Status> {
+    req.extensions()
+        .get::<AgentIdentity>()
+        .cloned()
+        .ok_or_else(|| Status::internal("agentgate: call reached a service without authentication"))
 }
 
 #[cfg(test)]

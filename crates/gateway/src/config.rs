@@ -37,6 +37,37 @@ pub struct GatewayConfig {
     pub max_connections: usize,
     /// Listen backlog for the agent port (the OS default of 128 overflows in reconnect storms).
     pub listen_backlog: u32,
+    /// A connection on which no call authenticated within this time is closed (reason
+    /// `auth_timeout`). Agents register at once; this bounds clients that finish TLS or the
+    /// WebSocket upgrade and then send nothing, or only health checks. `0s` disables.
+    #[serde(with = "humantime_serde")]
+    pub auth_timeout: Duration,
+    /// Token-less calls (health, reflection) that a connection which has not authenticated
+    /// may hold open at once; more get RESOURCE_EXHAUSTED (reason `unauthenticated_calls`).
+    pub max_unauthenticated_calls_per_connection: u32,
+    /// Agent connections open at once from one source address. Agents behind one NAT share
+    /// an address, so this is generous; it stops one host from taking every slot.
+    pub max_connections_per_source: usize,
+    /// TLS handshakes, sniffs and WebSocket upgrades in progress at once from one address.
+    pub max_handshakes_per_source: usize,
+    /// HTTP/2 streams one agent connection may have open (advertised in SETTINGS): the agent
+    /// pool's cap of 500 tunnels, its session, and headroom.
+    pub max_concurrent_streams: u32,
+    /// Streams a client may open and reset before the server accepts them (HTTP/2 rapid
+    /// reset, CVE-2023-44487); past it the connection is closed (hyper's default is 20).
+    pub max_pending_accept_reset_streams: usize,
+    /// Streams the server may reset because the client broke a rule, per connection, before
+    /// the connection is closed (hyper's default 1024; tonic switches it off unless set).
+    pub max_local_error_reset_streams: usize,
+    /// Largest decoded message per service: AgentSession (RegisterRequest: three short strings).
+    pub max_message_size_session: usize,
+    /// Largest decoded message for grpc.health.v1 (a service name).
+    pub max_message_size_health: usize,
+    /// Largest decoded message for server reflection (a symbol or file name).
+    pub max_message_size_reflection: usize,
+    /// Largest decoded message on a tunnel stream (a body chunk of the agent's choosing; ours
+    /// are 64 KiB; gRPC's usual default).
+    pub max_message_size_tunnel: usize,
     /// Largest WebSocket message accepted from an agent (kas: 10 MiB).
     pub ws_max_message_size: usize,
     /// WebSocket read buffer per connection; tungstenite's 128 KiB default costs ~127 KiB of
@@ -128,6 +159,17 @@ impl Default for GatewayConfig {
             handshake_timeout: Duration::from_secs(5),
             max_connections: 18_000,
             listen_backlog: 4096,
+            auth_timeout: Duration::from_secs(10),
+            max_unauthenticated_calls_per_connection: 4,
+            max_connections_per_source: 5_000,
+            max_handshakes_per_source: 64,
+            max_concurrent_streams: 520,
+            max_pending_accept_reset_streams: 20,
+            max_local_error_reset_streams: 1024,
+            max_message_size_session: 16 * 1024,
+            max_message_size_health: 4 * 1024,
+            max_message_size_reflection: 64 * 1024,
+            max_message_size_tunnel: 4 * 1024 * 1024,
             ws_max_message_size: 10 * 1024 * 1024,
             ws_read_buffer_size: 8 * 1024,
             keepalive_interval: Duration::from_secs(50),

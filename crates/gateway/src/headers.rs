@@ -47,12 +47,21 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
 
 pub use agentgate_proto::headers::to_proto;
 
-/// Converts tunnel headers back; invalid names or values are dropped (and logged).
+/// Converts tunnel headers back; invalid names or values, and headers past
+/// `agentgate_proto::headers::MAX_HEADERS`, are dropped (and logged).
 pub fn from_proto(headers: &[Header]) -> HeaderMap {
-    agentgate_proto::headers::from_proto(
-        headers,
-        |h| tracing::debug!(name = %h.name, "dropping invalid header from tunnel"),
-    )
+    use agentgate_proto::headers::Dropped;
+    agentgate_proto::headers::from_proto(headers, |d| match d {
+        Dropped::Invalid(h) => {
+            let name: String = h.name.chars().take(64).collect();
+            tracing::debug!(name = %name, "dropping invalid header from tunnel")
+        }
+        Dropped::OverLimit(n) => tracing::warn!(
+            dropped = n,
+            limit = agentgate_proto::headers::MAX_HEADERS,
+            "dropping tunnel headers over the limit"
+        ),
+    })
 }
 
 #[cfg(test)]

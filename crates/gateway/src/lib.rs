@@ -267,6 +267,9 @@ pub async fn run_with(
         listen_backlog: cfg.listen_backlog,
         min_client_ping_interval: (!cfg.min_client_ping_interval.is_zero())
             .then_some(cfg.min_client_ping_interval),
+        auth_timeout: (!cfg.auth_timeout.is_zero()).then_some(cfg.auth_timeout),
+        max_connections_per_source: cfg.max_connections_per_source,
+        max_handshakes_per_source: cfg.max_handshakes_per_source,
         ws: WsSettings {
             read_buffer_size: cfg.ws_read_buffer_size,
             max_message_size: cfg.ws_max_message_size,
@@ -320,15 +323,26 @@ pub async fn run_with(
     // (`grpc.UseCompressor(gzip)`). Answers go out uncompressed, which every client accepts;
     // docs/compat.md has the measurement behind that choice.
     let gzip = tonic::codec::CompressionEncoding::Gzip;
-    let health_service = health_service.accept_compressed(gzip);
-    let reflection_v1 = reflection().build_v1()?.accept_compressed(gzip);
-    let reflection_v1alpha = reflection().build_v1alpha()?.accept_compressed(gzip);
+    let health_service = health_service
+        .accept_compressed(gzip)
+        .max_decoding_message_size(cfg.max_message_size_health);
+    let reflection_v1 = reflection()
+        .build_v1()?
+        .accept_compressed(gzip)
+        .max_decoding_message_size(cfg.max_message_size_reflection);
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()?
+        .accept_compressed(gzip)
+        .max_decoding_message_size(cfg.max_message_size_reflection);
 
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(cfg.keepalive_interval))
         .http2_keepalive_timeout(Some(cfg.keepalive_timeout))
         .initial_stream_window_size(cfg.http2_stream_window)
-        .initial_connection_window_size(cfg.http2_connection_window);
+        .initial_connection_window_size(cfg.http2_connection_window)
+        .max_concurrent_streams(cfg.max_concurrent_streams)
+        .http2_max_pending_accept_reset_streams(Some(cfg.max_pending_accept_reset_streams))
+        .http2_max_local_error_reset_streams(Some(cfg.max_local_error_reset_streams));
     if !cfg.max_connection_age.is_zero() {
         builder = builder
             .max_connection_age(cfg.max_connection_age)
@@ -339,18 +353,19 @@ pub async fn run_with(
         .layer(rpc_layer::RpcObserveLayer {
             metrics: gw.metrics.clone(),
         })
-        .layer(rpc_guard::RpcGuardLayer {
-            metrics: gw.metrics.clone(),
-        })
+        .layer(rpc_guard::RpcGuardLayer { gw: gw.clone() })
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
             AgentSessionServer::new(session::SessionService { gw: gw.clone() })
-                .accept_compressed(gzip),
+                .accept_compressed(gzip)
+                .max_decoding_message_size(gw.config.max_message_size_session),
         )
         .add_service(
-            TunnelServer::new(tunnel::TunnelService { gw: gw.clone() }).accept_compressed(gzip),
+            TunnelServer::new(tunnel::TunnelService { gw: gw.clone() })
+                .accept_compressed(gzip)
+                .max_decoding_message_size(gw.config.max_message_size_tunnel),
         )
         .serve_with_incoming_shutdown(incoming, server_stop.clone().cancelled_owned());
     let server = tokio::spawn(server);

@@ -1,18 +1,26 @@
 //! A tower layer on the agent-port gRPC server that looks at each call's headers before any
 //! body is read, and answers what it can refuse at once with a trailers-only gRPC status.
 //!
-//! It checks the method (one of [`KNOWN_METHODS`], so an unknown one gets a sentence naming
+//! It authenticates the calls that need an agent token (answering UNAUTHENTICATED at once,
+//! trailers-only, never after reading a body), bounds the token-less calls (health,
+//! reflection) a connection that never authenticated may hold open, and checks the method (one of [`KNOWN_METHODS`], so an unknown one gets a sentence naming
 //! what this port serves instead of tonic's bare UNIMPLEMENTED) and the message encoding (tonic
 //! would refuse an unknown `grpc-encoding` only once it starts decoding, with a message that
 //! does not say what to send instead).
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use agentgate_transport::{ConnMeta, PRE_AUTH_LOG};
 use futures_util::future::{Either, Ready};
+use http_body::{Body, Frame};
+use pin_project_lite::pin_project;
 use tonic::Status;
 
-use crate::metrics::Metrics;
-use std::sync::Arc;
+use crate::Gateway;
 
 /// Every method the agent port serves. Metrics label RPCs with these names and nothing else
 /// (see [`method_label`]), so remote input never becomes a label value.
@@ -74,9 +82,18 @@ pub fn check_encoding(headers: &http::HeaderMap) -> Option<Status> {
     Some(status)
 }
 
+/// Methods that need an agent token; everything else the port serves (health, reflection)
+/// is open to anyone, within [`REJECT_UNAUTHENTICATED_CALLS`]'s limit.
+fn needs_token(path: &str) -> bool {
+    path.starts_with("/agentgate.v1.")
+}
+
+/// Reason label when a connection that never authenticated opens too many token-less calls.
+pub const REJECT_UNAUTHENTICATED_CALLS: &str = "unauthenticated_calls";
+
 #[derive(Clone)]
 pub struct RpcGuardLayer {
-    pub metrics: Arc<Metrics>,
+    pub gw: Arc<Gateway>,
 }
 
 impl<S> tower::Layer<S> for RpcGuardLayer {
@@ -84,7 +101,7 @@ impl<S> tower::Layer<S> for RpcGuardLayer {
     fn layer(&self, inner: S) -> Self::Service {
         RpcGuard {
             inner,
-            metrics: self.metrics.clone(),
+            gw: self.gw.clone(),
         }
     }
 }
@@ -92,37 +109,145 @@ impl<S> tower::Layer<S> for RpcGuardLayer {
 #[derive(Clone)]
 pub struct RpcGuard<S> {
     inner: S,
-    metrics: Arc<Metrics>,
+    gw: Arc<Gateway>,
+}
+
+/// One token-less call's place in its connection's count; released when the call's response
+/// ends or is dropped.
+struct UnauthenticatedSlot(Arc<ConnMeta>);
+
+impl Drop for UnauthenticatedSlot {
+    fn drop(&mut self) {
+        self.0.unauthenticated_calls.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl<S> RpcGuard<S> {
+    fn refuse<B: Default>(
+        &self,
+        reason: &'static str,
+        path: &str,
+        status: Status,
+    ) -> http::Response<B> {
+        self.gw.metrics.connections_rejected.inc(&[reason]);
+        if let Some(suppressed) = PRE_AUTH_LOG.allow() {
+            tracing::warn!(
+                method = %method_label(path),
+                reason,
+                suppressed,
+                "agent call refused: {}",
+                status.message()
+            );
+        }
+        status.into_http()
+    }
+
+    /// Checks one call from its headers. `Ok` carries the slot a token-less call holds.
+    #[allow(clippy::result_large_err)] // the error is the response itself
+    fn admit<B: Default, T>(
+        &self,
+        req: &mut http::Request<T>,
+    ) -> Result<Option<UnauthenticatedSlot>, http::Response<B>> {
+        let path = req.uri().path().to_owned();
+        if let Some(status) = check_method(&path) {
+            return Err(self.refuse(REJECT_UNKNOWN_METHOD, &path, status));
+        }
+        if let Some(status) = check_encoding(req.headers()) {
+            return Err(self.refuse(REJECT_UNSUPPORTED_ENCODING, &path, status));
+        }
+        let Some(conn) = req.extensions().get::<Arc<ConnMeta>>().cloned() else {
+            return Err(Status::internal("agentgate: connection metadata missing").into_http());
+        };
+        if needs_token(&path) {
+            // Counted and logged inside; the identity rides along for the service.
+            let id = self
+                .gw
+                .authenticate_agent(req.headers(), &conn, method_label(&path))
+                .map_err(Status::into_http)?;
+            req.extensions_mut().insert(id);
+            return Ok(None);
+        }
+        if conn.agent.get().is_some() {
+            return Ok(None);
+        }
+        let limit = self.gw.config.max_unauthenticated_calls_per_connection;
+        if conn.unauthenticated_calls.fetch_add(1, Ordering::Relaxed) >= limit {
+            conn.unauthenticated_calls.fetch_sub(1, Ordering::Relaxed);
+            let status = Status::resource_exhausted(format!(
+                "agentgate: this connection already has {limit} calls open without an agent \
+                 token; finish them first, or authenticate"
+            ));
+            return Err(self.refuse(REJECT_UNAUTHENTICATED_CALLS, &path, status));
+        }
+        Ok(Some(UnauthenticatedSlot(conn)))
+    }
 }
 
 impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for RpcGuard<S>
 where
     S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
-    ResBody: Default,
+    S::Future: Send + 'static,
+    ResBody: Default + Send + 'static,
 {
-    type Response = http::Response<ResBody>;
+    type Response = http::Response<GuardedBody<ResBody>>;
     type Error = S::Error;
-    type Future = Either<Ready<Result<Self::Response, S::Error>>, S::Future>;
+    type Future = Either<
+        Ready<Result<Self::Response, S::Error>>,
+        Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
-        let refusal = check_method(req.uri().path())
-            .map(|s| (REJECT_UNKNOWN_METHOD, s))
-            .or_else(|| check_encoding(req.headers()).map(|s| (REJECT_UNSUPPORTED_ENCODING, s)));
-        if let Some((reason, status)) = refusal {
-            self.metrics.connections_rejected.inc(&[reason]);
-            tracing::warn!(
-                method = %method_label(req.uri().path()),
-                reason,
-                "agent call refused: {}",
-                status.message()
-            );
-            return Either::Left(futures_util::future::ready(Ok(status.into_http())));
+    fn call(&mut self, mut req: http::Request<ReqBody>) -> Self::Future {
+        let slot = match self.admit(&mut req) {
+            Ok(slot) => slot,
+            Err(refusal) => return Either::Left(futures_util::future::ready(Ok(refusal))),
+        };
+        let fut = self.inner.call(req);
+        Either::Right(Box::pin(async move {
+            let resp = fut.await?;
+            Ok(resp.map(|inner| GuardedBody { inner, _slot: slot }))
+        }))
+    }
+}
+
+pin_project! {
+    /// A response body that holds the call's token-less slot until it ends.
+    pub struct GuardedBody<B> {
+        #[pin]
+        inner: B,
+        _slot: Option<UnauthenticatedSlot>,
+    }
+}
+
+impl<B: Default> Default for GuardedBody<B> {
+    fn default() -> Self {
+        Self {
+            inner: B::default(),
+            _slot: None,
         }
-        Either::Right(self.inner.call(req))
+    }
+}
+
+impl<B: Body> Body for GuardedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

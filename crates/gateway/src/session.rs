@@ -36,9 +36,7 @@ impl AgentSession for SessionService {
         &self,
         req: Request<RegisterRequest>,
     ) -> Result<Response<Self::RegisterStream>, Status> {
-        let id = self
-            .gw
-            .authenticate_agent(&req, "/agentgate.v1.AgentSession/Register")?;
+        let id = crate::auth::identity_of(&req)?;
         let r = req.into_inner();
         if r.instance_id.is_empty() || r.instance_id.len() > MAX_FIELD {
             return Err(Status::invalid_argument(

@@ -14,11 +14,26 @@ pub fn to_proto(headers: &HeaderMap) -> Vec<Header> {
         .collect()
 }
 
-/// Converts tunnel headers back. Invalid names or values are dropped and handed to
-/// `invalid`, so that each side can report them its own way.
-pub fn from_proto(headers: &[Header], mut invalid: impl FnMut(&Header)) -> HeaderMap {
-    let mut map = HeaderMap::with_capacity(headers.len());
-    for h in headers {
+/// Most headers one tunnel message may turn into. The tunnel's messages come from the other
+/// end of a connection, so their header lists are remote input: `HeaderMap` panics past 32,768
+/// entries, and no real request comes near this limit (nginx allows about 100 by default).
+pub const MAX_HEADERS: usize = 1024;
+
+/// A header `from_proto` did not keep.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Dropped<'a> {
+    /// Not a valid HTTP header name or value.
+    Invalid(&'a Header),
+    /// This many headers past [`MAX_HEADERS`] (reported once per list).
+    OverLimit(usize),
+}
+
+/// Converts tunnel headers back. Invalid names or values, and anything past [`MAX_HEADERS`],
+/// are dropped and handed to `dropped`, so that each side can report them its own way.
+pub fn from_proto(headers: &[Header], mut dropped: impl FnMut(Dropped<'_>)) -> HeaderMap {
+    let kept = headers.len().min(MAX_HEADERS);
+    let mut map = HeaderMap::with_capacity(kept);
+    for h in &headers[..kept] {
         match (
             HeaderName::from_bytes(h.name.as_bytes()),
             HeaderValue::from_bytes(&h.value),
@@ -26,8 +41,11 @@ pub fn from_proto(headers: &[Header], mut invalid: impl FnMut(&Header)) -> Heade
             (Ok(k), Ok(v)) => {
                 map.append(k, v);
             }
-            _ => invalid(h),
+            _ => dropped(Dropped::Invalid(h)),
         }
+    }
+    if headers.len() > kept {
+        dropped(Dropped::OverLimit(headers.len() - kept));
     }
     map
 }
@@ -48,8 +66,30 @@ mod tests {
             value: b"v".to_vec(),
         });
         let mut dropped = vec![];
-        let back = from_proto(&list, |h| dropped.push(h.name.clone()));
+        let back = from_proto(&list, |d| match d {
+            Dropped::Invalid(h) => dropped.push(h.name.clone()),
+            Dropped::OverLimit(n) => panic!("{n} over the limit"),
+        });
         assert_eq!(back, h);
         assert_eq!(dropped, ["bad name"]);
+    }
+
+    #[test]
+    fn a_huge_header_list_is_cut_not_a_panic() {
+        // 40,000 entries of one name would make HeaderMap panic (its limit is 32,768).
+        let list: Vec<Header> = (0..40_000)
+            .map(|i| Header {
+                name: "x-flood".into(),
+                value: i.to_string().into_bytes(),
+            })
+            .collect();
+        let mut over = None;
+        let map = from_proto(&list, |d| {
+            if let Dropped::OverLimit(n) = d {
+                over = Some(n);
+            }
+        });
+        assert_eq!(map.len(), MAX_HEADERS);
+        assert_eq!(over, Some(40_000 - MAX_HEADERS));
     }
 }

@@ -11,11 +11,14 @@
 //! to ONE gRPC server. The TLS handshake, the sniff and the WebSocket upgrade each have a
 //! deadline, so a client that connects and says nothing is closed rather than held forever.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
 use std::io;
+use std::net::IpAddr;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
@@ -28,6 +31,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_util::sync::CancellationToken;
 
+use crate::log_budget::PRE_AUTH_LOG;
 use crate::ping_policy::PingPolicy;
 use crate::sniff::{read_prefix, PrefixClass, PrefixedIo};
 use crate::websocket::{WsByteStream, WsSettings, WS_SUBPROTOCOL};
@@ -43,6 +47,14 @@ pub struct IngressSettings {
     /// Clients that PING more often than this (more than a couple of times in a row, with no
     /// DATA or HEADERS sent to them between, grpc-go's rule) are disconnected. `None` disables the check.
     pub min_client_ping_interval: Option<Duration>,
+    /// A connection on which no call authenticated within this time is closed (reason
+    /// `auth_timeout`): it covers a client that finishes TLS or the WebSocket upgrade and then
+    /// sends nothing, or only unauthenticated calls. `None` disables.
+    pub auth_timeout: Option<Duration>,
+    /// Connections open at once from one source address (agents behind one NAT share one).
+    pub max_connections_per_source: usize,
+    /// TLS handshakes, sniffs and WebSocket upgrades in progress at once from one source address.
+    pub max_handshakes_per_source: usize,
     pub ws: WsSettings,
 }
 
@@ -52,6 +64,9 @@ impl Default for IngressSettings {
             handshake_timeout: Duration::from_secs(5),
             listen_backlog: 4096,
             min_client_ping_interval: Some(Duration::from_secs(20)),
+            auth_timeout: Some(Duration::from_secs(10)),
+            max_connections_per_source: 5_000,
+            max_handshakes_per_source: 64,
             ws: WsSettings::default(),
         }
     }
@@ -77,10 +92,16 @@ pub enum RejectReason {
     OverLimit,
     /// The client sent HTTP/2 PINGs more often than `min_client_ping_interval` allows.
     TooManyPings,
+    /// No call on the connection authenticated within `auth_timeout`.
+    AuthTimeout,
+    /// `max_connections_per_source` reached for the client's address.
+    SourceOverLimit,
+    /// `max_handshakes_per_source` reached for the client's address.
+    SourceHandshakesOverLimit,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 10] = [
+    pub const ALL: [RejectReason; 13] = [
         Self::SniffTimeout,
         Self::BadPreface,
         Self::EarlyEof,
@@ -91,6 +112,9 @@ impl RejectReason {
         Self::WsUpgradeError,
         Self::OverLimit,
         Self::TooManyPings,
+        Self::AuthTimeout,
+        Self::SourceOverLimit,
+        Self::SourceHandshakesOverLimit,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -105,6 +129,9 @@ impl RejectReason {
             Self::WsUpgradeError => "ws_upgrade_error",
             Self::OverLimit => "over_limit",
             Self::TooManyPings => "too_many_pings",
+            Self::AuthTimeout => "auth_timeout",
+            Self::SourceOverLimit => "source_over_limit",
+            Self::SourceHandshakesOverLimit => "source_handshakes_over_limit",
         }
     }
 }
@@ -135,6 +162,9 @@ pub struct ConnMeta {
     pub bytes_out: AtomicU64,
     /// The agent name, once a call on this connection authenticated (for the close log line).
     pub agent: OnceLock<String>,
+    /// Calls without a token (health, reflection) open right now, for the gateway's
+    /// per-connection limit on them.
+    pub unauthenticated_calls: AtomicU32,
 }
 
 /// A classified connection, ready for the gRPC server. Dropping it logs the close line.
@@ -143,7 +173,10 @@ pub struct ServerConn {
     meta: Arc<ConnMeta>,
     observer: Arc<dyn IngressObserver>,
     ping_policy: Option<PingPolicy>,
+    /// Fires `auth_timeout` after the connection was classified, unless a call authenticated.
+    auth_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     _permit: OwnedSemaphorePermit,
+    _source: SourceSlot,
 }
 
 impl ServerConn {
@@ -182,6 +215,30 @@ impl AsyncRead for ServerConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if let Some(deadline) = &mut this.auth_deadline {
+            if this.meta.agent.get().is_some() {
+                this.auth_deadline = None;
+            } else if deadline.as_mut().poll(cx).is_ready() {
+                this.auth_deadline = None;
+                self.observer.rejected(RejectReason::AuthTimeout);
+                if let Some(suppressed) = PRE_AUTH_LOG.allow() {
+                    tracing::warn!(
+                        conn = self.meta.id,
+                        peer = %self.meta.peer,
+                        transport = %self.meta.kind,
+                        reason = "auth_timeout",
+                        suppressed,
+                        "closing connection: no call authenticated in time; agents must send \
+                         their token on their first calls"
+                    );
+                }
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no authenticated call in time",
+                )));
+            }
+        }
         let before = buf.filled().len();
         let res = Pin::new(&mut self.io).poll_read(cx, buf);
         let n = buf.filled().len() - before;
@@ -303,6 +360,15 @@ pub struct ConnectionLimit {
     permits: Arc<Semaphore>,
     max: usize,
     next_id: AtomicU64,
+    /// Per source address: connections open and handshakes in progress. An entry exists only
+    /// while its address holds a connection, so the map is bounded by `max`.
+    sources: Mutex<HashMap<IpAddr, SourceCounts>>,
+}
+
+#[derive(Default)]
+struct SourceCounts {
+    conns: usize,
+    handshakes: usize,
 }
 
 impl ConnectionLimit {
@@ -311,7 +377,68 @@ impl ConnectionLimit {
             permits: Arc::new(Semaphore::new(max)),
             max,
             next_id: AtomicU64::new(1),
+            sources: Mutex::default(),
         })
+    }
+
+    /// Admits one more connection from `ip`, in its handshake, or says which limit it hit.
+    fn admit_source(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        settings: &IngressSettings,
+    ) -> Result<SourceSlot, RejectReason> {
+        let mut map = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        let c = map.entry(ip).or_default();
+        if c.conns >= settings.max_connections_per_source {
+            return Err(RejectReason::SourceOverLimit);
+        }
+        if c.handshakes >= settings.max_handshakes_per_source {
+            return Err(RejectReason::SourceHandshakesOverLimit);
+        }
+        c.conns += 1;
+        c.handshakes += 1;
+        Ok(SourceSlot {
+            limit: self.clone(),
+            ip,
+            handshaking: true,
+        })
+    }
+
+    fn release_source(&self, ip: IpAddr, handshaking: bool) {
+        let mut map = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = map.get_mut(&ip) {
+            c.conns = c.conns.saturating_sub(1);
+            if handshaking {
+                c.handshakes = c.handshakes.saturating_sub(1);
+            }
+            if c.conns == 0 {
+                map.remove(&ip);
+            }
+        }
+    }
+}
+
+/// One connection's place in its source address's counts; released on drop.
+struct SourceSlot {
+    limit: Arc<ConnectionLimit>,
+    ip: IpAddr,
+    handshaking: bool,
+}
+
+impl SourceSlot {
+    fn handshake_done(&mut self) {
+        if std::mem::take(&mut self.handshaking) {
+            let mut map = self.limit.sources.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(c) = map.get_mut(&self.ip) {
+                c.handshakes = c.handshakes.saturating_sub(1);
+            }
+        }
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        self.limit.release_source(self.ip, self.handshaking);
     }
 }
 
@@ -333,14 +460,35 @@ pub fn serve_ingress(
         while let Some((stream, peer)) = accept_until(&listener, &shutdown, "agent").await {
             let Ok(permit) = limit.permits.clone().try_acquire_owned() else {
                 observer.rejected(RejectReason::OverLimit);
-                tracing::warn!(
-                    %peer,
-                    reason = "over_limit",
-                    max_connections = limit.max,
-                    "connection refused: too many open connections"
-                );
+                if let Some(suppressed) = PRE_AUTH_LOG.allow() {
+                    tracing::warn!(
+                        %peer,
+                        reason = "over_limit",
+                        max_connections = limit.max,
+                        suppressed,
+                        "connection refused: too many open connections"
+                    );
+                }
                 drop(stream);
                 continue;
+            };
+            let mut source = match limit.admit_source(peer.ip(), &settings) {
+                Ok(slot) => slot,
+                Err(reason) => {
+                    observer.rejected(reason);
+                    if let Some(suppressed) = PRE_AUTH_LOG.allow() {
+                        tracing::warn!(
+                            %peer,
+                            %reason,
+                            max_connections_per_source = settings.max_connections_per_source,
+                            max_handshakes_per_source = settings.max_handshakes_per_source,
+                            suppressed,
+                            "connection refused: too many connections or handshakes from this address"
+                        );
+                    }
+                    drop(stream);
+                    continue;
+                }
             };
             let id = limit.next_id.fetch_add(1, Ordering::Relaxed);
             let (tx, observer, settings, acceptor) = (
@@ -350,7 +498,9 @@ pub fn serve_ingress(
                 acceptor.clone(),
             );
             tokio::spawn(async move {
-                match classify(stream, acceptor, &settings).await {
+                let classified = classify(stream, acceptor, &settings).await;
+                source.handshake_done();
+                match classified {
                     Ok((io, kind)) => {
                         let meta = Arc::new(ConnMeta {
                             id,
@@ -361,6 +511,7 @@ pub fn serve_ingress(
                             bytes_in: AtomicU64::new(0),
                             bytes_out: AtomicU64::new(0),
                             agent: OnceLock::new(),
+                            unauthenticated_calls: AtomicU32::new(0),
                         });
                         observer.opened(&meta);
                         tracing::info!(conn = id, transport = %kind, %peer, "connection opened");
@@ -369,14 +520,20 @@ pub fn serve_ingress(
                             meta,
                             observer,
                             ping_policy: settings.min_client_ping_interval.map(PingPolicy::new),
+                            auth_deadline: settings
+                                .auth_timeout
+                                .map(|t| Box::pin(tokio::time::sleep(t))),
                             _permit: permit,
+                            _source: source,
                         };
                         // If the server is gone we are shutting down; the conn is dropped.
                         let _ = tx.send(Ok(conn)).await;
                     }
                     Err((reason, detail)) => {
                         observer.rejected(reason);
-                        tracing::warn!(conn = id, %peer, %reason, "connection refused: {detail}");
+                        if let Some(suppressed) = PRE_AUTH_LOG.allow() {
+                            tracing::warn!(conn = id, %peer, %reason, suppressed, "connection refused: {detail}");
+                        }
                     }
                 }
             });

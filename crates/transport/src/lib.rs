@@ -10,6 +10,7 @@ mod authority;
 mod dial;
 mod ingress;
 mod kind;
+mod log_budget;
 mod ping_policy;
 mod proxy;
 mod scheme;
@@ -24,6 +25,7 @@ pub use ingress::{
     IngressSettings, RejectReason, ServerConn,
 };
 pub use kind::TransportKind;
+pub use log_budget::{LogBudget, PRE_AUTH_LINES_PER_SECOND, PRE_AUTH_LOG};
 pub use ping_policy::{PingPolicy, TooManyPings};
 pub use proxy::{ProxyConfig, ProxyError};
 pub use scheme::{Scheme, SchemeError, ServerUrl};

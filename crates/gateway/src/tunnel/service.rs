@@ -27,9 +27,7 @@ impl Tunnel for TunnelService {
         &self,
         req: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        let id = self
-            .gw
-            .authenticate_agent(&req, "/agentgate.v1.Tunnel/Connect")?;
+        let id = crate::auth::identity_of(&req)?;
         let mut rx = req.into_inner();
         let wait = self.gw.config.tunnel_descriptor_timeout;
         let first = tokio::time::timeout(wait, rx.message())

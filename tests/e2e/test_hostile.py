@@ -1,0 +1,276 @@
+"""The agent port on the open internet: what a client without a token can cost.
+
+Each test sends one attack with a raw HTTP/2 client (`raw_h2.py`, on the `h2` library) or raw
+sockets, and asserts the limit, the answer, the gateway's RSS, and that one of our agents on the
+same gateway keeps serving tunnelled requests throughout.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import threading
+import time
+
+import h2.events
+import h2.exceptions
+import pytest
+
+import ingress_clients as ic
+import raw_h2
+from conftest import wait_for
+from test_agentk_compat import HEALTH_CHECK, SERVING, assert_steady_serves, gateway_with_steady_agent
+from test_tunnel import api_request
+
+WATCH = "/grpc.health.v1.Health/Watch"
+REGISTER = "/agentgate.v1.AgentSession/Register"
+MiB = 1024 * 1024
+
+
+class Serving(threading.Thread):
+    """Tunnelled requests to the steady agent, one after another, for as long as an attack
+    runs; every failure is kept."""
+
+    def __init__(self, g, api):
+        super().__init__(daemon=True)
+        self.g, self.api = g, api
+        self.ok = 0
+        self.failures: list = []
+        self.halt = threading.Event()
+
+    def run(self):
+        while not self.halt.is_set():
+            try:
+                status, _, body = api_request(self.g, "GET", "/agents/steady/proxy/download?size=2000", self.api,
+                                              timeout=10)
+                if status == 200 and len(body) == 2000:
+                    self.ok += 1
+                else:
+                    self.failures.append((status, body[:200]))
+            except Exception as e:  # noqa: BLE001 - every failure counts
+                self.failures.append(repr(e))
+            time.sleep(0.01)
+
+    def stop(self):
+        self.halt.set()
+        self.join(15)
+        assert not self.failures, self.failures[:5]
+        assert self.ok >= 3, f"only {self.ok} requests served during the attack"
+
+
+def rejected(g, reason):
+    return g.metric("agentgate_connections_rejected_total", reason=reason)
+
+
+def test_stream_flood_without_token_is_bounded(env):
+    """One connection opens 3,000 Health/Watch streams with no token."""
+    g, api = gateway_with_steady_agent(env, tls=False)
+    serving = Serving(g, api)
+    serving.start()
+    rss0 = g.proc.rss_kib()
+    c = raw_h2.RawH2(g.port)
+    c.pump(lambda: c.conn.remote_settings.max_concurrent_streams < 2**31, timeout=5)
+    assert c.conn.remote_settings.max_concurrent_streams == 520
+    sids = []
+    for wave in range(6):
+        for _ in range(500):
+            sids.append(c.request(WATCH, body=raw_h2.grpc_frame(b"")))
+        # Refusals end their streams at once, which frees the concurrency for the next wave.
+        c.pump(lambda: sum(c.answers[s].ended for s in sids) >= len(sids) - 4, timeout=10)
+    assert len(sids) == 3000
+    refused = [s for s in sids if c.answers[s].grpc_status == "8"]
+    open_streams = [s for s in sids if not c.answers[s].ended]
+    assert len(refused) >= 3000 - 4, (len(refused), len(open_streams))
+    assert len(open_streams) <= 4
+    msg = c.answers[refused[0]].grpc_message
+    assert "without an agent token" in msg, msg
+    assert not c.closed
+    rss1 = g.proc.rss_kib()
+    assert rss1 - rss0 < 8 * 1024, f"gateway grew by {rss1 - rss0} KiB"
+    c.close()
+    serving.stop()
+    assert rejected(g, "unauthenticated_calls") >= 2996
+
+
+def test_register_without_body_and_token_is_answered_at_once(env):
+    """500 Register streams send headers and no body: each is refused from its headers."""
+    g, api = gateway_with_steady_agent(env, tls=False)
+    c = raw_h2.RawH2(g.port)
+    t0 = time.monotonic()
+    sids = [c.request(REGISTER, end=False) for _ in range(500)]
+    c.pump(lambda: all(c.answers[s].ended for s in sids), timeout=10)
+    took = time.monotonic() - t0
+    answered = [s for s in sids if c.answers[s].grpc_status == "16"]
+    assert len(answered) == 500, (len(answered), took)
+    assert took < 2.0, took
+    assert "missing agent token" in c.answers[sids[0]].grpc_message
+    # With a wrong token, the same.
+    sid = c.request(REGISTER, [("authorization", "Bearer nope")], end=False)
+    a = c.wait(sid)
+    assert a.grpc_status == "16" and "invalid agent token" in a.grpc_message, a
+    c.close()
+    assert_steady_serves(g, api)
+
+
+def test_random_paths_do_not_grow_metrics(env):
+    g, api = gateway_with_steady_agent(env, tls=False)
+    before = len(g.metrics_text())
+    c = raw_h2.RawH2(g.port)
+    for i in range(4):
+        sids = [c.request(f"/{os.urandom(6).hex()}.S/M{j}", body=raw_h2.grpc_frame(b"")) for j in range(500)]
+        c.pump(lambda: all(c.answers[s].ended for s in sids), timeout=10)
+        assert all(c.answers[s].grpc_status == "12" for s in sids)
+    c.close()
+    grown = len(g.metrics_text()) - before
+    assert grown < 600, f"/metrics grew by {grown} bytes after 2,000 unknown paths"
+    assert_steady_serves(g, api)
+
+
+def test_silent_tls_client_after_alpn_h2_is_closed_at_the_auth_deadline(env):
+    g, api = gateway_with_steady_agent(env, extra=["--set", 'auth_timeout="2s"'])
+    ctx = ic.client_tls_context(env.certs["ca"], ["h2"])
+    socks = []
+    t0 = time.monotonic()
+    for _ in range(20):
+        s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", g.port)), server_hostname="localhost")
+        assert s.selected_alpn_protocol() == "h2"
+        socks.append(s)
+    # A health-only client is no agent either: it gets its answer, then the same deadline.
+    hc = raw_h2.RawH2(g.clear_port)
+    assert hc.wait(hc.request(HEALTH_CHECK, body=raw_h2.grpc_frame(b""))).data == raw_h2.grpc_frame(SERVING)
+    for s in socks:
+        _, when = ic.read_until_closed(s, timeout=10)
+        assert when is not None
+    took = time.monotonic() - t0
+    assert 1.5 < took < 6, took
+    hc.pump(lambda: False, timeout=5)
+    assert hc.closed
+    wait_for(lambda: rejected(g, "auth_timeout") >= 21, what="auth_timeout counted")
+    # Our agent authenticated long ago and is not touched by the deadline.
+    time.sleep(0.5)
+    assert_steady_serves(g, api)
+
+
+def test_handshakes_per_source_are_capped(env):
+    g, api = gateway_with_steady_agent(env, tls=False, extra=["--set", "max_handshakes_per_source=16",
+                                                             "--set", 'handshake_timeout="10s"'])
+    socks = [socket.create_connection(("127.0.0.1", g.port)) for _ in range(60)]
+    wait_for(lambda: rejected(g, "source_handshakes_over_limit") >= 44, timeout=5,
+             what="44 connections over the per-source handshake limit")
+    # The ones over the limit were closed at once; the 16 in their handshake are still open.
+    closed = 0
+    for s in socks:
+        s.settimeout(0.2)
+        try:
+            closed += s.recv(1) == b""
+        except (socket.timeout, TimeoutError):
+            pass
+        except OSError:
+            closed += 1
+    assert closed == 44, closed
+    # Another source address is not affected.
+    c = raw_h2.RawH2(g.port, source="127.0.0.2")
+    assert c.wait(c.request(HEALTH_CHECK, body=raw_h2.grpc_frame(b""))).data == raw_h2.grpc_frame(SERVING)
+    c.close()
+    for s in socks:
+        s.close()
+    assert_steady_serves(g, api)
+
+
+def test_rapid_reset_closes_the_connection(env):
+    g, api = gateway_with_steady_agent(env, tls=False)
+    c = raw_h2.RawH2(g.port)
+    try:
+        for _ in range(400):
+            sid = c.request(WATCH, body=raw_h2.grpc_frame(b""), end=False)
+            c.conn.reset_stream(sid)
+            c.flush()
+    except OSError:
+        c.closed = True  # the server hung up while we were still resetting
+    c.pump(lambda: False, timeout=5)
+    assert c.closed, "the server kept a connection that reset 400 streams at once"
+    c.close()
+    assert_steady_serves(g, api)
+
+
+def test_pre_auth_log_lines_are_rate_limited(env):
+    g, api = gateway_with_steady_agent(env, tls=False)
+    c = raw_h2.RawH2(g.port)
+    t0 = time.monotonic()
+    for _ in range(4):
+        sids = [c.request(REGISTER, [("authorization", "Bearer wrong")], end=False) for _ in range(500)]
+        c.pump(lambda: all(c.answers[s].ended for s in sids), timeout=10)
+        c.finish(sids)
+    took = time.monotonic() - t0
+    c.close()
+    lines = [ln for ln in ic.plain(g.proc.output()).splitlines() if "agent call refused" in ln]
+    assert len(lines) <= 20 * (int(took) + 2), (len(lines), took)
+    assert rejected(g, "unauthenticated") >= 2000
+    # The next line after the window says how many were dropped.
+    time.sleep(1.1)
+    c = raw_h2.RawH2(g.port)
+    c.wait(c.request(REGISTER, end=False))
+    c.close()
+    wait_for(lambda: any("suppressed=" in ln and "suppressed=0" not in ln
+                         for ln in ic.plain(g.proc.output()).splitlines() if "agent call refused" in ln),
+             what="a line reporting suppressed lines")
+    assert_steady_serves(g, api)
+
+
+@pytest.mark.parametrize("count", [40_000])
+def test_huge_tunnel_header_list_from_an_agent_is_cut_not_a_crash(env, count):
+    """An agent (grpcio, ours not involved) answers with 40,000 headers: HeaderMap would panic
+    past 32,768; the gateway keeps 1,024 and stays up."""
+    import grpc
+    import queue
+    from test_agentk_compat import tunnel_stubs
+
+    stubs = ic.agentgate_stubs(env.tmp / "stubs")
+    token = env.token("edge-flood")
+    api = env.token("ci", kind="api", agents=["edge-flood"])
+    g = env.gateway(tls=False)
+    tunnel_pb2, tunnel_pb2_grpc = tunnel_stubs(stubs)
+    ch = grpc.insecure_channel(f"127.0.0.1:{g.port}", options=ic.CHANNEL_OPTIONS)
+    agent_pb2, agent_pb2_grpc = stubs
+    session = agent_pb2_grpc.AgentSessionStub(ch).Register(
+        agent_pb2.RegisterRequest(instance_id="flood", version="x", hostname="x"),
+        metadata=[("authorization", f"Bearer {token}")])
+    next(session)
+    outbox: queue.Queue = queue.Queue()
+
+    def requests():
+        yield tunnel_pb2.AgentMessage(descriptor=tunnel_pb2.Descriptor(instance_id="flood", http_upstreams=["default"]))
+        while (m := outbox.get()) is not None:
+            yield m
+
+    def agent():
+        call = tunnel_pb2_grpc.TunnelStub(ch).Connect(requests(), metadata=[("authorization", f"Bearer {token}")])
+        try:
+            for msg in call:
+                if msg.WhichOneof("msg") == "end_of_request":
+                    hs = [tunnel_pb2.Header(name="x-flood", value=str(i).encode()) for i in range(count)]
+                    outbox.put(tunnel_pb2.AgentMessage(response_head=tunnel_pb2.ResponseHead(status=200, headers=hs)))
+                    outbox.put(tunnel_pb2.AgentMessage(chunk=tunnel_pb2.Chunk(data=b"body")))
+                    outbox.put(tunnel_pb2.AgentMessage(trailer=tunnel_pb2.Trailer()))
+        except grpc.RpcError:
+            pass
+        finally:
+            outbox.put(None)
+
+    t = threading.Thread(target=agent, daemon=True)
+    t.start()
+    wait_for(lambda: g.metric("agentgate_tunnels_parked") >= 1, what="flood tunnel parked")
+    r = ic.run(["curl", "-sS", "-D", "-", "-H", f"Authorization: Bearer {api}",
+                f"http://127.0.0.1:{g.api_port}/agents/edge-flood/proxy/x"], timeout=30)
+    assert r.returncode == 0, r.stderr
+    head, _, body = r.stdout.partition("\n\n")  # text mode turns CRLF into LF
+    assert head.startswith("HTTP/1.1 200"), head[:200]
+    assert body == "body", (head[-300:], body[:300])
+    flood = [ln for ln in head.splitlines() if ln.lower().startswith("x-flood:")]
+    assert 0 < len(flood) <= 1024, len(flood)
+    assert g.proc.alive() and g.healthy()
+    assert "dropping tunnel headers over the limit" in ic.plain(g.proc.output())
+    t.join(10)
+    session.cancel()
+    ch.close()
