@@ -274,3 +274,60 @@ def test_huge_tunnel_header_list_from_an_agent_is_cut_not_a_crash(env, count):
     t.join(10)
     session.cancel()
     ch.close()
+
+
+def closed_within(s: socket.socket, timeout: float) -> float | None:
+    """Seconds until the peer closed `s` (reading and discarding), or None."""
+    t0 = time.monotonic()
+    s.settimeout(timeout)
+    try:
+        while True:
+            if not s.recv(65536):
+                return time.monotonic() - t0
+    except (socket.timeout, TimeoutError):
+        return None
+    except OSError:
+        return time.monotonic() - t0
+
+
+def test_http_listeners_have_header_deadline_idle_timeout_and_a_cap(env):
+    g, api = gateway_with_steady_agent(env, tls=False, extra=[
+        "--set", 'http_header_read_timeout="1s"', "--set", 'http_idle_timeout="2s"',
+        "--set", "admin_max_connections=8"])
+    # Slowloris on the API and the admin port: half a request line, then silence.
+    for port in (g.api_port, g.admin_port):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"GET /agents/steady/proxy/x HTTP/1.1\r\nHost: x\r\n")
+        took = closed_within(s, 8)
+        assert took is not None and took < 4, (port, took)
+        s.close()
+    # An idle HTTP/1.1 keep-alive connection waits for its next request's headers, so the
+    # header deadline closes it.
+    s = socket.create_connection(("127.0.0.1", g.api_port))
+    s.sendall(f"GET /agents/steady/proxy/download?size=10 HTTP/1.1\r\nHost: x\r\n"
+              f"Authorization: Bearer {api}\r\n\r\n".encode())
+    took = closed_within(s, 10)
+    assert took is not None and took < 5, took
+    s.close()
+    # An idle HTTP/2 connection: closed after the idle timeout.
+    c = raw_h2.RawH2(g.api_port)
+    a = c.wait(c.request("/agents/steady/proxy/download?size=10", [("authorization", f"Bearer {api}")],
+                         method="GET", grpc=False, authority=f"127.0.0.1:{g.api_port}"))
+    assert a.headers.get(":status") == "200", a
+    t0 = time.monotonic()
+    c.pump(lambda: False, timeout=10)
+    took = time.monotonic() - t0
+    assert c.closed and 1.5 < took < 5, (c.closed, took)
+    # ...but a request in flight longer than that is not cut.
+    status, _, body = api_request(g, "GET", "/agents/steady/proxy/sleep?ms=3500", api)
+    assert status == 200, body[:200]
+    # The admin port takes 8 connections; the ninth is closed at once.
+    held = [socket.create_connection(("127.0.0.1", g.admin_port)) for _ in range(8)]
+    time.sleep(0.3)
+    extra = socket.create_connection(("127.0.0.1", g.admin_port))
+    took = closed_within(extra, 1.5)
+    assert took is not None and took < 1.0, took
+    for h in held:
+        h.close()
+    wait_for(lambda: g.healthy(), what="admin serves again once connections close")
+    assert_steady_serves(g, api)

@@ -68,6 +68,21 @@ pub struct GatewayConfig {
     /// Largest decoded message on a tunnel stream (a body chunk of the agent's choosing; ours
     /// are 64 KiB; gRPC's usual default).
     pub max_message_size_tunnel: usize,
+    /// Connections open at once on the tunnel API listener.
+    pub api_max_connections: usize,
+    /// Connections open at once on the admin listener (it has no authentication: keep it on
+    /// a private address).
+    pub admin_max_connections: usize,
+    /// Connections open at once on the internal (replica-to-replica) listener.
+    pub internal_max_connections: usize,
+    /// API, admin and internal listeners: deadline for reading an HTTP/1.1 request's headers
+    /// (slowloris).
+    #[serde(with = "humantime_serde")]
+    pub http_header_read_timeout: Duration,
+    /// API, admin and internal listeners: a connection with no request in flight and no bytes
+    /// moving for this long is closed. Requests in flight (long polls included) are not cut.
+    #[serde(with = "humantime_serde")]
+    pub http_idle_timeout: Duration,
     /// Largest WebSocket message accepted from an agent (kas: 10 MiB).
     pub ws_max_message_size: usize,
     /// WebSocket read buffer per connection; tungstenite's 128 KiB default costs ~127 KiB of
@@ -170,6 +185,11 @@ impl Default for GatewayConfig {
             max_message_size_health: 4 * 1024,
             max_message_size_reflection: 64 * 1024,
             max_message_size_tunnel: 4 * 1024 * 1024,
+            api_max_connections: 4096,
+            admin_max_connections: 256,
+            internal_max_connections: 4096,
+            http_header_read_timeout: Duration::from_secs(10),
+            http_idle_timeout: Duration::from_secs(120),
             ws_max_message_size: 10 * 1024 * 1024,
             ws_read_buffer_size: 8 * 1024,
             keepalive_interval: Duration::from_secs(50),

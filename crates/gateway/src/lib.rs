@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod config;
 pub mod directory;
 mod headers;
+mod http_listener;
 mod memory;
 pub mod metrics;
 mod rpc_guard;
@@ -154,6 +155,25 @@ impl Gateway {
         let n = g.1.entry(token_id.to_string()).or_insert(0);
         *n += 1;
         *n <= limit
+    }
+
+    /// The limits and deadlines of one of the HTTP listeners (API, admin, internal).
+    fn http_listener_settings(
+        &self,
+        name: &'static str,
+        max_connections: usize,
+    ) -> http_listener::HttpListenerSettings {
+        let c = &self.config;
+        http_listener::HttpListenerSettings {
+            name,
+            max_connections,
+            handshake_timeout: c.handshake_timeout,
+            header_read_timeout: c.http_header_read_timeout,
+            idle_timeout: c.http_idle_timeout,
+            http2_stream_window: c.http2_stream_window,
+            http2_connection_window: c.http2_connection_window,
+            shutdown_grace: c.shutdown_grace,
+        }
     }
 
     /// When the agent on `conn` is asked to move to a new connection (the moment its parked
@@ -371,9 +391,14 @@ pub async fn run_with(
     let server = tokio::spawn(server);
 
     let admin_stop = CancellationToken::new();
-    let admin_serve = axum::serve(admin_listener, admin::router(gw.clone()))
-        .with_graceful_shutdown(admin_stop.clone().cancelled_owned());
-    let admin = tokio::spawn(async move { admin_serve.await });
+    let admin_router = admin::router(gw.clone());
+    let admin = tokio::spawn(http_listener::serve_http(
+        admin_listener,
+        None,
+        gw.http_listener_settings("admin", gw.config.admin_max_connections),
+        move |_peer| admin_router.clone(),
+        admin_stop.clone(),
+    ));
     let api_stop = CancellationToken::new();
     let api = tokio::spawn(api::serve_api(
         gw.clone(),

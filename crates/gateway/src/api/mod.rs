@@ -21,9 +21,7 @@ use http::{Request, Response};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::bearer_token;
@@ -127,58 +125,14 @@ pub async fn serve_api(
     tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: CancellationToken,
 ) {
-    let acceptor = tls.map(TlsAcceptor::from);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    while let Some((stream, peer)) =
-        agentgate_transport::accept_until(&listener, &shutdown, "api").await
-    {
-        let gw2 = gw.clone();
-        let is_tls = acceptor.is_some();
-        let svc = hyper::service::service_fn(move |req| {
-            let gw = gw2.clone();
+    let is_tls = tls.is_some();
+    let settings = gw.http_listener_settings("api", gw.config.api_max_connections);
+    let make = move |peer: SocketAddr| {
+        let gw = gw.clone();
+        tower::service_fn(move |req| {
+            let gw = gw.clone();
             async move { Ok::<_, Infallible>(route(gw, peer, is_tls, req).await) }
-        });
-        let watcher = graceful.watcher();
-        let acceptor = acceptor.clone();
-        let handshake_timeout = gw.config.handshake_timeout;
-        tokio::spawn(async move {
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let result = match acceptor {
-                None => {
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                    watcher.watch(conn.into_owned()).await
-                }
-                Some(acceptor) => {
-                    let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream))
-                        .await
-                    {
-                        Ok(Ok(tls)) => tls,
-                        Ok(Err(e)) => {
-                            tracing::debug!(error = %e, %peer, "API TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "API TLS handshake timed out");
-                            return;
-                        }
-                    };
-                    let conn = builder.serve_connection(TokioIo::new(tls), svc);
-                    watcher.watch(conn.into_owned()).await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, %peer, "API connection ended with error");
-            }
-        });
-    }
-    let grace = gw.config.shutdown_grace;
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            ?grace,
-            "API requests still open after the shutdown grace period"
-        );
-    }
+        })
+    };
+    crate::http_listener::serve_http(listener, tls, settings, make, shutdown).await;
 }

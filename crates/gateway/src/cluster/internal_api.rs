@@ -17,7 +17,6 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -158,29 +157,13 @@ async fn route(
 
 /// Serves the internal API until `stop`.
 pub async fn serve_internal(gw: Arc<Gateway>, listener: TcpListener, stop: CancellationToken) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    while let Some((stream, peer)) =
-        agentgate_transport::accept_until(&listener, &stop, "internal").await
-    {
+    let settings = gw.http_listener_settings("internal", gw.config.internal_max_connections);
+    let make = move |peer: SocketAddr| {
         let gw = gw.clone();
-        let svc = hyper::service::service_fn(move |req| {
+        tower::service_fn(move |req| {
             let gw = gw.clone();
             async move { Ok::<_, Infallible>(route(gw, peer, req).await) }
-        });
-        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        builder
-            .http2()
-            .initial_stream_window_size(2 * 1024 * 1024)
-            .initial_connection_window_size(4 * 1024 * 1024);
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), svc)
-            .into_owned();
-        let watched = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = watched.await {
-                tracing::debug!(error = %e, %peer, "internal connection ended with error");
-            }
-        });
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
+        })
+    };
+    crate::http_listener::serve_http(listener, None, settings, make, stop).await;
 }

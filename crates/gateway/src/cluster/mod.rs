@@ -84,6 +84,9 @@ impl Cluster {
         http.set_connect_timeout(Some(Duration::from_secs(2)));
         let client = Client::builder(TokioExecutor::new())
             .http2_only(true)
+            // Below the peers' `http_idle_timeout` (default 120 s), so this side lets an idle
+            // connection go before the peer closes it under a request.
+            .pool_idle_timeout(Duration::from_secs(60))
             .http2_initial_stream_window_size(2 * 1024 * 1024)
             .http2_initial_connection_window_size(4 * 1024 * 1024)
             .build(http);
