@@ -239,4 +239,58 @@ mod tests {
         }
         assert_eq!(result, Err(TooManyPings { strikes: 3 }));
     }
+
+    /// Generated input: random frame streams (valid headers, random types, flags and
+    /// lengths, random payload bytes) fed whole and in random splits give the same verdict,
+    /// and never panic. `AGENTGATE_GENERATED_CASES` sets the count (CI: 2,000; the long run in
+    /// docs/SECURITY.md: 1,000,000).
+    #[test]
+    fn generated_streams_give_the_same_verdict_however_split() {
+        use rand::{Rng, SeedableRng};
+        let cases: u64 = std::env::var("AGENTGATE_GENERATED_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2_000);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+        let t0 = Instant::now();
+        for _ in 0..cases {
+            let mut bytes = HTTP2_PREFACE.to_vec();
+            let mut out = Vec::new();
+            for _ in 0..rng.random_range(0..12) {
+                let kind = [
+                    FRAME_DATA,
+                    FRAME_HEADERS,
+                    FRAME_PING,
+                    0x4,
+                    0x8,
+                    rng.random(),
+                ][rng.random_range(0..6)];
+                let len = rng.random_range(0..64);
+                let payload: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+                bytes.extend(frame(kind, rng.random_range(0..2), &payload));
+                if rng.random_bool(0.3) {
+                    out.push(frame(FRAME_DATA, 0, &[0; 4]));
+                }
+            }
+            let whole = {
+                let mut p = PingPolicy::new(Duration::from_secs(20));
+                p.feed(&bytes, t0)
+            };
+            let mut p = PingPolicy::new(Duration::from_secs(20));
+            let mut rest = &bytes[..];
+            let mut split = Ok(());
+            while !rest.is_empty() && split.is_ok() {
+                let n = rng.random_range(1..=rest.len());
+                split = p.feed(&rest[..n], t0);
+                rest = &rest[n..];
+            }
+            assert_eq!(whole.is_err(), split.is_err(), "{bytes:02x?}");
+            // Outbound bytes in random pieces never panic either.
+            for o in &out {
+                let cut = rng.random_range(0..=o.len());
+                p.feed_outbound(&o[..cut]);
+                p.feed_outbound(&o[cut..]);
+            }
+        }
+    }
 }
