@@ -48,3 +48,27 @@ def test_bench_control_scenario_smoke(tmp_path):
         assert ("throughput", "download", t) in columns, t
     assert ("latency", "CPU per request, concurrency 1", "control") in columns
     assert not any(s["transport"] in ("grpcs", "ws", "wss") for s in doc["samples"])
+
+
+def test_bench_hostile_smoke(tmp_path):
+    """`bench hostile` with a few agents and connections: every attack runs, the gateway sheds
+    the connections that must be shed, and no legitimate request fails."""
+    out = tmp_path / "hostile.json"
+    run = subprocess.run(
+        [str(BIN), "bench", "hostile", "--agents", "5", "--hostile", "60", "--attack-secs", "8",
+         "--gateway-set", 'auth_timeout="3s"', "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "| attack | legit failed |" in run.stdout
+    rows = json.loads(out.read_text())
+    assert len(rows) == 15, [r["attack"] for r in rows]
+    for r in rows:
+        assert r["legit_failed"] == 0, r
+        assert r["legit_ok"] > 0, r
+        assert r["opened"] == 60, r
+    by = {r["attack"]: r for r in rows}
+    # The gateway ends every attack by itself within the run: deadlines (the 3 s auth deadline
+    # here, the 5 s handshake deadline), limits, and protocol errors.
+    for name, r in by.items():
+        assert r["shed"] == 60, (name, r)

@@ -331,3 +331,38 @@ def test_http_listeners_have_header_deadline_idle_timeout_and_a_cap(env):
         h.close()
     wait_for(lambda: g.healthy(), what="admin serves again once connections close")
     assert_steady_serves(g, api)
+
+
+def test_bytes_before_authentication_are_capped(env):
+    """A WebSocket client without a token sends one 8 MiB message: the gateway stops reading at
+    the 1 MiB pre-authentication budget instead of buffering the whole message."""
+    g, api = gateway_with_steady_agent(env, tls=False)
+    rss0 = g.proc.rss_kib()
+    socks = []
+    for _ in range(20):
+        s = ic.connect(g.port)
+        s.sendall(ic.ws_upgrade_request("/", f"localhost:{g.port}", "ws-tunnel"))
+        resp = b""
+        while b"\r\n\r\n" not in resp:
+            resp += s.recv(4096)
+        assert b" 101 " in resp.split(b"\r\n")[0], resp[:200]
+        size = 8 * MiB
+        s.sendall(bytes([0x82, 0x80 | 127]) + size.to_bytes(8, "big") + b"\x01\x02\x03\x04")
+        socks.append(s)
+    sent_all = 0
+    for s in socks:
+        try:
+            s.settimeout(5)
+            for _ in range(8 * 16):
+                s.sendall(b"\x00" * 65536)
+            sent_all += 1
+        except OSError:
+            pass  # the gateway hung up: what we want
+    for s in socks:
+        assert closed_within(s, 5) is not None
+        s.close()
+    assert sent_all == 0, f"{sent_all} connections took a whole 8 MiB message before authenticating"
+    wait_for(lambda: rejected(g, "pre_auth_bytes") >= 20, what="pre_auth_bytes counted")
+    grown = g.proc.rss_kib() - rss0
+    assert grown < 40 * 1024, f"gateway grew by {grown} KiB for 20 connections"
+    assert_steady_serves(g, api)

@@ -68,6 +68,9 @@ enum Command {
     /// Internal: the bare tonic reverse tunnel that `bench` compares against.
     #[command(hide = true)]
     BenchControl(bench::control::ControlArgs),
+    /// One process of hostile connections for `bench hostile` (internal).
+    #[command(hide = true)]
+    BenchAttack(bench::attack::AttackArgs),
 }
 
 #[derive(Args)]
@@ -487,6 +490,7 @@ fn main() -> std::process::ExitCode {
             Command::Bench(a) => bench::run(a).await,
             Command::BenchLoad(a) => bench::load::run(a, stop_on_signals()).await,
             Command::BenchControl(a) => bench::control::run(a).await,
+            Command::BenchAttack(a) => bench::attack::run(a).await,
         }
     });
     match result {

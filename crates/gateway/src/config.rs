@@ -50,6 +50,11 @@ pub struct GatewayConfig {
     pub max_connections_per_source: usize,
     /// TLS handshakes, sniffs and WebSocket upgrades in progress at once from one address.
     pub max_handshakes_per_source: usize,
+    /// Bytes a connection may send before one of its calls authenticated, counted under TLS
+    /// and WebSocket; past it the connection is closed (reason `pre_auth_bytes`). This bounds
+    /// what a client without a token can make the gateway buffer (a WebSocket message is read
+    /// whole). 0 disables.
+    pub max_bytes_before_auth: usize,
     /// HTTP/2 streams one agent connection may have open (advertised in SETTINGS): the agent
     /// pool's cap of 500 tunnels, its session, and headroom.
     pub max_concurrent_streams: u32,
@@ -178,6 +183,7 @@ impl Default for GatewayConfig {
             max_unauthenticated_calls_per_connection: 4,
             max_connections_per_source: 5_000,
             max_handshakes_per_source: 64,
+            max_bytes_before_auth: 1024 * 1024,
             max_concurrent_streams: 520,
             max_pending_accept_reset_streams: 20,
             max_local_error_reset_streams: 1024,

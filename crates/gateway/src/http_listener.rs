@@ -15,6 +15,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use agentgate_transport::PRE_AUTH_LOG;
+
+use crate::guarded_body::GuardedBody;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -165,7 +167,7 @@ struct CountInFlight<S> {
 }
 
 /// Ends one request's share of `in_flight` when dropped (with its response body).
-struct InFlight(Arc<Activity>);
+pub struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -174,37 +176,12 @@ impl Drop for InFlight {
     }
 }
 
-pin_project_lite::pin_project! {
-    pub struct CountedBody<B> {
-        #[pin]
-        inner: B,
-        _in_flight: InFlight,
-    }
-}
-
-impl<B: http_body::Body> http_body::Body for CountedBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        self.project().inner.poll_frame(cx)
-    }
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 impl<S, R, B> tower_service::Service<R> for CountInFlight<S>
 where
     S: tower_service::Service<R, Response = http::Response<B>>,
     S::Future: Send + 'static,
 {
-    type Response = http::Response<CountedBody<B>>;
+    type Response = http::Response<GuardedBody<B, InFlight>>;
     type Error = S::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
 
@@ -218,10 +195,7 @@ where
         let fut = self.inner.call(req);
         Box::pin(async move {
             let resp = fut.await?;
-            Ok(resp.map(|inner| CountedBody {
-                inner,
-                _in_flight: guard,
-            }))
+            Ok(resp.map(|inner| GuardedBody::new(inner, guard)))
         })
     }
 }

@@ -11,6 +11,7 @@ mod auth;
 pub mod cluster;
 pub mod config;
 pub mod directory;
+mod guarded_body;
 mod headers;
 mod http_listener;
 mod memory;
@@ -290,6 +291,7 @@ pub async fn run_with(
         auth_timeout: (!cfg.auth_timeout.is_zero()).then_some(cfg.auth_timeout),
         max_connections_per_source: cfg.max_connections_per_source,
         max_handshakes_per_source: cfg.max_handshakes_per_source,
+        max_bytes_before_auth: (cfg.max_bytes_before_auth > 0).then_some(cfg.max_bytes_before_auth),
         ws: WsSettings {
             read_buffer_size: cfg.ws_read_buffer_size,
             max_message_size: cfg.ws_max_message_size,

@@ -16,10 +16,9 @@ use std::task::{Context, Poll};
 
 use agentgate_transport::{ConnMeta, PRE_AUTH_LOG};
 use futures_util::future::{Either, Ready};
-use http_body::{Body, Frame};
-use pin_project_lite::pin_project;
 use tonic::Status;
 
+use crate::guarded_body::GuardedBody;
 use crate::Gateway;
 
 /// Every method the agent port serves. Metrics label RPCs with these names and nothing else
@@ -114,7 +113,7 @@ pub struct RpcGuard<S> {
 
 /// One token-less call's place in its connection's count; released when the call's response
 /// ends or is dropped.
-struct UnauthenticatedSlot(Arc<ConnMeta>);
+pub struct UnauthenticatedSlot(Arc<ConnMeta>);
 
 impl Drop for UnauthenticatedSlot {
     fn drop(&mut self) {
@@ -189,7 +188,7 @@ where
     S::Future: Send + 'static,
     ResBody: Default + Send + 'static,
 {
-    type Response = http::Response<GuardedBody<ResBody>>;
+    type Response = http::Response<GuardedBody<ResBody, Option<UnauthenticatedSlot>>>;
     type Error = S::Error;
     type Future = Either<
         Ready<Result<Self::Response, S::Error>>,
@@ -208,46 +207,8 @@ where
         let fut = self.inner.call(req);
         Either::Right(Box::pin(async move {
             let resp = fut.await?;
-            Ok(resp.map(|inner| GuardedBody { inner, _slot: slot }))
+            Ok(resp.map(|inner| GuardedBody::new(inner, slot)))
         }))
-    }
-}
-
-pin_project! {
-    /// A response body that holds the call's token-less slot until it ends.
-    pub struct GuardedBody<B> {
-        #[pin]
-        inner: B,
-        _slot: Option<UnauthenticatedSlot>,
-    }
-}
-
-impl<B: Default> Default for GuardedBody<B> {
-    fn default() -> Self {
-        Self {
-            inner: B::default(),
-            _slot: None,
-        }
-    }
-}
-
-impl<B: Body> Body for GuardedBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        self.project().inner.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }
 

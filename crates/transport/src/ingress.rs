@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::log_budget::PRE_AUTH_LOG;
 use crate::ping_policy::PingPolicy;
+use crate::pre_auth_budget::PreAuthBudget;
 use crate::sniff::{read_prefix, PrefixClass, PrefixedIo};
 use crate::websocket::{WsByteStream, WsSettings, WS_SUBPROTOCOL};
 use crate::{set_nodelay, BoxedIo, Io, TransportKind};
@@ -55,6 +56,10 @@ pub struct IngressSettings {
     pub max_connections_per_source: usize,
     /// TLS handshakes, sniffs and WebSocket upgrades in progress at once from one source address.
     pub max_handshakes_per_source: usize,
+    /// Bytes a connection may send before one of its calls authenticated (TLS, upgrade and
+    /// HTTP/2 included); past it the connection is closed (reason `pre_auth_bytes`). `None`
+    /// disables.
+    pub max_bytes_before_auth: Option<usize>,
     pub ws: WsSettings,
 }
 
@@ -67,6 +72,7 @@ impl Default for IngressSettings {
             auth_timeout: Some(Duration::from_secs(10)),
             max_connections_per_source: 5_000,
             max_handshakes_per_source: 64,
+            max_bytes_before_auth: Some(1024 * 1024),
             ws: WsSettings::default(),
         }
     }
@@ -98,10 +104,12 @@ pub enum RejectReason {
     SourceOverLimit,
     /// `max_handshakes_per_source` reached for the client's address.
     SourceHandshakesOverLimit,
+    /// More than `max_bytes_before_auth` bytes before any call authenticated.
+    PreAuthBytes,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 13] = [
+    pub const ALL: [RejectReason; 14] = [
         Self::SniffTimeout,
         Self::BadPreface,
         Self::EarlyEof,
@@ -115,6 +123,7 @@ impl RejectReason {
         Self::AuthTimeout,
         Self::SourceOverLimit,
         Self::SourceHandshakesOverLimit,
+        Self::PreAuthBytes,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -132,6 +141,7 @@ impl RejectReason {
             Self::AuthTimeout => "auth_timeout",
             Self::SourceOverLimit => "source_over_limit",
             Self::SourceHandshakesOverLimit => "source_handshakes_over_limit",
+            Self::PreAuthBytes => "pre_auth_bytes",
         }
     }
 }
@@ -160,8 +170,9 @@ pub struct ConnMeta {
     pub opened_at_wall: SystemTime,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
-    /// The agent name, once a call on this connection authenticated (for the close log line).
-    pub agent: OnceLock<String>,
+    /// The agent name, once a call on this connection authenticated (for the close log line,
+    /// the auth deadline and the pre-authentication byte budget).
+    pub agent: Arc<OnceLock<String>>,
     /// Calls without a token (health, reflection) open right now, for the gateway's
     /// per-connection limit on them.
     pub unauthenticated_calls: AtomicU32,
@@ -498,6 +509,32 @@ pub fn serve_ingress(
                 acceptor.clone(),
             );
             tokio::spawn(async move {
+                let agent = Arc::new(OnceLock::new());
+                let tripped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let report = {
+                    let (observer, tripped) = (observer.clone(), tripped.clone());
+                    Box::new(move |limit: usize| {
+                        tripped.store(true, Ordering::Relaxed);
+                        observer.rejected(RejectReason::PreAuthBytes);
+                        if let Some(suppressed) = PRE_AUTH_LOG.allow() {
+                            tracing::warn!(
+                                conn = id,
+                                %peer,
+                                reason = "pre_auth_bytes",
+                                max_bytes_before_auth = limit,
+                                suppressed,
+                                "closing connection: it sent more than allowed before any call \
+                                 authenticated"
+                            );
+                        }
+                    })
+                };
+                let stream = PreAuthBudget::new(
+                    stream,
+                    agent.clone(),
+                    settings.max_bytes_before_auth,
+                    report,
+                );
                 let classified = classify(stream, acceptor, &settings).await;
                 source.handshake_done();
                 match classified {
@@ -510,7 +547,7 @@ pub fn serve_ingress(
                             opened_at_wall: SystemTime::now(),
                             bytes_in: AtomicU64::new(0),
                             bytes_out: AtomicU64::new(0),
-                            agent: OnceLock::new(),
+                            agent,
                             unauthenticated_calls: AtomicU32::new(0),
                         });
                         observer.opened(&meta);
@@ -529,6 +566,7 @@ pub fn serve_ingress(
                         // If the server is gone we are shutting down; the conn is dropped.
                         let _ = tx.send(Ok(conn)).await;
                     }
+                    Err(_) if tripped.load(Ordering::Relaxed) => {} // reported by the budget
                     Err((reason, detail)) => {
                         observer.rejected(reason);
                         if let Some(suppressed) = PRE_AUTH_LOG.allow() {
@@ -546,7 +584,7 @@ pub fn serve_ingress(
 type Rejection = (RejectReason, String);
 
 async fn classify(
-    mut stream: TcpStream,
+    mut stream: PreAuthBudget<TcpStream>,
     acceptor: Option<TlsAcceptor>,
     settings: &IngressSettings,
 ) -> Result<(BoxedIo, TransportKind), Rejection> {

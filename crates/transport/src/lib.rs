@@ -12,6 +12,7 @@ mod ingress;
 mod kind;
 mod log_budget;
 mod ping_policy;
+mod pre_auth_budget;
 mod proxy;
 mod scheme;
 mod sniff;

@@ -5,8 +5,10 @@
 //! noisy, ratios much less so. Gateways and load generators are separate processes (this
 //! binary), so RSS and CPU are measured per process from /proc.
 
+pub mod attack;
 pub mod compression;
 pub mod control;
+mod hostile;
 pub mod load;
 mod procs;
 
@@ -38,6 +40,9 @@ pub enum Scenario {
     /// gzip's CPU cost and size change per tunnel message kind (no network; see
     /// `compression.rs`). Not part of `all`.
     Compression,
+    /// Agents serving requests while hostile connections attack the agent port, one attack
+    /// at a time (see `hostile.rs`). Not part of `all`.
+    Hostile,
     All,
 }
 
@@ -70,6 +75,12 @@ pub struct BenchArgs {
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Hostile connections per attack (hostile).
+    #[arg(long, default_value_t = 10_000)]
+    hostile: usize,
+    /// Seconds each attack runs at most (hostile).
+    #[arg(long, default_value_t = 15)]
+    attack_secs: u64,
 }
 
 #[derive(Serialize, Clone)]
@@ -366,6 +377,33 @@ impl Bench {
 
     /// GET through the API (or directly), returning latency and body bytes.
     async fn fetch(&self, url: &str, auth: bool) -> anyhow::Result<(Duration, u64)> {
+        self.fetcher().get(url, auth).await
+    }
+
+    /// What `fetch` needs, to hand to tasks of its own.
+    fn fetcher(&self) -> Fetcher {
+        Fetcher {
+            client: self.client.clone(),
+            api_token: self.api_token.clone(),
+        }
+    }
+}
+
+/// The bench's HTTP client with the API token.
+#[derive(Clone)]
+struct Fetcher {
+    client:
+        Client<HttpConnector, http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>>,
+    api_token: String,
+}
+
+impl Fetcher {
+    /// GET through the API with the token; the body's length.
+    async fn fetch(&self, url: &str) -> anyhow::Result<u64> {
+        Ok(self.get(url, true).await?.1)
+    }
+
+    async fn get(&self, url: &str, auth: bool) -> anyhow::Result<(Duration, u64)> {
         let t = Instant::now();
         let mut req = hyper::Request::get(url);
         if auth {
@@ -380,7 +418,9 @@ impl Bench {
         }
         Ok((t.elapsed(), n))
     }
+}
 
+impl Bench {
     async fn idle_burst(&mut self, transport: &str, burst: bool) -> anyhow::Result<()> {
         let n = self.args.agents;
         let gw = self.gateway(None).await?;
@@ -828,6 +868,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         samples: vec![],
     };
     let s = b.args.scenario;
+    if s == Scenario::Hostile {
+        let rows = b.hostile().await?;
+        eprintln!();
+        println!(
+            "{}",
+            hostile::table(&rows, b.args.agents, b.args.attack_secs)
+        );
+        if let Some(path) = &b.args.json {
+            std::fs::write(path, serde_json::to_vec_pretty(&rows)?)?;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(());
+    }
     let transports = b.args.transports.clone();
     let started = Instant::now();
     if matches!(s, Scenario::Idle | Scenario::Burst | Scenario::All) {
