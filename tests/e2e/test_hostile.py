@@ -56,7 +56,7 @@ class Serving(threading.Thread):
         self.halt.set()
         self.join(15)
         assert not self.failures, self.failures[:5]
-        assert self.ok >= 3, f"only {self.ok} requests served during the attack"
+        assert self.ok >= 1, f"only {self.ok} requests served during the attack"
 
 
 def rejected(g, reason):
@@ -64,7 +64,8 @@ def rejected(g, reason):
 
 
 def test_stream_flood_without_token_is_bounded(env):
-    """One connection opens 3,000 Health/Watch streams with no token."""
+    """One connection opens 3,000 Health/Watch streams with no token: 4 are served, the rest
+    refused at once, and after 16 refusals the gateway closes the connection."""
     g, api = gateway_with_steady_agent(env, tls=False)
     serving = Serving(g, api)
     serving.start()
@@ -73,55 +74,85 @@ def test_stream_flood_without_token_is_bounded(env):
     c.pump(lambda: c.conn.remote_settings.max_concurrent_streams < 2**31, timeout=5)
     assert c.conn.remote_settings.max_concurrent_streams == 520
     sids = []
-    for wave in range(6):
-        for _ in range(500):
-            sids.append(c.request(WATCH, body=raw_h2.grpc_frame(b"")))
-        # Refusals end their streams at once, which frees the concurrency for the next wave.
-        c.pump(lambda: sum(c.answers[s].ended for s in sids) >= len(sids) - 4, timeout=10)
-    assert len(sids) == 3000
+    try:
+        for wave in range(6):
+            for _ in range(500):
+                sids.append(c.request(WATCH, body=raw_h2.grpc_frame(b"")))
+            c.pump(lambda: c.closed or sum(c.answers[s].ended for s in sids) >= len(sids) - 4, timeout=10)
+            if c.closed:
+                break
+    except (OSError, h2.exceptions.ProtocolError):
+        c.closed = True
+    c.pump(lambda: False, timeout=3)
+    assert c.closed, "the gateway kept a connection that was refused thousands of times"
     refused = [s for s in sids if c.answers[s].grpc_status == "8"]
-    open_streams = [s for s in sids if not c.answers[s].ended]
-    assert len(refused) >= 3000 - 4, (len(refused), len(open_streams))
-    assert len(open_streams) <= 4
-    msg = c.answers[refused[0]].grpc_message
-    assert "without an agent token" in msg, msg
-    assert not c.closed
+    served = [s for s in sids if c.answers[s].headers.get(":status") == "200" and c.answers[s].grpc_status is None]
+    # The answers refused after the last read may not reach the client: the connection ends.
+    assert len(refused) <= 16, len(refused)
+    assert len(served) <= 4
+    assert all("without an agent token" in c.answers[r].grpc_message for r in refused)
     rss1 = g.proc.rss_kib()
     assert rss1 - rss0 < 8 * 1024, f"gateway grew by {rss1 - rss0} KiB"
     c.close()
     serving.stop()
-    assert rejected(g, "unauthenticated_calls") >= 2996
+    assert rejected(g, "refused_calls") == 1
+    # Streams already read when the limit is reached are still answered (at most one read's
+    # worth, bounded by the 520 concurrent streams): far from the 3,000 sent.
+    assert 16 <= rejected(g, "unauthenticated_calls") <= 520 + 16
+
+
+def many_refusals(g, n: int, make, per_conn: int = 12):
+    """Sends `n` calls that the gateway refuses, `per_conn` per connection (below the limit of
+    refusals before a connection is closed); returns the answers and the seconds it took."""
+    answers, t0 = [], time.monotonic()
+    for start in range(0, n, per_conn):
+        c = raw_h2.RawH2(g.port)
+        sids = [make(c, i) for i in range(start, min(n, start + per_conn))]
+        c.pump(lambda: all(c.answers[s].ended for s in sids), timeout=10)
+        answers += [c.answers[s] for s in sids]
+        c.close()
+    return answers, time.monotonic() - t0
 
 
 def test_register_without_body_and_token_is_answered_at_once(env):
     """500 Register streams send headers and no body: each is refused from its headers."""
     g, api = gateway_with_steady_agent(env, tls=False)
-    c = raw_h2.RawH2(g.port)
-    t0 = time.monotonic()
-    sids = [c.request(REGISTER, end=False) for _ in range(500)]
-    c.pump(lambda: all(c.answers[s].ended for s in sids), timeout=10)
-    took = time.monotonic() - t0
-    answered = [s for s in sids if c.answers[s].grpc_status == "16"]
-    assert len(answered) == 500, (len(answered), took)
+    answers, took = many_refusals(g, 500, lambda c, i: c.request(REGISTER, end=False))
+    assert sum(a.grpc_status == "16" for a in answers) == 500, took
     assert took < 2.0, took
-    assert "missing agent token" in c.answers[sids[0]].grpc_message
-    # With a wrong token, the same.
-    sid = c.request(REGISTER, [("authorization", "Bearer nope")], end=False)
-    a = c.wait(sid)
+    assert "missing agent token" in answers[0].grpc_message
+    c = raw_h2.RawH2(g.port)
+    a = c.wait(c.request(REGISTER, [("authorization", "Bearer nope")], end=False))
     assert a.grpc_status == "16" and "invalid agent token" in a.grpc_message, a
     c.close()
+    assert_steady_serves(g, api)
+
+
+def test_refused_calls_before_auth_close_the_connection(env):
+    g, api = gateway_with_steady_agent(env, tls=False, extra=["--set", "max_refused_calls_before_auth=10"])
+    c = raw_h2.RawH2(g.port)
+    try:
+        for i in range(40):
+            c.wait(c.request(REGISTER, [("authorization", "Bearer nope")]), timeout=2)
+            if c.closed:
+                break
+    except (OSError, h2.exceptions.ProtocolError):
+        c.closed = True
+    c.pump(lambda: False, timeout=2)
+    assert c.closed
+    # The tenth refusal closes the connection; its own answer may not get out first.
+    assert 9 <= sum(a.grpc_status == "16" for a in c.answers.values()) <= 10
+    assert rejected(g, "refused_calls") == 1
+    # An authenticated connection is never closed for refusals: our agent's still serves.
     assert_steady_serves(g, api)
 
 
 def test_random_paths_do_not_grow_metrics(env):
     g, api = gateway_with_steady_agent(env, tls=False)
     before = len(g.metrics_text())
-    c = raw_h2.RawH2(g.port)
-    for i in range(4):
-        sids = [c.request(f"/{os.urandom(6).hex()}.S/M{j}", body=raw_h2.grpc_frame(b"")) for j in range(500)]
-        c.pump(lambda: all(c.answers[s].ended for s in sids), timeout=10)
-        assert all(c.answers[s].grpc_status == "12" for s in sids)
-    c.close()
+    answers, _ = many_refusals(
+        g, 2000, lambda c, i: c.request(f"/{os.urandom(6).hex()}.S/M{i}", body=raw_h2.grpc_frame(b"")))
+    assert all(a.grpc_status == "12" for a in answers) and len(answers) == 2000
     grown = len(g.metrics_text()) - before
     assert grown < 600, f"/metrics grew by {grown} bytes after 2,000 unknown paths"
     assert_steady_serves(g, api)
@@ -196,14 +227,7 @@ def test_rapid_reset_closes_the_connection(env):
 
 def test_pre_auth_log_lines_are_rate_limited(env):
     g, api = gateway_with_steady_agent(env, tls=False)
-    c = raw_h2.RawH2(g.port)
-    t0 = time.monotonic()
-    for _ in range(4):
-        sids = [c.request(REGISTER, [("authorization", "Bearer wrong")], end=False) for _ in range(500)]
-        c.pump(lambda: all(c.answers[s].ended for s in sids), timeout=10)
-        c.finish(sids)
-    took = time.monotonic() - t0
-    c.close()
+    _, took = many_refusals(g, 2000, lambda c, i: c.request(REGISTER, [("authorization", "Bearer wrong")]))
     lines = [ln for ln in ic.plain(g.proc.output()).splitlines() if "agent call refused" in ln]
     assert len(lines) <= 20 * (int(took) + 2), (len(lines), took)
     assert rejected(g, "unauthenticated") >= 2000

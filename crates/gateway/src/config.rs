@@ -45,6 +45,11 @@ pub struct GatewayConfig {
     /// Token-less calls (health, reflection) that a connection which has not authenticated
     /// may hold open at once; more get RESOURCE_EXHAUSTED (reason `unauthenticated_calls`).
     pub max_unauthenticated_calls_per_connection: u32,
+    /// Calls refused (no or wrong token, unknown method or encoding, too many token-less calls)
+    /// on a connection that has not authenticated, after which the connection is closed
+    /// (reason `refused_calls`): each refused stream still costs HTTP/2 work, and an agent
+    /// that is refused backs off on a new connection.
+    pub max_refused_calls_before_auth: u32,
     /// Agent connections open at once from one source address. Agents behind one NAT share
     /// an address, so this is generous; it stops one host from taking every slot.
     pub max_connections_per_source: usize,
@@ -181,6 +186,7 @@ impl Default for GatewayConfig {
             listen_backlog: 4096,
             auth_timeout: Duration::from_secs(10),
             max_unauthenticated_calls_per_connection: 4,
+            max_refused_calls_before_auth: 16,
             max_connections_per_source: 5_000,
             max_handshakes_per_source: 64,
             max_bytes_before_auth: 1024 * 1024,

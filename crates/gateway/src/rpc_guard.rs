@@ -87,6 +87,9 @@ fn needs_token(path: &str) -> bool {
     path.starts_with("/agentgate.v1.")
 }
 
+/// Reason label when a connection is closed for too many refused calls before authenticating.
+pub const REJECT_REFUSED_CALLS: &str = "refused_calls";
+
 /// Reason label when a connection that never authenticated opens too many token-less calls.
 pub const REJECT_UNAUTHENTICATED_CALLS: &str = "unauthenticated_calls";
 
@@ -124,11 +127,13 @@ impl Drop for UnauthenticatedSlot {
 impl<S> RpcGuard<S> {
     fn refuse<B: Default>(
         &self,
+        conn: &ConnMeta,
         reason: &'static str,
         path: &str,
         status: Status,
     ) -> http::Response<B> {
         self.gw.metrics.connections_rejected.inc(&[reason]);
+        self.count_refusal(conn);
         if let Some(suppressed) = PRE_AUTH_LOG.allow() {
             tracing::warn!(
                 method = %method_label(path),
@@ -141,6 +146,33 @@ impl<S> RpcGuard<S> {
         status.into_http()
     }
 
+    /// Counts a refusal on a connection that has not authenticated, and closes the connection
+    /// past `max_refused_calls_before_auth`: a client that keeps sending what is refused is
+    /// not an agent, and each refused stream still costs HTTP/2 work.
+    fn count_refusal(&self, conn: &ConnMeta) {
+        if conn.agent.get().is_some() {
+            return;
+        }
+        let limit = self.gw.config.max_refused_calls_before_auth;
+        if conn.refused_calls.fetch_add(1, Ordering::Relaxed) + 1 == limit {
+            conn.request_close();
+            self.gw
+                .metrics
+                .connections_rejected
+                .inc(&[REJECT_REFUSED_CALLS]);
+            if let Some(suppressed) = PRE_AUTH_LOG.allow() {
+                tracing::warn!(
+                    conn = conn.id,
+                    peer = %conn.peer,
+                    reason = REJECT_REFUSED_CALLS,
+                    limit,
+                    suppressed,
+                    "closing connection: too many refused calls before any authenticated"
+                );
+            }
+        }
+    }
+
     /// Checks one call from its headers. `Ok` carries the slot a token-less call holds.
     #[allow(clippy::result_large_err)] // the error is the response itself
     fn admit<B: Default, T>(
@@ -148,21 +180,24 @@ impl<S> RpcGuard<S> {
         req: &mut http::Request<T>,
     ) -> Result<Option<UnauthenticatedSlot>, http::Response<B>> {
         let path = req.uri().path().to_owned();
-        if let Some(status) = check_method(&path) {
-            return Err(self.refuse(REJECT_UNKNOWN_METHOD, &path, status));
-        }
-        if let Some(status) = check_encoding(req.headers()) {
-            return Err(self.refuse(REJECT_UNSUPPORTED_ENCODING, &path, status));
-        }
         let Some(conn) = req.extensions().get::<Arc<ConnMeta>>().cloned() else {
             return Err(Status::internal("agentgate: connection metadata missing").into_http());
         };
+        if let Some(status) = check_method(&path) {
+            return Err(self.refuse(&conn, REJECT_UNKNOWN_METHOD, &path, status));
+        }
+        if let Some(status) = check_encoding(req.headers()) {
+            return Err(self.refuse(&conn, REJECT_UNSUPPORTED_ENCODING, &path, status));
+        }
         if needs_token(&path) {
             // Counted and logged inside; the identity rides along for the service.
             let id = self
                 .gw
                 .authenticate_agent(req.headers(), &conn, method_label(&path))
-                .map_err(Status::into_http)?;
+                .map_err(|status| {
+                    self.count_refusal(&conn);
+                    status.into_http()
+                })?;
             req.extensions_mut().insert(id);
             return Ok(None);
         }
@@ -176,7 +211,7 @@ impl<S> RpcGuard<S> {
                 "agentgate: this connection already has {limit} calls open without an agent \
                  token; finish them first, or authenticate"
             ));
-            return Err(self.refuse(REJECT_UNAUTHENTICATED_CALLS, &path, status));
+            return Err(self.refuse(&conn, REJECT_UNAUTHENTICATED_CALLS, &path, status));
         }
         Ok(Some(UnauthenticatedSlot(conn)))
     }

@@ -176,6 +176,19 @@ pub struct ConnMeta {
     /// Calls without a token (health, reflection) open right now, for the gateway's
     /// per-connection limit on them.
     pub unauthenticated_calls: AtomicU32,
+    /// Calls the gateway refused while the connection had not authenticated.
+    pub refused_calls: AtomicU32,
+    /// Set by the gateway when the connection is to be closed (for example after too many
+    /// refused calls before authenticating); the next read ends it.
+    pub close_requested: std::sync::atomic::AtomicBool,
+}
+
+impl ConnMeta {
+    /// Asks for the connection to be closed at its next read. Used for clients that keep
+    /// sending what is refused: a flooding client reads again at once.
+    pub fn request_close(&self) {
+        self.close_requested.store(true, Ordering::Relaxed);
+    }
 }
 
 /// A classified connection, ready for the gRPC server. Dropping it logs the close line.
@@ -227,6 +240,12 @@ impl AsyncRead for ServerConn {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if this.meta.close_requested.load(Ordering::Relaxed) {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "closed by the gateway",
+            )));
+        }
         if let Some(deadline) = &mut this.auth_deadline {
             if this.meta.agent.get().is_some() {
                 this.auth_deadline = None;
@@ -549,6 +568,8 @@ pub fn serve_ingress(
                             bytes_out: AtomicU64::new(0),
                             agent,
                             unauthenticated_calls: AtomicU32::new(0),
+                            refused_calls: AtomicU32::new(0),
+                            close_requested: Default::default(),
                         });
                         observer.opened(&meta);
                         tracing::info!(conn = id, transport = %kind, %peer, "connection opened");
