@@ -92,4 +92,58 @@ mod tests {
         assert_eq!(map.len(), MAX_HEADERS);
         assert_eq!(over, Some(40_000 - MAX_HEADERS));
     }
+
+    /// Generated input: header lists of random names and values (valid and not), up to past
+    /// the limit, never panic, keep at most `MAX_HEADERS`, and keep every valid header of a
+    /// list within the limit, in order. `AGENTGATE_GENERATED_CASES` sets the count.
+    #[test]
+    fn generated_header_lists_convert_without_panic() {
+        use rand::{Rng, RngCore, SeedableRng};
+        let cases: u64 = std::env::var("AGENTGATE_GENERATED_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2_000);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for _ in 0..cases {
+            let n = if rng.random_bool(0.01) {
+                rng.random_range(MAX_HEADERS..MAX_HEADERS + 50)
+            } else {
+                rng.random_range(0..20)
+            };
+            let list: Vec<Header> = (0..n)
+                .map(|_| {
+                    let mut name = vec![0u8; rng.random_range(0..12)];
+                    if rng.random_bool(0.7) {
+                        name.iter_mut()
+                            .for_each(|b| *b = rng.random_range(b'a'..=b'z'));
+                    } else {
+                        rng.fill_bytes(&mut name);
+                    }
+                    let mut value = vec![0u8; rng.random_range(0..24)];
+                    rng.fill_bytes(&mut value);
+                    Header {
+                        name: String::from_utf8_lossy(&name).into_owned(),
+                        value,
+                    }
+                })
+                .collect();
+            let mut invalid = 0;
+            let mut over = 0;
+            let map = from_proto(&list, |d| match d {
+                Dropped::Invalid(_) => invalid += 1,
+                Dropped::OverLimit(k) => over = k,
+            });
+            assert!(map.len() <= MAX_HEADERS);
+            assert_eq!(map.len() + invalid + over, list.len());
+            let back = to_proto(&map);
+            let valid: Vec<&Header> = list[..n.min(MAX_HEADERS)]
+                .iter()
+                .filter(|h| {
+                    HeaderName::from_bytes(h.name.as_bytes()).is_ok()
+                        && HeaderValue::from_bytes(&h.value).is_ok()
+                })
+                .collect();
+            assert_eq!(back.len(), valid.len());
+        }
+    }
 }

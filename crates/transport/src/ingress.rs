@@ -106,10 +106,12 @@ pub enum RejectReason {
     SourceHandshakesOverLimit,
     /// More than `max_bytes_before_auth` bytes before any call authenticated.
     PreAuthBytes,
+    /// More SETTINGS frames than any client needs (`ping_policy::MAX_CLIENT_SETTINGS`).
+    TooManySettings,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 14] = [
+    pub const ALL: [RejectReason; 15] = [
         Self::SniffTimeout,
         Self::BadPreface,
         Self::EarlyEof,
@@ -124,6 +126,7 @@ impl RejectReason {
         Self::SourceOverLimit,
         Self::SourceHandshakesOverLimit,
         Self::PreAuthBytes,
+        Self::TooManySettings,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -142,6 +145,7 @@ impl RejectReason {
             Self::SourceOverLimit => "source_over_limit",
             Self::SourceHandshakesOverLimit => "source_handshakes_over_limit",
             Self::PreAuthBytes => "pre_auth_bytes",
+            Self::TooManySettings => "too_many_settings",
         }
     }
 }
@@ -278,18 +282,27 @@ impl AsyncRead for ServerConn {
             if let Some(policy) = &mut this.ping_policy {
                 if let Err(e) = policy.feed(&buf.filled()[before..], Instant::now()) {
                     this.ping_policy = None;
-                    this.observer.rejected(RejectReason::TooManyPings);
-                    tracing::warn!(
-                        conn = this.meta.id,
-                        peer = %this.meta.peer,
-                        reason = "too_many_pings",
-                        strikes = e.strikes,
-                        "closing connection: the client sends HTTP/2 PINGs more often than allowed"
-                    );
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "too many pings",
-                    )));
+                    let (reason, what) = match e {
+                        crate::ping_policy::TooManyPings::Pings { .. } => (
+                            RejectReason::TooManyPings,
+                            "the client sends HTTP/2 PINGs more often than allowed",
+                        ),
+                        crate::ping_policy::TooManyPings::Settings { .. } => (
+                            RejectReason::TooManySettings,
+                            "the client keeps sending HTTP/2 SETTINGS frames",
+                        ),
+                    };
+                    this.observer.rejected(reason);
+                    if let Some(suppressed) = PRE_AUTH_LOG.allow() {
+                        tracing::warn!(
+                            conn = this.meta.id,
+                            peer = %this.meta.peer,
+                            %reason,
+                            suppressed,
+                            "closing connection: {what}"
+                        );
+                    }
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, what)));
                 }
             }
         }
@@ -664,7 +677,10 @@ fn offers_ws_tunnel(value: Option<&http::HeaderValue>) -> bool {
         .unwrap_or(false)
 }
 
-async fn websocket_upgrade<S: Io>(io: S, settings: &IngressSettings) -> Result<BoxedIo, Rejection> {
+pub(crate) async fn websocket_upgrade<S: Io>(
+    io: S,
+    settings: &IngressSettings,
+) -> Result<BoxedIo, Rejection> {
     let deadline = settings.handshake_timeout;
     let bad_subprotocol: Arc<Mutex<Option<String>>> = Arc::default();
     let seen = bad_subprotocol.clone();

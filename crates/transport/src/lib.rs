@@ -8,6 +8,8 @@
 
 mod authority;
 mod dial;
+#[cfg(test)]
+mod generated_tests;
 mod ingress;
 mod kind;
 mod log_budget;

@@ -21,6 +21,11 @@ const FRAME_PING: u8 = 0x6;
 const FLAG_ACK: u8 = 0x1;
 /// Early PINGs tolerated before the connection is closed.
 pub const MAX_STRIKES: u32 = 2;
+const FRAME_SETTINGS: u8 = 0x4;
+/// SETTINGS frames (not acknowledgements) a client may send on one connection. Each costs the
+/// server an acknowledgement; clients send one at the start and rarely another, so a stream of
+/// them is a flood.
+pub const MAX_CLIENT_SETTINGS: u32 = 32;
 
 #[derive(Debug)]
 enum State {
@@ -98,12 +103,16 @@ pub struct PingPolicy {
     outbound: FrameScanner,
     last_ping: Option<Instant>,
     strikes: u32,
+    settings: u32,
 }
 
-/// The client pinged too often.
+/// The client sent control frames faster than the policy allows.
 #[derive(Debug, PartialEq, Eq)]
-pub struct TooManyPings {
-    pub strikes: u32,
+pub enum TooManyPings {
+    /// PINGs closer than the minimum interval, `strikes` times in a row.
+    Pings { strikes: u32 },
+    /// More than [`MAX_CLIENT_SETTINGS`] SETTINGS frames.
+    Settings { count: u32 },
 }
 
 impl PingPolicy {
@@ -114,6 +123,7 @@ impl PingPolicy {
             outbound: FrameScanner::new(0),
             last_ping: None,
             strikes: 0,
+            settings: 0,
         }
     }
 
@@ -124,15 +134,22 @@ impl PingPolicy {
             min_interval,
             last_ping,
             strikes,
+            settings,
             ..
         } = self;
         inbound.scan(data, |kind, flags| {
+            if kind == FRAME_SETTINGS && flags & FLAG_ACK == 0 {
+                *settings += 1;
+                if *settings > MAX_CLIENT_SETTINGS {
+                    return Err(TooManyPings::Settings { count: *settings });
+                }
+            }
             if kind == FRAME_PING && flags & FLAG_ACK == 0 {
                 if let Some(last) = *last_ping {
                     if now.duration_since(last) < *min_interval {
                         *strikes += 1;
                         if *strikes > MAX_STRIKES {
-                            return Err(TooManyPings { strikes: *strikes });
+                            return Err(TooManyPings::Pings { strikes: *strikes });
                         }
                     }
                 }
@@ -199,7 +216,7 @@ mod tests {
                 break;
             }
         }
-        assert_eq!(result, Err(TooManyPings { strikes: 3 }));
+        assert_eq!(result, Err(TooManyPings::Pings { strikes: 3 }));
     }
 
     #[test]
@@ -237,7 +254,7 @@ mod tests {
             // PING ACKs from the server are not DATA or HEADERS.
             p.feed_outbound(&frame(FRAME_PING, FLAG_ACK, &[0; 8]));
         }
-        assert_eq!(result, Err(TooManyPings { strikes: 3 }));
+        assert_eq!(result, Err(TooManyPings::Pings { strikes: 3 }));
     }
 
     /// Generated input: random frame streams (valid headers, random types, flags and
@@ -247,10 +264,7 @@ mod tests {
     #[test]
     fn generated_streams_give_the_same_verdict_however_split() {
         use rand::{Rng, SeedableRng};
-        let cases: u64 = std::env::var("AGENTGATE_GENERATED_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(2_000);
+        let cases = crate::generated_tests::cases();
         let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
         let t0 = Instant::now();
         for _ in 0..cases {
@@ -292,5 +306,22 @@ mod tests {
                 p.feed_outbound(&o[cut..]);
             }
         }
+    }
+
+    #[test]
+    fn a_settings_flood_is_refused() {
+        let mut p = PingPolicy::new(Duration::from_secs(20));
+        let t0 = Instant::now();
+        p.feed(HTTP2_PREFACE, t0).unwrap();
+        for _ in 0..MAX_CLIENT_SETTINGS {
+            p.feed(&frame(FRAME_SETTINGS, 0, &[]), t0).unwrap();
+            p.feed(&frame(FRAME_SETTINGS, FLAG_ACK, &[]), t0).unwrap();
+        }
+        assert_eq!(
+            p.feed(&frame(FRAME_SETTINGS, 0, &[]), t0),
+            Err(TooManyPings::Settings {
+                count: MAX_CLIENT_SETTINGS + 1
+            })
+        );
     }
 }

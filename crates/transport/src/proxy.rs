@@ -116,36 +116,53 @@ impl ProxyConfig {
         }
         req.push_str("\r\n");
         stream.write_all(req.as_bytes()).await.map_err(io_err)?;
-        // Read the response head byte by byte so that no tunnel bytes are consumed.
-        let mut head = Vec::with_capacity(256);
-        while !head.ends_with(b"\r\n\r\n") {
-            if head.len() > 16 * 1024 {
-                return Err(ProxyError::BadResponse {
-                    proxy: self.display.clone(),
-                    detail: "response head larger than 16 KiB".into(),
-                });
-            }
-            let b = stream
-                .read_u8()
-                .await
-                .map_err(|e| ProxyError::BadResponse {
-                    proxy: self.display.clone(),
-                    detail: format!("connection ended during the response: {e}"),
-                })?;
-            head.push(b);
-        }
-        let text = String::from_utf8_lossy(&head);
-        let status_line = text.lines().next().unwrap_or("").trim().to_string();
-        let code = status_line.split_whitespace().nth(1).unwrap_or("");
-        if !code.starts_with('2') {
-            return Err(ProxyError::Refused {
-                proxy: self.display.clone(),
-                target: target.to_string(),
-                status_line,
-            });
-        }
+        read_connect_reply(&mut stream, &self.display, target).await?;
         Ok(stream)
     }
+}
+
+/// Reads the proxy's answer to CONNECT: a response head of at most 16 KiB, byte by byte so
+/// that no tunnel bytes are consumed; `Ok` for a 2xx status. The answer is remote input.
+pub(crate) async fn read_connect_reply<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    proxy: &str,
+    target: &str,
+) -> Result<(), ProxyError> {
+    let mut head = Vec::with_capacity(256);
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() > 16 * 1024 {
+            return Err(ProxyError::BadResponse {
+                proxy: proxy.to_string(),
+                detail: "response head larger than 16 KiB".into(),
+            });
+        }
+        let b = stream
+            .read_u8()
+            .await
+            .map_err(|e| ProxyError::BadResponse {
+                proxy: proxy.to_string(),
+                detail: format!("connection ended during the response: {e}"),
+            })?;
+        head.push(b);
+    }
+    let text = String::from_utf8_lossy(&head);
+    let status_line: String = text
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim()
+        .chars()
+        .take(200)
+        .collect();
+    let code = status_line.split_whitespace().nth(1).unwrap_or("");
+    if !code.starts_with('2') {
+        return Err(ProxyError::Refused {
+            proxy: proxy.to_string(),
+            target: target.to_string(),
+            status_line,
+        });
+    }
+    Ok(())
 }
 
 fn percent_decode(s: &str) -> String {

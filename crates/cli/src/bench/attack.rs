@@ -341,6 +341,10 @@ pub async fn run(args: AttackArgs) -> anyhow::Result<()> {
     let shed_times: Arc<Mutex<Vec<u64>>> = Arc::default();
     let mut tasks = Vec::with_capacity(args.conns);
     let mut report = AttackReport::default();
+    // Connect in parallel (a busy gateway accepts slowly), at most 256 attempts at once.
+    let connecting = Arc::new(tokio::sync::Semaphore::new(256));
+    let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let failed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for i in 0..args.conns {
         let src = IpAddr::V4(Ipv4Addr::new(
             127,
@@ -348,21 +352,26 @@ pub async fn run(args: AttackArgs) -> anyhow::Result<()> {
             (i % args.sources / 250) as u8,
             2 + (i % args.sources % 250) as u8,
         ));
-        let socket = tokio::net::TcpSocket::new_v4()?;
-        socket.bind(SocketAddr::new(src, 0))?;
-        let stream =
-            match tokio::time::timeout(Duration::from_secs(5), socket.connect(args.target)).await {
+        let (times, kind, target) = (shed_times.clone(), args.kind, args.target);
+        let (connecting, opened, failed) = (connecting.clone(), opened.clone(), failed.clone());
+        tasks.push(tokio::spawn(async move {
+            let permit = connecting.acquire_owned().await;
+            let left = deadline.saturating_sub(start.elapsed());
+            let connect = async {
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.bind(SocketAddr::new(src, 0))?;
+                socket.connect(target).await
+            };
+            let stream = match tokio::time::timeout(left, connect).await {
                 Ok(Ok(s)) => s,
                 _ => {
-                    report.connect_failed += 1;
-                    continue;
+                    failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return;
                 }
             };
-        let _ = stream.set_nodelay(true);
-        report.opened += 1;
-        let times = shed_times.clone();
-        let kind = args.kind;
-        tasks.push(tokio::spawn(async move {
+            drop(permit);
+            let _ = stream.set_nodelay(true);
+            opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let left = deadline.saturating_sub(start.elapsed());
             if let Ok(true) = tokio::time::timeout(left, run_one(kind, stream)).await {
                 times.lock().await.push(start.elapsed().as_millis() as u64);
@@ -372,6 +381,8 @@ pub async fn run(args: AttackArgs) -> anyhow::Result<()> {
     for t in tasks {
         let _ = t.await;
     }
+    report.opened = opened.load(std::sync::atomic::Ordering::Relaxed);
+    report.connect_failed = failed.load(std::sync::atomic::Ordering::Relaxed);
     let mut times = shed_times.lock().await.clone();
     times.sort_unstable();
     report.shed = times.len();

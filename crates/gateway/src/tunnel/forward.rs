@@ -455,3 +455,138 @@ impl Body for TunnelBody {
         self.finished
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Generated input: random sequences of agent messages after the response head, as a
+    //! real `Streaming` decodes them from gRPC frames, against what `TunnelBody` must make of
+    //! them. `AGENTGATE_GENERATED_CASES` sets the count (CI: 2,000; long run: 1,000,000).
+    use super::*;
+    use agentgate_proto::v1::{Descriptor, Heartbeat, ResponseHead, Trailer, TunnelError};
+    use prost::Message;
+    use rand::{Rng, SeedableRng};
+    use tonic::codec::Codec;
+
+    #[derive(Debug, PartialEq)]
+    enum End {
+        Clean { trailers: usize },
+        Error,
+    }
+
+    #[test]
+    fn generated_message_sequences_end_the_body_as_they_should() {
+        let cases: u64 = std::env::var("AGENTGATE_GENERATED_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2_000);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let metrics = std::sync::Arc::new(crate::metrics::Metrics::default());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+        for _ in 0..cases {
+            let mut frames = Vec::new();
+            for _ in 0..rng.random_range(0..10) {
+                let msg = match rng.random_range(0..12) {
+                    0 => agent_message::Msg::Heartbeat(Heartbeat { unix_millis: 1 }),
+                    1 => agent_message::Msg::Trailer(Trailer {
+                        trailers: (0..rng.random_range(0..3))
+                            .map(|i| agentgate_proto::v1::Header {
+                                name: format!("x-t{i}"),
+                                value: b"v".to_vec(),
+                            })
+                            .collect(),
+                    }),
+                    2 => agent_message::Msg::Error(TunnelError {
+                        code: 2,
+                        message: "upstream broke".into(),
+                    }),
+                    3 => agent_message::Msg::Descriptor(Descriptor::default()),
+                    4 => agent_message::Msg::ResponseHead(ResponseHead::default()),
+                    _ => {
+                        let mut d = vec![0u8; rng.random_range(0..200)];
+                        rng.fill(&mut d[..]);
+                        agent_message::Msg::Chunk(agentgate_proto::v1::Chunk { data: d.into() })
+                    }
+                };
+                frames.push(msg);
+            }
+            let mut wire = Vec::new();
+            let mut ends = Vec::new();
+            for msg in &frames {
+                let bytes = AgentMessage {
+                    msg: Some(msg.clone()),
+                }
+                .encode_to_vec();
+                wire.push(0u8);
+                wire.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+                wire.extend_from_slice(&bytes);
+                ends.push(wire.len());
+            }
+            // Sometimes the stream ends in the middle of a frame.
+            if rng.random_bool(0.1) && !wire.is_empty() {
+                wire.truncate(rng.random_range(0..wire.len()));
+            }
+            // What the body must make of the frames that arrived whole.
+            let mut data = Vec::new();
+            let mut expected = None;
+            for (msg, end) in frames.iter().zip(&ends) {
+                if *end > wire.len() || expected.is_some() {
+                    break;
+                }
+                match msg {
+                    agent_message::Msg::Chunk(c) => data.extend_from_slice(&c.data),
+                    agent_message::Msg::Heartbeat(_) => {}
+                    agent_message::Msg::Trailer(t) => {
+                        expected = Some(End::Clean {
+                            trailers: t.trailers.len(),
+                        })
+                    }
+                    _ => expected = Some(End::Error),
+                }
+            }
+            let expected = expected.unwrap_or(End::Error);
+            let body = http_body_util::Full::new(Bytes::from(wire));
+            let decoder =
+                agentgate_proto::codec::SmallBufferCodec::<GatewayMessage, AgentMessage>::default()
+                    .decoder();
+            let rx = Streaming::new_request(decoder, body, None, None);
+            let (tx, _keep) = mpsc::channel(1);
+            let mut tb = TunnelBody {
+                rx,
+                tx: Some(tx),
+                finished: false,
+                metrics: metrics.clone(),
+            };
+            let (got, end) = rt.block_on(async {
+                let mut got = Vec::new();
+                let end = loop {
+                    match tb.frame().await {
+                        None => break End::Clean { trailers: 0 },
+                        Some(Err(_)) => break End::Error,
+                        Some(Ok(f)) => match f.into_data() {
+                            Ok(d) => got.extend_from_slice(&d),
+                            Err(f) => {
+                                let n = f.into_trailers().map(|t| t.len()).unwrap_or(0);
+                                assert!(tb.frame().await.is_none(), "nothing after trailers");
+                                break End::Clean { trailers: n };
+                            }
+                        },
+                    }
+                };
+                assert!(tb.frame().await.is_none(), "the body stays ended");
+                (got, end)
+            });
+            assert!(data.starts_with(&got));
+            assert_eq!(end, expected);
+            if matches!(end, End::Clean { .. }) {
+                assert_eq!(got, data);
+                assert!(
+                    tb.tx.is_none(),
+                    "our side ends only after the agent's trailer"
+                );
+            }
+        }
+    }
+}
