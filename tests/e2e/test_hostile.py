@@ -64,8 +64,9 @@ def rejected(g, reason):
 
 
 def test_stream_flood_without_token_is_bounded(env):
-    """One connection opens 3,000 Health/Watch streams with no token: 4 are served, the rest
-    refused at once, and after 16 refusals the gateway closes the connection."""
+    """One connection opens 3,000 Health/Watch streams with no token: at most 4 are served,
+    the rest refused, and the gateway closes the connection after 16 refusals or 100 streams
+    without authenticating, whichever comes first."""
     g, api = gateway_with_steady_agent(env, tls=False)
     serving = Serving(g, api)
     serving.start()
@@ -95,10 +96,10 @@ def test_stream_flood_without_token_is_bounded(env):
     assert rss1 - rss0 < 8 * 1024, f"gateway grew by {rss1 - rss0} KiB"
     c.close()
     serving.stop()
-    assert rejected(g, "refused_calls") == 1
-    # Streams already read when the limit is reached are still answered (at most one read's
-    # worth, bounded by the 520 concurrent streams): far from the 3,000 sent.
-    assert 16 <= rejected(g, "unauthenticated_calls") <= 520 + 16
+    # Closed for refusals (16) or, more often, before HTTP/2 even decoded the flood, for the
+    # streams opened without authenticating (100).
+    assert rejected(g, "refused_calls") + rejected(g, "streams_before_auth") == 1
+    assert rejected(g, "unauthenticated_calls") <= 100
 
 
 def many_refusals(g, n: int, make, per_conn: int = 12):
@@ -125,6 +126,35 @@ def test_register_without_body_and_token_is_answered_at_once(env):
     a = c.wait(c.request(REGISTER, [("authorization", "Bearer nope")], end=False))
     assert a.grpc_status == "16" and "invalid agent token" in a.grpc_message, a
     c.close()
+    assert_steady_serves(g, api)
+
+
+def test_streams_before_auth_are_capped_before_http2_decodes_them(env):
+    g, api = gateway_with_steady_agent(env, tls=False, extra=["--set", "max_streams_before_auth=30",
+                                                             "--set", "max_refused_calls_before_auth=1000",
+                                                             "--set", "max_unauthenticated_calls_per_connection=100"])
+    c = raw_h2.RawH2(g.port)
+    # 31 HEADERS in one write: the connection is closed before any of them is answered.
+    for _ in range(31):
+        c.conn.send_headers(c.conn.get_next_available_stream_id(),
+                            [(":method", "POST"), (":scheme", "http"), (":path", HEALTH_CHECK),
+                             (":authority", "x"), ("content-type", "application/grpc")], end_stream=True)
+    try:
+        c.flush()
+    except OSError:
+        pass
+    c.pump(lambda: False, timeout=3)
+    assert c.closed
+    assert rejected(g, "streams_before_auth") == 1
+    # 30 are allowed: the same on a new connection, one fewer, is answered.
+    c = raw_h2.RawH2(g.port)
+    sids = [c.request(HEALTH_CHECK, body=raw_h2.grpc_frame(b"")) for _ in range(30)]
+    c.pump(lambda: all(c.answers[s].ended for s in sids), timeout=5)
+    assert all(c.answers[s].grpc_status == "0" for s in sids)
+    c.close()
+    # An agent's connection opens far more than 30 streams once authenticated.
+    status, _, body = api_request(g, "GET", "/agents/steady/proxy/download?size=10", api)
+    assert status == 200
     assert_steady_serves(g, api)
 
 

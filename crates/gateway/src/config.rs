@@ -60,6 +60,11 @@ pub struct GatewayConfig {
     /// what a client without a token can make the gateway buffer (a WebSocket message is read
     /// whole). 0 disables.
     pub max_bytes_before_auth: usize,
+    /// Streams a connection may open before one of its calls authenticated, counted as the
+    /// bytes arrive (before HTTP/2 decodes them, so a flood costs nothing more); past it the
+    /// connection is closed (reason `streams_before_auth`). agentk opens about one stream per
+    /// module at start; 0 disables.
+    pub max_streams_before_auth: u32,
     /// HTTP/2 streams one agent connection may have open (advertised in SETTINGS): the agent
     /// pool's cap of 500 tunnels, its session, and headroom.
     pub max_concurrent_streams: u32,
@@ -190,6 +195,7 @@ impl Default for GatewayConfig {
             max_connections_per_source: 5_000,
             max_handshakes_per_source: 64,
             max_bytes_before_auth: 1024 * 1024,
+            max_streams_before_auth: 100,
             max_concurrent_streams: 520,
             max_pending_accept_reset_streams: 20,
             max_local_error_reset_streams: 1024,

@@ -292,6 +292,8 @@ pub async fn run_with(
         max_connections_per_source: cfg.max_connections_per_source,
         max_handshakes_per_source: cfg.max_handshakes_per_source,
         max_bytes_before_auth: (cfg.max_bytes_before_auth > 0).then_some(cfg.max_bytes_before_auth),
+        max_streams_before_auth: (cfg.max_streams_before_auth > 0)
+            .then_some(cfg.max_streams_before_auth),
         ws: WsSettings {
             read_buffer_size: cfg.ws_read_buffer_size,
             max_message_size: cfg.ws_max_message_size,

@@ -60,6 +60,10 @@ pub struct IngressSettings {
     /// HTTP/2 included); past it the connection is closed (reason `pre_auth_bytes`). `None`
     /// disables.
     pub max_bytes_before_auth: Option<usize>,
+    /// Streams (HEADERS frames, counted as they are read, before HTTP/2 decodes them) a
+    /// connection may open before one of its calls authenticated; past it the connection is
+    /// closed (reason `streams_before_auth`). `None` disables.
+    pub max_streams_before_auth: Option<u32>,
     pub ws: WsSettings,
 }
 
@@ -73,6 +77,7 @@ impl Default for IngressSettings {
             max_connections_per_source: 5_000,
             max_handshakes_per_source: 64,
             max_bytes_before_auth: Some(1024 * 1024),
+            max_streams_before_auth: Some(100),
             ws: WsSettings::default(),
         }
     }
@@ -108,10 +113,12 @@ pub enum RejectReason {
     PreAuthBytes,
     /// More SETTINGS frames than any client needs (`ping_policy::MAX_CLIENT_SETTINGS`).
     TooManySettings,
+    /// More than `max_streams_before_auth` streams opened before any call authenticated.
+    StreamsBeforeAuth,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 15] = [
+    pub const ALL: [RejectReason; 16] = [
         Self::SniffTimeout,
         Self::BadPreface,
         Self::EarlyEof,
@@ -127,6 +134,7 @@ impl RejectReason {
         Self::SourceHandshakesOverLimit,
         Self::PreAuthBytes,
         Self::TooManySettings,
+        Self::StreamsBeforeAuth,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -146,6 +154,7 @@ impl RejectReason {
             Self::SourceHandshakesOverLimit => "source_handshakes_over_limit",
             Self::PreAuthBytes => "pre_auth_bytes",
             Self::TooManySettings => "too_many_settings",
+            Self::StreamsBeforeAuth => "streams_before_auth",
         }
     }
 }
@@ -201,6 +210,8 @@ pub struct ServerConn {
     meta: Arc<ConnMeta>,
     observer: Arc<dyn IngressObserver>,
     ping_policy: Option<PingPolicy>,
+    /// Streams (HEADERS frames) the client may open before a call authenticated.
+    max_streams_before_auth: Option<u32>,
     /// Fires `auth_timeout` after the connection was classified, unless a call authenticated.
     auth_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     _permit: OwnedSemaphorePermit,
@@ -303,6 +314,27 @@ impl AsyncRead for ServerConn {
                         );
                     }
                     return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, what)));
+                }
+                if let Some(limit) = this.max_streams_before_auth {
+                    if policy.client_headers() > limit && this.meta.agent.get().is_none() {
+                        this.ping_policy = None;
+                        this.observer.rejected(RejectReason::StreamsBeforeAuth);
+                        if let Some(suppressed) = PRE_AUTH_LOG.allow() {
+                            tracing::warn!(
+                                conn = this.meta.id,
+                                peer = %this.meta.peer,
+                                reason = "streams_before_auth",
+                                limit,
+                                suppressed,
+                                "closing connection: it opened more streams than allowed before \
+                                 any call authenticated"
+                            );
+                        }
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "too many streams before authentication",
+                        )));
+                    }
                 }
             }
         }
@@ -590,7 +622,12 @@ pub fn serve_ingress(
                             io,
                             meta,
                             observer,
-                            ping_policy: settings.min_client_ping_interval.map(PingPolicy::new),
+                            // Always on: it also counts the streams opened before
+                            // authentication; without a minimum no PING is early.
+                            ping_policy: Some(PingPolicy::new(
+                                settings.min_client_ping_interval.unwrap_or(Duration::ZERO),
+                            )),
+                            max_streams_before_auth: settings.max_streams_before_auth,
                             auth_deadline: settings
                                 .auth_timeout
                                 .map(|t| Box::pin(tokio::time::sleep(t))),

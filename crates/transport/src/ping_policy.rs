@@ -104,6 +104,8 @@ pub struct PingPolicy {
     last_ping: Option<Instant>,
     strikes: u32,
     settings: u32,
+    /// HEADERS frames from the client: streams it opened (and trailers it sent).
+    headers: u32,
 }
 
 /// The client sent control frames faster than the policy allows.
@@ -124,6 +126,7 @@ impl PingPolicy {
             last_ping: None,
             strikes: 0,
             settings: 0,
+            headers: 0,
         }
     }
 
@@ -135,9 +138,13 @@ impl PingPolicy {
             last_ping,
             strikes,
             settings,
+            headers,
             ..
         } = self;
         inbound.scan(data, |kind, flags| {
+            if kind == FRAME_HEADERS {
+                *headers = headers.saturating_add(1);
+            }
             if kind == FRAME_SETTINGS && flags & FLAG_ACK == 0 {
                 *settings += 1;
                 if *settings > MAX_CLIENT_SETTINGS {
@@ -157,6 +164,12 @@ impl PingPolicy {
             }
             Ok(())
         })
+    }
+
+    /// HEADERS frames the client has sent so far (about the streams it opened), counted as the
+    /// bytes are read, before HTTP/2 decodes them.
+    pub fn client_headers(&self) -> u32 {
+        self.headers
     }
 
     /// Feeds bytes just written to the client: DATA or HEADERS from the server clear the

@@ -286,7 +286,10 @@ impl Gateway {
                 Some(other) => {
                     return Err(ForwardError::TunnelBroken {
                         agent: agent.into(),
-                        message: format!("unexpected message before the response head: {other:?}"),
+                        message: format!(
+                            "the agent sent a {} before the response head",
+                            message_kind(&other)
+                        ),
                     })
                 }
             }
@@ -370,6 +373,18 @@ async fn pump_request_body<B>(
     let _ = tx.send(Box::new(end)).await;
 }
 
+/// A tunnel message's kind, for error messages (never its contents: they are remote input).
+fn message_kind(m: &agent_message::Msg) -> &'static str {
+    match m {
+        agent_message::Msg::Descriptor(_) => "descriptor",
+        agent_message::Msg::ResponseHead(_) => "second response head",
+        agent_message::Msg::Chunk(_) => "body chunk",
+        agent_message::Msg::Trailer(_) => "trailer",
+        agent_message::Msg::Error(_) => "error",
+        agent_message::Msg::Heartbeat(_) => "heartbeat",
+    }
+}
+
 /// The response body, read from the tunnel as the client consumes it.
 pub struct TunnelBody {
     rx: Streaming<AgentMessage>,
@@ -429,7 +444,8 @@ impl Body for TunnelBody {
                     other => {
                         this.finished = true;
                         return Poll::Ready(Some(Err(TunnelBodyError(format!(
-                            "unexpected message mid-response: {other:?}"
+                            "the agent sent a {} in the middle of a response",
+                            message_kind(&other)
                         )))));
                     }
                 },
