@@ -62,7 +62,7 @@ def test_bench_hostile_smoke(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "| attack | legit failed |" in run.stdout
     rows = json.loads(out.read_text())
-    assert len(rows) == 15, [r["attack"] for r in rows]
+    assert len(rows) == 16, [r["attack"] for r in rows]
     for r in rows:
         assert r["legit_failed"] == 0, r
         assert r["legit_ok"] > 0, r

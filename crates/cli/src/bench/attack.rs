@@ -32,11 +32,12 @@ pub enum Attack {
     WatchFlood,
     RegisterNoBody,
     RandomPaths,
+    TlsSilentH2,
     TlsGarbage,
 }
 
 impl Attack {
-    pub const ALL: [Attack; 15] = [
+    pub const ALL: [Attack; 16] = [
         Self::RandomBytes,
         Self::Silent,
         Self::SlowlorisPreface,
@@ -51,6 +52,7 @@ impl Attack {
         Self::WatchFlood,
         Self::RegisterNoBody,
         Self::RandomPaths,
+        Self::TlsSilentH2,
         Self::TlsGarbage,
     ];
 
@@ -70,6 +72,7 @@ impl Attack {
             Self::WatchFlood => "Health/Watch streams, no token",
             Self::RegisterNoBody => "Register headers, no body, no token",
             Self::RandomPaths => "random method paths",
+            Self::TlsSilentH2 => "TLS with ALPN h2, then silence",
             Self::TlsGarbage => "garbage to the TLS port",
         }
     }
@@ -83,7 +86,7 @@ impl Attack {
 
     /// Whether it goes to the TLS port (the others go to the cleartext one).
     pub fn wants_tls_port(self) -> bool {
-        self == Self::TlsGarbage
+        matches!(self, Self::TlsGarbage | Self::TlsSilentH2)
     }
 }
 
@@ -199,8 +202,31 @@ async fn read_head(s: &mut TcpStream) -> bool {
     true
 }
 
+/// Completes a TLS handshake offering ALPN h2 (any certificate is accepted: the attacker does
+/// not care who it talks to), then says nothing; `true` once the gateway closes it.
+async fn tls_silent(s: TcpStream) -> bool {
+    use agentgate_transport::tls::{client_config, ServerVerification};
+    let Ok(mut cfg) = client_config(&ServerVerification::InsecureSkipVerify) else {
+        return false;
+    };
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let Ok(name) = rustls_pki_types::ServerName::try_from("localhost") else {
+        return false;
+    };
+    let Ok(mut tls) = connector.connect(name, s).await else {
+        return true;
+    };
+    let mut b = [0u8; 1024];
+    while matches!(tls.read(&mut b).await, Ok(n) if n > 0) {}
+    true
+}
+
 /// Runs one attack on one connection until the gateway closes it (`true`) or it is cancelled.
 async fn run_one(kind: Attack, mut s: TcpStream) -> bool {
+    if kind == Attack::TlsSilentH2 {
+        return tls_silent(s).await;
+    }
     // What must happen before the flood; a good upgrade waits for its answer.
     let (setup, wait_for_answer) = match kind {
         Attack::WsText | Attack::WsOversized => (upgrade_request("ws-tunnel"), true),
@@ -232,7 +258,7 @@ async fn run_one(kind: Attack, mut s: TcpStream) -> bool {
         let mut tick = 0u64;
         loop {
             let batch: Vec<u8> = match kind {
-                Attack::Silent | Attack::WsWrongSubprotocol => {
+                Attack::Silent | Attack::WsWrongSubprotocol | Attack::TlsSilentH2 => {
                     tokio::time::sleep(Duration::from_secs(3600)).await;
                     continue;
                 }
