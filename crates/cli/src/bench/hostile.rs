@@ -90,17 +90,7 @@ impl Bench {
                 ];
                 attackers.push((Kid::spawn(&args, &log)?, log));
             }
-            let peak = Arc::new(AtomicU64::new(rss0));
-            let pid = gw.kid.pid();
-            let sampler = {
-                let peak = peak.clone();
-                tokio::spawn(async move {
-                    loop {
-                        peak.fetch_max(procs::rss_kib(pid), Ordering::Relaxed);
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                })
-            };
+            let sampler = procs::PeakRss::start(gw.kid.pid(), rss0);
             let mut sum = AttackReport::default();
             let t0 = Instant::now();
             for (mut kid, log) in attackers {
@@ -126,7 +116,6 @@ impl Bench {
             for l in legit {
                 let _ = l.await;
             }
-            sampler.abort();
             let row = HostileRow {
                 attack: attack.name(),
                 hostile_connections: total,
@@ -136,9 +125,7 @@ impl Bench {
                 shed_secs_p50: sum.shed_ms_p50 as f64 / 1000.0,
                 legit_ok: ok.load(Ordering::Relaxed),
                 legit_failed: failed.load(Ordering::Relaxed),
-                rss_peak_over_baseline_mib: peak.load(Ordering::Relaxed).saturating_sub(rss0)
-                    as f64
-                    / 1024.0,
+                rss_peak_over_baseline_mib: sampler.peak_kib().saturating_sub(rss0) as f64 / 1024.0,
                 gateway_cpu_secs: (gw.kid.cpu().saturating_sub(cpu0)).as_secs_f64(),
             };
             rows.push(row);

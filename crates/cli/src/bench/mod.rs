@@ -445,17 +445,7 @@ impl Bench {
             n as f64 / took.as_secs_f64(),
         );
         if burst {
-            let peak = Arc::new(AtomicU64::new(rss1 as u64));
-            let pid = gw.kid.pid();
-            let sampler = {
-                let peak = peak.clone();
-                tokio::spawn(async move {
-                    loop {
-                        peak.fetch_max(procs::rss_kib(pid), Ordering::Relaxed);
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                })
-            };
+            let sampler = procs::PeakRss::start(gw.kid.pid(), rss1 as u64);
             let url = format!("http://{}/agents/bench/proxy/bytes/{}", gw.api, 1 << 20);
             let done = AtomicU64::new(0);
             let sem = Arc::new(tokio::sync::Semaphore::new(64));
@@ -485,13 +475,13 @@ impl Bench {
                 .iter()
                 .filter(|r| !matches!(r, Ok((_, b)) if *b == 1 << 20))
                 .count();
-            sampler.abort();
+            let peak = sampler.peak_kib() as f64;
+            drop(sampler);
             progress(&format!(
                 "burst: {transport}: waiting 10 s for memory to settle"
             ));
             tokio::time::sleep(Duration::from_secs(10)).await;
             let rss2 = gw.kid.rss_kib() as f64;
-            let peak = peak.load(Ordering::Relaxed) as f64;
             self.push(
                 "burst",
                 "peak RSS per agent",

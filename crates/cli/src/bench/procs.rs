@@ -87,3 +87,39 @@ pub fn cpu_time(pid: u32) -> Duration {
     // The kernel reports in USER_HZ, 100 on Linux.
     Duration::from_millis(ticks * 10)
 }
+
+/// Samples a process's RSS every 50 ms in the background and keeps the peak; stops when
+/// dropped.
+pub struct PeakRss {
+    peak: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PeakRss {
+    /// Starts sampling `pid`, with `floor` KiB as the peak so far.
+    pub fn start(pid: u32, floor: u64) -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let peak = std::sync::Arc::new(AtomicU64::new(floor));
+        let task = {
+            let peak = peak.clone();
+            tokio::spawn(async move {
+                loop {
+                    peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        };
+        Self { peak, task }
+    }
+
+    /// The highest RSS seen so far, in KiB.
+    pub fn peak_kib(&self) -> u64 {
+        self.peak.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for PeakRss {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
