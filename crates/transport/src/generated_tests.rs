@@ -51,8 +51,9 @@ fn mutate(rng: &mut StdRng, base: &[u8]) -> Vec<u8> {
     v
 }
 
-/// Writes `data` into `w` in random pieces (from `seed`), then closes it.
-async fn write_split(seed: u64, mut w: tokio::io::DuplexStream, data: Vec<u8>) {
+/// Writes `data` into `w` in random pieces (from `seed`), then closes it: a client that goes
+/// away after its bytes, so anything cut short must end as an error, not a wait.
+async fn write_split<W: tokio::io::AsyncWrite + Unpin>(seed: u64, mut w: W, data: Vec<u8>) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut rest = &data[..];
     while !rest.is_empty() {
@@ -174,20 +175,7 @@ fn websocket_adapter_yields_exactly_the_binary_payloads() {
             )
             .await;
             let mut bytes = crate::WsByteStream::new(ws, &settings);
-            let writer = tokio::spawn(async move {
-                let mut rng = StdRng::seed_from_u64(seed);
-                let mut w = client_w;
-                let mut rest = &wire[..];
-                while !rest.is_empty() {
-                    let n = rng.random_range(1..=rest.len());
-                    if w.write_all(&rest[..n]).await.is_err() {
-                        return;
-                    }
-                    rest = &rest[n..];
-                }
-                // Then the client goes away (a frame cut short must end as an error, not a wait).
-                let _ = w.shutdown().await;
-            });
+            let writer = tokio::spawn(write_split(seed, client_w, wire));
             let drain = tokio::spawn(async move {
                 let mut sink = vec![0u8; 4096];
                 while matches!(client_r.read(&mut sink).await, Ok(n) if n > 0) {}
@@ -255,20 +243,7 @@ fn upgrade_parser_answers_every_request_without_panic_or_hang() {
         let (mut cr, cw) = tokio::io::split(client);
         let seed = rng.random();
         let ok = rt.block_on(async {
-            let writer = tokio::spawn(async move {
-                let mut cw = cw;
-                let mut rng = StdRng::seed_from_u64(seed);
-                let mut rest = &req[..];
-                while !rest.is_empty() {
-                    let n = rng.random_range(1..=rest.len());
-                    if cw.write_all(&rest[..n]).await.is_err() {
-                        return req;
-                    }
-                    rest = &rest[n..];
-                }
-                let _ = cw.shutdown().await;
-                req
-            });
+            let writer = tokio::spawn(write_split(seed, cw, req.clone()));
             let drain = tokio::spawn(async move {
                 let mut sink = vec![0u8; 4096];
                 while matches!(cr.read(&mut sink).await, Ok(n) if n > 0) {}
@@ -279,7 +254,7 @@ fn upgrade_parser_answers_every_request_without_panic_or_hang() {
             )
             .await
             .expect("the upgrade must end within its deadline");
-            let req = writer.await.unwrap();
+            let _ = writer.await;
             drain.abort();
             (r.is_ok(), req)
         });
