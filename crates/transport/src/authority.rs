@@ -36,24 +36,8 @@ mod tests {
     //! These fail without the `third_party/h2` patch: unpatched h2 resets the stream and the
     //! server never sees the request.
     use super::*;
+    use crate::raw_frames::{frame, hpack_literal as literal};
     use tokio::io::AsyncWriteExt;
-
-    /// An HPACK "literal header field without indexing, new name" (RFC 7541, 6.2.2).
-    fn literal(out: &mut Vec<u8>, name: &str, value: &str) {
-        out.push(0x00);
-        out.push(name.len() as u8);
-        out.extend_from_slice(name.as_bytes());
-        out.push(value.len() as u8);
-        out.extend_from_slice(value.as_bytes());
-    }
-
-    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-        let mut v = (payload.len() as u32).to_be_bytes()[1..].to_vec();
-        v.extend_from_slice(&[kind, flags]);
-        v.extend_from_slice(&stream.to_be_bytes());
-        v.extend_from_slice(payload);
-        v
-    }
 
     /// Sends one GET with this `:authority` to a real h2 server and returns what it made of
     /// the request: its URI authority and the raw value kept aside.

@@ -16,6 +16,7 @@ mod log_budget;
 mod ping_policy;
 mod pre_auth_budget;
 mod proxy;
+pub mod raw_frames;
 mod scheme;
 mod sniff;
 pub mod tls;
@@ -36,6 +37,45 @@ pub use sniff::{classify_prefix, PrefixClass, PrefixedIo, HTTP2_PREFACE};
 pub use websocket::{WsByteStream, WsSettings, WS_SUBPROTOCOL};
 
 use tokio::io::{AsyncRead, AsyncWrite};
+
+/// Implements `AsyncWrite` for a wrapper by handing every call to its field `$field`, for
+/// wrappers that only care about the read side (`PrefixedIo`, `PreAuthBudget`).
+macro_rules! delegate_async_write {
+    ($ty:ident, $field:ident) => {
+        impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for $ty<T> {
+            fn poll_write(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::pin::Pin::new(&mut self.$field).poll_write(cx, buf)
+            }
+            fn poll_write_vectored(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                bufs: &[std::io::IoSlice<'_>],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::pin::Pin::new(&mut self.$field).poll_write_vectored(cx, bufs)
+            }
+            fn is_write_vectored(&self) -> bool {
+                self.$field.is_write_vectored()
+            }
+            fn poll_flush(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.$field).poll_flush(cx)
+            }
+            fn poll_shutdown(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.$field).poll_shutdown(cx)
+            }
+        }
+    };
+}
+pub(crate) use delegate_async_write;
 
 /// Any bidirectional byte stream: TCP, TLS, or a WebSocket seen as bytes.
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}

@@ -189,12 +189,9 @@ impl PingPolicy {
 mod tests {
     use super::*;
 
+    /// A frame on the connection (stream 0); the policy reads only type and flags.
     fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
-        let len = payload.len() as u32;
-        let mut v = len.to_be_bytes()[1..].to_vec();
-        v.extend_from_slice(&[kind, flags, 0, 0, 0, 0]);
-        v.extend_from_slice(payload);
-        v
+        crate::raw_frames::frame(kind, flags, 0, payload)
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use agentgate_transport::raw_frames::{frame, hpack_literal as literal};
 use rand::{Rng, RngCore};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -123,23 +124,6 @@ pub struct AttackReport {
 }
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let mut v = (payload.len() as u32).to_be_bytes()[1..].to_vec();
-    v.extend_from_slice(&[kind, flags]);
-    v.extend_from_slice(&stream.to_be_bytes());
-    v.extend_from_slice(payload);
-    v
-}
-
-/// HPACK literal header field without indexing, new name (lengths below 127).
-fn literal(out: &mut Vec<u8>, name: &str, value: &str) {
-    out.push(0x00);
-    out.push(name.len() as u8);
-    out.extend_from_slice(name.as_bytes());
-    out.push(value.len() as u8);
-    out.extend_from_slice(value.as_bytes());
-}
 
 fn grpc_headers(path: &str) -> Vec<u8> {
     let mut b = Vec::new();
