@@ -71,6 +71,12 @@ enum Command {
     /// One process of hostile connections for `bench hostile` (internal).
     #[command(hide = true)]
     BenchAttack(bench::attack::AttackArgs),
+    /// Internal: the bare reverse TCP relay that `bench keepalive` compares against.
+    #[command(hide = true)]
+    BenchRelay(bench::relay::RelayArgs),
+    /// Internal: the one-thread HTTP/1.1 keep-alive load generator of `bench keepalive`.
+    #[command(hide = true)]
+    BenchHttp1(bench::keepalive::Http1LoadArgs),
 }
 
 #[derive(Args)]
@@ -196,6 +202,9 @@ struct AgentArgs {
     /// Idle lifetime of surplus tunnels.
     #[arg(long, value_parser = humantime::parse_duration)]
     pool_idle_lifetime: Option<Duration>,
+    /// Tunnel protocol version to announce (1 behaves like agents before 0.2; for testing).
+    #[arg(long, hide = true, value_parser = clap::value_parser!(u32).range(1..=2))]
+    tunnel_protocol: Option<u32>,
 }
 
 #[derive(Subcommand)]
@@ -386,6 +395,7 @@ fn agent_config(a: &AgentArgs) -> anyhow::Result<AgentConfig> {
     opt!(pool_scale_step => pool.scale_step);
     opt!(pool_max => pool.max);
     opt!(pool_idle_lifetime => pool.idle_lifetime);
+    opt!(tunnel_protocol => pool.protocol_version);
     Ok(c)
 }
 
@@ -467,6 +477,16 @@ fn main() -> std::process::ExitCode {
     // One process-wide TLS provider (ring) for libraries that build configs themselves.
     let _ = rustls::crypto::ring::default_provider().install_default();
     init_logging(cli.log_format, &cli.log);
+    if let Command::BenchHttp1(a) = cli.command {
+        // One thread, like `wrk -t1`: this command builds its own runtime.
+        return match bench::keepalive::run_load(a) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("agentgate: error: {e:#}");
+                std::process::ExitCode::from(2)
+            }
+        };
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -491,6 +511,8 @@ fn main() -> std::process::ExitCode {
             Command::BenchLoad(a) => bench::load::run(a, stop_on_signals()).await,
             Command::BenchControl(a) => bench::control::run(a).await,
             Command::BenchAttack(a) => bench::attack::run(a).await,
+            Command::BenchRelay(a) => bench::relay::run(a).await,
+            Command::BenchHttp1(_) => unreachable!("run before the runtime is built"),
         }
     });
     match result {

@@ -9,8 +9,10 @@ pub mod attack;
 pub mod compression;
 pub mod control;
 mod hostile;
+pub mod keepalive;
 pub mod load;
 mod procs;
+pub mod relay;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -43,6 +45,10 @@ pub enum Scenario {
     /// Agents serving requests while hostile connections attack the agent port, one attack
     /// at a time (see `hostile.rs`). Not part of `all`.
     Hostile,
+    /// HTTP/1.1 keep-alive requests at 1 and 50 connections: direct, the bare TCP relay
+    /// (`relay.rs`), the bare tonic tunnel and each transport (see `keepalive.rs`). Not part of
+    /// `all`.
+    Keepalive,
     All,
 }
 
@@ -81,6 +87,12 @@ pub struct BenchArgs {
     /// Seconds each attack runs at most (hostile).
     #[arg(long, default_value_t = 15)]
     attack_secs: u64,
+    /// Rounds of every column (keepalive; the table shows medians).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Seconds each keepalive load runs.
+    #[arg(long, default_value_t = 3.0)]
+    keepalive_secs: f64,
 }
 
 #[derive(Serialize, Clone)]
@@ -867,6 +879,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
         if let Some(path) = &b.args.json {
             std::fs::write(path, serde_json::to_vec_pretty(&rows)?)?;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(());
+    }
+    if s == Scenario::Keepalive {
+        let k = b.keepalive().await?;
+        eprintln!();
+        println!("{}", k.table());
+        if let Some(path) = &b.args.json {
+            std::fs::write(path, serde_json::to_vec_pretty(&k)?)?;
         }
         let _ = std::fs::remove_dir_all(&dir);
         return Ok(());
