@@ -14,6 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_transport(false)
         .codec_path("crate::codec::SmallBufferCodec")
         .bytes(".agentgate.v1.Chunk.data")
+        .bytes(".agentgate.v1.ResponseHead.body")
         .file_descriptor_set_path(out.join("agentgate_descriptor.bin"))
         .compile_protos(&files, &[root])?;
     for f in &files {

@@ -269,3 +269,8 @@ def env():
             yield e
         finally:
             e.close()
+            keep = os.environ.get("AGENTGATE_E2E_KEEP_LOGS")
+            if keep:  # a directory to copy each test's logs into, for debugging
+                import shutil
+                dest = Path(keep) / os.environ.get("PYTEST_CURRENT_TEST", "test").split(" ")[0].replace("/", "_")
+                shutil.copytree(d, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.sock"))

@@ -163,9 +163,11 @@ def test_agents_and_tunnels_through_proxy(env, upstreams, kind, variant):
     if kind == "haproxy":
         assert grpc_through(front, "a-grpc", api, clear=True) == "SERVING"
 
-    # One access-log line per RPC for gRPC agents: each tunnelled request ends a Tunnel/Connect
-    # stream (Register is logged when the session ends).
-    wait_for(lambda: "/agentgate.v1.Tunnel/Connect" in front.access_log(), timeout=5,
+    # One access-log line per RPC for gRPC agents. A Tunnel/Connect stream carries requests one
+    # after another (protocol version 2), so the proxy logs it when it ends: stopping an agent
+    # ends its streams and its session.
+    auto.stop()
+    wait_for(lambda: "/agentgate.v1.Tunnel/Connect" in front.access_log(), timeout=10,
              what="Tunnel/Connect in the proxy's access log")
     assert re.search(r"POST /agentgate\.v1\.Tunnel/Connect HTTP/2\.0", front.access_log())
 

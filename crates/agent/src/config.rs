@@ -44,6 +44,10 @@ pub struct PoolSettings {
     /// A tunnel idle for this long is closed if more than `min_idle` are idle. Heartbeats keep
     /// the ones that stay alive through proxies, so this only shrinks the pool after a burst.
     pub idle_lifetime: Duration,
+    /// The tunnel protocol version announced to the gateway (2: streams carry requests one
+    /// after another; 1: one request per stream, as agents before 0.2 did). Lower it only to
+    /// reproduce an old agent.
+    pub protocol_version: u32,
 }
 
 impl Default for PoolSettings {
@@ -53,6 +57,7 @@ impl Default for PoolSettings {
             scale_step: 10,
             max: 500,
             idle_lifetime: Duration::from_secs(60),
+            protocol_version: 2,
         }
     }
 }

@@ -4,10 +4,10 @@
 //! bounded channel; the response body goes back as Chunk messages through the tunnel's small
 //! queue. Nothing buffers a whole body. If the gateway's side of the tunnel ends before we
 //! sent our trailer, the request was cancelled: the upstream request is dropped, which closes
-//! its connection.
+//! its connection. With a version-2 gateway the body bytes already there when the response
+//! head arrives travel with the head, and for a small answer that is the whole exchange.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use agentgate_proto::headers::to_proto;
@@ -16,7 +16,9 @@ use agentgate_proto::v1::{
     RequestHead, RequestKind, ResponseHead, Trailer, TunnelError,
 };
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::header::HeaderMap;
+use http_body::Body as _;
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -24,7 +26,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
 
 use crate::config::AgentConfig;
@@ -90,29 +91,43 @@ impl Upstreams {
     }
 
     /// Runs one request: `head` was just received on the tunnel, `inbound` carries the rest
-    /// of the request, and `tx` sends the response back.
+    /// of the request, and `tx` sends the response back. Says whether the stream can carry
+    /// another request (version 2) or must close.
     pub async fn execute(
-        self: Arc<Self>,
+        &self,
         head: RequestHead,
-        inbound: Streaming<GatewayMessage>,
-        tx: mpsc::Sender<AgentMessage>,
-    ) {
+        inbound: &mut Streaming<GatewayMessage>,
+        tx: &mpsc::Sender<AgentMessage>,
+    ) -> After {
         let started = std::time::Instant::now();
-        let cancel = CancellationToken::new();
+        let v2 = head.protocol_version >= 2;
         let (body_tx, body_rx) = mpsc::channel(4);
-        let mut reader = tokio::spawn(read_request(inbound, body_tx, cancel.clone()));
-        let outcome = tokio::select! {
-            r = self.exchange(&head, body_rx, &tx) => r,
-            _ = cancel.cancelled() => Err("cancelled by the gateway".to_string()),
-        };
-        // End our side, then let the gateway end its side before the stream is dropped:
-        // dropping it early resets the stream, and a reset can overtake the last messages
-        // (trailer or error) that the gateway has not read yet.
-        drop(tx);
-        if !cancel.is_cancelled() {
-            let _ = tokio::time::timeout(LINGER_FOR_GATEWAY_CLOSE, &mut reader).await;
+        let mut body_tx = Some(body_tx);
+        let mut request_ended = v2 && head.end_of_request;
+        if request_ended {
+            body_tx = None;
         }
-        reader.abort();
+        let mut next = None;
+        let mut cancelled = false;
+        let outcome = {
+            let exchange = self.exchange(&head, body_rx, tx, v2);
+            tokio::pin!(exchange);
+            loop {
+                tokio::select! {
+                    r = &mut exchange => break r,
+                    e = next_event(inbound, &mut body_tx, request_ended, v2), if next.is_none() => {
+                        match e {
+                            Event::EndOfRequest => request_ended = true,
+                            Event::Next(m) => next = Some(m),
+                            Event::Cancelled => {
+                                cancelled = true;
+                                break Err("cancelled by the gateway".to_string());
+                            }
+                        }
+                    }
+                }
+            }
+        };
         match &outcome {
             Ok(status) => tracing::info!(
                 method = %head.method,
@@ -130,6 +145,33 @@ impl Upstreams {
                 "tunnel request not completed: {why}"
             ),
         }
+        if cancelled {
+            return After::Close;
+        }
+        if v2 {
+            // Our answer is complete; the stream is idle again once the gateway's request is
+            // (the upstream may have answered before reading all of it).
+            if !request_ended {
+                let mut discard = None;
+                let rest = next_event(inbound, &mut discard, false, true);
+                match tokio::time::timeout(LINGER_FOR_GATEWAY_CLOSE, rest).await {
+                    Ok(Event::EndOfRequest) => {}
+                    _ => return After::Close,
+                }
+            }
+            return After::Idle { next };
+        }
+        // Version 1: let the gateway end its side before the stream is dropped: dropping it
+        // early resets the stream, and a reset can overtake the last messages (trailer or
+        // error) that the gateway has not read yet.
+        let linger = async {
+            let mut discard = None;
+            while let Event::EndOfRequest | Event::Next(_) =
+                next_event(inbound, &mut discard, true, false).await
+            {}
+        };
+        let _ = tokio::time::timeout(LINGER_FOR_GATEWAY_CLOSE, linger).await;
+        After::Close
     }
 
     /// Sends the request upstream and streams the answer into `tx`. Returns the upstream
@@ -139,6 +181,7 @@ impl Upstreams {
         head: &RequestHead,
         body_rx: mpsc::Receiver<Result<Frame<Bytes>, std::io::Error>>,
         tx: &mpsc::Sender<AgentMessage>,
+        v2: bool,
     ) -> Result<u16, String> {
         let kind = RequestKind::try_from(head.kind).unwrap_or(RequestKind::Unspecified);
         let (base, client) = match kind {
@@ -212,18 +255,37 @@ impl Upstreams {
             Ok(Ok(r)) => r,
         };
         let status = resp.status().as_u16();
+        let headers = to_proto(resp.headers());
+        let mut body = resp.into_body();
+        let mut first = ReadyBody::default();
+        if v2 {
+            first.take_ready(&mut body, self.chunk_size)?;
+        }
         let head_msg = AgentMessage {
             msg: Some(agent_message::Msg::ResponseHead(ResponseHead {
                 status: status as u32,
-                headers: to_proto(resp.headers()),
+                headers,
+                body: first.data.take().unwrap_or_default(),
+                end_of_response: first.complete,
+                trailers: std::mem::take(&mut first.trailers),
             })),
         };
         tx.send(head_msg)
             .await
             .map_err(|_| "gateway went away".to_string())?;
-        let mut body = resp.into_body();
+        if first.complete {
+            return Ok(status);
+        }
         let mut trailers = vec![];
-        while let Some(frame) = body.frame().await {
+        let mut pending = first.overflow.take().map(|d| Ok(Frame::data(d)));
+        loop {
+            let frame = match pending.take() {
+                Some(f) => f,
+                None => match body.frame().await {
+                    Some(f) => f,
+                    None => break,
+                },
+            };
             let frame = frame.map_err(|e| format!("upstream body failed: {e}"))?;
             match frame.into_data() {
                 Ok(mut data) => {
@@ -251,6 +313,76 @@ impl Upstreams {
             .await
             .map_err(|_| "gateway went away".to_string())?;
         Ok(status)
+    }
+}
+
+/// How a stream goes on after a request.
+pub enum After {
+    /// Version 2: idle again; `next` is a message the gateway already sent for what follows.
+    Idle { next: Option<GatewayMessage> },
+    /// Version 1, a cancelled request, or a request body that never ended.
+    Close,
+}
+
+/// The part of an upstream response body that is already there when its head arrives
+/// (version 2 sends it with the head; for a small answer that is all of it).
+#[derive(Default)]
+struct ReadyBody {
+    data: Option<Bytes>,
+    /// A frame that did not fit in `chunk_size`, to be sent as the first Chunk.
+    overflow: Option<Bytes>,
+    trailers: Vec<Header>,
+    complete: bool,
+}
+
+impl ReadyBody {
+    fn take_ready(
+        &mut self,
+        body: &mut hyper::body::Incoming,
+        chunk_size: usize,
+    ) -> Result<(), String> {
+        let mut buf = bytes::BytesMut::new();
+        loop {
+            if body.is_end_stream() {
+                self.complete = true;
+                break;
+            }
+            let frame = match body.frame().now_or_never() {
+                None => break,
+                Some(None) => {
+                    self.complete = true;
+                    break;
+                }
+                Some(Some(f)) => f.map_err(|e| format!("upstream body failed: {e}"))?,
+            };
+            match frame.into_data() {
+                Ok(data) if buf.len() + data.len() <= chunk_size => {
+                    if buf.is_empty() && self.data.is_none() {
+                        self.data = Some(data);
+                    } else {
+                        if let Some(d) = self.data.take() {
+                            buf.extend_from_slice(&d);
+                        }
+                        buf.extend_from_slice(&data);
+                    }
+                }
+                Ok(data) => {
+                    self.overflow = Some(data);
+                    break;
+                }
+                Err(frame) => {
+                    if let Ok(t) = frame.into_trailers() {
+                        self.trailers = to_proto(&t);
+                    }
+                    self.complete = true;
+                    break;
+                }
+            }
+        }
+        if !buf.is_empty() {
+            self.data = Some(buf.freeze());
+        }
+        Ok(())
     }
 }
 
@@ -335,41 +467,49 @@ fn headers_from(h: &[Header]) -> HeaderMap {
     agentgate_proto::headers::from_proto(h, |_| {})
 }
 
-/// Feeds the request body from the tunnel to the upstream, then watches the tunnel for
-/// cancellation (its end before our trailer).
-async fn read_request(
-    mut inbound: Streaming<GatewayMessage>,
-    body_tx: mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>,
-    cancel: CancellationToken,
-) {
-    let mut body_tx = Some(body_tx);
+/// What the gateway's side of a busy stream did next.
+enum Event {
+    /// The request is complete (its body went to the upstream).
+    EndOfRequest,
+    /// Version 2, after the end of the request: a message for what follows.
+    Next(GatewayMessage),
+    /// The stream ended or failed before our answer was complete: the request is cancelled.
+    Cancelled,
+}
+
+/// Reads the gateway's side of a busy stream: body chunks into `body_tx` until the end of the
+/// request, and after it, whatever comes next. Cancel-safe between messages; a chunk being
+/// handed to the upstream is lost if dropped, which only happens once the answer is complete.
+async fn next_event(
+    inbound: &mut Streaming<GatewayMessage>,
+    body_tx: &mut Option<mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>>,
+    request_ended: bool,
+    v2: bool,
+) -> Event {
     loop {
         let msg = match inbound.message().await {
             Ok(Some(GatewayMessage { msg: Some(m) })) => m,
             Ok(Some(GatewayMessage { msg: None })) => continue,
             Ok(None) | Err(_) => {
                 if let Some(tx) = body_tx.take() {
-                    let _ = tx
-                        .send(Err(std::io::Error::new(
-                            std::io::ErrorKind::ConnectionAborted,
-                            "request cancelled by the gateway",
-                        )))
-                        .await;
+                    let _ = tx.try_send(Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        "request cancelled by the gateway",
+                    )));
                 }
-                cancel.cancel();
-                return;
+                return Event::Cancelled;
             }
         };
         match msg {
-            gateway_message::Msg::Chunk(c) => {
-                if let Some(tx) = &body_tx {
+            gateway_message::Msg::Chunk(c) if !request_ended => {
+                if let Some(tx) = body_tx {
                     if tx.send(Ok(Frame::data(c.data))).await.is_err() {
-                        // The upstream stopped reading the body; keep watching for cancel.
-                        body_tx = None;
+                        // The upstream stopped reading the body; the rest is dropped.
+                        *body_tx = None;
                     }
                 }
             }
-            gateway_message::Msg::EndOfRequest(end) => {
+            gateway_message::Msg::EndOfRequest(end) if !request_ended => {
                 if let Some(tx) = body_tx.take() {
                     if !end.trailers.is_empty() {
                         let _ = tx
@@ -377,8 +517,10 @@ async fn read_request(
                             .await;
                     }
                 }
+                return Event::EndOfRequest;
             }
-            gateway_message::Msg::Heartbeat(_) | gateway_message::Msg::RequestHead(_) => {}
+            m if request_ended && v2 => return Event::Next(GatewayMessage { msg: Some(m) }),
+            _ => {}
         }
     }
 }

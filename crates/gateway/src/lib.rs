@@ -49,7 +49,7 @@ pub struct Gateway {
     pub tokens: TokenStore,
     pub metrics: Arc<Metrics>,
     pub directory: Arc<Directory>,
-    pub tunnels: TunnelRegistry,
+    pub tunnels: Arc<TunnelRegistry>,
     /// Cluster mode (`--redis`): the registry and the internal API client.
     pub cluster: Option<Arc<cluster::Cluster>>,
     /// Per-token connect counts of the current minute (single-process mode).
@@ -122,7 +122,7 @@ impl Gateway {
         Ok(Arc::new(Self {
             cluster,
             connects: std::sync::Mutex::default(),
-            tunnels: TunnelRegistry::new(metrics.clone(), max_age),
+            tunnels: Arc::new(TunnelRegistry::new(metrics.clone(), max_age)),
             tokens,
             metrics,
             directory,

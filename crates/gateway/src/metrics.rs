@@ -93,6 +93,7 @@ pub struct Metrics {
     pub rpcs: Family,
     pub agents_connected: Family,
     pub tunnels_parked: Family,
+    pub tunnel_streams_opened: Family,
     pub tunnel_requests: Family,
     pub tunnel_request_bytes: Family,
     pub redis_ops: Family,
@@ -139,6 +140,13 @@ impl Default for Metrics {
                 "agentgate_tunnels_parked",
                 "Idle tunnel streams parked by agents, ready for requests.",
                 "gauge",
+                &[],
+            ),
+            tunnel_streams_opened: Family::new(
+                "agentgate_tunnel_streams_opened_total",
+                "Tunnel streams agents opened (version-2 agents reuse them, so this grows with \
+                 demand, not with requests).",
+                "counter",
                 &[],
             ),
             tunnel_requests: Family::new(
@@ -197,6 +205,7 @@ impl Default for Metrics {
         }
         m.connections_rejected.set(&[REJECT_UNAUTHENTICATED], 0.0);
         m.tunnels_parked.set(&[], 0.0);
+        m.tunnel_streams_opened.set(&[], 0.0);
         m
     }
 }
@@ -214,6 +223,7 @@ impl Metrics {
             &self.rpcs,
             &self.agents_connected,
             &self.tunnels_parked,
+            &self.tunnel_streams_opened,
             &self.tunnel_requests,
             &self.tunnel_request_bytes,
             &self.redis_ops,

@@ -108,6 +108,7 @@ fn samples() -> Vec<(&'static str, &'static str, Vec<u8>)> {
                         ("x-forwarded-for", "203.0.113.7"),
                     ]),
                     timeout_millis: 30_000,
+                    ..Default::default()
                 })),
             }
             .encode_to_vec(),
@@ -123,6 +124,7 @@ fn samples() -> Vec<(&'static str, &'static str, Vec<u8>)> {
                         ("date", "Tue, 01 Dec 2026 10:00:00 GMT"),
                         ("content-length", "65536"),
                     ]),
+                    ..Default::default()
                 })),
             }
             .encode_to_vec(),

@@ -175,6 +175,7 @@ async fn forward(
             .map_or("/".into(), |p| p.to_string()),
         headers: end_to_end(parts.headers),
         timeout_millis: 0,
+        ..Default::default()
     };
     let msg = |m| Ok(GatewayMessage { msg: Some(m) });
     let _ = tx.send(msg(gateway_message::Msg::RequestHead(head))).await;
@@ -255,6 +256,7 @@ async fn serve_one(
         instance_id: "control".into(),
         http_upstreams: vec!["default".into()],
         grpc_upstream: false,
+        ..Default::default()
     };
     let msg = |m| AgentMessage { msg: Some(m) };
     let _ = tx.try_send(msg(agent_message::Msg::Descriptor(descriptor)));
@@ -307,6 +309,7 @@ async fn serve_one(
     let head = ResponseHead {
         status: parts.status.as_u16() as u32,
         headers: end_to_end(parts.headers),
+        ..Default::default()
     };
     if tx
         .send(msg(agent_message::Msg::ResponseHead(head)))

@@ -142,6 +142,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ApiBod
             .map_or(method.clone(), |p| p.as_str().to_string()),
         headers: to_proto(&headers),
         timeout_millis: timeout.map_or(0, |t| t.as_millis().max(1) as u64),
+        ..Default::default()
     };
     let forward = gw.forward(&agent, head, body);
     let result = match deadline {

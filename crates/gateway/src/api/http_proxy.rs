@@ -162,6 +162,7 @@ pub async fn handle(
         path_and_query,
         headers: to_proto(&headers),
         timeout_millis: 0,
+        ..Default::default()
     };
     match gw.forward(&agent, head, body).await {
         Ok(fwd) => {

@@ -133,6 +133,7 @@ async fn route(
                 path_and_query,
                 headers: to_proto(&headers),
                 timeout_millis,
+                ..Default::default()
             };
             match gw.forward_on(&res.agent, res.tunnel, head, body).await {
                 Ok(fwd) => {

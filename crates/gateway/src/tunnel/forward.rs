@@ -10,10 +10,14 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use agentgate_proto::v1::{
-    agent_message, gateway_message, tunnel_error, AgentMessage, Chunk, EndOfRequest,
+    agent_message, gateway_message, tunnel_error, AgentMessage, Chunk, Descriptor, EndOfRequest,
     GatewayMessage, RequestHead, RequestKind, TunnelError,
 };
+use agentgate_transport::ConnMeta;
 use bytes::Bytes;
 use futures_util::Stream;
 use http_body::{Body, Frame};
@@ -21,7 +25,7 @@ use http_body_util::BodyExt;
 use tokio::sync::mpsc;
 use tonic::Streaming;
 
-use super::{ParkedTunnel, ToAgent};
+use super::{ParkedTunnel, ToAgent, TunnelRegistry};
 use crate::headers::{from_proto, to_proto};
 use crate::Gateway;
 
@@ -122,9 +126,25 @@ pub struct ForwardResponse {
     pub body: ResponseBody,
 }
 
-/// How many times a request is retried on another tunnel when the one it took turned out to
-/// be dead before anything was sent on it.
-const DEAD_TUNNEL_RETRIES: usize = 3;
+/// How many tunnels one request may try: a parked tunnel found dead before anything was sent
+/// on it is always replaced, and a tunnel that broke before the response head is replaced only
+/// for a request that is safe to send twice.
+const TUNNEL_ATTEMPTS: usize = 3;
+
+/// The tunnel protocol version this gateway speaks (see `tunnel.proto`).
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// How one attempt on one tunnel went wrong.
+enum AttemptError {
+    /// The tunnel was dead before the head went out: the head comes back, the body was not
+    /// touched, and any other tunnel may be tried.
+    NotSent(RequestHead),
+    /// The tunnel broke before the response head, after the head went out.
+    Broken(ForwardError),
+    /// A final answer (the agent's error, or a broken tunnel for a request that is not safe
+    /// to repeat).
+    Final(ForwardError),
+}
 
 impl Gateway {
     /// Forwards one request to `agent`: through a local tunnel if the agent is connected
@@ -172,128 +192,219 @@ impl Gateway {
     }
 
     /// Sends the request down `tunnel` and returns the agent's response head with the body
-    /// still streaming. A request without a body and with an idempotent method is retried on
-    /// another tunnel if the tunnel breaks before the response head (as proxies retry
-    /// idempotent requests): an agent may drop an idle tunnel at the moment it is taken.
+    /// still streaming. At most [`TUNNEL_ATTEMPTS`] tunnels are tried in all: a dead parked
+    /// tunnel is replaced before anything was sent, and a request without a body and with an
+    /// idempotent method is also retried if the tunnel breaks before the response head (as
+    /// proxies retry idempotent requests): an agent may drop an idle tunnel at the moment it
+    /// is taken.
     pub async fn forward_on<B>(
         &self,
         agent: &str,
         tunnel: ParkedTunnel,
-        head: RequestHead,
+        mut head: RequestHead,
         body: B,
     ) -> Result<ForwardResponse, ForwardError>
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Display + Send,
     {
-        let idempotent = matches!(head.method.as_str(), "GET" | "HEAD" | "OPTIONS");
-        if !(idempotent && body.is_end_stream()) {
-            return self.exchange(agent, tunnel, head, body).await;
-        }
-        let mut tunnel = Some(tunnel);
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let t = match tunnel.take() {
-                Some(t) => t,
-                None => self.take_local(agent, self.config.tunnel_wait).await?,
-            };
-            let empty = http_body_util::Empty::<Bytes>::new();
-            match self.exchange(agent, t, head.clone(), empty).await {
-                Err(e @ ForwardError::TunnelBroken { .. }) if attempt < DEAD_TUNNEL_RETRIES => {
-                    tracing::info!(
-                        agent,
-                        attempt,
-                        "retrying an idempotent request on another tunnel: {e}"
-                    );
-                }
-                r => return r,
-            }
-        }
-    }
-
-    /// One attempt: the request down `tunnel` (or, if it turns out dead before anything was
-    /// sent, down another local one).
-    async fn exchange<B>(
-        &self,
-        agent: &str,
-        tunnel: ParkedTunnel,
-        head: RequestHead,
-        body: B,
-    ) -> Result<ForwardResponse, ForwardError>
-    where
-        B: Body<Data = Bytes> + Send + 'static,
-        B::Error: Display + Send,
-    {
+        let repeatable =
+            matches!(head.method.as_str(), "GET" | "HEAD" | "OPTIONS") && body.is_end_stream();
+        let mut body = Some(body);
         let mut next = Some(tunnel);
-        let mut sent = None;
-        for _ in 0..DEAD_TUNNEL_RETRIES {
+        for attempt in 1..=TUNNEL_ATTEMPTS {
             let t = match next.take() {
                 Some(t) => t,
                 None => self.take_local(agent, self.config.tunnel_wait).await?,
             };
             check_descriptor(agent, &t, &head)?;
-            let msg = GatewayMessage {
-                msg: Some(gateway_message::Msg::RequestHead(head.clone())),
-            };
-            if t.tx.send(Box::new(msg)).await.is_ok() {
-                sent = Some(t);
-                break;
+            let again = (repeatable && attempt < TUNNEL_ATTEMPTS).then(|| head.clone());
+            match self.attempt(agent, t, head, &mut body).await {
+                Ok(r) => return Ok(r),
+                Err(AttemptError::NotSent(h)) => {
+                    tracing::debug!(agent, "parked tunnel was dead; taking another");
+                    head = h;
+                }
+                Err(AttemptError::Broken(e)) => match again {
+                    Some(h) => {
+                        tracing::info!(
+                            agent,
+                            attempt,
+                            "retrying an idempotent request on another tunnel: {e}"
+                        );
+                        head = h;
+                    }
+                    None => return Err(e),
+                },
+                Err(AttemptError::Final(e)) => return Err(e),
             }
-            tracing::debug!(agent, "parked tunnel was dead; taking another");
         }
-        let Some(ParkedTunnel { tx, mut rx, .. }) = sent else {
-            return Err(ForwardError::TunnelBroken {
-                agent: agent.into(),
-                message: "every tunnel tried was closed".into(),
-            });
+        Err(ForwardError::TunnelBroken {
+            agent: agent.into(),
+            message: format!("{TUNNEL_ATTEMPTS} tunnels tried, each closed"),
+        })
+    }
+
+    /// One request on one tunnel. The body is taken out of `body` only once the head went
+    /// out, so a tunnel found dead leaves it for the next attempt.
+    async fn attempt<B>(
+        &self,
+        agent: &str,
+        tunnel: ParkedTunnel,
+        mut head: RequestHead,
+        body: &mut Option<B>,
+    ) -> Result<ForwardResponse, AttemptError>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Display + Send,
+    {
+        let ParkedTunnel {
+            tx,
+            mut rx,
+            descriptor,
+            conn,
+            agent: name,
+        } = tunnel;
+        let reusable = descriptor.protocol_version >= PROTOCOL_VERSION;
+        // A response to HEAD has no body, whatever its Content-Length says.
+        let bodiless = head.method == "HEAD";
+        let no_body = body.as_ref().is_none_or(|b| b.is_end_stream());
+        if reusable {
+            head.protocol_version = PROTOCOL_VERSION;
+            head.end_of_request = no_body;
+        }
+        let msg = GatewayMessage {
+            msg: Some(gateway_message::Msg::RequestHead(head)),
         };
-        tokio::spawn(pump_request_body(
-            body,
-            tx.clone(),
-            self.config.tunnel_chunk_size,
-            self.metrics.clone(),
-        ));
-        loop {
-            let msg = rx.message().await.map_err(|s| ForwardError::TunnelBroken {
-                agent: agent.into(),
-                message: s.message().to_string(),
-            })?;
-            match msg.and_then(|m| m.msg) {
-                Some(agent_message::Msg::Heartbeat(_)) => continue,
-                Some(agent_message::Msg::ResponseHead(h)) => {
-                    let body = TunnelBody {
-                        rx,
-                        tx: Some(tx),
-                        finished: false,
-                        metrics: self.metrics.clone(),
-                    };
-                    return Ok(ForwardResponse {
-                        status: h.status as u16,
-                        headers: from_proto(&h.headers),
-                        body: body.map_err(BoxError::from).boxed_unsync(),
-                    });
-                }
-                Some(agent_message::Msg::Error(e)) => {
-                    return Err(ForwardError::from_agent(agent, e))
-                }
-                None => {
-                    return Err(ForwardError::TunnelBroken {
-                        agent: agent.into(),
-                        message: "the agent closed the tunnel before answering".into(),
-                    })
-                }
-                Some(other) => {
-                    return Err(ForwardError::TunnelBroken {
-                        agent: agent.into(),
-                        message: format!(
-                            "the agent sent a {} before the response head",
-                            message_kind(&other)
-                        ),
-                    })
-                }
-            }
+        if let Err(mpsc::error::SendError(m)) = tx.send(Box::new(msg)).await {
+            let Some(gateway_message::Msg::RequestHead(h)) = m.msg else {
+                unreachable!("the message sent is a request head")
+            };
+            return Err(AttemptError::NotSent(h));
         }
+        // Version 1 sends EndOfRequest even without a body; version 2 said so in the head.
+        let pump = match body.take() {
+            Some(b) if !(reusable && no_body) => {
+                let sent = Arc::new(AtomicBool::new(false));
+                let task = tokio::spawn(pump_request_body(
+                    b,
+                    tx.clone(),
+                    self.config.tunnel_chunk_size,
+                    self.metrics.clone(),
+                    sent.clone(),
+                ));
+                Some(RequestPump { task, sent })
+            }
+            _ => None,
+        };
+        let broken = |message: String| ForwardError::TunnelBroken {
+            agent: agent.into(),
+            message,
+        };
+        loop {
+            let msg = rx
+                .message()
+                .await
+                .map_err(|s| AttemptError::Broken(broken(s.message().to_string())))?;
+            let m = match msg.and_then(|m| m.msg) {
+                Some(agent_message::Msg::Heartbeat(_)) => continue,
+                Some(m) => m,
+                None => {
+                    return Err(AttemptError::Broken(broken(
+                        "the agent closed the tunnel before answering".into(),
+                    )))
+                }
+            };
+            let mut rest = TunnelBody {
+                rx: Some(rx),
+                tx: Some(tx),
+                pump,
+                reuse: reusable.then_some(Reuse {
+                    registry: self.tunnels.clone(),
+                    descriptor,
+                    conn,
+                    agent: name,
+                }),
+                first: None,
+                remaining: None,
+                finished: false,
+                metrics: self.metrics.clone(),
+            };
+            return match m {
+                agent_message::Msg::ResponseHead(h) => {
+                    let headers = from_proto(&h.headers);
+                    if !h.body.is_empty() {
+                        self.metrics
+                            .tunnel_request_bytes
+                            .add(&["from_agent"], h.body.len() as f64);
+                    }
+                    if reusable && h.end_of_response {
+                        rest.end();
+                        let trailers = (!h.trailers.is_empty()).then(|| from_proto(&h.trailers));
+                        let body = CompleteBody {
+                            data: (!h.body.is_empty()).then_some(h.body),
+                            trailers,
+                        };
+                        return Ok(ForwardResponse {
+                            status: h.status as u16,
+                            headers,
+                            body: body.boxed_unsync(),
+                        });
+                    }
+                    let length = if bodiless || matches!(h.status, 204 | 304) {
+                        Some(0)
+                    } else {
+                        headers
+                            .get(http::header::CONTENT_LENGTH)
+                            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                    };
+                    rest.remaining = length.map(|n| n.saturating_sub(h.body.len() as u64));
+                    rest.first = (!h.body.is_empty()).then_some(h.body);
+                    Ok(ForwardResponse {
+                        status: h.status as u16,
+                        headers,
+                        body: rest.map_err(BoxError::from).boxed_unsync(),
+                    })
+                }
+                agent_message::Msg::Error(e) => {
+                    rest.end();
+                    Err(AttemptError::Final(ForwardError::from_agent(agent, e)))
+                }
+                other => Err(AttemptError::Broken(broken(format!(
+                    "the agent sent a {} before the response head",
+                    message_kind(&other)
+                )))),
+            };
+        }
+    }
+}
+
+/// A body that arrived whole with the response head (version 2).
+struct CompleteBody {
+    data: Option<Bytes>,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl Body for CompleteBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Some(d) = self.data.take() {
+            return Poll::Ready(Some(Ok(Frame::data(d))));
+        }
+        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
     }
 }
 
@@ -323,12 +434,22 @@ fn check_descriptor(agent: &str, t: &ParkedTunnel, head: &RequestHead) -> Result
     }
 }
 
-/// Streams the client's request body into the tunnel in chunks of at most `chunk_size`.
+/// The request body on its way to the agent.
+struct RequestPump {
+    task: tokio::task::JoinHandle<()>,
+    /// Set once EndOfRequest is queued: the tunnel may then carry another request (the queue
+    /// keeps the order), even before the task itself has ended.
+    sent: Arc<AtomicBool>,
+}
+
+/// Streams the client's request body into the tunnel in chunks of at most `chunk_size`, then
+/// EndOfRequest, and sets `sent`.
 async fn pump_request_body<B>(
     body: B,
     tx: mpsc::Sender<ToAgent>,
     chunk_size: usize,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
+    sent: Arc<AtomicBool>,
 ) where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Display + Send,
@@ -370,7 +491,9 @@ async fn pump_request_body<B>(
             trailers,
         })),
     };
-    let _ = tx.send(Box::new(end)).await;
+    if tx.send(Box::new(end)).await.is_ok() {
+        sent.store(true, Ordering::Release);
+    }
 }
 
 /// A tunnel message's kind, for error messages (never its contents: they are remote input).
@@ -385,14 +508,105 @@ fn message_kind(m: &agent_message::Msg) -> &'static str {
     }
 }
 
+/// What a version-2 tunnel needs to be parked again once its request is over.
+struct Reuse {
+    registry: Arc<TunnelRegistry>,
+    descriptor: Descriptor,
+    conn: Arc<ConnMeta>,
+    agent: Arc<str>,
+}
+
 /// The response body, read from the tunnel as the client consumes it.
 pub struct TunnelBody {
-    rx: Streaming<AgentMessage>,
+    /// None once the tunnel was parked again.
+    rx: Option<Streaming<AgentMessage>>,
     /// Kept until the agent's trailer: dropping it ends our side of the stream, which the agent
     /// reads as cancellation.
     tx: Option<mpsc::Sender<ToAgent>>,
+    /// The request body still streaming to the agent, if it had one.
+    pump: Option<RequestPump>,
+    /// Version 2: how to park the tunnel again after the request.
+    reuse: Option<Reuse>,
+    /// Body bytes that came with the response head.
+    first: Option<Bytes>,
+    /// Body bytes still to come by the response's Content-Length, if it has one.
+    remaining: Option<u64>,
     finished: bool,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
+}
+
+impl TunnelBody {
+    /// The agent's answer is complete. A version-2 tunnel whose request went out whole is
+    /// parked again for the next request; otherwise our side ends here, which closes the stream.
+    fn end(&mut self) {
+        self.finished = true;
+        let tx = self.tx.take();
+        let request_done = match self.pump.take() {
+            None => true,
+            Some(p) if p.sent.load(Ordering::Acquire) => true,
+            Some(p) => {
+                // The upstream answered before reading the whole request body: the rest is not
+                // wanted, and the stream cannot carry another request.
+                p.task.abort();
+                false
+            }
+        };
+        if let (Some(tx), Some(reuse), true) = (tx, self.reuse.take(), request_done) {
+            let Some(rx) = self.rx.take() else { return };
+            reuse.registry.park(
+                &reuse.agent.clone(),
+                ParkedTunnel {
+                    tx,
+                    rx,
+                    descriptor: reuse.descriptor,
+                    conn: reuse.conn,
+                    agent: reuse.agent,
+                },
+            );
+        }
+    }
+}
+
+/// How long a response body whose last byte (by Content-Length) went out waits for the
+/// agent's trailer after the client stopped reading, so that its tunnel can be parked again.
+const TRAILER_AFTER_LAST_BYTE: Duration = Duration::from_secs(1);
+
+impl Drop for TunnelBody {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        // HTTP/1.1 and HTTP/2 servers stop reading a body once its Content-Length is reached,
+        // before the agent's trailer is read: finish that read in the background so that a
+        // version-2 tunnel goes back to the parking lot instead of being cancelled.
+        let complete_by_length = self.remaining == Some(0);
+        if let (true, Some(_), Ok(rt)) = (
+            complete_by_length && self.rx.is_some(),
+            &self.reuse,
+            tokio::runtime::Handle::try_current(),
+        ) {
+            let mut rest = TunnelBody {
+                rx: self.rx.take(),
+                tx: self.tx.take(),
+                pump: self.pump.take(),
+                reuse: self.reuse.take(),
+                first: None,
+                remaining: None,
+                finished: false,
+                metrics: self.metrics.clone(),
+            };
+            rt.spawn(async move {
+                let drain = async { while let Some(Ok(_)) = rest.frame().await {} };
+                let _ = tokio::time::timeout(TRAILER_AFTER_LAST_BYTE, drain).await;
+            });
+            return;
+        }
+        // Dropped before the end: the client went away. Stop sending its body; dropping our
+        // side tells the agent to cancel.
+        if let Some(p) = self.pump.take() {
+            p.task.abort();
+        }
+    }
 }
 
 /// A response body that ended abnormally.
@@ -409,11 +623,14 @@ impl Body for TunnelBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
+        if let Some(first) = this.first.take() {
+            return Poll::Ready(Some(Ok(Frame::data(first))));
+        }
         loop {
-            if this.finished {
+            let Some(rx) = this.rx.as_mut().filter(|_| !this.finished) else {
                 return Poll::Ready(None);
-            }
-            let msg = match Pin::new(&mut this.rx).poll_next(cx) {
+            };
+            let msg = match Pin::new(rx).poll_next(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(m) => m,
             };
@@ -423,11 +640,13 @@ impl Body for TunnelBody {
                         this.metrics
                             .tunnel_request_bytes
                             .add(&["from_agent"], c.data.len() as f64);
+                        if let Some(r) = &mut this.remaining {
+                            *r = r.saturating_sub(c.data.len() as u64);
+                        }
                         return Poll::Ready(Some(Ok(Frame::data(c.data))));
                     }
                     agent_message::Msg::Trailer(t) => {
-                        this.finished = true;
-                        this.tx = None;
+                        this.end();
                         if t.trailers.is_empty() {
                             return Poll::Ready(None);
                         }
@@ -468,7 +687,7 @@ impl Body for TunnelBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.finished
+        self.finished && self.first.is_none()
     }
 }
 
@@ -570,8 +789,12 @@ mod tests {
             let rx = Streaming::new_request(decoder, body, None, None);
             let (tx, _keep) = mpsc::channel(1);
             let mut tb = TunnelBody {
-                rx,
+                rx: Some(rx),
                 tx: Some(tx),
+                pump: None,
+                reuse: None,
+                first: None,
+                remaining: None,
                 finished: false,
                 metrics: metrics.clone(),
             };

@@ -1,6 +1,8 @@
 //! Parked tunnel streams, per agent name.
 //!
-//! A request takes the oldest parked stream of its agent; if there is none, it waits (up to
+//! A request takes the most recently parked stream of its agent, so that under steady load the
+//! same few streams carry the requests and the agent's surplus ones stay idle long enough to
+//! expire; if there is none, it waits (up to
 //! the `tunnel_wait` setting) in a FIFO of waiters that newly parked streams are handed to
 //! directly. A periodic sweep sends heartbeats on parked streams (so proxies with per-stream
 //! idle timeouts see traffic), drains the agent's heartbeat replies, and drops dead streams.
@@ -23,7 +25,7 @@ use crate::metrics::Metrics;
 /// A message queued for the agent, boxed (see `crate::unboxed`).
 pub type ToAgent = Box<GatewayMessage>;
 
-/// One idle tunnel stream, ready for exactly one request.
+/// One idle tunnel stream, ready for a request (version 1: exactly one).
 pub struct ParkedTunnel {
     /// Messages to the agent (the response stream of its `Tunnel.Connect` call).
     pub tx: mpsc::Sender<ToAgent>,
@@ -31,6 +33,8 @@ pub struct ParkedTunnel {
     pub rx: Streaming<AgentMessage>,
     pub descriptor: Descriptor,
     pub conn: Arc<ConnMeta>,
+    /// The agent's name (to park the tunnel again after a request, version 2).
+    pub agent: Arc<str>,
 }
 
 impl ParkedTunnel {
@@ -110,7 +114,7 @@ impl TunnelRegistry {
             let rx = {
                 let mut agents = self.agents.lock().unwrap();
                 let entry = agents.entry(agent.to_string()).or_default();
-                while let Some(mut t) = entry.idle.pop_front() {
+                while let Some(mut t) = entry.idle.pop_back() {
                     self.metrics.tunnels_parked.add(&[], -1.0);
                     if self.usable(&t) && t.drain_ready() {
                         return Some(t);

@@ -45,6 +45,7 @@ impl Tunnel for TunnelService {
                 ))
             }
         };
+        self.gw.metrics.tunnel_streams_opened.inc(&[]);
         let (tx, out) = mpsc::channel(TO_AGENT_QUEUE);
         tracing::debug!(agent = %id.name, conn = id.conn.id, "tunnel parked");
         self.gw.tunnels.park(
@@ -54,6 +55,7 @@ impl Tunnel for TunnelService {
                 rx,
                 descriptor,
                 conn: id.conn,
+                agent: Arc::from(id.name.as_str()),
             },
         );
         Ok(Response::new(Unboxed(ReceiverStream::new(out))))
