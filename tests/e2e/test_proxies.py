@@ -138,7 +138,7 @@ def test_agents_and_tunnels_through_proxy(env, upstreams, kind, variant):
     start_agent(env, "a-grpcs", front.url("grpcs"), upstreams)
     start_agent(env, "a-wss", front.url("wss"), upstreams, ["--transport", "websocket"])
     # auto with a wss URL: the direct-gRPC probe works through this proxy, so it moves to gRPC.
-    start_agent(env, "a-auto", front.url("wss"), upstreams)
+    auto = start_agent(env, "a-auto", front.url("wss"), upstreams)
     agents = {"a-grpcs": label["grpcs"], "a-wss": label["wss"], "a-auto": label["grpcs"]}
     if kind == "haproxy":
         # The cleartext bind takes h2c (grpc://) and HTTP/1.1 upgrades (ws://) on one port.
@@ -167,7 +167,7 @@ def test_agents_and_tunnels_through_proxy(env, upstreams, kind, variant):
     # after another (protocol version 2), so the proxy logs it when it ends: stopping an agent
     # ends its streams and its session.
     auto.stop()
-    wait_for(lambda: "/agentgate.v1.Tunnel/Connect" in front.access_log(), timeout=10,
+    wait_for(lambda: "/agentgate.v1.Tunnel/Connect" in front.access_log(), timeout=20,
              what="Tunnel/Connect in the proxy's access log")
     assert re.search(r"POST /agentgate\.v1\.Tunnel/Connect HTTP/2\.0", front.access_log())
 
@@ -340,11 +340,14 @@ def test_agents_follow_proxy_reload(env, upstreams, kind):
 
 
 
-def test_agent_survives_nginx_keepalive_requests_goaway(env, upstreams):
+@pytest.mark.parametrize("version", [1, 2])
+def test_agent_survives_nginx_keepalive_requests_goaway(env, upstreams, version):
     """nginx sends GOAWAY after `keepalive_requests` streams on one client connection (default
-    1000; each tunnelled request uses one stream). The shipped config raises it, but it is still
-    finite: lowered here to 20 (a test-only override), 40 requests through a grpcs agent must all
-    succeed, the agent moving to a fresh connection when told to go away."""
+    1000). The shipped config raises it, but it is still finite: lowered here to 20 (a test-only
+    override). A version-1 agent uses a stream per request, so 40 requests one after another
+    cross the limit; a version-2 agent reuses its streams, so only bursts of 25 concurrent
+    requests that grow its pool of 15 do, and it learns of the GOAWAY from the frame itself. Every request must succeed, the agent moving to a fresh
+    connection when told to go away."""
     g, ports = start_gateway(env, "tls")
     port = free_port()
     logdir = env.tmp / "nginx" / "logs"
@@ -353,15 +356,28 @@ def test_agent_survives_nginx_keepalive_requests_goaway(env, upstreams):
     conf = re.sub(r"^(\s*)keepalive_requests\s+\d+;", r"\1keepalive_requests 20;", conf, flags=re.M)
     Nginx(env, conf, port)
     api = env.token("user", kind="api")
-    agent = start_agent(env, "k-grpcs", f"grpcs://localhost:{port}", upstreams)
+    # Version 2: 15 idle streams plus the session stay under the limit until a burst grows
+    # the pool past it.
+    extra = ["--tunnel-protocol", str(version)] + (["--pool-min-idle", "15"] if version == 2 else [])
+    agent = start_agent(env, "k-grpcs", f"grpcs://localhost:{port}", upstreams, extra)
     g.wait_agent("k-grpcs", "grpcs")
-    for i in range(40):
+
+    def one(i):
         status, _, body = https_get(g.api_port, "/agents/k-grpcs/proxy/echo", env.certs["ca"],
                                     api_headers(api), timeout=30)
         assert status == 200, (
-            f"request {i + 1} of 40: {status} {body[:200]!r}; registrations so far: "
+            f"request {i + 1}: {status} {body[:200]!r}; registrations so far: "
             f"{agent.output().count('connected and registered')}; agent log:\n"
             + "\n".join(agent.output().splitlines()[-6:]))
+
+    if version == 1:
+        for i in range(40):
+            one(i)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+        for burst in range(3):
+            with ThreadPoolExecutor(25) as pool:
+                list(pool.map(one, range(burst * 25, burst * 25 + 25)))
     assert agent.output().count("connected and registered") >= 2
 
 

@@ -15,7 +15,8 @@ use agentgate_proto::v1::agent_session_client::AgentSessionClient;
 use agentgate_proto::v1::{session_event, RegisterRequest, SessionEvent};
 use agentgate_transport::tls::{client_config, ServerVerification};
 use agentgate_transport::{
-    dial, DialError, DialSettings, ProxyConfig, Scheme, ServerUrl, TransportKind, WsSettings,
+    dial, DialError, DialSettings, GoawayWatch, ProxyConfig, Scheme, ServerUrl, TransportKind,
+    WsSettings,
 };
 use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
@@ -74,7 +75,8 @@ pub enum ConnectError {
 struct Connection {
     transport: TransportKind,
     url: ServerUrl,
-    session: Streaming<SessionEvent>,
+    /// None once retired.
+    session: Option<Streaming<SessionEvent>>,
     pool_stop: CancellationToken,
     /// Cancelled by the pool when the connection stops taking new streams.
     broken: CancellationToken,
@@ -93,7 +95,13 @@ impl Connection {
     /// Waits for the next thing the session says: draining, or its end. Cancel-safe.
     async fn next_signal(&mut self) -> SessionSignal {
         loop {
-            match self.session.message().await {
+            let Some(session) = self.session.as_mut() else {
+                return SessionSignal::Ended {
+                    why: "the connection was retired".into(),
+                    planned: true,
+                };
+            };
+            match session.message().await {
                 Ok(Some(SessionEvent {
                     event: Some(session_event::Event::Draining(d)),
                 })) => return SessionSignal::Draining(d.reason),
@@ -114,8 +122,11 @@ impl Connection {
         }
     }
 
-    /// Stops opening tunnels on this connection; busy tunnels finish their request.
-    fn retire(&self) {
+    /// Retires this connection: its session ends (which tells the gateway to send no new
+    /// requests down its tunnels), the pool opens no more tunnels, idle ones close once the
+    /// gateway has ended them, and busy ones finish their request.
+    fn retire(&mut self) {
+        self.session = None;
         self.pool_stop.cancel();
     }
 }
@@ -249,8 +260,11 @@ impl Ctx {
         probe: bool,
         deadline: Duration,
     ) -> Result<Connection, ConnectError> {
+        let goaway = CancellationToken::new();
         let attempt = async {
             let io = dial(url, &self.dial).await?;
+            // A GOAWAY from the gateway or a proxy in between means: move to a new connection.
+            let io: agentgate_transport::BoxedIo = Box::new(GoawayWatch::new(io, goaway.clone()));
             let channel = self.channel_over(io, url).await?;
             if probe {
                 let mut health =
@@ -303,7 +317,8 @@ impl Ctx {
             "connected and registered"
         );
         let pool_stop = CancellationToken::new();
-        let broken = CancellationToken::new();
+        // Cancelled by a GOAWAY, or by the pool when the connection takes no new streams.
+        let broken = goaway;
         tokio::spawn(run_pool(
             channel,
             self.auth.clone(),
@@ -315,7 +330,7 @@ impl Ctx {
         Ok(Connection {
             transport,
             url: url.clone(),
-            session,
+            session: Some(session),
             pool_stop,
             broken,
             since: Instant::now(),
@@ -383,33 +398,23 @@ pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> anyhow::Result<()
                 let (end, planned) = loop {
                     let reprobe = jittered(cfg.reprobe_interval, 0.2);
                     let broken = conn.broken.clone();
-                    tokio::select! {
+                    // Where to move, if anywhere: every move is make before break (the new
+                    // connection registers while the old one still serves its requests in
+                    // flight), and happens in one place below.
+                    let moved: Option<(Connection, bool)> = tokio::select! {
                         signal = conn.next_signal() => match signal {
                             SessionSignal::Draining(reason) => {
-                                // Make before break: the new connection registers while the
-                                // old one still serves its requests in flight.
                                 tracing::info!(%reason, "the gateway is draining this connection; connecting anew");
-                                match ctx.connect_preferred().await {
-                                    Ok((new, fallback)) => {
-                                        conn.retire();
-                                        conn = new;
-                                        on_fallback = fallback;
-                                    }
-                                    Err(e) => tracing::warn!("could not connect anew while draining ({e}); staying until the session ends"),
-                                }
+                                ctx.connect_preferred().await.map_err(|e| {
+                                    tracing::warn!("could not connect anew while draining ({e}); staying until the session ends");
+                                }).ok()
                             }
                             SessionSignal::Ended { why, planned } => break (why, planned),
                         },
                         _ = broken.cancelled() => {
-                            // Make before break here too: requests in flight on the old
-                            // connection finish there.
-                            tracing::info!("the connection takes no new streams (GOAWAY?); connecting anew");
+                            tracing::info!("the connection takes no new streams (GOAWAY); connecting anew");
                             match ctx.connect_preferred().await {
-                                Ok((new, fallback)) => {
-                                    conn.retire();
-                                    conn = new;
-                                    on_fallback = fallback;
-                                }
+                                Ok(new) => Some(new),
                                 Err(e) => break (format!("connection unusable and reconnecting failed: {e}"), false),
                             }
                         }
@@ -419,13 +424,19 @@ pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> anyhow::Result<()
                             match ctx.establish(&direct, true, cfg.probe_timeout).await {
                                 Ok(new) => {
                                     tracing::info!(from = %conn.url, to = %new.url, "re-probe succeeded: moving to direct gRPC");
-                                    conn.retire();
-                                    conn = new;
-                                    on_fallback = false;
+                                    Some((new, false))
                                 }
-                                Err(e) => tracing::info!(probe = %direct, "re-probe failed, staying on {}: {e}", conn.transport),
+                                Err(e) => {
+                                    tracing::info!(probe = %direct, "re-probe failed, staying on {}: {e}", conn.transport);
+                                    None
+                                }
                             }
                         }
+                    };
+                    if let Some((new, fallback)) = moved {
+                        conn.retire();
+                        conn = new;
+                        on_fallback = fallback;
                     }
                 };
                 let lived = conn.since.elapsed();

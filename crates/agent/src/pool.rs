@@ -214,6 +214,10 @@ enum Idle {
     Ended(&'static str),
 }
 
+/// How long an idle stream of a retired connection waits for the gateway to end it (it does
+/// at once when it learns of the retirement) before closing it itself.
+const RETIRE_GRACE: Duration = Duration::from_secs(5);
+
 /// After the last request on a stream, how long we wait for the gateway to end its side.
 const LINGER_FOR_GATEWAY_CLOSE: Duration = Duration::from_secs(30);
 
@@ -250,13 +254,24 @@ where
 {
     use futures_util::StreamExt;
     let mut expires = tokio::time::Instant::now() + lifetime;
+    let mut retiring = false;
     loop {
         let msg = match pending.take() {
             Some(m) => Some(Ok(m)),
             None => tokio::select! {
                 m = inbound.next() => m,
-                _ = stop.cancelled() => return Idle::Close("the pool is stopping"),
+                _ = stop.cancelled(), if !retiring => {
+                    // The connection is being retired (the session, ended just before, tells
+                    // the gateway): the gateway ends its parked streams, and one it took a
+                    // moment ago still gets its request served here.
+                    retiring = true;
+                    expires = tokio::time::Instant::now() + RETIRE_GRACE;
+                    continue;
+                }
                 _ = tokio::time::sleep_until(expires) => {
+                    if retiring {
+                        return Idle::Close("the connection was retired");
+                    }
                     if !surplus() {
                         expires = tokio::time::Instant::now() + lifetime;
                         continue;
@@ -411,6 +426,51 @@ mod tests {
             180,
             "checked at 60, 120, closed at 180"
         );
+    }
+
+    /// A retired connection's idle stream still takes a request that arrives within the grace,
+    /// and closes itself after it if the gateway never ends it.
+    #[tokio::test(start_paused = true)]
+    async fn a_retired_stream_serves_what_arrives_then_closes() {
+        let (gw_tx, gw_rx) = mpsc::channel(4);
+        let (tx, _replies) = mpsc::channel(8);
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let mut inbound = ReceiverStream::new(gw_rx);
+        let late = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let head = GatewayMessage {
+                msg: Some(gateway_message::Msg::RequestHead(RequestHead::default())),
+            };
+            gw_tx.send(Ok(head)).await.unwrap();
+            gw_tx
+        });
+        let first = wait_for_request(
+            &mut inbound,
+            &tx,
+            None,
+            Duration::from_secs(60),
+            || false,
+            &stop,
+        )
+        .await;
+        assert!(matches!(first, Idle::Request(_)), "{first:?}");
+        let _keep = late.await.unwrap();
+        let started = tokio::time::Instant::now();
+        let second = wait_for_request(
+            &mut inbound,
+            &tx,
+            None,
+            Duration::from_secs(60),
+            || false,
+            &stop,
+        )
+        .await;
+        assert!(
+            matches!(second, Idle::Close("the connection was retired")),
+            "{second:?}"
+        );
+        assert_eq!(started.elapsed(), RETIRE_GRACE);
     }
 
     /// A request is answered at once, and a message read earlier is handled first.

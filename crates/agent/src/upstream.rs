@@ -11,9 +11,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use agentgate_proto::headers::to_proto;
+use agentgate_proto::pump::{pump_body, PumpEnd};
 use agentgate_proto::v1::{
-    agent_message, gateway_message, tunnel_error, AgentMessage, Chunk, GatewayMessage, Header,
-    RequestHead, RequestKind, ResponseHead, Trailer, TunnelError,
+    agent_message, gateway_message, tunnel_error, AgentMessage, GatewayMessage, Header,
+    RequestHead, RequestKind, ResponseHead, TunnelError,
 };
 use bytes::Bytes;
 use futures_util::FutureExt;
@@ -108,7 +109,6 @@ impl Upstreams {
             body_tx = None;
         }
         let mut next = None;
-        let mut cancelled = false;
         let outcome = {
             let exchange = self.exchange(&head, body_rx, tx, v2);
             tokio::pin!(exchange);
@@ -120,8 +120,7 @@ impl Upstreams {
                             Event::EndOfRequest => request_ended = true,
                             Event::Next(m) => next = Some(m),
                             Event::Cancelled => {
-                                cancelled = true;
-                                break Err("cancelled by the gateway".to_string());
+                                break Err(ExchangeError::Broken("cancelled by the gateway".into()));
                             }
                         }
                     }
@@ -137,7 +136,7 @@ impl Upstreams {
                 duration_ms = started.elapsed().as_millis() as u64,
                 "tunnel request served"
             ),
-            Err(why) => tracing::warn!(
+            Err(ExchangeError::Reported(why) | ExchangeError::Broken(why)) => tracing::warn!(
                 method = %head.method,
                 path = %head.path_and_query,
                 upstream = %upstream_label(&head),
@@ -145,7 +144,8 @@ impl Upstreams {
                 "tunnel request not completed: {why}"
             ),
         }
-        if cancelled {
+        if let Err(ExchangeError::Broken(_)) = outcome {
+            // Cancelled, or our answer was cut short: this stream carries nothing more.
             return After::Close;
         }
         if v2 {
@@ -175,14 +175,14 @@ impl Upstreams {
     }
 
     /// Sends the request upstream and streams the answer into `tx`. Returns the upstream
-    /// status, or why it failed (already reported to the gateway where possible).
+    /// status, or why it failed.
     async fn exchange(
         &self,
         head: &RequestHead,
         body_rx: mpsc::Receiver<Result<Frame<Bytes>, std::io::Error>>,
         tx: &mpsc::Sender<AgentMessage>,
         v2: bool,
-    ) -> Result<u16, String> {
+    ) -> Result<u16, ExchangeError> {
         let kind = RequestKind::try_from(head.kind).unwrap_or(RequestKind::Unspecified);
         let (base, client) = match kind {
             RequestKind::Grpc => match &self.grpc {
@@ -259,7 +259,9 @@ impl Upstreams {
         let mut body = resp.into_body();
         let mut first = ReadyBody::default();
         if v2 {
-            first.take_ready(&mut body, self.chunk_size)?;
+            if let Err(e) = first.take_ready(&mut body, self.chunk_size) {
+                return fail(tx, tunnel_error::Code::UpstreamUnavailable, e).await;
+            }
         }
         let head_msg = AgentMessage {
             msg: Some(agent_message::Msg::ResponseHead(ResponseHead {
@@ -272,48 +274,38 @@ impl Upstreams {
         };
         tx.send(head_msg)
             .await
-            .map_err(|_| "gateway went away".to_string())?;
+            .map_err(|_| ExchangeError::Broken("gateway went away".into()))?;
         if first.complete {
             return Ok(status);
         }
-        let mut trailers = vec![];
-        let mut pending = first.overflow.take().map(|d| Ok(Frame::data(d)));
-        loop {
-            let frame = match pending.take() {
-                Some(f) => f,
-                None => match body.frame().await {
-                    Some(f) => f,
-                    None => break,
-                },
-            };
-            let frame = frame.map_err(|e| format!("upstream body failed: {e}"))?;
-            match frame.into_data() {
-                Ok(mut data) => {
-                    while !data.is_empty() {
-                        let piece = data.split_to(data.len().min(self.chunk_size));
-                        let msg = AgentMessage {
-                            msg: Some(agent_message::Msg::Chunk(Chunk { data: piece })),
-                        };
-                        tx.send(msg)
-                            .await
-                            .map_err(|_| "gateway went away".to_string())?;
-                    }
-                }
-                Err(frame) => {
-                    if let Ok(t) = frame.into_trailers() {
-                        trailers = to_proto(&t);
-                    }
-                }
+        let end = pump_body(
+            body,
+            first.overflow.take(),
+            self.chunk_size,
+            tx,
+            |m: AgentMessage| m,
+            |_| {},
+        )
+        .await;
+        match end {
+            PumpEnd::Complete => Ok(status),
+            PumpEnd::BodyFailed(e) => {
+                // An error ends the answer; the gateway fails the caller's body.
+                let message = format!("upstream body failed: {e}");
+                fail(tx, tunnel_error::Code::UpstreamUnavailable, message).await
             }
+            PumpEnd::ReceiverGone => Err(ExchangeError::Broken("gateway went away".into())),
         }
-        let end = AgentMessage {
-            msg: Some(agent_message::Msg::Trailer(Trailer { trailers })),
-        };
-        tx.send(end)
-            .await
-            .map_err(|_| "gateway went away".to_string())?;
-        Ok(status)
     }
+}
+
+/// Why an answer is not a normal one.
+enum ExchangeError {
+    /// An Error message went out: the answer is over (version 2: the stream can carry the next
+    /// request).
+    Reported(String),
+    /// The answer was cut short, or the request cancelled: the stream must close.
+    Broken(String),
 }
 
 /// How a stream goes on after a request.
@@ -398,15 +390,17 @@ async fn fail(
     tx: &mpsc::Sender<AgentMessage>,
     code: tunnel_error::Code,
     message: String,
-) -> Result<u16, String> {
+) -> Result<u16, ExchangeError> {
     let msg = AgentMessage {
         msg: Some(agent_message::Msg::Error(TunnelError {
             code: code as i32,
             message: message.clone(),
         })),
     };
-    let _ = tx.send(msg).await;
-    Err(message)
+    match tx.send(msg).await {
+        Ok(()) => Err(ExchangeError::Reported(message)),
+        Err(_) => Err(ExchangeError::Broken(message)),
+    }
 }
 
 fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {

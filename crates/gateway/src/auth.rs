@@ -55,25 +55,42 @@ impl Gateway {
             }
             Status::unauthenticated(format!("agentgate: {why}"))
         };
-        let Some(header) = header else {
-            return Err(refuse(
-                "missing agent token: send metadata 'authorization: Bearer <agent token>'",
-            ));
-        };
-        let Some(token) = bearer_token(header) else {
-            return Err(refuse(
-                "malformed authorization metadata: expected 'Bearer <agent token>'",
-            ));
-        };
-        let Some(entry) = self.tokens.verify(TokenKind::Agent, token) else {
-            return Err(refuse("invalid agent token (unknown or revoked)"));
-        };
-        let _ = conn.agent.set(entry.name.clone());
-        Ok(AgentIdentity {
-            token_id: entry.id,
-            name: entry.name,
-            conn: conn.clone(),
-        })
+        match self.agent_token(header) {
+            Ok(entry) => Ok(bind(entry, conn)),
+            Err(why) => Err(refuse(why)),
+        }
+    }
+
+    /// The identity of a call that carries a valid agent token, without refusing (or counting,
+    /// or logging) anything: for public calls, where a token is welcome but not required.
+    pub fn recognize_agent(
+        &self,
+        headers: &http::HeaderMap,
+        conn: &Arc<ConnMeta>,
+    ) -> Option<AgentIdentity> {
+        let header = headers.get("authorization").and_then(|v| v.to_str().ok());
+        self.agent_token(header).ok().map(|e| bind(e, conn))
+    }
+
+    /// The token entry of an `authorization` value, or why there is none.
+    fn agent_token(&self, header: Option<&str>) -> Result<crate::tokens::TokenEntry, &'static str> {
+        let header = header
+            .ok_or("missing agent token: send metadata 'authorization: Bearer <agent token>'")?;
+        let token = bearer_token(header)
+            .ok_or("malformed authorization metadata: expected 'Bearer <agent token>'")?;
+        self.tokens
+            .verify(TokenKind::Agent, token)
+            .ok_or("invalid agent token (unknown or revoked)")
+    }
+}
+
+/// Marks the connection as authenticated and names the caller.
+fn bind(entry: crate::tokens::TokenEntry, conn: &Arc<ConnMeta>) -> AgentIdentity {
+    let _ = conn.agent.set(entry.name.clone());
+    AgentIdentity {
+        token_id: entry.id,
+        name: entry.name,
+        conn: conn.clone(),
     }
 }
 

@@ -173,6 +173,26 @@ impl<S> RpcGuard<S> {
         }
     }
 
+    /// Checks the call's agent token (counted and logged inside); the identity rides along on
+    /// the request for the service.
+    #[allow(clippy::result_large_err)] // the error is the response itself
+    fn authenticate<B: Default, T>(
+        &self,
+        req: &mut http::Request<T>,
+        conn: &Arc<ConnMeta>,
+        path: &str,
+    ) -> Result<(), http::Response<B>> {
+        let id = self
+            .gw
+            .authenticate_agent(req.headers(), conn, method_label(path))
+            .map_err(|status| {
+                self.count_refusal(conn);
+                status.into_http()
+            })?;
+        req.extensions_mut().insert(id);
+        Ok(())
+    }
+
     /// Checks one call from its headers. `Ok` carries the slot a token-less call holds.
     #[allow(clippy::result_large_err)] // the error is the response itself
     fn admit<B: Default, T>(
@@ -190,18 +210,17 @@ impl<S> RpcGuard<S> {
             return Err(self.refuse(&conn, REJECT_UNSUPPORTED_ENCODING, &path, status));
         }
         if needs_token(&path) {
-            // Counted and logged inside; the identity rides along for the service.
-            let id = self
-                .gw
-                .authenticate_agent(req.headers(), &conn, method_label(&path))
-                .map_err(|status| {
-                    self.count_refusal(&conn);
-                    status.into_http()
-                })?;
-            req.extensions_mut().insert(id);
-            return Ok(None);
+            return self.authenticate(req, &conn, &path).map(|()| None);
         }
         if conn.agent.get().is_some() {
+            return Ok(None);
+        }
+        // A caller that sends a valid agent token on a public call (a runner checking health
+        // before it asks for work) authenticates its connection as with any agent call, so the
+        // limits on unauthenticated connections no longer apply. Any other token (an API
+        // token, say) is not this port's business: the call stays token-less.
+        if let Some(id) = self.gw.recognize_agent(req.headers(), &conn) {
+            req.extensions_mut().insert(id);
             return Ok(None);
         }
         let limit = self.gw.config.max_unauthenticated_calls_per_connection;

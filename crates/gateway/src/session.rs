@@ -109,7 +109,15 @@ impl AgentSession for SessionService {
                             break;
                         }
                     }
-                    _ = tx.closed() => break,
+                    _ = tx.closed() => {
+                        // The agent ended its session: it is moving to another connection
+                        // (make before break). This connection's tunnels take no new requests;
+                        // the parked ones end now, so the agent need not race us to close them.
+                        conn.retired.store(true, std::sync::atomic::Ordering::Relaxed);
+                        let ended = gw.tunnels.end_connection(conn.id);
+                        tracing::info!(conn = conn.id, parked_tunnels_ended = ended, "agent retired the connection");
+                        break;
+                    }
                     _ = gw.shutdown.cancelled() => break,
                     _ = tokio::time::sleep_until(end_at) => {
                         tracing::info!(conn = conn.id, "ending session: connection reached max age");

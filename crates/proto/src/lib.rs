@@ -2,6 +2,7 @@
 
 pub mod codec;
 pub mod headers;
+pub mod pump;
 
 /// Version 1 of the contract: `agentgate.v1`.
 pub mod v1 {

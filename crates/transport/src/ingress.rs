@@ -194,6 +194,9 @@ pub struct ConnMeta {
     /// Set by the gateway when the connection is to be closed (for example after too many
     /// refused calls before authenticating); the next read ends it.
     pub close_requested: std::sync::atomic::AtomicBool,
+    /// Set by the gateway when the agent retired this connection (it ended its session to
+    /// move to another): the connection's tunnels take no new requests.
+    pub retired: std::sync::atomic::AtomicBool,
 }
 
 impl ConnMeta {
@@ -201,6 +204,11 @@ impl ConnMeta {
     /// sending what is refused: a flooding client reads again at once.
     pub fn request_close(&self) {
         self.close_requested.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the agent retired the connection (see `retired`).
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
     }
 }
 
@@ -615,6 +623,7 @@ pub fn serve_ingress(
                             unauthenticated_calls: AtomicU32::new(0),
                             refused_calls: AtomicU32::new(0),
                             close_requested: Default::default(),
+                            retired: Default::default(),
                         });
                         observer.opened(&meta);
                         tracing::info!(conn = id, transport = %kind, %peer, "connection opened");

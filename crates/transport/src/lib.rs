@@ -10,6 +10,7 @@ mod authority;
 mod dial;
 #[cfg(test)]
 mod generated_tests;
+mod goaway_watch;
 mod ingress;
 mod kind;
 mod log_budget;
@@ -24,6 +25,7 @@ mod websocket;
 
 pub use authority::{non_uri_authority, refuse_non_uri_authority};
 pub use dial::{dial, DialError, DialSettings};
+pub use goaway_watch::GoawayWatch;
 pub use ingress::{
     accept_until, bind_listener, serve_ingress, ConnMeta, ConnectionLimit, IngressObserver,
     IngressSettings, RejectReason, ServerConn,

@@ -40,13 +40,13 @@ enum State {
 /// Finds the frame headers in one direction of an HTTP/2 byte stream, however it is split
 /// into reads or writes.
 #[derive(Debug)]
-struct FrameScanner {
+pub(crate) struct FrameScanner {
     state: State,
 }
 
 impl FrameScanner {
     /// A scanner that first passes over `skip` bytes (the client preface inbound).
-    fn new(skip: usize) -> Self {
+    pub(crate) fn new(skip: usize) -> Self {
         let state = if skip == 0 {
             State::Header {
                 buf: [0; FRAME_HEADER_LEN],
@@ -59,7 +59,7 @@ impl FrameScanner {
     }
 
     /// Calls `on_frame(type, flags)` for every frame header completed by `data`.
-    fn scan<E>(
+    pub(crate) fn scan<E>(
         &mut self,
         mut data: &[u8],
         mut on_frame: impl FnMut(u8, u8) -> Result<(), E>,

@@ -16,11 +16,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use agentgate_proto::headers::{from_proto, to_proto};
+use agentgate_proto::pump::{pump_body, PumpEnd};
 use agentgate_proto::v1::tunnel_client::TunnelClient;
 use agentgate_proto::v1::tunnel_server::{Tunnel, TunnelServer};
 use agentgate_proto::v1::{
-    agent_message, gateway_message, AgentMessage, Chunk, Descriptor, EndOfRequest, GatewayMessage,
-    Header, RequestHead, RequestKind, ResponseHead, Trailer,
+    agent_message, gateway_message, AgentMessage, Descriptor, GatewayMessage, Header, RequestHead,
+    RequestKind, ResponseHead,
 };
 use bytes::Bytes;
 use http_body::Frame;
@@ -58,6 +59,11 @@ enum Role {
         #[arg(long)]
         upstream: SocketAddr,
     },
+    /// A bare tonic server with only `grpc.health.v1.Health`, the reference of `bench unary`.
+    Health {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
 }
 
 pub async fn run(a: ControlArgs) -> anyhow::Result<()> {
@@ -67,6 +73,14 @@ pub async fn run(a: ControlArgs) -> anyhow::Result<()> {
             api_listen,
         } => gateway(agent_listen, api_listen).await,
         Role::Agent { server, upstream } => agent(server, upstream).await,
+        Role::Health { listen } => {
+            let (_, health) = tonic_health::server::health_reporter();
+            tonic::transport::Server::builder()
+                .add_service(health)
+                .serve(listen)
+                .await?;
+            Ok(())
+        }
     }
 }
 
@@ -164,7 +178,7 @@ async fn forward(
     req: http::Request<hyper::body::Incoming>,
 ) -> http::Response<FrontBody> {
     let Parked { tx, mut rx } = parking.take().await;
-    let (parts, mut body) = req.into_parts();
+    let (parts, body) = req.into_parts();
     let head = RequestHead {
         kind: RequestKind::Http as i32,
         upstream: "default".into(),
@@ -183,17 +197,10 @@ async fn forward(
     // drops `done`): the agent reads an early end as a cancel.
     let (done, response_done) = oneshot::channel::<()>();
     tokio::spawn(async move {
-        while let Some(Ok(frame)) = body.frame().await {
-            if let Ok(data) = frame.into_data() {
-                let chunk = gateway_message::Msg::Chunk(Chunk { data });
-                if tx.send(msg(chunk)).await.is_err() {
-                    return;
-                }
-            }
+        let end = pump_body(body, None, CHUNK, &tx, |m: GatewayMessage| Ok(m), |_| {}).await;
+        if end == PumpEnd::Complete {
+            let _ = response_done.await;
         }
-        let end = gateway_message::Msg::EndOfRequest(EndOfRequest { trailers: vec![] });
-        let _ = tx.send(msg(end)).await;
-        let _ = response_done.await;
     });
     let mut status = 502;
     let mut headers = http::HeaderMap::new();
@@ -305,7 +312,7 @@ async fn serve_one(
     let Ok(resp) = client.request(req).await else {
         return;
     };
-    let (parts, mut body) = resp.into_parts();
+    let (parts, body) = resp.into_parts();
     let head = ResponseHead {
         status: parts.status.as_u16() as u32,
         headers: end_to_end(parts.headers),
@@ -318,20 +325,5 @@ async fn serve_one(
     {
         return;
     }
-    while let Some(Ok(frame)) = body.frame().await {
-        if let Ok(mut data) = frame.into_data() {
-            while !data.is_empty() {
-                let piece = data.split_to(data.len().min(CHUNK));
-                let chunk = agent_message::Msg::Chunk(Chunk { data: piece });
-                if tx.send(msg(chunk)).await.is_err() {
-                    return;
-                }
-            }
-        }
-    }
-    let _ = tx
-        .send(msg(agent_message::Msg::Trailer(Trailer {
-            trailers: vec![],
-        })))
-        .await;
+    let _ = pump_body(body, None, CHUNK, &tx, |m: AgentMessage| m, |_| {}).await;
 }

@@ -13,6 +13,7 @@ pub mod keepalive;
 pub mod load;
 mod procs;
 pub mod relay;
+mod unary;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -49,6 +50,9 @@ pub enum Scenario {
     /// (`relay.rs`), the bare tonic tunnel and each transport (see `keepalive.rs`). Not part of
     /// `all`.
     Keepalive,
+    /// The agent port's unary calls (h2load, Health/Check) next to a bare tonic server (see
+    /// `unary.rs`). Not part of `all`.
+    Unary,
     All,
 }
 
@@ -90,7 +94,7 @@ pub struct BenchArgs {
     /// Rounds of every column (keepalive; the table shows medians).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Seconds each keepalive load runs.
+    /// Seconds each keepalive or unary load runs.
     #[arg(long, default_value_t = 3.0)]
     keepalive_secs: f64,
 }
@@ -879,6 +883,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
         if let Some(path) = &b.args.json {
             std::fs::write(path, serde_json::to_vec_pretty(&rows)?)?;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(());
+    }
+    if s == Scenario::Unary {
+        let u = b.unary().await?;
+        eprintln!();
+        println!("{}", u.table());
+        if let Some(path) = &b.args.json {
+            std::fs::write(path, serde_json::to_vec_pretty(&u)?)?;
         }
         let _ = std::fs::remove_dir_all(&dir);
         return Ok(());

@@ -21,7 +21,6 @@ use tokio::time::{Instant, Sleep};
 
 use super::{ApiAuthError, ApiBody, BoxError, TokenSource, AGENT_HEADER, TOKEN_HEADER};
 use crate::headers::{strip_hop_by_hop, to_proto};
-use crate::tunnel::ForwardError;
 use crate::Gateway;
 
 /// Parses a `grpc-timeout` value (`1*8DIGIT unit`, units H M S m u n).
@@ -74,21 +73,6 @@ fn status_response(code: tonic::Code, message: &str) -> Response<ApiBody> {
     );
     *resp.headers_mut() = h;
     resp
-}
-
-/// The gRPC code of each forwarding failure (the error table of the tunnel API).
-pub fn code_for(e: &ForwardError) -> tonic::Code {
-    match e {
-        ForwardError::UnknownAgent(_) => tonic::Code::NotFound,
-        ForwardError::UnknownUpstream { .. } => tonic::Code::Unimplemented,
-        ForwardError::NotConnected(_)
-        | ForwardError::NoIdleTunnel { .. }
-        | ForwardError::UpstreamUnavailable { .. }
-        | ForwardError::TunnelBroken { .. }
-        | ForwardError::ClusterUnavailable { .. } => tonic::Code::Unavailable,
-        ForwardError::UpstreamTimeout { .. } => tonic::Code::DeadlineExceeded,
-        ForwardError::BadRequest { .. } => tonic::Code::InvalidArgument,
-    }
 }
 
 pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ApiBody> {
@@ -192,7 +176,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ApiBod
                 outcome = e.outcome(),
                 "tunnel call failed: {e}"
             );
-            status_response(code_for(&e), &e.to_string())
+            status_response(e.grpc_code(), &e.to_string())
         }
     }
 }

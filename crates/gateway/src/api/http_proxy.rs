@@ -9,7 +9,6 @@ use hyper::body::Incoming;
 
 use super::{full_body, ApiBody, TokenSource, TOKEN_HEADER};
 use crate::headers::{strip_hop_by_hop, to_proto};
-use crate::tunnel::ForwardError;
 use crate::Gateway;
 
 /// Where a request path points: agent, upstream name, and the path left for the upstream.
@@ -67,24 +66,6 @@ fn error_response(status: StatusCode, message: &str) -> Response<ApiBody> {
         );
     }
     resp
-}
-
-/// The HTTP status of each forwarding failure (the error table of the tunnel API).
-pub fn status_for(e: &ForwardError) -> StatusCode {
-    match e {
-        ForwardError::UnknownAgent(_) | ForwardError::UnknownUpstream { .. } => {
-            StatusCode::NOT_FOUND
-        }
-        ForwardError::NotConnected(_) | ForwardError::NoIdleTunnel { .. } => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
-        ForwardError::UpstreamUnavailable { .. } | ForwardError::TunnelBroken { .. } => {
-            StatusCode::BAD_GATEWAY
-        }
-        ForwardError::ClusterUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-        ForwardError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-        ForwardError::BadRequest { .. } => StatusCode::BAD_REQUEST,
-    }
 }
 
 pub async fn handle(
@@ -178,7 +159,7 @@ pub async fn handle(
         Err(e) => {
             gw.metrics.tunnel_requests.inc(&["http", e.outcome()]);
             tracing::warn!(%peer, agent, outcome = e.outcome(), "tunnel request failed: {e}");
-            error_response(status_for(&e), &e.to_string())
+            error_response(e.http_status(), &e.to_string())
         }
     }
 }

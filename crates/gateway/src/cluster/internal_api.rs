@@ -24,7 +24,7 @@ use super::{
     ERROR_HEADER, INTERNAL_TOKEN_HEADER, KIND_HEADER, PATH_HEADER, TIMEOUT_HEADER, UPSTREAM_HEADER,
 };
 use crate::headers::to_proto;
-use crate::tunnel::ResponseBody;
+use crate::tunnel::{ForwardError, ResponseBody};
 use crate::Gateway;
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<ResponseBody> {
@@ -87,7 +87,7 @@ async fn route(
                     format!("agent {agent:?} is not connected here\n"),
                 );
             }
-            match gw.take_local(agent, wait).await {
+            match gw.take_local(agent, wait, None).await {
                 Ok(t) => text(StatusCode::OK, cluster.reserve(agent, t).to_string()),
                 Err(e) => text(StatusCode::NOT_FOUND, format!("{e}\n")),
             }
@@ -108,7 +108,12 @@ async fn route(
                 .ok()
                 .and_then(|id: u64| cluster.reservations.lock().unwrap().remove(&id));
             let Some(res) = res else {
-                let mut r = text(StatusCode::GONE, "reservation expired or unknown\n");
+                let gone = ForwardError::TunnelBroken {
+                    // The replica that forwarded the request fills in the agent's name.
+                    agent: String::new(),
+                    message: "the tunnel reservation expired or is unknown".into(),
+                };
+                let mut r = text(StatusCode::GONE, gone.to_wire());
                 r.headers_mut()
                     .insert(ERROR_HEADER, HeaderValue::from_static("tunnel_broken"));
                 return r;
@@ -144,7 +149,7 @@ async fn route(
                     r
                 }
                 Err(e) => {
-                    let mut r = text(StatusCode::OK, e.detail());
+                    let mut r = text(StatusCode::OK, e.to_wire());
                     if let Ok(v) = HeaderValue::from_str(e.outcome()) {
                         r.headers_mut().insert(ERROR_HEADER, v);
                     }

@@ -228,7 +228,9 @@ impl Cluster {
         };
         let peers: Vec<String> = peers.into_iter().filter(|p| *p != self.self_url).collect();
         if peers.is_empty() {
-            return Err(ForwardError::NotConnected(agent.into()));
+            return Err(ForwardError::NotConnected {
+                agent: agent.into(),
+            });
         }
         let wait = gw.config.tunnel_wait;
         let mut attempts: FuturesUnordered<_> = peers
@@ -295,19 +297,15 @@ impl Cluster {
             }
         };
         let (mut parts, incoming) = resp.into_parts();
-        if let Some(outcome) = parts.headers.remove(ERROR_HEADER) {
-            let outcome = outcome.to_str().unwrap_or("tunnel_broken").to_string();
-            let body = incoming
+        if parts.headers.remove(ERROR_HEADER).is_some() {
+            // Bounded: a peer's error is a small JSON document.
+            let body = http_body_util::Limited::new(incoming, 64 * 1024)
                 .collect()
                 .await
                 .map(|b| b.to_bytes())
                 .unwrap_or_default();
             self.metrics.forwards.inc(&["peer_error"]);
-            return Err(ForwardError::from_outcome(
-                &outcome,
-                agent,
-                String::from_utf8_lossy(&body).into_owned(),
-            ));
+            return Err(ForwardError::from_wire(agent, &peer, &body));
         }
         self.metrics.forwards.inc(&["ok"]);
         let body: ResponseBody = incoming.map_err(BoxError::from).boxed_unsync();

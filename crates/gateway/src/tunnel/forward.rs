@@ -13,9 +13,10 @@ use std::time::Duration;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use agentgate_proto::pump::{pump_body, PumpEnd};
 use agentgate_proto::v1::{
-    agent_message, gateway_message, tunnel_error, AgentMessage, Chunk, Descriptor, EndOfRequest,
-    GatewayMessage, RequestHead, RequestKind, TunnelError,
+    agent_message, gateway_message, AgentMessage, Descriptor, GatewayMessage, RequestHead,
+    RequestKind,
 };
 use agentgate_transport::ConnMeta;
 use bytes::Bytes;
@@ -25,95 +26,9 @@ use http_body_util::BodyExt;
 use tokio::sync::mpsc;
 use tonic::Streaming;
 
-use super::{ParkedTunnel, ToAgent, TunnelRegistry};
-use crate::headers::{from_proto, to_proto};
+use super::{ForwardError, ParkedTunnel, ToAgent, TunnelRegistry};
+use crate::headers::from_proto;
 use crate::Gateway;
-
-/// Why a request did not get a response from the agent's upstream. Each maps to one row of
-/// the error table (HTTP status, gRPC code) in the front ends.
-#[derive(Debug, thiserror::Error)]
-pub enum ForwardError {
-    #[error("unknown agent {0:?}: no agent token carries this name")]
-    UnknownAgent(String),
-    #[error("agent {0:?} is not connected")]
-    NotConnected(String),
-    #[error("agent {agent:?} is connected but had no idle tunnel within {waited:?}")]
-    NoIdleTunnel { agent: String, waited: Duration },
-    #[error("agent {agent:?}: {message}")]
-    UnknownUpstream { agent: String, message: String },
-    #[error("upstream unavailable at agent {agent:?}: {message}")]
-    UpstreamUnavailable { agent: String, message: String },
-    #[error("upstream timed out at agent {agent:?}: {message}")]
-    UpstreamTimeout { agent: String, message: String },
-    #[error("bad request for agent {agent:?}: {message}")]
-    BadRequest { agent: String, message: String },
-    #[error("tunnel to agent {agent:?} broke: {message}")]
-    TunnelBroken { agent: String, message: String },
-    #[error(
-        "agent {agent:?} is not connected here and the cluster registry is unavailable: {message}"
-    )]
-    ClusterUnavailable { agent: String, message: String },
-}
-
-impl ForwardError {
-    /// The `outcome` label of `agentgate_tunnel_requests_total`.
-    pub fn outcome(&self) -> &'static str {
-        match self {
-            Self::UnknownAgent(_) => "unknown_agent",
-            Self::NotConnected(_) => "not_connected",
-            Self::NoIdleTunnel { .. } => "no_idle_tunnel",
-            Self::UnknownUpstream { .. } => "unknown_upstream",
-            Self::UpstreamUnavailable { .. } => "upstream_unavailable",
-            Self::UpstreamTimeout { .. } => "upstream_timeout",
-            Self::BadRequest { .. } => "bad_request",
-            Self::TunnelBroken { .. } => "tunnel_broken",
-            Self::ClusterUnavailable { .. } => "cluster_unavailable",
-        }
-    }
-
-    /// Rebuilds an error from its outcome label and message (as a peer replica reports it).
-    pub fn from_outcome(outcome: &str, agent: &str, message: String) -> Self {
-        let agent = agent.to_string();
-        match outcome {
-            "unknown_agent" => Self::UnknownAgent(agent),
-            "not_connected" => Self::NotConnected(agent),
-            "no_idle_tunnel" => Self::NoIdleTunnel {
-                agent,
-                waited: Duration::ZERO,
-            },
-            "unknown_upstream" => Self::UnknownUpstream { agent, message },
-            "upstream_timeout" => Self::UpstreamTimeout { agent, message },
-            "bad_request" => Self::BadRequest { agent, message },
-            "upstream_unavailable" => Self::UpstreamUnavailable { agent, message },
-            "cluster_unavailable" => Self::ClusterUnavailable { agent, message },
-            _ => Self::TunnelBroken { agent, message },
-        }
-    }
-
-    /// The message without the agent prefix (what a peer replica sends back).
-    pub fn detail(&self) -> String {
-        match self {
-            Self::UnknownUpstream { message, .. }
-            | Self::UpstreamUnavailable { message, .. }
-            | Self::UpstreamTimeout { message, .. }
-            | Self::BadRequest { message, .. }
-            | Self::TunnelBroken { message, .. }
-            | Self::ClusterUnavailable { message, .. } => message.clone(),
-            other => other.to_string(),
-        }
-    }
-
-    fn from_agent(agent: &str, e: TunnelError) -> Self {
-        let agent = agent.to_string();
-        let message = e.message;
-        match tunnel_error::Code::try_from(e.code).unwrap_or(tunnel_error::Code::Unspecified) {
-            tunnel_error::Code::UnknownUpstream => Self::UnknownUpstream { agent, message },
-            tunnel_error::Code::UpstreamTimeout => Self::UpstreamTimeout { agent, message },
-            tunnel_error::Code::BadRequest => Self::BadRequest { agent, message },
-            _ => Self::UpstreamUnavailable { agent, message },
-        }
-    }
-}
 
 /// A boxed response body: from a local tunnel, or streamed from a peer replica.
 pub type ResponseBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
@@ -161,32 +76,42 @@ impl Gateway {
     {
         let local = self.directory.is_connected(agent) || self.tunnels.idle_count(agent) > 0;
         if !local && !self.tokens.agent_known(agent) {
-            return Err(ForwardError::UnknownAgent(agent.into()));
+            return Err(ForwardError::UnknownAgent {
+                agent: agent.into(),
+            });
         }
         if local {
-            let tunnel = self.take_local(agent, self.config.tunnel_wait).await?;
+            let tunnel = self
+                .take_local(agent, self.config.tunnel_wait, None)
+                .await?;
             return self.forward_on(agent, tunnel, head, body).await;
         }
         match &self.cluster {
             Some(cluster) => cluster.forward_remote(self, agent, head, body).await,
-            None => Err(ForwardError::NotConnected(agent.into())),
+            None => Err(ForwardError::NotConnected {
+                agent: agent.into(),
+            }),
         }
     }
 
-    /// Takes a live parked tunnel of `agent`, waiting up to `wait`.
+    /// Takes a live parked tunnel of `agent`, waiting up to `wait`, preferring connections
+    /// other than `avoid`.
     pub async fn take_local(
         &self,
         agent: &str,
         wait: Duration,
+        avoid: Option<u64>,
     ) -> Result<ParkedTunnel, ForwardError> {
-        self.tunnels.take(agent, wait).await.ok_or_else(|| {
+        self.tunnels.take(agent, wait, avoid).await.ok_or_else(|| {
             if self.directory.is_connected(agent) {
                 ForwardError::NoIdleTunnel {
                     agent: agent.into(),
                     waited: wait,
                 }
             } else {
-                ForwardError::NotConnected(agent.into())
+                ForwardError::NotConnected {
+                    agent: agent.into(),
+                }
             }
         })
     }
@@ -212,21 +137,28 @@ impl Gateway {
             matches!(head.method.as_str(), "GET" | "HEAD" | "OPTIONS") && body.is_end_stream();
         let mut body = Some(body);
         let mut next = Some(tunnel);
+        let mut broke_on = None;
         for attempt in 1..=TUNNEL_ATTEMPTS {
             let t = match next.take() {
                 Some(t) => t,
-                None => self.take_local(agent, self.config.tunnel_wait).await?,
+                None => {
+                    self.take_local(agent, self.config.tunnel_wait, broke_on)
+                        .await?
+                }
             };
             check_descriptor(agent, &t, &head)?;
+            let conn = t.conn.id;
             let again = (repeatable && attempt < TUNNEL_ATTEMPTS).then(|| head.clone());
             match self.attempt(agent, t, head, &mut body).await {
                 Ok(r) => return Ok(r),
                 Err(AttemptError::NotSent(h)) => {
                     tracing::debug!(agent, "parked tunnel was dead; taking another");
+                    broke_on = Some(conn);
                     head = h;
                 }
                 Err(AttemptError::Broken(e)) => match again {
                     Some(h) => {
+                        broke_on = Some(conn);
                         tracing::info!(
                             agent,
                             attempt,
@@ -442,8 +374,8 @@ struct RequestPump {
     sent: Arc<AtomicBool>,
 }
 
-/// Streams the client's request body into the tunnel in chunks of at most `chunk_size`, then
-/// EndOfRequest, and sets `sent`.
+/// Streams the client's request body into the tunnel (`agentgate_proto::pump`), then sets
+/// `sent`.
 async fn pump_request_body<B>(
     body: B,
     tx: mpsc::Sender<ToAgent>,
@@ -454,45 +386,21 @@ async fn pump_request_body<B>(
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Display + Send,
 {
-    let mut body = std::pin::pin!(body);
-    let mut trailers = vec![];
-    loop {
-        match body.frame().await {
-            None => break,
-            Some(Err(e)) => {
-                tracing::debug!(error = %e, "client request body failed; abandoning the request");
-                return;
-            }
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(mut data) => {
-                    metrics
-                        .tunnel_request_bytes
-                        .add(&["to_agent"], data.len() as f64);
-                    while !data.is_empty() {
-                        let piece = data.split_to(data.len().min(chunk_size));
-                        let msg = GatewayMessage {
-                            msg: Some(gateway_message::Msg::Chunk(Chunk { data: piece })),
-                        };
-                        if tx.send(Box::new(msg)).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-                Err(frame) => {
-                    if let Ok(t) = frame.into_trailers() {
-                        trailers = to_proto(&t);
-                    }
-                }
-            },
+    let end = pump_body(
+        body,
+        None,
+        chunk_size,
+        &tx,
+        |m: GatewayMessage| Box::new(m),
+        |n| metrics.tunnel_request_bytes.add(&["to_agent"], n as f64),
+    )
+    .await;
+    match end {
+        PumpEnd::Complete => sent.store(true, Ordering::Release),
+        PumpEnd::BodyFailed(e) => {
+            tracing::debug!(error = %e, "client request body failed; abandoning the request")
         }
-    }
-    let end = GatewayMessage {
-        msg: Some(gateway_message::Msg::EndOfRequest(EndOfRequest {
-            trailers,
-        })),
-    };
-    if tx.send(Box::new(end)).await.is_ok() {
-        sent.store(true, Ordering::Release);
+        PumpEnd::ReceiverGone => {}
     }
 }
 

@@ -1,10 +1,12 @@
 //! The reverse tunnel, gateway side: parking the streams agents open, and forwarding one
 //! request down each.
 
+mod error;
 mod forward;
 mod registry;
 mod service;
 
-pub use forward::{BoxError, ForwardError, ForwardResponse, ResponseBody, TunnelBody};
+pub use error::ForwardError;
+pub use forward::{BoxError, ForwardResponse, ResponseBody, TunnelBody};
 pub use registry::{ParkedTunnel, ToAgent, TunnelRegistry};
 pub use service::TunnelService;

@@ -80,8 +80,23 @@ impl TunnelRegistry {
     }
 
     fn usable(&self, t: &ParkedTunnel) -> bool {
-        self.max_age
-            .is_none_or(|age| t.conn.opened_at.elapsed() < crate::drain_point(age, t.conn.id))
+        !t.conn.is_retired()
+            && self
+                .max_age
+                .is_none_or(|age| t.conn.opened_at.elapsed() < crate::drain_point(age, t.conn.id))
+    }
+
+    /// Ends the parked tunnels of one connection (its agent retired it); returns how many.
+    pub fn end_connection(&self, conn: u64) -> usize {
+        let mut agents = self.agents.lock().unwrap();
+        let mut ended = 0;
+        for a in agents.values_mut() {
+            let before = a.idle.len();
+            a.idle.retain(|t| t.conn.id != conn);
+            ended += before - a.idle.len();
+        }
+        self.metrics.tunnels_parked.add(&[], -(ended as f64));
+        ended
     }
 
     /// Parks a tunnel, or hands it straight to a waiting request.
@@ -107,13 +122,28 @@ impl TunnelRegistry {
             .map_or(0, |a| a.idle.len())
     }
 
-    /// Takes a live parked tunnel of `agent`, waiting up to `wait` for one.
-    pub async fn take(&self, agent: &str, wait: Duration) -> Option<ParkedTunnel> {
+    /// Takes a live parked tunnel of `agent`, waiting up to `wait` for one. A tunnel on the
+    /// connection `avoid` (where the previous attempt of this request broke: its agent may be
+    /// leaving it) is taken only when no other is parked.
+    pub async fn take(
+        &self,
+        agent: &str,
+        wait: Duration,
+        avoid: Option<u64>,
+    ) -> Option<ParkedTunnel> {
         let deadline = Instant::now() + wait;
         loop {
             let rx = {
                 let mut agents = self.agents.lock().unwrap();
                 let entry = agents.entry(agent.to_string()).or_default();
+                if let Some(avoid) = avoid {
+                    // Move the avoided connection's tunnels to the front, keeping their order.
+                    let (mut other, same): (VecDeque<_>, VecDeque<_>) =
+                        entry.idle.drain(..).partition(|t| t.conn.id != avoid);
+                    let mut idle = same;
+                    idle.append(&mut other);
+                    entry.idle = idle;
+                }
                 while let Some(mut t) = entry.idle.pop_back() {
                     self.metrics.tunnels_parked.add(&[], -1.0);
                     if self.usable(&t) && t.drain_ready() {

@@ -1,0 +1,205 @@
+//! `bench unary`: the agent port's own unary calls, as runners will make them by the hundred
+//! thousand: h2load sending `grpc.health.v1.Health/Check` over h2c to the gateway's agent port,
+//! next to a bare tonic server with only the health service (`bench-control health`), in one
+//! run. Server CPU per call is read from /proc; h2load runs in its own process.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::procs::Kid;
+use super::{free_port, progress, Bench};
+
+/// (connections, streams per connection) of the two load levels.
+const LEVELS: [(usize, usize); 2] = [(1, 1), (50, 4)];
+
+#[derive(Serialize, Clone, Copy, Default)]
+struct Cell {
+    calls_per_s: f64,
+    cpu_us: f64,
+}
+
+#[derive(Serialize)]
+pub struct Unary {
+    rounds: usize,
+    secs: f64,
+    /// (column, level) -> median.
+    cells: BTreeMap<String, BTreeMap<String, Cell>>,
+}
+
+fn level_name((c, m): (usize, usize)) -> String {
+    format!("{c} conn. x {m} streams")
+}
+
+impl Bench {
+    pub(super) async fn unary(&mut self) -> anyhow::Result<Unary> {
+        anyhow::ensure!(
+            std::process::Command::new("h2load")
+                .arg("--version")
+                .output()
+                .is_ok(),
+            "bench unary needs h2load (Debian: apt-get install nghttp2-client)"
+        );
+        let bare_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let bare = Kid::spawn(
+            &[
+                "bench-control".into(),
+                "health".into(),
+                "--listen".into(),
+                bare_addr.to_string(),
+            ],
+            &self.dir.join("bare-health.log"),
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(bare_addr).await.is_err() {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "bare health server did not listen"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let gw = self.gateway(None).await?;
+        let token = std::fs::read_to_string(self.token_file("unary-caller")?)?;
+        let body = self.dir.join("health-request.bin");
+        // One gRPC frame: uncompressed, length 0 (an empty HealthCheckRequest).
+        std::fs::write(&body, [0u8; 5])?;
+        let columns = [
+            ("bare tonic", bare_addr, &bare),
+            (
+                "agentgate",
+                SocketAddr::from(([127, 0, 0, 1], gw.clear_port)),
+                &gw.kid,
+            ),
+        ];
+        let rounds = self.args.rounds.max(1);
+        let secs = self.args.keepalive_secs;
+        let mut samples: BTreeMap<(String, String), Vec<Cell>> = BTreeMap::new();
+        for round in 0..rounds {
+            for level in LEVELS {
+                for (name, addr, kid) in &columns {
+                    progress(&format!(
+                        "unary: round {}/{rounds}: {}: {name}",
+                        round + 1,
+                        level_name(level)
+                    ));
+                    let cpu0 = kid.cpu();
+                    let done = h2load(*addr, level, secs, &body, token.trim())?;
+                    let cpu1 = kid.cpu();
+                    samples
+                        .entry((name.to_string(), level_name(level)))
+                        .or_default()
+                        .push(Cell {
+                            calls_per_s: done.succeeded as f64 / done.secs,
+                            cpu_us: (cpu1 - cpu0).as_secs_f64() * 1e6
+                                / (done.total_done.max(1)) as f64,
+                        });
+                }
+            }
+        }
+        let mut cells: BTreeMap<String, BTreeMap<String, Cell>> = BTreeMap::new();
+        for ((name, level), v) in samples {
+            let med = |f: fn(&Cell) -> f64| {
+                let mut x: Vec<f64> = v.iter().map(f).collect();
+                x.sort_by(f64::total_cmp);
+                x[x.len() / 2]
+            };
+            cells.entry(name).or_default().insert(
+                level,
+                Cell {
+                    calls_per_s: med(|c| c.calls_per_s),
+                    cpu_us: med(|c| c.cpu_us),
+                },
+            );
+        }
+        Ok(Unary {
+            rounds,
+            secs,
+            cells,
+        })
+    }
+}
+
+struct H2loadResult {
+    /// Responses with a 2xx status.
+    succeeded: u64,
+    /// All requests done (the denominator of CPU per call).
+    total_done: u64,
+    secs: f64,
+}
+
+/// Runs h2load for `secs` (no warm-up phase, so that its counts cover the whole time the
+/// server's CPU is measured) and reads its summary.
+fn h2load(
+    addr: SocketAddr,
+    (conns, streams): (usize, usize),
+    secs: f64,
+    body: &std::path::Path,
+    token: &str,
+) -> anyhow::Result<H2loadResult> {
+    let out = std::process::Command::new("h2load")
+        .arg(format!("http://{addr}/grpc.health.v1.Health/Check"))
+        .args(["-c", &conns.to_string(), "-m", &streams.to_string()])
+        .args(["-t", "1"])
+        .arg(format!("--duration={secs}"))
+        .arg("-d")
+        .arg(body)
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+        .args(["-H", &format!("authorization: Bearer {token}")])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        out.status.success(),
+        "h2load failed: {}{}",
+        text,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // "requests: 1000 total, 1000 started, 1000 done, 1000 succeeded, 0 failed, ..."
+    let field = |line: &str, after: &str| -> Option<u64> {
+        let i = line.find(after)?;
+        line[..i].split_whitespace().last()?.parse().ok()
+    };
+    let requests = text
+        .lines()
+        .find(|l| l.starts_with("requests:"))
+        .ok_or_else(|| anyhow::anyhow!("h2load printed no summary: {text}"))?;
+    let succeeded = field(requests, " succeeded").unwrap_or(0);
+    let done = field(requests, " done").unwrap_or(0);
+    anyhow::ensure!(succeeded > 0, "no call succeeded: {text}");
+    Ok(H2loadResult {
+        succeeded,
+        total_done: done,
+        secs,
+    })
+}
+
+impl Unary {
+    pub fn table(&self) -> String {
+        let cell = |t: &str, l: &str| self.cells.get(t).and_then(|m| m.get(l)).copied();
+        let mut out = format!(
+            "h2load, unary grpc.health.v1.Health/Check over h2c, one h2load thread; medians of \
+             {} rounds of {} s\n\n\
+             | load | agentgate / bare tonic, CPU per call | agentgate / bare tonic, calls/s | \
+             bare tonic CPU per call | agentgate CPU per call | bare tonic calls/s | agentgate \
+             calls/s |\n|---|---:|---:|---:|---:|---:|---:|\n",
+            self.rounds, self.secs
+        );
+        for level in LEVELS {
+            let l = level_name(level);
+            let (Some(b), Some(a)) = (cell("bare tonic", &l), cell("agentgate", &l)) else {
+                continue;
+            };
+            out.push_str(&format!(
+                "| {l} | {:.2} | {:.2} | {:.1} µs | {:.1} µs | {:.0} | {:.0} |\n",
+                a.cpu_us / b.cpu_us,
+                a.calls_per_s / b.calls_per_s,
+                b.cpu_us,
+                a.cpu_us,
+                b.calls_per_s,
+                a.calls_per_s
+            ));
+        }
+        out
+    }
+}
