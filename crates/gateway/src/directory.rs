@@ -89,6 +89,15 @@ impl Directory {
         v
     }
 
+    /// Sessions open right now.
+    pub fn len(&self) -> usize {
+        self.sessions.lock().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn is_connected(&self, name: &str) -> bool {
         self.sessions
             .lock()

@@ -54,7 +54,11 @@ pub struct Gateway {
     pub cluster: Option<Arc<cluster::Cluster>>,
     /// Per-token connect counts of the current minute (single-process mode).
     connects: std::sync::Mutex<(u64, std::collections::HashMap<String, u32>)>,
-    /// Cancelled during shutdown, after GOAWAY: ends sessions and other long-lived handlers.
+    /// Cancelled when shutdown begins (accepting stops, GOAWAY goes out): each session ends
+    /// once its connection has written the GOAWAY, so that agents read the end as planned.
+    pub stopping: CancellationToken,
+    /// Cancelled during shutdown once sessions had their chance to end: ends every remaining
+    /// long-lived handler.
     pub shutdown: CancellationToken,
     ready: AtomicBool,
 }
@@ -126,6 +130,7 @@ impl Gateway {
             tokens,
             metrics,
             directory,
+            stopping: CancellationToken::new(),
             shutdown: CancellationToken::new(),
             ready: AtomicBool::new(false),
             config,
@@ -411,6 +416,7 @@ pub async fn run_with(
         api_stop.clone(),
     ));
 
+    let mut background = tokio::task::JoinSet::new();
     let internal_stop = CancellationToken::new();
     let mut internal = None;
     if let Some(c) = gw.cluster.clone() {
@@ -426,65 +432,62 @@ pub async fn run_with(
             l,
             internal_stop.clone(),
         )));
-        let registry = c.registry.clone();
-        tokio::spawn(registry.run_refresher(internal_stop.clone()));
+        // Stopped with the internal API; on its way out it removes this replica's entries.
+        background.spawn(c.registry.clone().run_refresher(internal_stop.clone()));
         let gw2 = gw.clone();
-        let stop2 = internal_stop.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
-            loop {
-                tokio::select! {
-                    _ = stop2.cancelled() => break,
-                    _ = tick.tick() => c.expire_reservations(&gw2),
-                }
-            }
-        });
+        background.spawn(every(
+            Duration::from_secs(5),
+            internal_stop.clone(),
+            move || c.expire_reservations(&gw2),
+        ));
     }
 
-    let trimmer = (!gw.config.memory_trim_interval.is_zero()).then(|| {
-        let every = gw.config.memory_trim_interval;
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                memory::trim();
-            }
-        })
-    });
-
-    let sweeper = {
+    // Periodic work, in one set that shutdown stops and awaits.
+    let background_stop = CancellationToken::new();
+    if !gw.config.memory_trim_interval.is_zero() {
+        background.spawn(every(
+            gw.config.memory_trim_interval,
+            background_stop.clone(),
+            memory::trim,
+        ));
+    }
+    {
         let gw = gw.clone();
-        let every = gw.config.stream_heartbeat_interval;
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                gw.tunnels.sweep();
-            }
-        })
-    };
+        background.spawn(every(
+            gw.config.stream_heartbeat_interval,
+            background_stop.clone(),
+            move || gw.tunnels.sweep(),
+        ));
+    }
 
     gw.ready.store(true, Ordering::Relaxed);
     on_bound(addrs);
     stop.cancelled().await;
 
-    // Graceful shutdown, in the order that avoids "EOF after GOAWAY" at agents.
+    // Graceful shutdown, in phases, each awaited.
     let grace = gw.config.shutdown_grace;
     tracing::info!(
         ?grace,
         "shutting down: no new connections, GOAWAY to every agent"
     );
+    // 1. Take no new work: readiness fails, accepting stops, every connection gets GOAWAY.
     gw.ready.store(false, Ordering::Relaxed);
     accept_stop.cancel();
     server_stop.cancel();
     api_stop.cancel();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    gw.stopping.cancel();
+    // 2. Sessions end, each once its GOAWAY is written (agents then read the end as planned
+    //    and reconnect elsewhere); then every other long-lived handler and parked tunnel.
+    let sessions_ended = wait_until(Duration::from_secs(2), || gw.directory.is_empty()).await;
+    if !sessions_ended {
+        tracing::info!(
+            sessions = gw.directory.len(),
+            "ending the sessions that are still open"
+        );
+    }
     gw.shutdown.cancel();
     gw.tunnels.clear();
-    sweeper.abort();
-    if let Some(t) = trimmer {
-        t.abort();
-    }
+    // 3. Requests in flight finish, within the grace period.
     let drained = tokio::time::timeout(grace, async {
         let _ = server.await;
         let _ = api.await;
@@ -496,16 +499,50 @@ pub async fn run_with(
             "requests still in flight after the grace period; exiting anyway"
         );
     }
+    // 4. Leave the cluster: the internal API stops and the registry removes this replica.
     internal_stop.cancel();
     if let Some(i) = internal {
         let _ = tokio::time::timeout(Duration::from_secs(2), i).await;
     }
-    // Let the registry remove this replica's entries.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // 5. Periodic work stops; the registry's last write is awaited here.
+    background_stop.cancel();
+    let joined = tokio::time::timeout(Duration::from_secs(3), async {
+        while background.join_next().await.is_some() {}
+    })
+    .await;
+    if joined.is_err() {
+        tracing::warn!(
+            "background tasks did not stop in time (Redis unreachable?); exiting anyway"
+        );
+    }
+    // 6. Admin last, so that /metrics and /readyz answer until the end.
     admin_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), admin).await;
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+/// Runs `tick` every `period` until `stop`.
+async fn every(period: Duration, stop: CancellationToken, mut tick: impl FnMut() + Send) {
+    let mut interval = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = interval.tick() => tick(),
+        }
+    }
+}
+
+/// Polls `done` every 10 ms for at most `limit`; whether it became true.
+async fn wait_until(limit: Duration, done: impl Fn() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !done() {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    true
 }
 
 #[cfg(test)]

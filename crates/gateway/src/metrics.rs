@@ -9,13 +9,19 @@ use std::sync::Mutex;
 
 use agentgate_transport::{ConnMeta, IngressObserver, RejectReason, TransportKind};
 
+/// Joins label values in a series key; label values are the gateway's own words (remote input
+/// never becomes a label), so it never occurs in one.
+const SEPARATOR: char = '\u{1f}';
+
 /// A family of time series that share a name and label names.
 pub struct Family {
     name: &'static str,
     help: &'static str,
     kind: &'static str,
     labels: &'static [&'static str],
-    values: Mutex<BTreeMap<Vec<String>, f64>>,
+    /// Series by their label values joined with [`SEPARATOR`], so that the hot path looks a
+    /// series up without allocating (per request and per RPC; measured with `bench unary`).
+    values: Mutex<BTreeMap<String, f64>>,
 }
 
 impl Family {
@@ -34,11 +40,36 @@ impl Family {
         }
     }
 
+    /// Calls `f` with the key of these label values, built in a reused per-thread buffer.
+    fn with_key<R>(&self, label_values: &[&str], f: impl FnOnce(&str) -> R) -> R {
+        debug_assert_eq!(label_values.len(), self.labels.len());
+        thread_local! {
+            static KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+        }
+        KEY.with(|k| {
+            let mut k = k.borrow_mut();
+            k.clear();
+            for (i, v) in label_values.iter().enumerate() {
+                if i > 0 {
+                    k.push(SEPARATOR);
+                }
+                k.push_str(v);
+            }
+            f(&k)
+        })
+    }
+
     /// Adds `v` to the series with these label values (in the family's label order).
     pub fn add(&self, label_values: &[&str], v: f64) {
-        debug_assert_eq!(label_values.len(), self.labels.len());
-        let key = label_values.iter().map(|s| s.to_string()).collect();
-        *self.values.lock().unwrap().entry(key).or_insert(0.0) += v;
+        self.with_key(label_values, |key| {
+            let mut values = self.values.lock().unwrap();
+            match values.get_mut(key) {
+                Some(x) => *x += v,
+                None => {
+                    values.insert(key.to_string(), v);
+                }
+            }
+        })
     }
 
     pub fn inc(&self, label_values: &[&str]) {
@@ -46,19 +77,16 @@ impl Family {
     }
 
     pub fn set(&self, label_values: &[&str], v: f64) {
-        let key = label_values.iter().map(|s| s.to_string()).collect();
-        self.values.lock().unwrap().insert(key, v);
+        self.with_key(label_values, |key| {
+            self.values.lock().unwrap().insert(key.to_string(), v);
+        })
     }
 
     /// The current value of one series (0 if never touched).
     pub fn get(&self, label_values: &[&str]) -> f64 {
-        let key: Vec<String> = label_values.iter().map(|s| s.to_string()).collect();
-        self.values
-            .lock()
-            .unwrap()
-            .get(&key)
-            .copied()
-            .unwrap_or(0.0)
+        self.with_key(label_values, |key| {
+            self.values.lock().unwrap().get(key).copied().unwrap_or(0.0)
+        })
     }
 
     fn render(&self, out: &mut String) {
@@ -66,9 +94,9 @@ impl Family {
         let _ = writeln!(out, "# TYPE {} {}", self.name, self.kind);
         for (key, v) in self.values.lock().unwrap().iter() {
             out.push_str(self.name);
-            if !key.is_empty() {
+            if !self.labels.is_empty() {
                 out.push('{');
-                for (i, (l, v)) in self.labels.iter().zip(key).enumerate() {
+                for (i, (l, v)) in self.labels.iter().zip(key.split(SEPARATOR)).enumerate() {
                     if i > 0 {
                         out.push(',');
                     }

@@ -118,6 +118,18 @@ impl AgentSession for SessionService {
                         tracing::info!(conn = conn.id, parked_tunnels_ended = ended, "agent retired the connection");
                         break;
                     }
+                    _ = gw.stopping.cancelled() => {
+                        // Shutdown: end once this connection's GOAWAY is written, so that the
+                        // agent reads the session's end as planned; at most a second (the
+                        // GOAWAY is only seen while the PING policy is on).
+                        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+                        while !conn.goaway_sent.load(std::sync::atomic::Ordering::Relaxed)
+                            && tokio::time::Instant::now() < deadline
+                        {
+                            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                        }
+                        break;
+                    }
                     _ = gw.shutdown.cancelled() => break,
                     _ = tokio::time::sleep_until(end_at) => {
                         tracing::info!(conn = conn.id, "ending session: connection reached max age");

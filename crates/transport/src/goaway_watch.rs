@@ -14,9 +14,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
-use crate::ping_policy::FrameScanner;
-
-const FRAME_GOAWAY: u8 = 0x7;
+use crate::ping_policy::{FrameScanner, FRAME_GOAWAY};
 
 /// A client's byte stream that cancels `goaway` when the server sends GOAWAY.
 pub struct GoawayWatch<T> {

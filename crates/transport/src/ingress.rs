@@ -197,6 +197,9 @@ pub struct ConnMeta {
     /// Set by the gateway when the agent retired this connection (it ended its session to
     /// move to another): the connection's tunnels take no new requests.
     pub retired: std::sync::atomic::AtomicBool,
+    /// Set once the gateway wrote a GOAWAY on the connection (seen by the PING policy's frame
+    /// scanner, so only while that policy is on).
+    pub goaway_sent: std::sync::atomic::AtomicBool,
 }
 
 impl ConnMeta {
@@ -360,7 +363,9 @@ impl AsyncWrite for ServerConn {
         if let Poll::Ready(Ok(n)) = res {
             self.meta.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
             if let Some(policy) = &mut self.ping_policy {
-                policy.feed_outbound(&buf[..n]);
+                if policy.feed_outbound(&buf[..n]) {
+                    self.meta.goaway_sent.store(true, Ordering::Relaxed);
+                }
             }
         }
         res
@@ -373,11 +378,14 @@ impl AsyncWrite for ServerConn {
         let res = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = res {
             self.meta.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-            if let Some(policy) = &mut self.ping_policy {
+            let this = &mut *self;
+            if let Some(policy) = &mut this.ping_policy {
                 let mut left = n;
                 for b in bufs {
                     let take = left.min(b.len());
-                    policy.feed_outbound(&b[..take]);
+                    if policy.feed_outbound(&b[..take]) {
+                        this.meta.goaway_sent.store(true, Ordering::Relaxed);
+                    }
                     left -= take;
                     if left == 0 {
                         break;
@@ -624,6 +632,7 @@ pub fn serve_ingress(
                             refused_calls: AtomicU32::new(0),
                             close_requested: Default::default(),
                             retired: Default::default(),
+                            goaway_sent: Default::default(),
                         });
                         observer.opened(&meta);
                         tracing::info!(conn = id, transport = %kind, %peer, "connection opened");

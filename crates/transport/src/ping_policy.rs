@@ -18,6 +18,7 @@ const FRAME_HEADER_LEN: usize = 9;
 const FRAME_DATA: u8 = 0x0;
 const FRAME_HEADERS: u8 = 0x1;
 const FRAME_PING: u8 = 0x6;
+pub(crate) const FRAME_GOAWAY: u8 = 0x7;
 const FLAG_ACK: u8 = 0x1;
 /// Early PINGs tolerated before the connection is closed.
 pub const MAX_STRIKES: u32 = 2;
@@ -174,14 +175,19 @@ impl PingPolicy {
 
     /// Feeds bytes just written to the client: DATA or HEADERS from the server clear the
     /// strikes, as in grpc-go.
-    pub fn feed_outbound(&mut self, data: &[u8]) {
+    /// Reads what the server sent; true if it contained a GOAWAY (the gateway's shutdown
+    /// waits for it before ending sessions).
+    pub fn feed_outbound(&mut self, data: &[u8]) -> bool {
         let strikes = &mut self.strikes;
+        let mut goaway = false;
         let _ = self.outbound.scan(data, |kind, _| {
             if kind == FRAME_DATA || kind == FRAME_HEADERS {
                 *strikes = 0;
             }
+            goaway |= kind == FRAME_GOAWAY;
             Ok::<(), ()>(())
         });
+        goaway
     }
 }
 

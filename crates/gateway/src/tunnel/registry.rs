@@ -102,7 +102,11 @@ impl TunnelRegistry {
     /// Parks a tunnel, or hands it straight to a waiting request.
     pub fn park(&self, agent: &str, mut tunnel: ParkedTunnel) {
         let mut agents = self.agents.lock().unwrap();
-        let entry = agents.entry(agent.to_string()).or_default();
+        // Looked up first, so that parking again after a request allocates nothing.
+        let entry = match agents.get_mut(agent) {
+            Some(e) => e,
+            None => agents.entry(agent.to_string()).or_default(),
+        };
         while let Some(w) = entry.waiters.pop_front() {
             match w.send(tunnel) {
                 Ok(()) => return,
@@ -135,7 +139,10 @@ impl TunnelRegistry {
         loop {
             let rx = {
                 let mut agents = self.agents.lock().unwrap();
-                let entry = agents.entry(agent.to_string()).or_default();
+                let entry = match agents.get_mut(agent) {
+                    Some(e) => e,
+                    None => agents.entry(agent.to_string()).or_default(),
+                };
                 if let Some(avoid) = avoid {
                     // Move the avoided connection's tunnels to the front, keeping their order.
                     let (mut other, same): (VecDeque<_>, VecDeque<_>) =
