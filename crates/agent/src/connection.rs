@@ -15,8 +15,7 @@ use agentgate_proto::v1::agent_session_client::AgentSessionClient;
 use agentgate_proto::v1::{session_event, RegisterRequest, SessionEvent};
 use agentgate_transport::tls::{client_config, ServerVerification};
 use agentgate_transport::{
-    dial, DialError, DialSettings, GoawayWatch, ProxyConfig, Scheme, ServerUrl, TransportKind,
-    WsSettings,
+    dial, DialError, DialSettings, GoawayWatch, ProxyConfig, ServerUrl, TransportKind, WsSettings,
 };
 use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
@@ -30,13 +29,13 @@ use crate::pool::run_pool;
 use crate::upstream::Upstreams;
 
 /// Adds the agent's credentials and extra metadata to every call.
-pub struct Authed {
+pub struct CallCredentials {
     authorization: AsciiMetadataValue,
     pub instance_id: String,
     extra: Vec<(AsciiMetadataKey, AsciiMetadataValue)>,
 }
 
-impl Authed {
+impl CallCredentials {
     pub fn request<T>(&self, msg: T) -> Request<T> {
         let mut req = Request::new(msg);
         let md = req.metadata_mut();
@@ -138,22 +137,22 @@ impl Drop for Connection {
 }
 
 /// Everything the manager needs, built once.
-struct Ctx {
+struct Dialer {
     cfg: AgentConfig,
     dial: DialSettings,
-    auth: Arc<Authed>,
+    auth: Arc<CallCredentials>,
     upstreams: Arc<Upstreams>,
 }
 
 fn direct_variant(url: &ServerUrl) -> ServerUrl {
     match url.scheme {
-        Scheme::Ws => url.with_scheme(Scheme::Grpc),
-        Scheme::Wss => url.with_scheme(Scheme::Grpcs),
+        TransportKind::Ws => url.with_scheme(TransportKind::Grpc),
+        TransportKind::Wss => url.with_scheme(TransportKind::Grpcs),
         _ => url.clone(),
     }
 }
 
-impl Ctx {
+impl Dialer {
     fn new(cfg: AgentConfig) -> anyhow::Result<Self> {
         let verify = if cfg.insecure_skip_tls_verify {
             tracing::warn!(
@@ -205,7 +204,7 @@ impl Ctx {
             proxy_from_env: true,
             local_ip: cfg.local_ip,
         };
-        let auth = Arc::new(Authed {
+        let auth = Arc::new(CallCredentials {
             authorization: AsciiMetadataValue::try_from(bearer.as_str())
                 .map_err(|_| anyhow::anyhow!("the agent token contains invalid characters"))?,
             instance_id: cfg.instance_id.clone(),
@@ -308,7 +307,7 @@ impl Ctx {
                 what: format!("connecting to {url}"),
                 after: deadline,
             })??;
-        let transport = url.scheme.transport();
+        let transport = url.scheme;
         tracing::info!(
             url = %url,
             transport = %transport,
@@ -376,7 +375,7 @@ fn call_error(status: tonic::Status) -> ConnectError {
 
 /// Runs the agent until `stop` is cancelled.
 pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> anyhow::Result<()> {
-    let ctx = Ctx::new(cfg)?;
+    let ctx = Dialer::new(cfg)?;
     let cfg = &ctx.cfg;
     tracing::info!(
         server = %cfg.server,

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use crate::config::PoolSettings;
-use crate::connection::Authed;
+use crate::connection::CallCredentials;
 use crate::upstream::{After, Upstreams};
 
 #[derive(Default)]
@@ -69,7 +69,7 @@ pub fn to_open(s: &PoolSettings, idle: usize, total: usize) -> usize {
 /// What every tunnel task of one pool shares.
 struct TunnelContext {
     client: TunnelClient<Channel>,
-    auth: Arc<Authed>,
+    auth: Arc<CallCredentials>,
     descriptor: Descriptor,
     settings: PoolSettings,
     upstreams: Arc<Upstreams>,
@@ -85,7 +85,7 @@ struct TunnelContext {
 /// is cancelled when the connection can no longer open streams.
 pub async fn run_pool(
     channel: Channel,
-    auth: Arc<Authed>,
+    auth: Arc<CallCredentials>,
     settings: PoolSettings,
     upstreams: Arc<Upstreams>,
     stop: CancellationToken,

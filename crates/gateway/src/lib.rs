@@ -8,6 +8,7 @@
 mod admin;
 mod api;
 mod auth;
+mod boxed_stream;
 pub mod cluster;
 pub mod config;
 pub mod directory;
@@ -21,7 +22,6 @@ mod rpc_layer;
 mod session;
 pub mod tokens;
 pub mod tunnel;
-mod unboxed;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,7 +41,7 @@ pub use config::GatewayConfig;
 use directory::Directory;
 use metrics::Metrics;
 use tokens::TokenStore;
-use tunnel::TunnelRegistry;
+use tunnel::TunnelParking;
 
 /// State shared by every part of the gateway.
 pub struct Gateway {
@@ -49,7 +49,7 @@ pub struct Gateway {
     pub tokens: TokenStore,
     pub metrics: Arc<Metrics>,
     pub directory: Arc<Directory>,
-    pub tunnels: Arc<TunnelRegistry>,
+    pub tunnels: Arc<TunnelParking>,
     /// Cluster mode (`--redis`): the registry and the internal API client.
     pub cluster: Option<Arc<cluster::Cluster>>,
     /// Per-token connect counts of the current minute (single-process mode).
@@ -126,7 +126,7 @@ impl Gateway {
         Ok(Arc::new(Self {
             cluster,
             connects: std::sync::Mutex::default(),
-            tunnels: Arc::new(TunnelRegistry::new(metrics.clone(), max_age)),
+            tunnels: Arc::new(TunnelParking::new(metrics.clone(), max_age)),
             tokens,
             metrics,
             directory,

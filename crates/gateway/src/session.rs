@@ -11,8 +11,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::boxed_stream::BoxedMessageStream;
 use crate::directory::{rfc3339, AgentRecord};
-use crate::unboxed::Unboxed;
 use crate::Gateway;
 
 pub struct SessionService {
@@ -30,7 +30,7 @@ fn unix_millis() -> i64 {
 
 #[tonic::async_trait]
 impl AgentSession for SessionService {
-    type RegisterStream = Unboxed<SessionEvent>;
+    type RegisterStream = BoxedMessageStream<SessionEvent>;
 
     async fn register(
         &self,
@@ -146,6 +146,6 @@ impl AgentSession for SessionService {
                 }
             }
         });
-        Ok(Response::new(Unboxed(ReceiverStream::new(rx))))
+        Ok(Response::new(BoxedMessageStream(ReceiverStream::new(rx))))
     }
 }

@@ -8,8 +8,9 @@ use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Error as WsError;
 
+use crate::kind::TransportKind;
 use crate::proxy::{ProxyConfig, ProxyError};
-use crate::scheme::{Scheme, ServerUrl};
+use crate::scheme::ServerUrl;
 use crate::tls::{ALPN_H2, ALPN_HTTP1};
 use crate::websocket::{WsByteStream, WsSettings, WS_SUBPROTOCOL};
 use crate::{set_nodelay, BoxedIo, Io};
@@ -103,7 +104,7 @@ pub async fn dial(url: &ServerUrl, s: &DialSettings) -> Result<BoxedIo, DialErro
         )
         .await?
         .map_err(|source| {
-            if url.scheme == Scheme::Grpcs && refused_alpn(&source) {
+            if url.scheme == TransportKind::Grpcs && refused_alpn(&source) {
                 DialError::NoHttp2 {
                     addr: addr.clone(),
                     negotiated: "refused by the server (no_application_protocol alert)".into(),
@@ -115,7 +116,7 @@ pub async fn dial(url: &ServerUrl, s: &DialSettings) -> Result<BoxedIo, DialErro
                 }
             }
         })?;
-        if url.scheme == Scheme::Grpcs {
+        if url.scheme == TransportKind::Grpcs {
             let negotiated = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
             if negotiated.as_deref() != Some(ALPN_H2) {
                 return Err(DialError::NoHttp2 {

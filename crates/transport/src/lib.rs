@@ -34,7 +34,7 @@ pub use kind::TransportKind;
 pub use log_budget::{LogBudget, PRE_AUTH_LINES_PER_SECOND, PRE_AUTH_LOG};
 pub use ping_policy::{PingPolicy, TooManyPings};
 pub use proxy::{ProxyConfig, ProxyError};
-pub use scheme::{Scheme, SchemeError, ServerUrl};
+pub use scheme::{SchemeError, ServerUrl};
 pub use sniff::{classify_prefix, PrefixClass, PrefixedIo, HTTP2_PREFACE};
 pub use websocket::{WsByteStream, WsSettings, WS_SUBPROTOCOL};
 

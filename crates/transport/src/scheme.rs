@@ -5,39 +5,12 @@ use std::fmt;
 use crate::TransportKind;
 
 /// The four URL schemes an agent accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scheme {
-    Grpc,
-    Grpcs,
-    Ws,
-    Wss,
-}
-
-impl Scheme {
-    /// The transport a connection made with this scheme uses.
-    pub fn transport(self) -> TransportKind {
-        match self {
-            Self::Grpc => TransportKind::Grpc,
-            Self::Grpcs => TransportKind::Grpcs,
-            Self::Ws => TransportKind::Ws,
-            Self::Wss => TransportKind::Wss,
-        }
-    }
-
-    pub fn is_tls(self) -> bool {
-        self.transport().is_tls()
-    }
-
-    pub fn is_websocket(self) -> bool {
-        self.transport().is_websocket()
-    }
-
-    fn default_port(self) -> u16 {
-        if self.is_tls() {
-            443
-        } else {
-            80
-        }
+/// The default port of a scheme.
+fn default_port(kind: TransportKind) -> u16 {
+    if kind.is_tls() {
+        443
+    } else {
+        80
     }
 }
 
@@ -56,7 +29,8 @@ pub enum SchemeError {
 /// A parsed gateway URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerUrl {
-    pub scheme: Scheme,
+    /// The URL scheme is the transport: `grpc`, `grpcs`, `ws` or `wss`.
+    pub scheme: TransportKind,
     pub host: String,
     pub port: u16,
     /// Request path for WebSocket schemes (always starts with `/`); `/` for gRPC schemes.
@@ -76,10 +50,10 @@ impl ServerUrl {
             },
         })?;
         let scheme = match parsed.scheme() {
-            "grpc" => Scheme::Grpc,
-            "grpcs" => Scheme::Grpcs,
-            "ws" => Scheme::Ws,
-            "wss" => Scheme::Wss,
+            "grpc" => TransportKind::Grpc,
+            "grpcs" => TransportKind::Grpcs,
+            "ws" => TransportKind::Ws,
+            "wss" => TransportKind::Wss,
             other => {
                 return Err(SchemeError::UnknownScheme {
                     url: input.to_string(),
@@ -97,7 +71,7 @@ impl ServerUrl {
                 })
             }
         };
-        let port = parsed.port().unwrap_or(scheme.default_port());
+        let port = parsed.port().unwrap_or(default_port(scheme));
         let mut path = parsed.path().to_string();
         if path.is_empty() {
             path.push('/');
@@ -125,7 +99,7 @@ impl ServerUrl {
 
     /// The same host and port with another scheme (used when an agent probes direct gRPC for a
     /// WebSocket URL).
-    pub fn with_scheme(&self, scheme: Scheme) -> Self {
+    pub fn with_scheme(&self, scheme: TransportKind) -> Self {
         Self {
             scheme,
             path: if scheme.is_websocket() {
@@ -141,10 +115,10 @@ impl ServerUrl {
 impl fmt::Display for ServerUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = match self.scheme {
-            Scheme::Grpc => "grpc",
-            Scheme::Grpcs => "grpcs",
-            Scheme::Ws => "ws",
-            Scheme::Wss => "wss",
+            TransportKind::Grpc => "grpc",
+            TransportKind::Grpcs => "grpcs",
+            TransportKind::Ws => "ws",
+            TransportKind::Wss => "wss",
         };
         if self.scheme.is_websocket() {
             write!(f, "{s}://{}{}", self.authority(), self.path)
@@ -163,12 +137,15 @@ mod tests {
         let u = ServerUrl::parse("grpc://127.0.0.1:8150").unwrap();
         assert_eq!(
             (u.scheme, u.port, u.path.as_str()),
-            (Scheme::Grpc, 8150, "/")
+            (TransportKind::Grpc, 8150, "/")
         );
         let u = ServerUrl::parse("grpcs://gw.example.com").unwrap();
-        assert_eq!((u.scheme, u.port), (Scheme::Grpcs, 443));
+        assert_eq!((u.scheme, u.port), (TransportKind::Grpcs, 443));
         let u = ServerUrl::parse("ws://h:1/-/agent/").unwrap();
-        assert_eq!((u.scheme, u.path.as_str()), (Scheme::Ws, "/-/agent/"));
+        assert_eq!(
+            (u.scheme, u.path.as_str()),
+            (TransportKind::Ws, "/-/agent/")
+        );
         let u = ServerUrl::parse("wss://[::1]:9/x?y=1").unwrap();
         assert_eq!(u.authority(), "[::1]:9");
         assert_eq!(u.path, "/x?y=1");
@@ -193,7 +170,7 @@ mod tests {
     #[test]
     fn with_scheme_drops_path_for_grpc() {
         let u = ServerUrl::parse("wss://gw:8443/-/agent/").unwrap();
-        let g = u.with_scheme(Scheme::Grpcs);
+        let g = u.with_scheme(TransportKind::Grpcs);
         assert_eq!(g.to_string(), "grpcs://gw:8443");
     }
 }

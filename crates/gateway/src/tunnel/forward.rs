@@ -26,7 +26,7 @@ use http_body_util::BodyExt;
 use tokio::sync::mpsc;
 use tonic::Streaming;
 
-use super::{ForwardError, ParkedTunnel, ToAgent, TunnelRegistry};
+use super::{ForwardError, ParkedTunnel, ToAgent, TunnelParking};
 use crate::headers::from_proto;
 use crate::Gateway;
 
@@ -418,7 +418,7 @@ fn message_kind(m: &agent_message::Msg) -> &'static str {
 
 /// What a version-2 tunnel needs to be parked again once its request is over.
 struct Reuse {
-    registry: Arc<TunnelRegistry>,
+    registry: Arc<TunnelParking>,
     descriptor: Descriptor,
     conn: Arc<ConnMeta>,
     agent: Arc<str>,

@@ -3,10 +3,10 @@
 
 mod error;
 mod forward;
-mod registry;
+mod parking;
 mod service;
 
 pub use error::ForwardError;
 pub use forward::{BoxError, ForwardResponse, ResponseBody, TunnelBody};
-pub use registry::{ParkedTunnel, ToAgent, TunnelRegistry};
+pub use parking::{ParkedTunnel, ToAgent, TunnelParking};
 pub use service::TunnelService;

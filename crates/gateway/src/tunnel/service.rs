@@ -9,7 +9,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::ParkedTunnel;
-use crate::unboxed::Unboxed;
+use crate::boxed_stream::BoxedMessageStream;
 use crate::Gateway;
 
 pub struct TunnelService {
@@ -21,7 +21,7 @@ const TO_AGENT_QUEUE: usize = 4;
 
 #[tonic::async_trait]
 impl Tunnel for TunnelService {
-    type ConnectStream = Unboxed<GatewayMessage>;
+    type ConnectStream = BoxedMessageStream<GatewayMessage>;
 
     async fn connect(
         &self,
@@ -58,6 +58,6 @@ impl Tunnel for TunnelService {
                 agent: Arc::from(id.name.as_str()),
             },
         );
-        Ok(Response::new(Unboxed(ReceiverStream::new(out))))
+        Ok(Response::new(BoxedMessageStream(ReceiverStream::new(out))))
     }
 }

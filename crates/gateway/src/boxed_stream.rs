@@ -11,9 +11,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 /// Yields `Ok(*item)` for every boxed item received.
-pub struct Unboxed<T>(pub ReceiverStream<Box<T>>);
+pub struct BoxedMessageStream<T>(pub ReceiverStream<Box<T>>);
 
-impl<T> tokio_stream::Stream for Unboxed<T> {
+impl<T> tokio_stream::Stream for BoxedMessageStream<T> {
     type Item = Result<T, Status>;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         Pin::new(&mut self.0)

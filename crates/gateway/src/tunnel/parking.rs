@@ -22,7 +22,7 @@ use tonic::Streaming;
 
 use crate::metrics::Metrics;
 
-/// A message queued for the agent, boxed (see `crate::unboxed`).
+/// A message queued for the agent, boxed (see `crate::boxed_stream`).
 pub type ToAgent = Box<GatewayMessage>;
 
 /// One idle tunnel stream, ready for a request (version 1: exactly one).
@@ -62,7 +62,7 @@ struct AgentTunnels {
     waiters: VecDeque<oneshot::Sender<ParkedTunnel>>,
 }
 
-pub struct TunnelRegistry {
+pub struct TunnelParking {
     agents: Mutex<HashMap<String, AgentTunnels>>,
     metrics: Arc<Metrics>,
     /// Tunnels on connections past their drain point (see [`crate::drain_point`]) are not
@@ -70,7 +70,7 @@ pub struct TunnelRegistry {
     max_age: Option<Duration>,
 }
 
-impl TunnelRegistry {
+impl TunnelParking {
     pub fn new(metrics: Arc<Metrics>, max_age: Option<Duration>) -> Self {
         Self {
             agents: Mutex::default(),
