@@ -72,3 +72,40 @@ def test_bench_hostile_smoke(tmp_path):
     # here, the 5 s handshake deadline), limits, and protocol errors.
     for name, r in by.items():
         assert r["shed"] == 60, (name, r)
+
+
+def test_bench_keepalive_scenario_smoke(tmp_path):
+    """`bench keepalive`: every column (direct, the bench's own TCP relay, the control tunnel,
+    agentgate) served keep-alive requests at both connection counts without a failure (the
+    bench itself fails on any)."""
+    out = tmp_path / "keepalive.json"
+    run = subprocess.run(
+        [str(BIN), "bench", "keepalive", "--rounds", "1", "--keepalive-secs", "0.5",
+         "--transports", "grpc,wss", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "req/s, 50 conn., ratio to direct" in run.stdout
+    cells = json.loads(out.read_text())["cells"]
+    assert set(cells) == {"direct", "relay", "control", "grpc", "wss"}, set(cells)
+    for column, by_conns in cells.items():
+        assert set(by_conns) == {"1", "50"}, (column, by_conns)
+        for c in by_conns.values():
+            assert c["req_per_s"] > 0, (column, c)
+
+
+def test_bench_unary_scenario_smoke(tmp_path):
+    """`bench unary`: h2load's Health/Check calls succeed on the agent port and on the bare
+    tonic server."""
+    out = tmp_path / "unary.json"
+    run = subprocess.run(
+        [str(BIN), "bench", "unary", "--rounds", "1", "--keepalive-secs", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    cells = json.loads(out.read_text())["cells"]
+    assert set(cells) == {"bare tonic", "agentgate"}, set(cells)
+    for column, levels in cells.items():
+        assert len(levels) == 2, (column, levels)
+        for c in levels.values():
+            assert c["calls_per_s"] > 0 and c["cpu_us"] > 0, (column, c)

@@ -17,7 +17,7 @@ use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 
 use super::procs::Kid;
-use super::{free_port, progress, Bench};
+use super::{free_port, median, progress, wait_listening, Bench};
 
 /// Connection counts the scenario measures (one request after another, and many at once).
 const CONNECTIONS: [usize; 2] = [1, 50];
@@ -211,11 +211,7 @@ impl Bench {
             ],
             &self.dir.join("relay-server.log"),
         )?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(relay_agents).await.is_err() {
-            anyhow::ensure!(Instant::now() < deadline, "relay server did not listen");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_listening(relay_agents, "relay server").await?;
         let relay_agent = Kid::spawn(
             &[
                 "bench-relay".into(),
@@ -289,11 +285,7 @@ impl Bench {
         }
         let mut cells: BTreeMap<String, BTreeMap<usize, Cell>> = BTreeMap::new();
         for ((t, conns), v) in samples {
-            let med = |f: fn(&Cell) -> f64| {
-                let mut x: Vec<f64> = v.iter().map(f).collect();
-                x.sort_by(f64::total_cmp);
-                x[x.len() / 2]
-            };
+            let med = |f: fn(&Cell) -> f64| median(v.iter().map(f).collect());
             cells.entry(t).or_default().insert(
                 conns,
                 Cell {

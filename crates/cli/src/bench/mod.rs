@@ -148,6 +148,22 @@ fn free_port() -> u16 {
     }
 }
 
+/// Waits up to 10 s until something accepts TCP connections on `addr`.
+async fn wait_listening(addr: SocketAddr, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "{what} did not listen on {addr}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// The median of some samples (the upper one of an even count); 0 for none.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
 fn progress(msg: &str) {
     eprint!("\r\x1b[2K[bench] {msg}");
 }
@@ -258,11 +274,8 @@ impl Bench {
             ],
             &self.dir.join("control-gateway.log"),
         )?;
+        wait_listening(agent_listen, "control gateway").await?;
         let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(agent_listen).await.is_err() {
-            anyhow::ensure!(Instant::now() < deadline, "control gateway did not listen");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
         let agent = Kid::spawn(
             &[
                 "bench-control".into(),
@@ -874,35 +887,28 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         samples: vec![],
     };
     let s = b.args.scenario;
-    if s == Scenario::Hostile {
-        let rows = b.hostile().await?;
-        eprintln!();
-        println!(
-            "{}",
-            hostile::table(&rows, b.args.agents, b.args.attack_secs)
-        );
-        if let Some(path) = &b.args.json {
-            std::fs::write(path, serde_json::to_vec_pretty(&rows)?)?;
+    // The scenarios with a table of their own: print it, save the JSON, done.
+    let own = match s {
+        Scenario::Hostile => {
+            let rows = b.hostile().await?;
+            let table = hostile::table(&rows, b.args.agents, b.args.attack_secs);
+            Some((table, serde_json::to_vec_pretty(&rows)?))
         }
-        let _ = std::fs::remove_dir_all(&dir);
-        return Ok(());
-    }
-    if s == Scenario::Unary {
-        let u = b.unary().await?;
-        eprintln!();
-        println!("{}", u.table());
-        if let Some(path) = &b.args.json {
-            std::fs::write(path, serde_json::to_vec_pretty(&u)?)?;
+        Scenario::Unary => {
+            let u = b.unary().await?;
+            Some((u.table(), serde_json::to_vec_pretty(&u)?))
         }
-        let _ = std::fs::remove_dir_all(&dir);
-        return Ok(());
-    }
-    if s == Scenario::Keepalive {
-        let k = b.keepalive().await?;
+        Scenario::Keepalive => {
+            let k = b.keepalive().await?;
+            Some((k.table(), serde_json::to_vec_pretty(&k)?))
+        }
+        _ => None,
+    };
+    if let Some((table, json)) = own {
         eprintln!();
-        println!("{}", k.table());
+        println!("{table}");
         if let Some(path) = &b.args.json {
-            std::fs::write(path, serde_json::to_vec_pretty(&k)?)?;
+            std::fs::write(path, json)?;
         }
         let _ = std::fs::remove_dir_all(&dir);
         return Ok(());

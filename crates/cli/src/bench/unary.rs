@@ -5,12 +5,11 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use super::procs::Kid;
-use super::{free_port, progress, Bench};
+use super::{free_port, median, progress, wait_listening, Bench};
 
 /// (connections, streams per connection) of the two load levels.
 const LEVELS: [(usize, usize); 2] = [(1, 1), (50, 4)];
@@ -52,14 +51,7 @@ impl Bench {
             ],
             &self.dir.join("bare-health.log"),
         )?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(bare_addr).await.is_err() {
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "bare health server did not listen"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_listening(bare_addr, "bare health server").await?;
         let gw = self.gateway(None).await?;
         let token = std::fs::read_to_string(self.token_file("unary-caller")?)?;
         let body = self.dir.join("health-request.bin");
@@ -100,11 +92,7 @@ impl Bench {
         }
         let mut cells: BTreeMap<String, BTreeMap<String, Cell>> = BTreeMap::new();
         for ((name, level), v) in samples {
-            let med = |f: fn(&Cell) -> f64| {
-                let mut x: Vec<f64> = v.iter().map(f).collect();
-                x.sort_by(f64::total_cmp);
-                x[x.len() / 2]
-            };
+            let med = |f: fn(&Cell) -> f64| median(v.iter().map(f).collect());
             cells.entry(name).or_default().insert(
                 level,
                 Cell {
