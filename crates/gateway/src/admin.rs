@@ -55,7 +55,7 @@ async fn agents(
     Query(q): Query<AgentsQuery>,
 ) -> axum::response::Response {
     match (q.scope.as_deref(), &gw.cluster) {
-        (Some("cluster"), Some(c)) => match c.cluster_agents(&gw).await {
+        (Some("cluster"), Some(c)) => match c.cluster_agents(&gw.directory).await {
             Ok(list) => Json(list).into_response(),
             Err(e) => (
                 StatusCode::SERVICE_UNAVAILABLE,

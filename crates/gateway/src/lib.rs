@@ -438,7 +438,7 @@ pub async fn run_with(
         background.spawn(every(
             Duration::from_secs(5),
             internal_stop.clone(),
-            move || c.expire_reservations(&gw2),
+            move || c.expire_reservations(&gw2.tunnels),
         ));
     }
 

@@ -27,10 +27,12 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use crate::directory::Directory;
 use crate::headers::from_proto;
 use crate::metrics::Metrics;
-use crate::tunnel::{BoxError, ForwardError, ForwardResponse, ParkedTunnel, ResponseBody};
-use crate::Gateway;
+use crate::tunnel::{
+    BoxError, ForwardError, ForwardResponse, ParkedTunnel, ResponseBody, TunnelParking,
+};
 use registry::Registry;
 
 /// Header carrying the signed token on internal calls.
@@ -163,7 +165,7 @@ impl Cluster {
     }
 
     /// Returns reservations nobody claimed to the pool.
-    pub fn expire_reservations(&self, gw: &Gateway) {
+    pub fn expire_reservations(&self, parking: &TunnelParking) {
         let expired: Vec<Reservation> = {
             let mut r = self.reservations.lock().unwrap();
             let ids: Vec<u64> = r
@@ -174,7 +176,7 @@ impl Cluster {
             ids.into_iter().filter_map(|id| r.remove(&id)).collect()
         };
         for res in expired {
-            gw.tunnels.park(&res.agent, res.tunnel);
+            parking.park(&res.agent, res.tunnel);
         }
     }
 
@@ -207,7 +209,7 @@ impl Cluster {
     /// Forwards a request for an agent that is not connected here.
     pub async fn forward_remote<B>(
         self: &Arc<Self>,
-        gw: &Gateway,
+        wait: Duration,
         agent: &str,
         head: RequestHead,
         body: B,
@@ -232,7 +234,6 @@ impl Cluster {
                 agent: agent.into(),
             });
         }
-        let wait = gw.config.tunnel_wait;
         let mut attempts: FuturesUnordered<_> = peers
             .iter()
             .map(|p| {
@@ -317,10 +318,13 @@ impl Cluster {
     }
 
     /// Every replica's agents, each record carrying its replica.
-    pub async fn cluster_agents(&self, gw: &Gateway) -> Result<Vec<serde_json::Value>, String> {
+    pub async fn cluster_agents(
+        &self,
+        directory: &Directory,
+    ) -> Result<Vec<serde_json::Value>, String> {
         let peers = self.registry.replicas().await.map_err(|e| e.to_string())?;
         let mut out = vec![];
-        for r in gw.directory.list() {
+        for r in directory.list() {
             let mut v = serde_json::to_value(r).unwrap_or_default();
             v["replica"] = self.self_url.clone().into();
             out.push(v);

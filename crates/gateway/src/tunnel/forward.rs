@@ -87,7 +87,11 @@ impl Gateway {
             return self.forward_on(agent, tunnel, head, body).await;
         }
         match &self.cluster {
-            Some(cluster) => cluster.forward_remote(self, agent, head, body).await,
+            Some(cluster) => {
+                cluster
+                    .forward_remote(self.config.tunnel_wait, agent, head, body)
+                    .await
+            }
             None => Err(ForwardError::NotConnected {
                 agent: agent.into(),
             }),
