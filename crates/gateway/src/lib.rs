@@ -17,6 +17,7 @@ mod headers;
 mod http_listener;
 mod memory;
 pub mod metrics;
+mod router;
 mod rpc_guard;
 mod rpc_layer;
 mod session;

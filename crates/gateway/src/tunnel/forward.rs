@@ -62,64 +62,6 @@ enum AttemptError {
 }
 
 impl Gateway {
-    /// Forwards one request to `agent`: through a local tunnel if the agent is connected
-    /// here, otherwise (in cluster mode) through the replica that holds it.
-    pub async fn forward<B>(
-        &self,
-        agent: &str,
-        head: RequestHead,
-        body: B,
-    ) -> Result<ForwardResponse, ForwardError>
-    where
-        B: Body<Data = Bytes> + Send + 'static,
-        B::Error: Display + Send,
-    {
-        let local = self.directory.is_connected(agent) || self.tunnels.idle_count(agent) > 0;
-        if !local && !self.tokens.agent_known(agent) {
-            return Err(ForwardError::UnknownAgent {
-                agent: agent.into(),
-            });
-        }
-        if local {
-            let tunnel = self
-                .take_local(agent, self.config.tunnel_wait, None)
-                .await?;
-            return self.forward_on(agent, tunnel, head, body).await;
-        }
-        match &self.cluster {
-            Some(cluster) => {
-                cluster
-                    .forward_remote(self.config.tunnel_wait, agent, head, body)
-                    .await
-            }
-            None => Err(ForwardError::NotConnected {
-                agent: agent.into(),
-            }),
-        }
-    }
-
-    /// Takes a live parked tunnel of `agent`, waiting up to `wait`, preferring connections
-    /// other than `avoid`.
-    pub async fn take_local(
-        &self,
-        agent: &str,
-        wait: Duration,
-        avoid: Option<u64>,
-    ) -> Result<ParkedTunnel, ForwardError> {
-        self.tunnels.take(agent, wait, avoid).await.ok_or_else(|| {
-            if self.directory.is_connected(agent) {
-                ForwardError::NoIdleTunnel {
-                    agent: agent.into(),
-                    waited: wait,
-                }
-            } else {
-                ForwardError::NotConnected {
-                    agent: agent.into(),
-                }
-            }
-        })
-    }
-
     /// Sends the request down `tunnel` and returns the agent's response head with the body
     /// still streaming. At most [`TUNNEL_ATTEMPTS`] tunnels are tried in all: a dead parked
     /// tunnel is replaced before anything was sent, and a request without a body and with an
