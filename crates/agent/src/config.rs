@@ -36,8 +36,8 @@ impl std::str::FromStr for TransportMode {
 pub struct PoolSettings {
     /// Idle tunnels kept open, so a request never waits for a stream to be opened (kas: 2).
     pub min_idle: usize,
-    /// Most tunnels opened at once beyond the minimum when requests are in flight: one per busy
-    /// tunnel, up to this many (kas: 10).
+    /// Most tunnels opened at once beyond the minimum when none is idle: one per busy tunnel,
+    /// up to this many (kas: 10).
     pub scale_step: usize,
     /// Tunnels per connection at most, busy and idle (kas: 500).
     pub max: usize,

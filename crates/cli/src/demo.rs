@@ -181,7 +181,7 @@ pub async fn run(a: DemoArgs, stop: CancellationToken) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while TRANSPORTS
         .iter()
-        .any(|t| gw.tunnels.idle_count(&format!("demo-{t}")) == 0)
+        .any(|t| gw.parked_tunnels(&format!("demo-{t}")) == 0)
     {
         anyhow::ensure!(
             Instant::now() < deadline,
@@ -190,7 +190,7 @@ pub async fn run(a: DemoArgs, stop: CancellationToken) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     eprintln!("\nagents connected:");
-    for r in gw.directory.list() {
+    for r in gw.agents() {
         eprintln!(
             "  {:<12} transport={:<5} peer={}",
             r.name, r.transport, r.peer

@@ -46,21 +46,21 @@ use tunnel::TunnelParking;
 
 /// State shared by every part of the gateway.
 pub struct Gateway {
-    pub config: GatewayConfig,
-    pub tokens: TokenStore,
-    pub metrics: Arc<Metrics>,
-    pub directory: Arc<Directory>,
-    pub tunnels: Arc<TunnelParking>,
+    pub(crate) config: GatewayConfig,
+    pub(crate) tokens: TokenStore,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) directory: Arc<Directory>,
+    pub(crate) tunnels: Arc<TunnelParking>,
     /// Cluster mode (`--redis`): the registry and the internal API client.
-    pub cluster: Option<Arc<cluster::Cluster>>,
+    pub(crate) cluster: Option<Arc<cluster::Cluster>>,
     /// Per-token connect counts of the current minute (single-process mode).
     connects: std::sync::Mutex<(u64, std::collections::HashMap<String, u32>)>,
     /// Cancelled when shutdown begins (accepting stops, GOAWAY goes out): each session ends
     /// once its connection has written the GOAWAY, so that agents read the end as planned.
-    pub stopping: CancellationToken,
+    pub(crate) stopping: CancellationToken,
     /// Cancelled during shutdown once sessions had their chance to end: ends every remaining
     /// long-lived handler.
-    pub shutdown: CancellationToken,
+    pub(crate) shutdown: CancellationToken,
     ready: AtomicBool,
 }
 
@@ -78,6 +78,16 @@ pub fn drain_point(age: Duration, conn_id: u64) -> Duration {
 const LONG_POLL_END_DELAY: Duration = Duration::from_secs(2);
 
 impl Gateway {
+    /// Agent sessions registered here (for the demo and the admin API).
+    pub fn agents(&self) -> Vec<directory::AgentRecord> {
+        self.directory.list()
+    }
+
+    /// Tunnels of `agent` parked here right now.
+    pub fn parked_tunnels(&self, agent: &str) -> usize {
+        self.tunnels.idle_count(agent)
+    }
+
     pub fn new(config: GatewayConfig) -> anyhow::Result<Arc<Self>> {
         let tokens = TokenStore::open(&config.tokens)?;
         let metrics = Arc::new(Metrics::default());
