@@ -198,6 +198,21 @@ def test_agents_spread_over_replicas_and_every_replica_reaches_every_agent(clust
     assert digest == expected_sha256(mib)
 
 
+def test_an_error_at_the_agents_replica_reaches_the_caller_whole(cluster):
+    """An error made on the replica that holds the agent (an upstream name the agent does not
+    have) crosses to the replica the caller asked, with its status and its whole sentence."""
+    place = cluster.placement()
+    agent, home = next(iter(place.items()))
+    other = next(r for r in cluster.replicas if r is not home)
+    before = other.forwards("peer_error")
+    status, body = cluster.client.get(other.api_port, f"/agents/{agent}/upstreams/nope/x")
+    text = body.decode()
+    assert status == 404, (status, text)
+    assert f'agent "{agent}"' in text and 'no HTTP upstream named "nope"' in text, text
+    assert "(it has: default)" in text, text
+    assert other.forwards("peer_error") == before + 1, "the error came from the other replica"
+
+
 def test_cluster_scope_lists_every_agent_with_its_replica(cluster):
     """/api/v1/agents?scope=cluster on any replica lists all 30 agents, each with its replica."""
     place = cluster.placement()
