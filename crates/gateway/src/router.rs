@@ -71,3 +71,178 @@ impl Gateway {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The router in-process: a real `Gateway`, a token store on disk, and a tunnel whose agent
+    //! side is a scripted gRPC byte stream.
+    use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
+    use std::sync::{Arc, OnceLock};
+
+    use agentgate_proto::v1::{
+        agent_message, gateway_message, AgentMessage, Descriptor, GatewayMessage, RequestKind,
+        ResponseHead,
+    };
+    use agentgate_transport::{ConnMeta, TransportKind};
+    use http_body_util::BodyExt;
+    use prost::Message;
+    use tokio::sync::mpsc;
+    use tonic::codec::Codec;
+
+    use super::*;
+    use crate::config::GatewayConfig;
+    use crate::tokens::{create_token, TokenKind};
+
+    fn gateway(dir: &std::path::Path) -> Arc<Gateway> {
+        let tokens = dir.join("tokens.json");
+        create_token(&tokens, TokenKind::Agent, "known", &[]).unwrap();
+        let config = GatewayConfig {
+            tokens,
+            tunnel_wait: Duration::from_millis(50),
+            ..GatewayConfig::default()
+        };
+        Gateway::new(config).unwrap()
+    }
+
+    fn head() -> RequestHead {
+        RequestHead {
+            kind: RequestKind::Http as i32,
+            upstream: "default".into(),
+            method: "GET".into(),
+            path_and_query: "/x".into(),
+            ..Default::default()
+        }
+    }
+
+    type Frames = mpsc::Sender<Result<http_body::Frame<Bytes>, std::convert::Infallible>>;
+
+    /// A parked tunnel of `known`, the receiving end of what the gateway sends its agent, and
+    /// the sending end of what the agent answers (gRPC-framed bytes, see `answer`).
+    fn tunnel() -> (ParkedTunnel, mpsc::Receiver<Box<GatewayMessage>>, Frames) {
+        let (frames, from_agent) = mpsc::channel(8);
+        let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(
+            from_agent,
+        ));
+        let decoder =
+            agentgate_proto::codec::SmallBufferCodec::<GatewayMessage, AgentMessage>::default()
+                .decoder();
+        let rx = tonic::Streaming::new_request(decoder, body, None, None);
+        let (tx, to_agent) = mpsc::channel(8);
+        let conn = Arc::new(ConnMeta {
+            id: 7,
+            kind: TransportKind::Grpc,
+            peer: "127.0.0.1:1".parse().unwrap(),
+            opened_at: std::time::Instant::now(),
+            opened_at_wall: std::time::SystemTime::now(),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            agent: Arc::new(OnceLock::new()),
+            unauthenticated_calls: AtomicU32::new(0),
+            refused_calls: AtomicU32::new(0),
+            close_requested: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
+            goaway_sent: AtomicBool::new(false),
+        });
+        let descriptor = Descriptor {
+            http_upstreams: vec!["default".into()],
+            protocol_version: 2,
+            ..Default::default()
+        };
+        let t = ParkedTunnel {
+            tx,
+            rx,
+            descriptor,
+            conn,
+            agent: Arc::from("known"),
+        };
+        (t, to_agent, frames)
+    }
+
+    /// One agent message as a gRPC frame.
+    fn answer(m: &AgentMessage) -> Result<http_body::Frame<Bytes>, std::convert::Infallible> {
+        let bytes = m.encode_to_vec();
+        let mut wire = vec![0u8];
+        wire.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+        wire.extend_from_slice(&bytes);
+        Ok(http_body::Frame::data(Bytes::from(wire)))
+    }
+
+    #[tokio::test]
+    async fn an_agent_no_token_names_is_unknown_and_a_known_one_not_connected() {
+        let dir = tempfile::tempdir().unwrap();
+        let gw = gateway(dir.path());
+        let empty = http_body_util::Empty::<Bytes>::new();
+        let e = gw
+            .forward("nobody", head(), empty.clone())
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e.outcome(), "unknown_agent");
+        let e = gw.forward("known", head(), empty).await.err().unwrap();
+        assert_eq!(e.outcome(), "not_connected");
+        assert_eq!(e.http_status(), http::StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[tokio::test]
+    async fn a_local_tunnel_serves_a_whole_answer_in_one_message_and_is_parked_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let gw = gateway(dir.path());
+        let answer_msg = AgentMessage {
+            msg: Some(agent_message::Msg::ResponseHead(ResponseHead {
+                status: 201,
+                body: Bytes::from_static(b"whole"),
+                end_of_response: true,
+                ..Default::default()
+            })),
+        };
+        let (t, mut to_agent, frames) = tunnel();
+        gw.tunnels.park("known", t);
+        // The agent: reads the request head, answers it whole in one message.
+        let agent = tokio::spawn(async move {
+            let head = to_agent.recv().await.unwrap();
+            frames.send(answer(&answer_msg)).await.unwrap();
+            (head, to_agent, frames)
+        });
+        let empty = http_body_util::Empty::<Bytes>::new();
+        let resp = gw.forward("known", head(), empty).await.unwrap();
+        assert_eq!(resp.status, 201);
+        let body = resp.body.collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"whole");
+        // One message went to the agent: the head, saying that no body follows.
+        let (sent, mut to_agent, _frames) = agent.await.unwrap();
+        match sent.msg {
+            Some(gateway_message::Msg::RequestHead(h)) => {
+                assert_eq!((h.protocol_version, h.end_of_request), (2, true));
+            }
+            other => panic!("expected the request head, got {other:?}"),
+        }
+        assert!(to_agent.try_recv().is_err(), "no EndOfRequest in version 2");
+        assert_eq!(gw.parked_tunnels("known"), 1, "the tunnel is parked again");
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_that_closes_before_answering_is_retried_for_a_get_and_then_gives_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let gw = gateway(dir.path());
+        // Three tunnels whose agent reads the request and then ends its side without a word.
+        let mut agents = vec![];
+        for _ in 0..3 {
+            let (t, mut to_agent, frames) = tunnel();
+            gw.tunnels.park("known", t);
+            agents.push(tokio::spawn(async move {
+                let got = to_agent.recv().await.is_some();
+                drop(frames);
+                got
+            }));
+        }
+        let empty = http_body_util::Empty::<Bytes>::new();
+        let e = gw.forward("known", head(), empty).await.err().unwrap();
+        assert_eq!(e.outcome(), "tunnel_broken");
+        for a in agents {
+            assert!(
+                a.await.unwrap(),
+                "each of the three tunnels got the request"
+            );
+        }
+    }
+}
