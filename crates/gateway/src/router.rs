@@ -172,11 +172,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let gw = gateway(dir.path());
         let empty = http_body_util::Empty::<Bytes>::new();
-        let e = gw
-            .forward("nobody", head(), empty.clone())
-            .await
-            .err()
-            .unwrap();
+        let e = gw.forward("nobody", head(), empty).await.err().unwrap();
         assert_eq!(e.outcome(), "unknown_agent");
         let e = gw.forward("known", head(), empty).await.err().unwrap();
         assert_eq!(e.outcome(), "not_connected");
