@@ -24,7 +24,7 @@ use tonic::transport::Channel;
 
 use crate::config::PoolSettings;
 use crate::connection::CallCredentials;
-use crate::upstream::{After, Upstreams};
+use crate::upstream::{After, Upstreams, LINGER_FOR_GATEWAY_CLOSE};
 
 #[derive(Default)]
 struct PoolState {
@@ -199,6 +199,10 @@ async fn tunnel(ctx: Arc<TunnelContext>) {
                 idle = Some(CountGuard { state, idle: true });
                 state.changed.notify_one();
             }
+            After::CloseGently => {
+                close_gently(tx, inbound).await;
+                return;
+            }
             After::Close => return,
         }
     }
@@ -217,9 +221,6 @@ enum Idle {
 /// How long an idle stream of a retired connection waits for the gateway to end it (it does
 /// at once when it learns of the retirement) before closing it itself.
 const RETIRE_GRACE: Duration = Duration::from_secs(5);
-
-/// After the last request on a stream, how long we wait for the gateway to end its side.
-const LINGER_FOR_GATEWAY_CLOSE: Duration = Duration::from_secs(30);
 
 /// Ends our side of an idle stream, then waits (a while) for the gateway to end its side. Just
 /// dropping the stream would reset it, and a reset throws away answer bytes that HTTP/2 flow

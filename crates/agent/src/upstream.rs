@@ -31,8 +31,9 @@ use tonic::Streaming;
 
 use crate::config::AgentConfig;
 
-/// After our trailer or error, how long we wait for the gateway to end its side of the stream.
-const LINGER_FOR_GATEWAY_CLOSE: Duration = Duration::from_secs(30);
+/// After our answer, how long we wait for the gateway to end its side of the stream (or, in
+/// version 2, to end a request the upstream did not read whole).
+pub(crate) const LINGER_FOR_GATEWAY_CLOSE: Duration = Duration::from_secs(30);
 
 type RequestBody = StreamBody<ReceiverStream<Result<Frame<Bytes>, std::io::Error>>>;
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, RequestBody>;
@@ -161,17 +162,8 @@ impl Upstreams {
             }
             return After::Idle { next };
         }
-        // Version 1: let the gateway end its side before the stream is dropped: dropping it
-        // early resets the stream, and a reset can overtake the last messages (trailer or
-        // error) that the gateway has not read yet.
-        let linger = async {
-            let mut discard = None;
-            while let Event::EndOfRequest | Event::Next(_) =
-                next_event(inbound, &mut discard, true, false).await
-            {}
-        };
-        let _ = tokio::time::timeout(LINGER_FOR_GATEWAY_CLOSE, linger).await;
-        After::Close
+        // Version 1: one request per stream; the gateway ends its side after our answer.
+        After::CloseGently
     }
 
     /// Sends the request upstream and streams the answer into `tx`. Returns the upstream
@@ -312,7 +304,10 @@ enum ExchangeError {
 pub enum After {
     /// Version 2: idle again; `next` is a message the gateway already sent for what follows.
     Idle { next: Option<GatewayMessage> },
-    /// Version 1, a cancelled request, or a request body that never ended.
+    /// Version 1: the answer is out; close the stream gently (`pool::close_gently`), since a
+    /// reset could overtake the answer's last messages that the gateway has not read yet.
+    CloseGently,
+    /// A cancelled request, or a request body that never ended: the gateway's side is over.
     Close,
 }
 
