@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -25,11 +26,38 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("AGENTGATE_BIN", ROOT / "target" / "debug" / "agentgate"))
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+# Ports are handed out from below the kernel's ephemeral range, one after another from a random
+# start. Asking the kernel for port 0 returned an ephemeral port, and any outgoing connection
+# (a proxy's, a client's) could take that same port as its source before the gateway bound it:
+# CI failed once on exactly that ("Address already in use").
+_EPHEMERAL_LOW = _ephemeral_range()[0]
+_PORT_FLOOR = 10000 if _EPHEMERAL_LOW > 12000 else 1024
+_next_port = _PORT_FLOOR + random.randrange(max(1, _EPHEMERAL_LOW - _PORT_FLOOR))
+
+
 def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that is free now, not in the kernel's ephemeral range (so no
+    outgoing connection takes it meanwhile) and not handed out before by this test run."""
+    global _next_port
+    span = _EPHEMERAL_LOW - _PORT_FLOOR
+    for _ in range(span):
+        port = _next_port
+        _next_port = _PORT_FLOOR + (_next_port - _PORT_FLOOR + 1) % span
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free TCP port below the ephemeral range")
 
 
 def wait_for(pred, timeout: float = 15.0, interval: float = 0.05, what: str = "condition"):

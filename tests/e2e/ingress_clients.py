@@ -200,12 +200,6 @@ def ws_upgrade_raw(port: int, subprotocol: str | None, tls_ctx: ssl.SSLContext |
 # ---------------------------------------------------------------------------------------------
 # External programs.
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def websocat_bridge_args(local_port: int, ws_url: str) -> list[str]:
     """websocat listening on 127.0.0.1:local_port, each accepted TCP connection carried as
     binary messages over its own WebSocket (subprotocol ws-tunnel) to ws_url."""

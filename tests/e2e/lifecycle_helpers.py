@@ -63,17 +63,6 @@ def log_events(text: str, message: str) -> list[tuple[float, str]]:
     return out
 
 
-def start_gateway(env, **kw):
-    """env.gateway(**kw), tried again (up to 3 times) when a port picked by free_port() was
-    taken by someone else before the gateway bound it."""
-    for attempt in range(3):
-        try:
-            return env.gateway(**kw)
-        except AssertionError as e:
-            if "Address already in use" not in str(e) or attempt == 2:
-                raise
-
-
 NO_PROXY_ENV = {"HTTPS_PROXY": "", "HTTP_PROXY": "", "https_proxy": "", "http_proxy": "",
                 "NO_PROXY": "", "no_proxy": ""}
 

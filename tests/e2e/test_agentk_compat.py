@@ -28,7 +28,7 @@ import pytest
 
 import ingress_clients as ic
 import raw_h2
-from conftest import BIN, ROOT, wait_for
+from conftest import BIN, ROOT, free_port, wait_for
 from test_tunnel import api_request, start_agent, HttpUpstream
 
 SCHEMES = ("grpc", "grpcs", "ws", "wss")
@@ -238,7 +238,7 @@ def test_grpcio_gzip_with_url_authority_through_ws_tunnel_bridge(env, scheme):
     api = env.token("ci", kind="api", agents=["edge-py"])
     g = env.gateway()
     ws_url = g.url(scheme, "/-/kubernetes-agent/")
-    local = ic.free_port()
+    local = free_port()
     bridge = ic.websocat_bridge_args(local, ws_url)
     if scheme == "wss":
         bridge.insert(1, "--insecure")  # websocat has no CA option; the gateway's TLS is what we test elsewhere

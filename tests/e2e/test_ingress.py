@@ -20,7 +20,7 @@ from websockets.exceptions import ConnectionClosedError
 from websockets.sync.client import connect as ws_connect
 
 import ingress_clients as ic
-from conftest import BIN, wait_for
+from conftest import BIN, free_port, wait_for
 
 SCHEMES = ("grpc", "grpcs", "ws", "wss")
 REQUIRED_SERVICES = {"agentgate.v1.AgentSession", "agentgate.v1.Tunnel", "grpc.health.v1.Health"}
@@ -212,7 +212,7 @@ def test_foreign_clients_get_the_same_answers_on_every_transport(env):
         ("ws", f"ws://127.0.0.1:{g.clear_port}/", None),
         ("wss", f"wss://localhost:{g.port}/", {"SSL_CERT_FILE": str(ca), "SSL_CERT_DIR": "/nonexistent"}),
     ):
-        port = ic.free_port()
+        port = free_port()
         bridges[scheme] = (port, env.spawn(ic.websocat_bridge_args(port, url), f"websocat-{scheme}", env=wenv))
     for scheme, (port, proc) in bridges.items():
         def via_bridge(port=port, proc=proc):

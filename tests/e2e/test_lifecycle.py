@@ -34,7 +34,6 @@ from lifecycle_helpers import (
     log_events,
     plain,
     proxy_connect_status,
-    start_gateway,
     start_nginx_h1_tls_front,
 )
 
@@ -84,7 +83,7 @@ def test_auto_upgrades_ws_urls_to_direct_grpc(env, upstream):
     # Tokens first: the gateway sees the store as it is at start.
     api = env.token("api", kind="api")
     tok_s, tok_c = env.token_file("auto-wss"), env.token_file("auto-ws")
-    g = start_gateway(env, tls=True, cleartext=True)
+    g = env.gateway(tls=True, cleartext=True)
     a_s = env.agent(g.url("wss", "/agent"), tok_s, extra=["--upstream", upstream.url],
                     name="agent-wss", env=NO_PROXY_ENV)
     a_c = env.agent(g.url("ws", "/agent"), tok_c, extra=["--upstream", upstream.url],
@@ -148,7 +147,7 @@ def test_grpcs_url_through_nginx_without_http2_never_falls_back(env):
     terms of HTTP/2 / ALPN. nginx >= 1.21.4 answers an ALPN offer of only h2 with a
     no_application_protocol alert instead of completing the handshake without ALPN."""
     tok_ctl, tok_g = env.token_file("via-nginx-wss"), env.token_file("via-nginx-grpcs")
-    g = start_gateway(env, tls=True, cleartext=True)
+    g = env.gateway(tls=True, cleartext=True)
     _, ngx_port = start_nginx_h1_tls_front(env, env.certs["cert"], env.certs["key"], g.clear_port)
     env.agent(f"wss://localhost:{ngx_port}/", tok_ctl, name="agent-nginx-wss", env=NO_PROXY_ENV,
               extra=["--probe-timeout", "2s"])
@@ -174,7 +173,7 @@ def test_grpcs_url_through_nginx_without_http2_never_falls_back(env):
 
 def test_hanging_probe_falls_back_within_probe_timeout(env, proxies):
     tok = env.token_file("hang")
-    g = start_gateway(env, tls=True, cleartext=True)
+    g = env.gateway(tls=True, cleartext=True)
     p = SniffProxy(g.clear_port, swallow_h2=True)
     proxies.append(p)
     t0 = time.monotonic()
@@ -195,7 +194,7 @@ def test_hanging_probe_falls_back_within_probe_timeout(env, proxies):
 def test_reprobe_moves_to_grpc_during_a_download(env, upstream, proxies):
     api = env.token("api", kind="api")
     tok = env.token_file("mover")
-    g = start_gateway(env, tls=True, cleartext=True)
+    g = env.gateway(tls=True, cleartext=True)
     p = SniffProxy(g.clear_port, swallow_h2=True)
     proxies.append(p)
     a = env.agent(f"ws://127.0.0.1:{p.port}/agent", tok, name="agent-mover", env=NO_PROXY_ENV,
@@ -235,7 +234,7 @@ def test_egress_through_http_connect_proxy(env, upstream):
     api = env.token("api", kind="api")
     toks = {n: env.token_file(n) for n in ("px-grpcs", "px-wss", "px-bypass", "px-bypass-wss",
                                            "px-badauth", "px-noauth")}
-    g = start_gateway(env, tls=True, cleartext=True)
+    g = env.gateway(tls=True, cleartext=True)
     tp = TinyProxy(env, connect_ports=[g.port], basic_auth=("user", "pass"))
     target = f"localhost:{g.port}"
     via = {**NO_PROXY_ENV, "HTTPS_PROXY": f"http://user:pass@127.0.0.1:{tp.port}"}
@@ -378,7 +377,7 @@ class Prober:
 def test_max_connection_age_rotates_without_losing_downloads(env, upstream):
     api = env.token("api", kind="api")
     tok = env.token_file("aged")
-    g = start_gateway(env, tls=False, extra=["--set", 'max_connection_age="3s"',
+    g = env.gateway(tls=False, extra=["--set", 'max_connection_age="3s"',
                                       "--set", 'max_connection_age_grace="60s"'])
     a = env.agent(f"grpc://127.0.0.1:{g.port}", tok, name="agent-aged",
                   env=NO_PROXY_ENV, extra=["--upstream", upstream.url])
@@ -428,7 +427,7 @@ def test_max_connection_age_rotates_without_losing_downloads(env, upstream):
 def test_sigterm_cuts_no_download_mid_body(env, upstream):
     api = env.token("api", kind="api")
     tok = env.token_file("busy")
-    g = start_gateway(env, tls=False, extra=["--set", 'shutdown_grace="20s"'])
+    g = env.gateway(tls=False, extra=["--set", 'shutdown_grace="20s"'])
     env.agent(f"grpc://127.0.0.1:{g.port}", tok, name="agent-busy",
               env=NO_PROXY_ENV, extra=["--upstream", upstream.url])
     g.wait_agent("busy")
@@ -467,7 +466,7 @@ def test_sigterm_cuts_no_download_mid_body(env, upstream):
 def test_reconnect_spread_after_gateway_restart(env):
     n = 500
     tok = env.token_file("fleet")
-    g = start_gateway(env, tls=False)
+    g = env.gateway(tls=False)
     agents = [env.agent(f"grpc://127.0.0.1:{g.port}", tok, name=f"fleet-{i:03d}",
                         env=NO_PROXY_ENV, extra=["--backoff-initial", "2s", "--backoff-max", "8s"])
               for i in range(n)]
