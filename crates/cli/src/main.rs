@@ -49,7 +49,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway.
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// Run an agent.
     Agent(Box<AgentArgs>),
     /// Manage agent and API tokens.
@@ -123,6 +123,11 @@ struct ServerArgs {
     /// File with the secret shared by all replicas (cluster mode).
     #[arg(long)]
     internal_secret_file: Option<PathBuf>,
+    /// A gateway-side gRPC backend that agents call: SERVICE_PREFIX=URL, e.g.
+    /// runner.jobs.v1.=http://127.0.0.1:9000 (http:// for HTTP/2 without TLS, https:// for
+    /// TLS). Repeatable; added to the config file's [[backends]].
+    #[arg(long = "backend", value_name = "SERVICE_PREFIX=URL")]
+    backends: Vec<String>,
     /// Any setting as NAME=VALUE (TOML value syntax; durations like "5s"). Repeatable.
     #[arg(long = "set", value_name = "NAME=VALUE")]
     set: Vec<String>,
@@ -328,7 +333,26 @@ fn server_config(a: &ServerArgs) -> anyhow::Result<GatewayConfig> {
     if a.api_tls_key.is_some() {
         c.api_tls_key = a.api_tls_key.clone();
     }
+    for spec in &a.backends {
+        c.backends.push(backend_flag(spec)?);
+    }
     Ok(c)
+}
+
+/// `--backend SERVICE_PREFIX=URL`: a backend with every other setting at its default, named
+/// after its prefix.
+fn backend_flag(spec: &str) -> anyhow::Result<agentgate_gateway::config::BackendConfig> {
+    let (prefix, url) = spec
+        .split_once('=')
+        .filter(|(p, u)| !p.trim().is_empty() && !u.trim().is_empty())
+        .with_context(|| {
+            format!("--backend {spec:?}: expected SERVICE_PREFIX=URL, e.g. runner.jobs.v1.=http://127.0.0.1:9000")
+        })?;
+    Ok(agentgate_gateway::config::BackendConfig {
+        services: vec![prefix.trim().to_string()],
+        url: url.trim().to_string(),
+        ..Default::default()
+    })
 }
 
 fn agent_config(a: &AgentArgs) -> anyhow::Result<AgentConfig> {

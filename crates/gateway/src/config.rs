@@ -172,6 +172,67 @@ pub struct GatewayConfig {
     /// New agent connections (registrations) allowed per token per minute; 0 disables. Held
     /// in Redis in cluster mode, so it holds across replicas.
     pub connect_rate_limit_per_minute: u32,
+
+    /// gRPC services behind the gateway that agents (and any client holding an agent token)
+    /// call over the agent port, routed by service-name prefix (`[[backends]]` in TOML,
+    /// `--backend PREFIX=URL` on the command line). Empty: the port serves only its own
+    /// services.
+    pub backends: Vec<BackendConfig>,
+}
+
+/// One gateway-side gRPC service (or group of services) that agents call.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackendConfig {
+    /// What callers, logs and metrics call this backend (never its address). Default: the
+    /// first service prefix without its trailing dot.
+    pub name: String,
+    /// Prefixes of full service names (`runner.jobs.v1.` or `runner.jobs.v1.JobRouter`); a
+    /// call goes to the backend with the longest matching prefix.
+    pub services: Vec<String>,
+    /// `http://host:port` (HTTP/2 without TLS) or `https://host:port` (TLS with ALPN h2).
+    pub url: String,
+    /// CA certificates (PEM) that sign an `https://` backend's certificate; default: the
+    /// system's trust store.
+    pub ca_cert: Option<PathBuf>,
+    /// Name checked against an `https://` backend's certificate; default: the URL's host.
+    pub tls_server_name: Option<String>,
+    /// Deadline for the TCP connection and the TLS and HTTP/2 handshakes to the backend.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Calls one agent name may have in flight to this backend at once; more get
+    /// RESOURCE_EXHAUSTED. A long poll holds its place until it ends. 0: no limit.
+    pub max_calls_per_agent: u32,
+    /// A call still running after this long is ended by the gateway with UNAVAILABLE, which
+    /// gRPC clients retry, and cancelled at the backend. Set it below the idle and call
+    /// timeouts of the proxies in front (docs/backends.md) so long polls end on the
+    /// gateway's terms. `0s`: no limit.
+    #[serde(with = "humantime_serde")]
+    pub max_call_duration: Duration,
+    /// Calls carried at once by one HTTP/2 connection to the backend; past it the gateway
+    /// opens another (servers commonly allow 100 streams per connection).
+    pub max_calls_per_connection: u32,
+    /// A file holding a secret: when set, each call carries `agentgate-identity-signature`,
+    /// an HMAC-SHA256 over the identity metadata, the method and a timestamp, so the backend
+    /// can check that the identity came from the gateway (docs/backends.md).
+    pub signing_secret_file: Option<PathBuf>,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            services: Vec::new(),
+            url: String::new(),
+            ca_cert: None,
+            tls_server_name: None,
+            connect_timeout: Duration::from_secs(5),
+            max_calls_per_agent: 100,
+            max_call_duration: Duration::ZERO,
+            max_calls_per_connection: 100,
+            signing_secret_file: None,
+        }
+    }
 }
 
 impl Default for GatewayConfig {
@@ -232,6 +293,7 @@ impl Default for GatewayConfig {
             redis_timeout: Duration::from_secs(1),
             connect_rate_limit_per_minute: 600,
             memory_trim_interval: Duration::from_secs(10),
+            backends: Vec::new(),
         }
     }
 }

@@ -8,6 +8,7 @@
 mod admin;
 mod api;
 mod auth;
+pub mod backends;
 mod boxed_stream;
 pub mod cluster;
 pub mod config;
@@ -51,6 +52,8 @@ pub struct Gateway {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) directory: Arc<Directory>,
     pub(crate) tunnels: Arc<TunnelParking>,
+    /// Gateway-side gRPC services agents call (`[[backends]]`).
+    pub(crate) backends: Arc<backends::Backends>,
     /// Cluster mode (`--redis`): the registry and the internal API client.
     pub(crate) cluster: Option<Arc<cluster::Cluster>>,
     /// Per-token connect counts of the current minute (single-process mode).
@@ -90,6 +93,7 @@ impl Gateway {
 
     pub fn new(config: GatewayConfig) -> anyhow::Result<Arc<Self>> {
         let tokens = TokenStore::open(&config.tokens)?;
+        let backends = Arc::new(backends::Backends::new(&config.backends)?);
         let metrics = Arc::new(Metrics::default());
         let age = config.max_connection_age;
         let max_age = (!age.is_zero()).then_some(age);
@@ -135,6 +139,7 @@ impl Gateway {
             let _ = directory.presence.set(hook);
         }
         Ok(Arc::new(Self {
+            backends,
             cluster,
             connects: std::sync::Mutex::default(),
             tunnels: Arc::new(TunnelParking::new(metrics.clone(), max_age)),
@@ -392,8 +397,13 @@ pub async fn run_with(
     let server = builder
         .layer(rpc_layer::RpcObserveLayer {
             metrics: gw.metrics.clone(),
+            backends: gw.backends.clone(),
         })
         .layer(rpc_guard::RpcGuardLayer { gw: gw.clone() })
+        .layer(backends::route::BackendRouteLayer {
+            backends: gw.backends.clone(),
+            metrics: gw.metrics.clone(),
+        })
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

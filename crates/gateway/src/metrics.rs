@@ -129,6 +129,7 @@ pub struct Metrics {
     pub forwards: Family,
     pub internal_rejected: Family,
     pub connect_rate_limited: Family,
+    pub backend_calls: Family,
 }
 
 impl Default for Metrics {
@@ -219,6 +220,14 @@ impl Default for Metrics {
                 "counter",
                 &[],
             ),
+            backend_calls: Family::new(
+                "agentgate_backend_calls_total",
+                "Finished agent calls to gateway-side backends, by backend (its configured name), \
+                 outcome (answered, limited, unavailable, http_error, broken, \
+                 cancelled_by_backend, cancelled_by_caller, deadline, max_duration) and gRPC status.",
+                "counter",
+                &["backend", "outcome", "code"],
+            ),
         };
         m.registry_writes.set(&[], 0.0);
         m.internal_rejected.set(&[], 0.0);
@@ -259,6 +268,7 @@ impl Metrics {
             &self.forwards,
             &self.internal_rejected,
             &self.connect_rate_limited,
+            &self.backend_calls,
         ] {
             f.render(&mut out);
         }

@@ -18,6 +18,7 @@ use agentgate_transport::{ConnMeta, PRE_AUTH_LOG};
 use futures_util::future::{Either, Ready};
 use tonic::Status;
 
+use crate::backends::Backends;
 use crate::guarded_body::GuardedBody;
 use crate::Gateway;
 
@@ -32,28 +33,47 @@ pub const KNOWN_METHODS: [&str; 6] = [
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 ];
 
-/// The metric label of a request path: the method itself when the port serves it, `other`
-/// for anything else.
-pub fn method_label(path: &str) -> &'static str {
-    KNOWN_METHODS
-        .iter()
-        .find(|m| **m == path)
-        .copied()
-        .unwrap_or("other")
+/// The method label of calls to gateway-side backends (their own metric names the backend).
+pub const BACKEND_METHOD_LABEL: &str = "backend";
+
+/// The metric label of a request path: the method itself when the port serves it, `backend`
+/// for a backend's service, `other` for anything else.
+pub fn method_label(path: &str, backends: &Backends) -> &'static str {
+    if let Some(m) = KNOWN_METHODS.iter().find(|m| **m == path) {
+        return m;
+    }
+    if backends.find(path).is_some() {
+        return BACKEND_METHOD_LABEL;
+    }
+    "other"
 }
 
 /// Reason label when a call names a method the agent port does not serve.
 pub const REJECT_UNKNOWN_METHOD: &str = "unknown_method";
 
 /// The refusal for a method the agent port does not serve, or `None`.
-pub fn check_method(path: &str) -> Option<Status> {
-    if method_label(path) != "other" {
+pub fn check_method(path: &str, backends: &Backends) -> Option<Status> {
+    if method_label(path, backends) != "other" {
         return None;
     }
-    let shown: String = path.chars().take(128).collect();
+    let shown: String = match crate::backends::service_of(path) {
+        Some(service) => format!("service {service:?}"),
+        None => format!("method {path:?}"),
+    };
+    let shown: String = shown.chars().take(160).collect();
+    let mut served = String::new();
+    for prefix in backends.prefixes() {
+        served.push_str(&format!(", {prefix}*"));
+    }
+    let no_backend = if backends.is_empty() {
+        "no backend is configured"
+    } else {
+        "no backend matches"
+    };
     Some(Status::unimplemented(format!(
-        "agentgate: the agent port has no method {shown:?}; it serves agentgate.v1.AgentSession, \
-         agentgate.v1.Tunnel, grpc.health.v1.Health and server reflection"
+        "agentgate: the agent port does not serve {shown}: it is none of the gateway's own \
+         services and {no_backend}; it serves agentgate.v1.AgentSession, agentgate.v1.Tunnel, \
+         grpc.health.v1.Health, server reflection{served}"
     )))
 }
 
@@ -81,10 +101,11 @@ pub fn check_encoding(headers: &http::HeaderMap) -> Option<Status> {
     Some(status)
 }
 
-/// Methods that need an agent token; everything else the port serves (health, reflection)
-/// is open to anyone, within [`REJECT_UNAUTHENTICATED_CALLS`]'s limit.
-fn needs_token(path: &str) -> bool {
-    path.starts_with("/agentgate.v1.")
+/// Methods that need an agent token (the gateway's agent services and every backend's);
+/// everything else the port serves (health, reflection) is open to anyone, within
+/// [`REJECT_UNAUTHENTICATED_CALLS`]'s limit.
+fn needs_token(path: &str, backends: &Backends) -> bool {
+    path.starts_with("/agentgate.v1.") || backends.find(path).is_some()
 }
 
 /// Reason label when a connection is closed for too many refused calls before authenticating.
@@ -136,7 +157,7 @@ impl<S> RpcGuard<S> {
         self.count_refusal(conn);
         if let Some(suppressed) = PRE_AUTH_LOG.allow() {
             tracing::warn!(
-                method = %method_label(path),
+                method = %method_label(path, &self.gw.backends),
                 reason,
                 suppressed,
                 "agent call refused: {}",
@@ -184,7 +205,7 @@ impl<S> RpcGuard<S> {
     ) -> Result<(), http::Response<B>> {
         let id = self
             .gw
-            .authenticate_agent(req.headers(), conn, method_label(path))
+            .authenticate_agent(req.headers(), conn, method_label(path, &self.gw.backends))
             .map_err(|status| {
                 self.count_refusal(conn);
                 status.into_http()
@@ -203,13 +224,13 @@ impl<S> RpcGuard<S> {
         let Some(conn) = req.extensions().get::<Arc<ConnMeta>>().cloned() else {
             return Err(Status::internal("agentgate: connection metadata missing").into_http());
         };
-        if let Some(status) = check_method(&path) {
+        if let Some(status) = check_method(&path, &self.gw.backends) {
             return Err(self.refuse(&conn, REJECT_UNKNOWN_METHOD, &path, status));
         }
         if let Some(status) = check_encoding(req.headers()) {
             return Err(self.refuse(&conn, REJECT_UNSUPPORTED_ENCODING, &path, status));
         }
-        if needs_token(&path) {
+        if needs_token(&path, &self.gw.backends) {
             return self.authenticate(req, &conn, &path).map(|()| None);
         }
         if conn.agent.get().is_some() {
@@ -278,9 +299,10 @@ mod tests {
 
     #[test]
     fn only_served_methods_pass_and_others_are_labelled_other() {
+        let none = Backends::default();
         for m in KNOWN_METHODS {
-            assert!(check_method(m).is_none());
-            assert_eq!(method_label(m), m);
+            assert!(check_method(m, &none).is_none());
+            assert_eq!(method_label(m, &none), m);
         }
         let long = format!("/x.Y/{}", "z".repeat(10_000));
         for path in [
@@ -289,8 +311,8 @@ mod tests {
             "/",
             long.as_str(),
         ] {
-            assert_eq!(method_label(path), "other");
-            let s = check_method(path).expect("refused");
+            assert_eq!(method_label(path, &none), "other");
+            let s = check_method(path, &none).expect("refused");
             assert_eq!(s.code(), tonic::Code::Unimplemented);
             assert!(s.message().len() < 400, "remote input is cut short");
         }

@@ -10,11 +10,13 @@ use agentgate_transport::ConnMeta;
 use http_body::{Body, Frame};
 use pin_project_lite::pin_project;
 
+use crate::backends::Backends;
 use crate::metrics::Metrics;
 
 #[derive(Clone)]
 pub struct RpcObserveLayer {
     pub metrics: Arc<Metrics>,
+    pub backends: Arc<Backends>,
 }
 
 impl<S> tower::Layer<S> for RpcObserveLayer {
@@ -23,6 +25,7 @@ impl<S> tower::Layer<S> for RpcObserveLayer {
         RpcObserve {
             inner,
             metrics: self.metrics.clone(),
+            backends: self.backends.clone(),
         }
     }
 }
@@ -31,6 +34,7 @@ impl<S> tower::Layer<S> for RpcObserveLayer {
 pub struct RpcObserve<S> {
     inner: S,
     metrics: Arc<Metrics>,
+    backends: Arc<Backends>,
 }
 
 /// What is recorded when the RPC ends.
@@ -68,9 +72,14 @@ pub fn code_name(value: Option<&http::HeaderValue>) -> &'static str {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<i32>().ok());
     match code {
-        Some(c) => tonic::Code::from_i32(c).description_name(),
+        Some(c) => code_label(tonic::Code::from_i32(c)),
         None => "UNKNOWN",
     }
+}
+
+/// The name of a gRPC status code, as gRPC spells it (the `status` label of metrics).
+pub fn code_label(code: tonic::Code) -> &'static str {
+    code.description_name()
 }
 
 trait CodeName {
@@ -120,7 +129,7 @@ where
     fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
         let obs = Observation {
             metrics: self.metrics.clone(),
-            method: crate::rpc_guard::method_label(req.uri().path()),
+            method: crate::rpc_guard::method_label(req.uri().path(), &self.backends),
             conn: req.extensions().get::<Arc<ConnMeta>>().cloned(),
             started: Instant::now(),
         };

@@ -1,0 +1,642 @@
+//! One agent-initiated call, forwarded to its backend.
+//!
+//! The call streams both ways as HTTP/2 frames: messages are never decoded, so every call
+//! kind, compression and message size passes as the client sent it. What the gateway changes
+//! is the metadata: credentials go, verified identity comes in (and anything that merely
+//! claims to be identity goes first). What it adds is bounds: calls in flight per agent, an
+//! optional maximum duration, the caller's own deadline, and a sentence for every failure.
+
+use std::collections::HashMap;
+use std::error::Error as _;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use http::{HeaderMap, HeaderName, HeaderValue};
+use http_body::{Body, Frame};
+use hyper::body::Incoming;
+use pin_project_lite::pin_project;
+use tonic::{Code, Status};
+
+use super::pool::{CallBody, ConnLease};
+use super::Backend;
+use crate::auth::AgentIdentity;
+use crate::metrics::Metrics;
+
+/// Metadata names the gateway sets; any a caller sends is removed first.
+pub const AGENT_NAME_HEADER: &str = "agentgate-agent-name";
+pub const AGENT_INSTANCE_HEADER: &str = "agentgate-agent-instance";
+pub const TRANSPORT_HEADER: &str = "agentgate-transport";
+pub const SIGNATURE_HEADER: &str = "agentgate-identity-signature";
+pub const SIGNATURE_TIME_HEADER: &str = "agentgate-identity-timestamp";
+/// Every metadata name with this prefix is the gateway's to set.
+pub const RESERVED_PREFIX: &str = "agentgate-";
+
+/// Headers that describe one HTTP hop and never cross the gateway.
+const HOP_HEADERS: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "authorization",
+];
+
+/// Calls in flight per agent name to one backend.
+pub struct AgentCallLimits {
+    max: u32,
+    counts: Mutex<HashMap<String, u32>>,
+}
+
+impl AgentCallLimits {
+    pub fn new(max: u32) -> Self {
+        Self {
+            max,
+            counts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes a place for `agent`, or `None` at the limit. Only authenticated names reach
+    /// here, and a name's entry goes when its last call ends, so the map is bounded by the
+    /// agents with calls open.
+    fn try_take(backend: &Arc<Backend>, agent: &str) -> Option<AgentSlot> {
+        let limits = &backend.limits;
+        if limits.max > 0 {
+            let mut counts = limits.counts.lock().unwrap();
+            let n = counts.entry(agent.to_string()).or_insert(0);
+            if *n >= limits.max {
+                return None;
+            }
+            *n += 1;
+        }
+        Some(AgentSlot {
+            backend: backend.clone(),
+            agent: agent.to_string(),
+        })
+    }
+
+    /// Calls `agent` has in flight now.
+    pub fn in_flight(&self, agent: &str) -> u32 {
+        self.counts.lock().unwrap().get(agent).copied().unwrap_or(0)
+    }
+}
+
+/// One call's place in its agent's count.
+struct AgentSlot {
+    backend: Arc<Backend>,
+    agent: String,
+}
+
+impl Drop for AgentSlot {
+    fn drop(&mut self) {
+        let limits = &self.backend.limits;
+        if limits.max == 0 {
+            return;
+        }
+        let mut counts = limits.counts.lock().unwrap();
+        if let Some(n) = counts.get_mut(&self.agent) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.agent);
+            }
+        }
+    }
+}
+
+/// How a call ended, from the gateway's side: the `outcome` label of
+/// `agentgate_backend_calls_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    /// The backend answered with a status (any status: the backend's business).
+    Answered,
+    /// The agent had `max_calls_per_agent` calls open.
+    Limited,
+    /// No connection to the backend, or it failed before answering.
+    Unavailable,
+    /// The backend answered with an HTTP status instead of a gRPC one.
+    HttpError,
+    /// The backend reset the call mid-answer.
+    Broken,
+    /// The backend cancelled the call.
+    CancelledByBackend,
+    /// The caller went away (cancelled, or its connection ended).
+    CancelledByCaller,
+    /// The caller's deadline (`grpc-timeout`) passed.
+    Deadline,
+    /// `max_call_duration` passed.
+    MaxDuration,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Answered => "answered",
+            Outcome::Limited => "limited",
+            Outcome::Unavailable => "unavailable",
+            Outcome::HttpError => "http_error",
+            Outcome::Broken => "broken",
+            Outcome::CancelledByBackend => "cancelled_by_backend",
+            Outcome::CancelledByCaller => "cancelled_by_caller",
+            Outcome::Deadline => "deadline",
+            Outcome::MaxDuration => "max_duration",
+        }
+    }
+}
+
+/// What is recorded when the call ends: one metric sample, and a log line when the gateway
+/// (not the backend) decided the outcome.
+struct CallRecord {
+    backend: Arc<Backend>,
+    metrics: Arc<Metrics>,
+    agent: String,
+    method: String,
+    started: tokio::time::Instant,
+}
+
+impl CallRecord {
+    fn finish(self, outcome: Outcome, code: Code, detail: &str) {
+        let code_label = crate::rpc_layer::code_label(code);
+        self.metrics
+            .backend_calls
+            .inc(&[&self.backend.name, outcome.label(), code_label]);
+        let duration_ms = self.started.elapsed().as_millis() as u64;
+        let b = &self.backend;
+        match outcome {
+            Outcome::Answered => tracing::debug!(
+                backend = %b.name, agent = %self.agent, method = %self.method, code = code_label,
+                duration_ms, "backend call finished"
+            ),
+            Outcome::CancelledByCaller | Outcome::Deadline | Outcome::MaxDuration => {
+                tracing::info!(
+                    backend = %b.name, agent = %self.agent, method = %self.method,
+                    outcome = outcome.label(), duration_ms, "backend call ended: {detail}"
+                )
+            }
+            _ => tracing::warn!(
+                backend = %b.name, address = %b.pool.address(), agent = %self.agent,
+                method = %self.method, outcome = outcome.label(), duration_ms,
+                "backend call failed: {detail}"
+            ),
+        }
+    }
+
+    /// Ends the call before it reached the backend, with `status` for the caller.
+    fn refuse(self, outcome: Outcome, status: Status) -> http::Response<CallBody> {
+        self.finish(outcome, status.code(), status.message());
+        status.into_http()
+    }
+}
+
+/// Why the gateway's timer would end the call.
+#[derive(Clone, Copy)]
+enum TimerReason {
+    Deadline,
+    MaxDuration(Duration),
+}
+
+struct CallTimer {
+    at: tokio::time::Instant,
+    reason: TimerReason,
+}
+
+impl CallTimer {
+    /// The earlier of the caller's deadline and the backend's maximum call duration.
+    fn of(headers: &HeaderMap, max_duration: Duration) -> Option<Self> {
+        let now = tokio::time::Instant::now();
+        let deadline = headers
+            .get("grpc-timeout")
+            .and_then(|v| parse_grpc_timeout(v.as_bytes()))
+            .map(|d| CallTimer {
+                at: now + d,
+                reason: TimerReason::Deadline,
+            });
+        let max = (!max_duration.is_zero()).then(|| CallTimer {
+            at: now + max_duration,
+            reason: TimerReason::MaxDuration(max_duration),
+        });
+        match (deadline, max) {
+            (Some(d), Some(m)) => Some(if d.at <= m.at { d } else { m }),
+            (d, m) => d.or(m),
+        }
+    }
+
+    fn status(&self, backend: &str) -> (Outcome, Status) {
+        match self.reason {
+            TimerReason::Deadline => (
+                Outcome::Deadline,
+                Status::deadline_exceeded(format!(
+                    "agentgate: the call's deadline passed before backend {backend:?} finished"
+                )),
+            ),
+            TimerReason::MaxDuration(d) => (
+                Outcome::MaxDuration,
+                Status::unavailable(format!(
+                    "agentgate: the call reached backend {backend:?}'s max_call_duration of {}; \
+                     call again",
+                    humantime::format_duration(d)
+                )),
+            ),
+        }
+    }
+}
+
+/// `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n).
+pub fn parse_grpc_timeout(v: &[u8]) -> Option<Duration> {
+    let (unit, digits) = v.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The metadata the backend receives: the caller's, without credentials, hop headers or
+/// anything in the reserved prefix, plus verified identity.
+fn prepare_headers(headers: &mut HeaderMap, id: &AgentIdentity, backend: &Backend, path: &str) {
+    for name in HOP_HEADERS {
+        headers.remove(name);
+    }
+    let reserved: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with(RESERVED_PREFIX))
+        .cloned()
+        .collect();
+    for name in reserved {
+        headers.remove(&name);
+    }
+    let instance = id.conn.instance.get().map(String::as_str);
+    let transport = id.conn.kind.as_str();
+    let set = |headers: &mut HeaderMap, name: &'static str, value: &str| {
+        // Names and instance ids come from our token store and our own registration
+        // checks; a value that is not a valid header is left out rather than mangled.
+        if let Ok(v) = HeaderValue::from_str(value) {
+            headers.insert(name, v);
+        }
+    };
+    set(headers, AGENT_NAME_HEADER, &id.name);
+    if let Some(instance) = instance {
+        set(headers, AGENT_INSTANCE_HEADER, instance);
+    }
+    set(headers, TRANSPORT_HEADER, transport);
+    if let Some(secret) = &backend.signing_secret {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+            .to_string();
+        let sig = identity_signature(
+            secret,
+            &now,
+            path,
+            &id.name,
+            instance.unwrap_or(""),
+            transport,
+        );
+        set(headers, SIGNATURE_TIME_HEADER, &now);
+        set(headers, SIGNATURE_HEADER, &sig);
+    }
+}
+
+/// `v1=` and the hex HMAC-SHA256 of the identity as docs/backends.md spells it: the lines
+/// `v1`, timestamp, method path, agent name, instance (empty if none), transport, joined by
+/// `\n`.
+pub fn identity_signature(
+    secret: &[u8],
+    timestamp: &str,
+    path: &str,
+    agent: &str,
+    instance: &str,
+    transport: &str,
+) -> String {
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret).expect("HMAC takes any key size");
+    mac.update(format!("v1\n{timestamp}\n{path}\n{agent}\n{instance}\n{transport}").as_bytes());
+    format!("v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// The gRPC status for a backend that answered with an HTTP status and no gRPC status, as
+/// gRPC's own HTTP-to-status table maps it.
+fn status_for_http(backend: &str, status: http::StatusCode) -> Status {
+    let code = match status.as_u16() {
+        400 => Code::Internal,
+        401 => Code::Unauthenticated,
+        403 => Code::PermissionDenied,
+        404 => Code::Unimplemented,
+        429 | 502..=504 => Code::Unavailable,
+        _ => Code::Unknown,
+    };
+    Status::new(
+        code,
+        format!("agentgate: backend {backend:?} answered HTTP {status} instead of a gRPC status"),
+    )
+}
+
+/// Forwards one authenticated call to `backend` and returns the answer to stream back. Never
+/// fails: every failure is a gRPC status with a sentence for the caller.
+pub async fn forward(
+    backend: Arc<Backend>,
+    id: AgentIdentity,
+    metrics: Arc<Metrics>,
+    req: http::Request<CallBody>,
+) -> http::Response<CallBody> {
+    let path = req.uri().path().to_string();
+    let record = CallRecord {
+        backend: backend.clone(),
+        metrics,
+        agent: id.name.clone(),
+        method: path.clone(),
+        started: tokio::time::Instant::now(),
+    };
+    let name = backend.name.as_str();
+    let Some(slot) = AgentCallLimits::try_take(&backend, &id.name) else {
+        let max = backend.config.max_calls_per_agent;
+        return record.refuse(
+            Outcome::Limited,
+            Status::resource_exhausted(format!(
+                "agentgate: agent {:?} already has {max} calls open to backend {name:?} (its \
+                 max_calls_per_agent); wait for one to end",
+                id.name
+            )),
+        );
+    };
+    let timer = CallTimer::of(req.headers(), backend.config.max_call_duration);
+    let (mut parts, body) = req.into_parts();
+    prepare_headers(&mut parts.headers, &id, &backend, &path);
+    let mut uri = http::Uri::builder()
+        .scheme(backend.pool.scheme().clone())
+        .authority(backend.pool.address().clone());
+    if let Some(pq) = parts.uri.path_and_query() {
+        uri = uri.path_and_query(pq.clone());
+    }
+    parts.uri = match uri.build() {
+        Ok(u) => u,
+        Err(_) => {
+            return record.refuse(
+                Outcome::Unavailable,
+                Status::internal("agentgate: the method path is not a valid URI"),
+            )
+        }
+    };
+    parts.version = http::Version::HTTP_2;
+    parts.extensions = http::Extensions::new();
+    let request = http::Request::from_parts(parts, body);
+
+    let sent = async {
+        let (mut sender, lease) = backend.pool.lease().await.map_err(|e| {
+            let why = format!("cannot reach it ({e})");
+            (why, None)
+        })?;
+        let resp = sender.send_request(request).await.map_err(|e| {
+            let why = match reset_reason(&e) {
+                Some(r) => format!("it reset the call before answering ({r})"),
+                None => format!("the call failed before an answer ({e})"),
+            };
+            (why, Some(()))
+        })?;
+        Ok::<_, (String, Option<()>)>((resp, lease))
+    };
+    let answered = match &timer {
+        Some(t) => match tokio::time::timeout_at(t.at, sent).await {
+            Ok(r) => r,
+            Err(_) => {
+                let (outcome, status) = t.status(name);
+                return record.refuse(outcome, status);
+            }
+        },
+        None => sent.await,
+    };
+    let (resp, lease) = match answered {
+        Ok(r) => r,
+        Err((why, _)) => {
+            return record.refuse(
+                Outcome::Unavailable,
+                Status::unavailable(format!(
+                    "agentgate: backend {name:?} is unavailable: {why}; try again later"
+                )),
+            );
+        }
+    };
+    let (mut head, body) = resp.into_parts();
+    if head.status != http::StatusCode::OK && !head.headers.contains_key("grpc-status") {
+        let status = status_for_http(name, head.status);
+        return record.refuse(Outcome::HttpError, status);
+    }
+    for name in HOP_HEADERS {
+        head.headers.remove(name);
+    }
+    // A trailers-only answer: the status is in the head and the call is over.
+    if let Some(code) = head.headers.get("grpc-status") {
+        let code = grpc_code(code);
+        record.finish(Outcome::Answered, code, "");
+        return http::Response::from_parts(head, CallBody::empty());
+    }
+    let body = AnswerBody {
+        inner: Some(body),
+        timer: timer.map(|t| (Box::pin(tokio::time::sleep_until(t.at)), t)),
+        record: Some(record),
+        _slot: slot,
+        _lease: lease,
+    };
+    http::Response::from_parts(head, CallBody::new(body))
+}
+
+fn grpc_code(v: &HeaderValue) -> Code {
+    v.to_str()
+        .ok()
+        .and_then(|s| s.parse::<i32>().ok())
+        .map_or(Code::Unknown, Code::from_i32)
+}
+
+/// The HTTP/2 reset code inside a hyper error, if the peer reset the stream.
+fn reset_reason(e: &hyper::Error) -> Option<h2::Reason> {
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return h2.reason();
+        }
+        source = s.source();
+    }
+    None
+}
+
+fn trailers(status: &Status) -> Frame<Bytes> {
+    let mut map = HeaderMap::new();
+    let _ = status.add_header(&mut map);
+    Frame::trailers(map)
+}
+
+pin_project! {
+    /// The backend's answer on its way to the caller. It ends the call with a status when
+    /// the timer fires or the backend breaks the stream, and records the outcome once.
+    struct AnswerBody {
+        inner: Option<Incoming>,
+        timer: Option<(Pin<Box<tokio::time::Sleep>>, CallTimer)>,
+        record: Option<CallRecord>,
+        _slot: AgentSlot,
+        _lease: ConnLease,
+    }
+    impl PinnedDrop for AnswerBody {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(record) = this.project().record.take() {
+                record.finish(
+                    Outcome::CancelledByCaller,
+                    Code::Cancelled,
+                    "the caller went away; the call is cancelled at the backend",
+                );
+            }
+        }
+    }
+}
+
+impl AnswerBody {
+    /// Ends the call on the gateway's terms: the backend's stream is reset (dropped), the
+    /// caller gets `status` as trailers.
+    fn end(
+        self: Pin<&mut Self>,
+        outcome: Outcome,
+        status: Status,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::convert::Infallible>>> {
+        let this = self.project();
+        *this.inner = None;
+        *this.timer = None;
+        if let Some(record) = this.record.take() {
+            record.finish(outcome, status.code(), status.message());
+        }
+        Poll::Ready(Some(Ok(trailers(&status))))
+    }
+}
+
+impl Body for AnswerBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.as_mut().project();
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let name = this
+            .record
+            .as_ref()
+            .map(|r| r.backend.name.clone())
+            .unwrap_or_default();
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(t) = frame.trailers_ref() {
+                    let code = t.get("grpc-status").map_or(Code::Unknown, grpc_code);
+                    if let Some(record) = this.record.take() {
+                        record.finish(Outcome::Answered, code, "");
+                    }
+                }
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let (outcome, status) = match reset_reason(&e) {
+                    Some(h2::Reason::CANCEL) => (
+                        Outcome::CancelledByBackend,
+                        Status::cancelled(format!(
+                            "agentgate: backend {name:?} cancelled the call"
+                        )),
+                    ),
+                    _ => (
+                        Outcome::Broken,
+                        Status::unavailable(format!(
+                            "agentgate: backend {name:?} broke off the call ({e}); call again"
+                        )),
+                    ),
+                };
+                return self.end(outcome, status);
+            }
+            Poll::Ready(None) => {
+                *this.inner = None;
+                if let Some(record) = this.record.take() {
+                    // An answer without trailers: the backend broke gRPC's framing.
+                    record.finish(
+                        Outcome::Broken,
+                        Code::Unknown,
+                        "the answer ended without a status",
+                    );
+                }
+                return Poll::Ready(None);
+            }
+            Poll::Pending => {}
+        }
+        if let Some((sleep, timer)) = this.timer.as_mut() {
+            if sleep.as_mut().poll(cx).is_ready() {
+                let (outcome, status) = timer.status(&name);
+                return self.end(outcome, status);
+            }
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_in_every_unit_and_garbage_does_not() {
+        assert_eq!(parse_grpc_timeout(b"2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_grpc_timeout(b"3M"), Some(Duration::from_secs(180)));
+        assert_eq!(parse_grpc_timeout(b"10S"), Some(Duration::from_secs(10)));
+        assert_eq!(
+            parse_grpc_timeout(b"250m"),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(parse_grpc_timeout(b"7u"), Some(Duration::from_micros(7)));
+        assert_eq!(
+            parse_grpc_timeout(b"99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
+        for bad in [&b""[..], b"S", b"123456789S", b"10x", b"-1S", b"1.5S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_signature_covers_every_identity_field() {
+        let s = |t, p, a, i, tr| {
+            identity_signature(b"0123456789abcdef0123456789abcdef", t, p, a, i, tr)
+        };
+        let base = s("1", "/a.B/C", "edge", "i1", "grpc");
+        assert!(base.starts_with("v1=") && base.len() == 3 + 64);
+        for other in [
+            s("2", "/a.B/C", "edge", "i1", "grpc"),
+            s("1", "/a.B/D", "edge", "i1", "grpc"),
+            s("1", "/a.B/C", "edgf", "i1", "grpc"),
+            s("1", "/a.B/C", "edge", "i2", "grpc"),
+            s("1", "/a.B/C", "edge", "i1", "wss"),
+        ] {
+            assert_ne!(other, base);
+        }
+    }
+
+    #[test]
+    fn http_statuses_map_as_grpc_does() {
+        let code = |s: u16| status_for_http("b", http::StatusCode::from_u16(s).unwrap()).code();
+        assert_eq!(code(404), Code::Unimplemented);
+        assert_eq!(code(503), Code::Unavailable);
+        assert_eq!(code(401), Code::Unauthenticated);
+        assert_eq!(code(500), Code::Unknown);
+    }
+}

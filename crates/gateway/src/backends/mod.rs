@@ -1,0 +1,237 @@
+//! Gateway-side gRPC backends: services behind the gateway that agents call OUT to over their
+//! connection (a runner asking a job router for work), routed by service-name prefix.
+//!
+//! A call's path on the agent port: `rpc_guard` authenticates the agent token from the
+//! headers; [`route::BackendRouteLayer`] sees that the method's service matches a backend
+//! ([`Backends::find`]) and hands the call to [`call::forward`], which replaces credentials
+//! with verified identity and streams the call to a connection of the backend's
+//! [`pool::BackendPool`]. Every other call goes on to the gateway's own services.
+
+pub mod call;
+pub mod pool;
+pub mod route;
+
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use crate::config::BackendConfig;
+
+/// Service-name prefixes the gateway serves itself; no backend may claim them.
+const OWN_SERVICES: [&str; 3] = ["agentgate.", "grpc.health.", "grpc.reflection."];
+
+/// A backend configuration the gateway cannot start with. Each says which backend and what
+/// to change.
+#[derive(Debug, Error)]
+pub enum BackendConfigError {
+    #[error(
+        "backend {name:?}: set at least one service prefix (services = [\"runner.jobs.v1.\"])"
+    )]
+    NoServices { name: String },
+    #[error("backend {name:?}: url {url:?} must be http://host:port (HTTP/2 without TLS) or https://host:port")]
+    BadUrl { name: String, url: String },
+    #[error("backend {name:?}: service prefix {prefix:?} is one the gateway serves itself")]
+    OwnService { name: String, prefix: String },
+    #[error("backends {first:?} and {second:?} both claim service prefix {prefix:?}")]
+    DuplicatePrefix {
+        first: String,
+        second: String,
+        prefix: String,
+    },
+    #[error("two backends are named {name:?}; names label metrics and must differ")]
+    DuplicateName { name: String },
+    #[error("backend {name:?}: {what}")]
+    Tls { name: String, what: String },
+    #[error("backend {name:?}: cannot read signing_secret_file {path}: {source}")]
+    Secret {
+        name: String,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("backend {name:?}: signing_secret_file {path} holds fewer than 32 bytes")]
+    ShortSecret { name: String, path: String },
+}
+
+/// One configured backend: its name, its prefixes, and the connections to it.
+pub struct Backend {
+    pub name: String,
+    pub config: BackendConfig,
+    pub pool: pool::BackendPool,
+    pub(crate) limits: call::AgentCallLimits,
+    pub(crate) signing_secret: Option<Vec<u8>>,
+}
+
+/// Every configured backend, and the routing table from service prefixes to them.
+#[derive(Default)]
+pub struct Backends {
+    /// (prefix, backend), longest prefix first, so the first match is the best one.
+    routes: Vec<(String, Arc<Backend>)>,
+    all: Vec<Arc<Backend>>,
+}
+
+impl Backends {
+    /// Checks the configuration and prepares each backend (no connection is made yet: a
+    /// backend may start after the gateway).
+    pub fn new(configs: &[BackendConfig]) -> Result<Self, BackendConfigError> {
+        let mut routes: Vec<(String, Arc<Backend>)> = Vec::new();
+        let mut all: Vec<Arc<Backend>> = Vec::new();
+        for cfg in configs {
+            let mut cfg = cfg.clone();
+            if cfg.name.is_empty() {
+                cfg.name = cfg
+                    .services
+                    .first()
+                    .map(|p| p.trim_end_matches('.').to_string())
+                    .unwrap_or_else(|| cfg.url.clone());
+            }
+            let name = cfg.name.clone();
+            if cfg.services.is_empty() || cfg.services.iter().any(|p| p.is_empty()) {
+                return Err(BackendConfigError::NoServices { name });
+            }
+            if all.iter().any(|b| b.name == name) {
+                return Err(BackendConfigError::DuplicateName { name });
+            }
+            for prefix in &cfg.services {
+                if OWN_SERVICES
+                    .iter()
+                    .any(|own| prefix.starts_with(own) || own.starts_with(prefix.as_str()))
+                {
+                    return Err(BackendConfigError::OwnService {
+                        name,
+                        prefix: prefix.clone(),
+                    });
+                }
+                if let Some((_, other)) = routes.iter().find(|(p, _)| p == prefix) {
+                    return Err(BackendConfigError::DuplicatePrefix {
+                        first: other.name.clone(),
+                        second: name,
+                        prefix: prefix.clone(),
+                    });
+                }
+            }
+            let signing_secret = match &cfg.signing_secret_file {
+                None => None,
+                Some(path) => {
+                    let secret =
+                        std::fs::read(path).map_err(|source| BackendConfigError::Secret {
+                            name: name.clone(),
+                            path: path.display().to_string(),
+                            source,
+                        })?;
+                    let secret = secret.trim_ascii().to_vec();
+                    if secret.len() < 32 {
+                        return Err(BackendConfigError::ShortSecret {
+                            name,
+                            path: path.display().to_string(),
+                        });
+                    }
+                    Some(secret)
+                }
+            };
+            let backend = Arc::new(Backend {
+                pool: pool::BackendPool::new(&cfg)?,
+                limits: call::AgentCallLimits::new(cfg.max_calls_per_agent),
+                name,
+                signing_secret,
+                config: cfg,
+            });
+            for prefix in &backend.config.services {
+                routes.push((prefix.clone(), backend.clone()));
+            }
+            all.push(backend);
+        }
+        routes.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+        Ok(Self { routes, all })
+    }
+
+    /// The backend for a request path `/package.Service/Method`, if any claims its service.
+    pub fn find(&self, path: &str) -> Option<&Arc<Backend>> {
+        let service = service_of(path)?;
+        self.routes
+            .iter()
+            .find(|(prefix, _)| service.starts_with(prefix.as_str()))
+            .map(|(_, b)| b)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.all.is_empty()
+    }
+
+    /// The configured prefixes, for the sentence that tells a caller what is served.
+    pub fn prefixes(&self) -> impl Iterator<Item = &str> {
+        self.routes.iter().map(|(p, _)| p.as_str())
+    }
+}
+
+/// The service part of `/package.Service/Method`.
+pub fn service_of(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix('/')?;
+    let (service, method) = rest.split_once('/')?;
+    (!service.is_empty() && !method.is_empty() && !method.contains('/')).then_some(service)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(services: &[&str], url: &str) -> BackendConfig {
+        BackendConfig {
+            services: services.iter().map(|s| s.to_string()).collect(),
+            url: url.into(),
+            ..BackendConfig::default()
+        }
+    }
+
+    #[test]
+    fn the_longest_prefix_wins_and_other_services_match_nothing() {
+        let b = Backends::new(&[
+            backend(&["runner."], "http://127.0.0.1:1"),
+            backend(&["runner.jobs.v1."], "http://127.0.0.1:2"),
+        ])
+        .unwrap();
+        let name = |p: &str| b.find(p).map(|b| b.name.clone());
+        assert_eq!(
+            name("/runner.jobs.v1.JobRouter/GetJob").as_deref(),
+            Some("runner.jobs.v1")
+        );
+        assert_eq!(name("/runner.cache.v1.C/Get").as_deref(), Some("runner"));
+        assert_eq!(name("/other.v1.X/Y"), None);
+        assert_eq!(name("/runner.jobs.v1.JobRouter"), None, "no method");
+        assert_eq!(name("runner.jobs.v1.JobRouter/GetJob"), None);
+    }
+
+    #[test]
+    fn bad_configurations_are_refused_with_a_sentence() {
+        let cases = [
+            (vec![backend(&[], "http://h:1")], "at least one service"),
+            (vec![backend(&["a."], "grpc://h:1")], "must be http://"),
+            (vec![backend(&["a."], "http://")], "must be http://"),
+            (
+                vec![backend(&["agentgate.v1."], "http://h:1")],
+                "serves itself",
+            ),
+            (vec![backend(&["grpc."], "http://h:1")], "serves itself"),
+            (
+                vec![
+                    backend(&["a."], "http://h:1"),
+                    BackendConfig {
+                        name: "other".into(),
+                        ..backend(&["a."], "http://h:2")
+                    },
+                ],
+                "both claim",
+            ),
+            (
+                vec![
+                    backend(&["a."], "http://h:1"),
+                    backend(&["a."], "http://h:2"),
+                ],
+                "named",
+            ),
+        ];
+        for (configs, want) in cases {
+            let err = Backends::new(&configs).err().expect("refused").to_string();
+            assert!(err.contains(want), "{err:?} should say {want:?}");
+        }
+    }
+}
