@@ -76,6 +76,9 @@ pub struct AgentConfig {
     pub local_ip: Option<std::net::IpAddr>,
     /// Explicit egress proxy (`http://[user:pass@]host:port`); otherwise the environment.
     pub proxy: Option<String>,
+    /// Sidecar mode: a loopback gRPC listener whose calls go to the gateway's backends over
+    /// this agent's connection, as this agent (`--local-listen`).
+    pub local_listen: Option<std::net::SocketAddr>,
 
     /// HTTP upstreams by name (`default` for a bare URL).
     pub http_upstreams: Vec<(String, url::Url)>,
@@ -124,6 +127,7 @@ impl AgentConfig {
             insecure_skip_tls_verify: false,
             headers: vec![],
             proxy: None,
+            local_listen: None,
             local_ip: None,
             http_upstreams: vec![],
             grpc_upstream: None,

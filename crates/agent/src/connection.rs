@@ -30,20 +30,29 @@ use crate::upstream::Upstreams;
 
 /// Adds the agent's credentials and extra metadata to every call.
 pub struct CallCredentials {
-    authorization: AsciiMetadataValue,
+    authorization: http::HeaderValue,
     pub instance_id: String,
-    extra: Vec<(AsciiMetadataKey, AsciiMetadataValue)>,
+    /// Checked at start to be valid ASCII gRPC metadata.
+    extra: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 impl CallCredentials {
     pub fn request<T>(&self, msg: T) -> Request<T> {
-        let mut req = Request::new(msg);
-        let md = req.metadata_mut();
-        md.insert("authorization", self.authorization.clone());
+        let mut headers = http::HeaderMap::new();
+        self.apply(&mut headers);
+        Request::from_parts(
+            tonic::metadata::MetadataMap::from_headers(headers),
+            Default::default(),
+            msg,
+        )
+    }
+
+    /// Puts the agent's token (replacing any other) and extra metadata on a call's headers.
+    pub fn apply(&self, headers: &mut http::HeaderMap) {
+        headers.insert(http::header::AUTHORIZATION, self.authorization.clone());
         for (k, v) in &self.extra {
-            md.append(k.clone(), v.clone());
+            headers.append(k.clone(), v.clone());
         }
-        req
     }
 }
 
@@ -73,6 +82,8 @@ pub enum ConnectError {
 /// One live, registered connection to the gateway.
 struct Connection {
     transport: TransportKind,
+    /// The HTTP/2 connection itself, for local calls in sidecar mode.
+    channel: Channel,
     url: ServerUrl,
     /// None once retired.
     session: Option<Streaming<SessionEvent>>,
@@ -172,26 +183,22 @@ impl Dialer {
             None
         };
         let bearer = format!("Bearer {}", cfg.token);
+        let authorization = http::HeaderValue::from_str(&bearer)
+            .map_err(|_| anyhow::anyhow!("the agent token contains invalid characters"))?;
         let mut upgrade_headers = http::HeaderMap::new();
-        upgrade_headers.insert(
-            http::header::AUTHORIZATION,
-            http::HeaderValue::from_str(&bearer)
-                .map_err(|_| anyhow::anyhow!("the agent token contains invalid characters"))?,
-        );
+        upgrade_headers.insert(http::header::AUTHORIZATION, authorization.clone());
         let mut extra = vec![];
         for (k, v) in &cfg.headers {
             let name = http::HeaderName::from_bytes(k.as_bytes())
                 .map_err(|_| anyhow::anyhow!("invalid header name {k:?}"))?;
             let value = http::HeaderValue::from_str(v)
                 .map_err(|_| anyhow::anyhow!("invalid value for header {k:?}"))?;
-            upgrade_headers.append(name, value);
-            extra.push((
-                AsciiMetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes())
-                    .map_err(|_| anyhow::anyhow!("header {k:?} cannot be gRPC metadata"))?,
-                AsciiMetadataValue::try_from(v.as_str()).map_err(|_| {
-                    anyhow::anyhow!("value of header {k:?} cannot be gRPC metadata")
-                })?,
-            ));
+            AsciiMetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes())
+                .map_err(|_| anyhow::anyhow!("header {k:?} cannot be gRPC metadata"))?;
+            AsciiMetadataValue::try_from(v.as_str())
+                .map_err(|_| anyhow::anyhow!("value of header {k:?} cannot be gRPC metadata"))?;
+            upgrade_headers.append(name.clone(), value.clone());
+            extra.push((name, value));
         }
         let proxy = cfg.proxy.as_deref().map(ProxyConfig::parse).transpose()?;
         let dial = DialSettings {
@@ -205,8 +212,7 @@ impl Dialer {
             local_ip: cfg.local_ip,
         };
         let auth = Arc::new(CallCredentials {
-            authorization: AsciiMetadataValue::try_from(bearer.as_str())
-                .map_err(|_| anyhow::anyhow!("the agent token contains invalid characters"))?,
+            authorization,
             instance_id: cfg.instance_id.clone(),
             extra,
         });
@@ -319,7 +325,7 @@ impl Dialer {
         // Cancelled by a GOAWAY, or by the pool when the connection takes no new streams.
         let broken = goaway;
         tokio::spawn(run_pool(
-            channel,
+            channel.clone(),
             self.auth.clone(),
             self.cfg.pool.clone(),
             self.upstreams.clone(),
@@ -328,6 +334,7 @@ impl Dialer {
         ));
         Ok(Connection {
             transport,
+            channel,
             url: url.clone(),
             session: Some(session),
             pool_stop,
@@ -384,6 +391,20 @@ pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> anyhow::Result<()
         grpc_upstream = ctx.upstreams.has_grpc(),
         "agent starting"
     );
+    // Sidecar mode: local calls take whichever connection is current.
+    let (current, current_rx) = tokio::sync::watch::channel(None);
+    let local = match cfg.local_listen {
+        None => None,
+        Some(addr) => {
+            let listener = crate::local_listener::bind(addr).await?;
+            Some(tokio::spawn(crate::local_listener::serve(
+                listener,
+                current_rx,
+                ctx.auth.clone(),
+                stop.clone(),
+            )))
+        }
+    };
     let mut backoff = Backoff::new(cfg.backoff_initial, cfg.backoff_max);
     while !stop.is_cancelled() {
         match ctx.connect_preferred().await {
@@ -394,6 +415,7 @@ pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> anyhow::Result<()
                 _ => tracing::warn!("cannot connect: {e}"),
             },
             Ok((mut conn, mut on_fallback)) => {
+                current.send_replace(Some(conn.channel.clone()));
                 let (end, planned) = loop {
                     let reprobe = jittered(cfg.reprobe_interval, 0.2);
                     let broken = conn.broken.clone();
@@ -433,6 +455,7 @@ pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> anyhow::Result<()
                         }
                     };
                     if let Some((new, fallback)) = moved {
+                        current.send_replace(Some(new.channel.clone()));
                         conn.retire();
                         conn = new;
                         on_fallback = fallback;
@@ -440,6 +463,7 @@ pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> anyhow::Result<()
                 };
                 let lived = conn.since.elapsed();
                 tracing::info!(transport = %conn.transport, lived_ms = lived.as_millis() as u64, "disconnected: {end}");
+                current.send_replace(None);
                 conn.retire();
                 // A clean end (max age, shutdown) is not a failure: reconnect within the first
                 // backoff step, jittered, instead of growing the delay.
@@ -460,6 +484,9 @@ pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> anyhow::Result<()
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep(delay) => {}
         }
+    }
+    if let Some(local) = local {
+        let _ = local.await;
     }
     tracing::info!("agent stopped");
     Ok(())

@@ -5,6 +5,7 @@
 mod backoff;
 pub mod config;
 mod connection;
+mod local_listener;
 mod pool;
 mod upstream;
 

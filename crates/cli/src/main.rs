@@ -207,6 +207,11 @@ struct AgentArgs {
     /// Idle lifetime of surplus tunnels.
     #[arg(long, value_parser = humantime::parse_duration)]
     pool_idle_lifetime: Option<Duration>,
+    /// Sidecar mode: listen here (loopback; a bare PORT means 127.0.0.1:PORT) for gRPC calls
+    /// from local processes, and send them to the gateway's backends over this agent's
+    /// connection, as this agent. They need no token of their own.
+    #[arg(long, value_name = "ADDR", value_parser = parse_local_listen)]
+    local_listen: Option<std::net::SocketAddr>,
     /// Tunnel protocol version to announce (1 behaves like agents before 0.2; for testing).
     #[arg(long, hide = true, value_parser = clap::value_parser!(u32).range(1..=2))]
     tunnel_protocol: Option<u32>,
@@ -355,6 +360,15 @@ fn backend_flag(spec: &str) -> anyhow::Result<agentgate_gateway::config::Backend
     })
 }
 
+/// `--local-listen`: `host:port`, or a bare port on 127.0.0.1.
+fn parse_local_listen(s: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    s.parse()
+        .map_err(|_| format!("{s:?} is neither host:port (127.0.0.1:9100) nor a port"))
+}
+
 fn agent_config(a: &AgentArgs) -> anyhow::Result<AgentConfig> {
     let server = ServerUrl::parse(&a.server)?;
     let token = match (&a.token_file, std::env::var("AGENTGATE_TOKEN")) {
@@ -385,6 +399,7 @@ fn agent_config(a: &AgentArgs) -> anyhow::Result<AgentConfig> {
         c.headers.push((k.trim().to_string(), v.trim().to_string()));
     }
     c.proxy = a.proxy.clone();
+    c.local_listen = a.local_listen;
     for u in &a.upstreams {
         let (name, url) = match u.split_once('=') {
             Some((n, url)) if !n.contains("://") => (n.to_string(), url),

@@ -1,0 +1,151 @@
+//! Sidecar mode (`--local-listen`): processes next to the agent (a runner, an admission
+//! controller, a script) make gRPC calls to the gateway's backends through the agent's own
+//! connection, without a token or a connection of their own.
+//!
+//! The listener speaks HTTP/2 without TLS and hands each call, frames untouched, to the
+//! agent's current connection with the agent's credentials in place of anything the local
+//! caller sent. The gateway authenticates it as the agent's call and names the agent to the
+//! backend. When the agent moves to a new connection, new calls take the new one; calls in
+//! flight finish on the old.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::body::Body;
+use tonic::transport::Channel;
+use tower::{Service, ServiceExt};
+
+use crate::connection::CallCredentials;
+
+/// How long a local call waits for the agent to be connected (it may be reconnecting)
+/// before it is answered UNAVAILABLE.
+pub const WAIT_FOR_CONNECTION: Duration = Duration::from_secs(10);
+/// HTTP/2 streams one local connection may open.
+const LOCAL_MAX_CONCURRENT_STREAMS: u32 = 1000;
+/// Local calls in flight after the agent stops get this long to finish.
+const LOCAL_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Metadata names the gateway reserves for identity: a local caller's are removed here too,
+/// so that what it sends never even reaches the gateway.
+const RESERVED_PREFIX: &str = "agentgate-";
+
+/// The agent's current connection to the gateway, for local calls: `None` while it has none.
+pub type CurrentChannel = watch::Receiver<Option<Channel>>;
+
+/// Binds `addr`; refuses to start if it cannot, and warns when it is not loopback.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen for local gRPC calls on {addr}: {e}"))?;
+    if !addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "the local listener is not on a loopback address: any process that reaches it \
+             calls the gateway's backends as this agent. Bind it to 127.0.0.1 unless that is \
+             what you want"
+        );
+    }
+    Ok(listener)
+}
+
+/// Serves local calls until `stop`, then lets calls in flight finish (within a grace).
+pub async fn serve(
+    listener: TcpListener,
+    current: CurrentChannel,
+    auth: Arc<CallCredentials>,
+    stop: CancellationToken,
+) {
+    let local = listener.local_addr().ok();
+    tracing::info!(addr = ?local, "local listener ready: gRPC calls here go to the gateway's backends as this agent");
+    let tasks = TaskTracker::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!("local listener: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        agentgate_transport::set_nodelay(&tcp);
+        let current = current.clone();
+        let auth = auth.clone();
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                let current = current.clone();
+                let auth = auth.clone();
+                async move { Ok::<_, Infallible>(forward(req, current, &auth).await) }
+            });
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(LOCAL_MAX_CONCURRENT_STREAMS)
+                .serve_connection(TokioIo::new(tcp), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, "local connection ended: {e}");
+                    }
+                    return;
+                }
+                _ = stop.cancelled() => conn.as_mut().graceful_shutdown(),
+            }
+            let _ = tokio::time::timeout(LOCAL_SHUTDOWN_GRACE, conn).await;
+        });
+    }
+    tasks.close();
+    tasks.wait().await;
+}
+
+/// One local call, sent on the agent's current connection.
+async fn forward(
+    req: http::Request<Incoming>,
+    mut current: CurrentChannel,
+    auth: &CallCredentials,
+) -> http::Response<Body> {
+    let channel = tokio::time::timeout(WAIT_FOR_CONNECTION, current.wait_for(Option::is_some))
+        .await
+        .ok()
+        .and_then(|r| r.ok().and_then(|c| c.clone()));
+    let Some(mut channel) = channel else {
+        return tonic::Status::unavailable(format!(
+            "agentgate agent: not connected to the gateway (waited {}s); try again",
+            WAIT_FOR_CONNECTION.as_secs()
+        ))
+        .into_http();
+    };
+    let (mut parts, body) = req.into_parts();
+    let reserved: Vec<_> = parts
+        .headers
+        .keys()
+        .filter(|k| k.as_str().starts_with(RESERVED_PREFIX))
+        .cloned()
+        .collect();
+    for name in reserved {
+        parts.headers.remove(&name);
+    }
+    auth.apply(&mut parts.headers);
+    let req = http::Request::from_parts(parts, Body::new(body));
+    let sent = match channel.ready().await {
+        Ok(ready) => ready.call(req).await,
+        Err(e) => Err(e),
+    };
+    match sent {
+        Ok(resp) => resp,
+        Err(e) => tonic::Status::unavailable(format!(
+            "agentgate agent: the call could not be sent to the gateway ({e}); try again"
+        ))
+        .into_http(),
+    }
+}

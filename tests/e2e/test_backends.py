@@ -1,0 +1,853 @@
+"""gRPC backends behind the gateway: agents and CI runners calling services that live BEHIND
+the gateway, over the agent port.
+
+The gateway routes calls by service-name prefix (`--backend runner.jobs.v1.=URL`, or
+`[[backends]]` in a TOML config file) to a backend: here a grpcio "job router" in the test
+process (job_router.py: raw bytes, no codegen, every call recorded with its metadata and
+whether it was cancelled). Callers are:
+- grpcio clients holding an agent token (`authorization: Bearer ...`), straight to the agent
+  port over grpc:// (cleartext h2c) and grpcs:// (TLS, test CA, name localhost);
+- grpcio clients WITHOUT a token on an agent's local listener (`agentgate agent
+  --local-listen`), whose calls go through the agent's own connection to the gateway, over each
+  of the four agent transports;
+- the same through the shipped nginx and HAProxy configs, and against two cluster replicas.
+
+What must hold (the spec): all four call kinds with messages, metadata, trailers, status codes
+and messages intact, gzip or not; the token never reaches the backend; the gateway adds
+agentgate-agent-name, agentgate-transport and (only on a connection where an agent registered
+a session) agentgate-agent-instance, after stripping whatever agentgate-* metadata the caller
+sent; UNAUTHENTICATED without a valid token, UNIMPLEMENTED "no backend" for an unknown service,
+UNAVAILABLE naming the backend (not its address) when it is down, RESOURCE_EXHAUSTED past
+max_calls_per_agent, UNAVAILABLE (max_call_duration) when a call runs too long; a caller's
+cancel reaches the backend within 5 s; agentgate_backend_calls_total counts the calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import re
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+
+import ingress_clients as ic
+from cluster_helpers import Redis, Replica, write_secret
+from conftest import BIN, free_port, wait_for
+from job_router import ERROR_BIN, SERVICE, STATUS_DETAILS, JobRouter, method_path
+from proxies import (
+    GatewayPorts, HAProxy, Nginx, haproxy_pem, render_haproxy, render_nginx, sub, wait_listening,
+)
+
+BACKEND = "runner.jobs.v1"
+PREFIX = "runner.jobs.v1."
+SCHEMES = ("grpc", "grpcs", "ws", "wss")
+FAST_BACKOFF = ["--backoff-initial", "500ms", "--backoff-max", "2s"]
+CALL_TIMEOUT = 20.0
+FAIL_MESSAGE = "job 42 ünïcode 100% failed: see trailers"
+ABSENT = object()
+KiB = 1024
+MiB = 1024 * KiB
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers.
+
+
+def bearer(token: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")]
+
+
+def backend_flag(url: str, prefix: str = PREFIX) -> list[str]:
+    return ["--backend", f"{prefix}={url}"]
+
+
+def toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))  # a TOML basic string (ASCII paths and URLs)
+
+
+def write_config(env, backends: list[dict], name: str = "gateway.toml") -> Path:
+    """A gateway config file with one [[backends]] table per dict."""
+    lines = []
+    for b in backends:
+        lines.append("[[backends]]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in b.items()]
+        lines.append("")
+    path = env.tmp / name
+    path.write_text("\n".join(lines))
+    return path
+
+
+def backend_table(url: str, name: str = BACKEND, prefix: str = PREFIX, **extra) -> dict:
+    return {"name": name, "services": [prefix], "url": url, **extra}
+
+
+def channel_for(g, scheme: str) -> grpc.Channel:
+    """grpcio straight to the gateway's agent port: h2c on the cleartext port, or TLS."""
+    if scheme == "grpc":
+        return ic.h2c_channel(g.clear_port or g.port)
+    assert scheme == "grpcs"
+    return ic.tls_channel(g.port, g.env.certs["ca"])
+
+
+class Client:
+    """Raw-bytes callables for the job router's methods on one channel, with fixed metadata."""
+
+    def __init__(self, ch: grpc.Channel, md=(), service: str = SERVICE):
+        self.ch = ch
+        self.md = list(md)
+        p = lambda m: method_path(m, service)  # noqa: E731
+        self.get_job = ch.unary_unary(p("GetJob"))
+        self.wait_job = ch.unary_stream(p("WaitJob"))
+        self.upload = ch.stream_unary(p("Upload"))
+        self.chat = ch.stream_stream(p("Chat"))
+        self.fail = ch.unary_unary(p("Fail"))
+
+    def get(self, payload: bytes, extra_md=(), timeout: float = CALL_TIMEOUT, **kw):
+        return self.get_job.with_call(payload, metadata=self.md + list(extra_md), timeout=timeout, **kw)
+
+
+def wait_job_request(**spec) -> bytes:
+    return json.dumps(spec).encode()
+
+
+def rpc_error(fn, *a, **kw) -> grpc.RpcError:
+    """Runs a call that must fail; returns the error."""
+    try:
+        r = fn(*a, **kw)
+        if hasattr(r, "__iter__") and not isinstance(r, (bytes, tuple)):
+            r = list(r)
+    except grpc.RpcError as e:
+        return e
+    raise AssertionError(f"the call succeeded but should have failed: {r!r}"[:2000])
+
+
+def exercise(cl: Client, router: JobRouter, compression=None, gzip_replies: bool = False,
+             label: str = "") -> list:
+    """Unary, server streaming (messages arriving one by one), client streaming, bidi in lock
+    step, and an error with trailers; every result checked. Returns the backend's records of
+    these calls."""
+    n0 = len(router.calls)
+    kw = {"compression": compression} if compression is not None else {}
+    reply_md = [("x-respond-gzip", "1")] if gzip_replies else []
+    what = f"[{label}] " if label else ""
+
+    # Unary: bytes, request metadata (text and binary) and both kinds of response metadata.
+    payload = b"\x00unary\xff" + (b"abc" * 100_000 if gzip_replies or compression else os.urandom(MiB))
+    resp, call = cl.get(payload, reply_md + [("x-echo-tag", "t1"), ("x-echo-blob-bin", b"\x00\x01bin\xff")], **kw)
+    assert resp == b"job:" + payload, f"{what}unary answer changed ({len(resp)} bytes)"
+    assert ("x-backend-initial", "hello") in call.initial_metadata(), call.initial_metadata()
+    tr = dict(call.trailing_metadata())
+    assert tr.get("x-backend-saw") == "GetJob", tr
+    assert tr.get("x-echo-tag") == "t1", tr
+    assert tr.get("x-echo-blob-bin") == b"\x00\x01bin\xff", tr
+    assert tr.get("x-backend-auth") == "absent", f"{what}the backend saw an authorization header"
+    assert call.code() == grpc.StatusCode.OK
+
+    # Server streaming: a long poll's answers must arrive as they are produced, not buffered.
+    t0 = time.monotonic()
+    times, got = [], []
+    stream = cl.wait_job(wait_job_request(job="s", count=4, delay=0.4, first_now=True, pad=2000),
+                         metadata=cl.md + reply_md, timeout=CALL_TIMEOUT, **kw)
+    for m in stream:
+        times.append(time.monotonic() - t0)
+        got.append(m)
+    assert got == [f"s:{i}".encode() + b"." * 2000 for i in range(4)], f"{what}{got!r}"[:500]
+    assert times[-1] - times[0] >= 0.8, f"{what}streamed messages arrived together (buffered?): {times}"
+    assert times[-1] >= 1.1, f"{what}stream took {times[-1]:.2f}s, the backend needs 1.2s: {times}"
+    str_tr = dict(stream.trailing_metadata())
+    assert str_tr.get("x-stream-count") == "4" and str_tr.get("x-backend-saw") == "WaitJob", str_tr
+    assert ("x-backend-initial", "waiting") in stream.initial_metadata()
+
+    # Client streaming.
+    chunks = [os.urandom(16 * KiB + i) for i in range(40)]
+    if compression is not None:
+        chunks = [bytes([i]) * (32 * KiB) for i in range(40)]
+    resp = cl.upload(iter(chunks), metadata=cl.md, timeout=CALL_TIMEOUT, **kw)
+    info = json.loads(resp)
+    assert info == {"chunks": 40, "bytes": sum(map(len, chunks)),
+                    "sha256": hashlib.sha256(b"".join(chunks)).hexdigest()}, f"{what}{info}"
+
+    # Bidi in lock step: each answer arrives before the next message is sent.
+    q: queue.Queue = queue.Queue()
+
+    def requests():
+        while True:
+            item = q.get(timeout=CALL_TIMEOUT)
+            if item is None:
+                return
+            yield item
+
+    q.put(b"m0")
+    chat = cl.chat(requests(), metadata=cl.md, timeout=CALL_TIMEOUT, **kw)
+    for i in range(10):
+        assert next(chat) == f"echo:m{i}".encode(), what
+        q.put(f"m{i + 1}".encode() if i < 9 else None)
+    assert list(chat) == []
+    assert ("x-backend-initial", "chat") in chat.initial_metadata()
+    assert dict(chat.trailing_metadata()).get("x-backend-saw") == "Chat"
+
+    # An error: code, message (percent-encoded on the wire) and trailers, binary ones included.
+    err = rpc_error(cl.fail, json.dumps({"code": "FAILED_PRECONDITION", "message": FAIL_MESSAGE}).encode(),
+                    metadata=cl.md, timeout=CALL_TIMEOUT, **kw)
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, f"{what}{err}"
+    assert err.details() == FAIL_MESSAGE, f"{what}{err.details()!r}"
+    etr = dict(err.trailing_metadata() or ())
+    assert etr.get("x-error-detail") == "job-failed", etr
+    assert etr.get("x-error-bin") == ERROR_BIN, etr
+    assert etr.get("grpc-status-details-bin") == STATUS_DETAILS, etr
+
+    recs = router.calls[n0:]
+    assert [r.method for r in recs] == ["GetJob", "WaitJob", "Upload", "Chat", "Fail"], recs
+    for r in recs:
+        assert r.wait_ended(5) and not r.cancelled, f"{what}backend saw {r.method} cancelled"
+    return recs
+
+
+def assert_identity(rec, name: str, transport: str, instance=ABSENT, token: str | None = None):
+    """What the gateway adds and removes, as the backend saw it."""
+    assert rec.values("agentgate-agent-name") == [name], f"agentgate-agent-name: {rec}"
+    assert rec.values("agentgate-transport") == [transport], f"agentgate-transport: {rec}"
+    inst = rec.values("agentgate-agent-instance")
+    if instance is ABSENT:
+        assert inst == [], f"agentgate-agent-instance on a call from a connection without a session: {rec}"
+    else:
+        assert inst == [instance], f"agentgate-agent-instance should be {instance!r}: {rec}"
+    assert not rec.values("authorization"), f"the token reached the backend: {rec}"
+    ours = {"agentgate-agent-name", "agentgate-transport", "agentgate-agent-instance"}
+    stray = sorted(k for k in rec.keys() if k.startswith("agentgate-") and k not in ours)
+    assert not stray, f"caller's agentgate-* metadata not stripped: {stray}: {rec}"
+    if token:
+        for k, v in rec.metadata:
+            text = v.decode(errors="replace") if isinstance(v, bytes) else v
+            assert token not in text, f"the token reached the backend in {k}"
+
+
+def backend_calls(g, backend: str = BACKEND) -> dict[str, float]:
+    """agentgate_backend_calls_total for one backend, by outcome."""
+    out: dict[str, float] = {}
+    for m in re.finditer(r"^agentgate_backend_calls_total\{([^}]*)\} (\S+)$", g.metrics_text(), re.M):
+        labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(1)))
+        if labels.get("backend") == backend:
+            key = labels.get("outcome", "")
+            out[key] = out.get(key, 0.0) + float(m.group(2))
+    return out
+
+
+def total_backend_calls(g, backend: str = BACKEND) -> float:
+    return sum(backend_calls(g, backend).values())
+
+
+def token_of(path: Path) -> str:
+    return path.read_text().strip()
+
+
+def start_sidecar(env, url: str, token_file: Path, name: str, scheme: str, extra=()):
+    """An agent with a local listener; returns (process, local port)."""
+    lp = free_port()
+    args = ["--local-listen", f"127.0.0.1:{lp}", "--instance-id", f"{name}-instance"] + FAST_BACKOFF
+    if scheme.startswith("ws"):
+        args += ["--transport", "websocket"]
+    p = env.agent(url, token_file, extra=args + list(extra), name=f"agent-{name}")
+    return p, lp
+
+
+def ready_sidecar(g, proc, lp: int, name: str, transport: str) -> dict:
+    """Waits until the agent is registered and its local listener answers a first call
+    (a call made between the two may still race with the agent's own start-up)."""
+    listed = g.wait_agent(name, transport=transport)
+    wait_listening(proc, [lp], f"{name}'s local listener")
+
+    def first():
+        with ic.h2c_channel(lp) as ch:
+            return Client(ch).get(b"hello", timeout=5)[0] == b"job:hello"
+    wait_for(first, timeout=10, interval=0.2, what=f"a first call through {name}'s local listener")
+    return listed
+
+
+def cancel_reaches_backend(cl: Client, router: JobRouter, label: str) -> float:
+    """A long poll cancelled by the caller: the backend's handler sees the RPC cancelled within
+    5 s. Returns the delay."""
+    n_before = len(router.calls_to("WaitJob"))
+    it = cl.wait_job(wait_job_request(job="poll", delay=60), metadata=cl.md, timeout=90)
+    rec = router.wait_calls("WaitJob", n_before + 1, timeout=10)[-1]
+    time.sleep(0.3)
+    assert not rec.ended.is_set(), f"[{label}] the long poll ended by itself: {rec}"
+    t0 = time.monotonic()
+    it.cancel()
+    assert rec.wait_ended(5), f"[{label}] the backend did not see the cancel within 5 s"
+    took = time.monotonic() - t0
+    assert rec.cancelled, rec
+    err = rpc_error(lambda: next(it))
+    assert err.code() == grpc.StatusCode.CANCELLED, err
+    print(f"\n[{label}] backend saw the cancel after {took * 1000:.0f} ms")
+    return took
+
+
+def test_flags_exist():
+    """Cheap guard that the flags under test exist (fails fast with a clear message)."""
+    server = subprocess.run([str(BIN), "server", "--help"], capture_output=True, text=True, timeout=30).stdout
+    agent = subprocess.run([str(BIN), "agent", "--help"], capture_output=True, text=True, timeout=30).stdout
+    assert "--backend" in server, server
+    assert "--local-listen" in agent, agent
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Straight to the agent port with an agent token.
+
+
+@pytest.mark.parametrize("scheme", ["grpc", "grpcs"])
+def test_all_call_kinds_with_agent_token(env, scheme):
+    router = JobRouter()
+    try:
+        tok = env.token("ci-runner")
+        g = env.gateway(extra=backend_flag(router.url))
+        with channel_for(g, scheme) as ch:
+            cl = Client(ch, bearer(tok))
+            recs = exercise(cl, router, label=scheme)
+            for r in recs:
+                assert_identity(r, "ci-runner", scheme, ABSENT, token=tok)
+
+            # Many calls at once on one connection.
+            with ThreadPoolExecutor(16) as pool:
+                outs = list(pool.map(lambda i: cl.get(f"c{i}".encode())[0], range(64)))
+            assert outs == [f"job:c{i}".encode() for i in range(64)]
+        assert len(router.calls_to("GetJob")) == 65
+    finally:
+        router.stop()
+
+
+@pytest.mark.parametrize("scheme", ["grpc", "grpcs"])
+def test_gzip_both_ways(env, scheme):
+    """Requests gzip-compressed by the client, answers gzip-compressed by the backend."""
+    router = JobRouter()
+    try:
+        tok = env.token("gz-runner")
+        g = env.gateway(extra=backend_flag(router.url))
+        with channel_for(g, scheme) as ch:
+            cl = Client(ch, bearer(tok))
+            recs = exercise(cl, router, compression=grpc.Compression.Gzip, gzip_replies=True,
+                            label=f"{scheme}+gzip")
+            for r in recs:
+                assert_identity(r, "gz-runner", scheme, ABSENT, token=tok)
+            # Compressed answers to an uncompressed request, and the reverse.
+            big = b"0123456789" * 50_000
+            assert cl.get(big, [("x-respond-gzip", "1")])[0] == b"job:" + big
+            assert cl.get(big, compression=grpc.Compression.Gzip)[0] == b"job:" + big
+    finally:
+        router.stop()
+
+
+@pytest.mark.parametrize("scheme", ["grpc", "grpcs"])
+def test_identity_metadata_replaces_spoofed_values(env, scheme):
+    router = JobRouter()
+    try:
+        tok = env.token("honest")
+        g = env.gateway(extra=backend_flag(router.url))
+        spoof = [
+            ("agentgate-agent-name", "evil"),
+            ("agentgate-agent-instance", "fake-instance"),
+            ("agentgate-transport", "wss"),
+            ("agentgate-agent", "someone-else"),
+            ("agentgate-whatever", "x"),
+            ("x-job-tag", "kept"),
+            ("x-job-blob-bin", b"\x00\xffbin"),
+        ]
+        with channel_for(g, scheme) as ch:
+            resp, call = Client(ch, bearer(tok)).get(b"who", spoof)
+        assert resp == b"job:who"
+        tr = dict(call.trailing_metadata())
+        assert (tr["x-backend-agent"], tr["x-backend-transport"], tr["x-backend-instance"]) == \
+            ("honest", scheme, "-"), tr
+        rec = router.last("GetJob")
+        assert_identity(rec, "honest", scheme, ABSENT, token=tok)
+        assert rec.values("x-job-tag") == ["kept"], rec
+        assert rec.values("x-job-blob-bin") == [b"\x00\xffbin"], rec
+    finally:
+        router.stop()
+
+
+def test_missing_or_wrong_token_is_unauthenticated(env):
+    router = JobRouter()
+    try:
+        tok = env.token("real")
+        api = env.token("a-user", kind="api")
+        g = env.gateway(extra=backend_flag(router.url))
+        cases = {
+            "no token": [],
+            "wrong token": bearer("agt_not-a-real-token-0123456789"),
+            "token of another scheme": [("authorization", f"Basic {tok}")],
+            "bearer without a token": [("authorization", "Bearer")],
+        }
+        for what, md in cases.items():
+            for scheme in ("grpc", "grpcs"):
+                with channel_for(g, scheme) as ch:
+                    err = rpc_error(Client(ch, md).get, b"x")
+                    assert err.code() == grpc.StatusCode.UNAUTHENTICATED, f"{what} over {scheme}: {err}"
+                    # Streaming calls too.
+                    err = rpc_error(Client(ch, md).wait_job, wait_job_request(count=1),
+                                    metadata=md, timeout=CALL_TIMEOUT)
+                    assert err.code() == grpc.StatusCode.UNAUTHENTICATED, f"{what} over {scheme}: {err}"
+        # An API token is for the tunnel API, not an agent's identity.
+        with channel_for(g, "grpc") as ch:
+            err = rpc_error(Client(ch, bearer(api)).get, b"x")
+            assert err.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED), err
+        assert router.calls == [], f"a refused call reached the backend: {router.calls}"
+        # The real token still works on the same gateway.
+        with channel_for(g, "grpc") as ch:
+            assert Client(ch, bearer(tok)).get(b"ok")[0] == b"job:ok"
+    finally:
+        router.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Routing and errors.
+
+
+def test_routing_by_service_prefix(env):
+    jobs = JobRouter(tag="jobs")
+    arts = JobRouter(services=("runner.artifacts.v1.Store", "runner.artifacts.v1.Index"), tag="artifacts")
+    try:
+        tok = env.token("router-user")
+        g = env.gateway(extra=backend_flag(jobs.url) + backend_flag(arts.url, "runner.artifacts.v1."))
+        with channel_for(g, "grpc") as ch:
+            assert Client(ch, bearer(tok)).get(b"j")[0] == b"job:j"
+            assert Client(ch, bearer(tok), "runner.artifacts.v1.Store").get(b"a")[0] == b"job:a"
+            assert Client(ch, bearer(tok), "runner.artifacts.v1.Index").get(b"i")[0] == b"job:i"
+        assert [(c.service, c.method) for c in jobs.calls] == [(SERVICE, "GetJob")]
+        assert [(c.service, c.method) for c in arts.calls] == [
+            ("runner.artifacts.v1.Store", "GetJob"), ("runner.artifacts.v1.Index", "GetJob")]
+        wait_for(lambda: total_backend_calls(g, "runner.artifacts.v1") >= 2 and
+                 total_backend_calls(g, BACKEND) >= 1, timeout=5, what="per-backend metric series")
+    finally:
+        jobs.stop()
+        arts.stop()
+
+
+def test_unknown_service_is_unimplemented_no_backend(env):
+    router = JobRouter(services=(SERVICE, "runner.jobs.v1beta.JobRouter", "other.v1.Thing"))
+    try:
+        tok = env.token("lost")
+        g = env.gateway(extra=backend_flag(router.url))
+        for scheme in ("grpc", "grpcs"):
+            with channel_for(g, scheme) as ch:
+                for service in ("other.v1.Thing", "runner.jobs.v1beta.JobRouter"):
+                    err = rpc_error(Client(ch, bearer(tok), service).get, b"x")
+                    assert err.code() == grpc.StatusCode.UNIMPLEMENTED, f"{service}: {err}"
+                    assert service in (err.details() or ""), f"message does not name {service}: {err.details()!r}"
+                    assert "no backend" in (err.details() or "").lower(), err.details()
+                # The gateway's own services are still its own.
+                assert ic.health_check(ch) == "SERVING"
+                assert Client(ch, bearer(tok)).get(b"x")[0] == b"job:x"
+        assert {c.service for c in router.calls} == {SERVICE}
+    finally:
+        router.stop()
+
+
+def test_backend_down_is_unavailable_naming_the_backend_not_its_address(env):
+    port = free_port()
+    tok = env.token("patient")
+    g = env.gateway(extra=backend_flag(f"http://127.0.0.1:{port}"))
+    before = total_backend_calls(g)
+    for scheme in ("grpc", "grpcs"):
+        with channel_for(g, scheme) as ch:
+            t0 = time.monotonic()
+            err = rpc_error(Client(ch, bearer(tok)).get, b"x", timeout=15)
+            took = time.monotonic() - t0
+            assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+            details = err.details() or ""
+            assert BACKEND in details, f"message does not name the backend: {details!r}"
+            assert str(port) not in details and "127.0.0.1" not in details, \
+                f"message leaks the backend's address: {details!r}"
+            assert took < 10, f"UNAVAILABLE after {took:.1f}s for a refused connection"
+            err = rpc_error(Client(ch, bearer(tok)).wait_job, wait_job_request(count=1),
+                            metadata=bearer(tok), timeout=15)
+            assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+    wait_for(lambda: total_backend_calls(g) >= before + 4, timeout=5,
+             what="failed backend calls counted in agentgate_backend_calls_total")
+    # The backend comes up: calls work again without restarting anything.
+    router = JobRouter(port=port)
+    try:
+        with channel_for(g, "grpc") as ch:
+            cl = Client(ch, bearer(tok))
+            wait_for(lambda: cl.get(b"back", timeout=5)[0] == b"job:back", timeout=15, interval=0.5,
+                     what="calls to succeed once the backend listens")
+        assert_identity(router.last("GetJob"), "patient", "grpc", ABSENT, token=tok)
+    finally:
+        router.stop()
+
+
+def test_tls_backend_with_ca_cert_and_server_name(env):
+    services = (SERVICE, "runner.badname.v1.JobRouter", "runner.noca.v1.JobRouter")
+    router = JobRouter(services=services, tls=env.certs)
+    try:
+        tok = env.token("tls-user")
+        ca = env.certs["ca"]
+        cfg = write_config(env, [
+            backend_table(router.url, ca_cert=ca, tls_server_name="gateway.test", connect_timeout="5s"),
+            backend_table(router.url, name="runner.badname.v1", prefix="runner.badname.v1.", ca_cert=ca,
+                          tls_server_name="wrong.test"),
+            backend_table(router.url, name="runner.noca.v1", prefix="runner.noca.v1."),
+        ])
+        g = env.gateway(extra=["--config", cfg])
+        with channel_for(g, "grpcs") as ch:
+            recs = exercise(Client(ch, bearer(tok)), router, label="tls backend")
+            for r in recs:
+                assert_identity(r, "tls-user", "grpcs", ABSENT, token=tok)
+            for name in ("runner.badname.v1", "runner.noca.v1"):
+                err = rpc_error(Client(ch, bearer(tok), f"{name}.JobRouter").get, b"x", timeout=15)
+                assert err.code() == grpc.StatusCode.UNAVAILABLE, f"{name}: {err}"
+                assert name in (err.details() or ""), err.details()
+        assert {c.service for c in router.calls} == {SERVICE}
+    finally:
+        router.stop()
+
+
+def test_max_calls_per_agent_from_config_file(env):
+    router = JobRouter()
+    try:
+        tok_a, tok_b = env.token("busy"), env.token("other")
+        cfg = write_config(env, [backend_table(router.url, connect_timeout="5s", max_calls_per_agent=1,
+                                               max_call_duration="0s", max_calls_per_connection=100)])
+        g = env.gateway(extra=["--config", cfg])
+        with channel_for(g, "grpc") as ch1, channel_for(g, "grpcs") as ch2, channel_for(g, "grpc") as ch3:
+            poll = Client(ch1, bearer(tok_a)).wait_job(wait_job_request(job="p", delay=60),
+                                                       metadata=bearer(tok_a), timeout=90)
+            rec = router.wait_calls("WaitJob", 1)[0]
+            # A second call of the same agent name, even on another connection: refused.
+            for call in (lambda: Client(ch2, bearer(tok_a)).get(b"x"),
+                         lambda: Client(ch1, bearer(tok_a)).get(b"y"),
+                         lambda: list(Client(ch2, bearer(tok_a)).wait_job(
+                             wait_job_request(count=1), metadata=bearer(tok_a), timeout=CALL_TIMEOUT))):
+                err = rpc_error(call)
+                assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+            assert not router.calls_to("GetJob"), "a call over the limit reached the backend"
+            assert len(router.calls_to("WaitJob")) == 1
+            # Another agent is not limited by it.
+            assert Client(ch3, bearer(tok_b)).get(b"b")[0] == b"job:b"
+            # The slot is freed when the long poll ends.
+            poll.cancel()
+            assert rec.wait_ended(5) and rec.cancelled
+            cl = Client(ch2, bearer(tok_a))
+            wait_for(lambda: cl.get(b"again", timeout=5)[0] == b"job:again", timeout=5, interval=0.2,
+                     what="the agent's slot freed after its long poll was cancelled")
+    finally:
+        router.stop()
+
+
+@pytest.mark.parametrize("scheme", ["grpc", "grpcs"])
+def test_cancel_and_deadline_of_long_poll_reach_backend(env, scheme):
+    router = JobRouter()
+    try:
+        tok = env.token("poller")
+        g = env.gateway(extra=backend_flag(router.url))
+        with channel_for(g, scheme) as ch:
+            cl = Client(ch, bearer(tok))
+            cancel_reaches_backend(cl, router, scheme)
+            # The caller's deadline: DEADLINE_EXCEEDED promptly, and the backend sees it end.
+            t0 = time.monotonic()
+            err = rpc_error(cl.wait_job, wait_job_request(job="d", delay=60), metadata=cl.md, timeout=1.5)
+            took = time.monotonic() - t0
+            assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err
+            assert took < 4, f"DEADLINE_EXCEEDED after {took:.1f}s for a 1.5s deadline"
+            rec = router.calls_to("WaitJob")[-1]
+            assert rec.wait_ended(5), "the backend's long poll outlived the caller's deadline by 5 s"
+            assert rec.cancelled
+            # Client-streaming and bidi calls cancelled midway end at the backend too.
+            q: queue.Queue = queue.Queue()
+            chat = cl.chat(iter(q.get, None), metadata=cl.md, timeout=60)
+            q.put(b"hi")
+            assert next(chat) == b"echo:hi"
+            crec = router.calls_to("Chat")[-1]
+            chat.cancel()
+            q.put(None)
+            assert crec.wait_ended(5) and crec.cancelled, crec
+    finally:
+        router.stop()
+
+
+def test_max_call_duration_ends_call_and_cancels_backend(env):
+    router = JobRouter()
+    try:
+        tok = env.token("slowpoke")
+        cfg = write_config(env, [backend_table(router.url, max_call_duration="2s")])
+        g = env.gateway(extra=["--config", cfg])
+        with channel_for(g, "grpc") as ch:
+            cl = Client(ch, bearer(tok))
+            # Calls under the limit are untouched.
+            assert cl.get(b"quick")[0] == b"job:quick"
+            assert list(cl.wait_job(wait_job_request(job="short", count=3, delay=0.3),
+                                    metadata=cl.md, timeout=CALL_TIMEOUT)) == [b"short:0", b"short:1", b"short:2"]
+            # A call past it, even one streaming all along: the gateway ends it with UNAVAILABLE.
+            t0 = time.monotonic()
+            got = []
+            with pytest.raises(grpc.RpcError) as ei:
+                for m in cl.wait_job(wait_job_request(job="long", count=10, delay=0.8, first_now=True),
+                                     metadata=cl.md, timeout=30):
+                    got.append(m)
+            took = time.monotonic() - t0
+            err = ei.value
+            expected = [f"long:{i}".encode() for i in range(10)]
+            assert 2 <= len(got) <= 3 and got == expected[:len(got)], got
+            assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+            assert "max_call_duration" in (err.details() or ""), err.details()
+            assert 1.8 <= took < 8, f"the call ended {took:.1f}s after it started (max_call_duration 2 s)"
+            rec = router.calls_to("WaitJob")[-1]
+            assert rec.wait_ended(5), "the backend did not see the call end within 5 s of the limit"
+            assert rec.cancelled, rec
+            # An idle long poll is cut the same way.
+            t0 = time.monotonic()
+            err = rpc_error(cl.wait_job, wait_job_request(job="idle", delay=60), metadata=cl.md, timeout=30)
+            assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+            assert 1.8 <= time.monotonic() - t0 < 8
+            assert router.calls_to("WaitJob")[-1].wait_ended(5)
+    finally:
+        router.stop()
+
+
+def test_backend_calls_metric_grows(env):
+    router = JobRouter()
+    dead = free_port()
+    try:
+        tok = env.token("counted")
+        g = env.gateway(extra=backend_flag(router.url) + backend_flag(f"http://127.0.0.1:{dead}", "runner.down.v1."))
+        before = backend_calls(g)
+        before_down = total_backend_calls(g, "runner.down.v1")
+        with channel_for(g, "grpc") as ch:
+            cl = Client(ch, bearer(tok))
+            for i in range(3):
+                cl.get(f"{i}".encode())
+            list(cl.wait_job(wait_job_request(count=2), metadata=cl.md, timeout=CALL_TIMEOUT))
+            cl.upload(iter([b"a", b"b"]), metadata=cl.md, timeout=CALL_TIMEOUT)
+            rpc_error(cl.fail, json.dumps({"code": "NOT_FOUND", "message": "nope"}).encode(),
+                      metadata=cl.md, timeout=CALL_TIMEOUT)
+            for _ in range(2):
+                err = rpc_error(Client(ch, bearer(tok), "runner.down.v1.JobRouter").get, b"x")
+                assert err.code() == grpc.StatusCode.UNAVAILABLE
+        want = sum(before.values()) + 6
+        wait_for(lambda: total_backend_calls(g) >= want, timeout=5,
+                 what=f"agentgate_backend_calls_total{{backend={BACKEND!r}}} summed over outcomes >= {want}")
+        wait_for(lambda: total_backend_calls(g, "runner.down.v1") >= before_down + 2, timeout=5,
+                 what="the down backend's calls counted")
+        after = backend_calls(g)
+        print("\nagentgate_backend_calls_total:", after, backend_calls(g, "runner.down.v1"))
+        assert all(o for o in after), f"series without an outcome label: {after}"
+        assert set(backend_calls(g, "runner.down.v1")), "no outcome series for the down backend"
+    finally:
+        router.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The agent's local listener (sidecar), over every agent transport.
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_sidecar_local_listener(env, scheme):
+    router = JobRouter()
+    try:
+        name = f"side-{scheme}"
+        tok_file = env.token_file(name)
+        token = token_of(tok_file)
+        g = env.gateway(extra=backend_flag(router.url))
+        agent, lp = start_sidecar(env, g.url(scheme, "/agent"), tok_file, name, scheme)
+        listed = ready_sidecar(g, agent, lp, name, scheme)
+        instance = listed["instance_id"]
+        assert instance == f"{name}-instance", listed
+        n0 = len(router.calls)
+
+        with ic.h2c_channel(lp) as ch:
+            cl = Client(ch)  # no token at all
+            recs = exercise(cl, router, label=f"sidecar {scheme}")
+            recs_gz = exercise(cl, router, compression=grpc.Compression.Gzip, gzip_replies=True,
+                               label=f"sidecar {scheme}+gzip")
+            for r in router.calls[:n0] + recs + recs_gz:
+                assert_identity(r, name, scheme, instance, token=token)
+
+            # Spoofed identity from the local client is replaced too.
+            _, call = cl.get(b"spoof", [("agentgate-agent-name", "evil"), ("agentgate-transport", "grpc"),
+                                        ("agentgate-agent-instance", "fake"), ("agentgate-x", "y")])
+            assert_identity(router.last("GetJob"), name, scheme, instance, token=token)
+            tr = dict(call.trailing_metadata())
+            assert (tr["x-backend-agent"], tr["x-backend-instance"]) == (name, instance), tr
+
+            # Errors made at the gateway reach the local client as they are.
+            err = rpc_error(Client(ch, service="other.v1.Thing").get, b"x")
+            assert err.code() == grpc.StatusCode.UNIMPLEMENTED, err
+            assert "no backend" in (err.details() or "").lower() and "other.v1.Thing" in err.details(), err
+
+            # Concurrent calls share the agent's connection.
+            with ThreadPoolExecutor(8) as pool:
+                outs = list(pool.map(lambda i: cl.get(f"p{i}".encode())[0], range(32)))
+            assert outs == [f"job:p{i}".encode() for i in range(32)]
+
+            cancel_reaches_backend(cl, router, f"sidecar {scheme}")
+        # Everything went through the one registered session of this agent.
+        assert [a["connection_id"] for a in g.agents() if a["name"] == name] == [listed["connection_id"]]
+        assert agent.alive(), agent.output()[-2000:]
+    finally:
+        router.stop()
+
+
+def test_sidecar_backend_down_and_gateway_gone(env):
+    """Through the local listener, the gateway's UNAVAILABLE arrives unchanged; with the
+    gateway stopped the local client gets UNAVAILABLE (not a hang)."""
+    port = free_port()
+    tok_file = env.token_file("side-down")
+    g = env.gateway(extra=backend_flag(f"http://127.0.0.1:{port}"))
+    agent, lp = start_sidecar(env, g.url("grpc"), tok_file, "side-down", "grpc")
+    g.wait_agent("side-down", transport="grpc")
+    wait_listening(agent, [lp], "side-down's local listener")
+    with ic.h2c_channel(lp) as ch:
+        def unavailable():
+            e = rpc_error(Client(ch).get, b"x", timeout=5)
+            return e.code() == grpc.StatusCode.UNAVAILABLE and BACKEND in (e.details() or "") and e
+        err = wait_for(unavailable, timeout=10, interval=0.3, what="UNAVAILABLE naming the backend")
+        assert str(port) not in err.details(), err.details()
+        g.proc.stop()
+        t0 = time.monotonic()
+        err = rpc_error(Client(ch).get, b"x", timeout=15)
+        assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+        assert time.monotonic() - t0 < 10
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Through the shipped nginx and HAProxy configs.
+#
+# The shipped configs route the gateway's own gRPC prefixes to the agent port; a backend's
+# service prefix is the operator's choice, so the operator adds one route for it, as done here
+# (test-only, on top of the rendered shipped file). WebSocket agents need nothing new: their
+# whole HTTP/2 connection is inside the WebSocket.
+
+
+def tls_gateway_for_proxy(env, router):
+    extra = ["--api-tls-cert", env.certs["cert"], "--api-tls-key", env.certs["key"]] + backend_flag(router.url)
+    g = env.gateway(tls=True, cleartext=False, extra=extra)
+    return g, GatewayPorts(agent=g.port, admin=g.admin_port, api=g.api_port)
+
+
+def proxied_identities(env, g, router, front_port: int, direct_name: str, direct_tok: str,
+                       agents: dict[str, str]):
+    """A direct token call through the proxy's TLS front, then the sidecars of the agents
+    (name -> scheme, their URLs through the proxy)."""
+    with ic.tls_channel(front_port, env.certs["ca"]) as ch:
+        recs = exercise(Client(ch, bearer(direct_tok)), router, label=f"direct via :{front_port}")
+    for r in recs:
+        # The gateway sees the proxy's TLS hop (grpcs). No session was registered by this caller.
+        assert_identity(r, direct_name, "grpcs", ABSENT, token=direct_tok)
+
+    procs = {}
+    for name, scheme in agents.items():
+        tok_file = env.tmp / f"token-{name}-agent.txt"  # created before the gateway started
+        assert tok_file.exists(), tok_file
+        url = f"wss://localhost:{front_port}/-/agent/" if scheme == "wss" else f"grpcs://localhost:{front_port}"
+        procs[name] = start_sidecar(env, url, tok_file, name, scheme)
+    for name, scheme in agents.items():
+        proc, lp = procs[name]
+        listed = ready_sidecar(g, proc, lp, name, scheme)
+        token = token_of(env.tmp / f"token-{name}-agent.txt")
+        with ic.h2c_channel(lp) as ch:
+            recs = exercise(Client(ch), router, label=f"sidecar {scheme} via proxy")
+            cancel_reaches_backend(Client(ch), router, f"sidecar {scheme} via proxy")
+        for r in recs:
+            if scheme == "wss":
+                # The agent's connection is one WebSocket: its calls arrive on its session's connection.
+                assert_identity(r, name, "wss", listed["instance_id"], token=token)
+            else:
+                # The proxy terminates HTTP/2 and may carry the call on another upstream connection
+                # than the session's; then there is no instance, but never someone else's.
+                inst = r.values("agentgate-agent-instance")
+                assert inst in ([], [listed["instance_id"]]), f"{name}'s call carries instance {inst}: {r}"
+                assert_identity(r, name, "grpcs", inst[0] if inst else ABSENT, token=token)
+
+
+def test_through_nginx(env):
+    router = JobRouter()
+    try:
+        direct = env.token("ci-nginx")
+        for n in ("ng-wss", "ng-grpcs", "ng-grpcs-2"):
+            env.token_file(n)
+        g, ports = tls_gateway_for_proxy(env, router)
+        port = free_port()
+        logdir = env.tmp / "nginx" / "logs"
+        logdir.mkdir(parents=True, exist_ok=True)
+        conf = render_nginx("tls", ports, logdir, port, env.certs)
+        conf = sub(conf, r"^([ \t]*)location / \{",
+                   rf"\1location /{PREFIX} {{  # test-only: the operator's backend route\n"
+                   r"\1    grpc_pass $agentgate_grpc_target;\n\1}\n\n\1location / {",
+                   "the catch-all gRPC location")
+        assert f"location /{PREFIX} {{" in conf
+        nginx = Nginx(env, conf, port)
+        proxied_identities(env, g, router, port, "ci-nginx", direct,
+                           {"ng-wss": "wss", "ng-grpcs": "grpcs", "ng-grpcs-2": "grpcs"})
+        assert "/runner.jobs.v1.JobRouter/GetJob" in nginx.access_log()
+    finally:
+        router.stop()
+
+
+def test_through_haproxy(env):
+    router = JobRouter()
+    try:
+        direct = env.token("ci-haproxy")
+        for n in ("hp-wss", "hp-grpcs", "hp-grpcs-2"):
+            env.token_file(n)
+        g, ports = tls_gateway_for_proxy(env, router)
+        port, clear = free_port(), free_port()
+        pem = haproxy_pem(env.certs, env.tmp / "haproxy.pem")
+        cfg = render_haproxy("tls", ports, port, clear, env.certs, pem)
+        cfg = sub(cfg, r"^([ \t]*)(use_backend agentgate_grpc\s+if agent_rpc HTTP_2\.0)",
+                  rf"\1acl backend_rpc path_beg /{PREFIX}   # test-only: the operator's backend route\n"
+                  r"\1use_backend agentgate_grpc if backend_rpc HTTP_2.0\n\1\2",
+                  "the agent_rpc use_backend line")
+        hp = HAProxy(env, cfg, port, clear)
+        proxied_identities(env, g, router, port, "ci-haproxy", direct,
+                           {"hp-wss": "wss", "hp-grpcs": "grpcs", "hp-grpcs-2": "grpcs"})
+        assert "/runner.jobs.v1.JobRouter/GetJob" in hp.access_log()
+    finally:
+        router.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Cluster: two replicas, both with the backend.
+
+
+def test_cluster_replicas_each_forward_to_the_backend(env):
+    router = JobRouter()
+    try:
+        direct = env.token("ci-cluster")
+        tok_files = {i: env.token_file(f"cl-agent{i}") for i in (1, 2)}
+        redis = Redis(env)
+        secret_file, _ = write_secret(env)
+        reps = [Replica(env, i, redis, secret_file, backend_flag(router.url)) for i in (1, 2)]
+        for r in reps:
+            with ic.h2c_channel(r.port) as ch:
+                cl = Client(ch, bearer(direct))
+                resp, call = cl.get(f"via-{r.name}".encode())
+                assert resp == f"job:via-{r.name}".encode()
+                assert_identity(router.last("GetJob"), "ci-cluster", "grpc", ABSENT, token=direct)
+                assert list(cl.wait_job(wait_job_request(job=r.name, count=2, delay=0.1), metadata=cl.md,
+                                        timeout=CALL_TIMEOUT)) == [f"{r.name}:0".encode(), f"{r.name}:1".encode()]
+            wait_for(lambda: total_backend_calls(r) >= 2, timeout=5, what=f"{r.name} counted its calls")
+
+        # A sidecar on each replica.
+        for i, r in zip((1, 2), reps):
+            name = f"cl-agent{i}"
+            agent, lp = start_sidecar(env, f"grpc://127.0.0.1:{r.port}", tok_files[i], name, "grpc")
+            listed = ready_sidecar(r.gw, agent, lp, name, "grpc")
+            with ic.h2c_channel(lp) as ch:
+                assert Client(ch).get(f"side-{i}".encode())[0] == f"job:side-{i}".encode()
+            assert_identity(router.last("GetJob"), name, "grpc", listed["instance_id"],
+                            token=token_of(tok_files[i]))
+    finally:
+        router.stop()
