@@ -24,7 +24,8 @@ Methods (requests are bytes; the streaming and failing ones take a small JSON ob
 
 Every call is recorded (CallRecord): the invocation metadata as received, the peer, start and
 end times, and whether it was cancelled (it ended before the handler finished: seen through
-context.add_callback, double-checked with context.is_active()).
+context.add_callback, double-checked with context.is_active(); Upload and Chat wait 250 ms at
+the end of their input to tell a half-close from a cancel, see _cancelled_at_end_of_input).
 """
 
 from __future__ import annotations
@@ -205,6 +206,15 @@ class JobRouter:
                 out.append((k, v))
         return out
 
+    @staticmethod
+    def _cancelled_at_end_of_input(rec: CallRecord, context) -> bool:
+        """grpcio ends a cancelled call's request iterator like a half-close when the reset
+        arrives before the cancellation is noticed. A real half-close leaves the call open
+        (the status is ours to send); a cancel ends it within moments: wait for that."""
+        if rec.ended.wait(0.25) or not context.is_active():
+            return True
+        return False
+
     def _get_job(self, service, request: bytes, context):
         rec = self._begin(service, "GetJob", context)
         rec.messages_in = 1
@@ -254,6 +264,8 @@ class JobRouter:
             total += len(chunk)
             h.update(chunk)
             rec.messages_in = n
+        if self._cancelled_at_end_of_input(rec, context):
+            return b""
         context.set_trailing_metadata(tuple(self._identity_trailers(rec, "Upload")))
         rec.finish()
         return json.dumps({"chunks": n, "bytes": total, "sha256": h.hexdigest()}).encode()
@@ -264,6 +276,8 @@ class JobRouter:
         for msg in request_iterator:
             rec.messages_in += 1
             yield b"echo:" + msg
+        if self._cancelled_at_end_of_input(rec, context):
+            return
         context.set_trailing_metadata(tuple(self._identity_trailers(rec, "Chat")))
         rec.finish()
 

@@ -572,8 +572,10 @@ def test_cancel_and_deadline_of_long_poll_reach_backend(env, scheme):
             assert next(chat) == b"echo:hi"
             crec = router.calls_to("Chat")[-1]
             chat.cancel()
-            q.put(None)
-            assert crec.wait_ended(5) and crec.cancelled, crec
+            try:
+                assert crec.wait_ended(5) and crec.cancelled, crec
+            finally:
+                q.put(None)  # only now: the client must not half-close before the cancel lands
     finally:
         router.stop()
 
