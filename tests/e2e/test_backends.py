@@ -704,7 +704,8 @@ def test_sidecar_local_listener(env, scheme):
 
 def test_sidecar_backend_down_and_gateway_gone(env):
     """Through the local listener, the gateway's UNAVAILABLE arrives unchanged; with the
-    gateway stopped the local client gets UNAVAILABLE (not a hang)."""
+    gateway stopped the local client gets UNAVAILABLE from the agent (not a hang until the
+    caller's deadline)."""
     port = free_port()
     tok_file = env.token_file("side-down")
     g = env.gateway(extra=backend_flag(f"http://127.0.0.1:{port}"))
@@ -718,10 +719,13 @@ def test_sidecar_backend_down_and_gateway_gone(env):
         err = wait_for(unavailable, timeout=10, interval=0.3, what="UNAVAILABLE naming the backend")
         assert str(port) not in err.details(), err.details()
         g.proc.stop()
+        # The agent may hold a call for a while to ride out a reconnect, but it must answer
+        # UNAVAILABLE itself, before the caller's own deadline (20 s) runs out.
         t0 = time.monotonic()
-        err = rpc_error(Client(ch).get, b"x", timeout=15)
+        err = rpc_error(Client(ch).get, b"x", timeout=20)
+        took = time.monotonic() - t0
         assert err.code() == grpc.StatusCode.UNAVAILABLE, err
-        assert time.monotonic() - t0 < 10
+        assert took < 18, f"UNAVAILABLE only after {took:.1f}s"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ use tonic::{Request, Streaming};
 
 use crate::backoff::{jittered, Backoff};
 use crate::config::{AgentConfig, TransportMode};
+use crate::local_listener::BackendCaller;
 use crate::pool::run_pool;
 use crate::upstream::Upstreams;
 
@@ -382,7 +383,38 @@ fn call_error(status: tonic::Status) -> ConnectError {
 
 /// Runs the agent until `stop` is cancelled.
 pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> anyhow::Result<()> {
-    let ctx = Dialer::new(cfg)?;
+    Agent::new(cfg)?.run(stop).await
+}
+
+/// An agent, set up but not yet running: [`Agent::backend_caller`] hands out a way to call
+/// the gateway's backends over its connection (what `--local-listen` serves, and what a
+/// process embedding the agent uses directly).
+pub struct Agent {
+    ctx: Dialer,
+    current: tokio::sync::watch::Sender<Option<Channel>>,
+}
+
+impl Agent {
+    pub fn new(cfg: AgentConfig) -> anyhow::Result<Self> {
+        Ok(Self {
+            ctx: Dialer::new(cfg)?,
+            current: tokio::sync::watch::channel(None).0,
+        })
+    }
+
+    pub fn backend_caller(&self) -> BackendCaller {
+        BackendCaller::new(self.current.subscribe(), self.ctx.auth.clone())
+    }
+
+    /// Runs the agent until `stop` is cancelled.
+    pub async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
+        run_agent(self, stop).await
+    }
+}
+
+async fn run_agent(agent: Agent, stop: CancellationToken) -> anyhow::Result<()> {
+    let caller = agent.backend_caller();
+    let Agent { ctx, current } = agent;
     let cfg = &ctx.cfg;
     tracing::info!(
         server = %cfg.server,
@@ -392,15 +424,13 @@ pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> anyhow::Result<()
         "agent starting"
     );
     // Sidecar mode: local calls take whichever connection is current.
-    let (current, current_rx) = tokio::sync::watch::channel(None);
     let local = match cfg.local_listen {
         None => None,
         Some(addr) => {
             let listener = crate::local_listener::bind(addr).await?;
             Some(tokio::spawn(crate::local_listener::serve(
                 listener,
-                current_rx,
-                ctx.auth.clone(),
+                caller,
                 stop.clone(),
             )))
         }

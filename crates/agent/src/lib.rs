@@ -10,4 +10,5 @@ mod pool;
 mod upstream;
 
 pub use config::{AgentConfig, PoolSettings, TransportMode};
-pub use connection::run;
+pub use connection::{run, Agent};
+pub use local_listener::{BackendCaller, WAIT_FOR_CONNECTION};

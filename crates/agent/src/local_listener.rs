@@ -39,6 +39,13 @@ const RESERVED_PREFIX: &str = "agentgate-";
 /// The agent's current connection to the gateway, for local calls: `None` while it has none.
 pub type CurrentChannel = watch::Receiver<Option<Channel>>;
 
+/// Calls the gateway's backends over the agent's current connection, as the agent.
+#[derive(Clone)]
+pub struct BackendCaller {
+    current: CurrentChannel,
+    auth: Arc<CallCredentials>,
+}
+
 /// Binds `addr`; refuses to start if it cannot, and warns when it is not loopback.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     let listener = TcpListener::bind(addr)
@@ -56,12 +63,7 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 /// Serves local calls until `stop`, then lets calls in flight finish (within a grace).
-pub async fn serve(
-    listener: TcpListener,
-    current: CurrentChannel,
-    auth: Arc<CallCredentials>,
-    stop: CancellationToken,
-) {
+pub async fn serve(listener: TcpListener, caller: BackendCaller, stop: CancellationToken) {
     let local = listener.local_addr().ok();
     tracing::info!(addr = ?local, "local listener ready: gRPC calls here go to the gateway's backends as this agent");
     let tasks = TaskTracker::new();
@@ -78,14 +80,12 @@ pub async fn serve(
             },
         };
         agentgate_transport::set_nodelay(&tcp);
-        let current = current.clone();
-        let auth = auth.clone();
+        let caller = caller.clone();
         let stop = stop.clone();
         tasks.spawn(async move {
             let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
-                let current = current.clone();
-                let auth = auth.clone();
-                async move { Ok::<_, Infallible>(forward(req, current, &auth).await) }
+                let caller = caller.clone();
+                async move { Ok::<_, Infallible>(caller.call(req.map(Body::new)).await) }
             });
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
@@ -108,9 +108,22 @@ pub async fn serve(
     tasks.wait().await;
 }
 
-/// One local call, sent on the agent's current connection.
+impl BackendCaller {
+    pub(crate) fn new(current: CurrentChannel, auth: Arc<CallCredentials>) -> Self {
+        Self { current, auth }
+    }
+
+    /// Sends one call (a gRPC request with a path such as `/runner.jobs.v1.JobRouter/GetJob`)
+    /// on the agent's current connection, waiting up to [`WAIT_FOR_CONNECTION`] for one.
+    /// Never fails: a call that cannot be sent is answered UNAVAILABLE with a sentence.
+    pub async fn call(&self, req: http::Request<Body>) -> http::Response<Body> {
+        forward(req, self.current.clone(), &self.auth).await
+    }
+}
+
+/// One call, sent on the agent's current connection.
 async fn forward(
-    req: http::Request<Incoming>,
+    req: http::Request<Body>,
     mut current: CurrentChannel,
     auth: &CallCredentials,
 ) -> http::Response<Body> {
@@ -136,7 +149,7 @@ async fn forward(
         parts.headers.remove(&name);
     }
     auth.apply(&mut parts.headers);
-    let req = http::Request::from_parts(parts, Body::new(body));
+    let req = http::Request::from_parts(parts, body);
     let sent = match channel.ready().await {
         Ok(ready) => ready.call(req).await,
         Err(e) => Err(e),
