@@ -222,7 +222,8 @@ def assert_identity(rec, name: str, transport: str, instance=ABSENT, token: str 
     assert rec.values("agentgate-transport") == [transport], f"agentgate-transport: {rec}"
     inst = rec.values("agentgate-agent-instance")
     if instance is ABSENT:
-        assert inst == [], f"agentgate-agent-instance on a call from a connection without a session: {rec}"
+        assert inst == [], (f"agentgate-agent-instance {inst} on a {name!r} call that came over no "
+                            f"connection where {name!r} registered a session: {rec}")
     else:
         assert inst == [instance], f"agentgate-agent-instance should be {instance!r}: {rec}"
     assert not rec.values("authorization"), f"the token reached the backend: {rec}"
@@ -855,5 +856,39 @@ def test_cluster_replicas_each_forward_to_the_backend(env):
                 assert Client(ch).get(f"side-{i}".encode())[0] == f"job:side-{i}".encode()
             assert_identity(router.last("GetJob"), name, "grpc", listed["instance_id"],
                             token=token_of(tok_files[i]))
+    finally:
+        router.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Whose instance: a session on a connection belongs to one agent.
+
+
+def test_instance_only_with_the_session_of_the_same_agent(env):
+    """agentgate-agent-instance says which registered instance of the agent made the call. On a
+    connection where agent A registered a session (here: a grpcio client calling
+    AgentSession/Register itself), A's calls carry A's instance; a call on that same connection
+    with agent B's token is B's call, and must not be labelled with A's instance (a proxy that
+    multiplexes several clients onto one connection to the gateway, like HAProxy, does this)."""
+    router = JobRouter()
+    try:
+        tok_a, tok_b = env.token("sess-a"), env.token("sess-b")
+        g = env.gateway(extra=backend_flag(router.url))
+        stubs = ic.agentgate_stubs(env.tmp / "stubs")
+        agent_pb2, agent_pb2_grpc = stubs
+        with channel_for(g, "grpc") as ch:
+            session = agent_pb2_grpc.AgentSessionStub(ch).Register(
+                agent_pb2.RegisterRequest(instance_id="sess-a-instance", version="pytest/0", hostname="pytest"),
+                metadata=bearer(tok_a), timeout=60)
+            try:
+                next(session)
+                listed = g.wait_agent("sess-a", transport="grpc")
+                assert listed["instance_id"] == "sess-a-instance", listed
+                assert Client(ch, bearer(tok_a)).get(b"a")[0] == b"job:a"
+                assert_identity(router.last("GetJob"), "sess-a", "grpc", "sess-a-instance", token=tok_a)
+                assert Client(ch, bearer(tok_b)).get(b"b")[0] == b"job:b"
+                assert_identity(router.last("GetJob"), "sess-b", "grpc", ABSENT, token=tok_b)
+            finally:
+                session.cancel()
     finally:
         router.stop()

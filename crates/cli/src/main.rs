@@ -77,6 +77,9 @@ enum Command {
     /// Internal: the one-thread HTTP/1.1 keep-alive load generator of `bench keepalive`.
     #[command(hide = true)]
     BenchHttp1(bench::keepalive::Http1LoadArgs),
+    /// The gateway-side gRPC backend of `bench backends` (internal).
+    #[command(hide = true)]
+    BenchBackend(bench::job_backend::JobBackendArgs),
 }
 
 #[derive(Args)]
@@ -551,6 +554,7 @@ fn main() -> std::process::ExitCode {
             Command::BenchControl(a) => bench::control::run(a).await,
             Command::BenchAttack(a) => bench::attack::run(a).await,
             Command::BenchRelay(a) => bench::relay::run(a).await,
+            Command::BenchBackend(a) => bench::job_backend::run(a).await,
             Command::BenchHttp1(_) => unreachable!("run before the runtime is built"),
         }
     });

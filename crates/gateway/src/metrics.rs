@@ -130,6 +130,7 @@ pub struct Metrics {
     pub internal_rejected: Family,
     pub connect_rate_limited: Family,
     pub backend_calls: Family,
+    pub backend_calls_open: Family,
 }
 
 impl Default for Metrics {
@@ -228,6 +229,12 @@ impl Default for Metrics {
                 "counter",
                 &["backend", "outcome", "code"],
             ),
+            backend_calls_open: Family::new(
+                "agentgate_backend_calls_open",
+                "Agent calls to gateway-side backends open now (long polls included), by backend.",
+                "gauge",
+                &["backend"],
+            ),
         };
         m.registry_writes.set(&[], 0.0);
         m.internal_rejected.set(&[], 0.0);
@@ -269,6 +276,7 @@ impl Metrics {
             &self.internal_rejected,
             &self.connect_rate_limited,
             &self.backend_calls,
+            &self.backend_calls_open,
         ] {
             f.render(&mut out);
         }

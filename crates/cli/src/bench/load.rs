@@ -29,6 +29,14 @@ pub struct LoadArgs {
     pub backoff_initial: Duration,
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub backoff_max: Duration,
+    /// Each agent holds one open call to this gateway-side backend method over its own
+    /// connection (`bench backends`), made again whenever it ends.
+    #[arg(long)]
+    pub long_poll: Option<String>,
+    /// Wait for this file to exist before opening the long polls, so the bench can measure the
+    /// same agents idle first.
+    #[arg(long)]
+    pub long_poll_start_file: Option<PathBuf>,
 }
 
 pub async fn run(a: LoadArgs, stop: CancellationToken) -> anyhow::Result<()> {
@@ -47,7 +55,16 @@ pub async fn run(a: LoadArgs, stop: CancellationToken) -> anyhow::Result<()> {
         c.backoff_max = a.backoff_max;
         c.instance_id = format!("{}-{i}", c.instance_id);
         c.http_upstreams = vec![("default".into(), a.upstream.clone())];
-        tokio::spawn(agentgate_agent::run(c, stop.clone()));
+        let agent = agentgate_agent::Agent::new(c)?;
+        if let Some(path) = &a.long_poll {
+            tokio::spawn(hold_long_poll(
+                agent.backend_caller(),
+                path.clone(),
+                a.long_poll_start_file.clone(),
+                stop.clone(),
+            ));
+        }
+        tokio::spawn(agent.run(stop.clone()));
         // Pace the start a little so a large process does not dial everything in one tick.
         if i % 200 == 199 {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -56,4 +73,46 @@ pub async fn run(a: LoadArgs, stop: CancellationToken) -> anyhow::Result<()> {
     stop.cancelled().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     Ok(())
+}
+
+/// Keeps one call to `path` open over the agent's connection until `stop`; the bench
+/// backend never answers it, but should it end, it is made again a second later.
+async fn hold_long_poll(
+    caller: agentgate_agent::BackendCaller,
+    path: String,
+    start_file: Option<PathBuf>,
+    stop: CancellationToken,
+) {
+    if let Some(f) = start_file {
+        while !f.exists() {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = long_poll_once(&caller, &path) => {}
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+async fn long_poll_once(caller: &agentgate_agent::BackendCaller, path: &str) {
+    // One empty message, uncompressed.
+    let body = http_body_util::Full::new(bytes::Bytes::from_static(&[0u8; 5]));
+    let Ok(req) = http::Request::post(path)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(tonic::body::Body::new(body))
+    else {
+        return;
+    };
+    let mut body = caller.call(req).await.into_body();
+    while let Some(Ok(_)) = http_body_util::BodyExt::frame(&mut body).await {}
 }

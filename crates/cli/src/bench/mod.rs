@@ -6,9 +6,11 @@
 //! binary), so RSS and CPU are measured per process from /proc.
 
 pub mod attack;
+mod backends;
 pub mod compression;
 pub mod control;
 mod hostile;
+pub mod job_backend;
 pub mod keepalive;
 pub mod load;
 mod procs;
@@ -53,6 +55,10 @@ pub enum Scenario {
     /// The agent port's unary calls (h2load, Health/Check) next to a bare tonic server (see
     /// `unary.rs`). Not part of `all`.
     Unary,
+    /// Agents calling a gateway-side backend: gateway RSS per open long poll, and unary calls
+    /// through the gateway next to the same calls straight to the backend (see
+    /// `backends.rs`). Not part of `all`.
+    Backends,
     All,
 }
 
@@ -206,6 +212,15 @@ impl Bench {
         &self,
         ports: Option<(u16, u16, SocketAddr, SocketAddr)>,
     ) -> anyhow::Result<Gw> {
+        self.gateway_with(ports, &[]).await
+    }
+
+    /// A gateway with extra command-line arguments.
+    async fn gateway_with(
+        &self,
+        ports: Option<(u16, u16, SocketAddr, SocketAddr)>,
+        extra: &[String],
+    ) -> anyhow::Result<Gw> {
         let (tls_port, clear_port, admin, api) = ports.unwrap_or_else(|| {
             let a = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
             (free_port(), free_port(), a(free_port()), a(free_port()))
@@ -242,6 +257,7 @@ impl Bench {
                 .iter()
                 .flat_map(|kv| ["--set".to_string(), kv.clone()]),
         )
+        .chain(extra.iter().cloned())
         .collect();
         let kid = Kid::spawn(&args, &self.dir.join(format!("gateway-{tls_port}.log")))?;
         let gw = Gw {
@@ -310,6 +326,18 @@ impl Bench {
 
     /// Starts load generators for `count` agents named `name` over `transport`.
     fn load(&self, gw: &Gw, transport: &str, name: &str, count: usize) -> anyhow::Result<Vec<Kid>> {
+        self.load_with(gw, transport, name, count, &[])
+    }
+
+    /// Load generators with extra `bench-load` arguments.
+    fn load_with(
+        &self,
+        gw: &Gw,
+        transport: &str,
+        name: &str,
+        count: usize,
+        extra: &[String],
+    ) -> anyhow::Result<Vec<Kid>> {
         let token = self.token_file(name)?;
         let mut kids = vec![];
         let per = self.args.agents_per_process.max(1);
@@ -317,7 +345,7 @@ impl Bench {
         let mut i = 0;
         while left > 0 {
             let n = left.min(per);
-            let args: Vec<String> = vec![
+            let mut args: Vec<String> = vec![
                 "bench-load".into(),
                 "--server".into(),
                 self.url(gw, transport),
@@ -332,6 +360,7 @@ impl Bench {
                 "--upstream".into(),
                 format!("http://{}", self.upstream),
             ];
+            args.extend(extra.iter().cloned());
             let log = self.dir.join(format!("load-{name}-{i}.log"));
             kids.push(Kid::spawn(&args, &log)?);
             left -= n;
@@ -897,6 +926,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Unary => {
             let u = b.unary().await?;
             Some((u.table(), serde_json::to_vec_pretty(&u)?))
+        }
+        Scenario::Backends => {
+            let r = b.backends().await?;
+            Some((r.table(), serde_json::to_vec_pretty(&r)?))
         }
         Scenario::Keepalive => {
             let k = b.keepalive().await?;

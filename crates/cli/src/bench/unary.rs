@@ -12,7 +12,9 @@ use super::procs::Kid;
 use super::{free_port, median, progress, wait_listening, Bench};
 
 /// (connections, streams per connection) of the two load levels.
-const LEVELS: [(usize, usize); 2] = [(1, 1), (50, 4)];
+pub(super) const LEVELS: [(usize, usize); 2] = [(1, 1), (50, 4)];
+
+const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
 
 #[derive(Serialize, Clone, Copy, Default)]
 struct Cell {
@@ -28,7 +30,7 @@ pub struct Unary {
     cells: BTreeMap<String, BTreeMap<String, Cell>>,
 }
 
-fn level_name((c, m): (usize, usize)) -> String {
+pub(super) fn level_name((c, m): (usize, usize)) -> String {
     format!("{c} conn. x {m} streams")
 }
 
@@ -77,7 +79,7 @@ impl Bench {
                         level_name(level)
                     ));
                     let cpu0 = kid.cpu();
-                    let done = h2load(*addr, level, secs, &body, token.trim())?;
+                    let done = h2load(*addr, HEALTH_CHECK, level, secs, &body, token.trim())?;
                     let cpu1 = kid.cpu();
                     samples
                         .entry((name.to_string(), level_name(level)))
@@ -109,25 +111,28 @@ impl Bench {
     }
 }
 
-struct H2loadResult {
+pub(super) struct H2loadResult {
     /// Responses with a 2xx status.
-    succeeded: u64,
+    pub succeeded: u64,
     /// All requests done (the denominator of CPU per call).
-    total_done: u64,
-    secs: f64,
+    pub total_done: u64,
+    pub secs: f64,
+    /// h2load's mean "time for request", in µs.
+    pub mean_latency_us: f64,
 }
 
 /// Runs h2load for `secs` (no warm-up phase, so that its counts cover the whole time the
 /// server's CPU is measured) and reads its summary.
-fn h2load(
+pub(super) fn h2load(
     addr: SocketAddr,
+    path: &str,
     (conns, streams): (usize, usize),
     secs: f64,
     body: &std::path::Path,
     token: &str,
 ) -> anyhow::Result<H2loadResult> {
     let out = std::process::Command::new("h2load")
-        .arg(format!("http://{addr}/grpc.health.v1.Health/Check"))
+        .arg(format!("http://{addr}{path}"))
         .args(["-c", &conns.to_string(), "-m", &streams.to_string()])
         .args(["-t", "1"])
         .arg(format!("--duration={secs}"))
@@ -155,11 +160,33 @@ fn h2load(
     let succeeded = field(requests, " succeeded").unwrap_or(0);
     let done = field(requests, " done").unwrap_or(0);
     anyhow::ensure!(succeeded > 0, "no call succeeded: {text}");
+    // "time for request:      151us    2.53ms    285us    102us    88.13%": min, max, mean, sd.
+    let mean_latency_us = text
+        .lines()
+        .find(|l| l.starts_with("time for request:"))
+        .and_then(|l| l.split_whitespace().nth(5))
+        .and_then(micros)
+        .unwrap_or(f64::NAN);
     Ok(H2loadResult {
         succeeded,
         total_done: done,
         secs,
+        mean_latency_us,
     })
+}
+
+/// h2load's "151us", "2.53ms", "1.2s" in µs.
+fn micros(v: &str) -> Option<f64> {
+    let (n, scale) = if let Some(n) = v.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1e3)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1e6)
+    } else {
+        return None;
+    };
+    n.parse::<f64>().ok().map(|n| n * scale)
 }
 
 impl Unary {

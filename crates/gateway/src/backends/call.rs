@@ -64,7 +64,7 @@ impl AgentCallLimits {
     /// Takes a place for `agent`, or `None` at the limit. Only authenticated names reach
     /// here, and a name's entry goes when its last call ends, so the map is bounded by the
     /// agents with calls open.
-    fn try_take(backend: &Arc<Backend>, agent: &str) -> Option<AgentSlot> {
+    fn try_take(backend: &Arc<Backend>, agent: &str, metrics: &Arc<Metrics>) -> Option<AgentSlot> {
         let limits = &backend.limits;
         if limits.max > 0 {
             let mut counts = limits.counts.lock().unwrap();
@@ -74,9 +74,11 @@ impl AgentCallLimits {
             }
             *n += 1;
         }
+        metrics.backend_calls_open.add(&[&backend.name], 1.0);
         Some(AgentSlot {
             backend: backend.clone(),
             agent: agent.to_string(),
+            metrics: metrics.clone(),
         })
     }
 
@@ -86,14 +88,18 @@ impl AgentCallLimits {
     }
 }
 
-/// One call's place in its agent's count.
+/// One call's place in its agent's count (and in the open-calls gauge).
 struct AgentSlot {
     backend: Arc<Backend>,
     agent: String,
+    metrics: Arc<Metrics>,
 }
 
 impl Drop for AgentSlot {
     fn drop(&mut self) {
+        self.metrics
+            .backend_calls_open
+            .add(&[&self.backend.name], -1.0);
         let limits = &self.backend.limits;
         if limits.max == 0 {
             return;
@@ -360,7 +366,7 @@ pub async fn forward(
         started: tokio::time::Instant::now(),
     };
     let name = backend.name.as_str();
-    let Some(slot) = AgentCallLimits::try_take(&backend, &id.name) else {
+    let Some(slot) = AgentCallLimits::try_take(&backend, &id.name, &record.metrics) else {
         let max = backend.config.max_calls_per_agent;
         return record.refuse(
             Outcome::Limited,

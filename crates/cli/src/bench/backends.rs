@@ -1,0 +1,271 @@
+//! `bench backends`: agents calling a gateway-side backend (`bench-backend`, see
+//! `job_backend.rs`), as runners will ask a job router for work.
+//!
+//! 1. Unary calls: h2load calling the backend straight, and the same calls through the
+//!    gateway's agent port with an agent token, interleaved in one run. CPU per call is read
+//!    from /proc for every server process in the path (the backend; the gateway and the
+//!    backend), so the ratio is what the gateway hop adds.
+//! 2. Long polls: `--agents` agents connect (grpc), the gateway's RSS is read, then each agent
+//!    opens one long poll over its own connection (`bench-load --long-poll`); the RSS again.
+//!    The difference per poll is what an open long poll costs on top of an idle agent.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::job_backend::{GET, SERVICE_PREFIX, WAIT};
+use super::procs::Kid;
+use super::unary::{h2load, level_name, LEVELS};
+use super::{free_port, median, progress, wait_listening, Bench};
+
+/// The backend's name in the gateway's metrics (its prefix without the dot).
+const BACKEND_NAME: &str = "bench.jobs.v1";
+/// Seconds to let memory settle before each RSS reading (the gateway trims every 10 s).
+const SETTLE: Duration = Duration::from_secs(12);
+
+#[derive(Serialize, Clone, Copy, Default)]
+struct Cell {
+    calls_per_s: f64,
+    /// CPU of every server process in the path, per call.
+    cpu_us: f64,
+    /// CPU of the gateway alone, per call (0 for the direct column).
+    gateway_cpu_us: f64,
+    mean_latency_us: f64,
+}
+
+#[derive(Serialize)]
+struct LongPolls {
+    agents: usize,
+    gateway_rss_per_idle_agent_kib: f64,
+    gateway_rss_per_long_poll_kib: f64,
+    backend_rss_per_long_poll_kib: f64,
+    open_long_polls: f64,
+    backend_connections: f64,
+}
+
+#[derive(Serialize)]
+pub struct BackendsReport {
+    rounds: usize,
+    secs: f64,
+    /// (column, level) -> median.
+    unary: BTreeMap<String, BTreeMap<String, Cell>>,
+    long_polls: LongPolls,
+}
+
+const DIRECT: &str = "direct to the backend";
+const THROUGH: &str = "through agentgate";
+
+impl Bench {
+    pub(super) async fn backends(&mut self) -> anyhow::Result<BackendsReport> {
+        anyhow::ensure!(
+            std::process::Command::new("h2load")
+                .arg("--version")
+                .output()
+                .is_ok(),
+            "bench backends needs h2load (Debian: apt-get install nghttp2-client)"
+        );
+        let backend_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let backend = Kid::spawn(
+            &[
+                "bench-backend".into(),
+                "--listen".into(),
+                backend_addr.to_string(),
+            ],
+            &self.dir.join("job-backend.log"),
+        )?;
+        wait_listening(backend_addr, "bench backend").await?;
+        let gw = self
+            .gateway_with(
+                None,
+                &[
+                    "--backend".into(),
+                    format!("{SERVICE_PREFIX}=http://{backend_addr}"),
+                ],
+            )
+            .await?;
+        let unary = self.backend_unary(&gw, &backend, backend_addr).await?;
+        let long_polls = self.backend_long_polls(&gw, &backend).await?;
+        Ok(BackendsReport {
+            rounds: self.args.rounds.max(1),
+            secs: self.args.keepalive_secs,
+            unary,
+            long_polls,
+        })
+    }
+
+    async fn backend_unary(
+        &self,
+        gw: &super::Gw,
+        backend: &Kid,
+        backend_addr: SocketAddr,
+    ) -> anyhow::Result<BTreeMap<String, BTreeMap<String, Cell>>> {
+        let token = std::fs::read_to_string(self.token_file("runner")?)?;
+        let body = self.dir.join("job-request.bin");
+        // One gRPC frame: uncompressed, a 16-byte message.
+        let mut frame = vec![0u8, 0, 0, 0, 16];
+        frame.extend_from_slice(b"runner-0001-jobs");
+        std::fs::write(&body, frame)?;
+        let through = SocketAddr::from(([127, 0, 0, 1], gw.clear_port));
+        let rounds = self.args.rounds.max(1);
+        let secs = self.args.keepalive_secs;
+        let mut samples: BTreeMap<(String, String), Vec<Cell>> = BTreeMap::new();
+        for round in 0..rounds {
+            for level in LEVELS {
+                for (name, addr, via_gateway) in
+                    [(DIRECT, backend_addr, false), (THROUGH, through, true)]
+                {
+                    progress(&format!(
+                        "backends: unary: round {}/{rounds}: {}: {name}",
+                        round + 1,
+                        level_name(level)
+                    ));
+                    let (g0, b0) = (gw.kid.cpu(), backend.cpu());
+                    let done = h2load(addr, GET, level, secs, &body, token.trim())?;
+                    let (g1, b1) = (gw.kid.cpu(), backend.cpu());
+                    let calls = done.total_done.max(1) as f64;
+                    let gateway_us = if via_gateway {
+                        (g1 - g0).as_secs_f64() * 1e6 / calls
+                    } else {
+                        0.0
+                    };
+                    let backend_us = (b1 - b0).as_secs_f64() * 1e6 / calls;
+                    samples
+                        .entry((name.to_string(), level_name(level)))
+                        .or_default()
+                        .push(Cell {
+                            calls_per_s: done.succeeded as f64 / done.secs,
+                            cpu_us: gateway_us + backend_us,
+                            gateway_cpu_us: gateway_us,
+                            mean_latency_us: done.mean_latency_us,
+                        });
+                }
+            }
+        }
+        let mut cells: BTreeMap<String, BTreeMap<String, Cell>> = BTreeMap::new();
+        for ((name, level), v) in samples {
+            let med = |f: fn(&Cell) -> f64| median(v.iter().map(f).collect());
+            cells.entry(name).or_default().insert(
+                level,
+                Cell {
+                    calls_per_s: med(|c| c.calls_per_s),
+                    cpu_us: med(|c| c.cpu_us),
+                    gateway_cpu_us: med(|c| c.gateway_cpu_us),
+                    mean_latency_us: med(|c| c.mean_latency_us),
+                },
+            );
+        }
+        Ok(cells)
+    }
+
+    async fn backend_long_polls(&self, gw: &super::Gw, backend: &Kid) -> anyhow::Result<LongPolls> {
+        let n = self.args.agents;
+        let start = self.dir.join("start-long-polls");
+        progress("backends: long polls: letting memory settle after the unary calls");
+        tokio::time::sleep(SETTLE).await;
+        let rss_before = gw.kid.rss_kib() as f64;
+        let _load = self.load_with(
+            gw,
+            "grpc",
+            "poller",
+            n,
+            &[
+                "--long-poll".into(),
+                WAIT.into(),
+                "--long-poll-start-file".into(),
+                start.display().to_string(),
+            ],
+        )?;
+        self.wait_connected(gw, "grpc", n, "backends: long polls")
+            .await?;
+        progress("backends: long polls: agents connected; letting memory settle");
+        tokio::time::sleep(SETTLE).await;
+        let (rss_idle, backend_idle) = (gw.kid.rss_kib() as f64, backend.rss_kib() as f64);
+        std::fs::write(&start, b"go")?;
+        let series = format!("agentgate_backend_calls_open{{backend=\"{BACKEND_NAME}\"}}");
+        let deadline = Instant::now() + Duration::from_secs(60 + n as u64 / 100);
+        let open = loop {
+            let open = self.metric(gw, &series).await;
+            progress(&format!("backends: long polls: {open}/{n} open"));
+            if open as usize >= n {
+                break open;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "only {open}/{n} long polls opened in time"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        progress("backends: long polls: all open; letting memory settle");
+        tokio::time::sleep(SETTLE).await;
+        let (rss_polls, backend_polls) = (gw.kid.rss_kib() as f64, backend.rss_kib() as f64);
+        let open_after = self.metric(gw, &series).await;
+        anyhow::ensure!(
+            open_after as usize >= n,
+            "long polls ended while measuring: {open_after}/{n} still open"
+        );
+        let conns = std::fs::read_dir(format!("/proc/{}/fd", backend.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0) as f64;
+        Ok(LongPolls {
+            agents: n,
+            gateway_rss_per_idle_agent_kib: (rss_idle - rss_before) / n as f64,
+            gateway_rss_per_long_poll_kib: (rss_polls - rss_idle) / n as f64,
+            backend_rss_per_long_poll_kib: (backend_polls - backend_idle) / n as f64,
+            open_long_polls: open,
+            backend_connections: conns,
+        })
+    }
+}
+
+impl BackendsReport {
+    pub fn table(&self) -> String {
+        let cell = |t: &str, l: &str| self.unary.get(t).and_then(|m| m.get(l)).copied();
+        let mut out = format!(
+            "Unary calls (h2load, one thread, a 16-byte message echoed by a hyper backend; \
+             medians of {} rounds of {} s). CPU per call counts every server process in the \
+             path: the backend alone direct, the gateway and the backend through agentgate.\n\n\
+             | load | through / direct, CPU per call | through / direct, mean latency | \
+             through / direct, calls/s | direct CPU per call | through CPU per call (gateway \
+             alone) | direct mean latency | through mean latency | direct calls/s | through \
+             calls/s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+            self.rounds, self.secs
+        );
+        for level in LEVELS {
+            let l = level_name(level);
+            let (Some(d), Some(t)) = (cell(DIRECT, &l), cell(THROUGH, &l)) else {
+                continue;
+            };
+            out.push_str(&format!(
+                "| {l} | {:.2} | {:.2} | {:.2} | {:.1} µs | {:.1} µs ({:.1} µs) | {:.0} µs | \
+                 {:.0} µs | {:.0} | {:.0} |\n",
+                t.cpu_us / d.cpu_us,
+                t.mean_latency_us / d.mean_latency_us,
+                t.calls_per_s / d.calls_per_s,
+                d.cpu_us,
+                t.cpu_us,
+                t.gateway_cpu_us,
+                d.mean_latency_us,
+                t.mean_latency_us,
+                d.calls_per_s,
+                t.calls_per_s
+            ));
+        }
+        let p = &self.long_polls;
+        out.push_str(&format!(
+            "\nLong polls: {} grpc agents, then one open long poll per agent over its own \
+             connection ({} open; the backend holds {} file descriptors).\n\n\
+             | gateway RSS per open long poll (target 8 KiB) | gateway RSS per idle agent | \
+             backend RSS per open long poll |\n|---:|---:|---:|\n| {:.1} KiB | {:.1} KiB | \
+             {:.1} KiB |\n",
+            p.agents,
+            p.open_long_polls,
+            p.backend_connections,
+            p.gateway_rss_per_long_poll_kib,
+            p.gateway_rss_per_idle_agent_kib,
+            p.backend_rss_per_long_poll_kib
+        ));
+        out
+    }
+}
