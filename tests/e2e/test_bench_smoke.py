@@ -109,3 +109,25 @@ def test_bench_unary_scenario_smoke(tmp_path):
         assert len(levels) == 2, (column, levels)
         for c in levels.values():
             assert c["calls_per_s"] > 0 and c["cpu_us"] > 0, (column, c)
+
+
+def test_bench_backends_scenario_smoke(tmp_path):
+    """`bench backends`: unary calls succeed straight to the bench backend and through the
+    gateway, and every agent holds its long poll open through the gateway while it is measured."""
+    out = tmp_path / "backends.json"
+    run = subprocess.run(
+        [str(BIN), "bench", "backends", "--agents", "30", "--rounds", "1", "--keepalive-secs", "1",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["unary"]) == {"direct to the backend", "through agentgate"}, report["unary"]
+    for column, levels in report["unary"].items():
+        assert len(levels) == 2, (column, levels)
+        for c in levels.values():
+            assert c["calls_per_s"] > 0 and c["cpu_us"] > 0, (column, c)
+    through = report["unary"]["through agentgate"]
+    assert all(c["gateway_cpu_us"] > 0 for c in through.values()), through
+    polls = report["long_polls"]
+    assert polls["agents"] == 30 and polls["open_long_polls"] >= 30, polls
