@@ -508,17 +508,23 @@ pub async fn run_with(
     }
     gw.shutdown.cancel();
     gw.tunnels.clear();
-    // 3. Requests in flight finish, within the grace period.
-    let drained = tokio::time::timeout(grace, async {
+    // 3. Requests in flight finish, within the grace period. Calls to backends still open
+    //    then (long polls) end with a status their clients retry, given a moment to go out.
+    let mut in_flight = std::pin::pin!(async {
         let _ = server.await;
         let _ = api.await;
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!(
-            ?grace,
-            "requests still in flight after the grace period; exiting anyway"
-        );
+    });
+    if tokio::time::timeout(grace, &mut in_flight).await.is_err() {
+        gw.backends.end_open_calls();
+        if tokio::time::timeout(Duration::from_secs(1), &mut in_flight)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?grace,
+                "requests still in flight after the grace period; exiting anyway"
+            );
+        }
     }
     // 4. Leave the cluster: the internal API stops and the registry removes this replica.
     internal_stop.cancel();

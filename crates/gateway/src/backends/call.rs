@@ -136,6 +136,8 @@ enum Outcome {
     Deadline,
     /// `max_call_duration` passed.
     MaxDuration,
+    /// The gateway shut down with the call still open after `shutdown_grace`.
+    Shutdown,
 }
 
 impl Outcome {
@@ -150,6 +152,7 @@ impl Outcome {
             Outcome::CancelledByCaller => "cancelled_by_caller",
             Outcome::Deadline => "deadline",
             Outcome::MaxDuration => "max_duration",
+            Outcome::Shutdown => "shutdown",
         }
     }
 }
@@ -177,7 +180,10 @@ impl CallRecord {
                 backend = %b.name, agent = %self.agent, method = %self.method, code = code_label,
                 duration_ms, "backend call finished"
             ),
-            Outcome::CancelledByCaller | Outcome::Deadline | Outcome::MaxDuration => {
+            Outcome::CancelledByCaller
+            | Outcome::Deadline
+            | Outcome::MaxDuration
+            | Outcome::Shutdown => {
                 tracing::info!(
                     backend = %b.name, agent = %self.agent, method = %self.method,
                     outcome = outcome.label(), duration_ms, "backend call ended: {detail}"
@@ -349,12 +355,22 @@ fn status_for_http(backend: &str, status: http::StatusCode) -> Status {
     )
 }
 
+/// What a call still open when the gateway ends it at shutdown gets.
+fn shutdown_status() -> Status {
+    Status::unavailable(
+        "agentgate: the gateway is shutting down and its grace period is over; call again \
+         (another replica, or this one once restarted, will answer)",
+    )
+}
+
 /// Forwards one authenticated call to `backend` and returns the answer to stream back. Never
-/// fails: every failure is a gRPC status with a sentence for the caller.
+/// fails: every failure is a gRPC status with a sentence for the caller. Cancelling
+/// `backends_ending` ends the call with UNAVAILABLE (shutdown, once the grace is over).
 pub async fn forward(
     backend: Arc<Backend>,
     id: AgentIdentity,
     metrics: Arc<Metrics>,
+    backends_ending: tokio_util::sync::CancellationToken,
     req: http::Request<CallBody>,
 ) -> http::Response<CallBody> {
     let path = req.uri().path().to_string();
@@ -413,15 +429,21 @@ pub async fn forward(
         })?;
         Ok::<_, (String, Option<()>)>((resp, lease))
     };
-    let answered = match &timer {
-        Some(t) => match tokio::time::timeout_at(t.at, sent).await {
-            Ok(r) => r,
-            Err(_) => {
-                let (outcome, status) = t.status(name);
-                return record.refuse(outcome, status);
-            }
-        },
-        None => sent.await,
+    let timer_fired = async {
+        match &timer {
+            Some(t) => tokio::time::sleep_until(t.at).await,
+            None => std::future::pending().await,
+        }
+    };
+    let answered = tokio::select! {
+        r = sent => r,
+        _ = timer_fired => {
+            let (outcome, status) = timer.as_ref().expect("fired").status(name);
+            return record.refuse(outcome, status);
+        }
+        _ = backends_ending.cancelled() => {
+            return record.refuse(Outcome::Shutdown, shutdown_status());
+        }
     };
     let (resp, lease) = match answered {
         Ok(r) => r,
@@ -451,6 +473,7 @@ pub async fn forward(
     let body = AnswerBody {
         inner: Some(body),
         timer: timer.map(|t| (Box::pin(tokio::time::sleep_until(t.at)), t)),
+        ending: Box::pin(backends_ending.cancelled_owned()),
         record: Some(record),
         _slot: slot,
         _lease: lease,
@@ -489,6 +512,7 @@ pin_project! {
     struct AnswerBody {
         inner: Option<Incoming>,
         timer: Option<(Pin<Box<tokio::time::Sleep>>, CallTimer)>,
+        ending: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
         record: Option<CallRecord>,
         _slot: AgentSlot,
         _lease: ConnLease,
@@ -587,6 +611,9 @@ impl Body for AnswerBody {
                 let (outcome, status) = timer.status(&name);
                 return self.end(outcome, status);
             }
+        }
+        if this.ending.as_mut().poll(cx).is_ready() {
+            return self.end(Outcome::Shutdown, shutdown_status());
         }
         Poll::Pending
     }

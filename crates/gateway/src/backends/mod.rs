@@ -67,6 +67,9 @@ pub struct Backends {
     /// (prefix, backend), longest prefix first, so the first match is the best one.
     routes: Vec<(String, Arc<Backend>)>,
     all: Vec<Arc<Backend>>,
+    /// Cancelled at shutdown once `shutdown_grace` is over: calls still open (long polls) end
+    /// with UNAVAILABLE and a sentence rather than a reset when the process exits.
+    ending: tokio_util::sync::CancellationToken,
 }
 
 impl Backends {
@@ -141,7 +144,11 @@ impl Backends {
             all.push(backend);
         }
         routes.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
-        Ok(Self { routes, all })
+        Ok(Self {
+            routes,
+            all,
+            ending: Default::default(),
+        })
     }
 
     /// The backend for a request path `/package.Service/Method`, if any claims its service.
@@ -151,6 +158,11 @@ impl Backends {
             .iter()
             .find(|(prefix, _)| service.starts_with(prefix.as_str()))
             .map(|(_, b)| b)
+    }
+
+    /// Ends every call still open (see `ending`).
+    pub fn end_open_calls(&self) {
+        self.ending.cancel();
     }
 
     pub fn is_empty(&self) -> bool {

@@ -58,6 +58,7 @@ where
             return Either::Left(self.inner.call(req));
         };
         let metrics = self.layer.metrics.clone();
+        let ending = self.layer.backends.ending.clone();
         Either::Right(Box::pin(async move {
             let Some(id) = req.extensions().get::<AgentIdentity>().cloned() else {
                 // rpc_guard authenticates every backend call; reaching here without an
@@ -67,7 +68,7 @@ where
                 )
                 .into_http());
             };
-            Ok(super::call::forward(backend, id, metrics, req).await)
+            Ok(super::call::forward(backend, id, metrics, ending, req).await)
         }))
     }
 }
