@@ -137,7 +137,7 @@ mod tests {
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             agent: Arc::new(OnceLock::new()),
-            instance: OnceLock::new(),
+            registered: OnceLock::new(),
             unauthenticated_calls: AtomicU32::new(0),
             refused_calls: AtomicU32::new(0),
             close_requested: AtomicBool::new(false),

@@ -62,7 +62,10 @@ impl AgentSession for SessionService {
             connected_since: rfc3339(id.conn.opened_at_wall),
             connection_id: id.conn.id,
         };
-        let _ = id.conn.instance.set(record.instance_id.clone());
+        let _ = id
+            .conn
+            .registered
+            .set((record.name.clone(), record.instance_id.clone()));
         tracing::info!(
             agent = %record.name,
             instance = %record.instance_id,

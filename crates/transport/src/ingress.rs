@@ -186,9 +186,10 @@ pub struct ConnMeta {
     /// The agent name, once a call on this connection authenticated (for the close log line,
     /// the auth deadline and the pre-authentication byte budget).
     pub agent: Arc<OnceLock<String>>,
-    /// The instance id of the first agent session registered on this connection: the
-    /// gateway names it to its backends when the agent's own process calls them.
-    pub instance: OnceLock<String>,
+    /// The agent name and instance id of the first agent session registered on this
+    /// connection: the gateway names the instance to its backends when that agent's own
+    /// process calls them over this connection.
+    pub registered: OnceLock<(String, String)>,
     /// Calls without a token (health, reflection) open right now, for the gateway's
     /// per-connection limit on them.
     pub unauthenticated_calls: AtomicU32,
@@ -631,7 +632,7 @@ pub fn serve_ingress(
                             bytes_in: AtomicU64::new(0),
                             bytes_out: AtomicU64::new(0),
                             agent,
-                            instance: OnceLock::new(),
+                            registered: OnceLock::new(),
                             unauthenticated_calls: AtomicU32::new(0),
                             refused_calls: AtomicU32::new(0),
                             close_requested: Default::default(),

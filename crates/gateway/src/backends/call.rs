@@ -289,7 +289,14 @@ fn prepare_headers(headers: &mut HeaderMap, id: &AgentIdentity, backend: &Backen
     for name in reserved {
         headers.remove(&name);
     }
-    let instance = id.conn.instance.get().map(String::as_str);
+    // Only the agent that registered the session: another token's calls on the same
+    // connection are not that instance.
+    let instance = id
+        .conn
+        .registered
+        .get()
+        .filter(|(name, _)| *name == id.name)
+        .map(|(_, instance)| instance.as_str());
     let transport = id.conn.kind.as_str();
     let set = |headers: &mut HeaderMap, name: &'static str, value: &str| {
         // Names and instance ids come from our token store and our own registration
