@@ -35,6 +35,8 @@ const LOCAL_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Metadata names the gateway reserves for identity: a local caller's are removed here too,
 /// so that what it sends never even reaches the gateway.
 const RESERVED_PREFIX: &str = "agentgate-";
+/// The gateway's name for the instance claim (gateway `backends::call::INSTANCE_CLAIM_HEADER`).
+const INSTANCE_CLAIM_HEADER: &str = "agentgate-instance-claim";
 
 /// The agent's current connection to the gateway, for local calls: `None` while it has none.
 pub type CurrentChannel = watch::Receiver<Option<Channel>>;
@@ -149,6 +151,10 @@ async fn forward(
         parts.headers.remove(&name);
     }
     auth.apply(&mut parts.headers);
+    // Which instance of the agent calls: the gateway checks it against the sessions it holds.
+    if let Ok(v) = http::HeaderValue::from_str(&auth.instance_id) {
+        parts.headers.insert(INSTANCE_CLAIM_HEADER, v);
+    }
     let req = http::Request::from_parts(parts, body);
     let sent = match channel.ready().await {
         Ok(ready) => ready.call(req).await,

@@ -33,6 +33,9 @@ pub type PresenceHook = Arc<dyn Fn(&str, bool) + Send + Sync>;
 #[derive(Default)]
 pub struct Directory {
     sessions: Mutex<HashMap<u64, AgentRecord>>,
+    /// Sessions per (agent name, instance id), so that a backend call's instance claim is
+    /// checked without a scan of every session.
+    instances: Mutex<HashMap<(String, String), u32>>,
     next_id: AtomicU64,
     /// In cluster mode, the registry keeps Redis in step through this.
     pub presence: std::sync::OnceLock<PresenceHook>,
@@ -50,6 +53,15 @@ impl Drop for SessionGuard {
     fn drop(&mut self) {
         let removed = self.directory.sessions.lock().unwrap().remove(&self.id);
         if let Some(r) = removed {
+            let mut instances = self.directory.instances.lock().unwrap();
+            let key = (r.name.clone(), r.instance_id.clone());
+            if let Some(n) = instances.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    instances.remove(&key);
+                }
+            }
+            drop(instances);
             self.metrics.agents_connected.add(&[&self.transport], -1.0);
             if let Some(hook) = self.directory.presence.get() {
                 hook(&r.name, false);
@@ -73,6 +85,12 @@ impl Directory {
         if let Some(hook) = self.presence.get() {
             hook(&record.name, true);
         }
+        *self
+            .instances
+            .lock()
+            .unwrap()
+            .entry((record.name.clone(), record.instance_id.clone()))
+            .or_insert(0) += 1;
         self.sessions.lock().unwrap().insert(id, record);
         SessionGuard {
             directory: self.clone(),
@@ -96,6 +114,14 @@ impl Directory {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Whether `name` has a session registered here as `instance`.
+    pub fn has_instance(&self, name: &str, instance: &str) -> bool {
+        self.instances
+            .lock()
+            .unwrap()
+            .contains_key(&(name.to_string(), instance.to_string()))
     }
 
     pub fn is_connected(&self, name: &str) -> bool {

@@ -403,6 +403,7 @@ pub async fn run_with(
         .layer(backends::route::BackendRouteLayer {
             backends: gw.backends.clone(),
             metrics: gw.metrics.clone(),
+            directory: gw.directory.clone(),
         })
         .add_service(health_service)
         .add_service(reflection_v1)

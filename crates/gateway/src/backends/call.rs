@@ -33,6 +33,11 @@ pub const AGENT_INSTANCE_HEADER: &str = "agentgate-agent-instance";
 pub const TRANSPORT_HEADER: &str = "agentgate-transport";
 pub const SIGNATURE_HEADER: &str = "agentgate-identity-signature";
 pub const SIGNATURE_TIME_HEADER: &str = "agentgate-identity-timestamp";
+/// Sent by our agent's local listener: which of the agent's instances makes the call. The
+/// gateway believes it only if that instance of the same agent has a session here (instance
+/// ids are the agent's own choice at registration; the token is the identity), and never
+/// forwards it.
+pub const INSTANCE_CLAIM_HEADER: &str = "agentgate-instance-claim";
 /// Every metadata name with this prefix is the gateway's to set.
 pub const RESERVED_PREFIX: &str = "agentgate-";
 
@@ -275,9 +280,39 @@ pub fn parse_grpc_timeout(v: &[u8]) -> Option<Duration> {
     })
 }
 
+/// The instance a call's identity names: the one its agent's local listener claims, if that
+/// instance of the same agent has a session here; otherwise the one the same agent registered
+/// on the call's connection (a client that registers and calls on one connection); otherwise
+/// none.
+pub fn verified_instance(
+    headers: &HeaderMap,
+    id: &AgentIdentity,
+    directory: &crate::directory::Directory,
+) -> Option<String> {
+    if let Some(claim) = headers
+        .get(INSTANCE_CLAIM_HEADER)
+        .and_then(|v| v.to_str().ok())
+    {
+        if directory.has_instance(&id.name, claim) {
+            return Some(claim.to_string());
+        }
+    }
+    id.conn
+        .registered
+        .get()
+        .filter(|(name, _)| *name == id.name)
+        .map(|(_, instance)| instance.clone())
+}
+
 /// The metadata the backend receives: the caller's, without credentials, hop headers or
 /// anything in the reserved prefix, plus verified identity.
-fn prepare_headers(headers: &mut HeaderMap, id: &AgentIdentity, backend: &Backend, path: &str) {
+fn prepare_headers(
+    headers: &mut HeaderMap,
+    id: &AgentIdentity,
+    instance: Option<&str>,
+    backend: &Backend,
+    path: &str,
+) {
     for name in HOP_HEADERS {
         headers.remove(name);
     }
@@ -289,14 +324,6 @@ fn prepare_headers(headers: &mut HeaderMap, id: &AgentIdentity, backend: &Backen
     for name in reserved {
         headers.remove(&name);
     }
-    // Only the agent that registered the session: another token's calls on the same
-    // connection are not that instance.
-    let instance = id
-        .conn
-        .registered
-        .get()
-        .filter(|(name, _)| *name == id.name)
-        .map(|(_, instance)| instance.as_str());
     let transport = id.conn.kind.as_str();
     let set = |headers: &mut HeaderMap, name: &'static str, value: &str| {
         // Names and instance ids come from our token store and our own registration
@@ -376,6 +403,7 @@ fn shutdown_status() -> Status {
 pub async fn forward(
     backend: Arc<Backend>,
     id: AgentIdentity,
+    instance: Option<String>,
     metrics: Arc<Metrics>,
     backends_ending: tokio_util::sync::CancellationToken,
     req: http::Request<CallBody>,
@@ -402,7 +430,13 @@ pub async fn forward(
     };
     let timer = CallTimer::of(req.headers(), backend.config.max_call_duration);
     let (mut parts, body) = req.into_parts();
-    prepare_headers(&mut parts.headers, &id, &backend, &path);
+    prepare_headers(
+        &mut parts.headers,
+        &id,
+        instance.as_deref(),
+        &backend,
+        &path,
+    );
     let mut uri = http::Uri::builder()
         .scheme(backend.pool.scheme().clone())
         .authority(backend.pool.address().clone());

@@ -265,3 +265,92 @@ where
     });
     Ok(sender)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An HTTP/2 server that answers every request with headers and then a body that never
+    /// ends (a long poll), until the test ends.
+    async fn long_poll_server() -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        let body = http_body_util::StreamBody::new(futures_util::stream::pending::<
+                            Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>,
+                        >());
+                        Ok::<_, std::convert::Infallible>(http::Response::new(body))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    fn pool(url: String, per_connection: u32) -> BackendPool {
+        BackendPool::new(&BackendConfig {
+            name: "t".into(),
+            services: vec!["t.".into()],
+            url,
+            max_calls_per_connection: per_connection,
+            connect_timeout: Duration::from_secs(2),
+            ..BackendConfig::default()
+        })
+        .unwrap()
+    }
+
+    async fn open_call(pool: &BackendPool) -> (http::Response<Incoming>, ConnLease) {
+        let (mut sender, lease) = pool.lease().await.unwrap();
+        let req = http::Request::post(format!("http://{}/t.S/M", pool.address()))
+            .body(CallBody::empty())
+            .unwrap();
+        (sender.send_request(req).await.unwrap(), lease)
+    }
+
+    use hyper::body::Incoming;
+
+    #[tokio::test]
+    async fn a_full_connection_makes_the_pool_open_another_and_a_freed_place_is_reused() {
+        let addr = long_poll_server().await;
+        let pool = pool(format!("http://{addr}"), 2);
+        let a = open_call(&pool).await;
+        let b = open_call(&pool).await;
+        assert_eq!(pool.connections(), 1, "two calls fit on one connection");
+        let c = open_call(&pool).await;
+        assert_eq!(pool.connections(), 2, "the third call needs a second connection");
+        drop(a);
+        let d = open_call(&pool).await;
+        assert_eq!(pool.connections(), 2, "a freed place is taken before dialing again");
+        for (resp, _) in [b, c, d] {
+            assert!(!http_body::Body::is_end_stream(resp.body()));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_dial_says_so_without_the_address_and_is_shared_by_those_waiting() {
+        // A port that was free a moment ago: nothing listens there.
+        let addr = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let pool = pool(format!("http://{addr}"), 100);
+        let started = Instant::now();
+        let results = futures_util::future::join_all((0..20).map(|_| pool.lease())).await;
+        for r in &results {
+            let e = r.as_ref().err().expect("nothing listens");
+            let text = e.to_string();
+            assert!(text.contains("refused"), "{text}");
+            assert!(!text.contains(&addr.port().to_string()), "{text}");
+        }
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert_eq!(pool.connections(), 0);
+    }
+}

@@ -21,6 +21,8 @@ use crate::metrics::Metrics;
 pub struct BackendRouteLayer {
     pub backends: Arc<Backends>,
     pub metrics: Arc<Metrics>,
+    /// For the instance a call claims (`call::verified_instance`).
+    pub directory: Arc<crate::directory::Directory>,
 }
 
 impl<S> tower::Layer<S> for BackendRouteLayer {
@@ -59,6 +61,7 @@ where
         };
         let metrics = self.layer.metrics.clone();
         let ending = self.layer.backends.ending.clone();
+        let directory = self.layer.directory.clone();
         Either::Right(Box::pin(async move {
             let Some(id) = req.extensions().get::<AgentIdentity>().cloned() else {
                 // rpc_guard authenticates every backend call; reaching here without an
@@ -68,7 +71,8 @@ where
                 )
                 .into_http());
             };
-            Ok(super::call::forward(backend, id, metrics, ending, req).await)
+            let instance = super::call::verified_instance(req.headers(), &id, &directory);
+            Ok(super::call::forward(backend, id, instance, metrics, ending, req).await)
         }))
     }
 }
