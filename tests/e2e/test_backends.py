@@ -30,6 +30,7 @@ import os
 import queue
 import re
 import subprocess
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -875,5 +876,88 @@ def test_instance_only_with_the_session_of_the_same_agent(env):
                 assert_identity(router.last("GetJob"), "sess-b", "grpc", ABSENT, token=tok_b)
             finally:
                 session.cancel()
+    finally:
+        router.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. The signed identity, checked with the recipe docs/backends.md gives backends.
+
+
+def documented_verify():
+    """The `verify` function of docs/backends.md, run as written."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "backends.md").read_text()
+    m = re.search(r"```python\n(.*?def verify.*?)```", doc, re.S)
+    assert m, "docs/backends.md lost its verification recipe"
+    scope: dict = {}
+    exec(textwrap.dedent(m.group(1)), scope)  # noqa: S102 - our own documentation
+    return scope["verify"]
+
+
+def test_signed_identity_verifies_with_the_documented_recipe(env):
+    verify = documented_verify()
+    router = JobRouter()
+    try:
+        secret = env.tmp / "identity.secret"
+        secret.write_text("k" * 40 + "\n")
+        tok = env.token("signer")
+        cfg = write_config(env, [backend_table(router.url, signing_secret_file=str(secret))])
+        g = env.gateway(extra=["--config", str(cfg)])
+        forged = [("agentgate-identity-signature", "v1=" + "0" * 64),
+                  ("agentgate-identity-timestamp", "1")]
+        with channel_for(g, "grpc") as ch:
+            assert Client(ch, bearer(tok)).get(b"s", forged)[0] == b"job:s"
+        rec = router.last("GetJob")
+        md = {k: v for k, v in rec.metadata if isinstance(v, str)}
+        assert rec.values("agentgate-identity-signature") != ["v1=" + "0" * 64], rec
+        assert len(rec.values("agentgate-identity-signature")) == 1, rec
+        path = "/runner.jobs.v1.JobRouter/GetJob"
+        key = ("k" * 40).encode()
+        assert verify(md, path, key), rec
+        assert not verify(md, path, b"x" * 40), "another secret must not verify"
+        assert not verify(md, "/runner.jobs.v1.JobRouter/WaitJob", key), "another method"
+        assert not verify({**md, "agentgate-agent-name": "someone-else"}, path, key), "another agent"
+        assert not verify({**md, "agentgate-transport": "wss"}, path, key), "another transport"
+    finally:
+        router.stop()
+
+
+def test_a_short_signing_secret_stops_the_gateway_with_a_sentence(env):
+    secret = env.tmp / "short.secret"
+    secret.write_text("too short\n")
+    cfg = write_config(env, [backend_table("http://127.0.0.1:1", signing_secret_file=str(secret))])
+    out = subprocess.run([str(BIN), "server", "--config", str(cfg), "--tokens", str(env.tmp / "t.json"),
+                          "--listen", f"127.0.0.1:{free_port()}", "--admin-listen", f"127.0.0.1:{free_port()}",
+                          "--api-listen", f"127.0.0.1:{free_port()}"],
+                         capture_output=True, text=True, timeout=20)
+    assert out.returncode != 0
+    assert "fewer than 32 bytes" in out.stderr and "runner.jobs.v1" in out.stderr, out.stderr
+    assert "panicked" not in out.stderr and "Error {" not in out.stderr, out.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. An instance claim is believed only for a session the same agent holds.
+
+
+def test_an_instance_claim_counts_only_for_a_session_of_the_same_agent(env):
+    router = JobRouter()
+    try:
+        tf = env.token_file("claimer")
+        tok = token_of(tf)
+        other = env.token("stranger")
+        g = env.gateway(extra=backend_flag(router.url))
+        proc, lp = start_sidecar(env, g.url("grpc"), tf, "claimer", "grpc")
+        listed = ready_sidecar(g, proc, lp, "claimer", "grpc")
+        instance = listed["instance_id"]
+        with channel_for(g, "grpc") as ch:
+            # The same agent's token, claiming its registered instance: the same principal.
+            Client(ch, bearer(tok)).get(b"1", [("agentgate-instance-claim", instance)])
+            assert_identity(router.last("GetJob"), "claimer", "grpc", instance, token=tok)
+            # An instance nobody registered.
+            Client(ch, bearer(tok)).get(b"2", [("agentgate-instance-claim", "made-up")])
+            assert_identity(router.last("GetJob"), "claimer", "grpc", ABSENT, token=tok)
+            # Another agent claiming this agent's instance.
+            Client(ch, bearer(other)).get(b"3", [("agentgate-instance-claim", instance)])
+            assert_identity(router.last("GetJob"), "stranger", "grpc", ABSENT, token=other)
     finally:
         router.stop()
