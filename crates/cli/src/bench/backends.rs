@@ -79,9 +79,14 @@ impl Bench {
         let gw = self
             .gateway_with(
                 None,
+                // Every bench agent shares one token, so the per-agent call limit (100 by
+                // default) would cap the long polls: it is off here.
                 &[
-                    "--backend".into(),
-                    format!("{SERVICE_PREFIX}=http://{backend_addr}"),
+                    "--set".into(),
+                    format!(
+                        "backends=[{{services=[\"{SERVICE_PREFIX}\"], \
+                         url=\"http://{backend_addr}\", max_calls_per_agent=0}}]"
+                    ),
                 ],
             )
             .await?;
