@@ -230,10 +230,16 @@ impl Upstreams {
             (RequestKind::Grpc, _) => Duration::MAX,
             _ => self.response_timeout,
         };
-        let target = format!("{} upstream {}", upstream_label(head), base);
+        // What goes back to the caller names the upstream, never its address: that stays in
+        // this agent's log.
+        let target = format!("{} upstream", upstream_label(head));
         let resp = match tokio::time::timeout(timeout, client.request(req)).await {
             Err(_) => {
-                let msg = format!("{target} did not answer within {timeout:?}");
+                let msg = format!(
+                    "the {target} did not answer within {}",
+                    humantime_secs(timeout)
+                );
+                tracing::warn!(address = %base, "{msg}");
                 return fail(tx, tunnel_error::Code::UpstreamTimeout, msg).await;
             }
             Ok(Err(e)) => {
@@ -242,7 +248,9 @@ impl Upstreams {
                 } else {
                     tunnel_error::Code::UpstreamUnavailable
                 };
-                return fail(tx, code, format!("{target}: {}", error_chain(&e))).await;
+                tracing::warn!(address = %base, "the {target} failed: {}", error_chain(&e));
+                let msg = format!("the {target} {}", public_reason(&e));
+                return fail(tx, code, msg).await;
             }
             Ok(Ok(r)) => r,
         };
@@ -529,5 +537,25 @@ mod tests {
         assert_eq!(join_uri(&b, "/x").unwrap(), "https://svc.local/prefix/x");
         let b = url::Url::parse("http://[::1]:80/").unwrap();
         assert_eq!(join_uri(&b, "/").unwrap(), "http://[::1]/");
+    }
+}
+
+/// A whole number of seconds, or milliseconds below one second.
+fn humantime_secs(d: Duration) -> String {
+    if d >= Duration::from_secs(1) {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{} ms", d.as_millis())
+    }
+}
+
+/// Why an upstream request failed, in words that reveal nothing about where the upstream is.
+fn public_reason(e: &hyper_util::client::legacy::Error) -> &'static str {
+    if e.is_connect() {
+        "refused the connection or could not be reached"
+    } else if is_timeout(e) {
+        "timed out"
+    } else {
+        "failed before answering"
     }
 }

@@ -17,6 +17,8 @@ pub struct AgentIdentity {
     /// The id of the token used (for per-token limits).
     pub token_id: String,
     pub conn: Arc<ConnMeta>,
+    /// Cancelled when the token is revoked: what it authenticated ends.
+    pub revoked: tokio_util::sync::CancellationToken,
 }
 
 /// The token from an `authorization: Bearer <token>` value, if well-formed.
@@ -56,7 +58,7 @@ impl Gateway {
             Status::unauthenticated(format!("agentgate: {why}"))
         };
         match self.agent_token(header) {
-            Ok(entry) => Ok(bind(entry, conn)),
+            Ok(entry) => Ok(bind(&self.tokens, entry, conn)),
             Err(why) => Err(refuse(why)),
         }
     }
@@ -69,7 +71,9 @@ impl Gateway {
         conn: &Arc<ConnMeta>,
     ) -> Option<AgentIdentity> {
         let header = headers.get("authorization").and_then(|v| v.to_str().ok());
-        self.agent_token(header).ok().map(|e| bind(e, conn))
+        self.agent_token(header)
+            .ok()
+            .map(|e| bind(&self.tokens, e, conn))
     }
 
     /// The token entry of an `authorization` value, or why there is none.
@@ -85,9 +89,14 @@ impl Gateway {
 }
 
 /// Marks the connection as authenticated and names the caller.
-fn bind(entry: crate::tokens::TokenEntry, conn: &Arc<ConnMeta>) -> AgentIdentity {
+fn bind(
+    tokens: &crate::tokens::TokenStore,
+    entry: crate::tokens::TokenEntry,
+    conn: &Arc<ConnMeta>,
+) -> AgentIdentity {
     let _ = conn.agent.set(entry.name.clone());
     AgentIdentity {
+        revoked: tokens.revocation(&entry),
         token_id: entry.id,
         name: entry.name,
         conn: conn.clone(),

@@ -5,19 +5,49 @@
 //! 32 pointers instead of 32 `Result<Message, Status>` values, which is per-agent memory.
 
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-/// Yields `Ok(*item)` for every boxed item received.
-pub struct BoxedMessageStream<T>(pub ReceiverStream<Box<T>>);
+/// Yields `Ok(*item)` for every boxed item received; when the channel closes, the status left
+/// in the end slot (if any) ends the call, else the call ends OK.
+pub struct BoxedMessageStream<T> {
+    rx: ReceiverStream<Box<T>>,
+    end: Option<Arc<OnceLock<Status>>>,
+}
+
+impl<T> BoxedMessageStream<T> {
+    pub fn new(rx: tokio::sync::mpsc::Receiver<Box<T>>) -> Self {
+        Self {
+            rx: ReceiverStream::new(rx),
+            end: None,
+        }
+    }
+
+    /// A stream whose call ends with the status put in `end` before the sender is dropped.
+    pub fn ending_with(
+        rx: tokio::sync::mpsc::Receiver<Box<T>>,
+        end: Arc<OnceLock<Status>>,
+    ) -> Self {
+        Self {
+            rx: ReceiverStream::new(rx),
+            end: Some(end),
+        }
+    }
+}
 
 impl<T> tokio_stream::Stream for BoxedMessageStream<T> {
     type Item = Result<T, Status>;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        Pin::new(&mut self.0)
-            .poll_next(cx)
-            .map(|m| m.map(|m| Ok(*m)))
+        match Pin::new(&mut self.rx).poll_next(cx) {
+            Poll::Ready(Some(m)) => Poll::Ready(Some(Ok(*m))),
+            Poll::Ready(None) => {
+                let status = self.end.take().and_then(|end| end.get().cloned());
+                Poll::Ready(status.map(Err))
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 }

@@ -28,6 +28,11 @@ pub struct GatewayConfig {
     pub api_tls_key: Option<PathBuf>,
     /// Token store (agent and API tokens, hashed).
     pub tokens: PathBuf,
+    /// How often the token store file is checked for changes. A revoked token's sessions,
+    /// parked tunnels and calls end within this time; `0s` checks only when a token is
+    /// presented.
+    #[serde(with = "humantime_serde")]
+    pub token_check_interval: Duration,
 
     /// Deadline for the TLS handshake, the 24-byte sniff, and the WebSocket upgrade, each.
     #[serde(with = "humantime_serde")]
@@ -247,6 +252,7 @@ impl Default for GatewayConfig {
             api_tls_cert: None,
             api_tls_key: None,
             tokens: PathBuf::from("agentgate-tokens.json"),
+            token_check_interval: Duration::from_secs(2),
             handshake_timeout: Duration::from_secs(5),
             max_connections: 18_000,
             listen_backlog: 4096,

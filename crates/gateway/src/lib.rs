@@ -481,6 +481,15 @@ pub async fn run_with(
             move || gw.tunnels.sweep(),
         ));
     }
+    if !gw.config.token_check_interval.is_zero() {
+        // Revocation bites within this interval even when nobody authenticates.
+        let gw = gw.clone();
+        background.spawn(every(
+            gw.config.token_check_interval,
+            background_stop.clone(),
+            move || gw.tokens.check_now(),
+        ));
+    }
 
     gw.ready.store(true, Ordering::Relaxed);
     on_bound(addrs);

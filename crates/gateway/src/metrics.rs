@@ -225,7 +225,7 @@ impl Default for Metrics {
                 "agentgate_backend_calls_total",
                 "Finished agent calls to gateway-side backends, by backend (its configured name), \
                  outcome (answered, limited, unavailable, http_error, broken, \
-                 cancelled_by_backend, cancelled_by_caller, deadline, max_duration, shutdown) and gRPC status.",
+                 cancelled_by_backend, cancelled_by_caller, deadline, max_duration, shutdown, revoked) and gRPC status.",
                 "counter",
                 &["backend", "outcome", "code"],
             ),

@@ -8,7 +8,6 @@ use agentgate_proto::v1::{
     session_event, Draining, Heartbeat, RegisterRequest, Registered, SessionEvent,
 };
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::boxed_stream::BoxedMessageStream;
@@ -20,6 +19,9 @@ pub struct SessionService {
 }
 
 const MAX_FIELD: usize = 256;
+
+/// Reason label when a session ends because its token was revoked.
+pub const REJECT_REVOKED: &str = "token_revoked";
 
 fn unix_millis() -> i64 {
     SystemTime::now()
@@ -91,6 +93,10 @@ impl AgentSession for SessionService {
             .expect("fresh channel has room");
         let gw = self.gw.clone();
         let conn = id.conn.clone();
+        let revoked = id.revoked.clone();
+        let (agent_name, token_id) = (id.name.clone(), id.token_id.clone());
+        let end: Arc<std::sync::OnceLock<Status>> = Arc::default();
+        let end_with = end.clone();
         tokio::spawn(async move {
             let _guard = guard;
             let mut tick = tokio::time::interval(heartbeat);
@@ -135,6 +141,27 @@ impl AgentSession for SessionService {
                         break;
                     }
                     _ = gw.shutdown.cancelled() => break,
+                    _ = revoked.cancelled() => {
+                        // The token is gone: the session ends with a sentence, the connection
+                        // takes no new requests and its parked tunnels end, and the agent's
+                        // next registration is refused.
+                        let _ = end_with.set(Status::unauthenticated(
+                            "agentgate: this agent's token was revoked; give the agent a new token",
+                        ));
+                        conn.retired.store(true, std::sync::atomic::Ordering::Relaxed);
+                        let ended = gw.tunnels.end_connection(conn.id);
+                        gw.metrics.connections_rejected.inc(&[REJECT_REVOKED]);
+                        tracing::warn!(
+                            conn = conn.id,
+                            agent = %agent_name,
+                            token_id = %token_id,
+                            parked_tunnels_ended = ended,
+                            reason = REJECT_REVOKED,
+                            "ending session: its token was revoked"
+                        );
+                        conn.request_close();
+                        break;
+                    }
                     _ = tokio::time::sleep_until(end_at) => {
                         tracing::info!(conn = conn.id, "ending session: connection reached max age");
                         break;
@@ -150,6 +177,6 @@ impl AgentSession for SessionService {
                 }
             }
         });
-        Ok(Response::new(BoxedMessageStream(ReceiverStream::new(rx))))
+        Ok(Response::new(BoxedMessageStream::ending_with(rx, end)))
     }
 }

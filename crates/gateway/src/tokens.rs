@@ -6,7 +6,9 @@
 //! file when it changes, so `token create` and `token revoke` take effect without a restart.
 
 use std::collections::HashMap;
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -14,6 +16,7 @@ use base64::Engine;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
 
 /// The namespace a token belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -265,6 +268,12 @@ pub struct TokenStore {
     last_check: Mutex<Instant>,
     /// How often the file's stamp is checked at most.
     recheck: Duration,
+    /// One signal per token id that authenticated something still alive (a session, a
+    /// tunnel, a call): cancelled when a reload finds the token gone. Bounded by the tokens in
+    /// the store: an id enters only after it verified, and leaves when it is revoked.
+    revocations: Mutex<HashMap<String, (String, CancellationToken)>>,
+    /// Tokens found revoked while something they authenticated was alive.
+    revoked_live: AtomicU64,
 }
 
 impl TokenStore {
@@ -275,6 +284,8 @@ impl TokenStore {
             loaded: RwLock::default(),
             last_check: Mutex::new(Instant::now()),
             recheck: Duration::from_millis(250),
+            revocations: Mutex::default(),
+            revoked_live: AtomicU64::new(0),
         };
         store.reload()?;
         Ok(store)
@@ -294,8 +305,50 @@ impl TokenStore {
             .map(|t| ((t.kind, t.sha256.clone()), t))
             .collect::<HashMap<_, _>>();
         tracing::info!(path = %self.path.display(), tokens = by_hash.len(), "token store loaded");
+        let valid: HashSet<String> = by_hash.values().map(|t| t.id.clone()).collect();
         *self.loaded.write().unwrap() = Loaded { stamp, by_hash };
+        let mut revocations = self.revocations.lock().unwrap();
+        revocations.retain(|id, (name, signal)| {
+            if valid.contains(id) {
+                return true;
+            }
+            tracing::warn!(
+                token_id = %id,
+                name = %name,
+                "token revoked: ending the sessions, tunnels and calls it authenticated"
+            );
+            self.revoked_live.fetch_add(1, Ordering::Relaxed);
+            signal.cancel();
+            false
+        });
         Ok(())
+    }
+
+    /// Checks the file now (the periodic check and SIGHUP), instead of at the next
+    /// authentication: a revoked token must bite even when nobody authenticates.
+    pub fn check_now(&self) {
+        *self.last_check.lock().unwrap() = Instant::now();
+        if self.stamp() != self.loaded.read().unwrap().stamp {
+            if let Err(e) = self.reload() {
+                tracing::error!(error = %e, "token store reload failed; keeping the previous one");
+            }
+        }
+    }
+
+    /// Cancelled when the token `entry` names is revoked (or removed from the file).
+    pub fn revocation(&self, entry: &TokenEntry) -> CancellationToken {
+        self.revocations
+            .lock()
+            .unwrap()
+            .entry(entry.id.clone())
+            .or_insert_with(|| (entry.name.clone(), CancellationToken::new()))
+            .1
+            .clone()
+    }
+
+    /// Tokens found revoked while something they authenticated was alive, since start.
+    pub fn revoked_live(&self) -> u64 {
+        self.revoked_live.load(Ordering::Relaxed)
     }
 
     fn refresh_if_changed(&self) {

@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use super::job_backend::{GET, SERVICE_PREFIX, WAIT};
 use super::procs::Kid;
-use super::unary::{h2load, level_name, LEVELS};
+use super::unary::{h2load, level_name, require_h2load, LEVELS};
 use super::{free_port, median, progress, wait_listening, Bench};
 
 /// The backend's name in the gateway's metrics (its prefix without the dot).
@@ -59,13 +59,7 @@ const THROUGH: &str = "through agentgate";
 
 impl Bench {
     pub(super) async fn backends(&mut self) -> anyhow::Result<BackendsReport> {
-        anyhow::ensure!(
-            std::process::Command::new("h2load")
-                .arg("--version")
-                .output()
-                .is_ok(),
-            "bench backends needs h2load (Debian: apt-get install nghttp2-client)"
-        );
+        require_h2load("backends")?;
         let backend_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let backend = Kid::spawn(
             &[

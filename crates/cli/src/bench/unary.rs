@@ -36,13 +36,7 @@ pub(super) fn level_name((c, m): (usize, usize)) -> String {
 
 impl Bench {
     pub(super) async fn unary(&mut self) -> anyhow::Result<Unary> {
-        anyhow::ensure!(
-            std::process::Command::new("h2load")
-                .arg("--version")
-                .output()
-                .is_ok(),
-            "bench unary needs h2load (Debian: apt-get install nghttp2-client)"
-        );
+        require_h2load("unary")?;
         let bare_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let bare = Kid::spawn(
             &[
@@ -109,6 +103,18 @@ impl Bench {
             cells,
         })
     }
+}
+
+/// Fails with what to install when h2load is missing.
+pub(super) fn require_h2load(scenario: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        std::process::Command::new("h2load")
+            .arg("--version")
+            .output()
+            .is_ok(),
+        "bench {scenario} needs h2load (Debian: apt-get install nghttp2-client)"
+    );
+    Ok(())
 }
 
 pub(super) struct H2loadResult {

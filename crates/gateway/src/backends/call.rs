@@ -143,9 +143,21 @@ enum Outcome {
     MaxDuration,
     /// The gateway shut down with the call still open after `shutdown_grace`.
     Shutdown,
+    /// The caller's agent token was revoked.
+    Revoked,
 }
 
 impl Outcome {
+    /// The caller's status when something outside the call ended it.
+    fn outside_status(self) -> Status {
+        match self {
+            Outcome::Revoked => Status::unauthenticated(
+                "agentgate: the agent token of this call was revoked; the call is ended",
+            ),
+            _ => shutdown_status(),
+        }
+    }
+
     fn label(self) -> &'static str {
         match self {
             Outcome::Answered => "answered",
@@ -158,6 +170,7 @@ impl Outcome {
             Outcome::Deadline => "deadline",
             Outcome::MaxDuration => "max_duration",
             Outcome::Shutdown => "shutdown",
+            Outcome::Revoked => "revoked",
         }
     }
 }
@@ -188,7 +201,8 @@ impl CallRecord {
             Outcome::CancelledByCaller
             | Outcome::Deadline
             | Outcome::MaxDuration
-            | Outcome::Shutdown => {
+            | Outcome::Shutdown
+            | Outcome::Revoked => {
                 tracing::info!(
                     backend = %b.name, agent = %self.agent, method = %self.method,
                     outcome = outcome.label(), duration_ms, "backend call ended: {detail}"
@@ -456,19 +470,32 @@ pub async fn forward(
     parts.extensions = http::Extensions::new();
     let request = http::Request::from_parts(parts, body);
 
+    let unavailable = |why: String| {
+        (
+            Outcome::Unavailable,
+            Status::unavailable(format!(
+                "agentgate: backend {name:?} is unavailable: {why}; try again later"
+            )),
+        )
+    };
     let sent = async {
-        let (mut sender, lease) = backend.pool.lease().await.map_err(|e| {
-            let why = format!("cannot reach it ({e})");
-            (why, None)
-        })?;
-        let resp = sender.send_request(request).await.map_err(|e| {
-            let why = match reset_reason(&e) {
-                Some(r) => format!("it reset the call before answering ({r})"),
-                None => format!("the call failed before an answer ({e})"),
-            };
-            (why, Some(()))
-        })?;
-        Ok::<_, (String, Option<()>)>((resp, lease))
+        let (mut sender, lease) = backend
+            .pool
+            .lease()
+            .await
+            .map_err(|e| unavailable(format!("cannot reach it ({e})")))?;
+        let resp = sender
+            .send_request(request)
+            .await
+            .map_err(|e| match reset_reason(&e) {
+                Some(h2::Reason::CANCEL) => (
+                    Outcome::CancelledByBackend,
+                    Status::cancelled(format!("agentgate: backend {name:?} cancelled the call")),
+                ),
+                Some(r) => unavailable(format!("it reset the call before answering ({r})")),
+                None => unavailable(format!("the call failed before an answer ({e})")),
+            })?;
+        Ok::<_, (Outcome, Status)>((resp, lease))
     };
     let timer_fired = async {
         match &timer {
@@ -476,26 +503,27 @@ pub async fn forward(
             None => std::future::pending().await,
         }
     };
+    // Ends the call from outside: shutdown once the grace is over, or the token revoked.
+    let revoked = id.revoked.clone();
+    let mut ended_from_outside = Box::pin(async move {
+        tokio::select! {
+            _ = backends_ending.cancelled_owned() => Outcome::Shutdown,
+            _ = revoked.cancelled_owned() => Outcome::Revoked,
+        }
+    });
     let answered = tokio::select! {
         r = sent => r,
         _ = timer_fired => {
             let (outcome, status) = timer.as_ref().expect("fired").status(name);
             return record.refuse(outcome, status);
         }
-        _ = backends_ending.cancelled() => {
-            return record.refuse(Outcome::Shutdown, shutdown_status());
+        outcome = &mut ended_from_outside => {
+            return record.refuse(outcome, outcome.outside_status());
         }
     };
     let (resp, lease) = match answered {
         Ok(r) => r,
-        Err((why, _)) => {
-            return record.refuse(
-                Outcome::Unavailable,
-                Status::unavailable(format!(
-                    "agentgate: backend {name:?} is unavailable: {why}; try again later"
-                )),
-            );
-        }
+        Err((outcome, status)) => return record.refuse(outcome, status),
     };
     let (mut head, body) = resp.into_parts();
     if head.status != http::StatusCode::OK && !head.headers.contains_key("grpc-status") {
@@ -514,7 +542,7 @@ pub async fn forward(
     let body = AnswerBody {
         inner: Some(body),
         timer: timer.map(|t| (Box::pin(tokio::time::sleep_until(t.at)), t)),
-        ending: Box::pin(backends_ending.cancelled_owned()),
+        ending: ended_from_outside,
         record: Some(record),
         _slot: slot,
         _lease: lease,
@@ -553,7 +581,7 @@ pin_project! {
     struct AnswerBody {
         inner: Option<Incoming>,
         timer: Option<(Pin<Box<tokio::time::Sleep>>, CallTimer)>,
-        ending: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+        ending: Pin<Box<dyn Future<Output = Outcome> + Send>>,
         record: Option<CallRecord>,
         _slot: AgentSlot,
         _lease: ConnLease,
@@ -653,8 +681,8 @@ impl Body for AnswerBody {
                 return self.end(outcome, status);
             }
         }
-        if this.ending.as_mut().poll(cx).is_ready() {
-            return self.end(Outcome::Shutdown, shutdown_status());
+        if let Poll::Ready(outcome) = this.ending.as_mut().poll(cx) {
+            return self.end(outcome, outcome.outside_status());
         }
         Poll::Pending
     }

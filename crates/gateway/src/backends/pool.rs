@@ -280,9 +280,10 @@ mod tests {
                 let (tcp, _) = listener.accept().await.unwrap();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(|_req| async {
-                        let body = http_body_util::StreamBody::new(futures_util::stream::pending::<
-                            Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>,
-                        >());
+                        let body =
+                            http_body_util::StreamBody::new(futures_util::stream::pending::<
+                                Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>,
+                            >());
                         Ok::<_, std::convert::Infallible>(http::Response::new(body))
                     });
                     let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -324,10 +325,18 @@ mod tests {
         let b = open_call(&pool).await;
         assert_eq!(pool.connections(), 1, "two calls fit on one connection");
         let c = open_call(&pool).await;
-        assert_eq!(pool.connections(), 2, "the third call needs a second connection");
+        assert_eq!(
+            pool.connections(),
+            2,
+            "the third call needs a second connection"
+        );
         drop(a);
         let d = open_call(&pool).await;
-        assert_eq!(pool.connections(), 2, "a freed place is taken before dialing again");
+        assert_eq!(
+            pool.connections(),
+            2,
+            "a freed place is taken before dialing again"
+        );
         for (resp, _) in [b, c, d] {
             assert!(!http_body::Body::is_end_stream(resp.body()));
         }

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use agentgate_proto::v1::tunnel_server::Tunnel;
 use agentgate_proto::v1::{agent_message, AgentMessage, GatewayMessage};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::ParkedTunnel;
@@ -58,6 +57,6 @@ impl Tunnel for TunnelService {
                 agent: Arc::from(id.name.as_str()),
             },
         );
-        Ok(Response::new(BoxedMessageStream(ReceiverStream::new(out))))
+        Ok(Response::new(BoxedMessageStream::new(out)))
     }
 }

@@ -1,0 +1,104 @@
+"""Revoking a token bites on what it already authenticated: `agentgate token revoke` while an
+agent is connected (idle, or with a request in flight) and while a runner holds a long poll to
+a gateway-side backend. The gateway checks its token file every `token_check_interval`."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+
+import grpc
+
+import ingress_clients as ic
+from conftest import BIN, http_get, wait_for
+from job_router import JobRouter, method_path
+from lifecycle_helpers import Download, PatternServer, api_get
+
+# token_check_interval is 2 s by default; what it authenticated must end within this.
+BOUND = 6.0
+
+
+def revoke(env, name: str) -> None:
+    out = subprocess.run([str(BIN), "token", "revoke", name, "--tokens", str(env.tokens)],
+                         capture_output=True, text=True, timeout=20, check=True)
+    assert "revoked" in out.stdout, out.stdout
+
+
+def test_revoked_agent_is_cut_off_idle_and_busy(env):
+    up = PatternServer()
+    try:
+        api = env.token("caller", kind="api")
+        g = env.gateway(tls=False, cleartext=False)
+        idle_tf, busy_tf = env.token_file("idle-edge"), env.token_file("busy-edge")
+        for name, tf in (("idle", idle_tf), ("busy", busy_tf)):
+            env.agent(g.url("grpc"), tf, extra=["--upstream", up.url], name=f"agent-{name}")
+        g.wait_agent("idle-edge")
+        g.wait_agent("busy-edge")
+        assert api_get(g.api_port, "/agents/idle-edge/proxy/", api)[0] == 200
+        # A slow download through the busy agent stays in flight across the revocation.
+        size = 8 * 1024 * 1024
+        dl = Download(g.api_port, f"/agents/busy-edge/proxy/bytes/{size}", api, size, rate=2e6)
+        t = threading.Thread(target=dl.run, daemon=True)
+        t.start()
+        wait_for(lambda: dl.got > 0, timeout=10, what="the download started")
+
+        for name in ("idle-edge", "busy-edge"):
+            revoke(env, name)
+        revoked_at = time.monotonic()
+
+        def gone():
+            names = {a["name"] for a in g.agents()}
+            return not names & {"idle-edge", "busy-edge"}
+        wait_for(gone, timeout=BOUND, interval=0.1, what="both revoked agents' sessions ended")
+        assert time.monotonic() - revoked_at < BOUND
+        for name in ("idle-edge", "busy-edge"):
+            status, body = api_get(g.api_port, f"/agents/{name}/proxy/", api)
+            assert status in (404, 503), (name, status, body)
+        log = g.proc.output()
+        assert "ending session: its token was revoked" in log, log[-3000:]
+        assert "token revoked: ending the sessions" in log
+        assert g.metric("agentgate_connections_rejected_total", reason="token_revoked") >= 2
+        # The revoked agents are refused when they come back, and say so.
+        wait_for(lambda: "agent token" in env.procs[-1].output() or "revoked" in env.procs[-1].output(),
+                 timeout=15, what="the busy agent logs why it is cut off")
+        t.join(timeout=30)
+        assert "panicked" not in log
+    finally:
+        up.close()
+
+
+def test_revoked_runner_long_poll_ends_unauthenticated(env):
+    router = JobRouter()
+    try:
+        tok = env.token("runner-r")
+        keep = env.token("runner-k")
+        g = env.gateway(tls=False, cleartext=False,
+                        extra=["--backend", f"runner.jobs.v1.={router.url}"])
+        ch = ic.h2c_channel(g.port)
+        wait = ch.unary_stream(method_path("WaitJob"))
+        poll = wait(b'{"job": "never", "delay": 60}', metadata=[("authorization", f"Bearer {tok}")],
+                    timeout=60)
+        other = wait(b'{"job": "never", "delay": 60}', metadata=[("authorization", f"Bearer {keep}")],
+                     timeout=60)
+        wait_for(lambda: len(router.calls_to("WaitJob")) == 2, timeout=10, what="both long polls reached the backend")
+        revoke(env, "runner-r")
+        t0 = time.monotonic()
+        try:
+            next(poll)
+            raise AssertionError("the revoked runner's long poll answered")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAUTHENTICATED, (e.code(), e.details())
+            assert "revoked" in e.details(), e.details()
+        assert time.monotonic() - t0 < BOUND
+        # The backend saw its call cancelled; the other runner's poll is untouched.
+        rec = [r for r in router.calls_to("WaitJob") if r.values("agentgate-agent-name") == ["runner-r"]][0]
+        assert rec.wait_ended(5) and rec.cancelled, rec
+        kept = [r for r in router.calls_to("WaitJob") if r.values("agentgate-agent-name") == ["runner-k"]][0]
+        assert not kept.wait_ended(0.5), f"the other runner's long poll ended too: {kept}"
+        other.cancel()
+        status, _, text = http_get(g.admin + "/metrics")
+        assert 'outcome="revoked"' in text.decode(), text.decode()[-2000:]
+        ch.close()
+    finally:
+        router.stop()
