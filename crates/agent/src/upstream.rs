@@ -522,24 +522,6 @@ async fn next_event(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn joins_uris() {
-        let b = url::Url::parse("http://127.0.0.1:9000").unwrap();
-        assert_eq!(
-            join_uri(&b, "/a?b=1").unwrap(),
-            "http://127.0.0.1:9000/a?b=1"
-        );
-        let b = url::Url::parse("https://svc.local/prefix/").unwrap();
-        assert_eq!(join_uri(&b, "/x").unwrap(), "https://svc.local/prefix/x");
-        let b = url::Url::parse("http://[::1]:80/").unwrap();
-        assert_eq!(join_uri(&b, "/").unwrap(), "http://[::1]/");
-    }
-}
-
 /// A whole number of seconds, or milliseconds below one second.
 fn humantime_secs(d: Duration) -> String {
     if d >= Duration::from_secs(1) {
@@ -557,5 +539,23 @@ fn public_reason(e: &hyper_util::client::legacy::Error) -> &'static str {
         "timed out"
     } else {
         "failed before answering"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn joins_uris() {
+        let b = url::Url::parse("http://127.0.0.1:9000").unwrap();
+        assert_eq!(
+            join_uri(&b, "/a?b=1").unwrap(),
+            "http://127.0.0.1:9000/a?b=1"
+        );
+        let b = url::Url::parse("https://svc.local/prefix/").unwrap();
+        assert_eq!(join_uri(&b, "/x").unwrap(), "https://svc.local/prefix/x");
+        let b = url::Url::parse("http://[::1]:80/").unwrap();
+        assert_eq!(join_uri(&b, "/").unwrap(), "http://[::1]/");
     }
 }
