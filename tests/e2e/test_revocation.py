@@ -102,3 +102,29 @@ def test_revoked_runner_long_poll_ends_unauthenticated(env):
         ch.close()
     finally:
         router.stop()
+
+
+def test_rotation_runbook_new_token_in_the_file_then_revoke_the_old_by_id(env):
+    """docs/operations.md, rotating a token: create a second token for the agent, write it into the
+    agent's token file, revoke the first by id. The agent, which re-reads a changed token file
+    before each connection, comes back on the new token without a restart."""
+    g = env.gateway(tls=False, cleartext=False)
+    tf = env.token_file("rotating")
+    a = env.agent(g.url("grpc"), tf, extra=["--backoff-initial", "200ms", "--backoff-max", "1s"],
+                  name="agent-rotating")
+    before = g.wait_agent("rotating")
+    listed = subprocess.run([str(BIN), "token", "list", "--tokens", str(env.tokens)],
+                            capture_output=True, text=True, check=True).stdout
+    old_id = next(line.split()[0] for line in listed.splitlines() if "rotating" in line)
+    tf.write_text(env.token("rotating") + "\n")
+    revoke(env, old_id)
+
+    def back_on_new_connection():
+        for agent in g.agents():
+            if agent["name"] == "rotating" and agent["connection_id"] != before["connection_id"]:
+                return agent
+        return None
+    wait_for(back_on_new_connection, timeout=15, interval=0.2,
+             what="the agent back on its new token")
+    assert a.alive()
+    assert "token file changed" in a.output(), a.output()[-2000:]

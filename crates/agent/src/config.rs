@@ -66,6 +66,8 @@ impl Default for PoolSettings {
 pub struct AgentConfig {
     pub server: ServerUrl,
     pub token: String,
+    /// Where `token` came from, if a file: re-read before a connection when it changed.
+    pub token_file: Option<PathBuf>,
     pub transport: TransportMode,
     pub ca_cert: Option<PathBuf>,
     pub tls_server_name: Option<String>,
@@ -121,6 +123,7 @@ impl AgentConfig {
         Self {
             server,
             token,
+            token_file: None,
             transport: TransportMode::Auto,
             ca_cert: None,
             tls_server_name: None,

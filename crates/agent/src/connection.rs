@@ -31,7 +31,8 @@ use crate::upstream::Upstreams;
 
 /// Adds the agent's credentials and extra metadata to every call.
 pub struct CallCredentials {
-    authorization: http::HeaderValue,
+    /// `Bearer <token>`; replaced when the token file changes (see [`TokenFile`]).
+    authorization: std::sync::RwLock<http::HeaderValue>,
     pub instance_id: String,
     /// Checked at start to be valid ASCII gRPC metadata.
     extra: Vec<(http::HeaderName, http::HeaderValue)>,
@@ -48,9 +49,20 @@ impl CallCredentials {
         )
     }
 
+    /// Puts the current token on a WebSocket upgrade's headers.
+    fn apply_to_upgrade(&self, headers: &mut http::HeaderMap) {
+        headers.insert(
+            http::header::AUTHORIZATION,
+            self.authorization.read().unwrap().clone(),
+        );
+    }
+
     /// Puts the agent's token (replacing any other) and extra metadata on a call's headers.
     pub fn apply(&self, headers: &mut http::HeaderMap) {
-        headers.insert(http::header::AUTHORIZATION, self.authorization.clone());
+        headers.insert(
+            http::header::AUTHORIZATION,
+            self.authorization.read().unwrap().clone(),
+        );
         for (k, v) in &self.extra {
             headers.append(k.clone(), v.clone());
         }
@@ -154,6 +166,21 @@ struct Dialer {
     dial: DialSettings,
     auth: Arc<CallCredentials>,
     upstreams: Arc<Upstreams>,
+    /// The token file and its stamp when last read, if the token came from a file.
+    token_file: Option<std::sync::Mutex<TokenFile>>,
+}
+
+/// The agent's token file: re-read before each connection when it changed, so a rotated
+/// token is used from the next connection on (a revoked token's session ends, and the agent
+/// reconnects with the new one) without a restart.
+struct TokenFile {
+    path: std::path::PathBuf,
+    stamp: Option<(std::time::SystemTime, u64)>,
+}
+
+fn file_stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
 }
 
 fn direct_variant(url: &ServerUrl) -> ServerUrl {
@@ -213,17 +240,54 @@ impl Dialer {
             local_ip: cfg.local_ip,
         };
         let auth = Arc::new(CallCredentials {
-            authorization,
+            authorization: std::sync::RwLock::new(authorization),
             instance_id: cfg.instance_id.clone(),
             extra,
         });
         let upstreams = Arc::new(Upstreams::new(&cfg)?);
+        let token_file = cfg.token_file.clone().map(|path| {
+            std::sync::Mutex::new(TokenFile {
+                stamp: file_stamp(&path),
+                path,
+            })
+        });
         Ok(Self {
             cfg,
             dial,
             auth,
             upstreams,
+            token_file,
         })
+    }
+
+    /// Reads the token file again if it changed since it was last read; a file that cannot
+    /// be read or holds no usable token is logged and the previous token kept.
+    fn reread_token_file(&self) {
+        let Some(file) = &self.token_file else {
+            return;
+        };
+        let mut file = file.lock().unwrap();
+        let stamp = file_stamp(&file.path);
+        if stamp == file.stamp {
+            return;
+        }
+        file.stamp = stamp;
+        let token = match std::fs::read_to_string(&file.path) {
+            Ok(t) => t.trim().to_string(),
+            Err(e) => {
+                tracing::warn!(path = %file.path.display(), "cannot re-read the token file ({e}); keeping the previous token");
+                return;
+            }
+        };
+        match http::HeaderValue::from_str(&format!("Bearer {token}")) {
+            Ok(v) if !token.is_empty() => {
+                *self.auth.authorization.write().unwrap() = v;
+                tracing::info!(path = %file.path.display(), "token file changed: the new token is used from this connection on");
+            }
+            _ => {
+                tracing::warn!(path = %file.path.display(), "the token file holds no usable token; keeping the previous one")
+            }
+        }
     }
 
     /// An HTTP/2 channel over an already-dialled stream. The connector hands the stream out
@@ -268,7 +332,10 @@ impl Dialer {
     ) -> Result<Connection, ConnectError> {
         let goaway = CancellationToken::new();
         let attempt = async {
-            let io = dial(url, &self.dial).await?;
+            self.reread_token_file();
+            let mut settings = self.dial.clone();
+            self.auth.apply_to_upgrade(&mut settings.upgrade_headers);
+            let io = dial(url, &settings).await?;
             // A GOAWAY from the gateway or a proxy in between means: move to a new connection.
             let io: agentgate_transport::BoxedIo = Box::new(GoawayWatch::new(io, goaway.clone()));
             let channel = self.channel_over(io, url).await?;

@@ -287,6 +287,24 @@ fn stop_on_signals() -> CancellationToken {
     stop
 }
 
+/// The agent's SIGHUP: nothing to reload at once (the token file is re-read whenever it
+/// changed, before each connection), so it is logged instead of ending the process, which is
+/// what SIGHUP does by default (`systemctl reload`, a closed terminal).
+fn agent_ignores_sighup() {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!(
+                "SIGHUP received: the agent keeps running; a changed token file is used from \
+                 its next connection"
+            );
+        }
+    });
+}
+
 fn server_config(a: &ServerArgs) -> anyhow::Result<GatewayConfig> {
     let mut c: GatewayConfig = settings::layered(GatewayConfig::default(), a.config.as_deref())?;
     if !a.set.is_empty() {
@@ -388,6 +406,7 @@ fn agent_config(a: &AgentArgs) -> anyhow::Result<AgentConfig> {
         anyhow::bail!("the agent token is empty");
     }
     let mut c = AgentConfig::new(server, token);
+    c.token_file = a.token_file.clone();
     c.transport = a.transport;
     if a.transport == TransportMode::Websocket && !c.server.scheme.is_websocket() {
         anyhow::bail!("--transport websocket needs a ws:// or wss:// URL (it carries the path)");
@@ -545,6 +564,7 @@ fn main() -> std::process::ExitCode {
             }
             Command::Agent(a) => {
                 let c = agent_config(&a)?;
+                agent_ignores_sighup();
                 agentgate_agent::run(c, stop_on_signals()).await
             }
             Command::Token { command } => token_command(command),

@@ -33,6 +33,11 @@ pub struct GatewayConfig {
     /// presented.
     #[serde(with = "humantime_serde")]
     pub token_check_interval: Duration,
+    /// How often the TLS certificate and key files are checked for changes (SIGHUP also
+    /// reloads them). New handshakes get a changed certificate; open connections keep theirs.
+    /// `0s`: only on SIGHUP.
+    #[serde(with = "humantime_serde")]
+    pub certificate_check_interval: Duration,
 
     /// Deadline for the TLS handshake, the 24-byte sniff, and the WebSocket upgrade, each.
     #[serde(with = "humantime_serde")]
@@ -253,6 +258,7 @@ impl Default for GatewayConfig {
             api_tls_key: None,
             tokens: PathBuf::from("agentgate-tokens.json"),
             token_check_interval: Duration::from_secs(2),
+            certificate_check_interval: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(5),
             max_connections: 18_000,
             listen_backlog: 4096,

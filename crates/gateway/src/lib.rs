@@ -18,6 +18,7 @@ mod headers;
 mod http_listener;
 mod memory;
 pub mod metrics;
+mod reload;
 mod router;
 mod rpc_guard;
 mod rpc_layer;
@@ -249,17 +250,35 @@ pub async fn run(
     stop: CancellationToken,
     on_bound: impl FnOnce(BoundAddrs),
 ) -> anyhow::Result<()> {
-    use agentgate_transport::tls::{server_config, ALPN_H2, ALPN_HTTP1};
-    let agent_tls = pair("agent port TLS", &config.tls_cert, &config.tls_key)?
-        .map(|(c, k)| server_config(c, k, &[ALPN_H2, ALPN_HTTP1]))
-        .transpose()
-        .context("agent port TLS")?;
-    let api_tls = pair("API TLS", &config.api_tls_cert, &config.api_tls_key)?
-        .map(|(c, k)| server_config(c, k, &[ALPN_H2, ALPN_HTTP1]))
-        .transpose()
-        .context("API TLS")?;
+    use agentgate_transport::cert_reload::ReloadableCert;
+    use agentgate_transport::tls::{ALPN_H2, ALPN_HTTP1};
+    let mut served = Vec::new();
+    let mut tls_for = |listener: &'static str,
+                       files: Option<(&std::path::Path, &std::path::Path)>|
+     -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+        let Some((cert, key)) = files else {
+            return Ok(None);
+        };
+        let cert = ReloadableCert::load(cert, key).with_context(|| format!("{listener} TLS"))?;
+        let cfg = cert.server_config(&[ALPN_H2, ALPN_HTTP1])?;
+        served.push(reload::ServedCert { listener, cert });
+        Ok(Some(cfg))
+    };
+    let agent_tls = tls_for(
+        "agent port",
+        pair("agent port TLS", &config.tls_cert, &config.tls_key)?,
+    )?;
+    let api_tls = tls_for(
+        "API",
+        pair("API TLS", &config.api_tls_cert, &config.api_tls_key)?,
+    )?;
     let gw = Gateway::new(config)?;
-    run_with(gw, agent_tls, api_tls, stop, on_bound).await
+    let watch_stop = CancellationToken::new();
+    let watcher = tokio::spawn(reload::watch(gw.clone(), served, watch_stop.clone()));
+    let result = run_with(gw, agent_tls, api_tls, stop, on_bound).await;
+    watch_stop.cancel();
+    let _ = watcher.await;
+    result
 }
 
 /// Like [`run`], with TLS configurations already built (the demo generates its own).

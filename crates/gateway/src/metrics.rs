@@ -131,6 +131,7 @@ pub struct Metrics {
     pub connect_rate_limited: Family,
     pub backend_calls: Family,
     pub backend_calls_open: Family,
+    pub reloads: Family,
 }
 
 impl Default for Metrics {
@@ -229,6 +230,12 @@ impl Default for Metrics {
                 "counter",
                 &["backend", "outcome", "code"],
             ),
+            reloads: Family::new(
+                "agentgate_certificate_reloads_total",
+                "Certificate reloads (a changed file, or SIGHUP), by listener and result.",
+                "counter",
+                &["listener", "result"],
+            ),
             backend_calls_open: Family::new(
                 "agentgate_backend_calls_open",
                 "Agent calls to gateway-side backends open now (long polls included), by backend.",
@@ -277,6 +284,7 @@ impl Metrics {
             &self.connect_rate_limited,
             &self.backend_calls,
             &self.backend_calls_open,
+            &self.reloads,
         ] {
             f.render(&mut out);
         }

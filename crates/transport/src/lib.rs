@@ -7,6 +7,7 @@
 //! agent receives a [`BoxedIo`] from [`dial`].
 
 mod authority;
+pub mod cert_reload;
 mod dial;
 #[cfg(test)]
 mod generated_tests;

@@ -1,0 +1,72 @@
+//! What can change under a running gateway without a restart: the token store and the TLS
+//! certificates of the agent and API ports. Both are re-read on SIGHUP (`systemctl reload`, a
+//! certificate-renewal hook), and certificates also when their files change (checked every
+//! `certificate_check_interval`; the token store has its own `token_check_interval`).
+//! Established connections keep their session and certificate; new handshakes get the new one.
+
+use std::sync::Arc;
+
+use agentgate_transport::cert_reload::ReloadableCert;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+use crate::Gateway;
+
+/// A certificate the gateway serves, with the listener it is for (for log lines).
+pub struct ServedCert {
+    pub listener: &'static str,
+    pub cert: Arc<ReloadableCert>,
+}
+
+/// Reloads on SIGHUP and when certificate files change, until `stop`.
+pub async fn watch(gw: Arc<Gateway>, certs: Vec<ServedCert>, stop: CancellationToken) {
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!("cannot handle SIGHUP ({e}); reload by restarting");
+            None
+        }
+    };
+    let period = gw.config.certificate_check_interval;
+    let mut tick = (!period.is_zero()).then(|| tokio::time::interval(period));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            Some(()) = async { hangup.as_mut()?.recv().await } => {
+                tracing::info!("SIGHUP received: reloading the token store and certificates");
+                gw.tokens.check_now();
+                reload_certs(&gw, &certs, true);
+            }
+            _ = async { tick.as_mut().expect("guarded").tick().await }, if tick.is_some() => {
+                reload_certs(&gw, &certs, false);
+            }
+        }
+    }
+}
+
+fn reload_certs(gw: &Gateway, certs: &[ServedCert], asked: bool) {
+    for c in certs {
+        match c.cert.reload_if_changed() {
+            Ok(true) => {
+                gw.metrics.reloads.inc(&[c.listener, "ok"]);
+                tracing::info!(
+                    listener = c.listener,
+                    cert = %c.cert.cert_path().display(),
+                    "certificate reloaded: new handshakes get it, open connections keep theirs"
+                );
+            }
+            Ok(false) => {
+                if asked {
+                    tracing::info!(listener = c.listener, "certificate unchanged");
+                }
+            }
+            Err(e) => {
+                gw.metrics.reloads.inc(&[c.listener, "failed"]);
+                tracing::error!(
+                    listener = c.listener,
+                    "certificate reload failed, still serving the previous one: {e}"
+                );
+            }
+        }
+    }
+}

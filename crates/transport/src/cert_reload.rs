@@ -1,0 +1,124 @@
+//! A server certificate that can be replaced while the server runs: certificate renewal
+//! without a restart. New handshakes get the new certificate; established connections keep
+//! theirs.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
+
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::PrivateKeyDer;
+
+use crate::tls::{load_certs, provider, TlsConfigError};
+
+/// (modified time, length) of each file, to tell whether either changed.
+type Stamps = [Option<(SystemTime, u64)>; 2];
+
+/// The certificate chain and key in two PEM files, re-read on demand.
+#[derive(Debug)]
+pub struct ReloadableCert {
+    cert: PathBuf,
+    key: PathBuf,
+    current: RwLock<(Arc<CertifiedKey>, Stamps)>,
+}
+
+impl ReloadableCert {
+    /// Reads both files; fails if they cannot be read or do not match.
+    pub fn load(cert: &Path, key: &Path) -> Result<Arc<Self>, TlsConfigError> {
+        let stamps = stamps(cert, key);
+        let certified = read(cert, key)?;
+        Ok(Arc::new(Self {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            current: RwLock::new((Arc::new(certified), stamps)),
+        }))
+    }
+
+    /// Reads the files again if either changed since the last read. `Ok(true)` when a new
+    /// certificate is now served; on an error (a half-written file, a key that does not
+    /// match) the previous certificate stays.
+    pub fn reload_if_changed(&self) -> Result<bool, TlsConfigError> {
+        let now = stamps(&self.cert, &self.key);
+        if now == self.current.read().unwrap().1 {
+            return Ok(false);
+        }
+        let certified = read(&self.cert, &self.key)?;
+        *self.current.write().unwrap() = (Arc::new(certified), now);
+        Ok(true)
+    }
+
+    pub fn cert_path(&self) -> &Path {
+        &self.cert
+    }
+
+    /// A server configuration that serves whatever certificate this holds at each handshake.
+    pub fn server_config(
+        self: &Arc<Self>,
+        alpn: &[&[u8]],
+    ) -> Result<Arc<ServerConfig>, TlsConfigError> {
+        let mut cfg = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(cfg))
+    }
+}
+
+impl ResolvesServerCert for ReloadableCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.read().unwrap().0.clone())
+    }
+}
+
+fn stamps(cert: &Path, key: &Path) -> Stamps {
+    let stamp = |p: &Path| {
+        let m = std::fs::metadata(p).ok()?;
+        Some((m.modified().ok()?, m.len()))
+    };
+    [stamp(cert), stamp(key)]
+}
+
+fn read(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsConfigError> {
+    let certs = load_certs(cert)?;
+    let der = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsConfigError::Key {
+        path: key.to_path_buf(),
+        source,
+    })?;
+    Ok(CertifiedKey::from_der(certs, der, &provider())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_pair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        let ck = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+        let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&c, ck.cert.pem()).unwrap();
+        std::fs::write(&k, ck.signing_key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
+    #[test]
+    fn a_changed_pair_is_served_and_a_broken_one_keeps_the_old() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, k) = write_pair(dir.path(), "one.test");
+        let r = ReloadableCert::load(&c, &k).unwrap();
+        let first = r.current.read().unwrap().0.cert[0].clone();
+        assert!(!r.reload_if_changed().unwrap(), "nothing changed");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        write_pair(dir.path(), "two.test.example");
+        assert!(r.reload_if_changed().unwrap());
+        let second = r.current.read().unwrap().0.cert[0].clone();
+        assert_ne!(first, second);
+        // A key that belongs to another certificate: refused, the second stays.
+        let other = rcgen::generate_simple_self_signed(vec!["x.test".into()]).unwrap();
+        std::fs::write(&k, other.signing_key.serialize_pem()).unwrap();
+        assert!(r.reload_if_changed().is_err());
+        assert_eq!(r.current.read().unwrap().0.cert[0], second);
+    }
+}

@@ -1,0 +1,111 @@
+"""Reloading without a restart: SIGHUP and changed certificate files give new TLS handshakes
+the new certificate, while established agent connections keep their session and the process
+stays up. The agent survives SIGHUP too."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import time
+
+from conftest import wait_for
+
+
+def leaf_signed_by_test_ca(pki, out_dir, cn: str) -> tuple:
+    """A second server certificate from the test CA (same names), in out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key, csr, cert = out_dir / "server.key", out_dir / "server.csr", out_dir / "server.pem"
+    run = lambda *a: subprocess.run([str(x) for x in a], check=True, capture_output=True)  # noqa: E731
+    run("openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+        "-keyout", key, "-out", csr, "-subj", f"/CN={cn}")
+    run("openssl", "x509", "-req", "-in", csr, "-CA", pki / "ca.pem", "-CAkey", pki / "ca.key",
+        "-CAcreateserial", "-out", cert, "-days", "2", "-extfile", pki / "ext.cnf")
+    return cert, key
+
+
+def served_cert_der(port: int, ca) -> bytes:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+            return s.getpeercert(binary_form=True)
+
+
+def pem_der(path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(path.read_text().split("-----END CERTIFICATE-----")[0]
+                                    + "-----END CERTIFICATE-----\n")
+
+
+def swap_in(src_cert, src_key, dst_cert, dst_key):
+    # Key first, then certificate, each by rename: what a renewal hook does.
+    for src, dst in ((src_key, dst_key), (src_cert, dst_cert)):
+        tmp = dst.with_suffix(".new")
+        shutil.copy(src, tmp)
+        tmp.replace(dst)
+
+
+def keep_original(env):
+    """The test CA's directory, and a copy of the first server certificate (the served files
+    are then replaced in place)."""
+    pki = env.certs["ca"].parent
+    orig = env.tmp / "original-server.pem"
+    shutil.copy(env.certs["cert"], orig)
+    return pki, orig
+
+
+def test_sighup_serves_the_new_certificate_and_keeps_agents(env):
+    pki, orig = keep_original(env)
+    cert, key = env.certs["cert"], env.certs["key"]  # the files the gateway serves
+    g = env.gateway(tls=True, cleartext=False, extra=["--set", 'certificate_check_interval="0s"'])
+    tf = env.token_file("steady")
+    env.agent(g.url("grpcs"), tf, name="agent-steady")
+    before = g.wait_agent("steady", transport="grpcs")
+    assert served_cert_der(g.port, env.certs["ca"]) == pem_der(orig)
+
+    new_cert, new_key = leaf_signed_by_test_ca(pki, env.tmp / "renewed", "renewed")
+    swap_in(new_cert, new_key, cert, key)
+    # Without SIGHUP (checks off) the old certificate is still served.
+    assert served_cert_der(g.port, env.certs["ca"]) == pem_der(orig)
+    g.proc.p.send_signal(signal.SIGHUP)
+    wait_for(lambda: served_cert_der(g.port, env.certs["ca"]) == pem_der(new_cert), timeout=5,
+             what="the renewed certificate served after SIGHUP")
+    assert g.proc.alive(), "SIGHUP must not stop the gateway"
+    after = g.wait_agent("steady", transport="grpcs")
+    assert after["connection_id"] == before["connection_id"], (before, after)
+    out = g.proc.output()
+    assert "SIGHUP received" in out and "certificate reloaded" in out, out[-2000:]
+    assert g.metric("agentgate_certificate_reloads_total", listener="agent port", result="ok") == 1
+
+
+def test_changed_files_reload_by_themselves_and_a_broken_pair_keeps_the_old(env):
+    pki, orig = keep_original(env)
+    cert, key = env.certs["cert"], env.certs["key"]
+    g = env.gateway(tls=True, cleartext=False, extra=["--set", 'certificate_check_interval="1s"'])
+    # A key that does not match the certificate: refused, the old pair stays.
+    stray_cert, stray_key = leaf_signed_by_test_ca(pki, env.tmp / "stray", "stray")
+    swap_in(orig, stray_key, cert, key)
+    wait_for(lambda: g.metric("agentgate_certificate_reloads_total", listener="agent port",
+                              result="failed") >= 1, timeout=6, what="the broken pair refused")
+    assert served_cert_der(g.port, env.certs["ca"]) == pem_der(orig)
+    assert "still serving the previous one" in g.proc.output()
+    # The matching pair: served within the check interval, no signal needed.
+    swap_in(stray_cert, stray_key, cert, key)
+    wait_for(lambda: served_cert_der(g.port, env.certs["ca"]) == pem_der(stray_cert), timeout=6,
+             what="the new pair served after the file check")
+    assert g.proc.alive()
+
+
+def test_agent_survives_sighup(env):
+    g = env.gateway(tls=False, cleartext=False)
+    tf = env.token_file("hup-agent")
+    a = env.agent(g.url("grpc"), tf, name="agent-hup")
+    before = g.wait_agent("hup-agent")
+    a.p.send_signal(signal.SIGHUP)
+    time.sleep(1.0)
+    assert a.alive(), f"SIGHUP stopped the agent:\n{a.output()[-2000:]}"
+    assert "SIGHUP" in a.output()
+    after = g.wait_agent("hup-agent")
+    assert after["connection_id"] == before["connection_id"]
