@@ -147,6 +147,9 @@ class Env:
         self.tmp = tmp
         self.procs: list[Proc] = []
         self.tokens = tmp / "tokens.json"
+        # An empty store, as `agentgate token create` would leave it: the gateway refuses to
+        # start on a missing one, and tests create their tokens after it started.
+        self.tokens.write_text('{"version": 1, "tokens": []}\n')
         self._certs = None
 
     def spawn(self, args, name: str, env=None, cwd=None) -> Proc:

@@ -926,7 +926,7 @@ def test_a_short_signing_secret_stops_the_gateway_with_a_sentence(env):
     secret = env.tmp / "short.secret"
     secret.write_text("too short\n")
     cfg = write_config(env, [backend_table("http://127.0.0.1:1", signing_secret_file=str(secret))])
-    out = subprocess.run([str(BIN), "server", "--config", str(cfg), "--tokens", str(env.tmp / "t.json"),
+    out = subprocess.run([str(BIN), "server", "--config", str(cfg), "--tokens", str(env.tokens),
                           "--listen", f"127.0.0.1:{free_port()}", "--admin-listen", f"127.0.0.1:{free_port()}",
                           "--api-listen", f"127.0.0.1:{free_port()}"],
                          capture_output=True, text=True, timeout=20)

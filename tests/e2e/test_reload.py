@@ -109,3 +109,4 @@ def test_agent_survives_sighup(env):
     assert "SIGHUP" in a.output()
     after = g.wait_agent("hup-agent")
     assert after["connection_id"] == before["connection_id"]
+

@@ -33,6 +33,10 @@ pub struct GatewayConfig {
     /// presented.
     #[serde(with = "humantime_serde")]
     pub token_check_interval: Duration,
+    /// Start even when the token store file does not exist (it is read once tokens are
+    /// created). Off by default: a typo in `--tokens` would otherwise start a gateway that
+    /// refuses every agent.
+    pub tokens_may_be_missing: bool,
     /// How often the TLS certificate and key files are checked for changes (SIGHUP also
     /// reloads them). New handshakes get a changed certificate; open connections keep theirs.
     /// `0s`: only on SIGHUP.
@@ -258,6 +262,7 @@ impl Default for GatewayConfig {
             api_tls_key: None,
             tokens: PathBuf::from("agentgate-tokens.json"),
             token_check_interval: Duration::from_secs(2),
+            tokens_may_be_missing: false,
             certificate_check_interval: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(5),
             max_connections: 18_000,

@@ -13,6 +13,7 @@ mod boxed_stream;
 pub mod cluster;
 pub mod config;
 pub mod directory;
+mod fd_limit;
 mod guarded_body;
 mod headers;
 mod http_listener;
@@ -93,7 +94,19 @@ impl Gateway {
     }
 
     pub fn new(config: GatewayConfig) -> anyhow::Result<Arc<Self>> {
-        let tokens = TokenStore::open(&config.tokens)?;
+        let path = &config.tokens;
+        anyhow::ensure!(
+            config.tokens_may_be_missing || path.exists(),
+            "the token store {} does not exist: create a token first (agentgate token create \
+             --name NAME --tokens {}), fix the path, or set tokens_may_be_missing = true to start \
+             without one",
+            path.display(),
+            path.display()
+        );
+        let tokens = TokenStore::open(path)?;
+        if tokens.is_empty() {
+            tracing::warn!(path = %path.display(), "the token store holds no tokens: every agent and caller is refused until one is created");
+        }
         let backends = Arc::new(backends::Backends::new(&config.backends)?);
         let metrics = Arc::new(Metrics::default());
         let age = config.max_connection_age;
@@ -272,6 +285,7 @@ pub async fn run(
         "API",
         pair("API TLS", &config.api_tls_cert, &config.api_tls_key)?,
     )?;
+    fd_limit::prepare(config.max_connections);
     let gw = Gateway::new(config)?;
     let watch_stop = CancellationToken::new();
     let watcher = tokio::spawn(reload::watch(gw.clone(), served, watch_stop.clone()));

@@ -346,6 +346,11 @@ impl TokenStore {
             .clone()
     }
 
+    /// Whether the store holds no token at all.
+    pub fn is_empty(&self) -> bool {
+        self.loaded.read().unwrap().by_hash.is_empty()
+    }
+
     /// Tokens found revoked while something they authenticated was alive, since start.
     pub fn revoked_live(&self) -> u64 {
         self.revoked_live.load(Ordering::Relaxed)

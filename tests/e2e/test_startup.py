@@ -1,0 +1,57 @@
+"""What the gateway checks at start, so a misconfiguration fails early with a sentence instead
+of running badly: a token store that is not there, an open-file limit too low for
+max_connections."""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+
+from conftest import BIN, free_port, wait_for
+
+
+def server_args(env, tokens) -> list[str]:
+    return [str(BIN), "server", "--listen", f"127.0.0.1:{free_port()}",
+            "--admin-listen", f"127.0.0.1:{free_port()}", "--api-listen", f"127.0.0.1:{free_port()}",
+            "--tokens", str(tokens)]
+
+
+def test_a_missing_token_store_stops_the_gateway_unless_allowed(env):
+    typo = env.tmp / "tokns.json"
+    out = subprocess.run(server_args(env, typo), capture_output=True, text=True, timeout=20)
+    assert out.returncode != 0
+    err = out.stderr
+    assert "does not exist" in err and "token create" in err and str(typo) in err, err
+    assert "panicked" not in err and "Error {" not in err, err
+    # Asked for: it starts, and says every agent is refused until a token exists.
+    log = env.tmp / "allowed.log"
+    with open(log, "w") as f:
+        p = subprocess.Popen(server_args(env, typo) + ["--set", "tokens_may_be_missing=true"],
+                             stdout=f, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: "holds no tokens" in log.read_text(), timeout=10,
+                 what="the warning about an empty store")
+        assert p.poll() is None, log.read_text()[-2000:]
+    finally:
+        p.terminate()
+        p.wait(timeout=20)
+
+def test_a_low_open_file_limit_is_raised_or_named(env):
+    """Started under a soft limit of 256 with a hard limit of 4096: the gateway raises the soft
+    limit to the hard one; with max_connections above what that allows, it says what to set."""
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))
+
+    p = subprocess.Popen(server_args(env, env.tokens) + ["--set", "max_connections=18000"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         preexec_fn=limited)
+    try:
+        wait_for(lambda: open(f"/proc/{p.pid}/limits").read().count("4096") >= 2, timeout=10,
+                 what="the soft limit raised to the hard one")
+        limits = [line for line in open(f"/proc/{p.pid}/limits") if line.startswith("Max open files")]
+        assert limits and limits[0].split()[3:5] == ["4096", "4096"], limits
+    finally:
+        p.terminate()
+        out = p.communicate(timeout=20)[0]
+    assert "LimitNOFILE=19024" in out and "max_connections" in out, out[-2000:]
