@@ -9,7 +9,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use agentgate_proto::v1::{RequestHead, RequestKind};
 use bytes::Bytes;
@@ -22,24 +21,6 @@ use tokio::time::{Instant, Sleep};
 use super::{ApiAuthError, ApiBody, BoxError, TokenSource, AGENT_HEADER, TOKEN_HEADER};
 use crate::headers::{strip_hop_by_hop, to_proto};
 use crate::Gateway;
-
-/// Parses a `grpc-timeout` value (`1*8DIGIT unit`, units H M S m u n).
-pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
-    if v.len() < 2 || v.len() > 9 {
-        return None;
-    }
-    let (digits, unit) = v.split_at(v.len() - 1);
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
 
 /// Percent-encodes a `grpc-message` value as the gRPC spec asks.
 fn encode_grpc_message(msg: &str) -> String {
@@ -105,7 +86,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ApiBod
         .headers()
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
-        .and_then(parse_grpc_timeout);
+        .and_then(crate::headers::parse_grpc_timeout);
     let deadline = timeout.map(|t| Instant::now() + t);
     let (parts, body) = req.into_parts();
     let mut headers = parts.headers;
@@ -217,16 +198,6 @@ impl Body for DeadlineBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn grpc_timeout_values() {
-        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
-        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
-        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_grpc_timeout("5x"), None);
-        assert_eq!(parse_grpc_timeout("m"), None);
-        assert_eq!(parse_grpc_timeout("123456789S"), None);
-    }
 
     #[test]
     fn grpc_message_encoding() {

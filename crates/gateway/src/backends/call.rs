@@ -41,17 +41,6 @@ pub const INSTANCE_CLAIM_HEADER: &str = "agentgate-instance-claim";
 /// Every metadata name with this prefix is the gateway's to set.
 pub const RESERVED_PREFIX: &str = "agentgate-";
 
-/// Headers that describe one HTTP hop and never cross the gateway.
-const HOP_HEADERS: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-    "host",
-    "authorization",
-];
-
 /// Calls in flight per agent name to one backend.
 pub struct AgentCallLimits {
     max: u32,
@@ -241,7 +230,8 @@ impl CallTimer {
         let now = tokio::time::Instant::now();
         let deadline = headers
             .get("grpc-timeout")
-            .and_then(|v| parse_grpc_timeout(v.as_bytes()))
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::headers::parse_grpc_timeout)
             .map(|d| CallTimer {
                 at: now + d,
                 reason: TimerReason::Deadline,
@@ -274,24 +264,6 @@ impl CallTimer {
             ),
         }
     }
-}
-
-/// `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n).
-pub fn parse_grpc_timeout(v: &[u8]) -> Option<Duration> {
-    let (unit, digits) = v.split_last()?;
-    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
-    Some(match unit {
-        b'H' => Duration::from_secs(n * 3600),
-        b'M' => Duration::from_secs(n * 60),
-        b'S' => Duration::from_secs(n),
-        b'm' => Duration::from_millis(n),
-        b'u' => Duration::from_micros(n),
-        b'n' => Duration::from_nanos(n),
-        _ => return None,
-    })
 }
 
 /// The instance a call's identity names: the one its agent's local listener claims, if that
@@ -327,9 +299,9 @@ fn prepare_headers(
     backend: &Backend,
     path: &str,
 ) {
-    for name in HOP_HEADERS {
-        headers.remove(name);
-    }
+    crate::headers::strip_hop_by_hop(headers, true);
+    headers.remove(http::header::HOST);
+    headers.remove(http::header::AUTHORIZATION);
     let reserved: Vec<HeaderName> = headers
         .keys()
         .filter(|k| k.as_str().starts_with(RESERVED_PREFIX))
@@ -530,9 +502,7 @@ pub async fn forward(
         let status = status_for_http(name, head.status);
         return record.refuse(Outcome::HttpError, status);
     }
-    for name in HOP_HEADERS {
-        head.headers.remove(name);
-    }
+    crate::headers::strip_hop_by_hop(&mut head.headers, false);
     // A trailers-only answer: the status is in the head and the call is over.
     if let Some(code) = head.headers.get("grpc-status") {
         let code = grpc_code(code);
@@ -695,25 +665,6 @@ impl Body for AnswerBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn grpc_timeouts_parse_in_every_unit_and_garbage_does_not() {
-        assert_eq!(parse_grpc_timeout(b"2H"), Some(Duration::from_secs(7200)));
-        assert_eq!(parse_grpc_timeout(b"3M"), Some(Duration::from_secs(180)));
-        assert_eq!(parse_grpc_timeout(b"10S"), Some(Duration::from_secs(10)));
-        assert_eq!(
-            parse_grpc_timeout(b"250m"),
-            Some(Duration::from_millis(250))
-        );
-        assert_eq!(parse_grpc_timeout(b"7u"), Some(Duration::from_micros(7)));
-        assert_eq!(
-            parse_grpc_timeout(b"99999999n"),
-            Some(Duration::from_nanos(99_999_999))
-        );
-        for bad in [&b""[..], b"S", b"123456789S", b"10x", b"-1S", b"1.5S"] {
-            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
-        }
-    }
 
     #[test]
     fn the_signature_covers_every_identity_field() {
