@@ -18,6 +18,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use super::access_log::{EndedBy, RequestLog};
 use super::{ApiAuthError, ApiBody, BoxError, TokenSource, AGENT_HEADER, TOKEN_HEADER};
 use crate::headers::{strip_hop_by_hop, to_proto};
 use crate::Gateway;
@@ -35,7 +36,7 @@ fn encode_grpc_message(msg: &str) -> String {
     out
 }
 
-fn status_headers(code: tonic::Code, message: &str) -> HeaderMap {
+pub(super) fn status_headers(code: tonic::Code, message: &str) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert("grpc-status", HeaderValue::from(code as i32));
     if let Ok(v) = HeaderValue::from_str(&encode_grpc_message(&format!("agentgate: {message}"))) {
@@ -70,8 +71,8 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ApiBod
             &format!("missing '{AGENT_HEADER}: <agent name>' metadata"),
         );
     };
-    let source = match gw.authenticate_api(req.headers(), &agent) {
-        Ok((_, s)) => s,
+    let (token, source) = match gw.authenticate_api(req.headers(), &agent) {
+        Ok(found) => found,
         Err(e) => {
             gw.metrics.tunnel_requests.inc(&["grpc", "unauthenticated"]);
             tracing::warn!(agent, method, "API call refused: {}", e.message());
@@ -88,7 +89,18 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ApiBod
         .and_then(|v| v.to_str().ok())
         .and_then(crate::headers::parse_grpc_timeout);
     let deadline = timeout.map(|t| Instant::now() + t);
+    let log = RequestLog::new(
+        gw.metrics.clone(),
+        "grpc",
+        &token,
+        &agent,
+        "grpc",
+        "POST",
+        &method,
+    );
+    let revoked = gw.tokens.revocation(&token);
     let (parts, body) = req.into_parts();
+    let body = log.count_request(body);
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers, true);
     headers.remove(AGENT_HEADER);
@@ -110,24 +122,31 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ApiBod
         ..Default::default()
     };
     let forward = gw.forward(&agent, head, body);
-    let result = match deadline {
-        Some(d) => match tokio::time::timeout_at(d, forward).await {
-            Ok(r) => r,
-            Err(_) => {
-                gw.metrics
-                    .tunnel_requests
-                    .inc(&["grpc", "deadline_exceeded"]);
-                return status_response(
-                    tonic::Code::DeadlineExceeded,
-                    "deadline exceeded before the agent answered",
-                );
-            }
-        },
-        None => forward.await,
+    let deadline_passed = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    let result = tokio::select! {
+        r = forward => r,
+        _ = deadline_passed => {
+            log.finish(200, "deadline_exceeded", EndedBy::Gateway);
+            return status_response(
+                tonic::Code::DeadlineExceeded,
+                "deadline exceeded before the agent answered",
+            );
+        }
+        _ = revoked.cancelled() => {
+            log.finish(200, "revoked", EndedBy::Gateway);
+            return status_response(
+                tonic::Code::Unauthenticated,
+                "the API token of this call was revoked",
+            );
+        }
     };
     match result {
         Ok(fwd) => {
-            gw.metrics.tunnel_requests.inc(&["grpc", "ok"]);
             // A "trailers-only" answer (an error status straight away) carries grpc-status in
             // its headers and must end the stream on them: relaying the empty body as a DATA
             // frame would make clients read the status as plain headers and see UNKNOWN.
@@ -147,10 +166,10 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ApiBod
             let mut h = fwd.headers;
             strip_hop_by_hop(&mut h, false);
             *resp.headers_mut() = h;
-            resp
+            log.answer(resp, revoked)
         }
         Err(e) => {
-            gw.metrics.tunnel_requests.inc(&["grpc", e.outcome()]);
+            log.finish(200, e.outcome(), EndedBy::Agent);
             tracing::warn!(
                 agent,
                 method,

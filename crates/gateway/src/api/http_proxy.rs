@@ -7,6 +7,7 @@ use agentgate_proto::v1::{RequestHead, RequestKind};
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
+use super::access_log::{EndedBy, RequestLog};
 use super::{full_body, ApiBody, TokenSource, TOKEN_HEADER};
 use crate::headers::{strip_hop_by_hop, to_proto};
 use crate::Gateway;
@@ -83,8 +84,8 @@ pub async fn handle(
         );
     };
     let (agent, upstream) = (target.agent.to_string(), target.upstream.to_string());
-    let source = match gw.authenticate_api(req.headers(), &agent) {
-        Ok((_, source)) => source,
+    let (token, source) = match gw.authenticate_api(req.headers(), &agent) {
+        Ok(found) => found,
         Err(e) => {
             let status = match e {
                 super::ApiAuthError::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -104,7 +105,18 @@ pub async fn handle(
         path_and_query.push('?');
         path_and_query.push_str(q);
     }
+    let log = RequestLog::new(
+        gw.metrics.clone(),
+        "http",
+        &token,
+        &agent,
+        &upstream,
+        req.method().as_str(),
+        &path_and_query,
+    );
+    let revoked = gw.tokens.revocation(&token);
     let (parts, body) = req.into_parts();
+    let body = log.count_request(body);
     let mut headers = parts.headers;
     let original_host = headers.get(http::header::HOST).cloned().or_else(|| {
         parts
@@ -145,19 +157,25 @@ pub async fn handle(
         timeout_millis: 0,
         ..Default::default()
     };
-    match gw.forward(&agent, head, body).await {
+    let result = tokio::select! {
+        r = gw.forward(&agent, head, body) => r,
+        _ = revoked.cancelled() => {
+            log.finish(401, "revoked", EndedBy::Gateway);
+            return error_response(StatusCode::UNAUTHORIZED, "the API token of this request was revoked");
+        }
+    };
+    match result {
         Ok(fwd) => {
-            gw.metrics.tunnel_requests.inc(&["http", "ok"]);
             let mut resp = Response::new(fwd.body);
             *resp.status_mut() =
                 StatusCode::from_u16(fwd.status).unwrap_or(StatusCode::BAD_GATEWAY);
             let mut h = fwd.headers;
             strip_hop_by_hop(&mut h, false);
             *resp.headers_mut() = h;
-            resp
+            log.answer(resp, revoked)
         }
         Err(e) => {
-            gw.metrics.tunnel_requests.inc(&["http", e.outcome()]);
+            log.finish(e.http_status().as_u16(), e.outcome(), EndedBy::Agent);
             tracing::warn!(%peer, agent, outcome = e.outcome(), "tunnel request failed: {e}");
             error_response(e.http_status(), &e.to_string())
         }

@@ -9,6 +9,7 @@
 //! forwarding) or in `agentgate-token: <token>` (then `authorization` passes through to the
 //! upstream untouched).
 
+mod access_log;
 mod grpc_proxy;
 mod http_proxy;
 

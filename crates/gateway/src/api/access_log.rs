@@ -1,0 +1,305 @@
+//! The tunnel API's access log: one structured line per request once it is over (target
+//! `agentgate::access`), naming the caller's token, the agent, the upstream, method, path,
+//! status, bytes each way, duration, the outcome and who ended it; the same outcome labels
+//! `agentgate_tunnel_requests_total`. A caller that goes away mid-answer is `caller_aborted`,
+//! not `ok`.
+//!
+//! The answer's body is also where a revoked API token bites: the request in flight ends
+//! (gRPC: UNAUTHENTICATED trailers; HTTP: the stream is reset, since the head is already sent).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::{Buf, Bytes};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+use super::{ApiBody, BoxError};
+use crate::metrics::Metrics;
+use crate::tokens::TokenEntry;
+
+/// Who ended a request.
+#[derive(Clone, Copy)]
+pub enum EndedBy {
+    /// The answer arrived whole: the upstream finished it.
+    Upstream,
+    /// The caller went away before the answer was whole.
+    Caller,
+    /// The agent's side broke off, or refused before answering.
+    Agent,
+    /// The gateway ended it (the token was revoked, a deadline passed, the request was refused).
+    Gateway,
+}
+
+impl EndedBy {
+    fn as_str(self) -> &'static str {
+        match self {
+            EndedBy::Upstream => "upstream",
+            EndedBy::Caller => "caller",
+            EndedBy::Agent => "agent",
+            EndedBy::Gateway => "gateway",
+        }
+    }
+}
+
+/// One request's line, written once when it is over.
+pub struct RequestLog {
+    metrics: Arc<Metrics>,
+    /// `http` or `grpc`.
+    kind: &'static str,
+    token_id: String,
+    token_name: String,
+    agent: String,
+    upstream: String,
+    method: String,
+    path: String,
+    started: Instant,
+    bytes_in: Arc<AtomicU64>,
+}
+
+impl RequestLog {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        metrics: Arc<Metrics>,
+        kind: &'static str,
+        token: &TokenEntry,
+        agent: &str,
+        upstream: &str,
+        method: &str,
+        path: &str,
+    ) -> Self {
+        Self {
+            metrics,
+            kind,
+            token_id: token.id.clone(),
+            token_name: token.name.clone(),
+            agent: agent.to_string(),
+            upstream: upstream.to_string(),
+            method: method.to_string(),
+            path: path.chars().take(512).collect(),
+            started: Instant::now(),
+            bytes_in: Arc::default(),
+        }
+    }
+
+    /// The request body, counted as it goes to the agent.
+    pub fn count_request<B>(&self, body: B) -> CountedBody<B> {
+        CountedBody {
+            inner: body,
+            count: self.bytes_in.clone(),
+        }
+    }
+
+    /// Writes the line and counts the outcome, for a request that got no answer body.
+    pub fn finish(self, status: u16, outcome: &str, ended_by: EndedBy) {
+        self.finish_with(status, None, outcome, ended_by, 0);
+    }
+
+    fn finish_with(
+        self,
+        status: u16,
+        grpc_status: Option<&str>,
+        outcome: &str,
+        ended_by: EndedBy,
+        bytes_out: u64,
+    ) {
+        self.metrics.tunnel_requests.inc(&[self.kind, outcome]);
+        tracing::info!(
+            target: "agentgate::access",
+            kind = self.kind,
+            token_id = %self.token_id,
+            token_name = %self.token_name,
+            agent = %self.agent,
+            upstream = %self.upstream,
+            method = %self.method,
+            path = %self.path,
+            status,
+            grpc_status = grpc_status.unwrap_or("-"),
+            bytes_in = self.bytes_in.load(Ordering::Relaxed),
+            bytes_out,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            outcome,
+            ended_by = ended_by.as_str(),
+            "tunnel request"
+        );
+    }
+
+    /// The answer, logged when it ends, and ended early if the token is revoked.
+    pub fn answer(
+        self,
+        resp: http::Response<ApiBody>,
+        revoked: CancellationToken,
+    ) -> http::Response<ApiBody> {
+        let status = resp.status().as_u16();
+        let declared = resp
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let grpc = self.kind == "grpc";
+        // A trailers-only gRPC answer carries its status in the head.
+        let grpc_status = resp
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        resp.map(|inner| {
+            LoggedBody {
+                inner,
+                log: Some(self),
+                status,
+                declared,
+                sent: 0,
+                grpc,
+                grpc_status,
+                revoked: Box::pin(revoked.cancelled_owned()),
+            }
+            .boxed_unsync()
+        })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Counts the bytes of a request body as they pass.
+    pub struct CountedBody<B> {
+        #[pin]
+        inner: B,
+        count: Arc<AtomicU64>,
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for CountedBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.project();
+        let res = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &res {
+            if let Some(d) = frame.data_ref() {
+                this.count
+                    .fetch_add(d.remaining() as u64, Ordering::Relaxed);
+            }
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The answer on its way to the caller; see the module docs.
+struct LoggedBody {
+    inner: ApiBody,
+    log: Option<RequestLog>,
+    status: u16,
+    /// Content-Length of the answer, if it had one.
+    declared: Option<u64>,
+    sent: u64,
+    grpc: bool,
+    grpc_status: Option<String>,
+    revoked: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl LoggedBody {
+    fn finish(&mut self, outcome: &str, ended_by: EndedBy) {
+        if let Some(log) = self.log.take() {
+            log.finish_with(
+                self.status,
+                self.grpc_status.as_deref(),
+                outcome,
+                ended_by,
+                self.sent,
+            );
+        }
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        if self.log.is_some() {
+            // hyper stops reading a body once its Content-Length is sent: that is whole.
+            if self.declared == Some(self.sent) {
+                self.finish("ok", EndedBy::Upstream);
+            } else {
+                self.finish("caller_aborted", EndedBy::Caller);
+            }
+        }
+    }
+}
+
+impl Body for LoggedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.log.is_none() {
+            return Poll::Ready(None);
+        }
+        if self.revoked.as_mut().poll(cx).is_ready() {
+            self.inner = super::full_body(Bytes::new());
+            tracing::warn!(
+                agent = %self.log.as_ref().map_or("-", |l| l.agent.as_str()),
+                token_id = %self.log.as_ref().map_or("-", |l| l.token_id.as_str()),
+                "ending a tunnelled request: its API token was revoked"
+            );
+            self.finish("revoked", EndedBy::Gateway);
+            if self.grpc {
+                return Poll::Ready(Some(Ok(Frame::trailers(
+                    super::grpc_proxy::status_headers(
+                        tonic::Code::Unauthenticated,
+                        "the API token of this call was revoked",
+                    ),
+                ))));
+            }
+            return Poll::Ready(Some(Err("agentgate: the API token was revoked".into())));
+        }
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    self.sent += d.len() as u64;
+                }
+                if let Some(t) = frame.trailers_ref() {
+                    self.grpc_status = t
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.finish("broken", EndedBy::Agent);
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(None) => {
+                self.finish("ok", EndedBy::Upstream);
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.log.is_none() || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,86 @@
+"""The tunnel API's access log: one line per request once it is over, naming the token, the
+agent, the upstream, method, path, status, bytes each way, duration, outcome and who ended it;
+a caller that goes away is `caller_aborted`; a revoked API token ends the request in flight."""
+
+from __future__ import annotations
+
+import http.client
+import re
+import subprocess
+import threading
+
+from conftest import BIN, wait_for
+from lifecycle_helpers import Download, PatternServer, api_get, plain
+
+
+def access_lines(g) -> list[str]:
+    return [line for line in plain(g.proc.output()).splitlines() if "agentgate::access" in line]
+
+
+def field(line: str, name: str) -> str:
+    m = re.search(rf'\b{name}=("?)([^" ]*)\1', line)
+    assert m, f"no {name} in {line}"
+    return m.group(2)
+
+
+def setup(env):
+    up = PatternServer()
+    api = env.token("ci-caller", kind="api")
+    g = env.gateway(tls=False, cleartext=False)
+    env.agent(g.url("grpc"), env.token_file("logged-edge"), extra=["--upstream", up.url], name="agent")
+    g.wait_agent("logged-edge")
+    return up, api, g
+
+
+def test_a_whole_request_and_a_caller_abort_each_get_a_line(env):
+    up, api, g = setup(env)
+    try:
+        status, body = api_get(g.api_port, "/agents/logged-edge/proxy/bytes/1000?x=1", api)
+        assert (status, len(body)) == (200, 1000)
+        line = wait_for(lambda: next(iter(access_lines(g)), None), timeout=5, what="an access line")
+        assert field(line, "outcome") == "ok" and field(line, "ended_by") == "upstream", line
+        assert field(line, "status") == "200" and field(line, "bytes_out") == "1000", line
+        assert field(line, "token_name") == "ci-caller" and field(line, "agent") == "logged-edge", line
+        assert field(line, "method") == "GET" and field(line, "path") == "/bytes/1000?x=1", line
+        assert field(line, "upstream") == "default" and field(line, "kind") == "http", line
+        assert api not in plain(g.proc.output()), "the token itself must never be logged"
+
+        # A caller that reads a little of a 64 MiB answer and hangs up.
+        conn = http.client.HTTPConnection("127.0.0.1", g.api_port, timeout=10)
+        conn.request("GET", "/agents/logged-edge/proxy/bytes/67108864",
+                     headers={"Authorization": f"Bearer {api}"})
+        r = conn.getresponse()
+        assert r.status == 200
+        r.read(65536)
+        conn.sock.close()
+        conn.close()
+        aborted = wait_for(lambda: next((x for x in access_lines(g) if "caller_aborted" in x), None),
+                           timeout=10, what="the abort's access line")
+        assert field(aborted, "ended_by") == "caller", aborted
+        assert int(field(aborted, "bytes_out")) < 67108864, aborted
+        assert g.metric("agentgate_tunnel_requests_total", kind="http", outcome="caller_aborted") >= 1
+        assert g.metric("agentgate_tunnel_requests_total", kind="http", outcome="ok") >= 1
+    finally:
+        up.close()
+
+
+def test_a_revoked_api_token_ends_its_request_in_flight(env):
+    up, api, g = setup(env)
+    try:
+        size = 64 * 1024 * 1024
+        dl = Download(g.api_port, f"/agents/logged-edge/proxy/bytes/{size}", api, size, rate=1e6)
+        t = threading.Thread(target=dl.run, daemon=True)
+        t.start()
+        wait_for(lambda: dl.got > 0, timeout=10, what="the download started")
+        subprocess.run([str(BIN), "token", "revoke", "ci-caller", "--tokens", str(env.tokens)],
+                       check=True, capture_output=True, timeout=20)
+        t.join(timeout=15)
+        assert not t.is_alive(), "the download went on after its token was revoked"
+        assert not dl.intact and dl.got < size, (dl.got, dl.error)
+        line = wait_for(lambda: next((x for x in access_lines(g) if "revoked" in x), None),
+                        timeout=5, what="the revoked request's access line")
+        assert field(line, "ended_by") == "gateway", line
+        assert "its API token was revoked" in g.proc.output()
+        assert api_get(g.api_port, "/agents/logged-edge/proxy/", api)[0] == 401
+    finally:
+        up.close()
