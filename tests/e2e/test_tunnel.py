@@ -639,15 +639,20 @@ def test_error_table(env):
         e = _grpc_error(stub.Unary, req, metadata=md("ghost", api), timeout=10)
         assert e.code() == grpc.StatusCode.UNAVAILABLE, e
 
-        # Upstream refused: 502 with the agent's reason; UNAVAILABLE with it in the message.
+        # Upstream refused: 502 with the agent's reason naming the upstream, never its address
+        # (that stays in the agent's log); UNAVAILABLE with the same sentence.
         status, _, body = api_request(g, "GET", "/agents/refused/proxy/x", api)
         assert status == 502, body
         text = body.decode()
-        assert f"127.0.0.1:{closed}" in text and "refused" in text.lower(), text
+        assert "default upstream" in text and "refused" in text.lower(), text
+        assert f"{closed}" not in text and "127.0.0.1" not in text, text
         print(f"\n502 body: {text.strip()}")
         e = _grpc_error(stub.Unary, req, metadata=md("refused", api), timeout=10)
         assert e.code() == grpc.StatusCode.UNAVAILABLE, e
-        assert f"127.0.0.1:{closed}" in e.details() and "refused" in e.details().lower(), e.details()
+        assert "grpc upstream" in e.details() and "refused" in e.details().lower(), e.details()
+        assert f"{closed}" not in e.details(), e.details()
+        agent_log = next(p for p in env.procs if "refused" in " ".join(map(str, p.p.args))).output()
+        assert f"127.0.0.1:{closed}" in agent_log, "the agent's own log names the address"
 
         # Upstream timed out: 504 after the agent's --upstream-response-timeout; the upstream
         # sees its request dropped. gRPC: DEADLINE_EXCEEDED at the caller's deadline.
