@@ -22,6 +22,9 @@ use super::{free_port, median, progress, wait_listening, Bench};
 
 /// The backend's name in the gateway's metrics (its prefix without the dot).
 const BACKEND_NAME: &str = "bench.jobs.v1";
+/// The gateway's count of calls the backend answered with OK.
+const ANSWERED_OK: &str =
+    "agentgate_backend_calls_total{backend=\"bench.jobs.v1\",outcome=\"answered\",code=\"OK\"}";
 /// Seconds to let memory settle before each RSS reading (the gateway trims every 10 s).
 const SETTLE: Duration = Duration::from_secs(12);
 
@@ -120,9 +123,21 @@ impl Bench {
                         round + 1,
                         level_name(level)
                     ));
+                    let answered0 = self.metric(gw, ANSWERED_OK).await;
                     let (g0, b0) = (gw.kid.cpu(), backend.cpu());
                     let done = h2load(addr, GET, level, secs, &body, token.trim())?;
                     let (g1, b1) = (gw.kid.cpu(), backend.cpu());
+                    // h2load counts a gRPC error answered with HTTP 200 as a success; the
+                    // gateway's own count says whether the backend really answered OK.
+                    if via_gateway {
+                        let answered = self.metric(gw, ANSWERED_OK).await - answered0;
+                        anyhow::ensure!(
+                            answered >= done.succeeded as f64 * 0.99,
+                            "only {answered} of {} calls through the gateway were answered OK \
+                             by the backend",
+                            done.succeeded
+                        );
+                    }
                     let calls = done.total_done.max(1) as f64;
                     let gateway_us = if via_gateway {
                         (g1 - g0).as_secs_f64() * 1e6 / calls
