@@ -55,3 +55,50 @@ def test_a_low_open_file_limit_is_raised_or_named(env):
         p.terminate()
         out = p.communicate(timeout=20)[0]
     assert "LimitNOFILE=19024" in out and "max_connections" in out, out[-2000:]
+
+
+def test_a_bad_log_filter_is_an_error_not_a_silent_info(env):
+    out = subprocess.run([str(BIN), "--log", "agentgate=verbose", "server", "--tokens", str(env.tokens)],
+                         capture_output=True, text=True, timeout=20)
+    assert out.returncode == 2, out
+    assert "is not a log filter" in out.stderr and "agentgate=verbose" in out.stderr, out.stderr
+
+
+def test_a_fatal_error_in_json_logging_is_one_json_line(env):
+    import json
+    out = subprocess.run([str(BIN), "--log-format", "json", "server", "--tokens", str(env.tmp / "no.json")],
+                         capture_output=True, text=True, timeout=20)
+    assert out.returncode == 2, out
+    last = json.loads(out.stderr.strip().splitlines()[-1])
+    assert last["level"] == "ERROR" and "does not exist" in last["message"], last
+
+
+def test_an_unknown_agentgate_variable_is_named(env):
+    import os
+    out = subprocess.run([str(BIN), "server", "--tokens", str(env.tokens), "--print-config"],
+                         capture_output=True, text=True, timeout=20,
+                         env={**os.environ, "AGENTGATE_MAX_CONECTIONS": "5"})
+    assert out.returncode == 0, out
+    assert "AGENTGATE_MAX_CONECTIONS" in out.stderr and "unknown setting" in out.stderr, out.stderr
+
+
+def test_the_agent_outlives_a_closed_log_pipe(env):
+    """An agent whose stderr reader goes away keeps running (a panic used to end it with 101)."""
+    import os
+    import time
+    g = env.gateway(tls=False, cleartext=False)
+    bad = env.tmp / "bad.token"
+    bad.write_text("aga_not-a-real-token\n")  # refused: the agent logs on every attempt
+    r, w = os.pipe()
+    p = subprocess.Popen([str(BIN), "agent", "--server", g.url("grpc"), "--token-file", str(bad),
+                          "--backoff-initial", "50ms", "--backoff-max", "100ms"],
+                         stdout=subprocess.DEVNULL, stderr=w)
+    os.close(w)
+    try:
+        assert os.read(r, 200), "the agent logs"
+        os.close(r)
+        time.sleep(2)
+        assert p.poll() is None, f"the agent exited with {p.returncode} once its stderr closed"
+    finally:
+        p.terminate()
+        assert p.wait(timeout=10) == 0

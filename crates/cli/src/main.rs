@@ -257,18 +257,55 @@ enum KindArg {
     Api,
 }
 
-fn init_logging(format: LogFormat, filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+/// Sets up the log; a filter that does not parse is an error, not a silent `info`.
+fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::builder()
+        .parse(filter)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "--log {filter:?} is not a log filter ({e}); use a level such as info or \
+                 directives such as info,agentgate_gateway=debug"
+            )
+        })?;
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(|| QuietStderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+    Ok(())
+}
+
+/// Standard error that never fails: a closed pipe (the reader of the log went away) must not
+/// stop the process, and Rust's `eprintln!` would panic on it.
+struct QuietStderr;
+
+impl std::io::Write for QuietStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
+/// The last words of a process that cannot go on, in the log's format, never panicking.
+fn report_fatal(format: LogFormat, e: &anyhow::Error) {
+    use std::io::Write;
+    let text = format!("{e:#}");
+    let line = match format {
+        LogFormat::Text => format!("agentgate: error: {text}\n"),
+        LogFormat::Json => format!(
+            "{}\n",
+            serde_json::json!({"level": "ERROR", "target": "agentgate", "message": text})
+        ),
+    };
+    let _ = QuietStderr.write_all(line.as_bytes());
 }
 
 /// Cancelled on SIGTERM or SIGINT.
@@ -537,13 +574,17 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // One process-wide TLS provider (ring) for libraries that build configs themselves.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    init_logging(cli.log_format, &cli.log);
+    let format = cli.log_format;
+    if let Err(e) = init_logging(format, &cli.log) {
+        report_fatal(format, &e);
+        return std::process::ExitCode::from(2);
+    }
     if let Command::BenchHttp1(a) = cli.command {
         // One thread, like `wrk -t1`: this command builds its own runtime.
         return match bench::keepalive::run_load(a) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("agentgate: error: {e:#}");
+                report_fatal(format, &e);
                 std::process::ExitCode::from(2)
             }
         };
@@ -581,7 +622,7 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("agentgate: error: {e:#}");
+            report_fatal(format, &e);
             std::process::ExitCode::from(2)
         }
     }

@@ -38,6 +38,7 @@ pub fn layered<T: Serialize + DeserializeOwned>(
             table.insert(key.to_string(), parse_env_value(&raw));
         }
     }
+    warn_unknown_env(&keys);
     let t: T = toml::Value::Table(table)
         .try_into()
         .context("invalid setting (from the config file or an AGENTGATE_* variable)")?;
@@ -55,6 +56,41 @@ const OPTIONAL_FIELDS: &[&str] = &[
     "internal_url",
     "internal_secret_file",
 ];
+
+/// `AGENTGATE_*` variables read elsewhere: flags with an environment fallback, and the test
+/// and benchmark tooling's own.
+const OTHER_ENV: &[&str] = &[
+    "AGENTGATE_CONFIG",
+    "AGENTGATE_LOG",
+    "AGENTGATE_LOG_FORMAT",
+    "AGENTGATE_PROXY",
+    "AGENTGATE_SERVER",
+    "AGENTGATE_TOKEN",
+    "AGENTGATE_TOKEN_FILE",
+    "AGENTGATE_TRANSPORT",
+    "AGENTGATE_BIN",
+    "AGENTGATE_E2E_KEEP_LOGS",
+];
+
+/// A misspelt `AGENTGATE_*` variable would otherwise be ignored without a word.
+fn warn_unknown_env(keys: &[String]) {
+    for (var, _) in std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v))) {
+        let Some(setting) = var.strip_prefix("AGENTGATE_") else {
+            continue;
+        };
+        let setting = setting.to_ascii_lowercase();
+        let known = keys.iter().any(|k| *k == setting)
+            || OPTIONAL_FIELDS.contains(&setting.as_str())
+            || OTHER_ENV.contains(&var.as_str());
+        if !known {
+            tracing::warn!(
+                variable = %var,
+                "unknown setting in the environment, ignored: AGENTGATE_<SETTING> takes a \
+                 setting's name from docs/configuration.md in upper case"
+            );
+        }
+    }
+}
 
 fn is_optional_field(k: &str) -> bool {
     OPTIONAL_FIELDS.contains(&k)
