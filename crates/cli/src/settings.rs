@@ -79,7 +79,7 @@ fn warn_unknown_env(keys: &[String]) {
             continue;
         };
         let setting = setting.to_ascii_lowercase();
-        let known = keys.iter().any(|k| *k == setting)
+        let known = keys.contains(&setting)
             || OPTIONAL_FIELDS.contains(&setting.as_str())
             || OTHER_ENV.contains(&var.as_str());
         if !known {
