@@ -81,11 +81,16 @@ pub enum ConnectError {
     },
     #[error("the gateway rejected the agent token: {0}")]
     Unauthenticated(String),
-    #[error("{call} failed: {status}")]
+    #[error("{call} failed: {} ({:?})", status.message(), status.code())]
     Call {
         call: &'static str,
         status: tonic::Status,
     },
+    #[error(
+        "nothing at {url} answered HTTP/2 without TLS ({detail}); if the gateway has TLS on this \
+         port, use grpcs:// (or wss://)"
+    )]
+    NotCleartextHttp2 { url: String, detail: String },
     #[error("{what} did not finish within {after:?}")]
     Timeout { what: String, after: Duration },
     #[error("protocol error: {0}")]
@@ -380,7 +385,22 @@ impl Dialer {
             .map_err(|_| ConnectError::Timeout {
                 what: format!("connecting to {url}"),
                 after: deadline,
-            })??;
+            })?
+            .map_err(|e| match e {
+                // h2c to a TLS port: the server closes on our preface, and the first call
+                // fails with nothing but "unavailable".
+                ConnectError::Call { status, .. }
+                    if url.scheme == TransportKind::Grpc
+                        && status.code() == tonic::Code::Unavailable
+                        && !status.message().starts_with("agentgate") =>
+                {
+                    ConnectError::NotCleartextHttp2 {
+                        url: url.to_string(),
+                        detail: status.message().to_string(),
+                    }
+                }
+                other => other,
+            })?;
         let transport = url.scheme;
         tracing::info!(
             url = %url,

@@ -55,11 +55,8 @@ pub enum DialError {
     NoTls(String),
     #[error("invalid TLS server name {0:?}")]
     ServerName(String),
-    #[error("TLS handshake with {addr} failed: {source}")]
-    Tls {
-        addr: String,
-        source: std::io::Error,
-    },
+    #[error("TLS handshake with {addr} failed: {reason}")]
+    Tls { addr: String, reason: String },
     #[error(
         "{addr} did not negotiate HTTP/2 (ALPN {negotiated}); something in between does not \
          pass HTTP/2 through: use a ws:// or wss:// URL for this path"
@@ -112,7 +109,7 @@ pub async fn dial(url: &ServerUrl, s: &DialSettings) -> Result<BoxedIo, DialErro
             } else {
                 DialError::Tls {
                     addr: addr.clone(),
-                    source,
+                    reason: explain_tls_failure(&source),
                 }
             }
         })?;
@@ -140,6 +137,54 @@ pub async fn dial(url: &ServerUrl, s: &DialSettings) -> Result<BoxedIo, DialErro
 
 /// Whether the server aborted the handshake because it speaks none of our ALPN protocols
 /// (nginx without `http2` does this when offered only `h2`).
+/// A TLS failure in plain words, with what to do: rustls's own names (`CaUsedAsEndEntity`,
+/// `BadSignature`) say nothing to someone who made a certificate with openssl.
+pub fn explain_tls_failure(e: &std::io::Error) -> String {
+    use rustls::CertificateError as C;
+    let Some(tls) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    else {
+        return match e.kind() {
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof => format!(
+                "the server closed the connection during the TLS handshake ({e}); if this \
+                 port is cleartext, use grpc:// or ws://"
+            ),
+            _ => e.to_string(),
+        };
+    };
+    match tls {
+        rustls::Error::InvalidCertificate(cert) => match cert {
+            C::Other(other) if format!("{other:?}").contains("CaUsedAsEndEntity") => {
+                "the gateway presents a CA certificate as its own (what `openssl req -x509` \
+                 makes); make a CA, sign a server certificate with it, serve that one, and give \
+                 the agent the CA with --ca-cert"
+                    .into()
+            }
+            C::UnknownIssuer | C::BadSignature => "the gateway's certificate is not signed by a \
+                 CA this agent trusts; give that CA's certificate with --ca-cert"
+                .into(),
+            C::NotValidForName | C::NotValidForNameContext { .. } => "the gateway's certificate \
+                 does not carry the name in the URL; connect with a name it carries, or set \
+                 --tls-server-name"
+                .into(),
+            C::Expired | C::ExpiredContext { .. } => {
+                "the gateway's certificate has expired; renew it (the gateway reloads it without \
+                 a restart)"
+                    .into()
+            }
+            C::NotValidYet | C::NotValidYetContext { .. } => "the gateway's certificate is not \
+                 valid yet; check this machine's clock"
+                .into(),
+            other => format!("the gateway's certificate was refused ({other:?})"),
+        },
+        rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => {
+            "the server did not answer TLS; if this port is cleartext, use grpc:// or ws://".into()
+        }
+        other => other.to_string(),
+    }
+}
+
 fn refused_alpn(e: &std::io::Error) -> bool {
     matches!(
         e.get_ref()
@@ -256,6 +301,14 @@ async fn websocket<S: Io>(url: &ServerUrl, io: S, s: &DialSettings) -> Result<Bo
                         .collect()
                 })
                 .unwrap_or_default(),
+        },
+        WsError::Protocol(tokio_tungstenite::tungstenite::error::ProtocolError::HttparseError(
+            _,
+        )) if !ws_url.starts_with("wss:") => DialError::WsHandshake {
+            url: ws_url.clone(),
+            detail: "the server did not answer plain HTTP; if it speaks TLS on this port, \
+                         use wss:// (or grpcs://)"
+                .into(),
         },
         other => DialError::WsHandshake {
             url: ws_url.clone(),

@@ -1,0 +1,77 @@
+"""An agent pointed the wrong way says what happened and what to do, in one sentence, without
+rustls's or tungstenite's internal names: a CA certificate served as the gateway's own (what
+`openssl req -x509` makes), a CA the agent was not given, TLS URLs against a cleartext port and
+cleartext URLs against a TLS port."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from conftest import wait_for
+
+
+def ca_only_cert(d):
+    """A self-signed CA:TRUE certificate for localhost, as `openssl req -x509` makes it."""
+    d.mkdir(parents=True, exist_ok=True)
+    key, cert = d / "key.pem", d / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost"], check=True, capture_output=True)
+    return cert, key
+
+
+def agent_says(env, url, extra=(), ca=True, name="agent") -> str:
+    tf = env.token_file(name)
+    a = env.agent(url, tf, extra=["--transport", "websocket" if url.startswith("ws") else "grpc",
+                                   *extra], name=name, ca=ca)
+    return wait_for(lambda: next((line for line in a.output().splitlines()
+                                  if "cannot connect" in line), None),
+                    timeout=15, what=f"{name}'s reason")
+
+
+def assert_plain(line: str):
+    for internal in ("CaUsedAsEndEntity", "BadSignature", "UnknownIssuer", "httparse", "Custom {",
+                     "kind:", "OtherError"):
+        assert internal not in line, line
+
+
+@pytest.fixture
+def gw(env):
+    return env.gateway(tls=True, cleartext=True)
+
+
+def test_a_ca_certificate_served_as_the_gateways_own(env):
+    cert, key = ca_only_cert(env.tmp / "ca-only")
+    # The conftest gateway serves env.certs' files: put the CA-only pair there.
+    env.certs["cert"].write_bytes(cert.read_bytes())
+    env.certs["key"].write_bytes(key.read_bytes())
+    g = env.gateway(tls=True, cleartext=False)
+    line = agent_says(env, g.url("grpcs"), extra=["--ca-cert", str(cert)], ca=False)
+    assert "CA certificate as its own" in line and "openssl req -x509" in line, line
+    assert_plain(line)
+
+
+def test_no_ca_given(env, gw):
+    line = agent_says(env, gw.url("grpcs"), ca=False)
+    assert "not signed by a CA this agent trusts" in line and "--ca-cert" in line, line
+    assert_plain(line)
+
+
+def test_ws_against_the_tls_port(env, gw):
+    line = agent_says(env, f"ws://127.0.0.1:{gw.port}/agent")
+    assert "did not answer plain HTTP" in line and "wss://" in line, line
+    assert_plain(line)
+
+
+def test_grpc_against_the_tls_port(env, gw):
+    line = agent_says(env, f"grpc://127.0.0.1:{gw.port}")
+    assert "answered HTTP/2 without TLS" in line and "grpcs://" in line, line
+    assert_plain(line)
+
+
+def test_grpcs_against_the_cleartext_port(env, gw):
+    line = agent_says(env, f"grpcs://localhost:{gw.clear_port}")
+    assert "TLS handshake" in line and "cleartext, use grpc://" in line, line
+    assert_plain(line)
