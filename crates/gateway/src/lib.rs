@@ -335,6 +335,7 @@ pub async fn run_with(
         api_tls = api_tls.is_some(),
         "gateway listening"
     );
+    warn_exposed_listeners(&addrs, agent_tls.is_some(), api_tls.is_some());
 
     let accept_stop = CancellationToken::new();
     let settings = IngressSettings {
@@ -590,6 +591,34 @@ pub async fn run_with(
     let _ = tokio::time::timeout(Duration::from_secs(1), admin).await;
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+/// Says so when a listener faces more than this host without TLS, or the admin port (which has
+/// no authentication) does at all.
+fn warn_exposed_listeners(addrs: &BoundAddrs, agent_tls: bool, api_tls: bool) {
+    let exposed = |a: &SocketAddr| !a.ip().is_loopback();
+    if exposed(&addrs.admin) {
+        tracing::warn!(
+            admin = %addrs.admin,
+            "the admin port has no authentication and listens beyond this host: anyone who \
+             reaches it reads the agent list and metrics; bind it to 127.0.0.1 or a private \
+             address"
+        );
+    }
+    let cleartext = [
+        ("agent port", (!agent_tls).then_some(addrs.agent)),
+        ("cleartext agent port", addrs.cleartext_agent),
+        ("tunnel API", (!api_tls).then_some(addrs.api)),
+    ];
+    for (what, addr) in cleartext {
+        if let Some(a) = addr.filter(exposed) {
+            tracing::warn!(
+                addr = %a,
+                "the {what} listens beyond this host without TLS: tokens cross the network in \
+                 the clear unless a TLS proxy in front terminates it"
+            );
+        }
+    }
 }
 
 /// Runs `tick` every `period` until `stop`.
