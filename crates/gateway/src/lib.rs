@@ -19,6 +19,7 @@ mod headers;
 mod http_listener;
 mod memory;
 pub mod metrics;
+mod process_metrics;
 mod reload;
 mod router;
 mod rpc_guard;

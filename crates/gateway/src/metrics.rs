@@ -288,6 +288,7 @@ impl Metrics {
         ] {
             f.render(&mut out);
         }
+        crate::process_metrics::render(&mut out);
         out
     }
 }
