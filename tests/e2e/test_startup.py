@@ -102,3 +102,28 @@ def test_the_agent_outlives_a_closed_log_pipe(env):
     finally:
         p.terminate()
         assert p.wait(timeout=10) == 0
+
+
+def test_the_agents_health_and_metrics_endpoint(env):
+    """`agent --metrics-listen`: /healthz while it runs, /readyz 200 only while registered (with
+    the transport), /metrics with the connected gauge; the gateway gone turns readiness off."""
+    from conftest import http_get
+    g = env.gateway(tls=True, cleartext=False)
+    port = free_port()
+    env.agent(g.url("wss", "/agent"), env.token_file("probed"),
+              extra=["--metrics-listen", f"127.0.0.1:{port}", "--transport", "websocket",
+                     "--backoff-initial", "200ms", "--backoff-max", "500ms"], name="agent-probed")
+    base = f"http://127.0.0.1:{port}"
+    wait_for(lambda: http_get(base + "/readyz", timeout=2)[0] == 200, timeout=15, what="the agent ready")
+    assert b"wss" in http_get(base + "/readyz")[2]
+    assert http_get(base + "/healthz")[0] == 200
+    text = http_get(base + "/metrics")[2].decode()
+    assert 'agentgate_agent_connected{transport="wss"} 1' in text, text
+    assert 'agentgate_agent_connected{transport="grpc"} 0' in text, text
+    g.proc.stop()
+    wait_for(lambda: http_get(base + "/readyz", timeout=2)[0] == 503, timeout=15,
+             what="readiness off once the gateway is gone")
+    assert http_get(base + "/healthz")[0] == 200
+    text = http_get(base + "/metrics")[2].decode()
+    assert 'agentgate_agent_connected{transport="wss"} 0' in text, text
+    assert "agentgate_agent_disconnects_total 1" in text, text

@@ -81,6 +81,8 @@ pub struct AgentConfig {
     /// Sidecar mode: a loopback gRPC listener whose calls go to the gateway's backends over
     /// this agent's connection, as this agent (`--local-listen`).
     pub local_listen: Option<std::net::SocketAddr>,
+    /// `/healthz`, `/readyz` (registered) and `/metrics` on this address (`--metrics-listen`).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 
     /// HTTP upstreams by name (`default` for a bare URL).
     pub http_upstreams: Vec<(String, url::Url)>,
@@ -131,6 +133,7 @@ impl AgentConfig {
             headers: vec![],
             proxy: None,
             local_listen: None,
+            metrics_listen: None,
             local_ip: None,
             http_upstreams: vec![],
             grpc_upstream: None,

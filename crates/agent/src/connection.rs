@@ -522,6 +522,18 @@ async fn run_agent(agent: Agent, stop: CancellationToken) -> anyhow::Result<()> 
             )))
         }
     };
+    let status = Arc::new(crate::status::AgentStatus::default());
+    let status_endpoint = match cfg.metrics_listen {
+        None => None,
+        Some(addr) => {
+            let listener = crate::status::bind(addr).await?;
+            Some(tokio::spawn(crate::status::serve(
+                listener,
+                status.clone(),
+                stop.clone(),
+            )))
+        }
+    };
     let mut backoff = Backoff::new(cfg.backoff_initial, cfg.backoff_max);
     while !stop.is_cancelled() {
         match ctx.connect_preferred().await {
@@ -533,6 +545,7 @@ async fn run_agent(agent: Agent, stop: CancellationToken) -> anyhow::Result<()> 
             },
             Ok((mut conn, mut on_fallback)) => {
                 current.send_replace(Some(conn.channel.clone()));
+                status.connected(conn.transport);
                 let (end, planned) = loop {
                     let reprobe = jittered(cfg.reprobe_interval, 0.2);
                     let broken = conn.broken.clone();
@@ -573,6 +586,7 @@ async fn run_agent(agent: Agent, stop: CancellationToken) -> anyhow::Result<()> 
                     };
                     if let Some((new, fallback)) = moved {
                         current.send_replace(Some(new.channel.clone()));
+                        status.connected(new.transport);
                         conn.retire();
                         conn = new;
                         on_fallback = fallback;
@@ -581,6 +595,7 @@ async fn run_agent(agent: Agent, stop: CancellationToken) -> anyhow::Result<()> 
                 let lived = conn.since.elapsed();
                 tracing::info!(transport = %conn.transport, lived_ms = lived.as_millis() as u64, "disconnected: {end}");
                 current.send_replace(None);
+                status.disconnected();
                 conn.retire();
                 // A clean end (max age, shutdown) is not a failure: reconnect within the first
                 // backoff step, jittered, instead of growing the delay.
@@ -604,6 +619,9 @@ async fn run_agent(agent: Agent, stop: CancellationToken) -> anyhow::Result<()> 
     }
     if let Some(local) = local {
         let _ = local.await;
+    }
+    if let Some(endpoint) = status_endpoint {
+        let _ = endpoint.await;
     }
     tracing::info!("agent stopped");
     Ok(())

@@ -7,6 +7,7 @@ pub mod config;
 mod connection;
 mod local_listener;
 mod pool;
+mod status;
 mod upstream;
 
 pub use config::{AgentConfig, PoolSettings, TransportMode};

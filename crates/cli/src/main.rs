@@ -215,6 +215,10 @@ struct AgentArgs {
     /// connection, as this agent. They need no token of their own.
     #[arg(long, value_name = "ADDR", value_parser = parse_local_listen)]
     local_listen: Option<std::net::SocketAddr>,
+    /// Serve /healthz, /readyz (registered with the gateway) and /metrics here, e.g.
+    /// 127.0.0.1:9101 (a bare PORT means 127.0.0.1:PORT).
+    #[arg(long, value_name = "ADDR", value_parser = parse_local_listen)]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Tunnel protocol version to announce (1 behaves like agents before 0.2; for testing).
     #[arg(long, hide = true, value_parser = clap::value_parser!(u32).range(1..=2))]
     tunnel_protocol: Option<u32>,
@@ -459,6 +463,7 @@ fn agent_config(a: &AgentArgs) -> anyhow::Result<AgentConfig> {
     }
     c.proxy = a.proxy.clone();
     c.local_listen = a.local_listen;
+    c.metrics_listen = a.metrics_listen;
     for u in &a.upstreams {
         let (name, url) = match u.split_once('=') {
             Some((n, url)) if !n.contains("://") => (n.to_string(), url),

@@ -1,0 +1,125 @@
+//! The agent's own health and metrics endpoint (`--metrics-listen`): `/healthz` (the process
+//! runs), `/readyz` (registered with the gateway right now), `/metrics` (Prometheus text).
+//! What a Kubernetes probe or a scrape of a fleet of agents needs, and no more.
+
+use std::convert::Infallible;
+use std::fmt::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use agentgate_transport::TransportKind;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// What the connection manager reports as it goes.
+#[derive(Default)]
+pub struct AgentStatus {
+    /// 1 + the index in `TransportKind::ALL` of the current connection's transport; 0: none.
+    current: AtomicUsize,
+    connects: AtomicU64,
+    disconnects: AtomicU64,
+}
+
+impl AgentStatus {
+    pub fn connected(&self, transport: TransportKind) {
+        let i = TransportKind::ALL
+            .iter()
+            .position(|t| *t == transport)
+            .map_or(0, |i| i + 1);
+        self.current.store(i, Ordering::Relaxed);
+        self.connects.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn disconnected(&self) {
+        self.current.store(0, Ordering::Relaxed);
+        self.disconnects.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn transport(&self) -> Option<TransportKind> {
+        let i = self.current.load(Ordering::Relaxed);
+        (i > 0).then(|| TransportKind::ALL[i - 1])
+    }
+
+    fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP agentgate_agent_connected Whether the agent is registered with the gateway \
+             now, by transport.\n# TYPE agentgate_agent_connected gauge"
+        );
+        let now = self.transport();
+        for t in TransportKind::ALL {
+            let v = u8::from(now == Some(t));
+            let _ = writeln!(out, "agentgate_agent_connected{{transport=\"{t}\"}} {v}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP agentgate_agent_connections_total Connections the agent registered.\n\
+             # TYPE agentgate_agent_connections_total counter\n\
+             agentgate_agent_connections_total {}\n\
+             # HELP agentgate_agent_disconnects_total Times the agent was left with no registered connection.\n\
+             # TYPE agentgate_agent_disconnects_total counter\n\
+             agentgate_agent_disconnects_total {}\n\
+             # HELP agentgate_build_info The running build: its version.\n\
+             # TYPE agentgate_build_info gauge\n\
+             agentgate_build_info{{version=\"{}\"}} 1",
+            self.connects.load(Ordering::Relaxed),
+            self.disconnects.load(Ordering::Relaxed),
+            env!("CARGO_PKG_VERSION")
+        );
+        out
+    }
+}
+
+/// Binds the endpoint; a failure stops the agent at start with a sentence.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen for health and metrics on {addr}: {e}"))
+}
+
+/// Serves the endpoint until `stop`.
+pub async fn serve(listener: TcpListener, status: Arc<AgentStatus>, stop: CancellationToken) {
+    tracing::info!(addr = ?listener.local_addr().ok(), "health and metrics endpoint ready");
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(_) => continue,
+            },
+        };
+        let status = status.clone();
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let status = status.clone();
+                    async move { Ok::<_, Infallible>(answer(req.uri().path(), &status)) }
+                });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+fn answer(path: &str, status: &AgentStatus) -> http::Response<Full<Bytes>> {
+    let (code, body) = match path {
+        "/healthz" => (200, "ok\n".to_string()),
+        "/readyz" => match status.transport() {
+            Some(t) => (200, format!("registered over {t}\n")),
+            None => (503, "not registered with the gateway\n".to_string()),
+        },
+        "/metrics" => (200, status.render()),
+        _ => (404, "try /healthz, /readyz or /metrics\n".to_string()),
+    };
+    http::Response::builder()
+        .status(code)
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts")
+}
