@@ -18,7 +18,7 @@ use serde::Serialize;
 use super::job_backend::{GET, SERVICE_PREFIX, WAIT};
 use super::procs::Kid;
 use super::unary::{h2load, level_name, require_h2load, LEVELS};
-use super::{free_port, median, progress, wait_listening, Bench};
+use super::{median, progress, Bench};
 
 /// The backend's name in the gateway's metrics (its prefix without the dot).
 const BACKEND_NAME: &str = "bench.jobs.v1";
@@ -63,16 +63,9 @@ const THROUGH: &str = "through agentgate";
 impl Bench {
     pub(super) async fn backends(&mut self) -> anyhow::Result<BackendsReport> {
         require_h2load("backends")?;
-        let backend_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let backend = Kid::spawn(
-            &[
-                "bench-backend".into(),
-                "--listen".into(),
-                backend_addr.to_string(),
-            ],
-            &self.dir.join("job-backend.log"),
-        )?;
-        wait_listening(backend_addr, "bench backend").await?;
+        let (backend, backend_addr) = self
+            .spawn_server(&["bench-backend"], "job-backend.log")
+            .await?;
         let gw = self
             .gateway_with(
                 None,

@@ -215,6 +215,17 @@ impl Bench {
         self.gateway_with(ports, &[]).await
     }
 
+    /// Starts a helper server (this binary with `args`, then `--listen` and a fresh 127.0.0.1
+    /// port) and waits until it accepts connections.
+    async fn spawn_server(&self, args: &[&str], log: &str) -> anyhow::Result<(Kid, SocketAddr)> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut argv: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        argv.extend(["--listen".to_string(), addr.to_string()]);
+        let kid = Kid::spawn(&argv, &self.dir.join(log))?;
+        wait_listening(addr, args.join(" ").as_str()).await?;
+        Ok((kid, addr))
+    }
+
     /// A gateway with extra command-line arguments.
     async fn gateway_with(
         &self,

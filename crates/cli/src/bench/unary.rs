@@ -8,8 +8,7 @@ use std::net::SocketAddr;
 
 use serde::Serialize;
 
-use super::procs::Kid;
-use super::{free_port, median, progress, wait_listening, Bench};
+use super::{median, progress, Bench};
 
 /// (connections, streams per connection) of the two load levels.
 pub(super) const LEVELS: [(usize, usize); 2] = [(1, 1), (50, 4)];
@@ -37,17 +36,9 @@ pub(super) fn level_name((c, m): (usize, usize)) -> String {
 impl Bench {
     pub(super) async fn unary(&mut self) -> anyhow::Result<Unary> {
         require_h2load("unary")?;
-        let bare_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let bare = Kid::spawn(
-            &[
-                "bench-control".into(),
-                "health".into(),
-                "--listen".into(),
-                bare_addr.to_string(),
-            ],
-            &self.dir.join("bare-health.log"),
-        )?;
-        wait_listening(bare_addr, "bare health server").await?;
+        let (bare, bare_addr) = self
+            .spawn_server(&["bench-control", "health"], "bare-health.log")
+            .await?;
         let gw = self.gateway(None).await?;
         let token = std::fs::read_to_string(self.token_file("unary-caller")?)?;
         let body = self.dir.join("health-request.bin");
