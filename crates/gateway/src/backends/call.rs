@@ -511,6 +511,7 @@ pub async fn forward(
     }
     let body = AnswerBody {
         inner: Some(body),
+        backend: backend.clone(),
         timer: timer.map(|t| (Box::pin(tokio::time::sleep_until(t.at)), t)),
         ending: ended_from_outside,
         record: Some(record),
@@ -550,6 +551,7 @@ pin_project! {
     /// the timer fires or the backend breaks the stream, and records the outcome once.
     struct AnswerBody {
         inner: Option<Incoming>,
+        backend: Arc<Backend>,
         timer: Option<(Pin<Box<tokio::time::Sleep>>, CallTimer)>,
         ending: Pin<Box<dyn Future<Output = Outcome> + Send>>,
         record: Option<CallRecord>,
@@ -599,11 +601,7 @@ impl Body for AnswerBody {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        let name = this
-            .record
-            .as_ref()
-            .map(|r| r.backend.name.clone())
-            .unwrap_or_default();
+        let name = this.backend.name.as_str();
         match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(t) = frame.trailers_ref() {
@@ -647,7 +645,7 @@ impl Body for AnswerBody {
         }
         if let Some((sleep, timer)) = this.timer.as_mut() {
             if sleep.as_mut().poll(cx).is_ready() {
-                let (outcome, status) = timer.status(&name);
+                let (outcome, status) = timer.status(name);
                 return self.end(outcome, status);
             }
         }
