@@ -337,13 +337,14 @@ impl TokenStore {
 
     /// Cancelled when the token `entry` names is revoked (or removed from the file).
     pub fn revocation(&self, entry: &TokenEntry) -> CancellationToken {
-        self.revocations
-            .lock()
-            .unwrap()
-            .entry(entry.id.clone())
-            .or_insert_with(|| (entry.name.clone(), CancellationToken::new()))
-            .1
-            .clone()
+        let mut revocations = self.revocations.lock().unwrap();
+        // Every authenticated call asks: look up first, allocate only the first time.
+        if let Some((_, signal)) = revocations.get(&entry.id) {
+            return signal.clone();
+        }
+        let signal = CancellationToken::new();
+        revocations.insert(entry.id.clone(), (entry.name.clone(), signal.clone()));
+        signal
     }
 
     /// Whether the store holds no token at all.
@@ -393,6 +394,27 @@ impl TokenStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn revoking_a_token_cancels_its_signal_and_only_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        let (gone, _) = create_token(&path, TokenKind::Agent, "gone", &[]).unwrap();
+        let (kept, _) = create_token(&path, TokenKind::Agent, "kept", &[]).unwrap();
+        let store = TokenStore::open(&path).unwrap();
+        let gone_entry = store.verify(TokenKind::Agent, &gone).unwrap();
+        let kept_entry = store.verify(TokenKind::Agent, &kept).unwrap();
+        let (gone_signal, kept_signal) =
+            (store.revocation(&gone_entry), store.revocation(&kept_entry));
+        // The file's stamp must change: same length, so wait out a coarse mtime.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        revoke_tokens(&path, "gone").unwrap();
+        store.check_now();
+        assert!(gone_signal.is_cancelled(), "the revoked token's signal");
+        assert!(!kept_signal.is_cancelled(), "another token's signal");
+        assert_eq!(store.revoked_live(), 1);
+        assert!(store.verify(TokenKind::Agent, &gone).is_none());
+    }
 
     #[test]
     fn imported_token_verifies_and_only_its_hash_is_stored() {
