@@ -110,3 +110,27 @@ def test_agent_survives_sighup(env):
     after = g.wait_agent("hup-agent")
     assert after["connection_id"] == before["connection_id"]
 
+
+
+def test_the_agent_picks_up_a_changed_ca_bundle(env):
+    """An agent given the wrong CA keeps failing; once its --ca-cert file holds the right one,
+    its next attempt connects, without a restart."""
+    g = env.gateway(tls=True, cleartext=False)
+    wrong = env.tmp / "wrong-ca"
+    wrong.mkdir()
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                    "-nodes", "-keyout", str(wrong / "k.pem"), "-out", str(wrong / "ca.pem"), "-days", "2",
+                    "-subj", "/CN=some other CA"], check=True, capture_output=True)
+    bundle = env.tmp / "agent-ca.pem"
+    shutil.copy(wrong / "ca.pem", bundle)
+    a = env.agent(g.url("grpcs"), env.token_file("ca-watcher"), ca=False,
+                  extra=["--ca-cert", str(bundle), "--backoff-initial", "200ms", "--backoff-max", "500ms"],
+                  name="agent-ca-watcher")
+    wait_for(lambda: "not signed by a CA this agent trusts" in a.output(), timeout=10,
+             what="the agent refusing the gateway's certificate")
+    tmp = bundle.with_suffix(".new")
+    shutil.copy(env.certs["ca"], tmp)
+    tmp.replace(bundle)
+    g.wait_agent("ca-watcher", transport="grpcs")
+    assert "CA bundle changed" in a.output()
+    assert a.alive()

@@ -171,16 +171,37 @@ struct Dialer {
     dial: DialSettings,
     auth: Arc<CallCredentials>,
     upstreams: Arc<Upstreams>,
-    /// The token file and its stamp when last read, if the token came from a file.
-    token_file: Option<std::sync::Mutex<TokenFile>>,
+    /// The token file, if the token came from one.
+    token_file: Option<std::sync::Mutex<WatchedFile>>,
+    /// The CA bundle (`--ca-cert`), and the TLS configuration made from it now.
+    ca_file: Option<std::sync::Mutex<WatchedFile>>,
+    tls: std::sync::RwLock<Option<Arc<rustls::ClientConfig>>>,
 }
 
-/// The agent's token file: re-read before each connection when it changed, so a rotated
-/// token is used from the next connection on (a revoked token's session ends, and the agent
-/// reconnects with the new one) without a restart.
-struct TokenFile {
+/// A file the agent re-reads before a connection when it changed since the last read: its
+/// token file (a rotated token is used from the next connection on; a revoked token's session
+/// ends and the agent reconnects with the new one) and its CA bundle (a renewed CA), without
+/// a restart.
+struct WatchedFile {
     path: std::path::PathBuf,
     stamp: Option<(std::time::SystemTime, u64)>,
+}
+
+impl WatchedFile {
+    fn new(path: std::path::PathBuf) -> std::sync::Mutex<Self> {
+        std::sync::Mutex::new(Self {
+            stamp: file_stamp(&path),
+            path,
+        })
+    }
+
+    /// Whether the file changed since the last call (or since it was first seen).
+    fn changed(&mut self) -> bool {
+        let now = file_stamp(&self.path);
+        let changed = now != self.stamp;
+        self.stamp = now;
+        changed
+    }
 }
 
 fn file_stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
@@ -250,19 +271,42 @@ impl Dialer {
             extra,
         });
         let upstreams = Arc::new(Upstreams::new(&cfg)?);
-        let token_file = cfg.token_file.clone().map(|path| {
-            std::sync::Mutex::new(TokenFile {
-                stamp: file_stamp(&path),
-                path,
-            })
-        });
+        let token_file = cfg.token_file.clone().map(WatchedFile::new);
+        let ca_file = match (&verify, needs_tls) {
+            (ServerVerification::CaFile(path), true) => Some(WatchedFile::new(path.clone())),
+            _ => None,
+        };
+        let tls = std::sync::RwLock::new(dial.tls.clone());
         Ok(Self {
             cfg,
             dial,
             auth,
             upstreams,
             token_file,
+            ca_file,
+            tls,
         })
+    }
+
+    /// Reads the CA bundle again if it changed; one that does not load is logged and the
+    /// previous one kept.
+    fn reread_ca_file(&self) {
+        let Some(file) = &self.ca_file else {
+            return;
+        };
+        let mut file = file.lock().unwrap();
+        if !file.changed() {
+            return;
+        }
+        match client_config(&ServerVerification::CaFile(file.path.clone())) {
+            Ok(cfg) => {
+                *self.tls.write().unwrap() = Some(Arc::new(cfg));
+                tracing::info!(path = %file.path.display(), "CA bundle changed: used from this connection on");
+            }
+            Err(e) => {
+                tracing::warn!(path = %file.path.display(), "cannot load the changed CA bundle ({e}); keeping the previous one")
+            }
+        }
     }
 
     /// Reads the token file again if it changed since it was last read; a file that cannot
@@ -272,11 +316,9 @@ impl Dialer {
             return;
         };
         let mut file = file.lock().unwrap();
-        let stamp = file_stamp(&file.path);
-        if stamp == file.stamp {
+        if !file.changed() {
             return;
         }
-        file.stamp = stamp;
         let token = match std::fs::read_to_string(&file.path) {
             Ok(t) => t.trim().to_string(),
             Err(e) => {
@@ -338,7 +380,9 @@ impl Dialer {
         let goaway = CancellationToken::new();
         let attempt = async {
             self.reread_token_file();
+            self.reread_ca_file();
             let mut settings = self.dial.clone();
+            settings.tls = self.tls.read().unwrap().clone();
             self.auth.apply_to_upgrade(&mut settings.upgrade_headers);
             let io = dial(url, &settings).await?;
             // A GOAWAY from the gateway or a proxy in between means: move to a new connection.
