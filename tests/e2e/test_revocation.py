@@ -57,7 +57,7 @@ def test_revoked_agent_is_cut_off_idle_and_busy(env):
             assert status in (404, 503), (name, status, body)
         log = g.proc.output()
         assert "ending session: its token was revoked" in log, log[-3000:]
-        assert "token revoked: ending the sessions" in log
+        assert "token revoked or expired: ending the sessions" in log
         assert g.metric("agentgate_connections_rejected_total", reason="token_revoked") >= 2
         # The revoked agents are refused when they come back, and say so.
         wait_for(lambda: "agent token" in env.procs[-1].output() or "revoked" in env.procs[-1].output(),
@@ -128,3 +128,24 @@ def test_rotation_runbook_new_token_in_the_file_then_revoke_the_old_by_id(env):
              what="the agent back on its new token")
     assert a.alive()
     assert "token file changed" in a.output(), a.output()[-2000:]
+
+
+def test_an_expiring_token_ends_its_session_when_it_expires(env):
+    g = env.gateway(tls=False, cleartext=False)
+    tf = env.tmp / "short-lived.token"
+    out = subprocess.run([str(BIN), "token", "create", "--name", "short-lived", "--expires-in", "4s",
+                          "--tokens", str(env.tokens)], capture_output=True, text=True, check=True, timeout=20)
+    tf.write_text(out.stdout.strip() + "\n")
+    listed = subprocess.run([str(BIN), "token", "list", "--tokens", str(env.tokens)],
+                            capture_output=True, text=True, check=True).stdout
+    assert "never" not in next(line for line in listed.splitlines() if "short-lived" in line), listed
+    a = env.agent(g.url("grpc"), tf, extra=["--backoff-initial", "200ms", "--backoff-max", "1s"],
+                  name="agent-short-lived")
+    g.wait_agent("short-lived")
+    t0 = time.monotonic()
+    wait_for(lambda: not any(x["name"] == "short-lived" for x in g.agents()), timeout=4 + BOUND,
+             interval=0.2, what="the session ended at expiry")
+    assert time.monotonic() - t0 > 1.0, "it ended long before its expiry"
+    wait_for(lambda: "expired" in a.output(), timeout=10, what="the agent told its token expired")
+    assert "(expired)" in subprocess.run([str(BIN), "token", "list", "--tokens", str(env.tokens)],
+                                         capture_output=True, text=True, check=True).stdout

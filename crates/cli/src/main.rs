@@ -241,6 +241,10 @@ enum TokenCommand {
         /// file an agentk already uses with kas); only its hash is stored, nothing is printed.
         #[arg(long, value_name = "FILE")]
         from_file: Option<PathBuf>,
+        /// Refuse the token after this long (`30d`, `12h`); what it authenticated then ends,
+        /// as for a revoked token. Default: no expiry.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires_in: Option<Duration>,
     },
     /// List stored tokens (ids, kinds, names; never the tokens).
     List {
@@ -510,11 +514,15 @@ fn token_command(cmd: TokenCommand) -> anyhow::Result<()> {
             kind,
             agents,
             from_file,
+            expires_in,
         } => {
             let kind = match kind {
                 KindArg::Agent => TokenKind::Agent,
                 KindArg::Api => TokenKind::Api,
             };
+            if let (Some(_), Some(_)) = (&from_file, expires_in) {
+                anyhow::bail!("--expires-in is for generated tokens; an imported token keeps its own lifetime");
+            }
             if let Some(file) = from_file {
                 let value = std::fs::read_to_string(&file).with_context(|| {
                     format!("cannot read the token to import from {}", file.display())
@@ -529,7 +537,8 @@ fn token_command(cmd: TokenCommand) -> anyhow::Result<()> {
                 );
                 return Ok(());
             }
-            let (token, entry) = tokens::create_token(&path, kind, &name, &agents)?;
+            let (token, entry) =
+                tokens::create_token_expiring(&path, kind, &name, &agents, expires_in)?;
             eprintln!(
                 "created {:?} token {} for {:?} in {} (shown once; only its hash is stored)",
                 entry.kind,
@@ -541,8 +550,8 @@ fn token_command(cmd: TokenCommand) -> anyhow::Result<()> {
         }
         TokenCommand::List { tokens: path } => {
             println!(
-                "{:<18} {:<6} {:<24} {:<20} AGENTS",
-                "ID", "KIND", "NAME", "CREATED"
+                "{:<18} {:<6} {:<24} {:<20} {:<20} AGENTS",
+                "ID", "KIND", "NAME", "CREATED", "EXPIRES"
             );
             for t in tokens::list_tokens(&path)? {
                 let created = humantime::format_rfc3339_seconds(
@@ -557,9 +566,22 @@ fn token_command(cmd: TokenCommand) -> anyhow::Result<()> {
                 } else {
                     t.agents.join(",")
                 };
+                let expires = match t.expires_at {
+                    None => "never".to_string(),
+                    Some(at) if t.expired() => format!(
+                        "{} (expired)",
+                        humantime::format_rfc3339_seconds(
+                            std::time::UNIX_EPOCH + Duration::from_secs(at)
+                        )
+                    ),
+                    Some(at) => humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + Duration::from_secs(at),
+                    )
+                    .to_string(),
+                };
                 println!(
-                    "{:<18} {:<6} {:<24} {:<20} {}",
-                    t.id, kind, t.name, created, agents
+                    "{:<18} {:<6} {:<24} {:<20} {:<20} {}",
+                    t.id, kind, t.name, created, expires, agents
                 );
             }
         }

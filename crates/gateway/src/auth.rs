@@ -84,7 +84,7 @@ impl Gateway {
             .ok_or("malformed authorization metadata: expected 'Bearer <agent token>'")?;
         self.tokens
             .verify(TokenKind::Agent, token)
-            .ok_or("invalid agent token (unknown or revoked)")
+            .ok_or("invalid agent token (unknown, revoked or expired)")
     }
 }
 

@@ -52,9 +52,25 @@ pub struct TokenEntry {
     /// API tokens only: the agents this token may reach; empty means all.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub agents: Vec<String>,
+    /// Seconds since the Unix epoch after which the token is refused, and what it
+    /// authenticated ends (as for a revoked token). None: no expiry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
 }
 
 impl TokenEntry {
+    /// Whether the token has expired.
+    pub fn expired(&self) -> bool {
+        self.expires_at.is_some_and(|at| unix_now() >= at)
+    }
+
     /// Whether this (API) token may reach `agent`.
     pub fn allows_agent(&self, agent: &str) -> bool {
         self.agents.is_empty() || self.agents.iter().any(|a| a == agent)
@@ -152,6 +168,18 @@ pub fn create_token(
     name: &str,
     agents: &[String],
 ) -> Result<(String, TokenEntry), TokenError> {
+    create_token_expiring(path, kind, name, agents, None)
+}
+
+/// Like [`create_token`], refused (and ending what it authenticated) once `expires_in` has
+/// passed.
+pub fn create_token_expiring(
+    path: &Path,
+    kind: TokenKind,
+    name: &str,
+    agents: &[String],
+    expires_in: Option<Duration>,
+) -> Result<(String, TokenEntry), TokenError> {
     let mut secret = [0u8; 32];
     rand::rng().fill_bytes(&mut secret);
     let token = format!(
@@ -159,7 +187,8 @@ pub fn create_token(
         kind.prefix(),
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret)
     );
-    store_token(path, kind, name, agents, token)
+    let expires_at = expires_in.map(|d| unix_now() + d.as_secs().max(1));
+    store_token(path, kind, name, agents, token, expires_at)
 }
 
 /// Stores the hash of a token that already exists elsewhere, such as the token file of an
@@ -184,7 +213,7 @@ pub fn import_token(
     {
         return Err(TokenError::DuplicateImport);
     }
-    store_token(path, kind, name, agents, value.to_string()).map(|(_, e)| e)
+    store_token(path, kind, name, agents, value.to_string(), None).map(|(_, e)| e)
 }
 
 /// The shortest token `import_token` takes: GitLab agent tokens are 50 characters and more.
@@ -196,6 +225,7 @@ fn store_token(
     name: &str,
     agents: &[String],
     token: String,
+    expires_at: Option<u64>,
 ) -> Result<(String, TokenEntry), TokenError> {
     if !valid_name(name) {
         return Err(TokenError::InvalidName(name.into()));
@@ -220,6 +250,7 @@ fn store_token(
         } else {
             vec![]
         },
+        expires_at,
     };
     file.version = 1;
     file.tokens.push(entry.clone());
@@ -305,8 +336,22 @@ impl TokenStore {
             .map(|t| ((t.kind, t.sha256.clone()), t))
             .collect::<HashMap<_, _>>();
         tracing::info!(path = %self.path.display(), tokens = by_hash.len(), "token store loaded");
-        let valid: HashSet<String> = by_hash.values().map(|t| t.id.clone()).collect();
         *self.loaded.write().unwrap() = Loaded { stamp, by_hash };
+        self.end_what_is_no_longer_valid();
+        Ok(())
+    }
+
+    /// Cancels the signals of tokens that are gone from the store or have expired.
+    fn end_what_is_no_longer_valid(&self) {
+        let valid: HashSet<String> = self
+            .loaded
+            .read()
+            .unwrap()
+            .by_hash
+            .values()
+            .filter(|t| !t.expired())
+            .map(|t| t.id.clone())
+            .collect();
         let mut revocations = self.revocations.lock().unwrap();
         revocations.retain(|id, (name, signal)| {
             if valid.contains(id) {
@@ -315,13 +360,12 @@ impl TokenStore {
             tracing::warn!(
                 token_id = %id,
                 name = %name,
-                "token revoked: ending the sessions, tunnels and calls it authenticated"
+                "token revoked or expired: ending the sessions, tunnels and calls it authenticated"
             );
             self.revoked_live.fetch_add(1, Ordering::Relaxed);
             signal.cancel();
             false
         });
-        Ok(())
     }
 
     /// Checks the file now (the periodic check and SIGHUP), instead of at the next
@@ -333,6 +377,8 @@ impl TokenStore {
                 tracing::error!(error = %e, "token store reload failed; keeping the previous one");
             }
         }
+        // Expiry is not a change of the file.
+        self.end_what_is_no_longer_valid();
     }
 
     /// Cancelled when the token `entry` names is revoked (or removed from the file).
@@ -376,7 +422,13 @@ impl TokenStore {
     pub fn verify(&self, kind: TokenKind, token: &str) -> Option<TokenEntry> {
         self.refresh_if_changed();
         let key = (kind, hash(token));
-        self.loaded.read().unwrap().by_hash.get(&key).cloned()
+        self.loaded
+            .read()
+            .unwrap()
+            .by_hash
+            .get(&key)
+            .filter(|t| !t.expired())
+            .cloned()
     }
 
     /// Whether any agent token carries `name` (the agent is "known", connected or not).

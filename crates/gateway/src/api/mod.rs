@@ -56,7 +56,7 @@ impl ApiAuthError {
             Self::Missing => "missing API token: send 'authorization: Bearer <api token>' or \
                               'agentgate-token: <api token>'"
                 .into(),
-            Self::Invalid => "invalid API token (unknown or revoked)".into(),
+            Self::Invalid => "invalid API token (unknown, revoked or expired)".into(),
             Self::Forbidden(agent) => format!("this API token may not reach agent {agent:?}"),
         }
     }
