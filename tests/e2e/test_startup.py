@@ -127,3 +127,54 @@ def test_the_agents_health_and_metrics_endpoint(env):
     text = http_get(base + "/metrics")[2].decode()
     assert 'agentgate_agent_connected{transport="wss"} 0' in text, text
     assert "agentgate_agent_disconnects_total 1" in text, text
+
+
+def test_a_full_file_table_turns_readiness_off_and_is_counted(env):
+    """Under a hard limit of 96 open files, 120 idle connections to the agent port exhaust the
+    table: accepts fail, /readyz says why with 503, the failures are counted and logged at most
+    about once a second; once the connections are gone, the gateway is ready again."""
+    import socket
+    import time
+    from conftest import http_get
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (96, 96))
+
+    admin, port = free_port(), free_port()
+    log = env.tmp / "full.log"
+    with open(log, "w") as f:
+        p = subprocess.Popen([str(BIN), "server", "--listen", f"127.0.0.1:{port}",
+                              "--admin-listen", f"127.0.0.1:{admin}", "--api-listen", f"127.0.0.1:{free_port()}",
+                              "--tokens", str(env.tokens), "--set", 'handshake_timeout="30s"',
+                              "--set", "max_handshakes_per_source=1000"],
+                             stdout=f, stderr=subprocess.STDOUT, preexec_fn=limited)
+    socks = []
+    try:
+        wait_for(lambda: http_get(f"http://127.0.0.1:{admin}/readyz", timeout=2)[0] == 200, timeout=10,
+                 what="ready")
+        for _ in range(120):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            socks.append(s)
+        time.sleep(1.5)
+        for s in socks[:30]:  # room for the probes' own connections
+            s.close()
+        del socks[:30]
+        status, _, body = http_get(f"http://127.0.0.1:{admin}/readyz", timeout=5)
+        assert status == 503 and b"Too many open files" in body, (status, body)
+        metrics = http_get(f"http://127.0.0.1:{admin}/metrics", timeout=5)[2].decode()
+        errors = float(next(line.split()[1] for line in metrics.splitlines()
+                            if line.startswith("agentgate_accept_errors_total ")))
+        assert errors > 0, metrics[-500:]
+        lines = [x for x in log.read_text().splitlines() if "accept failed" in x]
+        assert 1 <= len(lines) <= 4, f"{len(lines)} accept-failure lines in ~2 s"
+        for s in socks:
+            s.close()
+        socks.clear()
+        wait_for(lambda: http_get(f"http://127.0.0.1:{admin}/readyz", timeout=2)[0] == 200, timeout=15,
+                 what="ready again once the connections are gone")
+        assert p.poll() is None
+    finally:
+        for s in socks:
+            s.close()
+        p.terminate()
+        p.wait(timeout=20)

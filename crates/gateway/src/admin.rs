@@ -22,14 +22,25 @@ pub fn router(gw: Arc<Gateway>) -> Router {
 
 /// Ready while the agent port accepts connections; 503 once shutdown has begun, so a load
 /// balancer stops sending new agents here.
+/// How long a failed accept keeps readiness off.
+const ACCEPT_FAILURE_NOT_READY_FOR: std::time::Duration = std::time::Duration::from_secs(5);
+
 async fn readyz(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
-    if gw.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (
+    if !gw.ready.load(Ordering::Relaxed) {
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: starting or shutting down\n",
-        )
+            "not ready: starting or shutting down\n".to_string(),
+        );
+    }
+    match agentgate_transport::ACCEPT_HEALTH.failing_within(ACCEPT_FAILURE_NOT_READY_FOR) {
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not ready: accepting connections fails ({why}); for 'Too many open files' raise \
+                 the open-file limit or lower max_connections\n"
+            ),
+        ),
+        None => (StatusCode::OK, "ready\n".to_string()),
     }
 }
 

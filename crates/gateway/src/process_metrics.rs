@@ -50,6 +50,13 @@ pub fn render(out: &mut String) {
     }
     let _ = writeln!(
         out,
+        "# HELP agentgate_accept_errors_total Failed accepts on any listener (EMFILE: the \
+         open-file limit).\n# TYPE agentgate_accept_errors_total counter\n\
+         agentgate_accept_errors_total {}",
+        agentgate_transport::ACCEPT_HEALTH.failures()
+    );
+    let _ = writeln!(
+        out,
         "# HELP agentgate_build_info The running build: its version.\n\
          # TYPE agentgate_build_info gauge\n\
          agentgate_build_info{{version=\"{}\"}} 1",
