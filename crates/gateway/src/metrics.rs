@@ -94,21 +94,101 @@ impl Family {
         let _ = writeln!(out, "# TYPE {} {}", self.name, self.kind);
         for (key, v) in self.values.lock().unwrap().iter() {
             out.push_str(self.name);
-            if !self.labels.is_empty() {
-                out.push('{');
-                for (i, (l, v)) in self.labels.iter().zip(key.split(SEPARATOR)).enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    let v = v
-                        .replace('\\', "\\\\")
-                        .replace('"', "\\\"")
-                        .replace('\n', "\\n");
-                    let _ = write!(out, "{l}=\"{v}\"");
-                }
-                out.push('}');
-            }
+            write_labels(out, self.labels, key, None);
             let _ = writeln!(out, " {v}");
+        }
+    }
+}
+
+/// `{label="value",...}` of a series key, with an extra pair last (a histogram's `le`).
+fn write_labels(out: &mut String, labels: &[&str], key: &str, extra: Option<(&str, &str)>) {
+    if labels.is_empty() && extra.is_none() {
+        return;
+    }
+    out.push('{');
+    let pairs = labels.iter().copied().zip(key.split(SEPARATOR));
+    for (i, (l, v)) in pairs.chain(extra).enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let v = v
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n");
+        let _ = write!(out, "{l}=\"{v}\"");
+    }
+    out.push('}');
+}
+
+/// Upper bounds (seconds) of the duration histograms: from a cached answer through a long poll.
+const DURATION_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 10.0, 60.0, 600.0,
+];
+
+#[derive(Default, Clone)]
+struct Histogram {
+    /// Observations per bucket (not cumulative), the last one above every bound.
+    counts: [u64; DURATION_BUCKETS.len() + 1],
+    sum: f64,
+}
+
+/// A family of duration histograms, keyed like [`Family`].
+pub struct HistogramFamily {
+    name: &'static str,
+    help: &'static str,
+    labels: &'static [&'static str],
+    inner: Family,
+    series: Mutex<BTreeMap<String, Histogram>>,
+}
+
+impl HistogramFamily {
+    const fn new(name: &'static str, help: &'static str, labels: &'static [&'static str]) -> Self {
+        Self {
+            name,
+            help,
+            labels,
+            // Only for its key building.
+            inner: Family::new(name, help, "histogram", labels),
+            series: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Records one duration.
+    pub fn observe(&self, label_values: &[&str], d: std::time::Duration) {
+        let secs = d.as_secs_f64();
+        let bucket = DURATION_BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(DURATION_BUCKETS.len());
+        self.inner.with_key(label_values, |key| {
+            let mut series = self.series.lock().unwrap();
+            let h = match series.get_mut(key) {
+                Some(h) => h,
+                None => series.entry(key.to_string()).or_default(),
+            };
+            h.counts[bucket] += 1;
+            h.sum += secs;
+        })
+    }
+
+    fn render(&self, out: &mut String) {
+        let _ = writeln!(out, "# HELP {} {}", self.name, self.help);
+        let _ = writeln!(out, "# TYPE {} histogram", self.name);
+        for (key, h) in self.series.lock().unwrap().iter() {
+            let mut cumulative = 0;
+            let bounds = DURATION_BUCKETS.iter().map(|b| b.to_string());
+            for (le, n) in bounds.chain(["+Inf".to_string()]).zip(h.counts) {
+                cumulative += n;
+                let _ = write!(out, "{}_bucket", self.name);
+                write_labels(out, self.labels, key, Some(("le", &le)));
+                let _ = writeln!(out, " {cumulative}");
+            }
+            let _ = write!(out, "{}_sum", self.name);
+            write_labels(out, self.labels, key, None);
+            let _ = writeln!(out, " {}", h.sum);
+            let _ = write!(out, "{}_count", self.name);
+            write_labels(out, self.labels, key, None);
+            let _ = writeln!(out, " {cumulative}");
         }
     }
 }
@@ -132,6 +212,8 @@ pub struct Metrics {
     pub backend_calls: Family,
     pub backend_calls_open: Family,
     pub reloads: Family,
+    pub tunnel_request_duration: HistogramFamily,
+    pub backend_call_duration: HistogramFamily,
 }
 
 impl Default for Metrics {
@@ -236,6 +318,16 @@ impl Default for Metrics {
                 "counter",
                 &["listener", "result"],
             ),
+            tunnel_request_duration: HistogramFamily::new(
+                "agentgate_tunnel_request_duration_seconds",
+                "Tunnel API requests from authentication to the answer's end, by kind and outcome.",
+                &["kind", "outcome"],
+            ),
+            backend_call_duration: HistogramFamily::new(
+                "agentgate_backend_call_duration_seconds",
+                "Agent calls to gateway-side backends, from arrival to end, by backend.",
+                &["backend"],
+            ),
             backend_calls_open: Family::new(
                 "agentgate_backend_calls_open",
                 "Agent calls to gateway-side backends open now (long polls included), by backend.",
@@ -288,6 +380,8 @@ impl Metrics {
         ] {
             f.render(&mut out);
         }
+        self.tunnel_request_duration.render(&mut out);
+        self.backend_call_duration.render(&mut out);
         crate::process_metrics::render(&mut out);
         out
     }
@@ -309,6 +403,37 @@ impl IngressObserver for Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn histograms_render_cumulative_buckets_sum_and_count() {
+        let h = HistogramFamily::new("t_seconds", "test", &["kind"]);
+        h.observe(&["http"], std::time::Duration::from_millis(2));
+        h.observe(&["http"], std::time::Duration::from_millis(2));
+        h.observe(&["http"], std::time::Duration::from_secs(3600));
+        let mut out = String::new();
+        h.render(&mut out);
+        assert!(
+            out.contains("t_seconds_bucket{kind=\"http\",le=\"0.001\"} 0\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("t_seconds_bucket{kind=\"http\",le=\"0.0025\"} 2\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("t_seconds_bucket{kind=\"http\",le=\"600\"} 2\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("t_seconds_bucket{kind=\"http\",le=\"+Inf\"} 3\n"),
+            "{out}"
+        );
+        assert!(out.contains("t_seconds_count{kind=\"http\"} 3\n"), "{out}");
+        assert!(
+            out.contains("t_seconds_sum{kind=\"http\"} 3600.004"),
+            "{out}"
+        );
+    }
 
     #[test]
     fn renders_families_with_escaped_labels() {

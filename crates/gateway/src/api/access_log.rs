@@ -109,6 +109,9 @@ impl RequestLog {
         bytes_out: u64,
     ) {
         self.metrics.tunnel_requests.inc(&[self.kind, outcome]);
+        self.metrics
+            .tunnel_request_duration
+            .observe(&[self.kind, outcome], self.started.elapsed());
         tracing::info!(
             target: "agentgate::access",
             kind = self.kind,

@@ -180,6 +180,9 @@ impl CallRecord {
         self.metrics
             .backend_calls
             .inc(&[&self.backend.name, outcome.label(), code_label]);
+        self.metrics
+            .backend_call_duration
+            .observe(&[&self.backend.name], self.started.elapsed());
         let duration_ms = self.started.elapsed().as_millis() as u64;
         let b = &self.backend;
         match outcome {
