@@ -29,6 +29,7 @@ import json
 import os
 import queue
 import re
+import signal
 import subprocess
 import textwrap
 import time
@@ -959,5 +960,32 @@ def test_an_instance_claim_counts_only_for_a_session_of_the_same_agent(env):
             # Another agent claiming this agent's instance.
             Client(ch, bearer(other)).get(b"3", [("agentgate-instance-claim", instance)])
             assert_identity(router.last("GetJob"), "stranger", "grpc", ABSENT, token=other)
+    finally:
+        router.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Shutdown: a long poll still open when the grace is over ends with a status, not a reset.
+
+
+def test_a_long_poll_open_at_shutdown_ends_unavailable_after_the_grace(env):
+    router = JobRouter()
+    try:
+        tok = env.token("draining-runner")
+        g = env.gateway(extra=backend_flag(router.url) + ["--set", 'shutdown_grace="2s"'])
+        with channel_for(g, "grpc") as ch:
+            poll = Client(ch, bearer(tok)).wait_job(wait_job_request(job="never", delay=60),
+                                                    metadata=bearer(tok), timeout=30)
+            wait_for(lambda: len(router.calls_to("WaitJob")) == 1, timeout=10, what="the long poll open")
+            g.proc.p.send_signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            e = rpc_error(lambda: list(poll))
+            took = time.monotonic() - t0
+        assert e.code() == grpc.StatusCode.UNAVAILABLE, (e.code(), e.details())
+        assert "shutting down" in e.details() and "call again" in e.details(), e.details()
+        assert 1.5 < took < 6, f"ended after {took:.1f}s; the grace is 2 s"
+        rec = router.calls_to("WaitJob")[0]
+        assert rec.wait_ended(5) and rec.cancelled, rec
+        g.proc.p.wait(timeout=10)
     finally:
         router.stop()
