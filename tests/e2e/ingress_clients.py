@@ -53,16 +53,21 @@ def grpcurl_path() -> str:
 _STUBS = None
 
 
-def agentgate_stubs(out_dir: Path):
-    """Generates Python modules for proto/agentgate/v1/*.proto into out_dir (once per process)
-    and returns (agent_pb2, agent_pb2_grpc)."""
+def agentgate_stubs(out_dir: Path | None = None):
+    """Generates Python modules for proto/agentgate/v1/*.proto (once per process) and returns
+    (agent_pb2, agent_pb2_grpc). They go to a directory that lives as long as the process,
+    whatever `out_dir` says: the modules are cached process-wide, and a later test importing
+    another of them (tunnel_pb2, say) must still find the directory after the test that
+    generated them removed its own."""
     global _STUBS
     if _STUBS is not None:
         return _STUBS
     from grpc_tools import protoc
     import grpc_tools
+    import tempfile
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    del out_dir
+    out_dir = Path(tempfile.mkdtemp(prefix="agentgate-stubs-"))
     protos = sorted(str(p.relative_to(PROTO_DIR)) for p in (PROTO_DIR / "agentgate" / "v1").glob("*.proto"))
     well_known = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
     rc = protoc.main(["protoc", f"-I{PROTO_DIR}", f"-I{well_known}", f"--python_out={out_dir}",
