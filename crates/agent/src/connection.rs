@@ -431,16 +431,23 @@ impl Dialer {
                 after: deadline,
             })?
             .map_err(|e| match e {
-                // h2c to a TLS port: the server closes on our preface, and the first call
-                // fails with nothing but "unavailable".
+                // h2c to a TLS port: the server answers our preface with TLS (or closes),
+                // and the first call fails with a bare transport error whose code depends on
+                // timing (UNAVAILABLE, UNKNOWN, INTERNAL, CANCELLED). A gateway's own refusals
+                // start with "agentgate:" and stay as they are.
                 ConnectError::Call { status, .. }
                     if url.scheme == TransportKind::Grpc
-                        && status.code() == tonic::Code::Unavailable
                         && !status.message().starts_with("agentgate") =>
                 {
                     ConnectError::NotCleartextHttp2 {
                         url: url.to_string(),
                         detail: status.message().to_string(),
+                    }
+                }
+                ConnectError::Http2 { source, .. } if url.scheme == TransportKind::Grpc => {
+                    ConnectError::NotCleartextHttp2 {
+                        url: url.to_string(),
+                        detail: source.to_string(),
                     }
                 }
                 other => other,
