@@ -18,7 +18,7 @@ use serde::Serialize;
 use super::job_backend::{GET, SERVICE_PREFIX, WAIT};
 use super::procs::Kid;
 use super::unary::{h2load, level_name, require_h2load, LEVELS};
-use super::{median, progress, Bench};
+use super::{median, progress, reduce_samples, Bench};
 
 /// The backend's name in the gateway's metrics (its prefix without the dot).
 const BACKEND_NAME: &str = "bench.jobs.v1";
@@ -150,20 +150,15 @@ impl Bench {
                 }
             }
         }
-        let mut cells: BTreeMap<String, BTreeMap<String, Cell>> = BTreeMap::new();
-        for ((name, level), v) in samples {
+        Ok(reduce_samples(samples, |v| {
             let med = |f: fn(&Cell) -> f64| median(v.iter().map(f).collect());
-            cells.entry(name).or_default().insert(
-                level,
-                Cell {
-                    calls_per_s: med(|c| c.calls_per_s),
-                    cpu_us: med(|c| c.cpu_us),
-                    gateway_cpu_us: med(|c| c.gateway_cpu_us),
-                    mean_latency_us: med(|c| c.mean_latency_us),
-                },
-            );
-        }
-        Ok(cells)
+            Cell {
+                calls_per_s: med(|c| c.calls_per_s),
+                cpu_us: med(|c| c.cpu_us),
+                gateway_cpu_us: med(|c| c.gateway_cpu_us),
+                mean_latency_us: med(|c| c.mean_latency_us),
+            }
+        }))
     }
 
     async fn backend_long_polls(&self, gw: &super::Gw, backend: &Kid) -> anyhow::Result<LongPolls> {

@@ -165,6 +165,19 @@ async fn wait_listening(addr: SocketAddr, what: &str) -> anyhow::Result<()> {
 }
 
 /// The median of some samples (the upper one of an even count); 0 for none.
+/// Samples by (column, load level), each list reduced to one cell, nested by column then
+/// level: the tables of `unary` and `backends`.
+fn reduce_samples<C>(
+    samples: BTreeMap<(String, String), Vec<C>>,
+    reduce: impl Fn(&[C]) -> C,
+) -> BTreeMap<String, BTreeMap<String, C>> {
+    let mut cells: BTreeMap<String, BTreeMap<String, C>> = BTreeMap::new();
+    for ((column, level), v) in samples {
+        cells.entry(column).or_default().insert(level, reduce(&v));
+    }
+    cells
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 
 use serde::Serialize;
 
-use super::{median, progress, Bench};
+use super::{median, progress, reduce_samples, Bench};
 
 /// (connections, streams per connection) of the two load levels.
 pub(super) const LEVELS: [(usize, usize); 2] = [(1, 1), (50, 4)];
@@ -91,17 +91,13 @@ impl Bench {
                 }
             }
         }
-        let mut cells: BTreeMap<String, BTreeMap<String, Cell>> = BTreeMap::new();
-        for ((name, level), v) in samples {
+        let cells = reduce_samples(samples, |v| {
             let med = |f: fn(&Cell) -> f64| median(v.iter().map(f).collect());
-            cells.entry(name).or_default().insert(
-                level,
-                Cell {
-                    calls_per_s: med(|c| c.calls_per_s),
-                    cpu_us: med(|c| c.cpu_us),
-                },
-            );
-        }
+            Cell {
+                calls_per_s: med(|c| c.calls_per_s),
+                cpu_us: med(|c| c.cpu_us),
+            }
+        });
         Ok(Unary {
             rounds,
             secs,
