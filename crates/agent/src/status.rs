@@ -63,13 +63,10 @@ impl AgentStatus {
              agentgate_agent_connections_total {}\n\
              # HELP agentgate_agent_disconnects_total Times the agent was left with no registered connection.\n\
              # TYPE agentgate_agent_disconnects_total counter\n\
-             agentgate_agent_disconnects_total {}\n\
-             # HELP agentgate_build_info The running build: its version.\n\
-             # TYPE agentgate_build_info gauge\n\
-             agentgate_build_info{{version=\"{}\"}} 1",
+             agentgate_agent_disconnects_total {}\n{}",
             self.connects.load(Ordering::Relaxed),
             self.disconnects.load(Ordering::Relaxed),
-            env!("CARGO_PKG_VERSION")
+            agentgate_proto::build_info::metric()
         );
         out
     }

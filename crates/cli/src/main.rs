@@ -1,6 +1,7 @@
 //! `agentgate`: the gateway, the agent, token management, and the demo, in one binary.
 
 mod bench;
+mod completions_and_man;
 mod demo;
 mod settings;
 mod test_upstream;
@@ -20,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser)]
 #[command(
     name = "agentgate",
-    version,
+    version = agentgate_proto::build_info::LONG_VERSION,
     about = "Agent gateway: gRPC ingress on one port (grpc, grpcs, ws, wss) and a reverse tunnel to services next to agents"
 )]
 struct Cli {
@@ -62,6 +63,17 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Benchmarks: transports side by side (markdown table on stdout, --json for machines).
     Bench(bench::BenchArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (agentgate.1, agentgate-server.1, ...) into a directory.
+    Man {
+        /// Directory to write the pages into (created if missing).
+        #[arg(long, default_value = ".")]
+        out_dir: PathBuf,
+    },
     /// Internal: many agents in one process, for `bench`.
     #[command(hide = true)]
     BenchLoad(bench::load::LoadArgs),
@@ -151,13 +163,13 @@ struct AgentArgs {
     #[arg(long, default_value = "auto", env = "AGENTGATE_TRANSPORT")]
     transport: TransportMode,
     /// CA certificate(s) that sign the gateway's certificate (PEM).
-    #[arg(long)]
+    #[arg(long, env = "AGENTGATE_AGENT_CA_CERT")]
     ca_cert: Option<PathBuf>,
     /// Verify the gateway's certificate against this name instead of the URL's host.
-    #[arg(long)]
+    #[arg(long, env = "AGENTGATE_AGENT_TLS_SERVER_NAME")]
     tls_server_name: Option<String>,
     /// Do not verify the gateway's certificate (prints a warning). For tests only.
-    #[arg(long)]
+    #[arg(long, env = "AGENTGATE_AGENT_INSECURE_SKIP_TLS_VERIFY")]
     insecure_skip_tls_verify: bool,
     /// Extra header 'Name: value' on the WebSocket upgrade and as gRPC metadata. Repeatable.
     #[arg(long = "header", value_name = "NAME: VALUE")]
@@ -166,58 +178,63 @@ struct AgentArgs {
     #[arg(long, env = "AGENTGATE_PROXY")]
     proxy: Option<String>,
     /// HTTP upstream as NAME=URL, or a bare URL for `default`. Repeatable.
-    #[arg(long = "upstream", value_name = "[NAME=]URL")]
+    #[arg(
+        long = "upstream",
+        value_name = "[NAME=]URL",
+        env = "AGENTGATE_AGENT_UPSTREAM",
+        value_delimiter = ','
+    )]
     upstreams: Vec<String>,
     /// gRPC upstream URL (http:// for h2c, https:// for TLS).
-    #[arg(long)]
+    #[arg(long, env = "AGENTGATE_AGENT_GRPC_UPSTREAM")]
     grpc_upstream: Option<url::Url>,
     /// CA certificate(s) for https upstreams (PEM).
-    #[arg(long)]
+    #[arg(long, env = "AGENTGATE_AGENT_UPSTREAM_CA")]
     upstream_ca: Option<PathBuf>,
     /// Deadline for connecting to an upstream.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = humantime::parse_duration, env = "AGENTGATE_AGENT_UPSTREAM_CONNECT_TIMEOUT")]
     upstream_connect_timeout: Option<Duration>,
     /// Deadline for an HTTP upstream's response head (504 after it).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = humantime::parse_duration, env = "AGENTGATE_AGENT_UPSTREAM_RESPONSE_TIMEOUT")]
     upstream_response_timeout: Option<Duration>,
     /// Instance id (default: random per process).
-    #[arg(long)]
+    #[arg(long, env = "AGENTGATE_AGENT_INSTANCE_ID")]
     instance_id: Option<String>,
     /// While on the WebSocket fallback, how often to re-probe direct gRPC.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = humantime::parse_duration, env = "AGENTGATE_AGENT_REPROBE_INTERVAL")]
     reprobe_interval: Option<Duration>,
     /// Deadline of a direct-gRPC probe.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = humantime::parse_duration, env = "AGENTGATE_AGENT_PROBE_TIMEOUT")]
     probe_timeout: Option<Duration>,
     /// First reconnect backoff ceiling.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = humantime::parse_duration, env = "AGENTGATE_AGENT_BACKOFF_INITIAL")]
     backoff_initial: Option<Duration>,
     /// Largest reconnect backoff.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = humantime::parse_duration, env = "AGENTGATE_AGENT_BACKOFF_MAX")]
     backoff_max: Option<Duration>,
     /// HTTP/2 PING interval.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = humantime::parse_duration, env = "AGENTGATE_AGENT_KEEPALIVE_INTERVAL")]
     keepalive_interval: Option<Duration>,
     /// Idle tunnels kept ready.
-    #[arg(long)]
+    #[arg(long, env = "AGENTGATE_AGENT_POOL_MIN_IDLE")]
     pool_min_idle: Option<usize>,
     /// Tunnels opened at once under demand.
-    #[arg(long)]
+    #[arg(long, env = "AGENTGATE_AGENT_POOL_SCALE_STEP")]
     pool_scale_step: Option<usize>,
     /// Tunnels per connection at most.
-    #[arg(long)]
+    #[arg(long, env = "AGENTGATE_AGENT_POOL_MAX")]
     pool_max: Option<usize>,
     /// Idle lifetime of surplus tunnels.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = humantime::parse_duration, env = "AGENTGATE_AGENT_POOL_IDLE_LIFETIME")]
     pool_idle_lifetime: Option<Duration>,
     /// Sidecar mode: listen here (loopback; a bare PORT means 127.0.0.1:PORT) for gRPC calls
     /// from local processes, and send them to the gateway's backends over this agent's
     /// connection, as this agent. They need no token of their own.
-    #[arg(long, value_name = "ADDR", value_parser = parse_local_listen)]
+    #[arg(long, value_name = "ADDR", value_parser = parse_local_listen, env = "AGENTGATE_AGENT_LOCAL_LISTEN")]
     local_listen: Option<std::net::SocketAddr>,
     /// Serve /healthz, /readyz (registered with the gateway) and /metrics here, e.g.
     /// 127.0.0.1:9101 (a bare PORT means 127.0.0.1:PORT).
-    #[arg(long, value_name = "ADDR", value_parser = parse_local_listen)]
+    #[arg(long, value_name = "ADDR", value_parser = parse_local_listen, env = "AGENTGATE_AGENT_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
     /// Tunnel protocol version to announce (1 behaves like agents before 0.2; for testing).
     #[arg(long, hide = true, value_parser = clap::value_parser!(u32).range(1..=2))]
@@ -351,7 +368,9 @@ fn agent_ignores_sighup() {
 }
 
 fn server_config(a: &ServerArgs) -> anyhow::Result<GatewayConfig> {
-    let mut c: GatewayConfig = settings::layered(GatewayConfig::default(), a.config.as_deref())?;
+    let flag_env = settings::flag_env_names(&<Cli as clap::CommandFactory>::command());
+    let mut c: GatewayConfig =
+        settings::layered(GatewayConfig::default(), a.config.as_deref(), &flag_env)?;
     if !a.set.is_empty() {
         let mut table = toml::Table::try_from(&c)?;
         for kv in &a.set {
@@ -636,6 +655,17 @@ fn main() -> std::process::ExitCode {
                 agentgate_agent::run(c, stop_on_signals()).await
             }
             Command::Token { command } => token_command(command),
+            Command::Completions { shell } => {
+                completions_and_man::print_completions(
+                    <Cli as clap::CommandFactory>::command(),
+                    shell,
+                );
+                Ok(())
+            }
+            Command::Man { out_dir } => completions_and_man::write_man_pages(
+                <Cli as clap::CommandFactory>::command(),
+                &out_dir,
+            ),
             Command::Demo(a) => demo::run(a, stop_on_signals()).await,
             Command::Bench(a) => bench::run(a).await,
             Command::BenchLoad(a) => bench::load::run(a, stop_on_signals()).await,

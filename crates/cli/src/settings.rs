@@ -10,9 +10,12 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 /// Applies a TOML file (if any) and then environment overrides to `defaults`.
+///
+/// `flag_env` names the variables that flags fall back to (read by clap, so known too).
 pub fn layered<T: Serialize + DeserializeOwned>(
     defaults: T,
     file: Option<&Path>,
+    flag_env: &[String],
 ) -> anyhow::Result<T> {
     let mut table = toml::Table::try_from(&defaults).context("serializing defaults")?;
     if let Some(path) = file {
@@ -38,7 +41,7 @@ pub fn layered<T: Serialize + DeserializeOwned>(
             table.insert(key.to_string(), parse_env_value(&raw));
         }
     }
-    warn_unknown_env(&keys);
+    warn_unknown_env(&keys, flag_env);
     let t: T = toml::Value::Table(table)
         .try_into()
         .context("invalid setting (from the config file or an AGENTGATE_* variable)")?;
@@ -57,23 +60,18 @@ const OPTIONAL_FIELDS: &[&str] = &[
     "internal_secret_file",
 ];
 
-/// `AGENTGATE_*` variables read elsewhere: flags with an environment fallback, and the test
-/// and benchmark tooling's own.
+/// `AGENTGATE_*` variables read by other code than a flag: the agent's token, the build's
+/// commit, and the test and benchmark tooling's own.
 const OTHER_ENV: &[&str] = &[
-    "AGENTGATE_CONFIG",
-    "AGENTGATE_LOG",
-    "AGENTGATE_LOG_FORMAT",
-    "AGENTGATE_PROXY",
-    "AGENTGATE_SERVER",
     "AGENTGATE_TOKEN",
-    "AGENTGATE_TOKEN_FILE",
-    "AGENTGATE_TRANSPORT",
+    "AGENTGATE_BUILD_COMMIT",
     "AGENTGATE_BIN",
     "AGENTGATE_E2E_KEEP_LOGS",
+    "AGENTGATE_GENERATED_CASES",
 ];
 
 /// A misspelt `AGENTGATE_*` variable would otherwise be ignored without a word.
-fn warn_unknown_env(keys: &[String]) {
+fn warn_unknown_env(keys: &[String], flag_env: &[String]) {
     for (var, _) in std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v))) {
         let Some(setting) = var.strip_prefix("AGENTGATE_") else {
             continue;
@@ -81,7 +79,8 @@ fn warn_unknown_env(keys: &[String]) {
         let setting = setting.to_ascii_lowercase();
         let known = keys.contains(&setting)
             || OPTIONAL_FIELDS.contains(&setting.as_str())
-            || OTHER_ENV.contains(&var.as_str());
+            || OTHER_ENV.contains(&var.as_str())
+            || flag_env.iter().any(|f| *f == var);
         if !known {
             tracing::warn!(
                 variable = %var,
@@ -90,6 +89,19 @@ fn warn_unknown_env(keys: &[String]) {
             );
         }
     }
+}
+
+/// Every environment variable a flag of `cmd` or of its subcommands falls back to.
+pub fn flag_env_names(cmd: &clap::Command) -> Vec<String> {
+    let mut names: Vec<String> = cmd
+        .get_arguments()
+        .filter_map(|a| a.get_env())
+        .map(|e| e.to_string_lossy().into_owned())
+        .collect();
+    for sub in cmd.get_subcommands() {
+        names.extend(flag_env_names(sub));
+    }
+    names
 }
 
 fn is_optional_field(k: &str) -> bool {
@@ -124,14 +136,14 @@ mod tests {
         .unwrap();
         // SAFETY: this test is the only one touching this variable.
         unsafe { std::env::set_var("AGENTGATE_MAX_CONNECTIONS", "7") };
-        let c: GatewayConfig = layered(GatewayConfig::default(), Some(&f)).unwrap();
+        let c: GatewayConfig = layered(GatewayConfig::default(), Some(&f), &[]).unwrap();
         unsafe { std::env::remove_var("AGENTGATE_MAX_CONNECTIONS") };
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.handshake_timeout, Duration::from_secs(2));
         assert_eq!(c.max_connections, 7);
         assert_eq!(c.tls_cert.as_deref(), Some(Path::new("/c.pem")));
         std::fs::write(&f, "no_such_setting = 1\n").unwrap();
-        let err = layered(GatewayConfig::default(), Some(&f)).unwrap_err();
+        let err = layered(GatewayConfig::default(), Some(&f), &[]).unwrap_err();
         assert!(format!("{err:#}").contains("no_such_setting"));
     }
 }

@@ -55,13 +55,7 @@ pub fn render(out: &mut String) {
          agentgate_accept_errors_total {}",
         agentgate_transport::ACCEPT_HEALTH.failures()
     );
-    let _ = writeln!(
-        out,
-        "# HELP agentgate_build_info The running build: its version.\n\
-         # TYPE agentgate_build_info gauge\n\
-         agentgate_build_info{{version=\"{}\"}} 1",
-        env!("CARGO_PKG_VERSION")
-    );
+    let _ = writeln!(out, "{}", agentgate_proto::build_info::metric());
 }
 
 struct SelfStat {

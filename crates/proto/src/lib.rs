@@ -1,5 +1,6 @@
 //! agentgate's public gRPC contract, generated from the `.proto` files in `proto/`.
 
+pub mod build_info;
 pub mod codec;
 pub mod headers;
 pub mod pump;

@@ -1,0 +1,26 @@
+//! What build is running: one home for the version and commit that `--version`, the gateway's
+//! and the agent's `agentgate_build_info` metric report.
+
+/// The workspace version (Cargo.toml).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The commit the binary was built from (12 hex digits), `AGENTGATE_BUILD_COMMIT` when the
+/// build set it, or `unknown`.
+pub const COMMIT: &str = env!("AGENTGATE_BUILD_COMMIT");
+
+/// `0.1.0 (commit 0123456789ab)`: what `agentgate --version` prints after the name.
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("AGENTGATE_BUILD_COMMIT"),
+    ")"
+);
+
+/// The `agentgate_build_info` gauge, in the text exposition format.
+pub fn metric() -> String {
+    format!(
+        "# HELP agentgate_build_info The running build: its version and commit.\n\
+         # TYPE agentgate_build_info gauge\n\
+         agentgate_build_info{{version=\"{VERSION}\",commit=\"{COMMIT}\"}} 1"
+    )
+}
