@@ -80,7 +80,7 @@ fn warn_unknown_env(keys: &[String], flag_env: &[String]) {
         let known = keys.contains(&setting)
             || OPTIONAL_FIELDS.contains(&setting.as_str())
             || OTHER_ENV.contains(&var.as_str())
-            || flag_env.iter().any(|f| *f == var);
+            || flag_env.contains(&var);
         if !known {
             tracing::warn!(
                 variable = %var,
