@@ -155,10 +155,27 @@ fn write_file(path: &Path, file: &TokenFile) -> Result<(), TokenError> {
             opts.mode(0o600);
         }
         let mut f = opts.open(&tmp).map_err(err)?;
+        #[cfg(unix)]
+        keep_owner_and_mode(path, &f).map_err(err)?;
         f.write_all(&data).map_err(err)?;
         f.sync_all().map_err(err)?;
     }
     std::fs::rename(&tmp, path).map_err(err)
+}
+
+/// The rewritten store keeps the old file's owner, group and mode (group bits at most), so
+/// root running `agentgate token create` on a packaged install leaves a store the gateway's
+/// own user can still read. A new store is 0600, owned by whoever created it.
+#[cfg(unix)]
+fn keep_owner_and_mode(path: &Path, new: &std::fs::File) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let Ok(old) = std::fs::metadata(path) else {
+        return Ok(());
+    };
+    if old.uid() != new.metadata()?.uid() || old.gid() != new.metadata()?.gid() {
+        std::os::unix::fs::fchown(new, Some(old.uid()), Some(old.gid()))?;
+    }
+    new.set_permissions(std::fs::Permissions::from_mode(old.mode() & 0o660))
 }
 
 /// Creates a token, stores its hash, and returns the token (the only time it is visible).
@@ -466,6 +483,30 @@ mod tests {
         assert!(!kept_signal.is_cancelled(), "another token's signal");
         assert_eq!(store.revoked_live(), 1);
         assert!(store.verify(TokenKind::Agent, &gone).is_none());
+    }
+
+    #[test]
+    fn a_rewritten_store_keeps_its_owner_group_and_mode() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        create_token(&path, TokenKind::Agent, "first", &[]).unwrap();
+        let fresh = std::fs::metadata(&path).unwrap();
+        assert_eq!(fresh.mode() & 0o777, 0o600, "a new store is private");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        // As root (CI, a packaged install): hand the store to another user, as the package
+        // does with its own, and create a token as root.
+        let as_root = unsafe { libc::geteuid() } == 0;
+        if as_root {
+            std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
+        }
+        create_token(&path, TokenKind::Agent, "second", &[]).unwrap();
+        let after = std::fs::metadata(&path).unwrap();
+        assert_eq!(after.mode() & 0o777, 0o640);
+        if as_root {
+            assert_eq!((after.uid(), after.gid()), (65534, 65534));
+        }
+        assert_eq!(read_file(&path).unwrap().tokens.len(), 2);
     }
 
     #[test]
