@@ -235,6 +235,54 @@ def haproxy_pem(certs: dict, path: Path) -> Path:
     return path
 
 
+# ----------------------------------------------------------------------------------- Caddy
+
+CADDY_BIN = shutil.which("caddy") or "/usr/bin/caddy"
+
+
+def render_caddy(gw: GatewayPorts, tls_port: int, clear_port: int, certs: dict) -> str:
+    """deploy/caddy/Caddyfile with the test's ports and certificate; the admin endpoint off
+    (several Caddy processes would share its default port)."""
+    text = (DEPLOY / "caddy" / "Caddyfile").read_text()
+    text = sub(text, r"^\{\n", "{\n\tadmin off\n", "the global options block")
+    text = sub(text, r"^agents\.example\.com \{", f"https://localhost:{tls_port} {{", "the TLS site")
+    text = sub(text, r"^http://:8080 \{", f"http://:{clear_port} {{", "the cleartext site")
+    text = sub(text, r"/etc/caddy/agentgate/fullchain\.pem", str(certs["cert"]), "the certificate")
+    text = sub(text, r"/etc/caddy/agentgate/privkey\.pem", str(certs["key"]), "the key")
+    text = sub(text, rf"127\.0\.0\.1:{SHIPPED_AGENT_PORT}\b", f"127.0.0.1:{gw.agent}", "the agent port")
+    text = sub(text, rf"127\.0\.0\.1:{SHIPPED_API_PORT}\b", f"127.0.0.1:{gw.api}", "the API port")
+    return text
+
+
+class Caddy:
+    """`caddy run` on a rendered Caddyfile, with its data and config dirs in the test's."""
+
+    def __init__(self, env, caddyfile: str, port: int, clear_port: int, name: str = "caddy"):
+        self.env, self.name, self.port, self.clear_port = env, name, port, clear_port
+        self.dir = env.tmp / name
+        self.dir.mkdir(exist_ok=True)
+        self.file = self.dir / "Caddyfile"
+        self.file.write_text(caddyfile)
+        home = {"HOME": str(self.dir), "XDG_DATA_HOME": str(self.dir / "data"),
+                "XDG_CONFIG_HOME": str(self.dir / "config")}
+        self.proc = env.spawn([CADDY_BIN, "run", "--config", self.file, "--adapter", "caddyfile"],
+                              name, env=home)
+        wait_listening(self.proc, [port, clear_port], "caddy")
+
+    def access_log(self) -> str:
+        return self.proc.output()
+
+
+def render_haproxy_tcp(gw: GatewayPorts, port: int, api_port: int) -> str:
+    """deploy/haproxy/agentgate-tcp-passthrough.cfg with the test's ports."""
+    text = (DEPLOY / "haproxy" / "agentgate-tcp-passthrough.cfg").read_text()
+    text = sub(text, r"^(\s*)bind :443$", rf"\1bind 127.0.0.1:{port}", "the agents' bind")
+    text = sub(text, r"^(\s*)bind :8443$", rf"\1bind 127.0.0.1:{api_port}", "the API bind")
+    text = sub(text, rf"\b127\.0\.0\.1:{SHIPPED_AGENT_PORT}\b", f"127.0.0.1:{gw.agent}", "the agent port server")
+    text = sub(text, rf"\b127\.0\.0\.1:{SHIPPED_API_PORT}\b", f"127.0.0.1:{gw.api}", "the API server")
+    return text
+
+
 # ------------------------------------------------------------------------------- upstreams
 
 BLOCK = hashlib.sha256(b"agentgate").digest() * (1024 * 1024 // 32)  # 1 MiB, deterministic

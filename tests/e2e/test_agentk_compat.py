@@ -312,7 +312,7 @@ def test_unknown_encoding_is_unimplemented_naming_what_is_accepted(env):
     assert "gzip" in e.value.details() and "deflate" in e.value.details(), e.value.details()
     # The same connection still works uncompressed.
     assert ic.health_check(ch) == "SERVING"
-    # And on the wire: trailers-only, with grpc-accept-encoding.
+    # And on the wire: the status (in trailers after the headers), with grpc-accept-encoding.
     c = raw_h2.RawH2(g.port)
     a = c.wait(c.request(HEALTH_CHECK, [("grpc-encoding", "br")], raw_h2.grpc_frame(b"")))
     assert a.grpc_status == "12", a

@@ -25,6 +25,7 @@ mod router;
 mod rpc_guard;
 mod rpc_layer;
 mod session;
+mod status_in_trailers;
 pub mod tokens;
 pub mod tunnel;
 
@@ -430,6 +431,7 @@ pub async fn run_with(
     }
     let server_stop = CancellationToken::new();
     let server = builder
+        .layer(status_in_trailers::StatusInTrailersLayer)
         .layer(rpc_layer::RpcObserveLayer {
             metrics: gw.metrics.clone(),
             backends: gw.backends.clone(),

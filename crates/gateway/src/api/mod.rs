@@ -132,7 +132,12 @@ pub async fn serve_api(
         let gw = gw.clone();
         tower::service_fn(move |req| {
             let gw = gw.clone();
-            async move { Ok::<_, Infallible>(route(gw, peer, is_tls, req).await) }
+            async move {
+                let resp = route(gw, peer, is_tls, req).await;
+                // gRPC errors as headers then trailers, which every proxy in front relays.
+                let resp = crate::status_in_trailers::move_status_to_trailers(resp);
+                Ok::<_, Infallible>(resp.map(|b| b.boxed_unsync()))
+            }
         })
     };
     crate::http_listener::serve_http(listener, tls, settings, make, shutdown).await;

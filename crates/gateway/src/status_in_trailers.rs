@@ -1,0 +1,174 @@
+//! Every gRPC answer the gateway sends carries its status in a trailers frame, never as a
+//! Trailers-Only answer (status in the headers, stream ended on them).
+//!
+//! Trailers-Only is allowed by the gRPC spec, but proxies that flush response headers at
+//! once and end the stream with an empty DATA frame (Caddy 2.6 with `flush_interval -1`,
+//! nghttpx, Jetty) turn it into headers followed by an end with no trailers: the client then
+//! reads the status as plain headers and reports `UNKNOWN: Stream removed` instead of, say,
+//! UNAUTHENTICATED with the gateway's sentence. Headers followed by trailers survive every
+//! proxy, for the price of one more HEADERS frame on an error answer.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use http::{HeaderMap, Response};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+/// Headers that belong in the trailers of a gRPC answer.
+const STATUS_HEADERS: [&str; 3] = ["grpc-status", "grpc-message", "grpc-status-details-bin"];
+
+/// `resp` with a Trailers-Only status moved into a trailers frame; anything else unchanged.
+pub fn move_status_to_trailers<B: Body>(resp: Response<B>) -> Response<StatusTrailersBody<B>> {
+    let (mut parts, body) = resp.into_parts();
+    let trailers_only = body.is_end_stream()
+        && parts.headers.contains_key("grpc-status")
+        && parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/grpc"));
+    if !trailers_only {
+        return Response::from_parts(
+            parts,
+            StatusTrailersBody {
+                inner: body,
+                trailers: None,
+            },
+        );
+    }
+    let mut trailers = HeaderMap::new();
+    for name in STATUS_HEADERS {
+        if let Some(v) = parts.headers.remove(name) {
+            trailers.insert(name, v);
+        }
+    }
+    Response::from_parts(
+        parts,
+        StatusTrailersBody {
+            inner: body,
+            trailers: Some(trailers),
+        },
+    )
+}
+
+pin_project! {
+    /// The answer's own body, then (for a former Trailers-Only answer) its status as trailers.
+    pub struct StatusTrailersBody<B> {
+        #[pin]
+        inner: B,
+        trailers: Option<HeaderMap>,
+    }
+}
+
+impl<B: Body> Body for StatusTrailersBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(None) => Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t)))),
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.trailers.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The tower layer form, for the agent port's tonic server.
+#[derive(Clone, Copy, Default)]
+pub struct StatusInTrailersLayer;
+
+impl<S> tower::Layer<S> for StatusInTrailersLayer {
+    type Service = StatusInTrailers<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        StatusInTrailers { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct StatusInTrailers<S> {
+    inner: S,
+}
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for StatusInTrailers<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = Response<ResBody>>,
+    S::Future: Send + 'static,
+    ResBody: Body,
+{
+    type Response = Response<StatusTrailersBody<ResBody>>;
+    type Error = S::Error;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+        let fut = self.inner.call(req);
+        Box::pin(async move { Ok(move_status_to_trailers(fut.await?)) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty, Full};
+
+    fn grpc_response<B>(body: B, status: Option<&str>) -> Response<B> {
+        let mut r = Response::new(body);
+        r.headers_mut()
+            .insert("content-type", "application/grpc".parse().unwrap());
+        if let Some(s) = status {
+            r.headers_mut().insert("grpc-status", s.parse().unwrap());
+            r.headers_mut()
+                .insert("grpc-message", "agentgate: no".parse().unwrap());
+        }
+        r
+    }
+
+    #[tokio::test]
+    async fn a_trailers_only_answer_gets_headers_then_trailers() {
+        let resp = move_status_to_trailers(grpc_response(Empty::<Bytes>::new(), Some("16")));
+        assert!(!resp.headers().contains_key("grpc-status"));
+        assert!(!resp.headers().contains_key("grpc-message"));
+        assert_eq!(resp.headers()["content-type"], "application/grpc");
+        assert!(!resp.body().is_end_stream());
+        let collected = resp.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned().expect("trailers");
+        assert_eq!(trailers["grpc-status"], "16");
+        assert_eq!(trailers["grpc-message"], "agentgate: no");
+    }
+
+    #[tokio::test]
+    async fn answers_with_a_body_and_plain_http_pass_unchanged() {
+        let resp = move_status_to_trailers(grpc_response(Full::new(Bytes::from("x")), None));
+        let collected = resp.into_body().collect().await.unwrap();
+        assert!(collected.trailers().is_none());
+        assert_eq!(collected.to_bytes(), "x");
+
+        let mut plain = Response::new(Empty::<Bytes>::new());
+        plain
+            .headers_mut()
+            .insert("grpc-status", "0".parse().unwrap());
+        let plain = move_status_to_trailers(plain);
+        assert!(
+            plain.headers().contains_key("grpc-status"),
+            "not gRPC: untouched"
+        );
+        assert!(plain.body().is_end_stream());
+    }
+}
