@@ -38,7 +38,12 @@ pub fn layered<T: Serialize + DeserializeOwned>(
     {
         let var = format!("AGENTGATE_{}", key.to_ascii_uppercase());
         if let Ok(raw) = std::env::var(&var) {
-            table.insert(key.to_string(), parse_env_value(&raw));
+            let value = match table.get(key) {
+                // A list setting takes `a,b,c` (or a TOML array) from the environment.
+                Some(toml::Value::Array(_)) => parse_env_list(&raw),
+                _ => parse_env_value(&raw),
+            };
+            table.insert(key.to_string(), value);
         }
     }
     warn_unknown_env(&keys, flag_env);
@@ -58,6 +63,10 @@ const OPTIONAL_FIELDS: &[&str] = &[
     "redis",
     "internal_url",
     "internal_secret_file",
+    "internal_tls_cert",
+    "internal_tls_key",
+    "internal_ca_cert",
+    "redis_ca_cert",
 ];
 
 /// `AGENTGATE_*` variables read by other code than a flag: the agent's token, the build's
@@ -106,6 +115,25 @@ pub fn flag_env_names(cmd: &clap::Command) -> Vec<String> {
 
 fn is_optional_field(k: &str) -> bool {
     OPTIONAL_FIELDS.contains(&k)
+}
+
+/// A list from the environment: a TOML array, or comma-separated strings.
+fn parse_env_list(raw: &str) -> toml::Value {
+    if raw.trim_start().starts_with('[') {
+        if let Some(v) = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+        {
+            return v;
+        }
+    }
+    toml::Value::Array(
+        raw.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| toml::Value::String(s.to_string()))
+            .collect(),
+    )
 }
 
 /// An environment value: a TOML scalar if it parses as one (numbers, booleans), else a string.

@@ -164,11 +164,48 @@ pub struct GatewayConfig {
     pub internal_listen: SocketAddr,
     /// How other replicas reach this one's internal API (default: `http://{internal_listen}`).
     pub internal_url: Option<String>,
-    /// File with the secret shared by all replicas, for signing internal calls.
+    /// File with the secret shared by all replicas, for signing internal calls: one secret per
+    /// line, at least 32 bytes each. The first line signs; every line verifies, so a new
+    /// secret can be rolled out without downtime (docs/cluster.md). Re-read on SIGHUP.
     pub internal_secret_file: Option<PathBuf>,
-    /// Validity of the signed token on each internal call (short: a few seconds).
+    /// Validity of the signed token on each internal call (short: a few seconds). Each token
+    /// is also bound to one method, path, target replica and agent, and is accepted once.
     #[serde(with = "humantime_serde")]
     pub internal_token_validity: Duration,
+    /// PEM certificate chain and key for TLS on the internal API (both or neither). With TLS
+    /// the replica refuses cleartext there, and `internal_url` must be `https://`. The pair
+    /// is also this replica's client certificate towards its peers. Reloaded like the agent
+    /// port's.
+    pub internal_tls_cert: Option<PathBuf>,
+    pub internal_tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) that sign the replicas' internal certificates: peers' servers are
+    /// verified against them (default: the system trust store), and with
+    /// `internal_require_client_cert` so are the clients.
+    pub internal_ca_cert: Option<PathBuf>,
+    /// Mutual TLS on the internal API: a caller without a client certificate signed by
+    /// `internal_ca_cert` is refused at the handshake.
+    pub internal_require_client_cert: bool,
+    /// Where this replica may send requests and tokens: peer URLs from Redis must match one
+    /// entry: a CIDR (`10.0.0.0/8`), a host name or address (`gw-2.internal`), or a URL
+    /// pattern with `*` (`https://*.agentgate.svc:8155`). A field in Redis that matches
+    /// nothing is ignored, logged and counted. Empty: every URL is accepted (a warning at
+    /// start says so).
+    pub internal_peers: Vec<String>,
+    /// Deadline for a TCP (and TLS) connect to a peer replica.
+    #[serde(with = "humantime_serde")]
+    pub internal_connect_timeout: Duration,
+    /// Deadline for a small internal call (reserve, release, list) on top of the tunnel wait
+    /// it carries.
+    #[serde(with = "humantime_serde")]
+    pub internal_call_timeout: Duration,
+    /// Deadline for the response head of a request forwarded to another replica (its agent's
+    /// upstream answering); `0s`: none.
+    #[serde(with = "humantime_serde")]
+    pub internal_first_byte_timeout: Duration,
+    /// A peer that failed to connect or answer in time is skipped for this long (unless it is
+    /// the only one), so a dead replica costs one timeout, not one per request.
+    #[serde(with = "humantime_serde")]
+    pub internal_peer_down_for: Duration,
     /// Expiry written into each registry entry (kas: 5 min).
     #[serde(with = "humantime_serde")]
     pub registry_ttl: Duration,
@@ -178,6 +215,14 @@ pub struct GatewayConfig {
     /// Deadline for each Redis round trip; past it the call counts as a Redis error.
     #[serde(with = "humantime_serde")]
     pub redis_timeout: Duration,
+    /// CA certificates (PEM) for a `rediss://` Redis with a private CA (default: the system
+    /// trust store).
+    pub redis_ca_cert: Option<PathBuf>,
+    /// Start only if Redis answers within `redis_startup_timeout`. Off: start anyway, serve
+    /// local agents, and join the cluster when Redis comes.
+    pub redis_required_at_start: bool,
+    #[serde(with = "humantime_serde")]
+    pub redis_startup_timeout: Duration,
     /// How often to hand freed heap memory back to the OS (glibc `malloc_trim`). After a burst
     /// of large transfers glibc keeps the freed memory in its arenas; trimming brings RSS back
     /// to the idle baseline. `0s` disables.
@@ -305,9 +350,21 @@ impl Default for GatewayConfig {
             internal_url: None,
             internal_secret_file: None,
             internal_token_validity: Duration::from_secs(5),
+            internal_tls_cert: None,
+            internal_tls_key: None,
+            internal_ca_cert: None,
+            internal_require_client_cert: false,
+            internal_peers: vec![],
+            internal_connect_timeout: Duration::from_secs(2),
+            internal_call_timeout: Duration::from_secs(3),
+            internal_first_byte_timeout: Duration::from_secs(300),
+            internal_peer_down_for: Duration::from_secs(10),
             registry_ttl: Duration::from_secs(5 * 60),
             registry_refresh_interval: Duration::from_secs(4 * 60),
             redis_timeout: Duration::from_secs(1),
+            redis_ca_cert: None,
+            redis_required_at_start: false,
+            redis_startup_timeout: Duration::from_secs(10),
             connect_rate_limit_per_minute: 600,
             memory_trim_interval: Duration::from_secs(10),
             backends: Vec::new(),
