@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import http.client
 import json
+import os
 import re
 import signal
 import subprocess
@@ -213,23 +214,44 @@ def expected_sha256(mib: int) -> str:
 
 
 # ---------------------------------------------------------------------------- internal JWT
+# The internal API's tokens, minted with PyJWT (a client we did not write) from the wire format
+# in docs/cluster.md: HS256 over iss, aud (the target replica's internal URL), iat, exp, jti,
+# htm (method), htu (path and query), agent, hd (the forwarded head's digest, "" otherwise).
 
 
-def _b64(b: bytes) -> str:
-    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+def sign_call(secret: bytes, aud: str, method: str, path: str, agent: str = "", hd: str = "",
+              iss: str = "http://e2e-test", iat: int | None = None, exp: int | None = None,
+              jti: str | None = None) -> str:
+    import jwt  # PyJWT
 
-
-def sign_jwt(secret: bytes, iss: str = "http://e2e-test", aud: str = "agentgate-internal",
-             iat: int | None = None, exp: int | None = None) -> str:
     now = int(time.time())
     iat = now if iat is None else iat
-    exp = now + 5 if exp is None else exp
-    header = _b64(json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())
-    claims = _b64(json.dumps({"iss": iss, "aud": aud, "iat": iat, "exp": exp},
-                             separators=(",", ":")).encode())
-    signing_input = f"{header}.{claims}"
-    sig = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
-    return f"{signing_input}.{_b64(sig)}"
+    claims = {"iss": iss, "aud": aud, "iat": iat, "exp": now + 5 if exp is None else exp,
+              "jti": jti or os.urandom(16).hex(), "htm": method, "htu": path, "agent": agent,
+              "hd": hd}
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+UNBOUND_HEADERS = {"agentgate-internal-token", "host", "te", "connection", "keep-alive",
+                   "proxy-connection", "transfer-encoding", "upgrade"}
+
+
+def head_digest(headers: list[tuple[str, str]]) -> str:
+    """SHA-256 over "name:value\n" for every header but the unbound ones, names sorted (values
+    of one name in their order), as docs/cluster.md gives it."""
+    h = hashlib.sha256()
+    names = sorted({k.lower() for k, _ in headers} - UNBOUND_HEADERS)
+    for name in names:
+        for k, v in headers:
+            if k.lower() == name:
+                h.update(f"{name}:{v}\n".encode())
+    return h.hexdigest()
+
+
+def body_mac(secret: bytes, jti: str, body: bytes) -> str:
+    """The agentgate-body-mac trailer: HMAC-SHA256(secret, "agentgate-body-v1\n" jti "\n" sha256(body))."""
+    return hmac.new(secret, b"agentgate-body-v1\n" + jti.encode() + b"\n" + hashlib.sha256(body).digest(),
+                    hashlib.sha256).hexdigest()
 
 
 def internal_call(port: int, method: str, path: str, token: str | None, timeout: float = 15.0):

@@ -260,6 +260,11 @@ class Gateway:
     def metrics_text(self) -> str:
         return http_get(self.admin + "/metrics")[2].decode()
 
+    def metric_total(self, name: str) -> float:
+        """The sum of every series of a family."""
+        pat = re.compile(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", re.M)
+        return sum(float(m.group(2)) for m in pat.finditer(self.metrics_text()))
+
     def metric(self, name: str, **labels) -> float:
         """Value of one series (0 if absent)."""
         text = self.metrics_text()

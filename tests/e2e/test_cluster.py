@@ -41,7 +41,7 @@ import pytest
 from conftest import Env, wait_for
 from cluster_helpers import (
     MiB, AgentUpstream, ApiClient, Redis, Replica, cluster_agents, echo_ok, expected_sha256,
-    internal_call, sign_jwt, start_haproxy_cluster, write_secret,
+    internal_call, sign_call, start_haproxy_cluster, write_secret,
 )
 
 N_AGENTS = 30
@@ -228,39 +228,49 @@ def test_cluster_scope_lists_every_agent_with_its_replica(cluster):
 
 
 def test_internal_api_requires_a_signed_token(cluster):
-    """Internal API calls without a token, or with one that is unsigned, signed with another
-    secret, expired or for another audience, get 401 and are counted; a correctly signed HS256
-    token (signed here in Python) lists agents and reserves and releases a tunnel."""
+    """Internal API calls without a token, or with one that is garbage, signed with another
+    secret, expired, for another replica, for another method or path, or used a second time,
+    get 401 and are counted by reason; tokens minted here with PyJWT from the documented
+    claims list agents and reserve and release a tunnel."""
     r = cluster.replicas[0]
     agent = next(n for n, p in cluster.placement().items() if p is r)
     reserve = f"/internal/v1/agents/{agent}/reserve?wait_ms=2000"
-    before = r.metric("agentgate_internal_rejected_total")
+    listing = "/internal/v1/agents"
+    before = r.metric_total("agentgate_internal_rejected_total")
     now = int(time.time())
-    bad = {
-        "no token": None,
-        "garbage": "not-a-jwt",
-        "wrong secret": sign_jwt(b"a-different-secret-of-32-bytes!!"),
-        "expired": sign_jwt(cluster.secret, iat=now - 120, exp=now - 60),
-        "other audience": sign_jwt(cluster.secret, aud="someone-else"),
-    }
-    for what, token in bad.items():
-        for method, path in (("POST", reserve), ("GET", "/internal/v1/agents")):
-            status, body = internal_call(r.internal_port, method, path, token)
-            assert status == 401, (what, path, status, body)
-    assert r.metric("agentgate_internal_rejected_total") - before == 2 * len(bad)
-    assert "internal API call refused" in r.proc.output()
+    aud = r.internal_url
 
-    # Correctly signed: list, reserve a tunnel, give it back.
-    status, body = internal_call(r.internal_port, "GET", "/internal/v1/agents", sign_jwt(cluster.secret))
-    assert status == 200, body
-    assert agent in {a["name"] for a in json.loads(body)}
-    status, body = internal_call(r.internal_port, "POST", reserve, sign_jwt(cluster.secret))
-    assert status == 200, body
-    rid = int(body.strip())
-    status, body = internal_call(r.internal_port, "POST", f"/internal/v1/reservations/{rid}/release",
-                                 sign_jwt(cluster.secret))
-    assert status == 204, body
-    assert r.metric("agentgate_internal_rejected_total") - before == 2 * len(bad)
+    def good(method, path, **kw):
+        return sign_call(cluster.secret, aud, method, path, agent=agent if "reserve" in path else "", **kw)
+
+    replayed = {listing: good("GET", listing), reserve: good("POST", reserve)}
+    for method, path in (("GET", listing), ("POST", reserve)):
+        status, body = internal_call(r.internal_port, method, path, replayed[path])
+        assert status == 200, (path, status, body)
+        if path == reserve:
+            internal_call(r.internal_port, "POST", f"/internal/v1/reservations/{int(body)}/release",
+                          good("POST", f"/internal/v1/reservations/{int(body)}/release"))
+    bad = {
+        "no token": lambda m, p: None,
+        "garbage": lambda m, p: "not-a-jwt",
+        "wrong secret": lambda m, p: sign_call(b"a-different-secret-of-32-bytes!!", aud, m, p),
+        "expired": lambda m, p: good(m, p, iat=now - 120, exp=now - 60),
+        "other replica": lambda m, p: sign_call(cluster.secret, "http://127.0.0.1:1", m, p),
+        "other path": lambda m, p: good(m, "/internal/v1/agents/someone-else/reserve?wait_ms=1"),
+        "other method": lambda m, p: good("PUT", p),
+        "replayed": lambda m, p: replayed[p],
+    }
+    reasons = {}
+    for what, token in bad.items():
+        for method, path in (("POST", reserve), ("GET", listing)):
+            status, body = internal_call(r.internal_port, method, path, token(method, path))
+            assert status == 401, (what, path, status, body)
+            reasons[what] = body.decode().strip()
+    assert r.metric_total("agentgate_internal_rejected_total") - before == 2 * len(bad)
+    assert "replayed" in reasons["replayed"] and "another replica" in reasons["other replica"], reasons
+    assert r.metric("agentgate_internal_rejected_total", reason="replayed") >= 2
+    assert r.metric("agentgate_internal_rejected_total", reason="wrong_route") >= 4
+    assert "internal API call refused" in r.proc.output()
     # The agent still works after the reservation was released.
     ok, what = cluster.request(r, agent, "after-release")
     assert ok, what

@@ -115,37 +115,11 @@ impl Gateway {
         let max_age = (!age.is_zero()).then_some(age);
         let cluster = match &config.redis {
             None => None,
-            Some(url) => {
-                let secret_file = config.internal_secret_file.as_ref().context(
-                    "cluster mode (--redis) needs --internal-secret-file with a secret shared by all replicas",
-                )?;
-                let secret = std::fs::read(secret_file)
-                    .with_context(|| format!("cannot read {}", secret_file.display()))?;
-                let secret = secret.trim_ascii().to_vec();
-                anyhow::ensure!(
-                    secret.len() >= 16,
-                    "the internal secret must be at least 16 bytes"
-                );
-                let self_url = config
-                    .internal_url
-                    .clone()
-                    .unwrap_or_else(|| format!("http://{}", config.internal_listen));
-                let registry = cluster::registry::Registry::new(
-                    url,
-                    self_url.clone(),
-                    config.registry_ttl,
-                    config.registry_refresh_interval,
-                    config.redis_timeout,
-                    metrics.clone(),
-                )?;
-                Some(Arc::new(cluster::Cluster::new(
-                    registry,
-                    self_url,
-                    secret,
-                    config.internal_token_validity,
-                    metrics.clone(),
-                )))
-            }
+            Some(url) => Some(cluster::setup::cluster_from_config(
+                &config,
+                url,
+                metrics.clone(),
+            )?),
         };
         let directory: Arc<Directory> = Arc::default();
         if let Some(c) = &cluster {
@@ -289,6 +263,12 @@ pub async fn run(
     )?;
     fd_limit::prepare(config.max_connections);
     let gw = Gateway::new(config)?;
+    if let Some(cert) = gw.cluster.as_ref().and_then(|c| c.internal_cert.clone()) {
+        served.push(reload::ServedCert {
+            listener: "internal API",
+            cert,
+        });
+    }
     let watch_stop = CancellationToken::new();
     let watcher = tokio::spawn(reload::watch(gw.clone(), served, watch_stop.clone()));
     let result = run_with(gw, agent_tls, api_tls, stop, on_bound).await;
@@ -479,6 +459,22 @@ pub async fn run_with(
     let internal_stop = CancellationToken::new();
     let mut internal = None;
     if let Some(c) = gw.cluster.clone() {
+        match c
+            .registry
+            .reachable_within(gw.config.redis_startup_timeout)
+            .await
+        {
+            Ok(()) => tracing::info!("cluster mode: Redis answers"),
+            Err(e) if gw.config.redis_required_at_start => anyhow::bail!(
+                "Redis did not answer within {:?} ({e}); redis_required_at_start is on: start \
+                 Redis, fix --redis, or turn the setting off to serve local agents without it",
+                gw.config.redis_startup_timeout
+            ),
+            Err(e) => tracing::warn!(
+                "Redis does not answer yet ({e}): serving local agents; this replica joins the \
+                 cluster when Redis comes"
+            ),
+        }
         let l = bind_listener(gw.config.internal_listen, 1024).with_context(|| {
             format!(
                 "cannot listen for the internal API on {}",
@@ -497,7 +493,10 @@ pub async fn run_with(
         background.spawn(every(
             Duration::from_secs(5),
             internal_stop.clone(),
-            move || c.expire_reservations(&gw2.tunnels),
+            move || {
+                c.expire_reservations(&gw2.tunnels);
+                c.signer.forget_expired();
+            },
         ));
     }
 

@@ -208,6 +208,8 @@ pub struct Metrics {
     pub registry_writes: Family,
     pub forwards: Family,
     pub internal_rejected: Family,
+    pub peers_refused: Family,
+    pub peer_failures: Family,
     pub connect_rate_limited: Family,
     pub backend_calls: Family,
     pub backend_calls_open: Family,
@@ -294,7 +296,21 @@ impl Default for Metrics {
             ),
             internal_rejected: Family::new(
                 "agentgate_internal_rejected_total",
-                "Internal API calls refused for a missing or invalid signed token.",
+                "Internal API calls refused, by reason (missing, malformed, bad_signature, \
+                 expired, wrong_audience, wrong_route, wrong_head, replayed, replay_cache_full, \
+                 body_mac).",
+                "counter",
+                &["reason"],
+            ),
+            peers_refused: Family::new(
+                "agentgate_cluster_peers_refused_total",
+                "Replica URLs read from Redis that match no internal_peers entry: ignored, sent nothing.",
+                "counter",
+                &[],
+            ),
+            peer_failures: Family::new(
+                "agentgate_cluster_peer_failures_total",
+                "Calls to a peer replica that could not connect or got no answer in time (the peer is then skipped for internal_peer_down_for).",
                 "counter",
                 &[],
             ),
@@ -336,7 +352,8 @@ impl Default for Metrics {
             ),
         };
         m.registry_writes.set(&[], 0.0);
-        m.internal_rejected.set(&[], 0.0);
+        m.peers_refused.set(&[], 0.0);
+        m.peer_failures.set(&[], 0.0);
         m.connect_rate_limited.set(&[], 0.0);
         for t in TransportKind::ALL {
             m.connections_open.set(&[t.as_str()], 0.0);
@@ -373,6 +390,8 @@ impl Metrics {
             &self.registry_writes,
             &self.forwards,
             &self.internal_rejected,
+            &self.peers_refused,
+            &self.peer_failures,
             &self.connect_rate_limited,
             &self.backend_calls,
             &self.backend_calls_open,

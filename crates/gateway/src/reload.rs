@@ -1,5 +1,5 @@
-//! What can change under a running gateway without a restart: the token store and the TLS
-//! certificates of the agent and API ports. Both are re-read on SIGHUP (`systemctl reload`, a
+//! What can change under a running gateway without a restart: the token store, the TLS
+//! certificates of the agent, API and internal ports, and the replicas' shared secrets. Both are re-read on SIGHUP (`systemctl reload`, a
 //! certificate-renewal hook), and certificates also when their files change (checked every
 //! `certificate_check_interval`; the token store has its own `token_check_interval`).
 //! Established connections keep their session and certificate; new handshakes get the new one.
@@ -35,6 +35,9 @@ pub async fn watch(gw: Arc<Gateway>, certs: Vec<ServedCert>, stop: CancellationT
             Some(()) = async { hangup.as_mut()?.recv().await } => {
                 tracing::info!("SIGHUP received: reloading the token store and certificates");
                 gw.tokens.check_now();
+                if let Some(c) = &gw.cluster {
+                    c.reload_secrets();
+                }
                 reload_certs(&gw, &certs, true);
             }
             _ = async { tick.as_mut().expect("guarded").tick().await }, if tick.is_some() => {

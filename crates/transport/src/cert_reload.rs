@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::client::ResolvesClientCert;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
@@ -65,6 +66,46 @@ impl ReloadableCert {
             .with_cert_resolver(self.clone());
         cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(Arc::new(cfg))
+    }
+}
+
+impl ReloadableCert {
+    /// Like [`Self::server_config`], and every client must present a certificate that
+    /// `client_ca` signs (mutual TLS).
+    pub fn server_config_requiring_clients(
+        self: &Arc<Self>,
+        alpn: &[&[u8]],
+        client_ca: &Path,
+    ) -> Result<Arc<ServerConfig>, TlsConfigError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in load_certs(client_ca)? {
+            roots.add(c)?;
+        }
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| TlsConfigError::ClientVerifier(e.to_string()))?;
+        let mut cfg = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(self.clone());
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(cfg))
+    }
+}
+
+/// The same pair as a client certificate (a replica calling its peers with mutual TLS): a
+/// renewed certificate is presented from the next handshake on.
+impl ResolvesClientCert for ReloadableCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.read().unwrap().0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 

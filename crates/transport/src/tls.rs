@@ -32,6 +32,8 @@ pub enum TlsConfigError {
     },
     #[error("invalid TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
+    #[error("cannot verify client certificates with these CA certificates: {0}")]
+    ClientVerifier(String),
 }
 
 pub fn provider() -> Arc<CryptoProvider> {
@@ -111,25 +113,33 @@ fn system_roots() -> Arc<RootCertStore> {
 
 /// Client configuration without ALPN (each dial sets its own).
 pub fn client_config(verify: &ServerVerification) -> Result<ClientConfig, TlsConfigError> {
+    client_config_presenting(verify, None)
+}
+
+/// Like [`client_config`], presenting `client_cert` when the server asks for one.
+pub fn client_config_presenting(
+    verify: &ServerVerification,
+    client_cert: Option<Arc<dyn rustls::client::ResolvesClientCert>>,
+) -> Result<ClientConfig, TlsConfigError> {
     let builder =
         ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
-    let cfg = match verify {
-        ServerVerification::SystemRoots => builder
-            .with_root_certificates(system_roots())
-            .with_no_client_auth(),
+    let builder = match verify {
+        ServerVerification::SystemRoots => builder.with_root_certificates(system_roots()),
         ServerVerification::CaFile(path) => {
             let mut roots = RootCertStore::empty();
             for c in load_certs(path)? {
                 roots.add(c)?;
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
+            builder.with_root_certificates(roots)
         }
         ServerVerification::InsecureSkipVerify => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerification(provider())))
-            .with_no_client_auth(),
+            .with_custom_certificate_verifier(Arc::new(NoVerification(provider()))),
     };
-    Ok(cfg)
+    Ok(match client_cert {
+        Some(resolver) => builder.with_client_cert_resolver(resolver),
+        None => builder.with_no_client_auth(),
+    })
 }
 
 /// Accepts any certificate, but still checks handshake signatures so the connection is

@@ -1,5 +1,8 @@
-//! The internal API that replicas call on each other. Every call must carry a valid signed
-//! token; anything else gets 401, a metric and a log line.
+//! The internal API that replicas call on each other. Every call must carry a token signed
+//! for exactly that call ([`super::signing`]): the method, path, this replica, the agent and
+//! the forwarded head, used once. Anything else gets 401, a metric by reason and a log line.
+//! A forwarded body must match its MAC trailer, or the request is aborted before its last
+//! bytes reach the agent.
 //!
 //! - `POST /internal/v1/agents/{agent}/reserve?wait_ms=N`: take a ready tunnel of `agent` and
 //!   hold it for a request; answers the reservation id, or 404 if there is none.
@@ -58,15 +61,32 @@ async fn route(
         .headers()
         .get(INTERNAL_TOKEN_HEADER)
         .and_then(|v| v.to_str().ok());
-    if let Err(e) = cluster.verify(token) {
-        gw.metrics.internal_rejected.inc(&[]);
-        tracing::warn!(%peer, path = %req.uri().path(), "internal API call refused: {e}");
-        return text(
-            StatusCode::UNAUTHORIZED,
-            format!("agentgate internal API: {e}\n"),
-        );
-    }
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
     let path = req.uri().path().to_string();
+    // Only a forwarded request carries a head worth binding; the others have none.
+    let head_digest = if path.ends_with("/request") {
+        super::signing::head_digest(&[], req.headers())
+    } else {
+        String::new()
+    };
+    let verified = match cluster
+        .signer
+        .verify(token, req.method(), &path_and_query, &head_digest)
+    {
+        Ok(v) => v,
+        Err(e) => {
+            gw.metrics.internal_rejected.inc(&[e.reason()]);
+            tracing::warn!(%peer, path = %path, "internal API call refused: {e}");
+            return text(
+                StatusCode::UNAUTHORIZED,
+                format!("agentgate internal API: {e}\n"),
+            );
+        }
+    };
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match (req.method().clone(), parts.as_slice()) {
         (http::Method::GET, ["internal", "v1", "agents"]) => {
@@ -107,6 +127,20 @@ async fn route(
                 .parse()
                 .ok()
                 .and_then(|id: u64| cluster.reservations.lock().unwrap().remove(&id));
+            // Reservation ids are counters: a token signed for one agent must not claim
+            // another agent's reserved tunnel.
+            let res = match res {
+                Some(r) if r.agent != verified.agent => {
+                    gw.tunnels.park(&r.agent, r.tunnel);
+                    gw.metrics.internal_rejected.inc(&["wrong_route"]);
+                    tracing::warn!(%peer, issuer = %verified.issuer, "internal API call refused: the token names another agent than the reservation");
+                    return text(
+                        StatusCode::UNAUTHORIZED,
+                        "agentgate internal API: the token names another agent than the reservation\n",
+                    );
+                }
+                other => other,
+            };
             let Some(res) = res else {
                 let gone = ForwardError::TunnelBroken {
                     // The replica that forwarded the request fills in the agent's name.
@@ -140,6 +174,8 @@ async fn route(
                 timeout_millis,
                 ..Default::default()
             };
+            let body =
+                super::signing::VerifiedBody::new(body, verified.body_key, gw.metrics.clone());
             match gw.forward_on(&res.agent, res.tunnel, head, body).await {
                 Ok(fwd) => {
                     let mut r = Response::new(fwd.body);
@@ -164,6 +200,7 @@ async fn route(
 /// Serves the internal API until `stop`.
 pub async fn serve_internal(gw: Arc<Gateway>, listener: TcpListener, stop: CancellationToken) {
     let settings = gw.http_listener_settings("internal", gw.config.internal_max_connections);
+    let tls = gw.cluster.as_ref().and_then(|c| c.server_tls.clone());
     let make = move |peer: SocketAddr| {
         let gw = gw.clone();
         tower::service_fn(move |req| {
@@ -171,5 +208,5 @@ pub async fn serve_internal(gw: Arc<Gateway>, listener: TcpListener, stop: Cance
             async move { Ok::<_, Infallible>(route(gw, peer, req).await) }
         })
     };
-    crate::http_listener::serve_http(listener, None, settings, make, stop).await;
+    crate::http_listener::serve_http(listener, tls, settings, make, stop).await;
 }

@@ -5,12 +5,18 @@
 //! registry ([`registry`]) and asks the replicas listed there, concurrently, to reserve a
 //! ready tunnel over the internal API ([`internal_api`]). The first reservation wins, the
 //! others are released (their tunnels go back to the pool), and the whole request then streams
-//! through the winner with the same flow control and cancellation as a local one. Calls
-//! between replicas carry a short-lived HS256 token signed with a shared secret ([`jwt`]).
+//! through the winner with the same flow control and cancellation as a local one.
+//!
+//! Trust between replicas ([`signing`], [`peers`]): every call carries a token bound to its
+//! method, path, target replica, agent and request head, accepted once; a forwarded body is
+//! bound by a MAC trailer; peer URLs from Redis are used only if they match the allowlist;
+//! the internal API can run over TLS, with client certificates required.
 
 pub mod internal_api;
-pub mod jwt;
+pub mod peers;
 pub mod registry;
+pub mod setup;
+pub mod signing;
 
 use std::collections::HashMap;
 use std::fmt::Display;
@@ -23,6 +29,7 @@ use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use http_body::Body;
 use http_body_util::BodyExt;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -33,7 +40,9 @@ use crate::metrics::Metrics;
 use crate::tunnel::{
     BoxError, ForwardError, ForwardResponse, ParkedTunnel, ResponseBody, TunnelParking,
 };
+use peers::{PeerHealth, PeerPolicy};
 use registry::Registry;
+use signing::{CallSigner, SigningBody};
 
 /// Header carrying the signed token on internal calls.
 pub const INTERNAL_TOKEN_HEADER: &str = "agentgate-internal-token";
@@ -56,15 +65,33 @@ pub struct Reservation {
     pub at: Instant,
 }
 
+/// How this replica calls its peers: each a named setting (docs/configuration.md).
+pub struct ClusterSettings {
+    pub connect_timeout: Duration,
+    pub call_timeout: Duration,
+    pub first_byte_timeout: Duration,
+    pub peer_down_for: Duration,
+    /// TLS towards peers (`https://` URLs): whom to trust and what to present.
+    pub tls: rustls::ClientConfig,
+}
+
 pub struct Cluster {
     pub registry: Arc<Registry>,
     pub self_url: String,
-    secret: Vec<u8>,
-    token_validity: Duration,
-    client: Client<HttpConnector, InternalBody>,
+    pub signer: Arc<CallSigner>,
+    policy: PeerPolicy,
+    health: PeerHealth,
+    settings: ClusterSettings,
+    client: Client<HttpsConnector<HttpConnector>, InternalBody>,
     pub reservations: Mutex<HashMap<u64, Reservation>>,
     next_reservation: AtomicU64,
     metrics: Arc<Metrics>,
+    /// The shared secret file, re-read on SIGHUP.
+    pub secret_file: std::path::PathBuf,
+    /// TLS for the internal listener, when it has a certificate.
+    pub server_tls: Option<Arc<rustls::ServerConfig>>,
+    /// That certificate, reloaded with the others (and presented to peers).
+    pub internal_cert: Option<Arc<agentgate_transport::cert_reload::ReloadableCert>>,
 }
 
 fn empty() -> InternalBody {
@@ -73,17 +100,41 @@ fn empty() -> InternalBody {
         .boxed_unsync()
 }
 
+/// Why a peer call failed; the kinds that say the peer is gone mark it down.
+enum PeerCallError {
+    Unreachable(String),
+    Timeout(Duration),
+    Other(String),
+}
+
+impl Display for PeerCallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unreachable(e) => write!(f, "unreachable: {e}"),
+            Self::Timeout(d) => write!(f, "no answer within {d:?}"),
+            Self::Other(e) => f.write_str(e),
+        }
+    }
+}
+
 impl Cluster {
     pub fn new(
         registry: Arc<Registry>,
-        self_url: String,
-        secret: Vec<u8>,
-        token_validity: Duration,
+        signer: Arc<CallSigner>,
+        policy: PeerPolicy,
+        settings: ClusterSettings,
         metrics: Arc<Metrics>,
     ) -> Self {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_secs(2)));
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(settings.connect_timeout));
+        // hyper-rustls sets ALPN itself (h2, from enable_http2).
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(settings.tls.clone())
+            .https_or_http()
+            .enable_http2()
+            .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .http2_only(true)
             // Below the peers' `http_idle_timeout` (default 120 s), so this side lets an idle
@@ -91,63 +142,129 @@ impl Cluster {
             .pool_idle_timeout(Duration::from_secs(60))
             .http2_initial_stream_window_size(2 * 1024 * 1024)
             .http2_initial_connection_window_size(4 * 1024 * 1024)
-            .build(http);
+            .build(connector);
         Self {
+            self_url: registry.self_url().to_string(),
             registry,
-            self_url,
-            secret,
-            token_validity,
+            signer,
+            policy,
+            health: PeerHealth::default(),
+            settings,
             client,
             reservations: Mutex::default(),
             next_reservation: AtomicU64::new(1),
             metrics,
+            secret_file: Default::default(),
+            server_tls: None,
+            internal_cert: None,
         }
     }
 
-    fn token(&self) -> String {
-        jwt::sign(&self.secret, &self.self_url, self.token_validity)
+    /// Re-reads the shared secret file (SIGHUP): a rolled-out secret signs from the next call.
+    pub fn reload_secrets(&self) {
+        match setup::read_secrets(&self.secret_file) {
+            Ok(s) => {
+                let n = s.count();
+                self.signer.replace_secrets(s);
+                tracing::info!(
+                    secrets = n,
+                    "internal secrets reloaded: the first signs, all verify"
+                );
+            }
+            Err(e) => tracing::warn!("internal secrets not reloaded, the old ones stay: {e:#}"),
+        }
     }
 
-    /// Verifies an internal call's token.
-    pub fn verify(&self, token: Option<&str>) -> Result<String, jwt::JwtError> {
-        jwt::verify(&self.secret, token.ok_or(jwt::JwtError::Malformed)?)
-    }
-
+    /// A request to `peer`, signed for exactly this method, path, agent and head.
     fn request(
         &self,
+        peer: &str,
         method: http::Method,
-        url: String,
+        path_and_query: &str,
+        agent: &str,
+        head_digest: &str,
         body: InternalBody,
-    ) -> http::Request<InternalBody> {
+    ) -> (http::Request<InternalBody>, signing::BodyKey) {
+        let signed = self
+            .signer
+            .sign(peer, &method, path_and_query, agent, head_digest);
         let mut req = http::Request::new(body);
         *req.method_mut() = method;
-        *req.uri_mut() = url.parse().unwrap_or_default();
+        *req.uri_mut() = format!("{peer}{path_and_query}")
+            .parse()
+            .unwrap_or_default();
         req.headers_mut().insert(
             INTERNAL_TOKEN_HEADER,
-            http::HeaderValue::from_str(&self.token()).expect("JWT is ASCII"),
+            http::HeaderValue::from_str(&signed.token).expect("JWT is ASCII"),
         );
-        req
+        (req, signed.body_key)
     }
 
-    /// A signed internal call without a body; returns the status and the whole (small) body.
+    /// Peers that may be called, from a list out of Redis: the allowlist first (a URL that
+    /// matches nothing is counted and logged, and gets nothing), then those not marked down.
+    fn callable(&self, urls: Vec<String>) -> Vec<String> {
+        let mut allowed = vec![];
+        for url in urls {
+            if url == self.self_url {
+                continue;
+            }
+            if self.policy.allows(&url) {
+                allowed.push(url);
+            } else {
+                self.metrics.peers_refused.inc(&[]);
+                if self.health.should_log_refused(&url) {
+                    tracing::warn!(
+                        peer = %url,
+                        "a replica URL in Redis matches no internal_peers entry: ignored, and no \
+                         request or token goes to it (something other than a replica may be \
+                         writing to Redis)"
+                    );
+                }
+            }
+        }
+        self.health.usable(allowed)
+    }
+
+    /// A signed internal call without a body, bounded by `internal_call_timeout` plus
+    /// `extra`; returns the status and the whole (small) body.
     async fn call(
         &self,
+        peer: &str,
         method: http::Method,
-        url: String,
-    ) -> Result<(http::StatusCode, Bytes), String> {
-        let resp = self
-            .client
-            .request(self.request(method, url, empty()))
-            .await
-            .map_err(|e| e.to_string())?;
-        let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        Ok((status, body))
+        path_and_query: &str,
+        agent: &str,
+        extra: Duration,
+    ) -> Result<(http::StatusCode, Bytes), PeerCallError> {
+        let deadline = self.settings.call_timeout + extra;
+        let (req, _) = self.request(peer, method, path_and_query, agent, "", empty());
+        let exchange = async {
+            let resp = self.client.request(req).await.map_err(|e| {
+                if e.is_connect() {
+                    PeerCallError::Unreachable(e.to_string())
+                } else {
+                    PeerCallError::Other(e.to_string())
+                }
+            })?;
+            let status = resp.status();
+            let body = http_body_util::Limited::new(resp.into_body(), 4 * 1024 * 1024)
+                .collect()
+                .await
+                .map_err(|e| PeerCallError::Other(e.to_string()))?
+                .to_bytes();
+            Ok((status, body))
+        };
+        let result = match tokio::time::timeout(deadline, exchange).await {
+            Ok(r) => r,
+            Err(_) => Err(PeerCallError::Timeout(deadline)),
+        };
+        match &result {
+            Err(PeerCallError::Unreachable(_) | PeerCallError::Timeout(_)) => {
+                self.metrics.peer_failures.inc(&[]);
+                self.health.mark_down(peer, self.settings.peer_down_for);
+            }
+            _ => self.health.mark_up(peer),
+        }
+        result
     }
 
     /// Stores a reserved tunnel; returns its id.
@@ -182,12 +299,12 @@ impl Cluster {
 
     /// Asks `peer` to reserve a tunnel of `agent`, waiting up to `wait` there.
     async fn reserve_at(&self, peer: &str, agent: &str, wait: Duration) -> Result<u64, String> {
-        let url = format!(
-            "{peer}/internal/v1/agents/{agent}/reserve?wait_ms={}",
+        let path = format!(
+            "/internal/v1/agents/{agent}/reserve?wait_ms={}",
             wait.as_millis()
         );
         let (status, body) = self
-            .call(http::Method::POST, url)
+            .call(peer, http::Method::POST, &path, agent, wait)
             .await
             .map_err(|e| format!("{peer}: {e}"))?;
         let text = String::from_utf8_lossy(&body).trim().to_string();
@@ -200,8 +317,11 @@ impl Cluster {
     }
 
     async fn release_at(&self, peer: &str, id: u64) {
-        let url = format!("{peer}/internal/v1/reservations/{id}/release");
-        if let Err(e) = self.call(http::Method::POST, url).await {
+        let path = format!("/internal/v1/reservations/{id}/release");
+        if let Err(e) = self
+            .call(peer, http::Method::POST, &path, "", Duration::ZERO)
+            .await
+        {
             tracing::debug!(peer, id, error = %e, "could not release a reservation; it will expire");
         }
     }
@@ -228,7 +348,7 @@ impl Cluster {
                 });
             }
         };
-        let peers: Vec<String> = peers.into_iter().filter(|p| *p != self.self_url).collect();
+        let peers = self.callable(peers);
         if peers.is_empty() {
             return Err(ForwardError::NotConnected {
                 agent: agent.into(),
@@ -237,8 +357,8 @@ impl Cluster {
         let mut attempts: FuturesUnordered<_> = peers
             .iter()
             .map(|p| {
-                let p = p.clone();
-                async move { (self.reserve_at(&p, agent, wait).await, p) }
+                let (this, p, agent) = (self.clone(), p.clone(), agent.to_string());
+                async move { (this.reserve_at(&p, &agent, wait).await, p) }
             })
             .collect();
         let mut winner = None;
@@ -252,13 +372,17 @@ impl Cluster {
                 Err(e) => failures.push(e),
             }
         }
-        // Late reservations from the losers go back to their pools.
-        let rest: Vec<_> = attempts.collect().await;
-        for (r, peer) in rest {
-            if let Ok(id) = r {
-                let this = self.clone();
-                tokio::spawn(async move { this.release_at(&peer, id).await });
-            }
+        // The request goes on at once; late reservations from the others are released in
+        // the background instead of holding it up until the slowest peer answers.
+        if !attempts.is_empty() {
+            let this = self.clone();
+            tokio::spawn(async move {
+                while let Some((r, peer)) = attempts.next().await {
+                    if let Ok(id) = r {
+                        this.release_at(&peer, id).await;
+                    }
+                }
+            });
         }
         let Some((peer, id)) = winner else {
             self.metrics.forwards.inc(&["no_tunnel"]);
@@ -268,26 +392,50 @@ impl Cluster {
                 waited: wait,
             });
         };
-        let url = format!("{peer}/internal/v1/reservations/{id}/request");
+        let path = format!("/internal/v1/reservations/{id}/request");
         let method = http::Method::from_bytes(head.method.as_bytes()).unwrap_or(http::Method::GET);
-        let boxed = body
-            .map_err(|e| BoxError::from(e.to_string()))
-            .boxed_unsync();
-        let mut req = self.request(method, url, boxed);
-        let h = req.headers_mut();
-        for (k, v) in from_proto(&head.headers).iter() {
-            h.append(k, v.clone());
-        }
+        let mut headers = from_proto(&head.headers);
         let set = |h: &mut http::HeaderMap, k: &'static str, v: String| {
             if let Ok(v) = http::HeaderValue::from_str(&v) {
                 h.insert(k, v);
             }
         };
-        set(h, KIND_HEADER, head.kind.to_string());
-        set(h, UPSTREAM_HEADER, head.upstream.clone());
-        set(h, PATH_HEADER, head.path_and_query.clone());
-        set(h, TIMEOUT_HEADER, head.timeout_millis.to_string());
-        let resp = match self.client.request(req).await {
+        set(&mut headers, KIND_HEADER, head.kind.to_string());
+        set(&mut headers, UPSTREAM_HEADER, head.upstream.clone());
+        set(&mut headers, PATH_HEADER, head.path_and_query.clone());
+        set(
+            &mut headers,
+            TIMEOUT_HEADER,
+            head.timeout_millis.to_string(),
+        );
+        let digest = signing::head_digest(&[], &headers);
+        let (mut req, body_key) = self.request(&peer, method, &path, agent, &digest, empty());
+        *req.body_mut() =
+            SigningBody::new(body.map_err(|e| BoxError::from(e.to_string())), body_key)
+                .boxed_unsync();
+        for (k, v) in headers.iter() {
+            req.headers_mut().append(k, v.clone());
+        }
+        let sent = self.client.request(req);
+        let first_byte = self.settings.first_byte_timeout;
+        let resp = if first_byte.is_zero() {
+            sent.await.map_err(|e| e.to_string())
+        } else {
+            match tokio::time::timeout(first_byte, sent).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => {
+                    self.metrics.forwards.inc(&["peer_timeout"]);
+                    return Err(ForwardError::UpstreamTimeout {
+                        agent: agent.into(),
+                        message: format!(
+                            "replica {peer} sent no response head within {first_byte:?} \
+                             (internal_first_byte_timeout)"
+                        ),
+                    });
+                }
+            }
+        };
+        let resp = match resp {
             Ok(r) => r,
             Err(e) => {
                 self.metrics.forwards.inc(&["peer_failed"]);
@@ -329,21 +477,28 @@ impl Cluster {
             v["replica"] = self.self_url.clone().into();
             out.push(v);
         }
-        for peer in peers.into_iter().filter(|p| *p != self.self_url) {
-            let url = format!("{peer}/internal/v1/agents");
+        for peer in self.callable(peers) {
             let fetched = async {
-                let (_, body) = self.call(http::Method::GET, url).await?;
+                let (_, body) = self
+                    .call(
+                        &peer,
+                        http::Method::GET,
+                        "/internal/v1/agents",
+                        "",
+                        Duration::ZERO,
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
                 serde_json::from_slice::<Vec<serde_json::Value>>(&body).map_err(|e| e.to_string())
             };
-            match tokio::time::timeout(Duration::from_secs(3), fetched).await {
-                Ok(Ok(list)) => {
+            match fetched.await {
+                Ok(list) => {
                     for mut v in list {
                         v["replica"] = peer.clone().into();
                         out.push(v);
                     }
                 }
-                Ok(Err(e)) => tracing::warn!(peer, error = %e, "could not list a replica's agents"),
-                Err(_) => tracing::warn!(peer, "listing a replica's agents timed out"),
+                Err(e) => tracing::warn!(peer, error = %e, "could not list a replica's agents"),
             }
         }
         Ok(out)

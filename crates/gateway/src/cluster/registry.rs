@@ -58,16 +58,36 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// This replica's own internal URL, as written into Redis.
+    pub fn self_url(&self) -> &str {
+        &self.self_url
+    }
+
     pub fn new(
         url: &str,
+        ca_cert: Option<Vec<u8>>,
         self_url: String,
         ttl: Duration,
         refresh: Duration,
         timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<Self>> {
-        let client =
-            redis::Client::open(url).map_err(|e| anyhow::anyhow!("invalid --redis URL: {e}"))?;
+        // The error never repeats the URL: it may carry a password.
+        let client = match ca_cert {
+            None => redis::Client::open(url),
+            Some(root_cert) => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                },
+            ),
+        }
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "invalid --redis URL (redis:// or rediss://[user:password@]host:port/db): {e}"
+            )
+        })?;
         Ok(Arc::new(Self {
             client,
             conn: tokio::sync::Mutex::new(None),
@@ -80,6 +100,29 @@ impl Registry {
             dirty: AtomicBool::new(true),
             wake: Notify::new(),
         }))
+    }
+
+    /// Whether Redis answers a PING within `within` (retrying until then).
+    pub async fn reachable_within(&self, within: std::time::Duration) -> Result<(), RegistryError> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let r: Result<String, RegistryError> = self
+                .run("ping", || {
+                    let mut p = redis::pipe();
+                    p.cmd("PING");
+                    p
+                })
+                .await
+                .map(|(pong,): (String,)| pong);
+            match r {
+                Ok(_) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                Err(_) => {
+                    *self.conn.lock().await = None;
+                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                }
+            }
+        }
     }
 
     /// A connection, created on first use (Redis may be down at start-up).
