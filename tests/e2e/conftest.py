@@ -278,15 +278,16 @@ class Gateway:
         return 0.0
 
 
-def make_certs(d: Path) -> dict:
-    """CA + server certificate with openssl (SANs: localhost, 127.0.0.1, gateway.test)."""
+def make_certs(d: Path, eku: str = "serverAuth") -> dict:
+    """CA + server certificate with openssl (SANs: localhost, 127.0.0.1, gateway.test);
+    `eku="serverAuth,clientAuth"` makes one a replica can also present as a client."""
     d.mkdir(parents=True, exist_ok=True)
     ca_key, ca = d / "ca.key", d / "ca.pem"
     key, csr, cert = d / "server.key", d / "server.csr", d / "server.pem"
     ext = d / "ext.cnf"
     ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1,DNS:gateway.test\n"
                    "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
-                   "extendedKeyUsage=serverAuth\n")
+                   f"extendedKeyUsage={eku}\n")
     run = lambda *a: subprocess.run([str(x) for x in a], check=True, capture_output=True)  # noqa: E731
     run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
         "-keyout", ca_key, "-out", ca, "-days", "2", "-subj", "/CN=agentgate test CA")
