@@ -380,3 +380,41 @@ def test_a_short_secret_stops_the_start_with_a_sentence(env):
                         "--listen", f"127.0.0.1:{free_port()}"], capture_output=True, text=True,
                        timeout=30)
     assert r.returncode != 0 and "at least 32" in r.stderr, r.stderr
+
+
+def test_redis_as_operators_run_it_tls_and_an_acl_user(env, tmp_path):
+    """rediss:// with a private CA (redis_ca_cert) and an ACL user with a password in the URL:
+    replicas register and reach each other's agents, and the password never shows in a log."""
+    pki = make_certs(tmp_path / "redis-pki")
+    port = free_port()
+    password = "s3cret-redis-password"
+    conf = tmp_path / "redis.conf"
+    conf.write_text(
+        f"port 0\ntls-port {port}\nbind 127.0.0.1\ntls-cert-file {pki['cert']}\n"
+        f"tls-key-file {pki['key']}\ntls-ca-cert-file {pki['ca']}\ntls-auth-clients no\n"
+        f"save \"\"\nappendonly no\ndir {tmp_path}\nuser default off\n"
+        f"user agentgate on >{password} ~agentgate:* +@all\n")
+    srv = env.spawn(["redis-server", str(conf)], "redis-tls")
+    wait_for(lambda: port_open(port), what="redis over TLS")
+
+    class TlsRedis:
+        url = f"rediss://agentgate:{password}@localhost:{port}/0"
+    secret_file, _ = write_secret(env)
+    rec = Recorder("pinned-upstream")
+    try:
+        ca = ["--set", f'redis_ca_cert="{pki["ca"]}"', "--set", "redis_required_at_start=true"]
+        r1 = replica(env, "r1", TlsRedis, secret_file, extra=ca)
+        r2 = replica(env, "r2", TlsRedis, secret_file, extra=ca)
+        env.agent(f"grpc://127.0.0.1:{r2.port}", env.token_file("pinned"), name="agent-pinned",
+                  extra=["--upstream", rec.url])
+        r2.wait_agent("pinned")
+        api = env.token("caller", kind="api")
+        wait_for(lambda: api_get(r1, api, "pinned", "/via-rediss")[0] == 200, timeout=20,
+                 what="r1 finding the agent on r2 through Redis over TLS")
+        for g in (r1, r2):
+            assert g.metric("agentgate_redis_ops_total", op="lookup", outcome="ok") + \
+                g.metric("agentgate_registry_writes_total") > 0
+            assert password not in g.proc.output()
+        assert srv.alive()
+    finally:
+        rec.close()
