@@ -144,6 +144,11 @@ pub struct GatewayConfig {
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
 
+    /// How long a request for a known agent that is connected nowhere waits for it to
+    /// connect (to this replica or, in cluster mode, any) before 503: agents are between two
+    /// connections for a moment during rolling restarts and proxy reloads. `0s`: answer at once.
+    #[serde(with = "humantime_serde")]
+    pub agent_reconnect_wait: Duration,
     /// How long a request waits for an idle tunnel of a connected agent before 503.
     #[serde(with = "humantime_serde")]
     pub tunnel_wait: Duration,
@@ -340,6 +345,7 @@ impl Default for GatewayConfig {
             max_connection_age: Duration::from_secs(2 * 3600),
             max_connection_age_grace: Duration::from_secs(30 * 60),
             shutdown_grace: Duration::from_secs(30),
+            agent_reconnect_wait: Duration::from_secs(2),
             tunnel_wait: Duration::from_secs(10),
             tunnel_descriptor_timeout: Duration::from_secs(10),
             tunnel_chunk_size: 64 * 1024,

@@ -12,9 +12,15 @@ use http_body::Body;
 use crate::tunnel::{ForwardError, ForwardResponse, ParkedTunnel};
 use crate::Gateway;
 
+/// How often a request waiting for a disconnected agent looks again (locally, and in Redis).
+const RECONNECT_POLL: Duration = Duration::from_millis(100);
+
 impl Gateway {
     /// Forwards one request to `agent`: through a local tunnel if the agent is connected
-    /// here, otherwise (in cluster mode) through the replica that holds it.
+    /// here, otherwise (in cluster mode) through the replica that holds it. A known agent
+    /// that is connected nowhere is waited for up to `agent_reconnect_wait`: during a rolling
+    /// restart or a proxy reload its agents are between two connections for a moment, and a
+    /// request should wait for them rather than fail.
     pub async fn forward<B>(
         &self,
         agent: &str,
@@ -25,27 +31,42 @@ impl Gateway {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Display + Send,
     {
-        let local = self.directory.is_connected(agent) || self.tunnels.idle_count(agent) > 0;
-        if !local && !self.tokens.agent_known(agent) {
-            return Err(ForwardError::UnknownAgent {
-                agent: agent.into(),
-            });
-        }
-        if local {
-            let tunnel = self
-                .take_local(agent, self.config.tunnel_wait, None)
-                .await?;
-            return self.forward_on(agent, tunnel, head, body).await;
-        }
-        match &self.cluster {
-            Some(cluster) => {
-                cluster
-                    .forward_remote(self.config.tunnel_wait, agent, head, body)
-                    .await
+        let deadline = tokio::time::Instant::now() + self.config.agent_reconnect_wait;
+        let mut checked_token = false;
+        loop {
+            let local = self.directory.is_connected(agent) || self.tunnels.idle_count(agent) > 0;
+            if local {
+                let tunnel = self
+                    .take_local(agent, self.config.tunnel_wait, None)
+                    .await?;
+                return self.forward_on(agent, tunnel, head, body).await;
             }
-            None => Err(ForwardError::NotConnected {
-                agent: agent.into(),
-            }),
+            if !checked_token {
+                if !self.tokens.agent_known(agent) {
+                    return Err(ForwardError::UnknownAgent {
+                        agent: agent.into(),
+                    });
+                }
+                checked_token = true;
+            }
+            let nowhere = match &self.cluster {
+                Some(cluster) => match cluster.peers_for(agent).await {
+                    Ok(peers) => {
+                        return cluster
+                            .forward_remote(peers, self.config.tunnel_wait, agent, head, body)
+                            .await
+                    }
+                    Err(e @ ForwardError::NotConnected { .. }) => e,
+                    Err(e) => return Err(e),
+                },
+                None => ForwardError::NotConnected {
+                    agent: agent.into(),
+                },
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(nowhere);
+            }
+            tokio::time::sleep(RECONNECT_POLL).await;
         }
     }
 
@@ -99,6 +120,7 @@ mod tests {
         let config = GatewayConfig {
             tokens,
             tunnel_wait: Duration::from_millis(50),
+            agent_reconnect_wait: Duration::from_millis(200),
             ..GatewayConfig::default()
         };
         Gateway::new(config).unwrap()
@@ -178,6 +200,39 @@ mod tests {
         let e = gw.forward("known", head(), empty).await.err().unwrap();
         assert_eq!(e.outcome(), "not_connected");
         assert_eq!(e.http_status(), http::StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[tokio::test]
+    async fn a_request_waits_for_an_agent_that_connects_within_the_reconnect_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let gw = gateway(dir.path());
+        let (t, mut to_agent, frames) = tunnel();
+        let answer_msg = AgentMessage {
+            msg: Some(agent_message::Msg::ResponseHead(ResponseHead {
+                status: 200,
+                end_of_response: true,
+                ..Default::default()
+            })),
+        };
+        // The agent comes back 120 ms after the request arrived (the wait is 200 ms).
+        let late = {
+            let gw = gw.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(120)).await;
+                gw.tunnels.park("known", t);
+                let _head = to_agent.recv().await.unwrap();
+                frames.send(answer(&answer_msg)).await.unwrap();
+                (to_agent, frames)
+            })
+        };
+        let started = std::time::Instant::now();
+        let resp = gw
+            .forward("known", head(), http_body_util::Empty::<Bytes>::new())
+            .await
+            .expect("served once the agent is back");
+        assert_eq!(resp.status, 200);
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        let _keep = late.await.unwrap();
     }
 
     #[tokio::test]

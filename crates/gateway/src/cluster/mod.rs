@@ -326,18 +326,8 @@ impl Cluster {
         }
     }
 
-    /// Forwards a request for an agent that is not connected here.
-    pub async fn forward_remote<B>(
-        self: &Arc<Self>,
-        wait: Duration,
-        agent: &str,
-        head: RequestHead,
-        body: B,
-    ) -> Result<ForwardResponse, ForwardError>
-    where
-        B: Body<Data = Bytes> + Send + 'static,
-        B::Error: Display + Send,
-    {
+    /// The replicas that hold `agent` and may be called; `NotConnected` when none does.
+    pub async fn peers_for(&self, agent: &str) -> Result<Vec<String>, ForwardError> {
         let peers = match self.registry.replicas_for(agent).await {
             Ok(p) => p,
             Err(e) => {
@@ -354,6 +344,23 @@ impl Cluster {
                 agent: agent.into(),
             });
         }
+        Ok(peers)
+    }
+
+    /// Forwards a request for an agent that is not connected here through one of `peers`
+    /// (from [`Self::peers_for`]).
+    pub async fn forward_remote<B>(
+        self: &Arc<Self>,
+        peers: Vec<String>,
+        wait: Duration,
+        agent: &str,
+        head: RequestHead,
+        body: B,
+    ) -> Result<ForwardResponse, ForwardError>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Display + Send,
+    {
         let mut attempts: FuturesUnordered<_> = peers
             .iter()
             .map(|p| {
