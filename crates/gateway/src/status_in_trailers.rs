@@ -6,7 +6,8 @@
 //! nghttpx, Jetty) turn it into headers followed by an end with no trailers: the client then
 //! reads the status as plain headers and reports `UNKNOWN: Stream removed` instead of, say,
 //! UNAUTHENTICATED with the gateway's sentence. Headers followed by trailers survive every
-//! proxy, for the price of one more HEADERS frame on an error answer.
+//! proxy, for the price of one more HEADERS frame on an error answer, as long as the headers do
+//! not say `content-length: 0`: nginx then takes the answer as complete and drops the trailers.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -37,6 +38,7 @@ pub fn move_status_to_trailers<B: Body>(resp: Response<B>) -> Response<StatusTra
             },
         );
     }
+    parts.headers.remove(http::header::CONTENT_LENGTH);
     let mut trailers = HeaderMap::new();
     for name in STATUS_HEADERS {
         if let Some(v) = parts.headers.remove(name) {
@@ -81,6 +83,11 @@ impl<B: Body> Body for StatusTrailersBody<B> {
     }
 
     fn size_hint(&self) -> SizeHint {
+        if self.trailers.is_some() {
+            // Unknown, not "exactly 0": hyper would add `content-length: 0`, and nginx takes a
+            // response of known length 0 as complete and drops the trailers after it.
+            return SizeHint::default();
+        }
         self.inner.size_hint()
     }
 }
@@ -147,6 +154,7 @@ mod tests {
         assert!(!resp.headers().contains_key("grpc-message"));
         assert_eq!(resp.headers()["content-type"], "application/grpc");
         assert!(!resp.body().is_end_stream());
+        assert_eq!(resp.body().size_hint().exact(), None, "no content-length: 0 for hyper to add");
         let collected = resp.into_body().collect().await.unwrap();
         let trailers = collected.trailers().cloned().expect("trailers");
         assert_eq!(trailers["grpc-status"], "16");
