@@ -219,8 +219,16 @@ class Gateway:
         if self.clear_port:
             args += ["--cleartext-listen", f"127.0.0.1:{self.clear_port}"]
         args += extra
+        self.args, self.env_vars, self.name, self.starts = args, env_vars, name, 1
         self.proc = env.spawn(args, name, env=env_vars)
         wait_for(lambda: self.healthy(), what=f"{name} /healthz")
+
+    def restart(self, sig=signal.SIGTERM, timeout: float = 60.0):
+        """Stops the process (SIGTERM drains) and starts it again on the same ports."""
+        self.proc.stop(sig, timeout=timeout)
+        self.starts += 1
+        self.proc = self.env.spawn(self.args, f"{self.name}-start{self.starts}", env=self.env_vars)
+        wait_for(lambda: self.healthy(), what=f"{self.name} /healthz after restart")
 
     # Agent URLs for each scheme.
     def url(self, scheme: str, path: str = "/") -> str:

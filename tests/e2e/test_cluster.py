@@ -337,7 +337,7 @@ def test_cross_replica_latency(cluster):
 
 def test_kill_9_of_one_replica(cluster):
     """kill -9 of one replica: its agents reconnect through HAProxy (backoff 500 ms..2 s) and are
-    served through both survivors within 30 s; requests to the other agents, through both
+    served through both survivors within 10 s (issue 16's bound); requests to the other agents, through both
     survivors' APIs (local and forwarded), never fail meanwhile. The registry keeps the default
     TTL (5 min), so the dead replica's entries stay in Redis: survivors must skip it fast
     (connection refused) rather than wait for the TTL."""
@@ -347,7 +347,7 @@ def test_kill_9_of_one_replica(cluster):
     moved = sorted(n for n, p in place.items() if p is victim)
     stayed = sorted(n for n, p in place.items() if p is not victim)
     assert moved and stayed
-    bound = 30.0
+    bound = 10.0
 
     steady_pairs = [(r, n) for n in stayed for r in survivors]  # local and remote
     with RequestLoop(cluster, steady_pairs) as loop:

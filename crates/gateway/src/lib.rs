@@ -556,9 +556,18 @@ pub async fn run_with(
     gw.tunnels.clear();
     // 3. Requests in flight finish, within the grace period. Calls to backends still open
     //    then (long polls) end with a status their clients retry, given a moment to go out.
+    let drain_started = std::time::Instant::now();
     let mut in_flight = std::pin::pin!(async {
         let _ = server.await;
+        tracing::info!(
+            after_ms = drain_started.elapsed().as_millis() as u64,
+            "agent port: every connection closed"
+        );
         let _ = api.await;
+        tracing::info!(
+            after_ms = drain_started.elapsed().as_millis() as u64,
+            "tunnel API: every request finished"
+        );
     });
     if tokio::time::timeout(grace, &mut in_flight).await.is_err() {
         gw.backends.end_open_calls();

@@ -31,15 +31,21 @@ impl Gateway {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Display + Send,
     {
-        let deadline = tokio::time::Instant::now() + self.config.agent_reconnect_wait;
+        let mut deadline = tokio::time::Instant::now() + self.config.agent_reconnect_wait;
         let mut checked_token = false;
         loop {
             let local = self.directory.is_connected(agent) || self.tunnels.idle_count(agent) > 0;
             if local {
-                let tunnel = self
-                    .take_local(agent, self.config.tunnel_wait, None)
-                    .await?;
-                return self.forward_on(agent, tunnel, head, body).await;
+                match self.take_local(agent, self.config.tunnel_wait, None).await {
+                    Ok(tunnel) => return self.forward_on(agent, tunnel, head, body).await,
+                    // This replica began to drain while the request waited: its agents are
+                    // moving to other replicas, so look for them there (the body is untouched).
+                    Err(_) if self.stopping.is_cancelled() && self.cluster.is_some() => {
+                        deadline = tokio::time::Instant::now() + self.config.agent_reconnect_wait;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             if !checked_token {
                 if !self.tokens.agent_known(agent) {

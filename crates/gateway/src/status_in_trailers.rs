@@ -154,7 +154,11 @@ mod tests {
         assert!(!resp.headers().contains_key("grpc-message"));
         assert_eq!(resp.headers()["content-type"], "application/grpc");
         assert!(!resp.body().is_end_stream());
-        assert_eq!(resp.body().size_hint().exact(), None, "no content-length: 0 for hyper to add");
+        assert_eq!(
+            resp.body().size_hint().exact(),
+            None,
+            "no content-length: 0 for hyper to add"
+        );
         let collected = resp.into_body().collect().await.unwrap();
         let trailers = collected.trailers().cloned().expect("trailers");
         assert_eq!(trailers["grpc-status"], "16");

@@ -142,6 +142,13 @@ impl Cluster {
             .pool_idle_timeout(Duration::from_secs(60))
             .http2_initial_stream_window_size(2 * 1024 * 1024)
             .http2_initial_connection_window_size(4 * 1024 * 1024)
+            // A peer that accepts and then hangs (a stopped process, a blackholed link) is
+            // found by its unanswered PINGs within about a second plus internal_call_timeout,
+            // even while a reservation legitimately waits up to tunnel_wait for an answer.
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .http2_keep_alive_timeout(settings.call_timeout)
+            .http2_keep_alive_while_idle(true)
+            .timer(hyper_util::rt::TokioTimer::new())
             .build(connector);
         Self {
             self_url: registry.self_url().to_string(),
@@ -238,13 +245,12 @@ impl Cluster {
         let deadline = self.settings.call_timeout + extra;
         let (req, _) = self.request(peer, method, path_and_query, agent, "", empty());
         let exchange = async {
-            let resp = self.client.request(req).await.map_err(|e| {
-                if e.is_connect() {
-                    PeerCallError::Unreachable(e.to_string())
-                } else {
-                    PeerCallError::Other(e.to_string())
-                }
-            })?;
+            // No answer head at all (refused, reset, unanswered PINGs): the peer is gone.
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| PeerCallError::Unreachable(e.to_string()))?;
             let status = resp.status();
             let body = http_body_util::Limited::new(resp.into_body(), 4 * 1024 * 1024)
                 .collect()

@@ -68,6 +68,10 @@ pub struct TunnelParking {
     /// Tunnels on connections past their drain point (see [`crate::drain_point`]) are not
     /// used for new requests: the connection is about to get GOAWAY for max age.
     max_age: Option<Duration>,
+    /// Set by [`Self::clear`] at shutdown: a tunnel that finishes its request afterwards is
+    /// ended instead of parked again, so a draining replica takes no new requests on it (it
+    /// did, from callers and other replicas, for as long as the agents kept the connection).
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl TunnelParking {
@@ -75,6 +79,7 @@ impl TunnelParking {
         Self {
             agents: Mutex::default(),
             metrics,
+            closed: std::sync::atomic::AtomicBool::new(false),
             max_age,
         }
     }
@@ -102,6 +107,11 @@ impl TunnelParking {
     /// Parks a tunnel, or hands it straight to a waiting request.
     pub fn park(&self, agent: &str, mut tunnel: ParkedTunnel) {
         let mut agents = self.agents.lock().unwrap();
+        if self.closed.load(std::sync::atomic::Ordering::Relaxed) {
+            drop(agents);
+            drop(tunnel); // its stream ends: the agent closes its side
+            return;
+        }
         // Looked up first, so that parking again after a request allocates nothing.
         let entry = match agents.get_mut(agent) {
             Some(e) => e,
@@ -214,6 +224,8 @@ impl TunnelParking {
     /// Ends every parked tunnel (on shutdown), so agents see their streams close cleanly.
     pub fn clear(&self) {
         let mut agents = self.agents.lock().unwrap();
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let n: usize = agents.values().map(|a| a.idle.len()).sum();
         agents.clear();
         self.metrics.tunnels_parked.add(&[], -(n as f64));

@@ -1,0 +1,246 @@
+"""Faults while requests are in flight, on a three-replica cluster behind the shipped HAProxy
+config (agents over wss through it, callers through its tunnel-API routes): a rolling restart
+of every replica, a peer that accepts connections and never answers, and a slow link between
+replicas. (kill -9 of a replica and a Redis restart under load are in test_cluster.py.)
+
+Delay and loss with `tc netem` are not available here: this machine's kernel has no sch_netem
+("Specified qdisc kind is unknown") and no modules to load. The slow link is a userspace proxy
+that delays every chunk instead; loss is not simulated.
+"""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import threading
+import time
+
+import pytest
+
+from cluster_helpers import echo_ok
+from conftest import free_port, wait_for
+from test_cluster import Cluster  # noqa: F401  (the three-replica setup)
+from test_cluster import cluster  # noqa: F401  pytest fixture
+
+
+class CallerLoop:
+    """Callers through HAProxy's API route, one keep-alive connection per thread, recording
+    every failure with the time it happened."""
+
+    def __init__(self, cluster, names, threads: int = 4):
+        self.cluster, self.names = cluster, names
+        self.stop_ev = threading.Event()
+        self.lock = threading.Lock()
+        self.ok, self.failures = 0, []
+        self.threads = [threading.Thread(target=self._run, args=(i, threads), daemon=True)
+                        for i in range(threads)]
+
+    def _run(self, offset, step):
+        i = offset
+        port = self.cluster.haproxy.clear_port
+        while not self.stop_ev.is_set():
+            agent = self.names[i % len(self.names)]
+            i += step
+            tag = f"roll{i}"
+            try:
+                status, body = self.cluster.client.echo(port, agent, tag)
+                ok = echo_ok(status, body, agent, tag)
+                what = f"{agent}: {status} {body[:160]!r}"
+            except Exception as e:  # noqa: BLE001
+                ok, what = False, f"{agent}: {type(e).__name__}: {e}"
+            with self.lock:
+                if ok:
+                    self.ok += 1
+                else:
+                    self.failures.append(f"{time.strftime('%H:%M:%S')} {what}")
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop_ev.set()
+        for t in self.threads:
+            t.join(timeout=30)
+
+
+def test_rolling_restart_of_every_replica_fails_no_request(cluster):  # noqa: F811
+    """Each replica in turn gets SIGTERM (drain: GOAWAY to agents, requests in flight finish),
+    then starts again on the same ports; the next one goes once HAProxy has it back. Callers
+    send idempotent GETs to every agent all along: none may fail. What makes it hold: HAProxy
+    leaves a replica whose /readyz says 503 and resends what could not be sent to it; agents
+    move to another replica at the GOAWAY; a request for an agent between two connections
+    waits for it (agent_reconnect_wait)."""
+    names = cluster.names
+    t0 = time.monotonic()
+    moves = []
+    with CallerLoop(cluster, names) as loop:
+        time.sleep(1)
+        for r in cluster.replicas:
+            held = {a["name"] for a in r.agents()}
+            t = time.monotonic()
+            r.restart()
+            restarted = time.monotonic() - t
+            # Back in HAProxy's rotation (rise 2 x inter 1 s) before the next one drains.
+            time.sleep(2.5)
+            wait_for(lambda: sorted(cluster.placement()) == sorted(names), timeout=20,
+                     what="every agent connected somewhere after restarting " + r.name)
+            moves.append((r.name, len(held), restarted, time.monotonic() - t))
+        time.sleep(1)
+    took = time.monotonic() - t0
+    print(f"rolling restart of {len(cluster.replicas)} replicas in {took:.1f}s "
+          f"({', '.join(f'{n}: {k} agents moved, stop+start {a:.1f}s, all placed {b:.1f}s' for n, k, a, b in moves)}); "
+          f"{loop.ok} requests, {len(loop.failures)} failed")
+    assert not loop.failures, f"{len(loop.failures)} failures:\n" + "\n".join(loop.failures[:20])
+    assert loop.ok > 100
+    assert sum(m[1] for m in moves) > 0, "no replica held an agent: nothing was tested"
+
+
+class Tarpit:
+    """Accepts TCP connections and never answers: a peer whose process hangs."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self.conns = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            self.conns.append(c)
+
+    def close(self):
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+def test_a_hanging_peer_costs_no_request_its_time_and_is_skipped(cluster):  # noqa: F811
+    """A URL of a peer that accepts and never answers, listed under an agent's key next to the
+    agent's real replica: requests through another replica are answered by the real one at
+    once (the reservation race does not wait for the slowest peer), the hanging peer is marked
+    down once its connection misses PINGs for internal_call_timeout (3 s), and then skipped."""
+    place = cluster.placement()
+    agent, home = next(iter(place.items()))
+    via = next(r for r in cluster.alive_replicas if r is not home)
+    tarpit = Tarpit()
+    try:
+        url = f"http://127.0.0.1:{tarpit.port}"
+        cluster.redis.cli("HSET", f"agentgate:agent:{agent}", url, str(int(time.time() * 1000) + 600_000))
+        failures0 = via.metric("agentgate_cluster_peer_failures_total")
+        lat = []
+        for i in range(20):
+            t = time.monotonic()
+            ok, what = cluster.request(via, agent, f"tarpit{i}")
+            lat.append(time.monotonic() - t)
+            assert ok, what
+        print(f"with a hanging peer listed: p50 {statistics.median(lat) * 1000:.0f} ms, "
+              f"max {max(lat) * 1000:.0f} ms; the peer got {tarpit.accepted} connections")
+        assert max(lat) < 1.5, f"a request waited for the hanging peer: {max(lat):.2f}s"
+        wait_for(lambda: via.metric("agentgate_cluster_peer_failures_total") > failures0, timeout=10,
+                 what="the hanging peer counted as failed")
+        accepted = tarpit.accepted
+        for i in range(10):
+            assert cluster.request(via, agent, f"skipped{i}")[0]
+        assert tarpit.accepted == accepted, "a peer marked down was called again"
+    finally:
+        cluster.redis.cli("HDEL", f"agentgate:agent:{agent}", f"http://127.0.0.1:{tarpit.port}")
+        tarpit.close()
+
+
+class DelayProxy:
+    """TCP proxy that holds every chunk `delay` seconds in each direction: a slow link."""
+
+    def __init__(self, target_port: int, delay: float):
+        self.delay, self.target = delay, target_port
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.port = free_port()
+        self.sock.bind(("127.0.0.1", self.port))
+        self.sock.listen(64)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _pipe(self, a, b):
+        try:
+            while True:
+                data = a.recv(65536)
+                if not data:
+                    break
+                time.sleep(self.delay)
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            u = socket.create_connection(("127.0.0.1", self.target))
+            threading.Thread(target=self._pipe, args=(c, u), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(u, c), daemon=True).start()
+
+    def close(self):
+        self.sock.close()
+
+
+def test_a_slow_link_between_replicas_slows_requests_and_fails_none(env):
+    """Two replicas; the second one's internal API is reached only through a 150 ms-per-chunk
+    delay (its internal_url points at the delaying proxy). Requests and a 4 MiB download for
+    its agent through the first replica all succeed, each paying the delay."""
+    from cluster_helpers import AgentUpstream, ApiClient, Redis, expected_sha256, write_secret
+    from proxies import port_open
+
+    redis = Redis(env)
+    secret_file, _ = write_secret(env)
+    upstream = AgentUpstream()
+    try:
+        def rep(name, listen, url):
+            g = env.gateway(tls=False, cleartext=False, name=name, extra=[
+                "--redis", redis.url, "--internal-listen", f"127.0.0.1:{listen}",
+                "--internal-url", url, "--internal-secret-file", str(secret_file)])
+            wait_for(lambda: port_open(listen), what=f"{name} internal API")
+            return g
+        p1 = free_port()
+        r1 = rep("r1", p1, f"http://127.0.0.1:{p1}")
+        p2 = free_port()
+        slow = DelayProxy(p2, 0.15)
+        r2 = rep("r2", p2, f"http://127.0.0.1:{slow.port}")
+        env.agent(f"grpc://127.0.0.1:{r2.port}", env.token_file("far"), name="agent-far",
+                  extra=["--upstream", upstream.url_for("far")])
+        r2.wait_agent("far")
+        client = ApiClient(env.token("caller", kind="api"))
+        wait_for(lambda: echo_ok(*client.echo(r1.api_port, "far", "warm"), "far", "warm"),
+                 timeout=20, what="r1 reaching the agent on r2 over the slow link")
+        lat, failures = [], []
+        for i in range(10):
+            t = time.monotonic()
+            status, body = client.echo(r1.api_port, "far", f"slow{i}")
+            lat.append(time.monotonic() - t)
+            if not echo_ok(status, body, "far", f"slow{i}"):
+                failures.append((status, body[:200]))
+        status, n, digest, secs = client.download(r1.api_port, "far", 4)
+        print(f"over a 150 ms link: p50 {statistics.median(lat) * 1000:.0f} ms, "
+              f"max {max(lat) * 1000:.0f} ms; 4 MiB in {secs:.1f}s")
+        assert not failures, failures
+        assert statistics.median(lat) > 0.3, "the requests did not cross the slow link"
+        assert (status, n, digest) == (200, 4 * 1024 * 1024, expected_sha256(4))
+        slow.close()
+    finally:
+        upstream.close()
