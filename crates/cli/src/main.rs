@@ -92,6 +92,17 @@ enum Command {
     /// The gateway-side gRPC backend of `bench backends` (internal).
     #[command(hide = true)]
     BenchBackend(bench::job_backend::JobBackendArgs),
+    /// Internal: COUNT agent tokens named PREFIX00000.. in one write of the store, printed one
+    /// per line (distinct agents for scripts/cluster-scale).
+    #[command(hide = true)]
+    BenchTokens {
+        #[arg(long)]
+        tokens: PathBuf,
+        #[arg(long)]
+        prefix: String,
+        #[arg(long)]
+        count: usize,
+    },
 }
 
 #[derive(Args)]
@@ -673,6 +684,20 @@ fn main() -> std::process::ExitCode {
             Command::BenchAttack(a) => bench::attack::run(a).await,
             Command::BenchRelay(a) => bench::relay::run(a).await,
             Command::BenchBackend(a) => bench::job_backend::run(a).await,
+            Command::BenchTokens {
+                tokens,
+                prefix,
+                count,
+            } => {
+                let names: Vec<String> = (0..count).map(|i| format!("{prefix}{i:05}")).collect();
+                let created = tokens::create_agent_tokens(&tokens, &names)?;
+                use std::io::Write;
+                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                for t in created {
+                    writeln!(out, "{t}")?;
+                }
+                Ok(())
+            }
             Command::BenchHttp1(_) => unreachable!("run before the runtime is built"),
         }
     });

@@ -15,8 +15,12 @@ use tokio_util::sync::CancellationToken;
 pub struct LoadArgs {
     #[arg(long)]
     pub server: String,
+    /// One token, or one per line: agent i uses line (token_offset + i), so several load
+    /// processes can run distinct agents from one file (`bench-tokens` makes it).
     #[arg(long)]
     pub token_file: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub token_offset: usize,
     #[arg(long)]
     pub count: usize,
     #[arg(long)]
@@ -41,9 +45,12 @@ pub struct LoadArgs {
 
 pub async fn run(a: LoadArgs, stop: CancellationToken) -> anyhow::Result<()> {
     let server = ServerUrl::parse(&a.server)?;
-    let token = std::fs::read_to_string(&a.token_file)?.trim().to_string();
+    let text = std::fs::read_to_string(&a.token_file)?;
+    let tokens: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    anyhow::ensure!(!tokens.is_empty(), "no token in {}", a.token_file.display());
     for i in 0..a.count {
-        let mut c = AgentConfig::new(server.clone(), token.clone());
+        let token = tokens[(a.token_offset + i) % tokens.len()].to_string();
+        let mut c = AgentConfig::new(server.clone(), token);
         c.transport = if server.scheme.is_websocket() {
             TransportMode::Websocket
         } else {
