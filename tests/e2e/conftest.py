@@ -268,6 +268,16 @@ class Gateway:
     def metrics_text(self) -> str:
         return http_get(self.admin + "/metrics")[2].decode()
 
+    def metric_sum(self, name: str, **labels) -> float:
+        """The sum of every series of a family that has these labels (others may differ)."""
+        pat = re.compile(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", re.M)
+        total = 0.0
+        for m in pat.finditer(self.metrics_text()):
+            lbl = (m.group(1) or "").strip("{}").split(",")
+            if all(f'{k}="{v}"' in lbl for k, v in labels.items()):
+                total += float(m.group(2))
+        return total
+
     def metric_total(self, name: str) -> float:
         """The sum of every series of a family."""
         pat = re.compile(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", re.M)

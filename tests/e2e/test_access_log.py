@@ -43,6 +43,7 @@ def test_a_whole_request_and_a_caller_abort_each_get_a_line(env):
         assert field(line, "token_name") == "ci-caller" and field(line, "agent") == "logged-edge", line
         assert field(line, "method") == "GET" and field(line, "path") == "/bytes/1000?x=1", line
         assert field(line, "upstream") == "default" and field(line, "kind") == "http", line
+        assert field(line, "transport") == "grpc", line
         assert api not in plain(g.proc.output()), "the token itself must never be logged"
 
         # A caller that reads a little of a 64 MiB answer and hangs up.
@@ -59,7 +60,8 @@ def test_a_whole_request_and_a_caller_abort_each_get_a_line(env):
         assert field(aborted, "ended_by") == "caller", aborted
         assert int(field(aborted, "bytes_out")) < 67108864, aborted
         assert g.metric("agentgate_tunnel_requests_total", kind="http", outcome="caller_aborted") >= 1
-        assert g.metric("agentgate_tunnel_requests_total", kind="http", outcome="ok") >= 1
+        assert g.metric("agentgate_tunnel_requests_total", kind="http", outcome="ok", transport="grpc") >= 1
+        assert g.metric("agentgate_tunnel_bytes_total", direction="from_agent", transport="grpc") >= 1000
     finally:
         up.close()
 

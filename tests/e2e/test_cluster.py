@@ -284,7 +284,7 @@ def test_redis_writes_stay_flat_while_tunnels_churn(cluster):
     pairs = [(r, n) for r in cluster.replicas for n in cluster.names]
     stats0 = cluster.redis.commandstats()
     writes0 = sum(r.metric("agentgate_registry_writes_total") for r in cluster.replicas)
-    parked0 = sum(r.metric("agentgate_tunnel_requests_total", outcome="ok") for r in cluster.replicas)
+    parked0 = sum(r.metric_sum("agentgate_tunnel_requests_total", outcome="ok") for r in cluster.replicas)
     t0 = time.monotonic()
     with ThreadPoolExecutor(12) as ex:
         results = list(ex.map(lambda i: cluster.request(pairs[i % len(pairs)][0],
@@ -295,7 +295,7 @@ def test_redis_writes_stay_flat_while_tunnels_churn(cluster):
     assert not failures, f"{len(failures)} failures:\n" + "\n".join(failures[:20])
     stats1 = cluster.redis.commandstats()
     writes1 = sum(r.metric("agentgate_registry_writes_total") for r in cluster.replicas)
-    served = sum(r.metric("agentgate_tunnel_requests_total", outcome="ok")
+    served = sum(r.metric_sum("agentgate_tunnel_requests_total", outcome="ok")
                  for r in cluster.replicas) - parked0
     hset = stats1.get("hset", 0) - stats0.get("hset", 0)
     writes = {c: stats1.get(c, 0) - stats0.get(c, 0)

@@ -266,15 +266,15 @@ impl Default for Metrics {
             ),
             tunnel_requests: Family::new(
                 "agentgate_tunnel_requests_total",
-                "Requests through the tunnel API, by kind (http, grpc) and outcome.",
+                "Requests through the tunnel API, by kind (http, grpc), outcome and the transport of the agent connection that served it (grpc, grpcs, ws, wss; replica when another replica did; none when no agent did).",
                 "counter",
-                &["kind", "outcome"],
+                &["kind", "outcome", "transport"],
             ),
             tunnel_request_bytes: Family::new(
                 "agentgate_tunnel_bytes_total",
-                "Body bytes carried through tunnels, by direction.",
+                "Body bytes carried through tunnels, by direction and the agent connection's transport.",
                 "counter",
-                &["direction"],
+                &["direction", "transport"],
             ),
             redis_ops: Family::new(
                 "agentgate_redis_ops_total",

@@ -16,8 +16,14 @@ use http::{HeaderMap, Response};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-/// Headers that belong in the trailers of a gRPC answer.
-const STATUS_HEADERS: [&str; 3] = ["grpc-status", "grpc-message", "grpc-status-details-bin"];
+/// Headers of a Trailers-Only answer that describe the stream and stay in the headers; the
+/// rest (the status and any trailing metadata) move to the trailers.
+const STREAM_HEADERS: [&str; 4] = [
+    "content-type",
+    "grpc-encoding",
+    "grpc-accept-encoding",
+    "date",
+];
 
 /// `resp` with a Trailers-Only status moved into a trailers frame; anything else unchanged.
 pub fn move_status_to_trailers<B: Body>(resp: Response<B>) -> Response<StatusTrailersBody<B>> {
@@ -39,12 +45,21 @@ pub fn move_status_to_trailers<B: Body>(resp: Response<B>) -> Response<StatusTra
         );
     }
     parts.headers.remove(http::header::CONTENT_LENGTH);
+    // In a Trailers-Only answer every header is trailing metadata (the status and whatever the
+    // server added, such as x-error-reason), except what describes the stream itself.
     let mut trailers = HeaderMap::new();
-    for name in STATUS_HEADERS {
-        if let Some(v) = parts.headers.remove(name) {
-            trailers.insert(name, v);
+    let mut headers = HeaderMap::new();
+    let mut last = None;
+    for (name, value) in std::mem::take(&mut parts.headers) {
+        let name = name.or(last.clone()).expect("the first header has a name");
+        last = Some(name.clone());
+        if STREAM_HEADERS.contains(&name.as_str()) {
+            headers.append(name, value);
+        } else {
+            trailers.append(name, value);
         }
     }
+    parts.headers = headers;
     Response::from_parts(
         parts,
         StatusTrailersBody {
@@ -143,6 +158,8 @@ mod tests {
             r.headers_mut().insert("grpc-status", s.parse().unwrap());
             r.headers_mut()
                 .insert("grpc-message", "agentgate: no".parse().unwrap());
+            r.headers_mut()
+                .insert("x-error-reason", "widget-missing".parse().unwrap());
         }
         r
     }
@@ -163,6 +180,10 @@ mod tests {
         let trailers = collected.trailers().cloned().expect("trailers");
         assert_eq!(trailers["grpc-status"], "16");
         assert_eq!(trailers["grpc-message"], "agentgate: no");
+        assert_eq!(
+            trailers["x-error-reason"], "widget-missing",
+            "trailing metadata moves too"
+        );
     }
 
     #[tokio::test]

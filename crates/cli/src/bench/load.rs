@@ -46,7 +46,11 @@ pub struct LoadArgs {
 pub async fn run(a: LoadArgs, stop: CancellationToken) -> anyhow::Result<()> {
     let server = ServerUrl::parse(&a.server)?;
     let text = std::fs::read_to_string(&a.token_file)?;
-    let tokens: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let tokens: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
     anyhow::ensure!(!tokens.is_empty(), "no token in {}", a.token_file.display());
     for i in 0..a.count {
         let token = tokens[(a.token_offset + i) % tokens.len()].to_string();

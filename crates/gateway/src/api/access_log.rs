@@ -60,6 +60,8 @@ pub struct RequestLog {
     path: String,
     started: Instant,
     bytes_in: Arc<AtomicU64>,
+    /// The agent connection's transport once an agent answered (`none` until then).
+    transport: &'static str,
 }
 
 impl RequestLog {
@@ -84,6 +86,7 @@ impl RequestLog {
             path: path.chars().take(512).collect(),
             started: Instant::now(),
             bytes_in: Arc::default(),
+            transport: "none",
         }
     }
 
@@ -93,6 +96,11 @@ impl RequestLog {
             inner: body,
             count: self.bytes_in.clone(),
         }
+    }
+
+    /// The transport of the agent connection that answered (the `transport` label).
+    pub fn served_over(&mut self, transport: &'static str) {
+        self.transport = transport;
     }
 
     /// Writes the line and counts the outcome, for a request that got no answer body.
@@ -108,7 +116,9 @@ impl RequestLog {
         ended_by: EndedBy,
         bytes_out: u64,
     ) {
-        self.metrics.tunnel_requests.inc(&[self.kind, outcome]);
+        self.metrics
+            .tunnel_requests
+            .inc(&[self.kind, outcome, self.transport]);
         self.metrics
             .tunnel_request_duration
             .observe(&[self.kind, outcome], self.started.elapsed());
@@ -118,6 +128,7 @@ impl RequestLog {
             token_id = %self.token_id,
             token_name = %self.token_name,
             agent = %self.agent,
+            transport = self.transport,
             upstream = %self.upstream,
             method = %self.method,
             path = %self.path,

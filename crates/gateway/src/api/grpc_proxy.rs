@@ -65,7 +65,9 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ApiBod
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
     else {
-        gw.metrics.tunnel_requests.inc(&["grpc", "bad_request"]);
+        gw.metrics
+            .tunnel_requests
+            .inc(&["grpc", "bad_request", "none"]);
         return status_response(
             tonic::Code::InvalidArgument,
             &format!("missing '{AGENT_HEADER}: <agent name>' metadata"),
@@ -74,7 +76,9 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ApiBod
     let (token, source) = match gw.authenticate_api(req.headers(), &agent) {
         Ok(found) => found,
         Err(e) => {
-            gw.metrics.tunnel_requests.inc(&["grpc", "unauthenticated"]);
+            gw.metrics
+                .tunnel_requests
+                .inc(&["grpc", "unauthenticated", "none"]);
             tracing::warn!(agent, method, "API call refused: {}", e.message());
             let code = match e {
                 ApiAuthError::Forbidden(_) => tonic::Code::PermissionDenied,
@@ -89,7 +93,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ApiBod
         .and_then(|v| v.to_str().ok())
         .and_then(crate::headers::parse_grpc_timeout);
     let deadline = timeout.map(|t| Instant::now() + t);
-    let log = RequestLog::new(
+    let mut log = RequestLog::new(
         gw.metrics.clone(),
         "grpc",
         &token,
@@ -147,6 +151,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ApiBod
     };
     match result {
         Ok(fwd) => {
+            log.served_over(fwd.transport);
             // A "trailers-only" answer (an error status straight away) carries grpc-status in
             // its headers and must end the stream on them: relaying the empty body as a DATA
             // frame would make clients read the status as plain headers and see UNKNOWN.

@@ -91,7 +91,9 @@ pub async fn handle(
                 super::ApiAuthError::Forbidden(_) => StatusCode::FORBIDDEN,
                 _ => StatusCode::UNAUTHORIZED,
             };
-            gw.metrics.tunnel_requests.inc(&["http", "unauthenticated"]);
+            gw.metrics
+                .tunnel_requests
+                .inc(&["http", "unauthenticated", "none"]);
             tracing::warn!(%peer, agent, "API request refused: {}", e.message());
             return error_response(status, &e.message());
         }
@@ -105,7 +107,7 @@ pub async fn handle(
         path_and_query.push('?');
         path_and_query.push_str(q);
     }
-    let log = RequestLog::new(
+    let mut log = RequestLog::new(
         gw.metrics.clone(),
         "http",
         &token,
@@ -166,6 +168,7 @@ pub async fn handle(
     };
     match result {
         Ok(fwd) => {
+            log.served_over(fwd.transport);
             let mut resp = Response::new(fwd.body);
             *resp.status_mut() =
                 StatusCode::from_u16(fwd.status).unwrap_or(StatusCode::BAD_GATEWAY);

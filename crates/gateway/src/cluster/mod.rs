@@ -475,6 +475,7 @@ impl Cluster {
             status: parts.status.as_u16(),
             headers: parts.headers,
             body,
+            transport: "replica",
         })
     }
 

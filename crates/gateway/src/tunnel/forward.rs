@@ -39,6 +39,9 @@ pub struct ForwardResponse {
     pub status: u16,
     pub headers: http::HeaderMap,
     pub body: ResponseBody,
+    /// The transport of the agent connection that served it (`grpc`, `grpcs`, `ws`, `wss`),
+    /// or `replica` when another replica did: the `transport` label of tunnel metrics.
+    pub transport: &'static str,
 }
 
 /// How many tunnels one request may try: a parked tunnel found dead before anything was sent
@@ -144,6 +147,7 @@ impl Gateway {
             agent: name,
         } = tunnel;
         let reusable = descriptor.protocol_version >= PROTOCOL_VERSION;
+        let transport = conn.kind.as_str();
         // A response to HEAD has no body, whatever its Content-Length says.
         let bodiless = head.method == "HEAD";
         let no_body = body.as_ref().is_none_or(|b| b.is_end_stream());
@@ -169,6 +173,7 @@ impl Gateway {
                     tx.clone(),
                     self.config.tunnel_chunk_size,
                     self.metrics.clone(),
+                    transport,
                     sent.clone(),
                 ));
                 Some(RequestPump { task, sent })
@@ -207,6 +212,7 @@ impl Gateway {
                 remaining: None,
                 finished: false,
                 metrics: self.metrics.clone(),
+                transport,
             };
             return match m {
                 agent_message::Msg::ResponseHead(h) => {
@@ -214,7 +220,7 @@ impl Gateway {
                     if !h.body.is_empty() {
                         self.metrics
                             .tunnel_request_bytes
-                            .add(&["from_agent"], h.body.len() as f64);
+                            .add(&["from_agent", transport], h.body.len() as f64);
                     }
                     if reusable && h.end_of_response {
                         rest.end();
@@ -227,6 +233,7 @@ impl Gateway {
                             status: h.status as u16,
                             headers,
                             body: body.boxed_unsync(),
+                            transport,
                         });
                     }
                     let length = if bodiless || matches!(h.status, 204 | 304) {
@@ -242,6 +249,7 @@ impl Gateway {
                         status: h.status as u16,
                         headers,
                         body: rest.map_err(BoxError::from).boxed_unsync(),
+                        transport,
                     })
                 }
                 agent_message::Msg::Error(e) => {
@@ -327,6 +335,7 @@ async fn pump_request_body<B>(
     tx: mpsc::Sender<ToAgent>,
     chunk_size: usize,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
+    transport: &'static str,
     sent: Arc<AtomicBool>,
 ) where
     B: Body<Data = Bytes> + Send + 'static,
@@ -338,7 +347,11 @@ async fn pump_request_body<B>(
         chunk_size,
         &tx,
         |m: GatewayMessage| Box::new(m),
-        |n| metrics.tunnel_request_bytes.add(&["to_agent"], n as f64),
+        |n| {
+            metrics
+                .tunnel_request_bytes
+                .add(&["to_agent", transport], n as f64)
+        },
     )
     .await;
     match end {
@@ -387,6 +400,7 @@ pub struct TunnelBody {
     remaining: Option<u64>,
     finished: bool,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
+    transport: &'static str,
 }
 
 impl TunnelBody {
@@ -448,6 +462,7 @@ impl Drop for TunnelBody {
                 remaining: None,
                 finished: false,
                 metrics: self.metrics.clone(),
+                transport: self.transport,
             };
             rt.spawn(async move {
                 let drain = async { while let Some(Ok(_)) = rest.frame().await {} };
@@ -493,7 +508,7 @@ impl Body for TunnelBody {
                     agent_message::Msg::Chunk(c) => {
                         this.metrics
                             .tunnel_request_bytes
-                            .add(&["from_agent"], c.data.len() as f64);
+                            .add(&["from_agent", this.transport], c.data.len() as f64);
                         if let Some(r) = &mut this.remaining {
                             *r = r.saturating_sub(c.data.len() as u64);
                         }
