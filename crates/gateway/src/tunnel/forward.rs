@@ -666,6 +666,7 @@ mod tests {
                 remaining: None,
                 finished: false,
                 metrics: metrics.clone(),
+                transport: "grpc",
             };
             let (got, end) = rt.block_on(async {
                 let mut got = Vec::new();
