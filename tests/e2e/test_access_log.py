@@ -62,6 +62,10 @@ def test_a_whole_request_and_a_caller_abort_each_get_a_line(env):
         assert g.metric("agentgate_tunnel_requests_total", kind="http", outcome="caller_aborted") >= 1
         assert g.metric("agentgate_tunnel_requests_total", kind="http", outcome="ok", transport="grpc") >= 1
         assert g.metric("agentgate_tunnel_bytes_total", direction="from_agent", transport="grpc") >= 1000
+        # The histograms of the wait for a tunnel and of registration.
+        assert g.metric("agentgate_tunnel_wait_seconds_count", outcome="got") >= 2
+        assert g.metric("agentgate_registration_duration_seconds_count", transport="grpc") >= 1
+        assert g.metric("agentgate_registration_duration_seconds_bucket", transport="grpc", le="+Inf") >= 1
     finally:
         up.close()
 

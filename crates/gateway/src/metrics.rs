@@ -216,6 +216,8 @@ pub struct Metrics {
     pub reloads: Family,
     pub tunnel_request_duration: HistogramFamily,
     pub backend_call_duration: HistogramFamily,
+    pub tunnel_wait: HistogramFamily,
+    pub registration_duration: HistogramFamily,
 }
 
 impl Default for Metrics {
@@ -344,6 +346,16 @@ impl Default for Metrics {
                 "Agent calls to gateway-side backends, from arrival to end, by backend.",
                 &["backend"],
             ),
+            tunnel_wait: HistogramFamily::new(
+                "agentgate_tunnel_wait_seconds",
+                "Time a request waited for a parked tunnel of its agent at this replica, by outcome (got, none).",
+                &["outcome"],
+            ),
+            registration_duration: HistogramFamily::new(
+                "agentgate_registration_duration_seconds",
+                "From an agent connection's TCP accept to its session's registration (TLS, sniff, WebSocket upgrade, HTTP/2, Register), by transport.",
+                &["transport"],
+            ),
             backend_calls_open: Family::new(
                 "agentgate_backend_calls_open",
                 "Agent calls to gateway-side backends open now (long polls included), by backend.",
@@ -401,6 +413,8 @@ impl Metrics {
         }
         self.tunnel_request_duration.render(&mut out);
         self.backend_call_duration.render(&mut out);
+        self.tunnel_wait.render(&mut out);
+        self.registration_duration.render(&mut out);
         crate::process_metrics::render(&mut out);
         out
     }

@@ -84,7 +84,13 @@ impl Gateway {
         wait: Duration,
         avoid: Option<u64>,
     ) -> Result<ParkedTunnel, ForwardError> {
-        self.tunnels.take(agent, wait, avoid).await.ok_or_else(|| {
+        let started = std::time::Instant::now();
+        let taken = self.tunnels.take(agent, wait, avoid).await;
+        self.metrics.tunnel_wait.observe(
+            &[if taken.is_some() { "got" } else { "none" }],
+            started.elapsed(),
+        );
+        taken.ok_or_else(|| {
             if self.directory.is_connected(agent) {
                 ForwardError::NoIdleTunnel {
                     agent: agent.into(),

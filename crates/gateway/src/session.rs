@@ -68,6 +68,12 @@ impl AgentSession for SessionService {
             .conn
             .registered
             .set((record.name.clone(), record.instance_id.clone()));
+        // From the TCP accept to this point: TLS, the sniff, the WebSocket upgrade, HTTP/2
+        // and the agent's own time to call Register.
+        self.gw
+            .metrics
+            .registration_duration
+            .observe(&[id.conn.kind.as_str()], id.conn.opened_at.elapsed());
         tracing::info!(
             agent = %record.name,
             instance = %record.instance_id,
