@@ -14,7 +14,15 @@ import time
 from conftest import wait_for
 
 
-def leaf_signed_by_test_ca(pki, out_dir, cn: str) -> tuple:
+def not_after(cert) -> int:
+    """The certificate's notAfter in Unix seconds, as openssl reads it."""
+    import email.utils
+    out = subprocess.run(["openssl", "x509", "-enddate", "-noout", "-in", str(cert)], check=True,
+                         capture_output=True, text=True).stdout.strip().split("=", 1)[1]
+    return int(email.utils.parsedate_to_datetime(out.replace(" GMT", " +0000")).timestamp())
+
+
+def leaf_signed_by_test_ca(pki, out_dir, cn: str, days: int = 2) -> tuple:
     """A second server certificate from the test CA (same names), in out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     key, csr, cert = out_dir / "server.key", out_dir / "server.csr", out_dir / "server.pem"
@@ -22,7 +30,7 @@ def leaf_signed_by_test_ca(pki, out_dir, cn: str) -> tuple:
     run("openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
         "-keyout", key, "-out", csr, "-subj", f"/CN={cn}")
     run("openssl", "x509", "-req", "-in", csr, "-CA", pki / "ca.pem", "-CAkey", pki / "ca.key",
-        "-CAcreateserial", "-out", cert, "-days", "2", "-extfile", pki / "ext.cnf")
+        "-CAcreateserial", "-out", cert, "-days", str(days), "-extfile", pki / "ext.cnf")
     return cert, key
 
 
@@ -64,8 +72,10 @@ def test_sighup_serves_the_new_certificate_and_keeps_agents(env):
     env.agent(g.url("grpcs"), tf, name="agent-steady")
     before = g.wait_agent("steady", transport="grpcs")
     assert served_cert_der(g.port, env.certs["ca"]) == pem_der(orig)
+    expiry = "agentgate_certificate_expiry_timestamp_seconds"
+    assert g.metric(expiry, listener="agent port") == not_after(orig)
 
-    new_cert, new_key = leaf_signed_by_test_ca(pki, env.tmp / "renewed", "renewed")
+    new_cert, new_key = leaf_signed_by_test_ca(pki, env.tmp / "renewed", "renewed", days=30)
     swap_in(new_cert, new_key, cert, key)
     # Without SIGHUP (checks off) the old certificate is still served.
     assert served_cert_der(g.port, env.certs["ca"]) == pem_der(orig)
@@ -78,6 +88,8 @@ def test_sighup_serves_the_new_certificate_and_keeps_agents(env):
     out = g.proc.output()
     assert "SIGHUP received" in out and "certificate reloaded" in out, out[-2000:]
     assert g.metric("agentgate_certificate_reloads_total", listener="agent port", result="ok") == 1
+    # The expiry gauge follows the certificate now served: 30 days instead of 2.
+    assert g.metric(expiry, listener="agent port") == not_after(new_cert) > not_after(orig)
 
 
 def test_changed_files_reload_by_themselves_and_a_broken_pair_keeps_the_old(env):

@@ -50,8 +50,35 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        gw.metrics.render(),
+        {
+            let mut out = gw.metrics.render();
+            render_certificate_expiry(&gw, &mut out);
+            out
+        },
     )
+}
+
+/// `agentgate_certificate_expiry_timestamp_seconds{listener}`: when each served certificate
+/// expires, read from the certificate in use (so a renewal shows at once). Alert on
+/// `... - time() < 14 * 86400`.
+fn render_certificate_expiry(gw: &Gateway, out: &mut String) {
+    use std::fmt::Write;
+    let Some(certs) = gw.served_certs.get().filter(|c| !c.is_empty()) else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "# HELP agentgate_certificate_expiry_timestamp_seconds When the certificate each listener serves expires (Unix time).\n\
+         # TYPE agentgate_certificate_expiry_timestamp_seconds gauge"
+    );
+    for (listener, cert) in certs {
+        if let Some(t) = cert.not_after_unix() {
+            let _ = writeln!(
+                out,
+                "agentgate_certificate_expiry_timestamp_seconds{{listener=\"{listener}\"}} {t}"
+            );
+        }
+    }
 }
 
 #[derive(serde::Deserialize)]

@@ -65,6 +65,13 @@ pub struct Gateway {
     /// Cancelled when shutdown begins (accepting stops, GOAWAY goes out): each session ends
     /// once its connection has written the GOAWAY, so that agents read the end as planned.
     pub(crate) stopping: CancellationToken,
+    /// The certificates this gateway serves, by listener, for the expiry gauge (set at start).
+    pub(crate) served_certs: std::sync::OnceLock<
+        Vec<(
+            &'static str,
+            Arc<agentgate_transport::cert_reload::ReloadableCert>,
+        )>,
+    >,
     /// Cancelled during shutdown once sessions had their chance to end: ends every remaining
     /// long-lived handler.
     pub(crate) shutdown: CancellationToken,
@@ -137,6 +144,7 @@ impl Gateway {
             metrics,
             directory,
             stopping: CancellationToken::new(),
+            served_certs: std::sync::OnceLock::new(),
             shutdown: CancellationToken::new(),
             ready: AtomicBool::new(false),
             config,
@@ -269,6 +277,12 @@ pub async fn run(
             cert,
         });
     }
+    let _ = gw.served_certs.set(
+        served
+            .iter()
+            .map(|c| (c.listener, c.cert.clone()))
+            .collect(),
+    );
     let watch_stop = CancellationToken::new();
     let watcher = tokio::spawn(reload::watch(gw.clone(), served, watch_stop.clone()));
     let result = run_with(gw, agent_tls, api_tls, stop, on_bound).await;

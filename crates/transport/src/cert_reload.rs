@@ -26,6 +26,13 @@ pub struct ReloadableCert {
     current: RwLock<(Arc<CertifiedKey>, Stamps)>,
 }
 
+/// When the leaf certificate of `key` stops being valid, in Unix seconds.
+fn not_after(key: &CertifiedKey) -> Option<i64> {
+    let leaf = key.cert.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
 impl ReloadableCert {
     /// Reads both files; fails if they cannot be read or do not match.
     pub fn load(cert: &Path, key: &Path) -> Result<Arc<Self>, TlsConfigError> {
@@ -53,6 +60,11 @@ impl ReloadableCert {
 
     pub fn cert_path(&self) -> &Path {
         &self.cert
+    }
+
+    /// When the certificate served now expires (Unix seconds), for the expiry gauge.
+    pub fn not_after_unix(&self) -> Option<i64> {
+        not_after(&self.current.read().unwrap().0)
     }
 
     /// A server configuration that serves whatever certificate this holds at each handshake.
@@ -142,6 +154,21 @@ mod tests {
         std::fs::write(&c, ck.cert.pem()).unwrap();
         std::fs::write(&k, ck.signing_key.serialize_pem()).unwrap();
         (c, k)
+    }
+
+    #[test]
+    fn the_expiry_of_the_served_certificate_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["exp.test".to_string()]).unwrap();
+        params.not_after = rcgen::date_time_ymd(2031, 5, 17);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        let r = ReloadableCert::load(&c, &k).unwrap();
+        // 2031-05-17T00:00:00Z
+        assert_eq!(r.not_after_unix(), Some(1_936_742_400));
     }
 
     #[test]
