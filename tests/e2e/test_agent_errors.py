@@ -75,3 +75,47 @@ def test_grpcs_against_the_cleartext_port(env, gw):
     line = agent_says(env, f"grpcs://localhost:{gw.clear_port}")
     assert "TLS handshake" in line and "cleartext, use grpc://" in line, line
     assert_plain(line)
+
+
+def test_agent_check_reports_each_step_and_its_exit_status(env):
+    """`agent --check`: the name, the connection (transport, and why not direct), each upstream;
+    exit 0 when all pass. A wrong token and a closed upstream each fail their step in plain
+    words, and the exit status says so. Nothing stays connected afterwards."""
+    from conftest import BIN, free_port
+    from proxies import HttpUpstream
+
+    # The token exists before the gateway reads its store: a check has no backoff to wait out
+    # the store's re-read.
+    good = env.token_file("checked-edge")
+    g = env.gateway(tls=True, cleartext=False)
+    up = HttpUpstream(tag="checked")
+    try:
+        r = subprocess.run([str(BIN), "agent", "--check", "--server", g.url("wss", "/-/agent/"),
+                            "--token-file", str(good), "--ca-cert", str(env.certs["ca"]),
+                            "--upstream", up.url], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        out = r.stdout
+        assert "ok      resolve localhost" in out, out
+        assert 'registered as "checked-edge" over grpcs' in out, out
+        assert "upstream default" in out and "accepts TCP connections" in out, out
+        assert "all 3 checks passed" in out, out
+        wait_for(lambda: all(a["name"] != "checked-edge" for a in g.agents()), timeout=10,
+                 what="the check's session to end")
+
+        bad = env.tmp / "wrong-token"
+        bad.write_text("agt_this-is-not-a-token-at-all-xxxxxxxxxx\n")
+        closed = free_port()
+        r = subprocess.run([str(BIN), "agent", "--check", "--server", g.url("grpcs"),
+                            "--token-file", str(bad), "--ca-cert", str(env.certs["ca"]),
+                            "--upstream", f"http://127.0.0.1:{closed}"], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 2, (r.stdout, r.stderr)
+        lines = r.stdout.splitlines()
+        connect = next(ln for ln in lines if "connect to grpcs://" in ln)
+        assert connect.strip().startswith("FAILED") and "token" in connect.lower(), connect
+        upstream = next(ln for ln in lines if "upstream default" in ln)
+        assert upstream.strip().startswith("FAILED") and "502" in upstream, upstream
+        assert "2 of 3 checks failed" in r.stderr, r.stderr
+        assert_plain(r.stdout)
+    finally:
+        up.close()

@@ -98,8 +98,11 @@ pub enum ConnectError {
 }
 
 /// One live, registered connection to the gateway.
-struct Connection {
-    transport: TransportKind,
+pub(crate) struct Connection {
+    pub(crate) transport: TransportKind,
+    /// What the gateway said at registration: the agent's name and this connection's id.
+    pub(crate) agent: String,
+    pub(crate) connection_id: String,
     /// The HTTP/2 connection itself, for local calls in sidecar mode.
     channel: Channel,
     url: ServerUrl,
@@ -166,7 +169,7 @@ impl Drop for Connection {
 }
 
 /// Everything the manager needs, built once.
-struct Dialer {
+pub(crate) struct Dialer {
     cfg: AgentConfig,
     dial: DialSettings,
     auth: Arc<CallCredentials>,
@@ -218,7 +221,7 @@ fn direct_variant(url: &ServerUrl) -> ServerUrl {
 }
 
 impl Dialer {
-    fn new(cfg: AgentConfig) -> anyhow::Result<Self> {
+    pub(crate) fn new(cfg: AgentConfig) -> anyhow::Result<Self> {
         let verify = if cfg.insecure_skip_tls_verify {
             tracing::warn!(
                 "--insecure-skip-tls-verify: the gateway's certificate is NOT verified; \
@@ -473,6 +476,8 @@ impl Dialer {
         ));
         Ok(Connection {
             transport,
+            agent: registered.agent_name.clone(),
+            connection_id: registered.connection_id.clone(),
             channel,
             url: url.clone(),
             session: Some(session),
@@ -485,25 +490,36 @@ impl Dialer {
     /// Connects with the configured transport policy. Returns the connection and whether it
     /// is a fallback (so the caller re-probes).
     async fn connect_preferred(&self) -> Result<(Connection, bool), ConnectError> {
+        self.connect_explained()
+            .await
+            .map(|(c, fallback)| (c, fallback.is_some()))
+    }
+
+    /// [`Self::connect_preferred`], saying why the direct-gRPC probe failed when the
+    /// connection is the WebSocket fallback (for `agent --check`).
+    pub(crate) async fn connect_explained(
+        &self,
+    ) -> Result<(Connection, Option<String>), ConnectError> {
         let server = &self.cfg.server;
         let full = self.cfg.connect_timeout * 4;
         match (self.cfg.transport, server.scheme.is_websocket()) {
             (TransportMode::Auto, true) => {
                 let direct = direct_variant(server);
                 match self.establish(&direct, true, self.cfg.probe_timeout).await {
-                    Ok(c) => Ok((c, false)),
+                    Ok(c) => Ok((c, None)),
                     Err(e @ ConnectError::Unauthenticated(_)) => Err(e),
                     Err(e) => {
                         tracing::info!(probe = %direct, "direct gRPC probe failed ({e}); falling back to {server}");
-                        Ok((self.establish(server, false, full).await?, true))
+                        let why = format!("the direct gRPC probe of {direct} failed: {e}");
+                        Ok((self.establish(server, false, full).await?, Some(why)))
                     }
                 }
             }
             (TransportMode::Grpc, true) => Ok((
                 self.establish(&direct_variant(server), false, full).await?,
-                false,
+                None,
             )),
-            _ => Ok((self.establish(server, false, full).await?, false)),
+            _ => Ok((self.establish(server, false, full).await?, None)),
         }
     }
 }

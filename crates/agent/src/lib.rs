@@ -3,6 +3,7 @@
 //! local upstreams.
 
 mod backoff;
+pub mod check;
 pub mod config;
 mod connection;
 mod local_listener;

@@ -247,6 +247,11 @@ struct AgentArgs {
     /// 127.0.0.1:9101 (a bare PORT means 127.0.0.1:PORT).
     #[arg(long, value_name = "ADDR", value_parser = parse_local_listen, env = "AGENTGATE_AGENT_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Try the configuration once and report each step (name resolution, connecting and
+    /// registering, the transport used and why, each upstream), then exit: 0 when every step
+    /// passed, 2 otherwise.
+    #[arg(long)]
+    check: bool,
     /// Tunnel protocol version to announce (1 behaves like agents before 0.2; for testing).
     #[arg(long, hide = true, value_parser = clap::value_parser!(u32).range(1..=2))]
     tunnel_protocol: Option<u32>,
@@ -536,6 +541,27 @@ fn agent_config(a: &AgentArgs) -> anyhow::Result<AgentConfig> {
     Ok(c)
 }
 
+/// `agent --check`: one line per step on stdout, the exit status says whether all passed.
+async fn agent_check(c: AgentConfig) -> anyhow::Result<()> {
+    let server = c.server.to_string();
+    let steps = agentgate_agent::check::check(c).await;
+    println!("agentgate agent check: {server}");
+    for s in &steps {
+        println!(
+            "  {}  {}: {}",
+            if s.ok { "ok    " } else { "FAILED" },
+            s.what,
+            s.detail
+        );
+    }
+    let failed = steps.iter().filter(|s| !s.ok).count();
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} checks failed", steps.len());
+    }
+    println!("all {} checks passed", steps.len());
+    Ok(())
+}
+
 fn token_command(cmd: TokenCommand) -> anyhow::Result<()> {
     match cmd {
         TokenCommand::Create {
@@ -662,6 +688,9 @@ fn main() -> std::process::ExitCode {
             }
             Command::Agent(a) => {
                 let c = agent_config(&a)?;
+                if a.check {
+                    return agent_check(c).await;
+                }
                 agent_ignores_sighup();
                 agentgate_agent::run(c, stop_on_signals()).await
             }
