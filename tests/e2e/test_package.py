@@ -208,6 +208,12 @@ def test_the_packaged_units_serve_a_tunnelled_request(installed):
             return status == 200 and b"pkg-edge" in body
         wait_for(registered, timeout=30, what="packaged agent registered")
 
+        # install.md's check of a packaged agent: its user, its environment file, --check.
+        check = subprocess.run(
+            as_unit_user(agent_unit, ["sh", "-c", f"set -a; . {env_file}; exec /usr/bin/agentgate agent --check"]),
+            capture_output=True, text=True, timeout=60)
+        assert check.returncode == 0 and "checks passed" in check.stdout, (check.stdout, check.stderr)
+
         # A caller we did not write: curl through the tunnel API.
         r = subprocess.run(["curl", "-sS", "-H", f"Authorization: Bearer {api_token}",
                             f"http://127.0.0.1:{api}/agents/pkg-edge/proxy/hello?x=1"],
