@@ -146,10 +146,8 @@ def exercise(cl: Client, router: JobRouter, compression=None, gzip_replies: bool
     reply_md = [("x-respond-gzip", "1")] if gzip_replies else []
     what = f"[{label}] " if label else ""
 
-    # A small call first. A fresh connection may send at most max_bytes_before_auth (1 MiB)
-    # before one of its calls has authenticated, and the gateway may read a large first
-    # message before the call's task checked its token (docs/SECURITY.md): clients send their
-    # token on a small call first, as agents do with Register.
+    # A small call first (test_a_first_call_larger_than_the_pre_auth_budget_passes covers a
+    # large first call on its own).
     assert cl.get(b"warm-up", **kw)[0] == b"job:warm-up", f"{what}first call"
     n0 += 1
 
@@ -335,6 +333,25 @@ def test_all_call_kinds_with_agent_token(env, scheme):
                 outs = list(pool.map(lambda i: cl.get(f"c{i}".encode())[0], range(64)))
             assert outs == [f"job:c{i}".encode() for i in range(64)]
         assert len(router.calls_to("GetJob")) == 66  # the warm-up, the 1 MiB call, 64 at once
+    finally:
+        router.stop()
+
+
+@pytest.mark.parametrize("scheme", ["grpc", "grpcs"])
+def test_a_first_call_larger_than_the_pre_auth_budget_passes(env, scheme):
+    """A runner's very first call on a fresh connection carries 3 MiB, past the 1 MiB
+    pre-authentication budget: the gateway stops reading at the budget until the call's
+    token is checked, then reads on. (Whether the old cut showed depended on scheduling; the
+    unit test in crates/transport/src/pre_auth_budget.rs pins the stop at the budget.)"""
+    router = JobRouter()
+    try:
+        tok = env.token("big-first")
+        g = env.gateway(extra=backend_flag(router.url))
+        payload = os.urandom(3 * MiB)
+        with channel_for(g, scheme) as ch:
+            resp, call = Client(ch, bearer(tok)).get(payload)
+            assert resp == b"job:" + payload and call.code() == grpc.StatusCode.OK
+        assert g.metric("agentgate_connections_rejected_total", reason="pre_auth_bytes") == 0
     finally:
         router.stop()
 
