@@ -1,7 +1,9 @@
 //! `agentgate`: the gateway, the agent, token management, and the demo, in one binary.
 
+mod agent_settings;
 mod bench;
 mod completions_and_man;
+mod config_defaults;
 mod demo;
 mod settings;
 mod test_upstream;
@@ -10,10 +12,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use agentgate_agent::{AgentConfig, TransportMode};
+use agent_settings::AgentSettings;
+use agentgate_agent::AgentConfig;
 use agentgate_gateway::tokens::{self, TokenKind};
 use agentgate_gateway::GatewayConfig;
-use agentgate_transport::ServerUrl;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
@@ -63,6 +65,11 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Benchmarks: transports side by side (markdown table on stdout, --json for machines).
     Bench(bench::BenchArgs),
+    /// Settings: `agentgate config defaults` prints every setting with its meaning and default.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
     Completions {
         #[arg(value_enum)]
@@ -107,54 +114,18 @@ enum Command {
 
 #[derive(Args)]
 struct ServerArgs {
-    /// TOML file with any gateway setting (see docs/configuration.md).
+    /// TOML file with any gateway setting (`agentgate config defaults` prints them all).
     #[arg(long, env = "AGENTGATE_CONFIG")]
     config: Option<PathBuf>,
-    /// Agent port (all four transports).
-    #[arg(long)]
-    listen: Option<SocketAddr>,
-    /// Extra agent port that never uses TLS.
-    #[arg(long)]
-    cleartext_listen: Option<SocketAddr>,
-    /// Admin port: /healthz, /readyz, /metrics, /api/v1/agents.
-    #[arg(long)]
-    admin_listen: Option<SocketAddr>,
-    /// Tunnel API port.
-    #[arg(long)]
-    api_listen: Option<SocketAddr>,
-    /// PEM certificate chain for TLS on the agent port.
-    #[arg(long)]
-    tls_cert: Option<PathBuf>,
-    /// PEM private key for TLS on the agent port.
-    #[arg(long)]
-    tls_key: Option<PathBuf>,
-    /// PEM certificate chain for TLS on the API port.
-    #[arg(long)]
-    api_tls_cert: Option<PathBuf>,
-    /// PEM private key for TLS on the API port.
-    #[arg(long)]
-    api_tls_key: Option<PathBuf>,
-    /// Token store file.
-    #[arg(long)]
-    tokens: Option<PathBuf>,
-    /// Cluster mode: redis://[:password@]host:port/db or rediss://...
-    #[arg(long, env = "AGENTGATE_REDIS")]
-    redis: Option<String>,
-    /// Internal API listener for other replicas (cluster mode).
-    #[arg(long)]
-    internal_listen: Option<SocketAddr>,
-    /// How other replicas reach this one (default http://<internal-listen>).
-    #[arg(long)]
-    internal_url: Option<String>,
-    /// File with the secret shared by all replicas (cluster mode).
-    #[arg(long)]
-    internal_secret_file: Option<PathBuf>,
+    #[command(flatten)]
+    flags: ServerFlags,
     /// A gateway-side gRPC backend that agents call: SERVICE_PREFIX=URL, e.g.
     /// runner.jobs.v1.=http://127.0.0.1:9000 (http:// for HTTP/2 without TLS, https:// for
     /// TLS). Repeatable; added to the config file's [[backends]].
     #[arg(long = "backend", value_name = "SERVICE_PREFIX=URL")]
     backends: Vec<String>,
-    /// Any setting as NAME=VALUE (TOML value syntax; durations like "5s"). Repeatable.
+    /// Any setting as NAME=VALUE (TOML value syntax; durations like "5s"). Repeatable; wins
+    /// over the file and the environment, loses to the flags above.
     #[arg(long = "set", value_name = "NAME=VALUE")]
     set: Vec<String>,
     /// Print the effective configuration as TOML and exit.
@@ -162,91 +133,73 @@ struct ServerArgs {
     print_config: bool,
 }
 
+/// The settings common enough to have flags of their own: the last layer of the gateway's
+/// settings (crate::settings), serialized with only the flags given.
+#[derive(Args, serde::Serialize)]
+#[command(next_help_heading = "Listeners and files (each also a setting)")]
+struct ServerFlags {
+    /// Agent port (all four transports).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen: Option<SocketAddr>,
+    /// Extra agent port that never uses TLS.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cleartext_listen: Option<SocketAddr>,
+    /// Admin port: /healthz, /readyz, /metrics, /api/v1/agents.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    admin_listen: Option<SocketAddr>,
+    /// Tunnel API port.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    api_listen: Option<SocketAddr>,
+    /// PEM certificate chain for TLS on the agent port.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS on the agent port.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_key: Option<PathBuf>,
+    /// PEM certificate chain for TLS on the API port.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    api_tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS on the API port.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    api_tls_key: Option<PathBuf>,
+    /// Token store file.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tokens: Option<PathBuf>,
+    /// Cluster mode: redis://[:password@]host:port/db or rediss://...
+    #[arg(long, env = "AGENTGATE_REDIS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis: Option<String>,
+    /// Internal API listener for other replicas (cluster mode).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    internal_listen: Option<SocketAddr>,
+    /// How other replicas reach this one (default http://<internal-listen>).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    internal_url: Option<String>,
+    /// File with the secret shared by all replicas (cluster mode).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    internal_secret_file: Option<PathBuf>,
+}
+
 #[derive(Args)]
 struct AgentArgs {
-    /// Gateway URL: grpc://host:port, grpcs://host:port, ws://host:port/path or wss://host:port/path.
-    #[arg(long, env = "AGENTGATE_SERVER")]
-    server: String,
-    /// File holding the agent token (or set AGENTGATE_TOKEN).
-    #[arg(long, env = "AGENTGATE_TOKEN_FILE")]
-    token_file: Option<PathBuf>,
-    /// auto: with a ws/wss URL try direct gRPC first and fall back; grpc; websocket.
-    #[arg(long, default_value = "auto", env = "AGENTGATE_TRANSPORT")]
-    transport: TransportMode,
-    /// CA certificate(s) that sign the gateway's certificate (PEM).
-    #[arg(long, env = "AGENTGATE_AGENT_CA_CERT")]
-    ca_cert: Option<PathBuf>,
-    /// Verify the gateway's certificate against this name instead of the URL's host.
-    #[arg(long, env = "AGENTGATE_AGENT_TLS_SERVER_NAME")]
-    tls_server_name: Option<String>,
-    /// Do not verify the gateway's certificate (prints a warning). For tests only.
-    #[arg(long, env = "AGENTGATE_AGENT_INSECURE_SKIP_TLS_VERIFY")]
-    insecure_skip_tls_verify: bool,
-    /// Extra header 'Name: value' on the WebSocket upgrade and as gRPC metadata. Repeatable.
-    #[arg(long = "header", value_name = "NAME: VALUE")]
-    headers: Vec<String>,
-    /// HTTP proxy for egress (http://[user:pass@]host:port); default: HTTPS_PROXY/HTTP_PROXY/NO_PROXY.
-    #[arg(long, env = "AGENTGATE_PROXY")]
-    proxy: Option<String>,
-    /// HTTP upstream as NAME=URL, or a bare URL for `default`. Repeatable.
-    #[arg(
-        long = "upstream",
-        value_name = "[NAME=]URL",
-        env = "AGENTGATE_AGENT_UPSTREAM",
-        value_delimiter = ','
-    )]
-    upstreams: Vec<String>,
-    /// gRPC upstream URL (http:// for h2c, https:// for TLS).
-    #[arg(long, env = "AGENTGATE_AGENT_GRPC_UPSTREAM")]
-    grpc_upstream: Option<url::Url>,
-    /// CA certificate(s) for https upstreams (PEM).
-    #[arg(long, env = "AGENTGATE_AGENT_UPSTREAM_CA")]
-    upstream_ca: Option<PathBuf>,
-    /// Deadline for connecting to an upstream.
-    #[arg(long, value_parser = humantime::parse_duration, env = "AGENTGATE_AGENT_UPSTREAM_CONNECT_TIMEOUT")]
-    upstream_connect_timeout: Option<Duration>,
-    /// Deadline for an HTTP upstream's response head (504 after it).
-    #[arg(long, value_parser = humantime::parse_duration, env = "AGENTGATE_AGENT_UPSTREAM_RESPONSE_TIMEOUT")]
-    upstream_response_timeout: Option<Duration>,
-    /// Instance id (default: random per process).
-    #[arg(long, env = "AGENTGATE_AGENT_INSTANCE_ID")]
-    instance_id: Option<String>,
-    /// While on the WebSocket fallback, how often to re-probe direct gRPC.
-    #[arg(long, value_parser = humantime::parse_duration, env = "AGENTGATE_AGENT_REPROBE_INTERVAL")]
-    reprobe_interval: Option<Duration>,
-    /// Deadline of a direct-gRPC probe.
-    #[arg(long, value_parser = humantime::parse_duration, env = "AGENTGATE_AGENT_PROBE_TIMEOUT")]
-    probe_timeout: Option<Duration>,
-    /// First reconnect backoff ceiling.
-    #[arg(long, value_parser = humantime::parse_duration, env = "AGENTGATE_AGENT_BACKOFF_INITIAL")]
-    backoff_initial: Option<Duration>,
-    /// Largest reconnect backoff.
-    #[arg(long, value_parser = humantime::parse_duration, env = "AGENTGATE_AGENT_BACKOFF_MAX")]
-    backoff_max: Option<Duration>,
-    /// HTTP/2 PING interval.
-    #[arg(long, value_parser = humantime::parse_duration, env = "AGENTGATE_AGENT_KEEPALIVE_INTERVAL")]
-    keepalive_interval: Option<Duration>,
-    /// Idle tunnels kept ready.
-    #[arg(long, env = "AGENTGATE_AGENT_POOL_MIN_IDLE")]
-    pool_min_idle: Option<usize>,
-    /// Tunnels opened at once under demand.
-    #[arg(long, env = "AGENTGATE_AGENT_POOL_SCALE_STEP")]
-    pool_scale_step: Option<usize>,
-    /// Tunnels per connection at most.
-    #[arg(long, env = "AGENTGATE_AGENT_POOL_MAX")]
-    pool_max: Option<usize>,
-    /// Idle lifetime of surplus tunnels.
-    #[arg(long, value_parser = humantime::parse_duration, env = "AGENTGATE_AGENT_POOL_IDLE_LIFETIME")]
-    pool_idle_lifetime: Option<Duration>,
-    /// Sidecar mode: listen here (loopback; a bare PORT means 127.0.0.1:PORT) for gRPC calls
-    /// from local processes, and send them to the gateway's backends over this agent's
-    /// connection, as this agent. They need no token of their own.
-    #[arg(long, value_name = "ADDR", value_parser = parse_local_listen, env = "AGENTGATE_AGENT_LOCAL_LISTEN")]
-    local_listen: Option<std::net::SocketAddr>,
-    /// Serve /healthz, /readyz (registered with the gateway) and /metrics here, e.g.
-    /// 127.0.0.1:9101 (a bare PORT means 127.0.0.1:PORT).
-    #[arg(long, value_name = "ADDR", value_parser = parse_local_listen, env = "AGENTGATE_AGENT_METRICS_LISTEN")]
-    metrics_listen: Option<std::net::SocketAddr>,
+    /// TOML file with any agent setting (`agentgate config defaults --for agent` prints them
+    /// all); the environment and the flags win over it.
+    #[arg(long, env = "AGENTGATE_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    settings: AgentSettings,
     /// Try the configuration once and report each step (name resolution, connecting and
     /// registering, the transport used and why, each upstream), then exit: 0 when every step
     /// passed, 2 otherwise.
@@ -255,6 +208,23 @@ struct AgentArgs {
     /// Tunnel protocol version to announce (1 behaves like agents before 0.2; for testing).
     #[arg(long, hide = true, value_parser = clap::value_parser!(u32).range(1..=2))]
     tunnel_protocol: Option<u32>,
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print every setting with its doc comment and default, as a TOML file that --config
+    /// takes (change what you need, delete the rest).
+    Defaults {
+        /// Whose settings.
+        #[arg(long = "for", value_enum, default_value = "server")]
+        of: ConfigOf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ConfigOf {
+    Server,
+    Agent,
 }
 
 #[derive(Subcommand)]
@@ -385,60 +355,13 @@ fn agent_ignores_sighup() {
 
 fn server_config(a: &ServerArgs) -> anyhow::Result<GatewayConfig> {
     let flag_env = settings::flag_env_names(&<Cli as clap::CommandFactory>::command());
-    let mut c: GatewayConfig =
-        settings::layered(GatewayConfig::default(), a.config.as_deref(), &flag_env)?;
-    if !a.set.is_empty() {
-        let mut table = toml::Table::try_from(&c)?;
-        for kv in &a.set {
-            let (k, v) = kv
-                .split_once('=')
-                .with_context(|| format!("--set {kv:?}: expected NAME=VALUE"))?;
-            let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {v}"))
-                .ok()
-                .and_then(|mut t| t.remove("v"))
-                .unwrap_or_else(|| toml::Value::String(v.to_string()));
-            table.insert(k.trim().to_string(), value);
-        }
-        c = toml::Value::Table(table)
-            .try_into()
-            .context("invalid --set value")?;
-    }
-    macro_rules! flag {
-        ($field:ident) => {
-            if let Some(v) = &a.$field {
-                c.$field = v.clone().into();
-            }
-        };
-    }
-    flag!(listen);
-    flag!(admin_listen);
-    flag!(api_listen);
-    flag!(tokens);
-    if a.redis.is_some() {
-        c.redis = a.redis.clone();
-    }
-    flag!(internal_listen);
-    if a.internal_url.is_some() {
-        c.internal_url = a.internal_url.clone();
-    }
-    if a.internal_secret_file.is_some() {
-        c.internal_secret_file = a.internal_secret_file.clone();
-    }
-    if a.cleartext_listen.is_some() {
-        c.cleartext_listen = a.cleartext_listen;
-    }
-    if a.tls_cert.is_some() {
-        c.tls_cert = a.tls_cert.clone();
-    }
-    if a.tls_key.is_some() {
-        c.tls_key = a.tls_key.clone();
-    }
-    if a.api_tls_cert.is_some() {
-        c.api_tls_cert = a.api_tls_cert.clone();
-    }
-    if a.api_tls_key.is_some() {
-        c.api_tls_key = a.api_tls_key.clone();
-    }
+    let mut c: GatewayConfig = settings::layered(
+        a.config.as_deref(),
+        settings::EnvLayer::Prefixed("AGENTGATE_"),
+        &a.set,
+        &a.flags,
+        &flag_env,
+    )?;
     for spec in &a.backends {
         c.backends.push(backend_flag(spec)?);
     }
@@ -461,87 +384,23 @@ fn backend_flag(spec: &str) -> anyhow::Result<agentgate_gateway::config::Backend
     })
 }
 
-/// `--local-listen`: `host:port`, or a bare port on 127.0.0.1.
-fn parse_local_listen(s: &str) -> Result<std::net::SocketAddr, String> {
-    if let Ok(port) = s.parse::<u16>() {
-        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
-    }
-    s.parse()
-        .map_err(|_| format!("{s:?} is neither host:port (127.0.0.1:9100) nor a port"))
-}
-
+/// The agent's configuration: its settings in layers (crate::settings), then the token.
 fn agent_config(a: &AgentArgs) -> anyhow::Result<AgentConfig> {
-    let server = ServerUrl::parse(&a.server)?;
-    let token = match (&a.token_file, std::env::var("AGENTGATE_TOKEN")) {
-        (Some(f), _) => std::fs::read_to_string(f)
-            .with_context(|| format!("cannot read token file {}", f.display()))?
-            .trim()
-            .to_string(),
-        (None, Ok(t)) => t.trim().to_string(),
-        (None, Err(_)) => {
-            anyhow::bail!("no agent token: give --token-file FILE or set AGENTGATE_TOKEN")
-        }
-    };
-    if token.is_empty() {
-        anyhow::bail!("the agent token is empty");
+    let flag_env = settings::flag_env_names(&<Cli as clap::CommandFactory>::command());
+    let merged: AgentSettings = settings::layered(
+        a.config.as_deref(),
+        settings::EnvLayer::WithTheFlags("AGENTGATE_AGENT_"),
+        &[],
+        &a.settings,
+        &flag_env,
+    )?;
+    let mut c = merged.to_config()?;
+    if let Some(v) = a.tunnel_protocol {
+        c.pool.protocol_version = v;
     }
-    let mut c = AgentConfig::new(server, token);
-    c.token_file = a.token_file.clone();
-    c.transport = a.transport;
-    if a.transport == TransportMode::Websocket && !c.server.scheme.is_websocket() {
-        anyhow::bail!("--transport websocket needs a ws:// or wss:// URL (it carries the path)");
-    }
-    c.ca_cert = a.ca_cert.clone();
-    c.tls_server_name = a.tls_server_name.clone();
-    c.insecure_skip_tls_verify = a.insecure_skip_tls_verify;
-    for h in &a.headers {
-        let (k, v) = h
-            .split_once(':')
-            .with_context(|| format!("--header {h:?}: expected 'Name: value'"))?;
-        c.headers.push((k.trim().to_string(), v.trim().to_string()));
-    }
-    c.proxy = a.proxy.clone();
-    c.local_listen = a.local_listen;
-    c.metrics_listen = a.metrics_listen;
-    for u in &a.upstreams {
-        let (name, url) = match u.split_once('=') {
-            Some((n, url)) if !n.contains("://") => (n.to_string(), url),
-            _ => ("default".to_string(), u.as_str()),
-        };
-        let url = url::Url::parse(url).with_context(|| format!("--upstream {u:?}: invalid URL"))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            anyhow::bail!("--upstream {u:?}: only http:// and https:// upstreams are supported");
-        }
-        c.http_upstreams.push((name, url));
-    }
-    c.grpc_upstream = a.grpc_upstream.clone();
-    c.upstream_ca = a.upstream_ca.clone();
-    if let Some(id) = &a.instance_id {
-        c.instance_id = id.clone();
-    }
-    macro_rules! opt {
-        ($arg:ident => $($field:ident).+) => {
-            if let Some(v) = a.$arg {
-                c.$($field).+ = v;
-            }
-        };
-    }
-    opt!(upstream_connect_timeout => upstream_connect_timeout);
-    opt!(upstream_response_timeout => upstream_response_timeout);
-    opt!(reprobe_interval => reprobe_interval);
-    opt!(probe_timeout => probe_timeout);
-    opt!(backoff_initial => backoff_initial);
-    opt!(backoff_max => backoff_max);
-    opt!(keepalive_interval => keepalive_interval);
-    opt!(pool_min_idle => pool.min_idle);
-    opt!(pool_scale_step => pool.scale_step);
-    opt!(pool_max => pool.max);
-    opt!(pool_idle_lifetime => pool.idle_lifetime);
-    opt!(tunnel_protocol => pool.protocol_version);
     Ok(c)
 }
 
-/// `agent --check`: one line per step on stdout, the exit status says whether all passed.
 async fn agent_check(c: AgentConfig) -> anyhow::Result<()> {
     let server = c.server.to_string();
     let steps = agentgate_agent::check::check(c).await;
@@ -654,7 +513,11 @@ fn token_command(cmd: TokenCommand) -> anyhow::Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = {
+        use clap::FromArgMatches;
+        Cli::from_arg_matches(&config_defaults::command().get_matches())
+            .unwrap_or_else(|e| e.exit())
+    };
     // One process-wide TLS provider (ring) for libraries that build configs themselves.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let format = cli.log_format;
@@ -695,17 +558,29 @@ fn main() -> std::process::ExitCode {
                 agentgate_agent::run(c, stop_on_signals()).await
             }
             Command::Token { command } => token_command(command),
-            Command::Completions { shell } => {
-                completions_and_man::print_completions(
-                    <Cli as clap::CommandFactory>::command(),
-                    shell,
+            Command::Config {
+                command: ConfigCommand::Defaults { of },
+            } => {
+                print!(
+                    "{}",
+                    match of {
+                        ConfigOf::Server => config_defaults::server()?,
+                        ConfigOf::Agent => config_defaults::agent(
+                            <Cli as clap::CommandFactory>::command()
+                                .find_subcommand("agent")
+                                .expect("the agent command"),
+                        )?,
+                    }
                 );
                 Ok(())
             }
-            Command::Man { out_dir } => completions_and_man::write_man_pages(
-                <Cli as clap::CommandFactory>::command(),
-                &out_dir,
-            ),
+            Command::Completions { shell } => {
+                completions_and_man::print_completions(config_defaults::command(), shell);
+                Ok(())
+            }
+            Command::Man { out_dir } => {
+                completions_and_man::write_man_pages(config_defaults::command(), &out_dir)
+            }
             Command::Demo(a) => demo::run(a, stop_on_signals()).await,
             Command::Bench(a) => bench::run(a).await,
             Command::BenchLoad(a) => bench::load::run(a, stop_on_signals()).await,

@@ -1,73 +1,158 @@
-//! Layered settings: built-in defaults, then a TOML file, then `AGENTGATE_*` environment
-//! variables, then flags. Every field of the gateway's configuration can be set from the file
-//! and from the environment (`AGENTGATE_<FIELD_IN_UPPER_CASE>`); the common ones also have
-//! flags.
+//! Settings in layers, through figment. Lowest first, each later layer winning key by key:
+//! the built-in defaults, the TOML file (`--config`), `AGENTGATE_<NAME>` environment
+//! variables, `--set NAME=VALUE`, then the command's own flags. Every field of the gateway's
+//! configuration can be set in each layer but the last. An unknown key in the file or in
+//! `--set` is an error naming where it came from; an unknown `AGENTGATE_*` variable is a
+//! warning, since the environment also carries the agent's and the tooling's variables.
 
 use std::path::Path;
 
-use anyhow::Context;
+use documented::DocumentedFields;
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::value::{Dict, Map};
+use figment::{Figment, Metadata, Profile, Provider, Source};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-/// Applies a TOML file (if any) and then environment overrides to `defaults`.
-///
-/// `flag_env` names the variables that flags fall back to (read by clap, so known too).
-pub fn layered<T: Serialize + DeserializeOwned>(
-    defaults: T,
-    file: Option<&Path>,
-    flag_env: &[String],
-) -> anyhow::Result<T> {
-    let mut table = toml::Table::try_from(&defaults).context("serializing defaults")?;
-    if let Some(path) = file {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config file {}", path.display()))?;
-        let from_file: toml::Table =
-            toml::from_str(&text).with_context(|| format!("invalid TOML in {}", path.display()))?;
-        for (k, v) in from_file {
-            if !table.contains_key(&k) && !is_optional_field(&k) {
-                anyhow::bail!("{}: unknown setting {k:?}", path.display());
-            }
-            table.insert(k, v);
-        }
-    }
-    let keys: Vec<String> = table.keys().cloned().collect();
-    for key in keys
-        .iter()
-        .map(String::as_str)
-        .chain(OPTIONAL_FIELDS.iter().copied())
-    {
-        let var = format!("AGENTGATE_{}", key.to_ascii_uppercase());
-        if let Ok(raw) = std::env::var(&var) {
-            let value = match table.get(key) {
-                // A list setting takes `a,b,c` (or a TOML array) from the environment.
-                Some(toml::Value::Array(_)) => parse_env_list(&raw),
-                _ => parse_env_value(&raw),
-            };
-            table.insert(key.to_string(), value);
-        }
-    }
-    warn_unknown_env(&keys, flag_env);
-    let t: T = toml::Value::Table(table)
-        .try_into()
-        .context("invalid setting (from the config file or an AGENTGATE_* variable)")?;
-    Ok(t)
+/// Where each layer comes from, for the sentence an error becomes.
+const SET_LAYER: &str = "--set";
+const FLAGS_LAYER: &str = "the command line";
+
+/// Where a settings type's environment variables are read.
+pub enum EnvLayer {
+    /// Here, `PREFIX<NAME>` for every setting (the gateway: `AGENTGATE_`).
+    Prefixed(&'static str),
+    /// By clap, each flag from its own variable, into the flags' layer (the agent); other
+    /// variables with this prefix are unknown.
+    WithTheFlags(&'static str),
 }
 
-/// Fields that serialize to nothing while unset (TOML has no null), so they must be listed.
-const OPTIONAL_FIELDS: &[&str] = &[
-    "tls_cert",
-    "tls_key",
-    "api_tls_cert",
-    "api_tls_key",
-    "cleartext_listen",
-    "redis",
-    "internal_url",
-    "internal_secret_file",
-    "internal_tls_cert",
-    "internal_tls_key",
-    "internal_ca_cert",
-    "redis_ca_cert",
-];
+/// The settings `T` from its defaults and the layers above them.
+///
+/// `flags` serializes only the flags given (`None`s and empty lists skipped); `flag_env`
+/// names the variables that flags fall back to (read by clap, so known too).
+pub fn layered<T>(
+    file: Option<&Path>,
+    env: EnvLayer,
+    set: &[String],
+    flags: &impl Serialize,
+    flag_env: &[String],
+) -> anyhow::Result<T>
+where
+    T: Serialize + DeserializeOwned + Default + DocumentedFields,
+{
+    let mut figment = Figment::from(Serialized::defaults(T::default()));
+    if let Some(path) = file {
+        // figment skips a missing file without a word; a named file that is not there is a
+        // mistake worth stopping for.
+        std::fs::metadata(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
+        figment = figment.merge(Toml::file_exact(path));
+    }
+    let env_prefix = match env {
+        EnvLayer::Prefixed(prefix) => {
+            figment = figment.merge(Env::prefixed(prefix).only(T::FIELD_NAMES));
+            warn_unknown_env(prefix, T::FIELD_NAMES, flag_env);
+            prefix
+        }
+        EnvLayer::WithTheFlags(prefix) => {
+            warn_unknown_env(prefix, &[], flag_env);
+            prefix
+        }
+    };
+    figment = figment
+        .merge(Named::new(SET_LAYER, set_pairs(set)?))
+        .merge(Named::new(
+            FLAGS_LAYER,
+            Serialized::defaults(flags).data().map_err(|e| {
+                anyhow::anyhow!("the command line flags do not map onto settings: {e}")
+            })?,
+        ));
+    figment
+        .extract()
+        .map_err(|e| anyhow::anyhow!(describe(e, env_prefix)))
+}
+
+/// `--set NAME=VALUE` pairs as one layer: VALUE in TOML syntax (numbers, booleans, arrays,
+/// quoted strings), or else taken as a plain string (`--set shutdown_grace=5s`).
+fn set_pairs(set: &[String]) -> anyhow::Result<Map<Profile, Dict>> {
+    let mut dict = Dict::new();
+    for pair in set {
+        let (name, value) = pair
+            .split_once('=')
+            .filter(|(n, _)| !n.trim().is_empty())
+            .ok_or_else(|| anyhow::anyhow!("--set {pair:?}: expected NAME=VALUE"))?;
+        let value: figment::value::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .map_or_else(
+                || figment::value::Value::from(value.to_string()),
+                |v| figment::value::Value::serialize(v).expect("a TOML value serializes"),
+            );
+        dict.insert(name.trim().to_string(), value);
+    }
+    Ok(Profile::Default.collect(dict))
+}
+
+/// A layer under a name of our choosing, so that an error can say where a value came from.
+struct Named {
+    name: &'static str,
+    data: Map<Profile, Dict>,
+}
+
+impl Named {
+    fn new(name: &'static str, data: Map<Profile, Dict>) -> Self {
+        Self { name, data }
+    }
+}
+
+impl Provider for Named {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(self.name)
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Ok(self.data.clone())
+    }
+}
+
+/// One sentence for a settings error: which setting, from which layer, what is wrong with
+/// it, and where to look.
+fn describe(errors: figment::Error, env_prefix: &str) -> String {
+    let sentences: Vec<String> = errors
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".");
+            let source = match &e.metadata {
+                Some(md) => match &md.source {
+                    Some(Source::File(path)) => format!("in {}", path.display()),
+                    _ if md.name.contains("environment") => format!(
+                        "from the environment variable {env_prefix}{}",
+                        key.to_ascii_uppercase()
+                    ),
+                    _ => format!("from {}", md.name),
+                },
+                None => "in the settings".to_string(),
+            };
+            match &e.kind {
+                // The path names a nested key whole (`backends.0.service`); a top-level one
+                // has none.
+                figment::error::Kind::UnknownField(name, _) => format!(
+                    "unknown setting {:?} {source}: `agentgate config defaults` lists every \
+                     setting with its meaning",
+                    if key.is_empty() { name } else { &key }
+                ),
+                // The file itself does not parse: TOML's own message points at the place.
+                kind if key.is_empty() => format!("cannot use the settings {source}: {kind}"),
+                kind => format!(
+                    "invalid value for the setting {key:?} {source}: {kind}; `agentgate config \
+                     defaults` shows each setting's form and default"
+                ),
+            }
+        })
+        .collect();
+    sentences.join("\n")
+}
 
 /// `AGENTGATE_*` variables read by other code than a flag: the agent's token, the build's
 /// commit, and the test and benchmark tooling's own.
@@ -80,21 +165,20 @@ const OTHER_ENV: &[&str] = &[
 ];
 
 /// A misspelt `AGENTGATE_*` variable would otherwise be ignored without a word.
-fn warn_unknown_env(keys: &[String], flag_env: &[String]) {
+fn warn_unknown_env(prefix: &str, settings: &[&str], flag_env: &[String]) {
     for (var, _) in std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v))) {
-        let Some(setting) = var.strip_prefix("AGENTGATE_") else {
+        let Some(setting) = var.strip_prefix(prefix) else {
             continue;
         };
         let setting = setting.to_ascii_lowercase();
-        let known = keys.contains(&setting)
-            || OPTIONAL_FIELDS.contains(&setting.as_str())
+        let known = settings.contains(&setting.as_str())
             || OTHER_ENV.contains(&var.as_str())
             || flag_env.contains(&var);
         if !known {
             tracing::warn!(
                 variable = %var,
-                "unknown setting in the environment, ignored: AGENTGATE_<SETTING> takes a \
-                 setting's name from docs/configuration.md in upper case"
+                "unknown setting in the environment, ignored: {prefix}<SETTING> takes a \
+                 setting's name from `agentgate config defaults` in upper case"
             );
         }
     }
@@ -113,65 +197,107 @@ pub fn flag_env_names(cmd: &clap::Command) -> Vec<String> {
     names
 }
 
-fn is_optional_field(k: &str) -> bool {
-    OPTIONAL_FIELDS.contains(&k)
-}
-
-/// A list from the environment: a TOML array, or comma-separated strings.
-fn parse_env_list(raw: &str) -> toml::Value {
-    if raw.trim_start().starts_with('[') {
-        if let Some(v) = toml::from_str::<toml::Table>(&format!("v = {raw}"))
-            .ok()
-            .and_then(|mut t| t.remove("v"))
-        {
-            return v;
-        }
-    }
-    toml::Value::Array(
-        raw.split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(|s| toml::Value::String(s.to_string()))
-            .collect(),
-    )
-}
-
-/// An environment value: a TOML scalar if it parses as one (numbers, booleans), else a string.
-fn parse_env_value(raw: &str) -> toml::Value {
-    if let Ok(i) = raw.parse::<i64>() {
-        return toml::Value::Integer(i);
-    }
-    if let Ok(b) = raw.parse::<bool>() {
-        return toml::Value::Boolean(b);
-    }
-    toml::Value::String(raw.to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use agentgate_gateway::GatewayConfig;
     use std::time::Duration;
 
+    #[derive(Serialize)]
+    struct Flags {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        max_connections: Option<usize>,
+    }
+
+    const GATEWAY: EnvLayer = EnvLayer::Prefixed("AGENTGATE_");
+    const NONE: Flags = Flags {
+        max_connections: None,
+    };
+
+    // One test touches the environment, so that tests running in parallel do not see each
+    // other's variables.
     #[test]
-    fn file_then_env() {
+    fn defaults_then_file_then_env_then_set_then_flags() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("g.toml");
         std::fs::write(
             &f,
-            "listen = \"127.0.0.1:9000\"\nhandshake_timeout = \"2s\"\nmax_connections = 5\ntls_cert = \"/c.pem\"\n",
+            "listen = \"127.0.0.1:9000\"\nhandshake_timeout = \"2s\"\nmax_connections = 5\n\
+             tls_cert = \"/c.pem\"\nshutdown_grace = \"9s\"\n",
         )
         .unwrap();
-        // SAFETY: this test is the only one touching this variable.
-        unsafe { std::env::set_var("AGENTGATE_MAX_CONNECTIONS", "7") };
-        let c: GatewayConfig = layered(GatewayConfig::default(), Some(&f), &[]).unwrap();
-        unsafe { std::env::remove_var("AGENTGATE_MAX_CONNECTIONS") };
+        let c: GatewayConfig = layered(Some(&f), GATEWAY, &[], &NONE, &[]).unwrap();
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.handshake_timeout, Duration::from_secs(2));
-        assert_eq!(c.max_connections, 7);
+        assert_eq!(c.max_connections, 5);
         assert_eq!(c.tls_cert.as_deref(), Some(Path::new("/c.pem")));
+        assert_eq!(c.auth_timeout, GatewayConfig::default().auth_timeout);
+
+        // SAFETY: the only test in this binary that touches the environment.
+        unsafe {
+            std::env::set_var("AGENTGATE_MAX_CONNECTIONS", "7");
+            std::env::set_var("AGENTGATE_SHUTDOWN_GRACE", "4s");
+            std::env::set_var("AGENTGATE_INTERNAL_PEERS", "10.0.0.0/8, gw-2.internal");
+        }
+        let c: GatewayConfig = layered(Some(&f), GATEWAY, &[], &NONE, &[]).unwrap();
+        assert_eq!(c.max_connections, 7);
+        assert_eq!(c.shutdown_grace, Duration::from_secs(4));
+        assert_eq!(c.internal_peers, ["10.0.0.0/8", "gw-2.internal"]);
+
+        let set = [
+            "shutdown_grace=1s".to_string(),
+            "max_connections = 8".to_string(),
+        ];
+        let c: GatewayConfig = layered(Some(&f), GATEWAY, &set, &NONE, &[]).unwrap();
+        assert_eq!(
+            (c.shutdown_grace, c.max_connections),
+            (Duration::from_secs(1), 8)
+        );
+        let flags = Flags {
+            max_connections: Some(9),
+        };
+        let c: GatewayConfig = layered(Some(&f), GATEWAY, &set, &flags, &[]).unwrap();
+        assert_eq!(c.max_connections, 9);
+
+        // A bad value names its setting and the variable it came from.
+        unsafe { std::env::set_var("AGENTGATE_MAX_CONNECTIONS", "many") };
+        let err = layered::<GatewayConfig>(None, GATEWAY, &[], &NONE, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"max_connections\""), "{err}");
+        assert!(err.contains("AGENTGATE_MAX_CONNECTIONS"), "{err}");
+        unsafe {
+            std::env::remove_var("AGENTGATE_MAX_CONNECTIONS");
+            std::env::remove_var("AGENTGATE_SHUTDOWN_GRACE");
+            std::env::remove_var("AGENTGATE_INTERNAL_PEERS");
+        }
+
+        // Unknown keys: in the file and in --set, each named with its layer.
         std::fs::write(&f, "no_such_setting = 1\n").unwrap();
-        let err = layered(GatewayConfig::default(), Some(&f), &[]).unwrap_err();
-        assert!(format!("{err:#}").contains("no_such_setting"));
+        let err = layered::<GatewayConfig>(Some(&f), GATEWAY, &[], &NONE, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no_such_setting") && err.contains("g.toml"),
+            "{err}"
+        );
+        let set = ["shutdown_gracee=1s".to_string()];
+        let err = layered::<GatewayConfig>(None, GATEWAY, &set, &NONE, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("shutdown_gracee") && err.contains("--set"),
+            "{err}"
+        );
+        let err = layered::<GatewayConfig>(
+            Some(&dir.path().join("missing.toml")),
+            GATEWAY,
+            &[],
+            &NONE,
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("cannot read config file"), "{err}");
     }
 }

@@ -1,14 +1,17 @@
 //! Every setting of the gateway, named, with its default and the reason for it.
 //!
 //! The CLI fills this from a TOML file, then `AGENTGATE_*` environment variables, then flags.
+//! Every field's doc comment is what `agentgate config defaults` prints above it (the derive
+//! refuses a field without one), so this file is the one home of each setting's meaning.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use documented::DocumentedFields;
+use serde::{Deserialize, Deserializer, Serialize};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
 pub struct GatewayConfig {
     /// Agent port: all four transports.
@@ -20,11 +23,14 @@ pub struct GatewayConfig {
     pub admin_listen: SocketAddr,
     /// User-facing tunnel API (HTTP and gRPC).
     pub api_listen: SocketAddr,
-    /// PEM certificate chain and key for TLS on the agent port. Both or neither.
+    /// PEM certificate chain for TLS on the agent port (with `tls_key`; both or neither).
+    /// Without it the agent port serves grpc:// and ws:// only.
     pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
     pub tls_key: Option<PathBuf>,
-    /// PEM certificate chain and key for TLS on the API port. Both or neither.
+    /// PEM certificate chain for TLS on the API port (with `api_tls_key`; both or neither).
     pub api_tls_cert: Option<PathBuf>,
+    /// PEM private key for `api_tls_cert`.
     pub api_tls_key: Option<PathBuf>,
     /// Token store (agent and API tokens, hashed).
     pub tokens: PathBuf,
@@ -70,9 +76,10 @@ pub struct GatewayConfig {
     /// TLS handshakes, sniffs and WebSocket upgrades in progress at once from one address.
     pub max_handshakes_per_source: usize,
     /// Bytes a connection may send before one of its calls authenticated, counted under TLS
-    /// and WebSocket; past it the connection is closed (reason `pre_auth_bytes`). This bounds
-    /// what a client without a token can make the gateway buffer (a WebSocket message is read
-    /// whole). 0 disables.
+    /// and WebSocket. At the budget the gateway stops reading for up to 500 ms while a call's
+    /// token is checked (so a large first call passes), then closes the connection (reason
+    /// `pre_auth_bytes`). This bounds what a client without a token can make the gateway
+    /// buffer (a WebSocket message is read whole). 0 disables.
     pub max_bytes_before_auth: usize,
     /// Streams a connection may open before one of its calls authenticated, counted as the
     /// bytes arrive (before HTTP/2 decodes them, so a flood costs nothing more); past it the
@@ -157,9 +164,10 @@ pub struct GatewayConfig {
     pub tunnel_descriptor_timeout: Duration,
     /// Largest body chunk sent through a tunnel; bounds per-request buffering.
     pub tunnel_chunk_size: usize,
-    /// HTTP/2 stream and connection windows for agent connections. Larger windows raise bulk
-    /// throughput (a tonic relay went from 395 to 595 Mbit/s at 2 MiB / 4 MiB).
+    /// HTTP/2 stream window for agent connections. Larger windows raise bulk throughput (a
+    /// tonic relay went from 395 to 595 Mbit/s at 2 MiB / 4 MiB).
     pub http2_stream_window: u32,
+    /// HTTP/2 connection window for agent connections (all streams of one agent together).
     pub http2_connection_window: u32,
 
     /// Cluster mode: `redis://[:password@]host:port/db` or `rediss://...`. Unset means a
@@ -182,6 +190,7 @@ pub struct GatewayConfig {
     /// is also this replica's client certificate towards its peers. Reloaded like the agent
     /// port's.
     pub internal_tls_cert: Option<PathBuf>,
+    /// PEM private key for `internal_tls_cert`.
     pub internal_tls_key: Option<PathBuf>,
     /// CA certificates (PEM) that sign the replicas' internal certificates: peers' servers are
     /// verified against them (default: the system trust store), and with
@@ -194,7 +203,8 @@ pub struct GatewayConfig {
     /// entry: a CIDR (`10.0.0.0/8`), a host name or address (`gw-2.internal`), or a URL
     /// pattern with `*` (`https://*.agentgate.svc:8155`). A field in Redis that matches
     /// nothing is ignored, logged and counted. Empty: every URL is accepted (a warning at
-    /// start says so).
+    /// start says so). From the environment: `a,b` or a TOML array.
+    #[serde(deserialize_with = "list_or_comma_separated")]
     pub internal_peers: Vec<String>,
     /// Deadline for a TCP (and TLS) connect to a peer replica.
     #[serde(with = "humantime_serde")]
@@ -226,6 +236,7 @@ pub struct GatewayConfig {
     /// Start only if Redis answers within `redis_startup_timeout`. Off: start anyway, serve
     /// local agents, and join the cluster when Redis comes.
     pub redis_required_at_start: bool,
+    /// With `redis_required_at_start`: how long to wait for Redis at start before exiting.
     #[serde(with = "humantime_serde")]
     pub redis_startup_timeout: Duration,
     /// How often to hand freed heap memory back to the OS (glibc `malloc_trim`). After a burst
@@ -245,7 +256,7 @@ pub struct GatewayConfig {
 }
 
 /// One gateway-side gRPC service (or group of services) that agents call.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
 pub struct BackendConfig {
     /// What callers, logs and metrics call this backend (never its address). Default: the
@@ -253,6 +264,7 @@ pub struct BackendConfig {
     pub name: String,
     /// Prefixes of full service names (`runner.jobs.v1.` or `runner.jobs.v1.JobRouter`); a
     /// call goes to the backend with the longest matching prefix.
+    #[serde(deserialize_with = "list_or_comma_separated")]
     pub services: Vec<String>,
     /// `http://host:port` (HTTP/2 without TLS) or `https://host:port` (TLS with ALPN h2).
     pub url: String,
@@ -375,5 +387,56 @@ impl Default for GatewayConfig {
             memory_trim_interval: Duration::from_secs(10),
             backends: Vec::new(),
         }
+    }
+}
+
+/// A list of strings from a file (a TOML array) or from one line of text, as environment
+/// variables and `--set` give it: `a,b,c`, spaces around items ignored, empty items dropped.
+fn list_or_comma_separated<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrText {
+        List(Vec<String>),
+        Text(String),
+    }
+    Ok(match ListOrText::deserialize(d)? {
+        ListOrText::List(items) => items,
+        ListOrText::Text(text) => text
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_setting_has_its_doc_comment() {
+        // The derive refuses undocumented fields; this pins that the names line up with serde's.
+        let table = toml::Table::try_from(GatewayConfig::default()).unwrap();
+        for key in table.keys() {
+            assert!(
+                GatewayConfig::get_field_docs(key).is_ok(),
+                "{key} has no doc comment"
+            );
+        }
+        assert_eq!(
+            GatewayConfig::FIELD_NAMES.len(),
+            GatewayConfig::FIELD_DOCS.len()
+        );
+    }
+
+    #[test]
+    fn lists_read_from_arrays_and_from_comma_separated_text() {
+        let c: GatewayConfig =
+            toml::from_str("internal_peers = \"10.0.0.0/8, gw-2.internal,\"").unwrap();
+        assert_eq!(c.internal_peers, ["10.0.0.0/8", "gw-2.internal"]);
+        let c: GatewayConfig = toml::from_str("internal_peers = [\"a\", \"b\"]").unwrap();
+        assert_eq!(c.internal_peers, ["a", "b"]);
+        assert!(toml::from_str::<GatewayConfig>("internal_peers = 7").is_err());
     }
 }
