@@ -273,12 +273,22 @@ class Caddy:
         return self.proc.output()
 
 
-def render_haproxy_tcp(gw: GatewayPorts, port: int, api_port: int) -> str:
-    """deploy/haproxy/agentgate-tcp-passthrough.cfg with the test's ports."""
+# HAProxy's address towards the gateway in the TCP-mode tests: the gateway reads PROXY
+# headers from it only (proxy_protocol_from), while the tests' direct clients use 127.0.0.1.
+HAPROXY_SOURCE = "127.0.0.2"
+
+
+def render_haproxy_tcp(gw: GatewayPorts, port: int, api_port: int,
+                       proxy_header: str = "send-proxy-v2") -> str:
+    """deploy/haproxy/agentgate-tcp-passthrough.cfg with the test's ports, HAProxy connecting
+    to the agent port from HAPROXY_SOURCE; `proxy_header` swaps the shipped `send-proxy-v2`
+    (for `send-proxy`, version 1)."""
     text = (DEPLOY / "haproxy" / "agentgate-tcp-passthrough.cfg").read_text()
     text = sub(text, r"^(\s*)bind :443$", rf"\1bind 127.0.0.1:{port}", "the agents' bind")
     text = sub(text, r"^(\s*)bind :8443$", rf"\1bind 127.0.0.1:{api_port}", "the API bind")
-    text = sub(text, rf"\b127\.0\.0\.1:{SHIPPED_AGENT_PORT}\b", f"127.0.0.1:{gw.agent}", "the agent port server")
+    text = sub(text, rf"^(\s*server gateway1 )127\.0\.0\.1:{SHIPPED_AGENT_PORT}( .*) send-proxy-v2 (.*)$",
+               rf"\g<1>127.0.0.1:{gw.agent}\2 {proxy_header} \3 source {HAPROXY_SOURCE}",
+               "the agent port server with send-proxy-v2")
     text = sub(text, rf"\b127\.0\.0\.1:{SHIPPED_API_PORT}\b", f"127.0.0.1:{gw.api}", "the API server")
     return text
 

@@ -21,8 +21,8 @@ import pytest
 import ingress_clients as ic
 from conftest import free_port, wait_for
 from proxies import (
-    UPSTREAM_HEALTH_SERVICE, Caddy, GatewayPorts, GrpcUpstream, HAProxy, HttpUpstream,
-    grpc_health_check, https_get, render_caddy, render_haproxy_tcp,
+    HAPROXY_SOURCE, UPSTREAM_HEALTH_SERVICE, Caddy, GatewayPorts, GrpcUpstream, HAProxy,
+    HttpUpstream, grpc_health_check, https_get, render_caddy, render_haproxy_tcp,
 )
 
 FAST_BACKOFF = ["--backoff-initial", "500ms", "--backoff-max", "2s"]
@@ -91,7 +91,8 @@ def test_caddy_carries_h2c_and_websocket_agents_on_one_port(env, upstreams):
 
 def test_haproxy_in_tcp_mode_passes_tls_through_to_the_gateway(env, upstreams):
     g = env.gateway(tls=True, cleartext=False,
-                    extra=["--api-tls-cert", env.certs["cert"], "--api-tls-key", env.certs["key"]])
+                    extra=["--api-tls-cert", env.certs["cert"], "--api-tls-key", env.certs["key"],
+                           "--set", f"proxy_protocol_from={HAPROXY_SOURCE}"])
     ports = GatewayPorts(agent=g.port, admin=g.admin_port, api=g.api_port)
     port, api_port = free_port(), free_port()
     hap = HAProxy(env, render_haproxy_tcp(ports, port, api_port), port, api_port, name="haproxy-tcp")
@@ -100,9 +101,11 @@ def test_haproxy_in_tcp_mode_passes_tls_through_to_the_gateway(env, upstreams):
     agent(env, "t-grpcs", f"grpcs://localhost:{port}", upstreams)
     agent(env, "t-wss", f"wss://localhost:{port}/-/agent/", upstreams, ["--transport", "websocket"])
     agent(env, "t-auto", f"wss://localhost:{port}/-/agent/", upstreams)
-    # The gateway terminated TLS itself: it labels agents with their real transports.
+    # The gateway terminated TLS itself: it labels agents with their real transports, and
+    # from HAProxy's PROXY header it knows their own address, not HAProxy's.
     for name, transport in {"t-grpcs": "grpcs", "t-wss": "wss", "t-auto": "grpcs"}.items():
-        g.wait_agent(name, transport=transport, timeout=30)
+        rec = g.wait_agent(name, transport=transport, timeout=30)
+        assert rec["peer"].startswith("127.0.0.1:"), rec
 
     # What a client sees through HAProxy is the gateway's own certificate.
     ctx = ssl.create_default_context(cafile=str(env.certs["ca"]))
@@ -131,3 +134,61 @@ def test_haproxy_in_tcp_mode_passes_tls_through_to_the_gateway(env, upstreams):
     wait_for(lambda: "agentgate_agents/agentgate_agent_port/gateway1" in hap.access_log()
              or "agentgate_agents agentgate_agent_port/gateway1" in hap.access_log(),
              timeout=15, what="HAProxy's tcplog line for an agent connection")
+
+
+@pytest.mark.parametrize("proxy_header", ["send-proxy-v2", "send-proxy"])
+def test_haproxy_proxy_protocol_gives_each_client_its_own_address(env, upstreams, proxy_header):
+    """HAProxy's PROXY header (version 2 as shipped, and version 1): the per-source limit
+    counts each client behind HAProxy, not HAProxy; a connection from HAProxy's address
+    without a header is refused, and a header from anyone else is not believed."""
+    g = env.gateway(tls=True, cleartext=False, extra=[
+        "--set", f"proxy_protocol_from=[\"{HAPROXY_SOURCE}\"]",
+        "--set", "max_connections_per_source=2"])
+    ports = GatewayPorts(agent=g.port, admin=g.admin_port, api=g.api_port)
+    port, api_port = free_port(), free_port()
+    HAProxy(env, render_haproxy_tcp(ports, port, api_port, proxy_header), port, api_port,
+            name=f"haproxy-{proxy_header}")
+    ctx = ssl.create_default_context(cafile=str(env.certs["ca"]))
+    ctx.set_alpn_protocols(["h2"])
+
+    def tls_through_haproxy(source: str):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+        try:
+            return ctx.wrap_socket(s, server_hostname="localhost")
+        except (ssl.SSLError, OSError):
+            s.close()
+            return None
+
+    refused_before = g.metric("agentgate_connections_rejected_total", reason="source_over_limit")
+    held = [tls_through_haproxy("127.0.0.5") for _ in range(2)]
+    assert all(held), "two connections from one client are within the limit"
+    assert tls_through_haproxy("127.0.0.5") is None, "the third from the same client is over it"
+    wait_for(lambda: g.metric("agentgate_connections_rejected_total", reason="source_over_limit")
+             == refused_before + 1, what="the refusal counted")
+    other = tls_through_haproxy("127.0.0.6")
+    assert other is not None, "another client behind the same HAProxy is not"
+    for t in [*held, other]:
+        t.close()
+
+    # An agent through HAProxy registers under its own address.
+    agent(env, "pp-agent", f"grpcs://localhost:{port}", upstreams)
+    assert g.wait_agent("pp-agent", transport="grpcs", timeout=30)["peer"].startswith("127.0.0.1:")
+
+    # From HAProxy's address but without a header (something else on that host): refused.
+    raw = socket.create_connection(("127.0.0.1", g.port), timeout=5,
+                                   source_address=(HAPROXY_SOURCE, 0))
+    raw.sendall(b"\x16\x03\x01\x00\x05hello")
+    assert raw.recv(100) == b""
+    raw.close()
+    wait_for(lambda: g.metric("agentgate_connections_rejected_total", reason="proxy_header") >= 1,
+             what="proxy_header counted")
+    # A header from an address not listed is not believed: it is just bad input there.
+    spoof = socket.create_connection(("127.0.0.1", g.port), timeout=5)
+    spoof.sendall(b"PROXY TCP4 203.0.113.9 127.0.0.1 4000 443\r\n")
+    spoof.settimeout(5)
+    while spoof.recv(100):  # the gateway answers with a TLS alert at most, then closes
+        pass
+    spoof.close()
+    wait_for(lambda: g.metric("agentgate_connections_rejected_total", reason="tls_error") >= 1,
+             what="the spoofed header refused as a failed TLS handshake")
+    assert all(not a["peer"].startswith("203.0.113.9") for a in g.agents())

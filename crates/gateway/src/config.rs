@@ -81,6 +81,14 @@ pub struct GatewayConfig {
     /// `pre_auth_bytes`). This bounds what a client without a token can make the gateway
     /// buffer (a WebSocket message is read whole). 0 disables.
     pub max_bytes_before_auth: usize,
+    /// Load balancers in TCP mode that send the PROXY protocol (v1 or v2; HAProxy
+    /// `send-proxy-v2`, AWS NLB, ...): addresses or CIDRs. A connection from one of them must
+    /// start with a PROXY header, and the client it names is the connection's address for
+    /// logs, per-source limits and the agent list; a connection without a valid header within
+    /// `handshake_timeout` is closed (reason `proxy_header`). From other addresses no header
+    /// is looked for, so an agent cannot claim another address. Empty: off. Agent ports only.
+    #[serde(deserialize_with = "list_or_comma_separated")]
+    pub proxy_protocol_from: Vec<String>,
     /// Streams a connection may open before one of its calls authenticated, counted as the
     /// bytes arrive (before HTTP/2 decodes them, so a flood costs nothing more); past it the
     /// connection is closed (reason `streams_before_auth`). agentk opens about one stream per
@@ -336,6 +344,7 @@ impl Default for GatewayConfig {
             max_handshakes_per_source: 64,
             max_bytes_before_auth: 1024 * 1024,
             max_streams_before_auth: 100,
+            proxy_protocol_from: vec![],
             max_concurrent_streams: 520,
             max_pending_accept_reset_streams: 20,
             max_local_error_reset_streams: 1024,
@@ -387,6 +396,26 @@ impl Default for GatewayConfig {
             memory_trim_interval: Duration::from_secs(10),
             backends: Vec::new(),
         }
+    }
+}
+
+impl GatewayConfig {
+    /// `proxy_protocol_from` as networks: a bare address is a network of one.
+    pub fn proxy_protocol_networks(&self) -> anyhow::Result<Vec<ipnet::IpNet>> {
+        self.proxy_protocol_from
+            .iter()
+            .map(|e| {
+                let e = e.trim();
+                e.parse::<ipnet::IpNet>()
+                    .or_else(|_| e.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        anyhow::anyhow!(
+                            "proxy_protocol_from entry {e:?} is neither an address (10.0.0.5) nor \
+                             a CIDR (10.0.0.0/24)"
+                        )
+                    })
+            })
+            .collect()
     }
 }
 

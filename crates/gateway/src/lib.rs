@@ -116,6 +116,7 @@ impl Gateway {
         if tokens.is_empty() {
             tracing::warn!(path = %path.display(), "the token store holds no tokens: every agent and caller is refused until one is created");
         }
+        config.proxy_protocol_networks()?;
         let backends = Arc::new(backends::Backends::new(&config.backends)?);
         let metrics = Arc::new(Metrics::default());
         let age = config.max_connection_age;
@@ -345,6 +346,7 @@ pub async fn run_with(
         max_bytes_before_auth: (cfg.max_bytes_before_auth > 0).then_some(cfg.max_bytes_before_auth),
         max_streams_before_auth: (cfg.max_streams_before_auth > 0)
             .then_some(cfg.max_streams_before_auth),
+        proxy_protocol_from: cfg.proxy_protocol_networks()?,
         ws: WsSettings {
             read_buffer_size: cfg.ws_read_buffer_size,
             max_message_size: cfg.ws_max_message_size,

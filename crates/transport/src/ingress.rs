@@ -64,6 +64,10 @@ pub struct IngressSettings {
     /// connection may open before one of its calls authenticated; past it the connection is
     /// closed (reason `streams_before_auth`). `None` disables.
     pub max_streams_before_auth: Option<u32>,
+    /// Load balancers (TCP mode) whose connections start with a PROXY protocol header naming
+    /// the client (crate::proxy_header); from any other address none is looked for. Empty:
+    /// the PROXY protocol is off.
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
     pub ws: WsSettings,
 }
 
@@ -78,6 +82,7 @@ impl Default for IngressSettings {
             max_handshakes_per_source: 64,
             max_bytes_before_auth: Some(1024 * 1024),
             max_streams_before_auth: Some(100),
+            proxy_protocol_from: Vec::new(),
             ws: WsSettings::default(),
         }
     }
@@ -115,10 +120,13 @@ pub enum RejectReason {
     TooManySettings,
     /// More than `max_streams_before_auth` streams opened before any call authenticated.
     StreamsBeforeAuth,
+    /// A connection from a `proxy_protocol_from` address without a valid PROXY protocol
+    /// header within the handshake deadline.
+    ProxyHeader,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 16] = [
+    pub const ALL: [RejectReason; 17] = [
         Self::SniffTimeout,
         Self::BadPreface,
         Self::EarlyEof,
@@ -135,6 +143,7 @@ impl RejectReason {
         Self::PreAuthBytes,
         Self::TooManySettings,
         Self::StreamsBeforeAuth,
+        Self::ProxyHeader,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -155,6 +164,7 @@ impl RejectReason {
             Self::PreAuthBytes => "pre_auth_bytes",
             Self::TooManySettings => "too_many_settings",
             Self::StreamsBeforeAuth => "streams_before_auth",
+            Self::ProxyHeader => "proxy_header",
         }
     }
 }
@@ -621,32 +631,50 @@ pub fn serve_ingress(
                 drop(stream);
                 continue;
             };
-            let mut source = match limit.admit_source(peer.ip(), &settings) {
-                Ok(slot) => slot,
-                Err(reason) => {
-                    observer.rejected(reason);
-                    if let Some(suppressed) = PRE_AUTH_LOG.allow() {
-                        tracing::warn!(
-                            %peer,
-                            %reason,
-                            max_connections_per_source = settings.max_connections_per_source,
-                            max_handshakes_per_source = settings.max_handshakes_per_source,
-                            suppressed,
-                            "connection refused: too many connections or handshakes from this address"
-                        );
+            // Behind a balancer the client is known only once its header is read, in the
+            // connection's task; everyone else is counted against their address right here.
+            let balancer = settings
+                .proxy_protocol_from
+                .iter()
+                .any(|net| net.contains(&peer.ip()));
+            let early_source = if balancer {
+                None
+            } else {
+                match limit.admit_source(peer.ip(), &settings) {
+                    Ok(slot) => Some(slot),
+                    Err(reason) => {
+                        refuse_source(&*observer, peer, reason, &settings);
+                        continue;
                     }
-                    drop(stream);
-                    continue;
                 }
             };
             let id = limit.next_id.fetch_add(1, Ordering::Relaxed);
-            let (tx, observer, settings, acceptor) = (
+            let (tx, observer, settings, acceptor, limit) = (
                 tx.clone(),
                 observer.clone(),
                 settings.clone(),
                 acceptor.clone(),
+                limit.clone(),
             );
             tokio::spawn(async move {
+                let mut stream = stream;
+                let (peer, mut source, via) = match early_source {
+                    Some(slot) => (peer, slot, None),
+                    None => {
+                        let Some(client) =
+                            client_behind(&mut stream, peer, id, &*observer, &settings).await
+                        else {
+                            return;
+                        };
+                        match limit.admit_source(client.ip(), &settings) {
+                            Ok(slot) => (client, slot, Some(peer)),
+                            Err(reason) => {
+                                refuse_source(&*observer, client, reason, &settings);
+                                return;
+                            }
+                        }
+                    }
+                };
                 let agent = Arc::new(OnceLock::new());
                 let tripped = Arc::new(std::sync::atomic::AtomicBool::new(false));
                 let report = {
@@ -694,7 +722,14 @@ pub fn serve_ingress(
                             goaway_sent: Default::default(),
                         });
                         observer.opened(&meta);
-                        tracing::info!(conn = id, transport = %kind, %peer, "connection opened");
+                        match via {
+                            None => {
+                                tracing::info!(conn = id, transport = %kind, %peer, "connection opened")
+                            }
+                            Some(balancer) => {
+                                tracing::info!(conn = id, transport = %kind, %peer, %balancer, "connection opened")
+                            }
+                        }
                         let conn = ServerConn {
                             io,
                             meta,
@@ -730,6 +765,55 @@ pub fn serve_ingress(
 }
 
 type Rejection = (RejectReason, String);
+
+/// A connection over its source address's limits: counted, logged (within the log budget)
+/// and dropped by the caller.
+fn refuse_source(
+    observer: &dyn IngressObserver,
+    peer: SocketAddr,
+    reason: RejectReason,
+    settings: &IngressSettings,
+) {
+    observer.rejected(reason);
+    if let Some(suppressed) = PRE_AUTH_LOG.allow() {
+        tracing::warn!(
+            %peer,
+            %reason,
+            max_connections_per_source = settings.max_connections_per_source,
+            max_handshakes_per_source = settings.max_handshakes_per_source,
+            suppressed,
+            "connection refused: too many connections or handshakes from this address"
+        );
+    }
+}
+
+/// The client a balancer's connection carries, from its PROXY protocol header (the
+/// balancer's own address when the header names none), or `None` after refusing it.
+async fn client_behind(
+    stream: &mut TcpStream,
+    balancer: SocketAddr,
+    id: u64,
+    observer: &dyn IngressObserver,
+    settings: &IngressSettings,
+) -> Option<SocketAddr> {
+    let deadline = settings.handshake_timeout;
+    let why = match timeout(deadline, crate::proxy_header::read_proxy_header(stream)).await {
+        Ok(Ok(client)) => return Some(client.unwrap_or(balancer)),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no whole PROXY protocol header within {deadline:?}"),
+    };
+    observer.rejected(RejectReason::ProxyHeader);
+    if let Some(suppressed) = PRE_AUTH_LOG.allow() {
+        tracing::warn!(
+            conn = id,
+            %balancer,
+            reason = "proxy_header",
+            suppressed,
+            "connection from a proxy_protocol_from address refused: {why}"
+        );
+    }
+    None
+}
 
 async fn classify(
     mut stream: PreAuthBudget<TcpStream>,

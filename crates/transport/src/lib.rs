@@ -18,6 +18,7 @@ mod log_budget;
 mod ping_policy;
 mod pre_auth_budget;
 mod proxy;
+pub mod proxy_header;
 pub mod raw_frames;
 mod scheme;
 mod sniff;
