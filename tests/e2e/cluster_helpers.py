@@ -31,9 +31,10 @@ MiB = 1024 * 1024
 class Redis:
     """redis-server from Debian on its own port and directory, no persistence."""
 
-    def __init__(self, env, name: str = "redis"):
+    def __init__(self, env, name: str = "redis", extra: tuple = ()):
         self.env = env
         self.name = name
+        self.extra = [str(a) for a in extra]
         self.port = free_port()
         self.dir = env.tmp / name
         self.dir.mkdir(exist_ok=True)
@@ -50,7 +51,7 @@ class Redis:
         self.proc = self.env.spawn(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(self.dir), "--daemonize", "no",
-             "--protected-mode", "no"],
+             "--protected-mode", "no", *self.extra],
             f"{self.name}-{self.starts}")
         wait_for(lambda: self._ping(), timeout=10, what="redis PING")
 
@@ -347,3 +348,41 @@ def cluster_agents(admin: str) -> list[dict]:
     status, _, body = http_get(admin + "/api/v1/agents?scope=cluster", timeout=15)
     assert status == 200, (status, body[:500])
     return json.loads(body)
+
+
+class LoadThreads:
+    """Background threads that each call `one(i)` over and over (i: the thread's next
+    number) until stopped, counting successes and keeping every failure with its time.
+    Subclasses say what one request is; `with` starts and stops the threads."""
+
+    def __init__(self, threads: int = 4):
+        self.stop_ev = threading.Event()
+        self.lock = threading.Lock()
+        self.ok = 0
+        self.failures: list[str] = []
+        self.threads = [threading.Thread(target=self._run, args=(i, threads), daemon=True)
+                        for i in range(threads)]
+
+    def one(self, i: int) -> tuple[bool, str]:
+        raise NotImplementedError
+
+    def _run(self, offset: int, step: int):
+        i = offset
+        while not self.stop_ev.is_set():
+            ok, what = self.one(i)
+            i += step
+            with self.lock:
+                if ok:
+                    self.ok += 1
+                else:
+                    self.failures.append(f"{time.strftime('%H:%M:%S')} {what}")
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop_ev.set()
+        for t in self.threads:
+            t.join(timeout=30)

@@ -70,6 +70,28 @@ NO_PROXY_ENV = {"HTTPS_PROXY": "", "HTTP_PROXY": "", "https_proxy": "", "http_pr
 # ---------------------------------------------------------------------------------------------
 # The upstream.
 
+
+def pump_bytes(src: socket.socket, dst: socket.socket, delay: float = 0.0):
+    """Copies src to dst until either side ends, holding each chunk `delay` seconds (a slow
+    link), then shuts both down."""
+    try:
+        while True:
+            b = src.recv(262144)
+            if not b:
+                break
+            if delay:
+                time.sleep(delay)
+            dst.sendall(b)
+    except OSError:
+        pass
+    finally:
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
 class _PatternHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -265,27 +287,11 @@ class SniffProxy:
             u = socket.create_connection(self.target)
             self._track(u)
             u.sendall(first)
-            threading.Thread(target=self._pump, args=(u, c), daemon=True).start()
-            self._pump(c, u)
+            threading.Thread(target=pump_bytes, args=(u, c), daemon=True).start()
+            pump_bytes(c, u)
         except OSError:
             c.close()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket):
-        try:
-            while True:
-                b = src.recv(262144)
-                if not b:
-                    break
-                dst.sendall(b)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def close(self):
         self._stopped = True

@@ -334,11 +334,12 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class HttpUpstream:
-    """An HTTP/1.1 server in a thread: /big/N streams N MiB, anything else echoes as JSON."""
+    """An HTTP/1.1 server in a thread: /big/N streams N MiB, anything else echoes as JSON
+    (or whatever `handler` does)."""
 
-    def __init__(self, tag: str = "upstream"):
+    def __init__(self, tag: str = "upstream", handler=None):
         self.port = free_port()
-        self.srv = ThreadingHTTPServer(("127.0.0.1", self.port), _Handler)
+        self.srv = ThreadingHTTPServer(("127.0.0.1", self.port), handler or _Handler)
         self.srv.daemon_threads = True
         self.srv.tag = tag
         self.t = threading.Thread(target=self.srv.serve_forever, daemon=True)

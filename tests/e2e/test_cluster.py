@@ -31,7 +31,6 @@ import json
 import signal
 import statistics
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,7 +39,8 @@ import pytest
 
 from conftest import Env, wait_for
 from cluster_helpers import (
-    MiB, AgentUpstream, ApiClient, Redis, Replica, cluster_agents, echo_ok, expected_sha256,
+    MiB, AgentUpstream, ApiClient, LoadThreads, Redis, Replica, cluster_agents, echo_ok,
+    expected_sha256,
     internal_call, sign_call, start_haproxy_cluster, write_secret,
 )
 
@@ -115,41 +115,17 @@ def cluster():
             upstream.close()
 
 
-class RequestLoop:
-    """Background threads sending tunnelled requests over (replica, agent) pairs until stopped,
-    recording every failure."""
+class RequestLoop(LoadThreads):
+    """Tunnelled requests over (replica, agent) pairs until stopped."""
 
     def __init__(self, cluster: Cluster, pairs: list[tuple[Replica, str]], threads: int = 4):
         self.cluster = cluster
         self.pairs = pairs
-        self.stop_ev = threading.Event()
-        self.lock = threading.Lock()
-        self.ok = 0
-        self.failures: list[str] = []
-        self.threads = [threading.Thread(target=self._run, args=(i, threads), daemon=True)
-                        for i in range(threads)]
+        super().__init__(threads)
 
-    def _run(self, offset: int, step: int):
-        i = offset
-        while not self.stop_ev.is_set():
-            replica, agent = self.pairs[i % len(self.pairs)]
-            i += step
-            ok, what = self.cluster.request(replica, agent, f"loop{i}")
-            with self.lock:
-                if ok:
-                    self.ok += 1
-                else:
-                    self.failures.append(f"{time.strftime('%H:%M:%S')} {what}")
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop_ev.set()
-        for t in self.threads:
-            t.join(timeout=30)
+    def one(self, i: int) -> tuple[bool, str]:
+        replica, agent = self.pairs[i % len(self.pairs)]
+        return self.cluster.request(replica, agent, f"loop{i}")
 
 
 def all_pairs_ok(cluster: Cluster, pairs, tag: str) -> list[str]:

@@ -17,52 +17,27 @@ import time
 
 import pytest
 
-from cluster_helpers import echo_ok
+from cluster_helpers import LoadThreads, echo_ok
+from lifecycle_helpers import pump_bytes
 from conftest import free_port, wait_for
 from test_cluster import Cluster  # noqa: F401  (the three-replica setup)
 from test_cluster import cluster  # noqa: F401  pytest fixture
 
 
-class CallerLoop:
-    """Callers through HAProxy's API route, one keep-alive connection per thread, recording
-    every failure with the time it happened."""
+class CallerLoop(LoadThreads):
+    """Callers through HAProxy's API route, one keep-alive connection per thread."""
 
     def __init__(self, cluster, names, threads: int = 4):
         self.cluster, self.names = cluster, names
-        self.stop_ev = threading.Event()
-        self.lock = threading.Lock()
-        self.ok, self.failures = 0, []
-        self.threads = [threading.Thread(target=self._run, args=(i, threads), daemon=True)
-                        for i in range(threads)]
+        super().__init__(threads)
 
-    def _run(self, offset, step):
-        i = offset
-        port = self.cluster.haproxy.clear_port
-        while not self.stop_ev.is_set():
-            agent = self.names[i % len(self.names)]
-            i += step
-            tag = f"roll{i}"
-            try:
-                status, body = self.cluster.client.echo(port, agent, tag)
-                ok = echo_ok(status, body, agent, tag)
-                what = f"{agent}: {status} {body[:160]!r}"
-            except Exception as e:  # noqa: BLE001
-                ok, what = False, f"{agent}: {type(e).__name__}: {e}"
-            with self.lock:
-                if ok:
-                    self.ok += 1
-                else:
-                    self.failures.append(f"{time.strftime('%H:%M:%S')} {what}")
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop_ev.set()
-        for t in self.threads:
-            t.join(timeout=30)
+    def one(self, i: int) -> tuple[bool, str]:
+        agent, tag = self.names[i % len(self.names)], f"roll{i}"
+        try:
+            status, body = self.cluster.client.echo(self.cluster.haproxy.clear_port, agent, tag)
+            return echo_ok(status, body, agent, tag), f"{agent}: {status} {body[:160]!r}"
+        except Exception as e:  # noqa: BLE001
+            return False, f"{agent}: {type(e).__name__}: {e}"
 
 
 def test_rolling_restart_of_every_replica_fails_no_request(cluster):  # noqa: F811
@@ -169,23 +144,6 @@ class DelayProxy:
         self.sock.listen(64)
         threading.Thread(target=self._accept, daemon=True).start()
 
-    def _pipe(self, a, b):
-        try:
-            while True:
-                data = a.recv(65536)
-                if not data:
-                    break
-                time.sleep(self.delay)
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
     def _accept(self):
         while True:
             try:
@@ -193,8 +151,8 @@ class DelayProxy:
             except OSError:
                 return
             u = socket.create_connection(("127.0.0.1", self.target))
-            threading.Thread(target=self._pipe, args=(c, u), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(u, c), daemon=True).start()
+            for a, b in ((c, u), (u, c)):
+                threading.Thread(target=pump_bytes, args=(a, b, self.delay), daemon=True).start()
 
     def close(self):
         self.sock.close()

@@ -20,14 +20,14 @@ import ssl
 import subprocess
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 import raw_h2
 from cluster_helpers import Redis, body_mac, head_digest, internal_call, sign_call, write_secret
 from conftest import BIN, free_port, make_certs, wait_for
-from proxies import port_open
+from proxies import HttpUpstream, port_open
 
 
 class Recorder:
@@ -60,18 +60,11 @@ class Recorder:
 
         self.lock = threading.Lock()
         self.seen: list = []
-        self.port = free_port()
-        self.srv = ThreadingHTTPServer(("127.0.0.1", self.port), H)
-        self.srv.daemon_threads = True
-        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        self.server = HttpUpstream(tag, handler=H)
+        self.url = self.server.url
 
     def close(self):
-        self.srv.shutdown()
-        self.srv.server_close()
+        self.server.close()
 
 
 def replica(env, name, redis, secret_file, scheme="http", extra=()):
@@ -96,6 +89,15 @@ def api_get(g, token, agent, path):
         return e.code, e.read()
 
 
+def pin_agent(env, r2, rec) -> str:
+    """Agent `pinned` connected to replica r2 with `rec` as its upstream; returns an API
+    token for callers."""
+    env.agent(f"grpc://127.0.0.1:{r2.port}", env.token_file("pinned"), name="agent-pinned",
+              extra=["--upstream", rec.url])
+    r2.wait_agent("pinned")
+    return env.token("caller", kind="api")
+
+
 @pytest.fixture
 def pair(env):
     """Two replicas sharing Redis; agent `pinned` connected straight to the second one."""
@@ -104,10 +106,7 @@ def pair(env):
     rec = Recorder("pinned-upstream")
     r1 = replica(env, "r1", redis, secret_file)
     r2 = replica(env, "r2", redis, secret_file)
-    env.agent(f"grpc://127.0.0.1:{r2.port}", env.token_file("pinned"), name="agent-pinned",
-              extra=["--upstream", rec.url])
-    r2.wait_agent("pinned")
-    api = env.token("caller", kind="api")
+    api = pin_agent(env, r2, rec)
     wait_for(lambda: api_get(r1, api, "pinned", "/warm")[0] == 200, timeout=20,
              what="r1 reaching the agent on r2")
     try:
@@ -277,10 +276,7 @@ def test_a_foreign_url_planted_in_redis_receives_nothing_from_an_allowlisting_re
             return g
         r1, r2 = rep("r1", p1, allow), rep("r2", p2, allow)
         open_one = rep("r3-no-allowlist", free_port(), [])
-        env.agent(f"grpc://127.0.0.1:{r2.port}", env.token_file("pinned"), name="agent-pinned",
-                  extra=["--upstream", rec.url])
-        r2.wait_agent("pinned")
-        api = env.token("caller", kind="api")
+        api = pin_agent(env, r2, rec)
         wait_for(lambda: redis.hgetall("agentgate:agent:pinned"), what="the agent in Redis")
         # Planted: the fake's URL under the agent's key, never expiring, like a replica's field.
         redis.cli("HSET", "agentgate:agent:pinned", fake.url, str(int(time.time() * 1000) + 3_600_000))
@@ -314,10 +310,7 @@ def test_tls_and_client_certificates_on_the_internal_port(env):
     try:
         r1 = replica(env, "r1", redis, secret_file, scheme="https", extra=tls)
         r2 = replica(env, "r2", redis, secret_file, scheme="https", extra=tls)
-        env.agent(f"grpc://127.0.0.1:{r2.port}", env.token_file("pinned"), name="agent-pinned",
-                  extra=["--upstream", rec.url])
-        r2.wait_agent("pinned")
-        api = env.token("caller", kind="api")
+        api = pin_agent(env, r2, rec)
         wait_for(lambda: api_get(r1, api, "pinned", "/over-mtls")[0] == 200, timeout=20,
                  what="r1 reaching the agent on r2 over mutual TLS")
         assert r1.metric("agentgate_forwards_total", outcome="ok") >= 1
@@ -405,10 +398,7 @@ def test_redis_as_operators_run_it_tls_and_an_acl_user(env, tmp_path):
         ca = ["--set", f'redis_ca_cert="{pki["ca"]}"', "--set", "redis_required_at_start=true"]
         r1 = replica(env, "r1", TlsRedis, secret_file, extra=ca)
         r2 = replica(env, "r2", TlsRedis, secret_file, extra=ca)
-        env.agent(f"grpc://127.0.0.1:{r2.port}", env.token_file("pinned"), name="agent-pinned",
-                  extra=["--upstream", rec.url])
-        r2.wait_agent("pinned")
-        api = env.token("caller", kind="api")
+        api = pin_agent(env, r2, rec)
         wait_for(lambda: api_get(r1, api, "pinned", "/via-rediss")[0] == 200, timeout=20,
                  what="r1 finding the agent on r2 through Redis over TLS")
         for g in (r1, r2):

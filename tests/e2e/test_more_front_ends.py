@@ -177,8 +177,12 @@ def test_haproxy_proxy_protocol_gives_each_client_its_own_address(env, upstreams
     # From HAProxy's address but without a header (something else on that host): refused.
     raw = socket.create_connection(("127.0.0.1", g.port), timeout=5,
                                    source_address=(HAPROXY_SOURCE, 0))
-    raw.sendall(b"\x16\x03\x01\x00\x05hello")
-    assert raw.recv(100) == b""
+    raw.settimeout(10)
+    raw.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32))  # a TLS ClientHello's start
+    try:
+        assert raw.recv(100) == b"", "closed without an answer"
+    except ConnectionResetError:
+        pass  # closed with our unread bytes still queued: a reset, as good
     raw.close()
     wait_for(lambda: g.metric("agentgate_connections_rejected_total", reason="proxy_header") >= 1,
              what="proxy_header counted")

@@ -178,8 +178,9 @@ pub struct GatewayConfig {
     /// HTTP/2 connection window for agent connections (all streams of one agent together).
     pub http2_connection_window: u32,
 
-    /// Cluster mode: `redis://[:password@]host:port/db` or `rediss://...`. Unset means a
-    /// single process with no shared state.
+    /// Cluster mode: `redis://[:password@]host:port/db`, `rediss://...`, or
+    /// `redis+sentinel://host:port[,host:port...]/MASTER[/db]` to follow a Redis failover
+    /// through its Sentinels. Unset means a single process with no shared state.
     pub redis: Option<String>,
     /// Internal API for other replicas (cluster mode only).
     pub internal_listen: SocketAddr,

@@ -14,6 +14,7 @@
 
 pub mod internal_api;
 pub mod peers;
+mod redis_target;
 pub mod registry;
 pub mod setup;
 pub mod signing;

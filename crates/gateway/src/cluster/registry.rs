@@ -19,6 +19,7 @@ use redis::aio::ConnectionManager;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::redis_target::RedisTarget;
 use crate::metrics::Metrics;
 
 const REPLICAS_KEY: &str = "agentgate:replicas";
@@ -43,7 +44,7 @@ pub enum RegistryError {
 }
 
 pub struct Registry {
-    client: redis::Client,
+    target: RedisTarget,
     conn: tokio::sync::Mutex<Option<ConnectionManager>>,
     self_url: String,
     ttl: Duration,
@@ -73,23 +74,29 @@ impl Registry {
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<Self>> {
         // The error never repeats the URL: it may carry a password.
-        let client = match ca_cert {
-            None => redis::Client::open(url),
-            Some(root_cert) => redis::Client::build_with_tls(
-                url,
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(root_cert),
-                },
+        let target = match RedisTarget::sentinel(url) {
+            Some(sentinel) => sentinel.map_err(|e| anyhow::anyhow!("invalid --redis URL: {e}"))?,
+            None => RedisTarget::Direct(
+                match ca_cert {
+                    None => redis::Client::open(url),
+                    Some(root_cert) => redis::Client::build_with_tls(
+                        url,
+                        redis::TlsCertificates {
+                            client_tls: None,
+                            root_cert: Some(root_cert),
+                        },
+                    ),
+                }
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "invalid --redis URL (redis:// or rediss://[user:password@]host:port/db, \
+                         or redis+sentinel://host:port[,host:port]/MASTER[/db]): {e}"
+                    )
+                })?,
             ),
-        }
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "invalid --redis URL (redis:// or rediss://[user:password@]host:port/db): {e}"
-            )
-        })?;
+        };
         Ok(Arc::new(Self {
-            client,
+            target,
             conn: tokio::sync::Mutex::new(None),
             self_url,
             ttl,
@@ -135,10 +142,10 @@ impl Registry {
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.timeout))
             .set_number_of_retries(1);
-        let c = tokio::time::timeout(
-            self.timeout * 2,
-            ConnectionManager::new_with_config(self.client.clone(), cfg),
-        )
+        let c = tokio::time::timeout(self.timeout * 2, async {
+            let client = self.target.client().await?;
+            ConnectionManager::new_with_config(client, cfg).await
+        })
         .await
         .map_err(|_| RegistryError::Timeout(self.timeout))??;
         *slot = Some(c.clone());
@@ -164,6 +171,10 @@ impl Registry {
         self.metrics.redis_ops.inc(&[op, outcome]);
         if let Err(e) = &result {
             tracing::warn!(op, error = %e, "Redis call failed");
+            if self.target.follows_failover() {
+                // The master may have moved: ask the Sentinels again on the next call.
+                *self.conn.lock().await = None;
+            }
             // Redis may come back empty (restarted without persistence): rewrite everything
             // as soon as it answers again.
             self.dirty.store(true, Ordering::Relaxed);
