@@ -316,6 +316,15 @@ def make_certs(d: Path, eku: str = "serverAuth") -> dict:
     return {"ca": ca, "cert": cert, "key": key}
 
 
+def keep_logs(d, name: str):
+    """With AGENTGATE_E2E_KEEP_LOGS=DIR, copies a test's workspace `d` (its logs) there."""
+    keep = os.environ.get("AGENTGATE_E2E_KEEP_LOGS")
+    if keep:
+        import shutil
+        dest = Path(keep) / name.split(" ")[0].replace("/", "_")
+        shutil.copytree(d, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.sock"))
+
+
 @pytest.fixture
 def env():
     with tempfile.TemporaryDirectory(prefix="agentgate-e2e-") as d:
@@ -324,8 +333,4 @@ def env():
             yield e
         finally:
             e.close()
-            keep = os.environ.get("AGENTGATE_E2E_KEEP_LOGS")
-            if keep:  # a directory to copy each test's logs into, for debugging
-                import shutil
-                dest = Path(keep) / os.environ.get("PYTEST_CURRENT_TEST", "test").split(" ")[0].replace("/", "_")
-                shutil.copytree(d, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.sock"))
+            keep_logs(d, os.environ.get("PYTEST_CURRENT_TEST", "test"))

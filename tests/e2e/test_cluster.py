@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Env, wait_for
+from conftest import Env, keep_logs, wait_for
 from cluster_helpers import (
     MiB, AgentUpstream, ApiClient, LoadThreads, Redis, Replica, cluster_agents, echo_ok,
     expected_sha256,
@@ -113,6 +113,7 @@ def cluster():
         finally:
             env.close()
             upstream.close()
+            keep_logs(d, "cluster")
 
 
 class RequestLoop(LoadThreads):

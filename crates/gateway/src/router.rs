@@ -58,9 +58,18 @@ impl Gateway {
             let nowhere = match &self.cluster {
                 Some(cluster) => match cluster.peers_for(agent).await {
                     Ok(peers) => {
-                        return cluster
-                            .forward_remote(peers, self.config.tunnel_wait, agent, head, body)
+                        match cluster
+                            .reserve_remote(&peers, self.config.tunnel_wait, agent)
                             .await
+                        {
+                            Ok(reserved) => {
+                                return cluster.forward_reserved(reserved, agent, head, body).await
+                            }
+                            // Every replica listed for it says it left: it is moving to
+                            // another one, so wait for it as for an agent connected nowhere.
+                            Err(e @ ForwardError::NotConnected { .. }) => e,
+                            Err(e) => return Err(e),
+                        }
                     }
                     Err(e @ ForwardError::NotConnected { .. }) => e,
                     Err(e) => return Err(e),

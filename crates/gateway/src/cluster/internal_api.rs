@@ -107,9 +107,14 @@ async fn route(
                     format!("agent {agent:?} is not connected here\n"),
                 );
             }
+            // 404 only for "not here": the caller then waits for the agent to show up
+            // elsewhere (it is moving); connected without a ready tunnel is 503.
             match gw.take_local(agent, wait, None).await {
                 Ok(t) => text(StatusCode::OK, cluster.reserve(agent, t).to_string()),
-                Err(e) => text(StatusCode::NOT_FOUND, format!("{e}\n")),
+                Err(e @ ForwardError::NotConnected { .. }) => {
+                    text(StatusCode::NOT_FOUND, format!("{e}\n"))
+                }
+                Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
             }
         }
         (http::Method::POST, ["internal", "v1", "reservations", id, "release"]) => {

@@ -305,7 +305,12 @@ impl Cluster {
     }
 
     /// Asks `peer` to reserve a tunnel of `agent`, waiting up to `wait` there.
-    async fn reserve_at(&self, peer: &str, agent: &str, wait: Duration) -> Result<u64, String> {
+    async fn reserve_at(
+        &self,
+        peer: &str,
+        agent: &str,
+        wait: Duration,
+    ) -> Result<u64, ReserveFailure> {
         let path = format!(
             "/internal/v1/agents/{agent}/reserve?wait_ms={}",
             wait.as_millis()
@@ -313,13 +318,15 @@ impl Cluster {
         let (status, body) = self
             .call(peer, http::Method::POST, &path, agent, wait)
             .await
-            .map_err(|e| format!("{peer}: {e}"))?;
+            .map_err(|e| ReserveFailure::Failed(format!("{peer}: {e}")))?;
         let text = String::from_utf8_lossy(&body).trim().to_string();
         if status.is_success() {
             text.parse()
-                .map_err(|_| format!("{peer}: bad reservation id {text:?}"))
+                .map_err(|_| ReserveFailure::Failed(format!("{peer}: bad reservation id {text:?}")))
+        } else if status == http::StatusCode::NOT_FOUND {
+            Err(ReserveFailure::NotThere(format!("{peer}: {text}")))
         } else {
-            Err(format!("{peer}: {status}: {text}"))
+            Err(ReserveFailure::Failed(format!("{peer}: {status}: {text}")))
         }
     }
 
@@ -354,20 +361,16 @@ impl Cluster {
         Ok(peers)
     }
 
-    /// Forwards a request for an agent that is not connected here through one of `peers`
-    /// (from [`Self::peers_for`]).
-    pub async fn forward_remote<B>(
+    /// Reserves a ready tunnel of `agent` at the first of `peers` (from [`Self::peers_for`])
+    /// that has one. `NotConnected` when every one of them says the agent is not there (any
+    /// more): Redis still lists a replica the agent just left, and the caller may wait for
+    /// the agent to register elsewhere.
+    pub async fn reserve_remote(
         self: &Arc<Self>,
-        peers: Vec<String>,
+        peers: &[String],
         wait: Duration,
         agent: &str,
-        head: RequestHead,
-        body: B,
-    ) -> Result<ForwardResponse, ForwardError>
-    where
-        B: Body<Data = Bytes> + Send + 'static,
-        B::Error: Display + Send,
-    {
+    ) -> Result<PeerReservation, ForwardError> {
         let mut attempts: FuturesUnordered<_> = peers
             .iter()
             .map(|p| {
@@ -399,13 +402,39 @@ impl Cluster {
             });
         }
         let Some((peer, id)) = winner else {
+            let tried: Vec<String> = failures.iter().map(ToString::to_string).collect();
+            if failures
+                .iter()
+                .all(|f| matches!(f, ReserveFailure::NotThere(_)))
+            {
+                tracing::debug!(agent, ?tried, "the agent left every replica listed for it");
+                return Err(ForwardError::NotConnected {
+                    agent: agent.into(),
+                });
+            }
             self.metrics.forwards.inc(&["no_tunnel"]);
-            tracing::info!(agent, tried = ?failures, "no replica had a ready tunnel");
+            tracing::info!(agent, ?tried, "no replica had a ready tunnel");
             return Err(ForwardError::NoIdleTunnel {
                 agent: agent.into(),
                 waited: wait,
             });
         };
+        Ok(PeerReservation { peer, id })
+    }
+
+    /// Sends a request through a tunnel reserved at a peer by [`Self::reserve_remote`].
+    pub async fn forward_reserved<B>(
+        self: &Arc<Self>,
+        reservation: PeerReservation,
+        agent: &str,
+        head: RequestHead,
+        body: B,
+    ) -> Result<ForwardResponse, ForwardError>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Display + Send,
+    {
+        let PeerReservation { peer, id } = reservation;
         let path = format!("/internal/v1/reservations/{id}/request");
         let method = http::Method::from_bytes(head.method.as_bytes()).unwrap_or(http::Method::GET);
         let mut headers = from_proto(&head.headers);
@@ -518,4 +547,20 @@ impl Cluster {
         }
         Ok(out)
     }
+}
+/// A tunnel held for one request at a peer replica, named by the peer's reservation id.
+pub struct PeerReservation {
+    peer: String,
+    id: u64,
+}
+
+/// Why a peer did not reserve a tunnel.
+#[derive(Debug, thiserror::Error)]
+enum ReserveFailure {
+    /// The peer does not hold the agent (any more).
+    #[error("{0}")]
+    NotThere(String),
+    /// Anything else: no ready tunnel there, or the peer failed or refused.
+    #[error("{0}")]
+    Failed(String),
 }
