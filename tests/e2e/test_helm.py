@@ -152,12 +152,23 @@ def test_a_chart_mistake_fails_with_a_sentence(values, words):
     assert words in str(e.value)
 
 
+def test_an_external_redis_behind_sentinel_is_accepted_and_wired():
+    sentinel = "redis+sentinel://sentinel-0.redis:26379,sentinel-1.redis:26379/mymaster/0"
+    values = {**CLUSTER_VALUES, "cluster": {**CLUSTER_VALUES["cluster"], "redisUrl": sentinel,
+                                            "bundledRedis": {"enabled": False}}}
+    helm.Chart.load(str(GATEWAY)).validate_schema(values)
+    dep = [d for d in by_kind(render(GATEWAY, values), "Deployment")
+           if d["metadata"]["name"] == "ag-agentgate"][0]
+    assert env_of(dep)["AGENTGATE_REDIS"] == sentinel
+
+
 @pytest.mark.parametrize("values", [
     {"replicaCount": 0},
     {"config": {"listen": "0.0.0.0:1"}},
     {"ingress": {"websocketPath": "no-slash"}},
     {"replicas": 2},
-], ids=["zero-replicas", "chart-owned-setting", "relative-path", "unknown-key"])
+    {"cluster": {"redisUrl": "http://redis:6379"}},
+], ids=["zero-replicas", "chart-owned-setting", "relative-path", "unknown-key", "not-a-redis-url"])
 def test_the_values_schema_refuses_bad_values(values):
     chart = helm.Chart.load(str(GATEWAY))
     with pytest.raises(helm.HelmError):
