@@ -52,7 +52,8 @@ pub struct AgentSettings {
     pub tls_server_name: Option<String>,
     /// Do not verify the gateway's certificate (prints a warning). For tests only.
     #[arg(long, env = "AGENTGATE_AGENT_INSECURE_SKIP_TLS_VERIFY", help_heading = "Gateway",
-          num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+          num_args = 0..=1, default_missing_value = "true", value_name = "BOOL",
+          value_parser = clap::builder::BoolishValueParser::new())]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub insecure_skip_tls_verify: Option<bool>,
     /// Extra header 'Name: value' on the WebSocket upgrade and as gRPC metadata. Repeatable.
