@@ -174,7 +174,8 @@ struct ServerFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     tokens: Option<PathBuf>,
-    /// Cluster mode: redis://[:password@]host:port/db or rediss://...
+    /// Cluster mode: redis://[:password@]host:port/db, rediss://..., or
+    /// redis+sentinel://host:port[,host:port]/MASTER[/db].
     #[arg(long, env = "AGENTGATE_REDIS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     redis: Option<String>,
