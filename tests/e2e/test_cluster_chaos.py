@@ -10,8 +10,10 @@ that delays every chunk instead; loss is not simulated.
 
 from __future__ import annotations
 
+import re
 import socket
 import statistics
+import subprocess
 import threading
 import time
 
@@ -201,4 +203,81 @@ def test_a_slow_link_between_replicas_slows_requests_and_fails_none(env):
         assert (status, n, digest) == (200, 4 * 1024 * 1024, expected_sha256(4))
         slow.close()
     finally:
+        upstream.close()
+
+
+class PacketLoss:
+    """Drops a share of the TCP packets to and from one local port, at random, in a table of
+    its own (nftables `numgen random`; this kernel has no `tc netem`, see docs/BENCHMARKS.md).
+    Loss, not a closed port: TCP retransmits what is dropped, as on a lossy link."""
+
+    TABLE = "agentgate_e2e_loss"
+
+    def __init__(self, port: int, percent: int):
+        rules = (f"table inet {self.TABLE} {{\n"
+                 f"  chain out {{ type filter hook output priority 0; policy accept;\n"
+                 f"    tcp dport {port} numgen random mod 100 < {percent} counter drop\n"
+                 f"    tcp sport {port} numgen random mod 100 < {percent} counter drop\n"
+                 f"  }}\n}}\n")
+        r = subprocess.run(["nft", "-f", "-"], input=rules, capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"nftables cannot drop packets here: {r.stderr.strip()}")
+
+    def dropped(self) -> int:
+        out = subprocess.run(["nft", "list", "table", "inet", self.TABLE],
+                             capture_output=True, text=True).stdout
+        return sum(int(n) for n in re.findall(r"packets (\d+)", out))
+
+    def close(self):
+        subprocess.run(["nft", "delete", "table", "inet", self.TABLE], capture_output=True)
+
+
+def test_a_lossy_link_between_replicas_fails_no_request(env):
+    """Two replicas; 5% of the packets to and from the second one's internal port are dropped.
+    Requests and a 4 MiB download for its agent through the first replica all succeed (TCP
+    retransmits), slower at the tail."""
+    from cluster_helpers import AgentUpstream, ApiClient, Redis, expected_sha256, write_secret
+    from test_cluster_trust import replica
+
+    redis = Redis(env)
+    secret_file, _ = write_secret(env)
+    upstream = AgentUpstream()
+    loss = None
+    try:
+        r1 = replica(env, "r1", redis, secret_file)
+        r2 = replica(env, "r2", redis, secret_file)
+        env.agent(f"grpc://127.0.0.1:{r2.port}", env.token_file("far"), name="agent-far",
+                  extra=["--upstream", upstream.url_for("far")])
+        r2.wait_agent("far")
+        client = ApiClient(env.token("caller", kind="api"))
+        wait_for(lambda: echo_ok(*client.echo(r1.api_port, "far", "warm"), "far", "warm"),
+                 timeout=20, what="r1 reaching the agent on r2")
+
+        def run(n, tag):
+            lat, failures = [], []
+            for i in range(n):
+                t = time.monotonic()
+                status, body = client.echo(r1.api_port, "far", f"{tag}{i}")
+                lat.append(time.monotonic() - t)
+                if not echo_ok(status, body, "far", f"{tag}{i}"):
+                    failures.append((status, body[:200]))
+            lat.sort()
+            return lat, failures
+
+        clean, failures = run(100, "clean")
+        assert not failures, failures
+        loss = PacketLoss(r2.internal_port, 5)
+        lossy, failures = run(300, "lossy")
+        status, n, digest, secs = client.download(r1.api_port, "far", 4)
+        dropped = loss.dropped()
+        print(f"5% loss on the internal link: {dropped} packets dropped; p50 "
+              f"{lossy[len(lossy) // 2] * 1000:.1f} ms (clean {clean[len(clean) // 2] * 1000:.1f}), "
+              f"p99 {lossy[int(len(lossy) * 0.99)] * 1000:.0f} ms "
+              f"(clean {clean[int(len(clean) * 0.99)] * 1000:.0f}); 4 MiB in {secs:.2f}s")
+        assert not failures, failures
+        assert (status, n, digest) == (200, 4 * 1024 * 1024, expected_sha256(4))
+        assert dropped > 0, "no packet was dropped: the link was not lossy"
+    finally:
+        if loss:
+            loss.close()
         upstream.close()
