@@ -289,7 +289,9 @@ def render_haproxy_tcp(gw: GatewayPorts, port: int, api_port: int,
     text = sub(text, rf"^(\s*server gateway1 )127\.0\.0\.1:{SHIPPED_AGENT_PORT}( .*) send-proxy-v2 (.*)$",
                rf"\g<1>127.0.0.1:{gw.agent}\2 {proxy_header} \3 source {HAPROXY_SOURCE}",
                "the agent port server with send-proxy-v2")
-    text = sub(text, rf"\b127\.0\.0\.1:{SHIPPED_API_PORT}\b", f"127.0.0.1:{gw.api}", "the API server")
+    text = sub(text, rf"^(\s*server gateway1 )127\.0\.0\.1:{SHIPPED_API_PORT}( .*) send-proxy-v2 (.*)$",
+               rf"\g<1>127.0.0.1:{gw.api}\2 {proxy_header} \3 source {HAPROXY_SOURCE}",
+               "the API server with send-proxy-v2")
     return text
 
 

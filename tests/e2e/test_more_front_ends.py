@@ -131,6 +131,9 @@ def test_haproxy_in_tcp_mode_passes_tls_through_to_the_gateway(env, upstreams):
         md = [("authorization", f"Bearer {api}"), ("agentgate-agent", name)]
         assert grpc_health_check(f"localhost:{api_port}", UPSTREAM_HEALTH_SERVICE, md,
                                  env.certs["ca"]) == "SERVING"
+    # The tunnel API's access log names each caller, from HAProxy's PROXY header.
+    access = [line for line in g.proc.output().splitlines() if "/tcp-mode" in line and "tunnel request" in line]
+    assert access and all("caller=127.0.0.1:" in line for line in access), access[:3]
     wait_for(lambda: "agentgate_agents/agentgate_agent_port/gateway1" in hap.access_log()
              or "agentgate_agents agentgate_agent_port/gateway1" in hap.access_log(),
              timeout=15, what="HAProxy's tcplog line for an agent connection")

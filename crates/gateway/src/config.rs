@@ -86,7 +86,8 @@ pub struct GatewayConfig {
     /// start with a PROXY header, and the client it names is the connection's address for
     /// logs, per-source limits and the agent list; a connection without a valid header within
     /// `handshake_timeout` is closed (reason `proxy_header`). From other addresses no header
-    /// is looked for, so an agent cannot claim another address. Empty: off. Agent ports only.
+    /// is looked for, so an agent cannot claim another address. Empty: off. The agent ports and
+    /// the tunnel API port (its access log then names each caller).
     #[serde(deserialize_with = "list_or_comma_separated")]
     pub proxy_protocol_from: Vec<String>,
     /// Streams a connection may open before one of its calls authenticated, counted as the

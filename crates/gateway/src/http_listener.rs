@@ -39,6 +39,9 @@ pub struct HttpListenerSettings {
     pub http2_connection_window: u32,
     /// After shutdown starts, how long open requests may take.
     pub shutdown_grace: Duration,
+    /// Balancers whose connections start with a PROXY protocol header naming the caller
+    /// (`proxy_protocol_from`; the API listener only). Empty: none is read.
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
 }
 
 /// Serves `listener` until `stop`, then lets open requests finish within the grace period.
@@ -50,7 +53,7 @@ pub async fn serve_http<F, S, B>(
     make_service: F,
     stop: CancellationToken,
 ) where
-    F: Fn(SocketAddr) -> S,
+    F: Fn(SocketAddr) -> S + Send + Sync + 'static,
     S: tower_service::Service<http::Request<Incoming>, Response = http::Response<B>>
         + Clone
         + Send
@@ -65,7 +68,8 @@ pub async fn serve_http<F, S, B>(
     let slots = Arc::new(Semaphore::new(settings.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let settings = Arc::new(settings);
-    while let Some((stream, peer)) =
+    let make_service = Arc::new(make_service);
+    while let Some((mut stream, peer)) =
         agentgate_transport::accept_until(&listener, &stop, settings.name).await
     {
         let Ok(slot) = slots.clone().try_acquire_owned() else {
@@ -80,16 +84,38 @@ pub async fn serve_http<F, S, B>(
             }
             continue;
         };
-        let activity = Arc::new(Activity::default());
-        let svc = CountInFlight {
-            inner: make_service(peer),
-            activity: activity.clone(),
-        };
         let watcher = graceful.watcher();
         let acceptor = acceptor.clone();
         let settings = settings.clone();
+        let make_service = make_service.clone();
         tokio::spawn(async move {
             let _slot = slot;
+            let balancer = settings
+                .proxy_protocol_from
+                .iter()
+                .any(|net| net.contains(&peer.ip()));
+            let peer = if balancer {
+                let deadline = settings.handshake_timeout;
+                let header = agentgate_transport::proxy_header::read_proxy_header(&mut stream);
+                match tokio::time::timeout(deadline, header).await {
+                    Ok(Ok(client)) => client.unwrap_or(peer),
+                    Ok(Err(e)) => {
+                        tracing::warn!(listener = settings.name, balancer = %peer, "connection from a proxy_protocol_from address refused: {e}");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::warn!(listener = settings.name, balancer = %peer, "connection from a proxy_protocol_from address refused: no whole PROXY protocol header within {deadline:?}");
+                        return;
+                    }
+                }
+            } else {
+                peer
+            };
+            let activity = Arc::new(Activity::default());
+            let svc = CountInFlight {
+                inner: make_service(peer),
+                activity: activity.clone(),
+            };
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             builder
                 .http1()

@@ -194,6 +194,7 @@ impl Gateway {
             http2_stream_window: c.http2_stream_window,
             http2_connection_window: c.http2_connection_window,
             shutdown_grace: c.shutdown_grace,
+            proxy_protocol_from: Vec::new(),
         }
     }
 

@@ -57,7 +57,11 @@ fn status_response(code: tonic::Code, message: &str) -> Response<ApiBody> {
     resp
 }
 
-pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ApiBody> {
+pub async fn handle(
+    gw: Arc<Gateway>,
+    peer: std::net::SocketAddr,
+    req: Request<Incoming>,
+) -> Response<ApiBody> {
     let method = req.uri().path().to_string();
     let Some(agent) = req
         .headers()
@@ -97,6 +101,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ApiBod
         gw.metrics.clone(),
         "grpc",
         &token,
+        peer,
         &agent,
         "grpc",
         "POST",

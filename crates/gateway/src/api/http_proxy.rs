@@ -111,6 +111,7 @@ pub async fn handle(
         gw.metrics.clone(),
         "http",
         &token,
+        peer,
         &agent,
         &upstream,
         req.method().as_str(),

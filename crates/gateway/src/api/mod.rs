@@ -113,7 +113,7 @@ async fn route(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"));
     if is_grpc {
-        grpc_proxy::handle(gw, req).await
+        grpc_proxy::handle(gw, peer, req).await
     } else {
         http_proxy::handle(gw, peer, tls, req).await
     }
@@ -127,7 +127,9 @@ pub async fn serve_api(
     shutdown: CancellationToken,
 ) {
     let is_tls = tls.is_some();
-    let settings = gw.http_listener_settings("api", gw.config.api_max_connections);
+    let mut settings = gw.http_listener_settings("api", gw.config.api_max_connections);
+    // Checked at start (Gateway::new), so this cannot fail here.
+    settings.proxy_protocol_from = gw.config.proxy_protocol_networks().unwrap_or_default();
     let make = move |peer: SocketAddr| {
         let gw = gw.clone();
         tower::service_fn(move |req| {
