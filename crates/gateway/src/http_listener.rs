@@ -90,21 +90,12 @@ pub async fn serve_http<F, S, B>(
         let make_service = make_service.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let balancer = settings
-                .proxy_protocol_from
-                .iter()
-                .any(|net| net.contains(&peer.ip()));
-            let peer = if balancer {
-                let deadline = settings.handshake_timeout;
-                let header = agentgate_transport::proxy_header::read_proxy_header(&mut stream);
-                match tokio::time::timeout(deadline, header).await {
-                    Ok(Ok(client)) => client.unwrap_or(peer),
-                    Ok(Err(e)) => {
+            use agentgate_transport::proxy_header::{from_balancer, read_proxy_header_within};
+            let peer = if from_balancer(&settings.proxy_protocol_from, peer.ip()) {
+                match read_proxy_header_within(&mut stream, settings.handshake_timeout).await {
+                    Ok(client) => client.unwrap_or(peer),
+                    Err(e) => {
                         tracing::warn!(listener = settings.name, balancer = %peer, "connection from a proxy_protocol_from address refused: {e}");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::warn!(listener = settings.name, balancer = %peer, "connection from a proxy_protocol_from address refused: no whole PROXY protocol header within {deadline:?}");
                         return;
                     }
                 }

@@ -633,10 +633,8 @@ pub fn serve_ingress(
             };
             // Behind a balancer the client is known only once its header is read, in the
             // connection's task; everyone else is counted against their address right here.
-            let balancer = settings
-                .proxy_protocol_from
-                .iter()
-                .any(|net| net.contains(&peer.ip()));
+            let balancer =
+                crate::proxy_header::from_balancer(&settings.proxy_protocol_from, peer.ip());
             let early_source = if balancer {
                 None
             } else {
@@ -797,10 +795,9 @@ async fn client_behind(
     settings: &IngressSettings,
 ) -> Option<SocketAddr> {
     let deadline = settings.handshake_timeout;
-    let why = match timeout(deadline, crate::proxy_header::read_proxy_header(stream)).await {
-        Ok(Ok(client)) => return Some(client.unwrap_or(balancer)),
-        Ok(Err(e)) => e.to_string(),
-        Err(_) => format!("no whole PROXY protocol header within {deadline:?}"),
+    let why = match crate::proxy_header::read_proxy_header_within(stream, deadline).await {
+        Ok(client) => return Some(client.unwrap_or(balancer)),
+        Err(e) => e,
     };
     observer.rejected(RejectReason::ProxyHeader);
     if let Some(suppressed) = PRE_AUTH_LOG.allow() {

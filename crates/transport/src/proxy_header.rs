@@ -9,7 +9,8 @@
 //! 107 bytes. Parsing is the `ppp` crate's.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -36,6 +37,23 @@ pub enum ProxyHeaderError {
     Invalid(String),
     #[error("PROXY protocol version 2 header with a {0}-byte body, more than the {V2_MAX_BODY} accepted")]
     TooLong(usize),
+    #[error("no whole PROXY protocol header within {0:?} (handshake_timeout)")]
+    Timeout(Duration),
+}
+
+/// Whether `ip` is one of the balancers whose connections carry a header.
+pub fn from_balancer(balancers: &[ipnet::IpNet], ip: IpAddr) -> bool {
+    balancers.iter().any(|net| net.contains(&ip))
+}
+
+/// [`read_proxy_header`] under a deadline: what every listener calls.
+pub async fn read_proxy_header_within<S: AsyncRead + Unpin>(
+    io: &mut S,
+    deadline: Duration,
+) -> Result<Option<SocketAddr>, ProxyHeaderError> {
+    tokio::time::timeout(deadline, read_proxy_header(io))
+        .await
+        .map_err(|_| ProxyHeaderError::Timeout(deadline))?
 }
 
 /// Reads one header from `io` and returns the client's address it carries; `None` when the
