@@ -548,6 +548,7 @@ impl Cluster {
         Ok(out)
     }
 }
+
 /// A tunnel held for one request at a peer replica, named by the peer's reservation id.
 pub struct PeerReservation {
     peer: String,
