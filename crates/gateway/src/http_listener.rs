@@ -95,7 +95,9 @@ pub async fn serve_http<F, S, B>(
                 match read_proxy_header_within(&mut stream, settings.handshake_timeout).await {
                     Ok(client) => client.unwrap_or(peer),
                     Err(e) => {
-                        tracing::warn!(listener = settings.name, balancer = %peer, "connection from a proxy_protocol_from address refused: {e}");
+                        if let Some(suppressed) = PRE_AUTH_LOG.allow() {
+                            tracing::warn!(listener = settings.name, balancer = %peer, suppressed, "connection from a proxy_protocol_from address refused: {e}");
+                        }
                         return;
                     }
                 }
