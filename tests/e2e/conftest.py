@@ -85,6 +85,16 @@ def http_get(url: str, headers: dict | None = None, timeout: float = 10.0):
         return e.code, dict(e.headers), e.read()
 
 
+def curl_through_tunnel(api_port: int, token: str, agent: str, path: str) -> dict:
+    """GET `path` of `agent`'s default upstream through the tunnel API at `api_port` with
+    curl (a client we did not write); the upstream's JSON answer."""
+    r = subprocess.run(["curl", "-sS", "-H", f"Authorization: Bearer {token}",
+                        f"http://127.0.0.1:{api_port}/agents/{agent}/proxy{path}"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
 class Proc:
     """A child process whose output goes to a log file; killed (and reaped) on stop()."""
 

@@ -74,17 +74,20 @@ def test_rolling_restart_of_every_replica_fails_no_request(cluster):  # noqa: F8
     assert sum(m[1] for m in moves) > 0, "no replica held an agent: nothing was tested"
 
 
-class Tarpit:
-    """Accepts TCP connections and never answers: a peer whose process hangs."""
+class LocalListener:
+    """A TCP listener on 127.0.0.1 whose accepted connections go to `accepted(conn)`, in a
+    thread of its own, until `close()`."""
 
-    def __init__(self):
+    def __init__(self, port: int = 0):
         self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
         self.sock.listen(64)
         self.port = self.sock.getsockname()[1]
-        self.accepted = 0
-        self.conns = []
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def accepted(self, conn: socket.socket):
+        raise NotImplementedError
 
     def _accept(self):
         while True:
@@ -92,11 +95,26 @@ class Tarpit:
                 c, _ = self.sock.accept()
             except OSError:
                 return
-            self.accepted += 1
-            self.conns.append(c)
+            self.accepted(c)
 
     def close(self):
         self.sock.close()
+
+
+class Tarpit(LocalListener):
+    """Accepts TCP connections and never answers: a peer whose process hangs."""
+
+    def __init__(self):
+        self.count = 0
+        self.conns = []
+        super().__init__()
+
+    def accepted(self, conn):
+        self.count += 1
+        self.conns.append(conn)
+
+    def close(self):
+        super().close()
         for c in self.conns:
             c.close()
 
@@ -121,43 +139,43 @@ def test_a_hanging_peer_costs_no_request_its_time_and_is_skipped(cluster):  # no
             lat.append(time.monotonic() - t)
             assert ok, what
         print(f"with a hanging peer listed: p50 {statistics.median(lat) * 1000:.0f} ms, "
-              f"max {max(lat) * 1000:.0f} ms; the peer got {tarpit.accepted} connections")
+              f"max {max(lat) * 1000:.0f} ms; the peer got {tarpit.count} connections")
         assert max(lat) < 1.5, f"a request waited for the hanging peer: {max(lat):.2f}s"
         wait_for(lambda: via.metric("agentgate_cluster_peer_failures_total") > failures0, timeout=10,
                  what="the hanging peer counted as failed")
-        accepted = tarpit.accepted
+        accepted = tarpit.count
         for i in range(10):
             assert cluster.request(via, agent, f"skipped{i}")[0]
-        assert tarpit.accepted == accepted, "a peer marked down was called again"
+        assert tarpit.count == accepted, "a peer marked down was called again"
     finally:
         cluster.redis.cli("HDEL", f"agentgate:agent:{agent}", f"http://127.0.0.1:{tarpit.port}")
         tarpit.close()
 
 
-class DelayProxy:
+def timed_echoes(client, port: int, agent: str, n: int, tag: str):
+    """`n` echo requests for `agent` one after another through the API at `port`: their
+    latencies, sorted, and the failures (status, start of the body)."""
+    lat, failures = [], []
+    for i in range(n):
+        t = time.monotonic()
+        status, body = client.echo(port, agent, f"{tag}{i}")
+        lat.append(time.monotonic() - t)
+        if not echo_ok(status, body, agent, f"{tag}{i}"):
+            failures.append((status, body[:200]))
+    return sorted(lat), failures
+
+
+class DelayProxy(LocalListener):
     """TCP proxy that holds every chunk `delay` seconds in each direction: a slow link."""
 
     def __init__(self, target_port: int, delay: float):
         self.delay, self.target = delay, target_port
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.port = free_port()
-        self.sock.bind(("127.0.0.1", self.port))
-        self.sock.listen(64)
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(free_port())
 
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            u = socket.create_connection(("127.0.0.1", self.target))
-            for a, b in ((c, u), (u, c)):
-                threading.Thread(target=pump_bytes, args=(a, b, self.delay), daemon=True).start()
-
-    def close(self):
-        self.sock.close()
+    def accepted(self, conn):
+        u = socket.create_connection(("127.0.0.1", self.target))
+        for a, b in ((conn, u), (u, conn)):
+            threading.Thread(target=pump_bytes, args=(a, b, self.delay), daemon=True).start()
 
 
 def test_a_slow_link_between_replicas_slows_requests_and_fails_none(env):
@@ -188,13 +206,7 @@ def test_a_slow_link_between_replicas_slows_requests_and_fails_none(env):
         client = ApiClient(env.token("caller", kind="api"))
         wait_for(lambda: echo_ok(*client.echo(r1.api_port, "far", "warm"), "far", "warm"),
                  timeout=20, what="r1 reaching the agent on r2 over the slow link")
-        lat, failures = [], []
-        for i in range(10):
-            t = time.monotonic()
-            status, body = client.echo(r1.api_port, "far", f"slow{i}")
-            lat.append(time.monotonic() - t)
-            if not echo_ok(status, body, "far", f"slow{i}"):
-                failures.append((status, body[:200]))
+        lat, failures = timed_echoes(client, r1.api_port, "far", 10, "slow")
         status, n, digest, secs = client.download(r1.api_port, "far", 4)
         print(f"over a 150 ms link: p50 {statistics.median(lat) * 1000:.0f} ms, "
               f"max {max(lat) * 1000:.0f} ms; 4 MiB in {secs:.1f}s")
@@ -256,21 +268,10 @@ def test_a_lossy_link_between_replicas_fails_no_request(env):
         wait_for(lambda: echo_ok(*client.echo(r1.api_port, "far", "warm"), "far", "warm"),
                  timeout=20, what="r1 reaching the agent on r2")
 
-        def run(n, tag):
-            lat, failures = [], []
-            for i in range(n):
-                t = time.monotonic()
-                status, body = client.echo(r1.api_port, "far", f"{tag}{i}")
-                lat.append(time.monotonic() - t)
-                if not echo_ok(status, body, "far", f"{tag}{i}"):
-                    failures.append((status, body[:200]))
-            lat.sort()
-            return lat, failures
-
-        clean, failures = run(100, "clean")
+        clean, failures = timed_echoes(client, r1.api_port, "far", 100, "clean")
         assert not failures, failures
         loss = PacketLoss(r2.internal_port, 5)
-        lossy, failures = run(300, "lossy")
+        lossy, failures = timed_echoes(client, r1.api_port, "far", 300, "lossy")
         status, n, digest, secs = client.download(r1.api_port, "far", 4)
         dropped = loss.dropped()
         print(f"5% loss on the internal link: {dropped} packets dropped; p50 "

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, ROOT, Proc, free_port, http_get, wait_for
+from conftest import BIN, ROOT, Proc, curl_through_tunnel, free_port, http_get, wait_for
 from proxies import HttpUpstream
 
 WANTED = os.environ.get("CI") or os.environ.get("AGENTGATE_TEST_PACKAGE") == "1"
@@ -111,11 +111,7 @@ def test_the_image_serves_a_tunnelled_request(image, tmp_path):
             status, _, body = http_get(f"http://127.0.0.1:{admin}/api/v1/agents", timeout=2)
             return status == 200 and b"boxed-edge" in body
         wait_for(registered, timeout=30, what="agent registered with the image's gateway")
-        r = subprocess.run(["curl", "-sS", "-H", f"Authorization: Bearer {api_token}",
-                            f"http://127.0.0.1:{api}/agents/boxed-edge/proxy/in-a-box"],
-                           capture_output=True, text=True, timeout=30)
-        assert r.returncode == 0, r.stderr
-        answer = json.loads(r.stdout)
+        answer = curl_through_tunnel(api, api_token, "boxed-edge", "/in-a-box")
         assert answer["server"] == "boxed" and answer["path"] == "/in-a-box", answer
     finally:
         agent.stop()

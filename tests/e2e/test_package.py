@@ -14,7 +14,6 @@ only when CI is set or AGENTGATE_TEST_PACKAGE=1 (never by surprise on a develope
 from __future__ import annotations
 
 import grp
-import json
 import os
 import pwd
 import resource
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Proc, free_port, http_get, wait_for
+from conftest import ROOT, Proc, curl_through_tunnel, free_port, http_get, wait_for
 from proxies import HttpUpstream
 
 WANTED = os.environ.get("CI") or os.environ.get("AGENTGATE_TEST_PACKAGE") == "1"
@@ -215,11 +214,7 @@ def test_the_packaged_units_serve_a_tunnelled_request(installed):
         assert check.returncode == 0 and "checks passed" in check.stdout, (check.stdout, check.stderr)
 
         # A caller we did not write: curl through the tunnel API.
-        r = subprocess.run(["curl", "-sS", "-H", f"Authorization: Bearer {api_token}",
-                            f"http://127.0.0.1:{api}/agents/pkg-edge/proxy/hello?x=1"],
-                           capture_output=True, text=True, timeout=30)
-        assert r.returncode == 0, r.stderr
-        answer = json.loads(r.stdout)
+        answer = curl_through_tunnel(api, api_token, "pkg-edge", "/hello?x=1")
         assert answer["server"] == "packaged" and answer["path"] == "/hello?x=1", answer
 
         # ExecReload's signal reloads and keeps the process.
