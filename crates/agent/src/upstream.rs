@@ -278,15 +278,7 @@ impl Upstreams {
         if first.complete {
             return Ok(status);
         }
-        let end = pump_body(
-            body,
-            first.overflow.take(),
-            self.chunk_size,
-            tx,
-            |m: AgentMessage| m,
-            |_| {},
-        )
-        .await;
+        let end = pump_body(body, first.overflow.take(), self.chunk_size, tx, |_| {}).await;
         match end {
             PumpEnd::Complete => Ok(status),
             PumpEnd::BodyFailed(e) => {

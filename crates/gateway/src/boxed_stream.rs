@@ -1,8 +1,10 @@
 //! A response stream fed by a bounded channel of boxed messages.
 //!
-//! A bounded tokio channel allocates room for 32 items up front. Every idle agent holds three
-//! such channels on the gateway (its session and two parked tunnels), so the items are boxed:
-//! 32 pointers instead of 32 `Result<Message, Status>` values, which is per-agent memory.
+//! A bounded tokio channel allocates room for 32 items up front. Every idle agent holds one
+//! such channel on the gateway (its session; the tunnels use `tunnel::to_agent`), so the items
+//! are boxed: 32 pointers instead of 32 `Result<Message, Status>` values, which is per-agent
+//! memory. The session keeps tokio's channel for `Sender::closed()`: it notices at once that the
+//! agent ended its session.
 
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
@@ -19,13 +21,6 @@ pub struct BoxedMessageStream<T> {
 }
 
 impl<T> BoxedMessageStream<T> {
-    pub fn new(rx: tokio::sync::mpsc::Receiver<Box<T>>) -> Self {
-        Self {
-            rx: ReceiverStream::new(rx),
-            end: None,
-        }
-    }
-
     /// A stream whose call ends with the status put in `end` before the sender is dropped.
     pub fn ending_with(
         rx: tokio::sync::mpsc::Receiver<Box<T>>,

@@ -121,11 +121,13 @@ mod tests {
     use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
     use std::sync::{Arc, OnceLock};
 
+    use crate::tunnel::ToAgentStream;
     use agentgate_proto::v1::{
         agent_message, gateway_message, AgentMessage, Descriptor, GatewayMessage, RequestKind,
         ResponseHead,
     };
     use agentgate_transport::{ConnMeta, TransportKind};
+    use futures_util::{FutureExt, StreamExt};
     use http_body_util::BodyExt;
     use prost::Message;
     use tokio::sync::mpsc;
@@ -161,7 +163,7 @@ mod tests {
 
     /// A parked tunnel of `known`, the receiving end of what the gateway sends its agent, and
     /// the sending end of what the agent answers (gRPC-framed bytes, see `answer`).
-    fn tunnel() -> (ParkedTunnel, mpsc::Receiver<Box<GatewayMessage>>, Frames) {
+    fn tunnel() -> (ParkedTunnel, ToAgentStream, Frames) {
         let (frames, from_agent) = mpsc::channel(8);
         let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(
             from_agent,
@@ -170,7 +172,7 @@ mod tests {
             agentgate_proto::codec::SmallBufferCodec::<GatewayMessage, AgentMessage>::default()
                 .decoder();
         let rx = tonic::Streaming::new_request(decoder, body, None, None);
-        let (tx, to_agent) = mpsc::channel(8);
+        let (tx, to_agent) = crate::tunnel::to_agent_channel();
         let conn = Arc::new(ConnMeta {
             id: 7,
             kind: TransportKind::Grpc,
@@ -241,7 +243,7 @@ mod tests {
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(120)).await;
                 gw.tunnels.park("known", t);
-                let _head = to_agent.recv().await.unwrap();
+                let _head = to_agent.next().await.unwrap();
                 frames.send(answer(&answer_msg)).await.unwrap();
                 (to_agent, frames)
             })
@@ -272,7 +274,7 @@ mod tests {
         gw.tunnels.park("known", t);
         // The agent: reads the request head, answers it whole in one message.
         let agent = tokio::spawn(async move {
-            let head = to_agent.recv().await.unwrap();
+            let head = to_agent.next().await.unwrap().unwrap();
             frames.send(answer(&answer_msg)).await.unwrap();
             (head, to_agent, frames)
         });
@@ -289,7 +291,10 @@ mod tests {
             }
             other => panic!("expected the request head, got {other:?}"),
         }
-        assert!(to_agent.try_recv().is_err(), "no EndOfRequest in version 2");
+        assert!(
+            to_agent.next().now_or_never().is_none(),
+            "no EndOfRequest in version 2"
+        );
         assert_eq!(gw.parked_tunnels("known"), 1, "the tunnel is parked again");
     }
 
@@ -303,7 +308,7 @@ mod tests {
             let (t, mut to_agent, frames) = tunnel();
             gw.tunnels.park("known", t);
             agents.push(tokio::spawn(async move {
-                let got = to_agent.recv().await.is_some();
+                let got = to_agent.next().await.is_some();
                 drop(frames);
                 got
             }));

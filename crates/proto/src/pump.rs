@@ -3,15 +3,14 @@
 //! The gateway streams request bodies to the agent with it, the agent streams response bodies
 //! back with it, and the bench's bare control tunnel uses it too, so that all three cut bodies
 //! the same way: data in `Chunk` messages of at most `chunk_size` bytes, read from the body
-//! only as fast as the queue `tx` takes them (a bounded queue in front of HTTP/2 flow
-//! control), then one end message that carries the body's trailers.
+//! only as fast as the sink takes them (a bounded queue in front of HTTP/2 flow control), then
+//! one end message that carries the body's trailers.
 
 use std::fmt::Display;
 
 use bytes::Bytes;
 use http_body::Body;
 use http_body_util::BodyExt;
-use tokio::sync::mpsc;
 
 use crate::headers::to_proto;
 use crate::v1::{
@@ -55,6 +54,20 @@ impl BodyMessage for AgentMessage {
     }
 }
 
+/// Where a pump queues its messages. The gateway's tunnels and the agent use different
+/// channel types (see `gateway::tunnel::to_agent`); both are bounded, so `send` waits for room.
+pub trait MessageSink<M> {
+    /// Queues `m`, waiting for room; false if the other side is gone.
+    fn send(&mut self, m: M) -> impl std::future::Future<Output = bool> + Send;
+}
+
+impl<M: Send> MessageSink<M> for &tokio::sync::mpsc::Sender<M> {
+    fn send(&mut self, m: M) -> impl std::future::Future<Output = bool> + Send {
+        let tx = *self;
+        async move { tx.send(m).await.is_ok() }
+    }
+}
+
 /// How a pump ended.
 #[derive(Debug, PartialEq)]
 pub enum PumpEnd {
@@ -67,14 +80,13 @@ pub enum PumpEnd {
     ReceiverGone,
 }
 
-/// Streams `first` (bytes already read from the body, if any) and then `body` into `tx`, each
-/// message as `wrap` makes it (boxed, say); `on_data` sees the length of every data frame read.
-pub async fn pump_body<B, M, T>(
+/// Streams `first` (bytes already read from the body, if any) and then `body` into `sink`;
+/// `on_data` sees the length of every data frame read.
+pub async fn pump_body<B, M>(
     body: B,
     first: Option<Bytes>,
     chunk_size: usize,
-    tx: &mpsc::Sender<T>,
-    wrap: impl Fn(M) -> T,
+    mut sink: impl MessageSink<M>,
     mut on_data: impl FnMut(usize),
 ) -> PumpEnd
 where
@@ -82,7 +94,6 @@ where
     B::Error: Display,
     M: BodyMessage,
 {
-    let send = async |m: M| tx.send(wrap(m)).await.is_ok();
     let mut body = std::pin::pin!(body);
     let mut trailers = vec![];
     let mut pending = first.map(http_body::Frame::data);
@@ -100,7 +111,7 @@ where
                 on_data(data.len());
                 while !data.is_empty() {
                     let piece = data.split_to(data.len().min(chunk_size.max(1)));
-                    if !send(M::chunk(piece)).await {
+                    if !sink.send(M::chunk(piece)).await {
                         return PumpEnd::ReceiverGone;
                     }
                 }
@@ -112,7 +123,7 @@ where
             }
         }
     }
-    if send(M::end(trailers)).await {
+    if sink.send(M::end(trailers)).await {
         PumpEnd::Complete
     } else {
         PumpEnd::ReceiverGone
@@ -123,6 +134,7 @@ where
 mod tests {
     use super::*;
     use http_body_util::StreamBody;
+    use tokio::sync::mpsc;
 
     type Frames = Vec<Result<http_body::Frame<Bytes>, std::io::Error>>;
 
@@ -153,7 +165,6 @@ mod tests {
             Some(Bytes::from_static(b"012")),
             3,
             &tx,
-            |m: GatewayMessage| m,
             |n| seen += n,
         )
         .await;
@@ -180,8 +191,8 @@ mod tests {
             Ok(http_body::Frame::data(Bytes::from_static(b"ab"))),
             Err(std::io::Error::other("peer reset")),
         ];
-        let (tx, mut rx) = mpsc::channel(100);
-        let end = pump_body(body(frames), None, 64, &tx, |m: AgentMessage| m, |_| {}).await;
+        let (tx, mut rx) = mpsc::channel::<AgentMessage>(100);
+        let end = pump_body(body(frames), None, 64, &tx, |_| {}).await;
         assert_eq!(end, PumpEnd::BodyFailed("peer reset".into()));
         assert!(rx.try_recv().is_ok(), "the chunk went out");
         assert!(rx.try_recv().is_err(), "and no trailer");
@@ -193,14 +204,14 @@ mod tests {
             Ok(http_body::Frame::data(Bytes::from(vec![0u8; 100]))),
             Ok(http_body::Frame::data(Bytes::from(vec![0u8; 100]))),
         ];
-        let (tx, mut rx) = mpsc::channel(2);
+        let (tx, mut rx) = mpsc::channel::<AgentMessage>(2);
         let reader = tokio::spawn(async move {
             // Takes two pieces, then goes away.
             let a = rx.recv().await.is_some();
             let b = rx.recv().await.is_some();
             a && b
         });
-        let end = pump_body(body(frames), None, 10, &tx, |m: AgentMessage| m, |_| {}).await;
+        let end = pump_body(body(frames), None, 10, &tx, |_| {}).await;
         assert_eq!(end, PumpEnd::ReceiverGone);
         assert!(reader.await.unwrap());
     }

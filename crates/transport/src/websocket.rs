@@ -136,6 +136,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsByteStream<S> {
                 let n = this.read_buf.len().min(buf.remaining());
                 buf.put_slice(&this.read_buf[..n]);
                 this.read_buf.advance(n);
+                if this.read_buf.is_empty() {
+                    // Let go of the message at once: it shares tungstenite's read buffer, which
+                    // can then be reused in place instead of allocated anew.
+                    this.read_buf = Bytes::new();
+                }
                 return Poll::Ready(Ok(()));
             }
             match ready!(Pin::new(&mut this.ws).poll_next(cx)) {

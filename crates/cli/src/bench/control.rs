@@ -197,7 +197,7 @@ async fn forward(
     // drops `done`): the agent reads an early end as a cancel.
     let (done, response_done) = oneshot::channel::<()>();
     tokio::spawn(async move {
-        let end = pump_body(body, None, CHUNK, &tx, |m: GatewayMessage| Ok(m), |_| {}).await;
+        let end = pump_body(body, None, CHUNK, OkSink(&tx), |_| {}).await;
         if end == PumpEnd::Complete {
             let _ = response_done.await;
         }
@@ -325,5 +325,15 @@ async fn serve_one(
     {
         return;
     }
-    let _ = pump_body(body, None, CHUNK, &tx, |m: AgentMessage| m, |_| {}).await;
+    let _ = pump_body(body, None, CHUNK, &tx, |_| {}).await;
+}
+
+/// The control gateway's response stream carries `Result`s (tonic's item type).
+struct OkSink<'a>(&'a mpsc::Sender<Result<GatewayMessage, Status>>);
+
+impl agentgate_proto::pump::MessageSink<GatewayMessage> for OkSink<'_> {
+    fn send(&mut self, m: GatewayMessage) -> impl std::future::Future<Output = bool> + Send {
+        let tx = self.0;
+        async move { tx.send(Ok(m)).await.is_ok() }
+    }
 }

@@ -23,10 +23,9 @@ use bytes::Bytes;
 use futures_util::Stream;
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
-use tokio::sync::mpsc;
 use tonic::Streaming;
 
-use super::{ForwardError, ParkedTunnel, ToAgent, TunnelParking};
+use super::{ForwardError, ParkedTunnel, ToAgentSender, TunnelParking};
 use crate::headers::from_proto;
 use crate::Gateway;
 
@@ -140,7 +139,7 @@ impl Gateway {
         B::Error: Display + Send,
     {
         let ParkedTunnel {
-            tx,
+            mut tx,
             mut rx,
             descriptor,
             conn,
@@ -158,7 +157,7 @@ impl Gateway {
         let msg = GatewayMessage {
             msg: Some(gateway_message::Msg::RequestHead(head)),
         };
-        if let Err(mpsc::error::SendError(m)) = tx.send(Box::new(msg)).await {
+        if let Err(m) = tx.send(msg).await {
             let Some(gateway_message::Msg::RequestHead(h)) = m.msg else {
                 unreachable!("the message sent is a request head")
             };
@@ -332,7 +331,7 @@ struct RequestPump {
 /// `sent`.
 async fn pump_request_body<B>(
     body: B,
-    tx: mpsc::Sender<ToAgent>,
+    mut tx: ToAgentSender,
     chunk_size: usize,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     transport: &'static str,
@@ -341,18 +340,11 @@ async fn pump_request_body<B>(
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Display + Send,
 {
-    let end = pump_body(
-        body,
-        None,
-        chunk_size,
-        &tx,
-        |m: GatewayMessage| Box::new(m),
-        |n| {
-            metrics
-                .tunnel_request_bytes
-                .add(&["to_agent", transport], n as f64)
-        },
-    )
+    let end = pump_body(body, None, chunk_size, &mut tx, |n| {
+        metrics
+            .tunnel_request_bytes
+            .add(&["to_agent", transport], n as f64)
+    })
     .await;
     match end {
         PumpEnd::Complete => sent.store(true, Ordering::Release),
@@ -389,7 +381,7 @@ pub struct TunnelBody {
     rx: Option<Streaming<AgentMessage>>,
     /// Kept until the agent's trailer: dropping it ends our side of the stream, which the agent
     /// reads as cancellation.
-    tx: Option<mpsc::Sender<ToAgent>>,
+    tx: Option<ToAgentSender>,
     /// The request body still streaming to the agent, if it had one.
     pump: Option<RequestPump>,
     /// Version 2: how to park the tunnel again after the request.
@@ -656,7 +648,7 @@ mod tests {
                 agentgate_proto::codec::SmallBufferCodec::<GatewayMessage, AgentMessage>::default()
                     .decoder();
             let rx = Streaming::new_request(decoder, body, None, None);
-            let (tx, _keep) = mpsc::channel(1);
+            let (tx, _keep) = crate::tunnel::to_agent_channel();
             let mut tb = TunnelBody {
                 rx: Some(rx),
                 tx: Some(tx),

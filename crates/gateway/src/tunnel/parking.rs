@@ -16,19 +16,17 @@ use agentgate_proto::v1::{
 };
 use agentgate_transport::ConnMeta;
 use futures_util::FutureExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tonic::Streaming;
 
+use super::ToAgentSender;
 use crate::metrics::Metrics;
-
-/// A message queued for the agent, boxed (see `crate::boxed_stream`).
-pub type ToAgent = Box<GatewayMessage>;
 
 /// One idle tunnel stream, ready for a request (version 1: exactly one).
 pub struct ParkedTunnel {
     /// Messages to the agent (the response stream of its `Tunnel.Connect` call).
-    pub tx: mpsc::Sender<ToAgent>,
+    pub tx: ToAgentSender,
     /// Messages from the agent.
     pub rx: Streaming<AgentMessage>,
     pub descriptor: Descriptor,
@@ -205,11 +203,8 @@ impl TunnelParking {
                         unix_millis: now_ms,
                     })),
                 };
-                // A full channel means the previous heartbeat is still queued: fine.
-                !matches!(
-                    t.tx.try_send(Box::new(hb)),
-                    Err(mpsc::error::TrySendError::Closed(_))
-                )
+                // A full queue means the previous heartbeat is still queued: fine.
+                t.tx.try_send(hb) != Err(true)
             });
             dropped += before - a.idle.len();
             a.waiters.retain(|w| !w.is_closed());

@@ -3,24 +3,19 @@
 use std::sync::Arc;
 
 use agentgate_proto::v1::tunnel_server::Tunnel;
-use agentgate_proto::v1::{agent_message, AgentMessage, GatewayMessage};
-use tokio::sync::mpsc;
+use agentgate_proto::v1::{agent_message, AgentMessage};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::ParkedTunnel;
-use crate::boxed_stream::BoxedMessageStream;
+use super::{to_agent, ParkedTunnel, ToAgentStream};
 use crate::Gateway;
 
 pub struct TunnelService {
     pub gw: Arc<Gateway>,
 }
 
-/// Messages to the agent queued per tunnel. Small: h2 flow control does the real buffering.
-const TO_AGENT_QUEUE: usize = 4;
-
 #[tonic::async_trait]
 impl Tunnel for TunnelService {
-    type ConnectStream = BoxedMessageStream<GatewayMessage>;
+    type ConnectStream = ToAgentStream;
 
     async fn connect(
         &self,
@@ -45,7 +40,7 @@ impl Tunnel for TunnelService {
             }
         };
         self.gw.metrics.tunnel_streams_opened.inc(&[]);
-        let (tx, out) = mpsc::channel(TO_AGENT_QUEUE);
+        let (tx, out) = to_agent::channel();
         tracing::debug!(agent = %id.name, conn = id.conn.id, "tunnel parked");
         self.gw.tunnels.park(
             &id.name,
@@ -57,6 +52,6 @@ impl Tunnel for TunnelService {
                 agent: Arc::from(id.name.as_str()),
             },
         );
-        Ok(Response::new(BoxedMessageStream::new(out)))
+        Ok(Response::new(out))
     }
 }

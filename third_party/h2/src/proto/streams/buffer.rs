@@ -82,6 +82,12 @@ impl Deque {
         match self.indices {
             Some(mut idxs) => {
                 let mut slot = buf.slab.remove(idxs.head);
+                // agentgate patch: once the last queued frame of every stream is out, give the
+                // slab's memory back. The slab keeps its peak capacity otherwise, and an idle
+                // connection (a parked agent) held 2 KiB of empty slots from its first burst.
+                if buf.slab.is_empty() && buf.slab.capacity() > 0 {
+                    buf.slab = Slab::new();
+                }
 
                 if idxs.head == idxs.tail {
                     assert!(slot.next.is_none());
