@@ -55,8 +55,8 @@ impl ToAgentSender {
 }
 
 impl agentgate_proto::pump::MessageSink<GatewayMessage> for &mut ToAgentSender {
-    fn send(&mut self, m: GatewayMessage) -> impl std::future::Future<Output = bool> + Send {
-        async move { ToAgentSender::send(self, m).await.is_ok() }
+    async fn send(&mut self, m: GatewayMessage) -> bool {
+        ToAgentSender::send(self, m).await.is_ok()
     }
 }
 

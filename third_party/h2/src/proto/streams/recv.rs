@@ -59,11 +59,32 @@ pub(super) struct Recv {
 }
 
 #[derive(Debug)]
+// agentgate patch: the header variants are boxed. Every queued event takes a slot of the
+// connection's shared recv buffer, and a slot is as big as the largest variant: 248 bytes with
+// the request or header map inline, about 64 boxed. An idle agent's connection keeps a few
+// heartbeat replies queued between reads, so this was 1 KiB of an idle agent's memory.
 pub(super) enum Event {
-    Headers(peer::PollMessage),
+    Headers(Box<peer::PollMessage>),
     Data(DataEvent),
-    Trailers(HeaderMap),
-    InformationalHeaders(peer::PollMessage),
+    Trailers(Box<HeaderMap>),
+    InformationalHeaders(Box<peer::PollMessage>),
+}
+
+/// An [`Event`] with its headers out of their box, for matching.
+enum Unboxed {
+    Headers(peer::PollMessage),
+    InformationalHeaders,
+    Other,
+}
+
+impl Event {
+    fn unbox(self) -> Unboxed {
+        match self {
+            Event::Headers(m) => Unboxed::Headers(*m),
+            Event::InformationalHeaders(_) => Unboxed::InformationalHeaders,
+            _ => Unboxed::Other,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -262,7 +283,7 @@ impl Recv {
             // Push the frame onto the stream's recv buffer
             stream
                 .pending_recv
-                .push_back(&mut self.buffer, Event::Headers(message));
+                .push_back(&mut self.buffer, Event::Headers(Box::new(message)));
             stream.notify_recv();
 
             // Only servers can receive a headers frame that initiates the stream.
@@ -285,7 +306,7 @@ impl Recv {
             // with a special event type so it can be polled separately
             stream
                 .pending_recv
-                .push_back(&mut self.buffer, Event::InformationalHeaders(message));
+                .push_back(&mut self.buffer, Event::InformationalHeaders(Box::new(message)));
             stream.notify_recv();
         }
 
@@ -302,7 +323,10 @@ impl Recv {
         use super::peer::PollMessage::*;
 
         match stream.pending_recv.pop_front(&mut self.buffer) {
-            Some(Event::Headers(Server(request))) => request,
+            Some(Event::Headers(m)) => match *m {
+                Server(request) => request,
+                Client(_) => unreachable!("server stream queue must start with a request"),
+            },
             _ => unreachable!("server stream queue must start with Headers"),
         }
     }
@@ -317,8 +341,8 @@ impl Recv {
 
         let mut ppp = stream.pending_push_promises.take();
         let pushed = ppp.pop(stream.store_mut()).map(|mut pushed| {
-            match pushed.pending_recv.pop_front(&mut self.buffer) {
-                Some(Event::Headers(Server(headers))) => (headers, pushed.key()),
+            match pushed.pending_recv.pop_front(&mut self.buffer).map(Event::unbox) {
+                Some(Unboxed::Headers(Server(headers))) => (headers, pushed.key()),
                 // When frames are pushed into the queue, it is verified that
                 // the first frame is a HEADERS frame.
                 _ => panic!("Headers not set on pushed stream"),
@@ -349,9 +373,9 @@ impl Recv {
 
         // Skip over any interim informational headers to find the main response
         loop {
-            match stream.pending_recv.pop_front(&mut self.buffer) {
-                Some(Event::Headers(Client(response))) => return Poll::Ready(Ok(response)),
-                Some(Event::InformationalHeaders(_)) => {
+            match stream.pending_recv.pop_front(&mut self.buffer).map(Event::unbox) {
+                Some(Unboxed::Headers(Client(response))) => return Poll::Ready(Ok(response)),
+                Some(Unboxed::InformationalHeaders) => {
                     tracing::trace!("Skipping informational response in poll_response - should be consumed via poll_informational; stream_id={:?}", stream.id);
                     continue;
                 }
@@ -384,15 +408,16 @@ impl Recv {
         // If it's not, we put it back
         if let Some(event) = stream.pending_recv.pop_front(&mut self.buffer) {
             match event {
-                Event::Headers(Client(response)) => {
+                Event::Headers(m) if matches!(*m, Client(_)) => {
                     // Final response
                     stream
                         .pending_recv
-                        .push_front(&mut self.buffer, Event::Headers(Client(response)));
+                        .push_front(&mut self.buffer, Event::Headers(m));
                     return Poll::Ready(None);
                 }
-                Event::InformationalHeaders(Client(response)) => {
+                Event::InformationalHeaders(m) if matches!(*m, Client(_)) => {
                     // Found an informational response, return it
+                    let Client(response) = *m else { unreachable!() };
                     return Poll::Ready(Some(Ok(response)));
                 }
                 other => {
@@ -432,7 +457,7 @@ impl Recv {
         // Push the frame onto the stream's recv buffer
         stream
             .pending_recv
-            .push_back(&mut self.buffer, Event::Trailers(trailers));
+            .push_back(&mut self.buffer, Event::Trailers(Box::new(trailers)));
         stream.notify_recv();
 
         Ok(())
@@ -869,7 +894,7 @@ impl Recv {
         use super::peer::PollMessage::*;
         stream
             .pending_recv
-            .push_back(&mut self.buffer, Event::Headers(Server(req)));
+            .push_back(&mut self.buffer, Event::Headers(Box::new(Server(req))));
         stream.notify_recv();
         stream.notify_push();
         Ok(())
@@ -1242,7 +1267,7 @@ impl Recv {
         stream: &mut Stream,
     ) -> Poll<Option<Result<HeaderMap, proto::Error>>> {
         match stream.pending_recv.pop_front(&mut self.buffer) {
-            Some(Event::Trailers(trailers)) => Poll::Ready(Some(Ok(trailers))),
+            Some(Event::Trailers(trailers)) => Poll::Ready(Some(Ok(*trailers))),
             Some(event) => {
                 // Frame is not trailers.. not ready to poll trailers yet.
                 stream.pending_recv.push_front(&mut self.buffer, event);
