@@ -118,8 +118,7 @@ impl Gateway {
 mod tests {
     //! The router in-process: a real `Gateway`, a token store on disk, and a tunnel whose agent
     //! side is a scripted gRPC byte stream.
-    use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
-    use std::sync::{Arc, OnceLock};
+    use std::sync::Arc;
 
     use crate::tunnel::ToAgentStream;
     use agentgate_proto::v1::{
@@ -173,22 +172,12 @@ mod tests {
                 .decoder();
         let rx = tonic::Streaming::new_request(decoder, body, None, None);
         let (tx, to_agent) = crate::tunnel::to_agent_channel();
-        let conn = Arc::new(ConnMeta {
-            id: 7,
-            kind: TransportKind::Grpc,
-            peer: "127.0.0.1:1".parse().unwrap(),
-            opened_at: std::time::Instant::now(),
-            opened_at_wall: std::time::SystemTime::now(),
-            bytes_in: AtomicU64::new(0),
-            bytes_out: AtomicU64::new(0),
-            agent: Arc::new(OnceLock::new()),
-            registered: OnceLock::new(),
-            unauthenticated_calls: AtomicU32::new(0),
-            refused_calls: AtomicU32::new(0),
-            close_requested: AtomicBool::new(false),
-            retired: AtomicBool::new(false),
-            goaway_sent: AtomicBool::new(false),
-        });
+        let conn = Arc::new(ConnMeta::new(
+            7,
+            TransportKind::Grpc,
+            "127.0.0.1:1".parse().unwrap(),
+            Arc::default(),
+        ));
         let descriptor = Descriptor {
             http_upstreams: vec!["default".into()],
             protocol_version: 2,

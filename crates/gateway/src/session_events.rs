@@ -227,3 +227,185 @@ impl Drop for SessionEvents {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The session's events in-process, on paused time: a real `Gateway` (token store on
+    //! disk), a connection's metadata, and the stream polled as tonic would.
+    use agentgate_transport::TransportKind;
+    use futures_util::StreamExt;
+
+    use super::*;
+    use crate::config::GatewayConfig;
+    use crate::directory::AgentRecord;
+    use crate::tokens::{create_token, TokenKind};
+
+    const HEARTBEAT: Duration = Duration::from_secs(20);
+
+    fn gateway(dir: &std::path::Path, max_age: Duration) -> Arc<Gateway> {
+        let tokens = dir.join("tokens.json");
+        create_token(&tokens, TokenKind::Agent, "known", &[]).unwrap();
+        let config = GatewayConfig {
+            tokens,
+            stream_heartbeat_interval: HEARTBEAT,
+            max_connection_age: max_age,
+            ..GatewayConfig::default()
+        };
+        Gateway::new(config).unwrap()
+    }
+
+    fn session(gw: &Arc<Gateway>, revoked: &CancellationToken) -> (SessionEvents, Arc<ConnMeta>) {
+        let conn = Arc::new(ConnMeta::new(
+            3,
+            TransportKind::Grpc,
+            "127.0.0.1:1".parse().unwrap(),
+            Arc::default(),
+        ));
+        let record = AgentRecord {
+            name: "known".into(),
+            instance_id: "i-1".into(),
+            version: String::new(),
+            hostname: String::new(),
+            transport: "grpc".into(),
+            peer: conn.peer.to_string(),
+            connected_since: String::new(),
+            connection_id: conn.id,
+        };
+        let listed = gw.directory.register(&gw.metrics, record);
+        let owner = SessionOwner {
+            agent: "known".into(),
+            token_id: "t-1".into(),
+        };
+        let first = SessionEvent {
+            event: Some(session_event::Event::Heartbeat(Heartbeat {
+                unix_millis: 1,
+            })),
+        };
+        let events = SessionEvents::new(
+            gw.clone(),
+            conn.clone(),
+            owner,
+            listed,
+            revoked.clone(),
+            first,
+        );
+        (events, conn)
+    }
+
+    /// The next event's kind and when it came, in whole seconds since `start`.
+    async fn next(events: &mut SessionEvents, start: Instant) -> (Option<&'static str>, u64) {
+        let kind = match events.next().await {
+            None => None,
+            Some(Err(_)) => Some("error"),
+            Some(Ok(SessionEvent { event })) => Some(match event {
+                Some(session_event::Event::Heartbeat(_)) => "heartbeat",
+                Some(session_event::Event::Draining(_)) => "draining",
+                _ => "other",
+            }),
+        };
+        (kind, start.elapsed().as_secs())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn heartbeats_then_draining_then_the_end_a_little_after_max_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let age = Duration::from_secs(100);
+        let gw = gateway(dir.path(), age);
+        let (mut events, conn) = session(&gw, &CancellationToken::new());
+        let start = Instant::now();
+        let drain_at = crate::drain_point(age, conn.id).as_secs();
+        assert_eq!(
+            next(&mut events, start).await,
+            (Some("heartbeat"), 0),
+            "the first"
+        );
+        let mut seen = vec![];
+        loop {
+            let (kind, at) = next(&mut events, start).await;
+            seen.push((kind, at));
+            if kind.is_none() {
+                break;
+            }
+        }
+        let mut expected: Vec<_> = (1..=age.as_secs() / 20)
+            .map(|n| (Some("heartbeat"), n * 20))
+            .collect();
+        expected.push((Some("draining"), drain_at));
+        expected.sort_by_key(|e| e.1);
+        expected.push((None, age.as_secs() + 2));
+        assert_eq!(seen, expected);
+        assert!(events.next().await.is_none(), "it stays ended");
+        drop(events);
+        assert!(!conn.is_retired(), "the gateway ended it: not a retirement");
+        assert_eq!(gw.directory.len(), 0, "no longer listed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_revoked_token_ends_the_session_with_unauthenticated_and_closes_the_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let gw = gateway(dir.path(), Duration::ZERO);
+        let revoked = CancellationToken::new();
+        let (mut events, conn) = session(&gw, &revoked);
+        let start = Instant::now();
+        assert_eq!(next(&mut events, start).await.0, Some("heartbeat"));
+        assert_eq!(next(&mut events, start).await, (Some("heartbeat"), 20));
+        tokio::spawn({
+            let revoked = revoked.clone();
+            async move {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                revoked.cancel();
+            }
+        });
+        match events.next().await {
+            Some(Err(status)) => {
+                assert_eq!(status.code(), tonic::Code::Unauthenticated);
+                assert!(status.message().contains("revoked"), "{}", status.message());
+            }
+            other => panic!("expected UNAUTHENTICATED, got {other:?}"),
+        }
+        assert_eq!(start.elapsed().as_secs(), 25, "at once");
+        assert!(events.next().await.is_none());
+        assert!(conn.is_retired());
+        assert!(conn.close_requested.load(Ordering::Relaxed));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_agent_ending_its_session_retires_the_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let gw = gateway(dir.path(), Duration::ZERO);
+        let (mut events, conn) = session(&gw, &CancellationToken::new());
+        assert!(events.next().await.is_some());
+        assert_eq!(gw.directory.len(), 1);
+        drop(events);
+        assert!(conn.is_retired());
+        assert_eq!(gw.directory.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_shutdown_the_session_ends_once_the_goaway_is_out_or_after_a_second() {
+        let dir = tempfile::tempdir().unwrap();
+        let gw = gateway(dir.path(), Duration::ZERO);
+        let (mut events, conn) = session(&gw, &CancellationToken::new());
+        let (mut late, _late_conn) = session(&gw, &CancellationToken::new());
+        let start = Instant::now();
+        assert!(events.next().await.is_some());
+        assert!(late.next().await.is_some());
+        gw.stopping.cancel();
+        tokio::spawn({
+            let conn = conn.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                conn.goaway_sent.store(true, Ordering::Relaxed);
+            }
+        });
+        assert!(events.next().await.is_none());
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_millis(400),
+            "ended at the GOAWAY: {took:?}"
+        );
+        assert!(late.next().await.is_none(), "no GOAWAY seen: ends anyway");
+        assert_eq!(start.elapsed().as_secs(), 1);
+        assert!(!conn.is_retired());
+    }
+}

@@ -217,6 +217,32 @@ pub struct ConnMeta {
 }
 
 impl ConnMeta {
+    /// A connection opened now. `agent` is shared with the connection's pre-authentication
+    /// byte budget, which watches for the first authenticated call.
+    pub fn new(
+        id: u64,
+        kind: TransportKind,
+        peer: SocketAddr,
+        agent: Arc<OnceLock<String>>,
+    ) -> Self {
+        Self {
+            id,
+            kind,
+            peer,
+            opened_at: Instant::now(),
+            opened_at_wall: SystemTime::now(),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            agent,
+            registered: OnceLock::new(),
+            unauthenticated_calls: AtomicU32::new(0),
+            refused_calls: AtomicU32::new(0),
+            close_requested: Default::default(),
+            retired: Default::default(),
+            goaway_sent: Default::default(),
+        }
+    }
+
     /// Asks for the connection to be closed at its next read. Used for clients that keep
     /// sending what is refused: a flooding client reads again at once.
     pub fn request_close(&self) {
@@ -703,22 +729,7 @@ pub fn serve_ingress(
                 source.handshake_done();
                 match classified {
                     Ok((io, kind)) => {
-                        let meta = Arc::new(ConnMeta {
-                            id,
-                            kind,
-                            peer,
-                            opened_at: Instant::now(),
-                            opened_at_wall: SystemTime::now(),
-                            bytes_in: AtomicU64::new(0),
-                            bytes_out: AtomicU64::new(0),
-                            agent,
-                            registered: OnceLock::new(),
-                            unauthenticated_calls: AtomicU32::new(0),
-                            refused_calls: AtomicU32::new(0),
-                            close_requested: Default::default(),
-                            retired: Default::default(),
-                            goaway_sent: Default::default(),
-                        });
+                        let meta = Arc::new(ConnMeta::new(id, kind, peer, agent));
                         observer.opened(&meta);
                         match via {
                             None => {

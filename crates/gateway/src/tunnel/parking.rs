@@ -56,7 +56,8 @@ impl ParkedTunnel {
 
 #[derive(Default)]
 struct AgentTunnels {
-    idle: VecDeque<ParkedTunnel>,
+    /// Boxed: a tunnel is about 500 bytes, and a queue of two keeps room for four.
+    idle: VecDeque<Box<ParkedTunnel>>,
     waiters: VecDeque<oneshot::Sender<ParkedTunnel>>,
 }
 
@@ -121,7 +122,7 @@ impl TunnelParking {
                 Err(t) => tunnel = t,
             }
         }
-        entry.idle.push_back(tunnel);
+        entry.idle.push_back(Box::new(tunnel));
         self.metrics.tunnels_parked.add(&[], 1.0);
     }
 
@@ -162,7 +163,7 @@ impl TunnelParking {
                 while let Some(mut t) = entry.idle.pop_back() {
                     self.metrics.tunnels_parked.add(&[], -1.0);
                     if self.usable(&t) && t.drain_ready() {
-                        return Some(t);
+                        return Some(*t);
                     }
                 }
                 let (tx, rx) = oneshot::channel();

@@ -5,7 +5,9 @@
 //! memory. A bounded tokio channel allocates about 800 bytes up front (a 32-slot block and two
 //! cache-padded halves); `futures-channel`'s bounded channel about 220 and one node per queued
 //! message (DHAT, 300 idle agents, seventh session: docs/BENCHMARKS.md). Nothing here needs
-//! tokio's extras (`closed()` futures, permits), so the tunnels use `futures-channel`.
+//! tokio's extras (`closed()` futures, permits), so the tunnels use `futures-channel`. Messages
+//! are boxed: the channel keeps its last node allocated, so a node holds a pointer, not a
+//! message.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -28,7 +30,7 @@ pub fn channel() -> (ToAgentSender, ToAgentStream) {
 /// The gateway's end. Dropping every clone ends the stream, which the agent reads as the end
 /// of the request (or, mid-request, as its cancellation).
 #[derive(Clone)]
-pub struct ToAgentSender(mpsc::Sender<GatewayMessage>);
+pub struct ToAgentSender(mpsc::Sender<Box<GatewayMessage>>);
 
 impl ToAgentSender {
     /// Queues `msg`, waiting for room; gives it back if the stream is gone.
@@ -39,13 +41,15 @@ impl ToAgentSender {
         {
             return Err(msg);
         }
-        self.0.try_send(msg).map_err(|e| e.into_inner())
+        self.0.try_send(Box::new(msg)).map_err(|e| *e.into_inner())
     }
 
     /// Queues `msg` if there is room now. `Err(true)` if the stream is gone, `Err(false)` if
     /// the queue is full.
     pub fn try_send(&mut self, msg: GatewayMessage) -> Result<(), bool> {
-        self.0.try_send(msg).map_err(|e| e.is_disconnected())
+        self.0
+            .try_send(Box::new(msg))
+            .map_err(|e| e.is_disconnected())
     }
 
     /// True once tonic dropped the stream half: the call ended.
@@ -61,12 +65,14 @@ impl agentgate_proto::pump::MessageSink<GatewayMessage> for &mut ToAgentSender {
 }
 
 /// The response stream of `Tunnel.Connect`.
-pub struct ToAgentStream(mpsc::Receiver<GatewayMessage>);
+pub struct ToAgentStream(mpsc::Receiver<Box<GatewayMessage>>);
 
 impl Stream for ToAgentStream {
     type Item = Result<GatewayMessage, Status>;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        Pin::new(&mut self.0).poll_next(cx).map(|m| m.map(Ok))
+        Pin::new(&mut self.0)
+            .poll_next(cx)
+            .map(|m| m.map(|m| Ok(*m)))
     }
 }
 
