@@ -16,7 +16,7 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use agentgate_proto::v1::{session_event, Draining, Heartbeat, SessionEvent};
 use agentgate_transport::ConnMeta;
@@ -139,13 +139,6 @@ fn event(e: session_event::Event) -> Poll<Option<Result<SessionEvent, Status>>> 
     Poll::Ready(Some(Ok(SessionEvent { event: Some(e) })))
 }
 
-fn unix_millis() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 impl Stream for SessionEvents {
     type Item = Result<SessionEvent, Status>;
 
@@ -197,9 +190,7 @@ impl Stream for SessionEvents {
                 // One heartbeat however late we are: an agent that did not read for a while
                 // gets one, not a backlog.
                 this.next_heartbeat = now + this.heartbeat;
-                return event(session_event::Event::Heartbeat(Heartbeat {
-                    unix_millis: unix_millis(),
-                }));
+                return event(session_event::Event::Heartbeat(Heartbeat::now()));
             }
             let at = this.next_deadline();
             this.timer.as_mut().reset(at);

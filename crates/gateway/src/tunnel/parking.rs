@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use agentgate_proto::v1::{
     agent_message, gateway_message, AgentMessage, Descriptor, GatewayMessage, Heartbeat,
@@ -187,10 +187,7 @@ impl TunnelParking {
 
     /// Sends a heartbeat on every parked tunnel and drops the dead ones. Run periodically.
     pub fn sweep(&self) {
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
+        let heartbeat = Heartbeat::now();
         let mut agents = self.agents.lock().unwrap();
         let mut dropped = 0usize;
         agents.retain(|_, a| {
@@ -200,9 +197,7 @@ impl TunnelParking {
                     return false;
                 }
                 let hb = GatewayMessage {
-                    msg: Some(gateway_message::Msg::Heartbeat(Heartbeat {
-                        unix_millis: now_ms,
-                    })),
+                    msg: Some(gateway_message::Msg::Heartbeat(heartbeat)),
                 };
                 // A full queue means the previous heartbeat is still queued: fine.
                 t.tx.try_send(hb) != Err(true)
