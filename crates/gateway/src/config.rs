@@ -130,8 +130,9 @@ pub struct GatewayConfig {
     pub http_idle_timeout: Duration,
     /// Largest WebSocket message accepted from an agent (kas: 10 MiB).
     pub ws_max_message_size: usize,
-    /// WebSocket read buffer per connection; tungstenite's 128 KiB default costs ~127 KiB of
-    /// RSS per idle agent.
+    /// Largest read from a WebSocket connection. The read buffer starts at 512 bytes and grows
+    /// to this on a full read (tungstenite's 128 KiB default, allocated up front, cost
+    /// ~127 KiB of RSS per idle agent).
     pub ws_read_buffer_size: usize,
 
     /// Server HTTP/2 PING interval: below the usual 60 s load-balancer idle timeout (kas: 50 s).

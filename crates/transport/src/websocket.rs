@@ -23,10 +23,12 @@ pub const WS_SUBPROTOCOL: &str = "ws-tunnel";
 ///
 /// tungstenite 0.25+ allocates (and zero-fills) a 128 KiB read buffer per connection by
 /// default. Measured here: 168 KiB of server RSS per idle WebSocket connection with the default
-/// against 41 KiB with an 8 KiB buffer, so the default is 8 KiB.
+/// against 41 KiB with an 8 KiB buffer, so the default is 8 KiB. Our tungstenite
+/// (`third_party/tungstenite`) starts a server connection's buffer at 512 bytes and grows it to
+/// this size only while the connection is busy.
 #[derive(Debug, Clone, Copy)]
 pub struct WsSettings {
-    /// Bytes tungstenite reads from the socket at a time (allocated per connection).
+    /// Most bytes tungstenite reads from the socket at a time.
     pub read_buffer_size: usize,
     /// Largest incoming message accepted (kas: 10 MiB).
     pub max_message_size: usize,
