@@ -114,11 +114,17 @@ impl SessionEvents {
         Poll::Ready(with.map(Err))
     }
 
+    /// The connection takes no new requests and its parked tunnels end now. Returns how many
+    /// parked tunnels ended.
+    fn retire_connection(&self) -> usize {
+        self.conn.retired.store(true, Ordering::Relaxed);
+        self.gw.tunnels.end_connection(self.conn.id)
+    }
+
     /// The token is gone: the session ends with a sentence, the connection takes no new
     /// requests and its parked tunnels end, and the agent's next registration is refused.
     fn revoke(&mut self) -> Poll<Option<Result<SessionEvent, Status>>> {
-        self.conn.retired.store(true, Ordering::Relaxed);
-        let ended = self.gw.tunnels.end_connection(self.conn.id);
+        let ended = self.retire_connection();
         self.gw.metrics.connections_rejected.inc(&[REJECT_REVOKED]);
         tracing::warn!(
             conn = self.conn.id,
@@ -209,8 +215,7 @@ impl Drop for SessionEvents {
         // The agent ended its session: it is moving to another connection (make before
         // break), or the connection is gone. This connection's tunnels take no new requests;
         // the parked ones end now, so the agent need not race us to close them.
-        self.conn.retired.store(true, Ordering::Relaxed);
-        let ended = self.gw.tunnels.end_connection(self.conn.id);
+        let ended = self.retire_connection();
         tracing::info!(
             conn = self.conn.id,
             parked_tunnels_ended = ended,
