@@ -3,11 +3,11 @@
 //! What a Kubernetes probe or a scrape of a fleet of agents needs, and no more.
 
 use std::convert::Infallible;
-use std::fmt::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use agentgate_proto::exposition::{self, Kind, Scrape};
 use agentgate_transport::TransportKind;
 use bytes::Bytes;
 use http_body_util::Full;
@@ -45,30 +45,33 @@ impl AgentStatus {
     }
 
     fn render(&self) -> String {
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "# HELP agentgate_agent_connected Whether the agent is registered with the gateway \
-             now, by transport.\n# TYPE agentgate_agent_connected gauge"
-        );
+        let mut scrape = Scrape::default();
         let now = self.transport();
+        let connected = scrape.family(
+            "agentgate_agent_connected",
+            "Whether the agent is registered with the gateway now, by transport.",
+            Kind::Gauge,
+        );
         for t in TransportKind::ALL {
             let v = u8::from(now == Some(t));
-            let _ = writeln!(out, "agentgate_agent_connected{{transport=\"{t}\"}} {v}");
+            connected.number(vec![("transport", t.to_string())], v.into());
         }
-        let _ = writeln!(
-            out,
-            "# HELP agentgate_agent_connections_total Connections the agent registered.\n\
-             # TYPE agentgate_agent_connections_total counter\n\
-             agentgate_agent_connections_total {}\n\
-             # HELP agentgate_agent_disconnects_total Times the agent was left with no registered connection.\n\
-             # TYPE agentgate_agent_disconnects_total counter\n\
-             agentgate_agent_disconnects_total {}\n{}",
-            self.connects.load(Ordering::Relaxed),
-            self.disconnects.load(Ordering::Relaxed),
-            agentgate_proto::build_info::metric()
-        );
-        out
+        scrape
+            .family(
+                "agentgate_agent_connections_total",
+                "Connections the agent registered.",
+                Kind::Counter,
+            )
+            .number(vec![], self.connects.load(Ordering::Relaxed) as f64);
+        scrape
+            .family(
+                "agentgate_agent_disconnects_total",
+                "Times the agent was left with no registered connection.",
+                Kind::Counter,
+            )
+            .number(vec![], self.disconnects.load(Ordering::Relaxed) as f64);
+        agentgate_proto::build_info::add_metric(&mut scrape);
+        scrape.render()
     }
 }
 
@@ -105,18 +108,19 @@ pub async fn serve(listener: TcpListener, status: Arc<AgentStatus>, stop: Cancel
 }
 
 fn answer(path: &str, status: &AgentStatus) -> http::Response<Full<Bytes>> {
-    let (code, body) = match path {
-        "/healthz" => (200, "ok\n".to_string()),
+    const TEXT: &str = "text/plain; charset=utf-8";
+    let (code, content_type, body) = match path {
+        "/healthz" => (200, TEXT, "ok\n".to_string()),
         "/readyz" => match status.transport() {
-            Some(t) => (200, format!("registered over {t}\n")),
-            None => (503, "not registered with the gateway\n".to_string()),
+            Some(t) => (200, TEXT, format!("registered over {t}\n")),
+            None => (503, TEXT, "not registered with the gateway\n".to_string()),
         },
-        "/metrics" => (200, status.render()),
-        _ => (404, "try /healthz, /readyz or /metrics\n".to_string()),
+        "/metrics" => (200, exposition::CONTENT_TYPE, status.render()),
+        _ => (404, TEXT, "try /healthz, /readyz or /metrics\n".to_string()),
     };
     http::Response::builder()
         .status(code)
-        .header("content-type", "text/plain; charset=utf-8")
+        .header("content-type", content_type)
         .body(Full::new(Bytes::from(body)))
         .expect("static response parts")
 }

@@ -9,6 +9,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 
+use agentgate_proto::exposition::{self, Kind, Scrape};
+
 use crate::Gateway;
 
 pub fn router(gw: Arc<Gateway>) -> Router {
@@ -45,38 +47,30 @@ async fn readyz(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
+    let mut scrape = Scrape::default();
+    gw.metrics.add_to(&mut scrape);
+    add_certificate_expiry(&gw, &mut scrape);
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        {
-            let mut out = gw.metrics.render();
-            render_certificate_expiry(&gw, &mut out);
-            out
-        },
+        [(header::CONTENT_TYPE, exposition::CONTENT_TYPE)],
+        scrape.render(),
     )
 }
 
 /// `agentgate_certificate_expiry_timestamp_seconds{listener}`: when each served certificate
 /// expires, read from the certificate in use (so a renewal shows at once). Alert on
 /// `... - time() < 14 * 86400`.
-fn render_certificate_expiry(gw: &Gateway, out: &mut String) {
-    use std::fmt::Write;
+fn add_certificate_expiry(gw: &Gateway, scrape: &mut Scrape) {
     let Some(certs) = gw.served_certs.get().filter(|c| !c.is_empty()) else {
         return;
     };
-    let _ = writeln!(
-        out,
-        "# HELP agentgate_certificate_expiry_timestamp_seconds When the certificate each listener serves expires (Unix time).\n\
-         # TYPE agentgate_certificate_expiry_timestamp_seconds gauge"
+    let family = scrape.family(
+        "agentgate_certificate_expiry_timestamp_seconds",
+        "When the certificate each listener serves expires (Unix time).",
+        Kind::Gauge,
     );
     for (listener, cert) in certs {
         if let Some(t) = cert.not_after_unix() {
-            let _ = writeln!(
-                out,
-                "agentgate_certificate_expiry_timestamp_seconds{{listener=\"{listener}\"}} {t}"
-            );
+            family.number(vec![("listener", listener.to_string())], t as f64);
         }
     }
 }

@@ -1,12 +1,15 @@
-//! Prometheus metrics, in the text exposition format.
+//! The gateway's metrics: labelled counter, gauge and histogram families behind a mutex, and
+//! their scrape.
 //!
-//! A deliberately small implementation: labelled counter and gauge families behind a mutex.
-//! Hot paths touch one family once per connection or per RPC, so contention is negligible.
+//! The series are kept here, looked up without allocating (hot paths touch one family once
+//! per connection, per RPC or per request); the text a scrape returns is written by the
+//! maintained prometheus-client encoder (`agentgate_proto::exposition`, which says why the
+//! series are not kept in that crate's own types).
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
 use std::sync::Mutex;
 
+use agentgate_proto::exposition::{Kind, Scrape};
 use agentgate_transport::{ConnMeta, IngressObserver, RejectReason, TransportKind};
 
 /// Joins label values in a series key; label values are the gateway's own words (remote input
@@ -17,7 +20,7 @@ const SEPARATOR: char = '\u{1f}';
 pub struct Family {
     name: &'static str,
     help: &'static str,
-    kind: &'static str,
+    kind: Kind,
     labels: &'static [&'static str],
     /// Series by their label values joined with [`SEPARATOR`], so that the hot path looks a
     /// series up without allocating (per request and per RPC; measured with `bench unary`).
@@ -28,7 +31,7 @@ impl Family {
     const fn new(
         name: &'static str,
         help: &'static str,
-        kind: &'static str,
+        kind: Kind,
         labels: &'static [&'static str],
     ) -> Self {
         Self {
@@ -89,35 +92,21 @@ impl Family {
         })
     }
 
-    fn render(&self, out: &mut String) {
-        let _ = writeln!(out, "# HELP {} {}", self.name, self.help);
-        let _ = writeln!(out, "# TYPE {} {}", self.name, self.kind);
+    fn add_to(&self, scrape: &mut Scrape) {
+        let family = scrape.family(self.name, self.help, self.kind);
         for (key, v) in self.values.lock().unwrap().iter() {
-            out.push_str(self.name);
-            write_labels(out, self.labels, key, None);
-            let _ = writeln!(out, " {v}");
+            family.number(label_pairs(self.labels, key), *v);
         }
     }
 }
 
-/// `{label="value",...}` of a series key, with an extra pair last (a histogram's `le`).
-fn write_labels(out: &mut String, labels: &[&str], key: &str, extra: Option<(&str, &str)>) {
-    if labels.is_empty() && extra.is_none() {
-        return;
+/// The label pairs of a series key.
+fn label_pairs(labels: &'static [&'static str], key: &str) -> Vec<(&'static str, String)> {
+    if labels.is_empty() {
+        return Vec::new();
     }
-    out.push('{');
-    let pairs = labels.iter().copied().zip(key.split(SEPARATOR));
-    for (i, (l, v)) in pairs.chain(extra).enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        let v = v
-            .replace('\\', "\\\\")
-            .replace('"', "\\\"")
-            .replace('\n', "\\n");
-        let _ = write!(out, "{l}=\"{v}\"");
-    }
-    out.push('}');
+    let values = key.split(SEPARATOR).map(str::to_string);
+    labels.iter().copied().zip(values).collect()
 }
 
 /// Upper bounds (seconds) of the duration histograms: from a cached answer through a long poll.
@@ -148,7 +137,7 @@ impl HistogramFamily {
             help,
             labels,
             // Only for its key building.
-            inner: Family::new(name, help, "histogram", labels),
+            inner: Family::new(name, help, Kind::Histogram, labels),
             series: Mutex::new(BTreeMap::new()),
         }
     }
@@ -171,24 +160,15 @@ impl HistogramFamily {
         })
     }
 
-    fn render(&self, out: &mut String) {
-        let _ = writeln!(out, "# HELP {} {}", self.name, self.help);
-        let _ = writeln!(out, "# TYPE {} histogram", self.name);
+    fn add_to(&self, scrape: &mut Scrape) {
+        let family = scrape.family(self.name, self.help, Kind::Histogram);
         for (key, h) in self.series.lock().unwrap().iter() {
-            let mut cumulative = 0;
-            let bounds = DURATION_BUCKETS.iter().map(|b| b.to_string());
-            for (le, n) in bounds.chain(["+Inf".to_string()]).zip(h.counts) {
-                cumulative += n;
-                let _ = write!(out, "{}_bucket", self.name);
-                write_labels(out, self.labels, key, Some(("le", &le)));
-                let _ = writeln!(out, " {cumulative}");
-            }
-            let _ = write!(out, "{}_sum", self.name);
-            write_labels(out, self.labels, key, None);
-            let _ = writeln!(out, " {}", h.sum);
-            let _ = write!(out, "{}_count", self.name);
-            write_labels(out, self.labels, key, None);
-            let _ = writeln!(out, " {cumulative}");
+            family.histogram(
+                label_pairs(self.labels, key),
+                &DURATION_BUCKETS,
+                &h.counts,
+                h.sum,
+            );
         }
     }
 }
@@ -226,74 +206,74 @@ impl Default for Metrics {
             connections_open: Family::new(
                 "agentgate_connections_open",
                 "Agent connections currently open, by transport.",
-                "gauge",
+                Kind::Gauge,
                 &["transport"],
             ),
             connections_accepted: Family::new(
                 "agentgate_connections_accepted_total",
                 "Agent connections accepted and classified, by transport.",
-                "counter",
+                Kind::Counter,
                 &["transport"],
             ),
             connections_rejected: Family::new(
                 "agentgate_connections_rejected_total",
                 "Agent connections or calls refused, by reason.",
-                "counter",
+                Kind::Counter,
                 &["reason"],
             ),
             rpcs: Family::new(
                 "agentgate_rpcs_total",
                 "Finished RPCs on the agent port, by method, gRPC status and transport.",
-                "counter",
+                Kind::Counter,
                 &["method", "status", "transport"],
             ),
             agents_connected: Family::new(
                 "agentgate_agents_connected",
                 "Registered agent sessions, by transport.",
-                "gauge",
+                Kind::Gauge,
                 &["transport"],
             ),
             tunnels_parked: Family::new(
                 "agentgate_tunnels_parked",
                 "Idle tunnel streams parked by agents, ready for requests.",
-                "gauge",
+                Kind::Gauge,
                 &[],
             ),
             tunnel_streams_opened: Family::new(
                 "agentgate_tunnel_streams_opened_total",
                 "Tunnel streams agents opened (version-2 agents reuse them, so this grows with \
                  demand, not with requests).",
-                "counter",
+                Kind::Counter,
                 &[],
             ),
             tunnel_requests: Family::new(
                 "agentgate_tunnel_requests_total",
                 "Requests through the tunnel API, by kind (http, grpc), outcome and the transport of the agent connection that served it (grpc, grpcs, ws, wss; replica when another replica did; none when no agent did).",
-                "counter",
+                Kind::Counter,
                 &["kind", "outcome", "transport"],
             ),
             tunnel_request_bytes: Family::new(
                 "agentgate_tunnel_bytes_total",
                 "Body bytes carried through tunnels, by direction and the agent connection's transport.",
-                "counter",
+                Kind::Counter,
                 &["direction", "transport"],
             ),
             redis_ops: Family::new(
                 "agentgate_redis_ops_total",
                 "Redis round trips (one per command or pipeline), by operation and outcome.",
-                "counter",
+                Kind::Counter,
                 &["op", "outcome"],
             ),
             registry_writes: Family::new(
                 "agentgate_registry_writes_total",
                 "Registry entries written to Redis (never per tunnel or per request).",
-                "counter",
+                Kind::Counter,
                 &[],
             ),
             forwards: Family::new(
                 "agentgate_forwards_total",
                 "Requests forwarded to another replica, by outcome.",
-                "counter",
+                Kind::Counter,
                 &["outcome"],
             ),
             internal_rejected: Family::new(
@@ -301,25 +281,25 @@ impl Default for Metrics {
                 "Internal API calls refused, by reason (missing, malformed, bad_signature, \
                  expired, wrong_audience, wrong_route, wrong_head, replayed, replay_cache_full, \
                  body_mac).",
-                "counter",
+                Kind::Counter,
                 &["reason"],
             ),
             peers_refused: Family::new(
                 "agentgate_cluster_peers_refused_total",
                 "Replica URLs read from Redis that match no internal_peers entry: ignored, sent nothing.",
-                "counter",
+                Kind::Counter,
                 &[],
             ),
             peer_failures: Family::new(
                 "agentgate_cluster_peer_failures_total",
                 "Calls to a peer replica that could not connect or got no answer in time (the peer is then skipped for internal_peer_down_for).",
-                "counter",
+                Kind::Counter,
                 &[],
             ),
             connect_rate_limited: Family::new(
                 "agentgate_connect_rate_limited_total",
                 "Registrations refused by the per-token connect rate limit.",
-                "counter",
+                Kind::Counter,
                 &[],
             ),
             backend_calls: Family::new(
@@ -327,13 +307,13 @@ impl Default for Metrics {
                 "Finished agent calls to gateway-side backends, by backend (its configured name), \
                  outcome (answered, limited, unavailable, http_error, broken, \
                  cancelled_by_backend, cancelled_by_caller, deadline, max_duration, shutdown, revoked) and gRPC status.",
-                "counter",
+                Kind::Counter,
                 &["backend", "outcome", "code"],
             ),
             reloads: Family::new(
                 "agentgate_certificate_reloads_total",
                 "Certificate reloads (a changed file, or SIGHUP), by listener and result.",
-                "counter",
+                Kind::Counter,
                 &["listener", "result"],
             ),
             tunnel_request_duration: HistogramFamily::new(
@@ -359,7 +339,7 @@ impl Default for Metrics {
             backend_calls_open: Family::new(
                 "agentgate_backend_calls_open",
                 "Agent calls to gateway-side backends open now (long polls included), by backend.",
-                "gauge",
+                Kind::Gauge,
                 &["backend"],
             ),
         };
@@ -386,8 +366,8 @@ impl Default for Metrics {
 pub const REJECT_UNAUTHENTICATED: &str = "unauthenticated";
 
 impl Metrics {
-    pub fn render(&self) -> String {
-        let mut out = String::with_capacity(4096);
+    /// Adds every family, then the process's own series, to a scrape.
+    pub fn add_to(&self, scrape: &mut Scrape) {
         for f in [
             &self.connections_open,
             &self.connections_accepted,
@@ -409,14 +389,24 @@ impl Metrics {
             &self.backend_calls_open,
             &self.reloads,
         ] {
-            f.render(&mut out);
+            f.add_to(scrape);
         }
-        self.tunnel_request_duration.render(&mut out);
-        self.backend_call_duration.render(&mut out);
-        self.tunnel_wait.render(&mut out);
-        self.registration_duration.render(&mut out);
-        crate::process_metrics::render(&mut out);
-        out
+        for h in [
+            &self.tunnel_request_duration,
+            &self.backend_call_duration,
+            &self.tunnel_wait,
+            &self.registration_duration,
+        ] {
+            h.add_to(scrape);
+        }
+        crate::process_metrics::add_to(scrape);
+    }
+
+    /// The whole scrape, as text.
+    pub fn render(&self) -> String {
+        let mut scrape = Scrape::default();
+        self.add_to(&mut scrape);
+        scrape.render()
     }
 }
 
@@ -443,8 +433,9 @@ mod tests {
         h.observe(&["http"], std::time::Duration::from_millis(2));
         h.observe(&["http"], std::time::Duration::from_millis(2));
         h.observe(&["http"], std::time::Duration::from_secs(3600));
-        let mut out = String::new();
-        h.render(&mut out);
+        let mut scrape = Scrape::default();
+        h.add_to(&mut scrape);
+        let out = scrape.render();
         assert!(
             out.contains("t_seconds_bucket{kind=\"http\",le=\"0.001\"} 0\n"),
             "{out}"

@@ -2,60 +2,56 @@
 //! official client libraries export them), read from /proc at each scrape, plus
 //! `agentgate_build_info`.
 
-use std::fmt::Write;
+use agentgate_proto::exposition::{Kind, Scrape};
 
-/// Appends the process series to a scrape.
-pub fn render(out: &mut String) {
-    let mut gauge = |name: &str, help: &str, kind: &str, value: f64| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-        );
+/// Adds the process series to a scrape.
+pub fn add_to(scrape: &mut Scrape) {
+    let mut one = |name: &'static str, help: &'static str, kind: Kind, value: f64| {
+        scrape.family(name, help, kind).number(vec![], value);
     };
     if let Some(stat) = SelfStat::read() {
-        gauge(
+        one(
             "process_cpu_seconds_total",
             "User and system CPU time spent, in seconds.",
-            "counter",
+            Kind::Counter,
             stat.cpu_seconds,
         );
-        gauge(
+        one(
             "process_resident_memory_bytes",
             "Resident memory size in bytes.",
-            "gauge",
+            Kind::Gauge,
             stat.rss_bytes,
         );
-        gauge(
+        one(
             "process_start_time_seconds",
             "Start time of the process since the Unix epoch, in seconds.",
-            "gauge",
+            Kind::Gauge,
             stat.start_time_seconds,
         );
     }
     if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
-        gauge(
+        one(
             "process_open_fds",
             "Open file descriptors.",
-            "gauge",
+            Kind::Gauge,
             fds.count() as f64,
         );
     }
     if let Some(max) = max_fds() {
-        gauge(
+        one(
             "process_max_fds",
             "The soft limit on open file descriptors.",
-            "gauge",
+            Kind::Gauge,
             max,
         );
     }
-    let _ = writeln!(
-        out,
-        "# HELP agentgate_accept_errors_total Failed accepts on any listener (EMFILE: the \
-         open-file limit).\n# TYPE agentgate_accept_errors_total counter\n\
-         agentgate_accept_errors_total {}",
-        agentgate_transport::ACCEPT_HEALTH.failures()
+    one(
+        "agentgate_accept_errors_total",
+        "Failed accepts on any listener (EMFILE: the open-file limit).",
+        Kind::Counter,
+        agentgate_transport::ACCEPT_HEALTH.failures() as f64,
     );
-    let _ = writeln!(out, "{}", agentgate_proto::build_info::metric());
+    agentgate_proto::build_info::add_metric(scrape);
 }
 
 struct SelfStat {
@@ -97,8 +93,9 @@ fn max_fds() -> Option<f64> {
 mod tests {
     #[test]
     fn the_process_series_are_there_and_plausible() {
-        let mut out = String::new();
-        super::render(&mut out);
+        let mut scrape = agentgate_proto::exposition::Scrape::default();
+        super::add_to(&mut scrape);
+        let out = scrape.render();
         let value = |name: &str| -> f64 {
             out.lines()
                 .find_map(|l| l.strip_prefix(&format!("{name} ")))

@@ -16,11 +16,16 @@ pub const LONG_VERSION: &str = concat!(
     ")"
 );
 
-/// The `agentgate_build_info` gauge, in the text exposition format.
-pub fn metric() -> String {
-    format!(
-        "# HELP agentgate_build_info The running build: its version and commit.\n\
-         # TYPE agentgate_build_info gauge\n\
-         agentgate_build_info{{version=\"{VERSION}\",commit=\"{COMMIT}\"}} 1"
-    )
+/// Adds the `agentgate_build_info` gauge (always 1, the build in its labels) to a scrape.
+pub fn add_metric(scrape: &mut crate::exposition::Scrape) {
+    scrape
+        .family(
+            "agentgate_build_info",
+            "The running build: its version and commit.",
+            crate::exposition::Kind::Gauge,
+        )
+        .number(
+            vec![("version", VERSION.into()), ("commit", COMMIT.into())],
+            1.0,
+        );
 }

@@ -2,6 +2,7 @@
 
 pub mod build_info;
 pub mod codec;
+pub mod exposition;
 pub mod headers;
 pub mod pump;
 
