@@ -85,3 +85,79 @@ def test_a_redis_failover_is_followed_through_the_sentinel(env):
             assert g.metric_sum("agentgate_redis_ops_total", outcome="ok") > 0
     finally:
         up.close()
+
+
+def test_sentinels_over_tls_with_their_own_password(env, tmp_path):
+    """rediss+sentinel://: TLS to the Sentinel and to the master (one private CA, redis_ca_cert),
+    the master's password in the URL and the Sentinel's own from redis_sentinel_password_file.
+    Replicas find each other's agents through the master the Sentinel names; neither password
+    shows in a log; a replica without the Sentinel's password is refused at start with a
+    sentence."""
+    from conftest import BIN, make_certs
+    from proxies import port_open
+
+    pki = make_certs(tmp_path / "redis-pki")
+    tls = (f"tls-cert-file {pki['cert']}\ntls-key-file {pki['key']}\n"
+           f"tls-ca-cert-file {pki['ca']}\ntls-auth-clients no\n")
+    master_pw, sentinel_pw = "master-s3cret-pw", "sentinel-s3cret-pw"
+    master_port, sentinel_port = free_port(), free_port()
+    (tmp_path / "master.conf").write_text(
+        f"port 0\ntls-port {master_port}\nbind 127.0.0.1\n{tls}save \"\"\nappendonly no\n"
+        f"dir {tmp_path}\nrequirepass {master_pw}\n")
+    master = env.spawn(["redis-server", str(tmp_path / "master.conf")], "redis-master-tls")
+    wait_for(lambda: port_open(master_port), what="the master over TLS")
+    (tmp_path / "sentinel.conf").write_text(
+        f"port 0\ntls-port {sentinel_port}\nbind 127.0.0.1\n{tls}tls-replication yes\n"
+        f"dir {tmp_path}\nrequirepass {sentinel_pw}\n"
+        f"sentinel monitor mymaster 127.0.0.1 {master_port} 1\n"
+        f"sentinel auth-pass mymaster {master_pw}\n")
+    sentinel = env.spawn(["redis-server", str(tmp_path / "sentinel.conf"), "--sentinel"],
+                         "sentinel-tls")
+
+    def named_master():
+        out = subprocess.run(
+            ["redis-cli", "--tls", "--cacert", str(pki["ca"]), "-p", str(sentinel_port),
+             "--no-auth-warning", "-a", sentinel_pw,
+             "SENTINEL", "get-master-addr-by-name", "mymaster"],
+            capture_output=True, text=True, timeout=10).stdout.split()
+        return len(out) == 2 and out[1] == str(master_port)
+    wait_for(named_master, timeout=20, what="the Sentinel over TLS naming the master")
+
+    pw_file = tmp_path / "sentinel.password"
+    pw_file.write_text(sentinel_pw + "\n")
+
+    class Via:
+        url = f"rediss+sentinel://:{master_pw}@127.0.0.1:{sentinel_port}/mymaster/0"
+
+    secret_file, _ = write_secret(env)
+    settings = ["--set", f'redis_ca_cert="{pki["ca"]}"', "--set", "redis_required_at_start=true",
+                "--set", "redis_startup_timeout=\"4s\""]
+    up = HttpUpstream("behind-tls-sentinel")
+    try:
+        with_pw = [*settings, "--set", f'redis_sentinel_password_file="{pw_file}"']
+        r1 = replica(env, "r1", Via, secret_file, extra=with_pw)
+        r2 = replica(env, "r2", Via, secret_file, extra=with_pw)
+        api = pin_agent(env, r2, up)
+        wait_for(lambda: api_get(r1, api, "pinned", "/via-tls-sentinel")[0] == 200, timeout=20,
+                 what="r1 reaching the agent on r2 through the master the Sentinel names")
+        for g in (r1, r2):
+            out = g.proc.output()
+            assert master_pw not in out and sentinel_pw not in out, out[-2000:]
+            assert g.metric_sum("agentgate_redis_ops_total", outcome="ok") > 0
+
+        # Without the Sentinel's password there is no master to find: refused at start.
+        r = subprocess.run(
+            [str(BIN), "server", "--tokens", str(env.tokens), "--redis", Via.url,
+             "--internal-secret-file", str(secret_file), "--listen", f"127.0.0.1:{free_port()}",
+             "--cleartext-listen", f"127.0.0.1:{free_port()}",
+             "--admin-listen", f"127.0.0.1:{free_port()}",
+             "--api-listen", f"127.0.0.1:{free_port()}",
+             "--internal-listen", f"127.0.0.1:{free_port()}", *settings],
+            capture_output=True, text=True, timeout=30)
+        assert r.returncode != 0, r.stderr
+        print("without the Sentinel's password:", r.stderr.strip().splitlines()[-1])
+        assert "redis" in r.stderr.lower(), r.stderr
+        assert master_pw not in r.stderr and sentinel_pw not in r.stderr, r.stderr
+        assert master.alive() and sentinel.alive()
+    finally:
+        up.close()

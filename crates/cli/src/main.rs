@@ -175,7 +175,7 @@ struct ServerFlags {
     #[serde(skip_serializing_if = "Option::is_none")]
     tokens: Option<PathBuf>,
     /// Cluster mode: redis://[:password@]host:port/db, rediss://..., or
-    /// redis+sentinel://host:port[,host:port]/MASTER[/db].
+    /// redis+sentinel://host:port[,host:port]/MASTER[/db] (rediss+sentinel:// for TLS).
     #[arg(long, env = "AGENTGATE_REDIS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     redis: Option<String>,

@@ -182,7 +182,7 @@ pub struct GatewayConfig {
 
     /// Cluster mode: `redis://[:password@]host:port/db`, `rediss://...`, or
     /// `redis+sentinel://host:port[,host:port...]/MASTER[/db]` to follow a Redis failover
-    /// through its Sentinels. Unset means a single process with no shared state.
+    /// through its Sentinels (`rediss+sentinel://` for TLS to the Sentinels and the master). Unset means a single process with no shared state.
     pub redis: Option<String>,
     /// Internal API for other replicas (cluster mode only).
     pub internal_listen: SocketAddr,
@@ -241,9 +241,15 @@ pub struct GatewayConfig {
     /// Deadline for each Redis round trip; past it the call counts as a Redis error.
     #[serde(with = "humantime_serde")]
     pub redis_timeout: Duration,
-    /// CA certificates (PEM) for a `rediss://` Redis with a private CA (default: the system
-    /// trust store).
+    /// CA certificates (PEM) for a `rediss://` or `rediss+sentinel://` Redis (and its
+    /// Sentinels) with a private CA (default: the system trust store).
     pub redis_ca_cert: Option<PathBuf>,
+    /// The ACL user the Sentinels want (`redis+sentinel://`, `rediss+sentinel://`); the user
+    /// in the URL is the master's.
+    pub redis_sentinel_username: Option<String>,
+    /// File with the Sentinels' password (`requirepass` in sentinel.conf), first line; the
+    /// password in the URL is the master's. Read at start, never logged.
+    pub redis_sentinel_password_file: Option<PathBuf>,
     /// Start only if Redis answers within `redis_startup_timeout`. Off: start anyway, serve
     /// local agents, and join the cluster when Redis comes.
     pub redis_required_at_start: bool,
@@ -393,6 +399,8 @@ impl Default for GatewayConfig {
             registry_refresh_interval: Duration::from_secs(4 * 60),
             redis_timeout: Duration::from_secs(1),
             redis_ca_cert: None,
+            redis_sentinel_username: None,
+            redis_sentinel_password_file: None,
             redis_required_at_start: false,
             redis_startup_timeout: Duration::from_secs(10),
             connect_rate_limit_per_minute: 600,

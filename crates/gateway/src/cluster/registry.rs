@@ -19,7 +19,7 @@ use redis::aio::ConnectionManager;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::redis_target::RedisTarget;
+use super::redis_target::{RedisOptions, RedisTarget};
 use crate::metrics::Metrics;
 
 const REPLICAS_KEY: &str = "agentgate:replicas";
@@ -66,7 +66,7 @@ impl Registry {
 
     pub fn new(
         url: &str,
-        ca_cert: Option<Vec<u8>>,
+        options: RedisOptions,
         self_url: String,
         ttl: Duration,
         refresh: Duration,
@@ -74,10 +74,10 @@ impl Registry {
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<Self>> {
         // The error never repeats the URL: it may carry a password.
-        let target = match RedisTarget::sentinel(url) {
+        let target = match RedisTarget::sentinel(url, &options) {
             Some(sentinel) => sentinel.map_err(|e| anyhow::anyhow!("invalid --redis URL: {e}"))?,
             None => RedisTarget::Direct(
-                match ca_cert {
+                match options.ca_cert {
                     None => redis::Client::open(url),
                     Some(root_cert) => redis::Client::build_with_tls(
                         url,
@@ -90,7 +90,7 @@ impl Registry {
                 .map_err(|e| {
                     anyhow::anyhow!(
                         "invalid --redis URL (redis:// or rediss://[user:password@]host:port/db, \
-                         or redis+sentinel://host:port[,host:port]/MASTER[/db]): {e}"
+                         or redis[s]+sentinel://host:port[,host:port]/MASTER[/db]): {e}"
                     )
                 })?,
             ),

@@ -10,6 +10,7 @@ use agentgate_transport::tls::{client_config_presenting, ServerVerification, ALP
 use anyhow::Context;
 
 use super::peers::PeerPolicy;
+use super::redis_target::RedisOptions;
 use super::registry::Registry;
 use super::signing::{CallSigner, Secrets};
 use super::{Cluster, ClusterSettings};
@@ -119,9 +120,26 @@ pub fn cluster_from_config(
         ),
         None => None,
     };
+    let sentinel_password = match &config.redis_sentinel_password_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| {
+                    format!("cannot read redis_sentinel_password_file {}", p.display())
+                })?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+        ),
+        None => None,
+    };
     let registry = Registry::new(
         redis_url,
-        redis_ca,
+        RedisOptions {
+            ca_cert: redis_ca,
+            sentinel_username: config.redis_sentinel_username.clone(),
+            sentinel_password,
+        },
         self_url.clone(),
         config.registry_ttl,
         config.registry_refresh_interval,
