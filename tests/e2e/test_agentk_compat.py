@@ -393,3 +393,19 @@ def test_kas_only_methods_get_a_sentence_and_no_metric_label(env):
     assert len(text) - size_before < 600, "unknown methods must not create series"
     assert g.metric("agentgate_rpcs_total", method="other", status="UNIMPLEMENTED", transport="grpc") >= 301
     assert g.metric("agentgate_connections_rejected_total", reason="unknown_method") >= 301
+
+
+def test_answers_on_the_agent_port_leave_the_clients_hpack_table_empty(env):
+    """The gateway's answer headers use no HPACK dynamic table (third_party/h2, patch 5): a
+    client's decoder holds no entries after many calls, every answer still decodes whole,
+    and a foreign gRPC stack (grpcio) is served on the same gateway as before."""
+    g = env.gateway(tls=False)
+    c = raw_h2.RawH2(g.port)
+    for _ in range(5):
+        a = c.wait(c.request(HEALTH_CHECK, body=raw_h2.grpc_frame(b"")))
+        assert a.grpc_status == "0" and a.data == raw_h2.grpc_frame(SERVING), a
+        assert a.headers.get("content-type") == "application/grpc", a
+    table = c.conn.decoder.header_table
+    assert len(table.dynamic_entries) == 0, list(table.dynamic_entries)
+    c.close()
+    assert ic.health_check(ic.h2c_channel(g.port)) == "SERVING"

@@ -64,6 +64,7 @@ pub struct Gateway {
     connects: std::sync::Mutex<(u64, std::collections::HashMap<String, u32>)>,
     /// Cancelled when shutdown begins (accepting stops, GOAWAY goes out): each session ends
     /// once its connection has written the GOAWAY, so that agents read the end as planned.
+    /// A child of `shutdown`: cancelling that cancels this too.
     pub(crate) stopping: CancellationToken,
     /// The certificates this gateway serves, by listener, for the expiry gauge (set at start).
     pub(crate) served_certs: std::sync::OnceLock<
@@ -136,6 +137,8 @@ impl Gateway {
                 Arc::new(move |name, up| registry.set_present(name, up));
             let _ = directory.presence.set(hook);
         }
+        // Shutdown implies stopping, so that what waits for either waits for `stopping` first.
+        let shutdown = CancellationToken::new();
         Ok(Arc::new(Self {
             backends,
             cluster,
@@ -144,9 +147,9 @@ impl Gateway {
             tokens,
             metrics,
             directory,
-            stopping: CancellationToken::new(),
+            stopping: shutdown.child_token(),
             served_certs: std::sync::OnceLock::new(),
-            shutdown: CancellationToken::new(),
+            shutdown,
             ready: AtomicBool::new(false),
             config,
         }))

@@ -57,8 +57,9 @@ pub struct SessionEvents {
     stop_by: Option<Instant>,
     /// One timer, set to whichever of the times above comes first.
     timer: Pin<Box<Sleep>>,
-    stopping: Pin<Box<WaitForCancellationFutureOwned>>,
-    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The gateway's `stopping` until it fires, then its `shutdown` (one future at a time:
+    /// `shutdown` implies `stopping`, and an idle session holds one fewer allocation).
+    stopping_then_shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     revoked: Pin<Box<WaitForCancellationFutureOwned>>,
     /// True once the stream ended by itself; dropped before that, the agent ended it.
     ended: bool,
@@ -80,8 +81,7 @@ impl SessionEvents {
         let end_at = gw.session_deadline(&conn);
         let drain_at = gw.drain_deadline(&conn);
         Self {
-            stopping: Box::pin(gw.stopping.clone().cancelled_owned()),
-            shutdown: Box::pin(gw.shutdown.clone().cancelled_owned()),
+            stopping_then_shutdown: Box::pin(gw.stopping.clone().cancelled_owned()),
             revoked: Box::pin(revoked.cancelled_owned()),
             timer: Box::pin(tokio::time::sleep_until(next_heartbeat)),
             gw,
@@ -156,17 +156,18 @@ impl Stream for SessionEvents {
         if let Some(first) = this.first.take() {
             return Poll::Ready(Some(Ok(first)));
         }
-        if this.shutdown.as_mut().poll(cx).is_ready() {
+        if this.stop_by.is_none() && this.stopping_then_shutdown.as_mut().poll(cx).is_ready() {
+            // Shutdown: end once this connection's GOAWAY is written, so that the agent reads
+            // the session's end as planned (the GOAWAY is only seen while the PING policy is
+            // on, hence the time limit), or at `shutdown`, whichever comes first.
+            this.stop_by = Some(Instant::now() + GOAWAY_WAIT);
+            this.stopping_then_shutdown = Box::pin(this.gw.shutdown.clone().cancelled_owned());
+        }
+        if this.stop_by.is_some() && this.stopping_then_shutdown.as_mut().poll(cx).is_ready() {
             return this.end(None);
         }
         if this.revoked.as_mut().poll(cx).is_ready() {
             return this.revoke();
-        }
-        if this.stop_by.is_none() && this.stopping.as_mut().poll(cx).is_ready() {
-            // Shutdown: end once this connection's GOAWAY is written, so that the agent reads
-            // the session's end as planned (the GOAWAY is only seen while the PING policy is
-            // on, hence the time limit).
-            this.stop_by = Some(Instant::now() + GOAWAY_WAIT);
         }
         loop {
             let now = Instant::now();

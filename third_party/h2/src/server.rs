@@ -388,6 +388,12 @@ where
         // Create the codec.
         let mut codec = Codec::new(io);
 
+        // agentgate patch: a server's answers use no HPACK dynamic table. A gateway holds one
+        // connection per agent; the table's entries and index cost about 600 bytes on each,
+        // and the repeated answer headers (`content-type`, `grpc-status`) are a few dozen
+        // bytes as literals (AGENTGATE-PATCHES.md, section 5).
+        codec.without_dynamic_header_entries();
+
         if let Some(max) = builder.settings.max_frame_size() {
             codec.set_max_recv_frame_size(max as usize);
         }

@@ -341,6 +341,11 @@ impl<T, B> FramedWrite<T, B> {
         self.encoder.max_frame_size = val as FrameSize;
     }
 
+    /// agentgate patch: see `hpack::Table::without_dynamic_entries`.
+    pub fn without_dynamic_header_entries(&mut self) {
+        self.encoder.hpack.without_dynamic_entries();
+    }
+
     /// Set the peer's header table size.
     pub fn set_header_table_size(&mut self, val: usize) {
         self.encoder.hpack.update_max_size(val);

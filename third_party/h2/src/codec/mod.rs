@@ -92,6 +92,11 @@ impl<T, B> Codec<T, B> {
         self.inner.get_ref().max_frame_size()
     }
 
+    /// agentgate patch: header blocks this side sends never use the HPACK dynamic table.
+    pub fn without_dynamic_header_entries(&mut self) {
+        self.framed_write().without_dynamic_header_entries()
+    }
+
     /// Set the peer's max frame size.
     pub fn set_max_send_frame_size(&mut self, val: usize) {
         self.framed_write().set_max_frame_size(val)

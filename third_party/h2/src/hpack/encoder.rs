@@ -65,6 +65,11 @@ impl Encoder {
     /// Queues a max size update.
     ///
     /// The next call to `encode` will include a dynamic size update frame.
+    /// agentgate patch: see `Table::without_dynamic_entries`.
+    pub fn without_dynamic_entries(&mut self) {
+        self.table.without_dynamic_entries();
+    }
+
     pub fn update_max_size(&mut self, val: usize) {
         let val = val.min(self.max_allowed_size);
 

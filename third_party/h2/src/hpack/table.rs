@@ -18,6 +18,8 @@ pub struct Table {
     // Size is in bytes
     size: usize,
     max_size: usize,
+    // agentgate patch: false keeps the dynamic table empty (see `without_dynamic_entries`).
+    dynamic: bool,
 }
 
 #[derive(Debug)]
@@ -72,6 +74,13 @@ macro_rules! probe_loop {
 }
 
 impl Table {
+    /// agentgate patch: never insert into the dynamic table. Literals are sent "without
+    /// indexing", so the peer's decoder keeps no entries either. Size updates from the peer's
+    /// SETTINGS are still tracked and signalled as before: an empty table fits any size.
+    pub fn without_dynamic_entries(&mut self) {
+        self.dynamic = false;
+    }
+
     pub fn new(max_size: usize, capacity: usize) -> Table {
         if capacity == 0 {
             Table {
@@ -81,6 +90,7 @@ impl Table {
                 inserted: 0,
                 size: 0,
                 max_size,
+                dynamic: true,
             }
         } else {
             let capacity = cmp::max(to_raw_capacity(capacity).next_power_of_two(), 8);
@@ -92,6 +102,7 @@ impl Table {
                 inserted: 0,
                 size: 0,
                 max_size,
+                dynamic: true,
             }
         }
     }
@@ -147,6 +158,12 @@ impl Table {
         // If the header is already indexed by the static table, return that
         if let Some((n, true)) = statik {
             return Index::Indexed(n, header);
+        }
+
+        // agentgate patch: with the dynamic table off, every other header is a literal that
+        // the peer does not index either (a static name reference where there is one).
+        if !self.dynamic {
+            return Index::new(statik, header);
         }
 
         // Don't index large headers

@@ -78,6 +78,18 @@ pub(super) trait Resolve {
 
 // ===== impl Store =====
 
+/// agentgate patch: the streams a connection's slab has room for before it first grows.
+const STREAMS_RESERVED: usize = 3;
+
+/// agentgate patch: the first stream reserves room for three (an agent's session and its two
+/// parked tunnels) instead of the four a first push reserves.
+fn insert_into(slab: &mut slab::Slab<Stream>, stream: Stream) -> usize {
+    if slab.capacity() == 0 {
+        slab.reserve_exact(STREAMS_RESERVED);
+    }
+    slab.insert(stream)
+}
+
 impl Store {
     pub fn new() -> Self {
         Store {
@@ -102,7 +114,7 @@ impl Store {
     }
 
     pub fn insert(&mut self, id: StreamId, val: Stream) -> Ptr<'_> {
-        let index = SlabIndex(self.slab.insert(val) as u32);
+        let index = SlabIndex(insert_into(&mut self.slab, val) as u32);
         assert!(self.ids.insert(id, index).is_none());
 
         Ptr {
@@ -464,7 +476,7 @@ impl<'a> VacantEntry<'a> {
     pub fn insert(self, value: Stream) -> Key {
         // Insert the value in the slab
         let stream_id = value.id;
-        let index = SlabIndex(self.slab.insert(value) as u32);
+        let index = SlabIndex(insert_into(self.slab, value) as u32);
 
         // Insert the handle in the ID map
         self.ids.insert(index);
