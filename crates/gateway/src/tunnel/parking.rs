@@ -122,6 +122,9 @@ impl TunnelParking {
                 Err(t) => tunnel = t,
             }
         }
+        // Idle from now on: its decode buffer, grown to the largest message of its last
+        // request (a 64 KiB chunk), goes back (third_party/tonic, patch 1).
+        tunnel.rx.release_buffer();
         entry.idle.push_back(Box::new(tunnel));
         self.metrics.tunnels_parked.add(&[], 1.0);
     }
