@@ -151,25 +151,14 @@ fn parse_sentinel(
     b.build().map_err(settings)
 }
 
-/// One Sentinel's `host:port` (an IPv6 address in brackets).
+/// One Sentinel's `host:port`, read by redis-rs the way a `redis://` (or, with TLS,
+/// `rediss://`) URL's address is.
 fn sentinel_addr(h: &str, tls: bool) -> Result<ConnectionAddr, SentinelUrlError> {
-    let bad = |why: &str| SentinelUrlError::Address(h.to_string(), why.to_string());
-    let (host, port) = h.rsplit_once(':').ok_or_else(|| bad("no :port"))?;
-    let port: u16 = port.parse().map_err(|_| bad("the port is not a number"))?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() {
-        return Err(bad("no host"));
-    }
-    Ok(if tls {
-        ConnectionAddr::TcpTls {
-            host: host.to_string(),
-            port,
-            insecure: false,
-            tls_params: None,
-        }
-    } else {
-        ConnectionAddr::Tcp(host.to_string(), port)
-    })
+    let scheme = if tls { "rediss" } else { "redis" };
+    format!("{scheme}://{h}")
+        .into_connection_info()
+        .map(|info| info.addr().clone())
+        .map_err(|e| SentinelUrlError::Address(h.to_string(), e.to_string()))
 }
 
 #[cfg(test)]
