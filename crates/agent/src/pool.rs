@@ -26,14 +26,28 @@ use crate::config::PoolSettings;
 use crate::connection::CallCredentials;
 use crate::upstream::{After, Upstreams, LINGER_FOR_GATEWAY_CLOSE};
 
-#[derive(Default)]
 struct PoolState {
     idle: AtomicUsize,
     total: AtomicUsize,
+    /// Wakes the pool manager: only when it may have streams to open (a stream ended, or the
+    /// idle ones fell below the minimum), not on every request a stream starts or finishes.
     changed: Notify,
+    min_idle: usize,
 }
 
-/// Decrements a counter (and wakes the pool manager) when dropped.
+impl PoolState {
+    fn new(min_idle: usize) -> Self {
+        Self {
+            idle: AtomicUsize::new(0),
+            total: AtomicUsize::new(0),
+            changed: Notify::new(),
+            min_idle,
+        }
+    }
+}
+
+/// Decrements a counter when dropped, and wakes the pool manager if that may call for a new
+/// stream.
 struct CountGuard<'a> {
     state: &'a PoolState,
     idle: bool,
@@ -41,12 +55,17 @@ struct CountGuard<'a> {
 
 impl Drop for CountGuard<'_> {
     fn drop(&mut self) {
-        if self.idle {
-            self.state.idle.fetch_sub(1, Ordering::SeqCst);
+        let wake = if self.idle {
+            // A stream went busy (or an idle one closed): only a pool left below its minimum
+            // needs another.
+            self.state.idle.fetch_sub(1, Ordering::SeqCst) - 1 < self.state.min_idle
         } else {
             self.state.total.fetch_sub(1, Ordering::SeqCst);
+            true
+        };
+        if wake {
+            self.state.changed.notify_one();
         }
-        self.state.changed.notify_one();
     }
 }
 
@@ -97,13 +116,14 @@ pub async fn run_pool(
         grpc_upstream: upstreams.has_grpc(),
         protocol_version: settings.protocol_version,
     };
+    let state = PoolState::new(settings.min_idle);
     let ctx = Arc::new(TunnelContext {
         client: TunnelClient::new(channel),
         auth,
         descriptor,
         settings,
         upstreams,
-        state: PoolState::default(),
+        state,
         failures: AtomicUsize::new(0),
         stop,
         broken,
@@ -194,10 +214,11 @@ async fn tunnel(ctx: Arc<TunnelContext>) {
         drop(idle.take());
         match ctx.upstreams.execute(head, &mut inbound, &tx).await {
             After::Idle { next } => {
+                // Idle again: one more idle stream never calls for opening one, so the
+                // manager is not woken.
                 pending = next;
                 state.idle.fetch_add(1, Ordering::SeqCst);
                 idle = Some(CountGuard { state, idle: true });
-                state.changed.notify_one();
             }
             After::CloseGently => {
                 close_gently(tx, inbound).await;
@@ -312,6 +333,32 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_manager_is_woken_only_when_a_stream_may_be_needed() {
+        use futures_util::FutureExt;
+        let state = PoolState::new(2);
+        state.idle.store(3, Ordering::SeqCst);
+        state.total.store(5, Ordering::SeqCst);
+        let woken = |state: &PoolState| state.changed.notified().now_or_never().is_some();
+        drop(CountGuard {
+            state: &state,
+            idle: true,
+        });
+        assert!(!woken(&state), "3 -> 2 idle: still at the minimum");
+        drop(CountGuard {
+            state: &state,
+            idle: true,
+        });
+        assert!(woken(&state), "2 -> 1 idle: below the minimum");
+        drop(CountGuard {
+            state: &state,
+            idle: false,
+        });
+        assert!(woken(&state), "a stream ended");
+        assert_eq!(state.idle.load(Ordering::SeqCst), 1);
+        assert_eq!(state.total.load(Ordering::SeqCst), 4);
+    }
 
     #[test]
     fn opening_policy() {

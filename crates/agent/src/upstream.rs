@@ -21,7 +21,7 @@ use futures_util::FutureExt;
 use http::header::HeaderMap;
 use http_body::Body as _;
 use http_body::Frame;
-use http_body_util::{BodyExt, StreamBody};
+use http_body_util::{BodyExt, Either, Empty, StreamBody};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -35,7 +35,10 @@ use crate::config::AgentConfig;
 /// version 2, to end a request the upstream did not read whole).
 pub(crate) const LINGER_FOR_GATEWAY_CLOSE: Duration = Duration::from_secs(30);
 
-type RequestBody = StreamBody<ReceiverStream<Result<Frame<Bytes>, std::io::Error>>>;
+/// A request without a body is `Empty` (known to be empty: nothing to poll, no channel);
+/// one with a body streams it from the tunnel through a small channel.
+type RequestBody = Either<Empty<Bytes>, StreamBody<BodyStream>>;
+type BodyStream = ReceiverStream<Result<Frame<Bytes>, std::io::Error>>;
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, RequestBody>;
 
 /// The agent's upstreams and the HTTP clients that reach them.
@@ -103,15 +106,17 @@ impl Upstreams {
     ) -> After {
         let started = std::time::Instant::now();
         let v2 = head.protocol_version >= 2;
-        let (body_tx, body_rx) = mpsc::channel(4);
-        let mut body_tx = Some(body_tx);
         let mut request_ended = v2 && head.end_of_request;
-        if request_ended {
-            body_tx = None;
-        }
+        let (mut body_tx, body) = if request_ended {
+            (None, Either::Left(Empty::new()))
+        } else {
+            let (body_tx, body_rx) = mpsc::channel(4);
+            let body = StreamBody::new(ReceiverStream::new(body_rx));
+            (Some(body_tx), Either::Right(body))
+        };
         let mut next = None;
         let outcome = {
-            let exchange = self.exchange(&head, body_rx, tx, v2);
+            let exchange = self.exchange(&head, body, tx, v2);
             tokio::pin!(exchange);
             loop {
                 tokio::select! {
@@ -171,7 +176,7 @@ impl Upstreams {
     async fn exchange(
         &self,
         head: &RequestHead,
-        body_rx: mpsc::Receiver<Result<Frame<Bytes>, std::io::Error>>,
+        body: RequestBody,
         tx: &mpsc::Sender<AgentMessage>,
         v2: bool,
     ) -> Result<u16, ExchangeError> {
@@ -208,7 +213,7 @@ impl Upstreams {
             Ok(u) => u,
             Err(e) => return fail(tx, tunnel_error::Code::BadRequest, e).await,
         };
-        let mut req = http::Request::new(StreamBody::new(ReceiverStream::new(body_rx)));
+        let mut req = http::Request::new(body);
         *req.uri_mut() = uri;
         *req.method_mut() = match http::Method::from_bytes(head.method.as_bytes()) {
             Ok(m) => m,
@@ -232,9 +237,10 @@ impl Upstreams {
         };
         // What goes back to the caller names the upstream, never its address: that stays in
         // this agent's log.
-        let target = format!("{} upstream", upstream_label(head));
+        let target = || format!("{} upstream", upstream_label(head));
         let resp = match tokio::time::timeout(timeout, client.request(req)).await {
             Err(_) => {
+                let target = target();
                 let msg = format!(
                     "the {target} did not answer within {}",
                     humantime_secs(timeout)
@@ -243,6 +249,7 @@ impl Upstreams {
                 return fail(tx, tunnel_error::Code::UpstreamTimeout, msg).await;
             }
             Ok(Err(e)) => {
+                let target = target();
                 let code = if is_timeout(&e) {
                     tunnel_error::Code::UpstreamTimeout
                 } else {
