@@ -10,7 +10,7 @@ import time
 from cluster_helpers import Redis, write_secret
 from conftest import free_port, wait_for
 from proxies import HttpUpstream
-from test_cluster_trust import api_get, pin_agent, replica
+from test_cluster_trust import api_get, replicas_sharing_an_agent
 
 
 class Sentinel:
@@ -53,11 +53,7 @@ def test_a_redis_failover_is_followed_through_the_sentinel(env):
     secret_file, _ = write_secret(env)
     up = HttpUpstream("behind-sentinel")
     try:
-        r1 = replica(env, "r1", Via, secret_file)
-        r2 = replica(env, "r2", Via, secret_file)
-        api = pin_agent(env, r2, up)
-        wait_for(lambda: api_get(r1, api, "pinned", "/before")[0] == 200, timeout=20,
-                 what="r1 reaching the agent on r2 through the master's registry")
+        r1, r2, api = replicas_sharing_an_agent(env, Via, secret_file, up, "/before")
         assert master.cli("HLEN", "agentgate:agent:pinned") == "1"
 
         # The master dies; the Sentinel promotes the replica.
@@ -135,11 +131,8 @@ def test_sentinels_over_tls_with_their_own_password(env, tmp_path):
     up = HttpUpstream("behind-tls-sentinel")
     try:
         with_pw = [*settings, "--set", f'redis_sentinel_password_file="{pw_file}"']
-        r1 = replica(env, "r1", Via, secret_file, extra=with_pw)
-        r2 = replica(env, "r2", Via, secret_file, extra=with_pw)
-        api = pin_agent(env, r2, up)
-        wait_for(lambda: api_get(r1, api, "pinned", "/via-tls-sentinel")[0] == 200, timeout=20,
-                 what="r1 reaching the agent on r2 through the master the Sentinel names")
+        r1, r2, api = replicas_sharing_an_agent(env, Via, secret_file, up, "/via-tls-sentinel",
+                                                extra=with_pw)
         for g in (r1, r2):
             out = g.proc.output()
             assert master_pw not in out and sentinel_pw not in out, out[-2000:]

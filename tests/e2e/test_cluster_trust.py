@@ -78,6 +78,17 @@ def replica(env, name, redis, secret_file, scheme="http", extra=()):
     return g
 
 
+def replicas_sharing_an_agent(env, redis, secret_file, upstream, path, extra=()):
+    """Replicas r1 and r2 on `redis`, agent `pinned` on r2 in front of `upstream`; returns
+    (r1, r2, an API token) once r1 reaches the agent at `path` through the registry."""
+    r1 = replica(env, "r1", redis, secret_file, extra=extra)
+    r2 = replica(env, "r2", redis, secret_file, extra=extra)
+    api = pin_agent(env, r2, upstream)
+    wait_for(lambda: api_get(r1, api, "pinned", path)[0] == 200, timeout=20,
+             what="r1 reaching the agent on r2 through the registry")
+    return r1, r2, api
+
+
 def api_get(g, token, agent, path):
     import urllib.request
     req = urllib.request.Request(f"{g.api}/agents/{agent}/proxy{path}",
@@ -396,11 +407,8 @@ def test_redis_as_operators_run_it_tls_and_an_acl_user(env, tmp_path):
     rec = Recorder("pinned-upstream")
     try:
         ca = ["--set", f'redis_ca_cert="{pki["ca"]}"', "--set", "redis_required_at_start=true"]
-        r1 = replica(env, "r1", TlsRedis, secret_file, extra=ca)
-        r2 = replica(env, "r2", TlsRedis, secret_file, extra=ca)
-        api = pin_agent(env, r2, rec)
-        wait_for(lambda: api_get(r1, api, "pinned", "/via-rediss")[0] == 200, timeout=20,
-                 what="r1 finding the agent on r2 through Redis over TLS")
+        r1, r2, api = replicas_sharing_an_agent(env, TlsRedis, secret_file, rec, "/via-rediss",
+                                                extra=ca)
         for g in (r1, r2):
             assert g.metric("agentgate_redis_ops_total", op="lookup", outcome="ok") + \
                 g.metric("agentgate_registry_writes_total") > 0
