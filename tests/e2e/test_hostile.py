@@ -388,19 +388,31 @@ def test_http_listeners_have_header_deadline_idle_timeout_and_a_cap(env):
 
 
 def test_bytes_before_authentication_are_capped(env):
-    """A WebSocket client without a token sends one 8 MiB message: the gateway stops reading at
-    the 1 MiB pre-authentication budget instead of buffering the whole message."""
-    g, api = gateway_with_steady_agent(env, tls=False)
+    """A WebSocket client without a token sends one message larger than the kernel can buffer:
+    the gateway stops reading at the 1 MiB pre-authentication budget instead of buffering the
+    whole message.
+
+    The message is 8 MiB more than the gateway socket's largest possible receive buffer
+    (`tcp_rmem`'s maximum: 6 MiB on stock Debian, 32 MiB on some machines) and the client's send
+    buffer is pinned small, so a client that gets all of it out must have been read past the
+    budget."""
+    with open("/proc/sys/net/ipv4/tcp_rmem") as f:
+        rmem_max = int(f.read().split()[2])
+    size = rmem_max + 8 * MiB
+    # The WebSocket message limit (10 MiB by default) would refuse the message from its header
+    # alone; raised past it, only the pre-authentication budget can stop the gateway reading.
+    g, api = gateway_with_steady_agent(env, tls=False, extra=[
+        "--set", f"ws_max_message_size={size + MiB}"])
     rss0 = g.proc.rss_kib()
     socks = []
     for _ in range(20):
         s = ic.connect(g.port)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
         s.sendall(ic.ws_upgrade_request("/", f"localhost:{g.port}", "ws-tunnel"))
         resp = b""
         while b"\r\n\r\n" not in resp:
             resp += s.recv(4096)
         assert b" 101 " in resp.split(b"\r\n")[0], resp[:200]
-        size = 8 * MiB
         s.sendall(bytes([0x82, 0x80 | 127]) + size.to_bytes(8, "big") + b"\x01\x02\x03\x04")
         socks.append(s)
     # All at once: at the budget the gateway stops reading and gives a call STALL_FOR_AUTH
@@ -410,7 +422,7 @@ def test_bytes_before_authentication_are_capped(env):
     def send_all(s):
         try:
             s.settimeout(5)
-            for _ in range(8 * 16):
+            for _ in range(size // 65536):
                 s.sendall(b"\x00" * 65536)
             sent_whole.append(s)
         except OSError:
@@ -424,7 +436,7 @@ def test_bytes_before_authentication_are_capped(env):
     for s in socks:
         assert closed_within(s, 5) is not None
         s.close()
-    assert sent_all == 0, f"{sent_all} connections took a whole 8 MiB message before authenticating"
+    assert sent_all == 0, f"{sent_all} connections took a whole {size // MiB} MiB message before authenticating"
     wait_for(lambda: rejected(g, "pre_auth_bytes") >= 20, what="pre_auth_bytes counted")
     grown = g.proc.rss_kib() - rss0
     assert grown < 40 * 1024, f"gateway grew by {grown} KiB for 20 connections"
