@@ -112,10 +112,13 @@ async fn route(
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"));
+    // Each front's future is boxed where it is made: the whole request path is in it (tens
+    // of KiB), and inline it would be copied again by every wrapper it goes through (the
+    // service function, the in-flight counter, hyper's dispatcher) on every request.
     if is_grpc {
-        grpc_proxy::handle(gw, peer, req).await
+        Box::pin(grpc_proxy::handle(gw, peer, req)).await
     } else {
-        http_proxy::handle(gw, peer, tls, req).await
+        Box::pin(http_proxy::handle(gw, peer, tls, req)).await
     }
 }
 
