@@ -49,8 +49,9 @@ struct Observation {
 impl Observation {
     /// The metric sample, and the log line: at `info` for a call that did not end OK, at
     /// `debug` for one that did. Runners and health checks make OK calls by the hundred
-    /// thousand; a line for each cost the gateway about a seventh of its CPU per unary call
-    /// (a profile of `bench unary`, ninth session) and would flood the log. To see every call:
+    /// thousand; at the default log level a line for each cost the gateway about a quarter of
+    /// its CPU per unary call (h2load Health/Check A/B, docs/BENCHMARKS.md, ninth session) and
+    /// would flood the log. To see every call:
     /// `--log info,agentgate_gateway::rpc_layer=debug`.
     fn finish(self, status: &str) {
         let transport = self.conn.as_ref().map_or("unknown", |c| c.kind.as_str());
