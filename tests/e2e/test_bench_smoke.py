@@ -112,8 +112,9 @@ def test_bench_unary_scenario_smoke(tmp_path):
 
 
 def test_bench_backends_scenario_smoke(tmp_path):
-    """`bench backends`: unary calls succeed straight to the bench backend and through the
-    gateway, and every agent holds its long poll open through the gateway while it is measured."""
+    """`bench backends`: unary calls succeed straight to the bench backend, through nginx's
+    grpc_pass (the reference hop) and through the gateway, and every agent holds its long poll
+    open through the gateway while it is measured."""
     out = tmp_path / "backends.json"
     run = subprocess.run(
         [str(BIN), "bench", "backends", "--agents", "30", "--rounds", "1", "--keepalive-secs", "1",
@@ -122,12 +123,14 @@ def test_bench_backends_scenario_smoke(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert set(report["unary"]) == {"direct to the backend", "through agentgate"}, report["unary"]
+    assert set(report["unary"]) == {
+        "direct to the backend", "through nginx grpc_pass", "through agentgate"}, report["unary"]
     for column, levels in report["unary"].items():
         assert len(levels) == 2, (column, levels)
         for c in levels.values():
             assert c["calls_per_s"] > 0 and c["cpu_us"] > 0, (column, c)
-    through = report["unary"]["through agentgate"]
-    assert all(c["gateway_cpu_us"] > 0 for c in through.values()), through
+    for hop in ("through agentgate", "through nginx grpc_pass"):
+        through = report["unary"][hop]
+        assert all(c["hop_cpu_us"] > 0 for c in through.values()), (hop, through)
     polls = report["long_polls"]
     assert polls["agents"] == 30 and polls["open_long_polls"] >= 30, polls

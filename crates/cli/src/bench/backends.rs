@@ -1,10 +1,11 @@
 //! `bench backends`: agents calling a gateway-side backend (`bench-backend`, see
 //! `job_backend.rs`), as runners will ask a job router for work.
 //!
-//! 1. Unary calls: h2load calling the backend straight, and the same calls through the
-//!    gateway's agent port with an agent token, interleaved in one run. CPU per call is read
-//!    from /proc for every server process in the path (the backend; the gateway and the
-//!    backend), so the ratio is what the gateway hop adds.
+//! 1. Unary calls: h2load calling the backend straight, through nginx's `grpc_pass` (the
+//!    reference proxy hop, when nginx is installed), and through the gateway's agent port with
+//!    an agent token, interleaved in one run. CPU per call is read from /proc for every server
+//!    process in the path (the backend; the hop and the backend), so each ratio is what a hop
+//!    adds.
 //! 2. Long polls: `--agents` agents connect (grpc), the gateway's RSS is read, then each agent
 //!    opens one long poll over its own connection (`bench-load --long-poll`); the RSS again.
 //!    The difference per poll is what an open long poll costs on top of an idle agent.
@@ -33,8 +34,8 @@ struct Cell {
     calls_per_s: f64,
     /// CPU of every server process in the path, per call.
     cpu_us: f64,
-    /// CPU of the gateway alone, per call (0 for the direct column).
-    gateway_cpu_us: f64,
+    /// CPU of the proxy hop alone (the gateway, or nginx), per call (0 for the direct column).
+    hop_cpu_us: f64,
     mean_latency_us: f64,
 }
 
@@ -58,6 +59,7 @@ pub struct BackendsReport {
 }
 
 const DIRECT: &str = "direct to the backend";
+const NGINX: &str = "through nginx grpc_pass";
 const THROUGH: &str = "through agentgate";
 
 impl Bench {
@@ -80,7 +82,11 @@ impl Bench {
                 ],
             )
             .await?;
-        let unary = self.backend_unary(&gw, &backend, backend_addr).await?;
+        let nginx = super::nginx::Nginx::grpc_hop(&self.dir, backend_addr).await?;
+        let unary = self
+            .backend_unary(&gw, &backend, backend_addr, nginx.as_ref())
+            .await?;
+        drop(nginx);
         let long_polls = self.backend_long_polls(&gw, &backend).await?;
         Ok(BackendsReport {
             rounds: self.args.rounds.max(1),
@@ -95,6 +101,7 @@ impl Bench {
         gw: &super::Gw,
         backend: &Kid,
         backend_addr: SocketAddr,
+        nginx: Option<&super::nginx::Nginx>,
     ) -> anyhow::Result<BTreeMap<String, BTreeMap<String, Cell>>> {
         let token = std::fs::read_to_string(self.token_file("runner")?)?;
         let body = self.dir.join("job-request.bin");
@@ -103,23 +110,29 @@ impl Bench {
         frame.extend_from_slice(b"runner-0001-jobs");
         std::fs::write(&body, frame)?;
         let through = SocketAddr::from(([127, 0, 0, 1], gw.clear_port));
+        // (column, where h2load calls, the hop's process)
+        let mut columns: Vec<(&str, SocketAddr, Option<&Kid>)> = vec![(DIRECT, backend_addr, None)];
+        if let Some(n) = nginx {
+            columns.push((NGINX, n.addr, Some(&n.kid)));
+        }
+        columns.push((THROUGH, through, Some(&gw.kid)));
         let rounds = self.args.rounds.max(1);
         let secs = self.args.keepalive_secs;
         let mut samples: BTreeMap<(String, String), Vec<Cell>> = BTreeMap::new();
         for round in 0..rounds {
             for level in LEVELS {
-                for (name, addr, via_gateway) in
-                    [(DIRECT, backend_addr, false), (THROUGH, through, true)]
-                {
+                for &(name, addr, hop) in &columns {
+                    let via_gateway = name == THROUGH;
                     progress(&format!(
                         "backends: unary: round {}/{rounds}: {}: {name}",
                         round + 1,
                         level_name(level)
                     ));
                     let answered0 = self.metric(gw, ANSWERED_OK).await;
-                    let (g0, b0) = (gw.kid.cpu(), backend.cpu());
+                    let hop_cpu = || hop.map_or(Duration::ZERO, Kid::cpu);
+                    let (h0, b0) = (hop_cpu(), backend.cpu());
                     let done = h2load(addr, GET, level, secs, &body, token.trim())?;
-                    let (g1, b1) = (gw.kid.cpu(), backend.cpu());
+                    let (h1, b1) = (hop_cpu(), backend.cpu());
                     // h2load counts a gRPC error answered with HTTP 200 as a success; the
                     // gateway's own count says whether the backend really answered OK.
                     if via_gateway {
@@ -132,19 +145,15 @@ impl Bench {
                         );
                     }
                     let calls = done.total_done.max(1) as f64;
-                    let gateway_us = if via_gateway {
-                        (g1 - g0).as_secs_f64() * 1e6 / calls
-                    } else {
-                        0.0
-                    };
+                    let hop_us = (h1 - h0).as_secs_f64() * 1e6 / calls;
                     let backend_us = (b1 - b0).as_secs_f64() * 1e6 / calls;
                     samples
                         .entry((name.to_string(), level_name(level)))
                         .or_default()
                         .push(Cell {
                             calls_per_s: done.succeeded as f64 / done.secs,
-                            cpu_us: gateway_us + backend_us,
-                            gateway_cpu_us: gateway_us,
+                            cpu_us: hop_us + backend_us,
+                            hop_cpu_us: hop_us,
                             mean_latency_us: done.mean_latency_us,
                         });
                 }
@@ -155,7 +164,7 @@ impl Bench {
             Cell {
                 calls_per_s: med(|c| c.calls_per_s),
                 cpu_us: med(|c| c.cpu_us),
-                gateway_cpu_us: med(|c| c.gateway_cpu_us),
+                hop_cpu_us: med(|c| c.hop_cpu_us),
                 mean_latency_us: med(|c| c.mean_latency_us),
             }
         }))
@@ -224,33 +233,48 @@ impl Bench {
 impl BackendsReport {
     pub fn table(&self) -> String {
         let cell = |t: &str, l: &str| self.unary.get(t).and_then(|m| m.get(l)).copied();
+        let with_nginx = self.unary.contains_key(NGINX);
         let mut out = format!(
             "Unary calls (h2load, one thread, a 16-byte message echoed by a hyper backend; \
              medians of {} rounds of {} s). CPU per call counts every server process in the \
-             path: the backend alone direct, the gateway and the backend through agentgate.\n\n\
-             | load | through / direct, CPU per call | through / direct, mean latency | \
-             through / direct, calls/s | direct CPU per call | through CPU per call (gateway \
-             alone) | direct mean latency | through mean latency | direct calls/s | through \
-             calls/s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
-            self.rounds, self.secs
+             path: the backend alone direct, the hop and the backend through a hop (nginx: \
+             one worker process, `grpc_pass` with kept upstream connections{}).\n\n\
+             | load | agentgate / direct, CPU per call | agentgate / nginx, CPU per call | \
+             agentgate / direct, mean latency | agentgate / direct, calls/s | direct CPU per \
+             call | nginx CPU per call (nginx alone) | agentgate CPU per call (gateway alone) \
+             | direct, nginx, agentgate mean latency | direct, nginx, agentgate calls/s |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+            self.rounds,
+            self.secs,
+            if with_nginx {
+                ""
+            } else {
+                "; not installed here"
+            }
         );
         for level in LEVELS {
             let l = level_name(level);
             let (Some(d), Some(t)) = (cell(DIRECT, &l), cell(THROUGH, &l)) else {
                 continue;
             };
+            let n = cell(NGINX, &l);
+            let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
             out.push_str(&format!(
-                "| {l} | {:.2} | {:.2} | {:.2} | {:.1} µs | {:.1} µs ({:.1} µs) | {:.0} µs | \
-                 {:.0} µs | {:.0} | {:.0} |\n",
+                "| {l} | {:.2} | {} | {:.2} | {:.2} | {:.1} µs | {} | {:.1} µs ({:.1} µs) | \
+                 {:.0}, {}, {:.0} µs | {:.0}, {}, {:.0} |\n",
                 t.cpu_us / d.cpu_us,
+                or_dash(n.map(|n| format!("{:.2}", t.cpu_us / n.cpu_us))),
                 t.mean_latency_us / d.mean_latency_us,
                 t.calls_per_s / d.calls_per_s,
                 d.cpu_us,
+                or_dash(n.map(|n| format!("{:.1} µs ({:.1} µs)", n.cpu_us, n.hop_cpu_us))),
                 t.cpu_us,
-                t.gateway_cpu_us,
+                t.hop_cpu_us,
                 d.mean_latency_us,
+                or_dash(n.map(|n| format!("{:.0}", n.mean_latency_us))),
                 t.mean_latency_us,
                 d.calls_per_s,
+                or_dash(n.map(|n| format!("{:.0}", n.calls_per_s))),
                 t.calls_per_s
             ));
         }

@@ -16,6 +16,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 
+use super::nginx::Nginx;
 use super::procs::Kid;
 use super::{free_port, median, progress, wait_listening, Bench};
 
@@ -187,7 +188,7 @@ type Ends<'a> = Vec<&'a Kid>;
 impl Bench {
     pub(super) async fn keepalive(&mut self) -> anyhow::Result<Keepalive> {
         let a = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
-        let _nginx = match Nginx::start(&self.dir)? {
+        let _nginx = match Nginx::serve_file(&self.dir).await? {
             Some(n) => {
                 self.upstream = n.addr;
                 Some(n)
@@ -400,55 +401,5 @@ impl Keepalive {
             });
         }
         out
-    }
-}
-
-/// The upstream of the keepalive scenario when nginx is installed (as the issue measured it):
-/// one worker serving a 64-byte file, keep-alive without a request limit, stopped on drop.
-struct Nginx {
-    addr: SocketAddr,
-    dir: PathBuf,
-}
-
-impl Nginx {
-    fn start(dir: &std::path::Path) -> anyhow::Result<Option<Self>> {
-        let Some(bin) = ["/usr/sbin/nginx", "/usr/bin/nginx"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())
-        else {
-            return Ok(None);
-        };
-        let dir = dir.join("nginx");
-        std::fs::create_dir_all(dir.join("www"))?;
-        std::fs::write(dir.join("www/index.html"), [b'x'; 64])?;
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let d = dir.display();
-        std::fs::write(
-            dir.join("nginx.conf"),
-            format!(
-                "worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log; daemon on;\n\
-                 events {{}}\n\
-                 http {{ access_log off; keepalive_requests 10000000; \
-                 client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; \
-                 uwsgi_temp_path {d}; scgi_temp_path {d}; \
-                 server {{ listen {addr}; root {d}/www; }} }}\n"
-            ),
-        )?;
-        let status = std::process::Command::new(bin)
-            .arg("-c")
-            .arg(dir.join("nginx.conf"))
-            .arg("-e")
-            .arg(dir.join("error.log"))
-            .status()?;
-        anyhow::ensure!(status.success(), "nginx did not start (see {d}/error.log)");
-        Ok(Some(Self { addr, dir }))
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        if let Ok(pid) = std::fs::read_to_string(self.dir.join("nginx.pid")) {
-            let _ = std::process::Command::new("kill").arg(pid.trim()).status();
-        }
     }
 }

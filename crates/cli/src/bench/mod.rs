@@ -13,6 +13,7 @@ mod hostile;
 pub mod job_backend;
 pub mod keepalive;
 pub mod load;
+mod nginx;
 mod procs;
 pub mod relay;
 mod unary;
