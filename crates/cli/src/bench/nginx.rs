@@ -7,7 +7,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use super::free_port;
 use super::procs::Kid;
@@ -71,17 +70,12 @@ impl Nginx {
                 server(addr)
             ),
         )?;
-        let log = std::fs::File::create(dir.join("stderr.log"))?;
-        let child = Command::new(bin)
-            .arg("-c")
-            .arg(&conf)
-            .arg("-e")
-            .arg(dir.join("error.log"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
-        let kid = Kid { child };
+        let error_log = dir.join("error.log");
+        let kid = Kid::spawn_program(
+            Path::new(bin),
+            &[Path::new("-c"), &conf, Path::new("-e"), &error_log],
+            &dir.join("stderr.log"),
+        )?;
         super::wait_listening(addr, &format!("nginx (see {d}/error.log)")).await?;
         Ok(Some(Self { addr, kid }))
     }

@@ -13,10 +13,19 @@ pub struct Kid {
 }
 
 impl Kid {
+    /// This binary with `args`, its output to `log`.
     pub fn spawn(args: &[String], log: &Path) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe()?;
+        Self::spawn_program(&std::env::current_exe()?, args, log)
+    }
+
+    /// Another program (nginx) with `args`, its output to `log`.
+    pub fn spawn_program(
+        program: &Path,
+        args: &[impl AsRef<std::ffi::OsStr>],
+        log: &Path,
+    ) -> anyhow::Result<Self> {
         let log = std::fs::File::create(log)?;
-        let child = Command::new(exe)
+        let child = Command::new(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
