@@ -188,9 +188,12 @@ class Env:
         return self._certs
 
     def gateway(self, tls: bool = True, cleartext: bool = True, extra: list[str] | None = None,
-                name: str = "gateway", env=None) -> "Gateway":
-        g = Gateway(self, tls=tls, cleartext=cleartext, extra=extra or [], name=name, env_vars=env)
-        return g
+                name: str = "gateway", env=None, host: str = "127.0.0.1",
+                wrap: list[str] | None = None) -> "Gateway":
+        """`host`: the address every listener binds; `wrap`: a command prefix, such as
+        `ip netns exec NS` to run the gateway in a network namespace."""
+        return Gateway(self, tls=tls, cleartext=cleartext, extra=extra or [], name=name,
+                       env_vars=env, host=host, wrap=wrap or [])
 
     def agent(self, server: str, token_file: Path | None = None, extra: list[str] | None = None,
               name: str = "agent", env=None, ca: bool = True) -> Proc:
@@ -210,24 +213,26 @@ class Env:
 class Gateway:
     """`agentgate server` with TLS on its agent port and (optionally) a cleartext agent port."""
 
-    def __init__(self, env: Env, tls: bool, cleartext: bool, extra: list[str], name: str, env_vars=None):
+    def __init__(self, env: Env, tls: bool, cleartext: bool, extra: list[str], name: str,
+                 env_vars=None, host: str = "127.0.0.1", wrap: list[str] = ()):
         self.env = env
+        self.host = host
         self.port = free_port()
         self.clear_port = free_port() if cleartext and tls else None
         self.admin_port = free_port()
         self.api_port = free_port()
         self.tls = tls
         args = [
-            BIN, "server",
-            "--listen", f"127.0.0.1:{self.port}",
-            "--admin-listen", f"127.0.0.1:{self.admin_port}",
-            "--api-listen", f"127.0.0.1:{self.api_port}",
+            *wrap, BIN, "server",
+            "--listen", f"{host}:{self.port}",
+            "--admin-listen", f"{host}:{self.admin_port}",
+            "--api-listen", f"{host}:{self.api_port}",
             "--tokens", env.tokens,
         ]
         if tls:
             args += ["--tls-cert", env.certs["cert"], "--tls-key", env.certs["key"]]
         if self.clear_port:
-            args += ["--cleartext-listen", f"127.0.0.1:{self.clear_port}"]
+            args += ["--cleartext-listen", f"{host}:{self.clear_port}"]
         args += extra
         self.args, self.env_vars, self.name, self.starts = args, env_vars, name, 1
         self.proc = env.spawn(args, name, env=env_vars)
@@ -246,16 +251,16 @@ class Gateway:
             assert self.tls
             host = f"localhost:{self.port}"
         else:
-            host = f"127.0.0.1:{self.clear_port or self.port}"
+            host = f"{self.host}:{self.clear_port or self.port}"
         return f"{scheme}://{host}{path if scheme.startswith('ws') else ''}"
 
     @property
     def admin(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
+        return f"http://{self.host}:{self.admin_port}"
 
     @property
     def api(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
+        return f"http://{self.host}:{self.api_port}"
 
     def healthy(self) -> bool:
         if not self.proc.alive():

@@ -1,26 +1,22 @@
 """Faults while requests are in flight, on a three-replica cluster behind the shipped HAProxy
 config (agents over wss through it, callers through its tunnel-API routes): a rolling restart
-of every replica, a peer that accepts connections and never answers, and a slow link between
-replicas. (kill -9 of a replica and a Redis restart under load are in test_cluster.py.)
+of every replica, a peer that accepts connections and never answers, and a delayed, then
+lossy, link between two replicas on hosts of their own (network namespaces and veth pairs).
+(kill -9 of a replica and a Redis restart under load are in test_cluster.py.)
 
-Delay and loss with `tc netem` are not available here: this machine's kernel has no sch_netem
-("Specified qdisc kind is unknown") and no modules to load. The slow link is a userspace proxy
-that delays every chunk instead; loss is not simulated.
+This kernel has no sch_netem (`tc qdisc add ... netem` says "Specified qdisc kind is
+unknown"), so the link's router hands the packets to netem.py through NFQUEUE, which delays
+and drops them as netem would.
 """
 
 from __future__ import annotations
 
-import re
 import socket
 import statistics
-import subprocess
 import threading
 import time
 
-import pytest
-
 from cluster_helpers import LoadThreads, echo_ok
-from lifecycle_helpers import pump_bytes
 from conftest import free_port, wait_for
 from test_cluster import Cluster  # noqa: F401  (the three-replica setup)
 from test_cluster import cluster  # noqa: F401  pytest fixture
@@ -165,123 +161,63 @@ def timed_echoes(client, port: int, agent: str, n: int, tag: str):
     return sorted(lat), failures
 
 
-class DelayProxy(LocalListener):
-    """TCP proxy that holds every chunk `delay` seconds in each direction: a slow link."""
-
-    def __init__(self, target_port: int, delay: float):
-        self.delay, self.target = delay, target_port
-        super().__init__(free_port())
-
-    def accepted(self, conn):
-        u = socket.create_connection(("127.0.0.1", self.target))
-        for a, b in ((conn, u), (u, conn)):
-            threading.Thread(target=pump_bytes, args=(a, b, self.delay), daemon=True).start()
-
-
-def test_a_slow_link_between_replicas_slows_requests_and_fails_none(env):
-    """Two replicas; the second one's internal API is reached only through a 150 ms-per-chunk
-    delay (its internal_url points at the delaying proxy). Requests and a 4 MiB download for
-    its agent through the first replica all succeed, each paying the delay."""
+def test_delay_and_loss_on_the_link_between_replicas_fail_no_request(env):
+    """Two replicas; the second runs on a host of its own (network namespaces joined through a
+    router namespace by veth pairs, netns_link.py). On the router, the packets of its internal
+    API are first delayed 50 ms each way, then 5% of them are dropped (netem.py; this kernel
+    has no sch_netem for `tc netem`). Requests and a 4 MiB download for its agent through the
+    first replica all succeed, the delayed ones paying at least the added round trip."""
     from cluster_helpers import AgentUpstream, ApiClient, Redis, expected_sha256, write_secret
+    from netns_link import RoutedHost
     from proxies import port_open
-
-    redis = Redis(env)
-    secret_file, _ = write_secret(env)
-    upstream = AgentUpstream()
-    try:
-        def rep(name, listen, url):
-            g = env.gateway(tls=False, cleartext=False, name=name, extra=[
-                "--redis", redis.url, "--internal-listen", f"127.0.0.1:{listen}",
-                "--internal-url", url, "--internal-secret-file", str(secret_file)])
-            wait_for(lambda: port_open(listen), what=f"{name} internal API")
-            return g
-        p1 = free_port()
-        r1 = rep("r1", p1, f"http://127.0.0.1:{p1}")
-        p2 = free_port()
-        slow = DelayProxy(p2, 0.15)
-        r2 = rep("r2", p2, f"http://127.0.0.1:{slow.port}")
-        env.agent(f"grpc://127.0.0.1:{r2.port}", env.token_file("far"), name="agent-far",
-                  extra=["--upstream", upstream.url_for("far")])
-        r2.wait_agent("far")
-        client = ApiClient(env.token("caller", kind="api"))
-        wait_for(lambda: echo_ok(*client.echo(r1.api_port, "far", "warm"), "far", "warm"),
-                 timeout=20, what="r1 reaching the agent on r2 over the slow link")
-        lat, failures = timed_echoes(client, r1.api_port, "far", 10, "slow")
-        status, n, digest, secs = client.download(r1.api_port, "far", 4)
-        print(f"over a 150 ms link: p50 {statistics.median(lat) * 1000:.0f} ms, "
-              f"max {max(lat) * 1000:.0f} ms; 4 MiB in {secs:.1f}s")
-        assert not failures, failures
-        assert statistics.median(lat) > 0.3, "the requests did not cross the slow link"
-        assert (status, n, digest) == (200, 4 * 1024 * 1024, expected_sha256(4))
-        slow.close()
-    finally:
-        upstream.close()
-
-
-class PacketLoss:
-    """Drops a share of the TCP packets to and from one local port, at random, in a table of
-    its own (nftables `numgen random`; this kernel has no `tc netem`, see docs/BENCHMARKS.md).
-    Loss, not a closed port: TCP retransmits what is dropped, as on a lossy link."""
-
-    TABLE = "agentgate_e2e_loss"
-
-    def __init__(self, port: int, percent: int):
-        rules = (f"table inet {self.TABLE} {{\n"
-                 f"  chain out {{ type filter hook output priority 0; policy accept;\n"
-                 f"    tcp dport {port} numgen random mod 100 < {percent} counter drop\n"
-                 f"    tcp sport {port} numgen random mod 100 < {percent} counter drop\n"
-                 f"  }}\n}}\n")
-        try:
-            r = subprocess.run(["nft", "-f", "-"], input=rules, capture_output=True, text=True)
-        except FileNotFoundError:
-            pytest.skip("nft is not installed (Debian: nftables; .ci/run installs it)")
-        if r.returncode != 0:
-            pytest.skip(f"nftables cannot drop packets here: {r.stderr.strip()}")
-
-    def dropped(self) -> int:
-        out = subprocess.run(["nft", "list", "table", "inet", self.TABLE],
-                             capture_output=True, text=True).stdout
-        return sum(int(n) for n in re.findall(r"packets (\d+)", out))
-
-    def close(self):
-        subprocess.run(["nft", "delete", "table", "inet", self.TABLE], capture_output=True)
-
-
-def test_a_lossy_link_between_replicas_fails_no_request(env):
-    """Two replicas; 5% of the packets to and from the second one's internal port are dropped.
-    Requests and a 4 MiB download for its agent through the first replica all succeed (TCP
-    retransmits), slower at the tail."""
-    from cluster_helpers import AgentUpstream, ApiClient, Redis, expected_sha256, write_secret
     from test_cluster_trust import replica
 
-    redis = Redis(env)
-    secret_file, _ = write_secret(env)
+    far = RoutedHost("agc")
     upstream = AgentUpstream()
-    loss = None
     try:
+        redis = Redis(env, extra=("--bind", "127.0.0.1", far.near_ip))
+        secret_file, _ = write_secret(env)
         r1 = replica(env, "r1", redis, secret_file)
-        r2 = replica(env, "r2", redis, secret_file)
-        env.agent(f"grpc://127.0.0.1:{r2.port}", env.token_file("far"), name="agent-far",
+        p2 = free_port()
+        r2 = env.gateway(tls=False, cleartext=False, name="r2", host=far.host_ip, wrap=far.wrap,
+                         extra=["--redis", f"redis://{far.near_ip}:{redis.port}/0",
+                                "--internal-listen", f"{far.host_ip}:{p2}",
+                                "--internal-url", f"http://{far.host_ip}:{p2}",
+                                "--internal-secret-file", str(secret_file)])
+        wait_for(lambda: port_open(p2, far.host_ip), what="r2's internal API across the router")
+        env.agent(f"grpc://{far.host_ip}:{r2.port}", env.token_file("far"), name="agent-far",
                   extra=["--upstream", upstream.url_for("far")])
         r2.wait_agent("far")
         client = ApiClient(env.token("caller", kind="api"))
         wait_for(lambda: echo_ok(*client.echo(r1.api_port, "far", "warm"), "far", "warm"),
                  timeout=20, what="r1 reaching the agent on r2")
-
         clean, failures = timed_echoes(client, r1.api_port, "far", 100, "clean")
         assert not failures, failures
-        loss = PacketLoss(r2.internal_port, 5)
-        lossy, failures = timed_echoes(client, r1.api_port, "far", 300, "lossy")
-        status, n, digest, secs = client.download(r1.api_port, "far", 4)
-        dropped = loss.dropped()
-        print(f"5% loss on the internal link: {dropped} packets dropped; p50 "
-              f"{lossy[len(lossy) // 2] * 1000:.1f} ms (clean {clean[len(clean) // 2] * 1000:.1f}), "
-              f"p99 {lossy[int(len(lossy) * 0.99)] * 1000:.0f} ms "
-              f"(clean {clean[int(len(clean) * 0.99)] * 1000:.0f}); 4 MiB in {secs:.2f}s")
+
+        with far.impair(p2, delay_ms=50) as delayed_counts:
+            delayed, failures = timed_echoes(client, r1.api_port, "far", 20, "slow")
+            status, n, digest, secs_slow = client.download(r1.api_port, "far", 4)
         assert not failures, failures
         assert (status, n, digest) == (200, 4 * 1024 * 1024, expected_sha256(4))
-        assert dropped > 0, "no packet was dropped: the link was not lossy"
+        assert statistics.median(delayed) >= 0.1, "the requests did not cross the delayed link"
+
+        with far.impair(p2, loss_pct=5) as lossy_counts:
+            lossy, failures = timed_echoes(client, r1.api_port, "far", 300, "lossy")
+            status, n, digest, secs_lossy = client.download(r1.api_port, "far", 4)
+        assert not failures, failures
+        assert (status, n, digest) == (200, 4 * 1024 * 1024, expected_sha256(4))
+
+        def pct(lat, q):
+            return lat[min(len(lat) - 1, int(len(lat) * q))] * 1000
+        print(f"clean: p50 {pct(clean, .5):.1f} ms, p99 {pct(clean, .99):.0f} ms; "
+              f"+50 ms each way: p50 {pct(delayed, .5):.0f} ms, 4 MiB in {secs_slow:.2f}s "
+              f"({delayed_counts['accepted']} packets delayed); "
+              f"5% loss: p50 {pct(lossy, .5):.1f} ms, p99 {pct(lossy, .99):.0f} ms, "
+              f"4 MiB in {secs_lossy:.2f}s ({lossy_counts['dropped']} of "
+              f"{lossy_counts['dropped'] + lossy_counts['accepted']} packets dropped)")
+        assert delayed_counts["accepted"] > 0
+        assert lossy_counts["dropped"] > 0, "no packet was dropped: the link was not lossy"
     finally:
-        if loss:
-            loss.close()
         upstream.close()
+        env.close()
+        far.close()
