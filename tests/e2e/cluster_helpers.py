@@ -312,10 +312,11 @@ class ApiClient:
     def echo(self, port: int, agent: str, tag: str) -> tuple[int, bytes]:
         return self.get(port, f"/agents/{agent}/proxy/echo?tag={tag}")
 
-    def download(self, port: int, agent: str, mib: int, timeout: float = 120.0):
+    def download(self, port: int, agent: str, mib: int, timeout: float = 120.0,
+                 host: str = "127.0.0.1"):
         """Streams /big/N from `agent`'s upstream; returns (status, bytes, sha256, seconds)."""
         t0 = time.monotonic()
-        c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        c = http.client.HTTPConnection(host, port, timeout=timeout)
         try:
             c.request("GET", f"/agents/{agent}/proxy/big/{mib}",
                       headers={"authorization": f"Bearer {self.token}"})

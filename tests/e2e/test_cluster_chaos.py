@@ -196,9 +196,14 @@ def test_delay_and_loss_on_the_link_between_replicas_fail_no_request(env):
 
         with far.impair(p2, delay_ms=50) as delayed_counts:
             delayed, failures = timed_echoes(client, r1.api_port, "far", 20, "slow")
-            status, n, digest, secs_slow = client.download(r1.api_port, "far", 4)
+            downloads = [client.download(r1.api_port, "far", 4) for _ in range(2)]
         assert not failures, failures
-        assert (status, n, digest) == (200, 4 * 1024 * 1024, expected_sha256(4))
+        for status, n, digest, _ in downloads:
+            assert (status, n, digest) == (200, 4 * 1024 * 1024, expected_sha256(4))
+        # The reference: a caller across the same delayed link, straight to the far replica.
+        with far.impair(r2.api_port, delay_ms=50):
+            across = ApiClient(client.token).download(r2.api_port, "far", 4, host=far.host_ip)
+        assert across[:3] == (200, 4 * 1024 * 1024, expected_sha256(4))
         assert statistics.median(delayed) >= 0.1, "the requests did not cross the delayed link"
 
         with far.impair(p2, loss_pct=5) as lossy_counts:
@@ -210,8 +215,9 @@ def test_delay_and_loss_on_the_link_between_replicas_fail_no_request(env):
         def pct(lat, q):
             return lat[min(len(lat) - 1, int(len(lat) * q))] * 1000
         print(f"clean: p50 {pct(clean, .5):.1f} ms, p99 {pct(clean, .99):.0f} ms; "
-              f"+50 ms each way: p50 {pct(delayed, .5):.0f} ms, 4 MiB in {secs_slow:.2f}s "
-              f"({delayed_counts['accepted']} packets delayed); "
+              f"+50 ms each way: p50 {pct(delayed, .5):.0f} ms, 4 MiB in "
+              f"{downloads[0][3]:.2f}s then {downloads[1][3]:.2f}s (a caller across the link "
+              f"straight to r2: {across[3]:.2f}s; {delayed_counts['accepted']} packets delayed); "
               f"5% loss: p50 {pct(lossy, .5):.1f} ms, p99 {pct(lossy, .99):.0f} ms, "
               f"4 MiB in {secs_lossy:.2f}s ({lossy_counts['dropped']} of "
               f"{lossy_counts['dropped'] + lossy_counts['accepted']} packets dropped)")
