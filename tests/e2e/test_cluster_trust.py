@@ -141,9 +141,10 @@ def release(r, secret, rid):
 
 
 def forwarded_request(r, secret, rid, body_chunks, mac_over=None, agent="pinned",
-                      signed_path="/upload?n=1", sent_path="/upload?n=1"):
-    """The /request call as another replica sends it; returns the raw HTTP/2 answer."""
-    path = f"/internal/v1/reservations/{rid}/request"
+                      signed_path="/upload?n=1", sent_path="/upload?n=1", route=None):
+    """The /request call as another replica sends it, through reservation `rid` or on the
+    one-call `route`; returns the raw HTTP/2 answer."""
+    path = route or f"/internal/v1/reservations/{rid}/request"
     body = b"".join(body_chunks)
     head = [("agentgate-request-kind", "1"), ("agentgate-upstream", "default"),
             ("agentgate-path", signed_path), ("agentgate-timeout-ms", "0"),
@@ -215,6 +216,48 @@ def test_a_foreign_client_speaks_the_internal_protocol_and_every_tampered_call_i
     # Nothing above hurt the agent: callers through either replica are served.
     assert api_get(r1, api, "pinned", "/after")[0] == 200
     assert api_get(r2, api, "pinned", "/after")[0] == 200
+
+
+def test_a_request_without_a_body_crosses_in_one_call_and_one_with_a_body_reserves_first(pair):
+    """docs/cluster.md, the routes: a GET for the agent on the other replica is sent there in
+    one call (no reservation), a POST with a body reserves a tunnel first; both reach the
+    upstream whole. A foreign client on the one-call route is served, and refused when its
+    token names another agent than the path or is replayed."""
+    redis, secret, r1, r2, rec, api = pair
+
+    def sent(route):
+        return r1.metric("agentgate_forwards_sent_total", route=route)
+
+    direct0, reserved0 = sent("direct"), sent("reserved")
+    for i in range(3):
+        status, body = api_get(r1, api, "pinned", f"/one-call-{i}")
+        assert status == 200 and json.loads(body)["path"] == f"/one-call-{i}", (status, body)
+    assert (sent("direct") - direct0, sent("reserved") - reserved0) == (3, 0)
+
+    import urllib.request
+    req = urllib.request.Request(f"{r1.api}/agents/pinned/proxy/with-body", data=b"b" * 5000,
+                                 headers={"authorization": f"Bearer {api}"}, method="POST")
+    with urllib.request.urlopen(req, timeout=20) as resp:
+        assert json.loads(resp.read())["len"] == 5000
+    assert (sent("direct") - direct0, sent("reserved") - reserved0) == (3, 1)
+    assert ("GET", "/one-call-0", b"") in rec.seen and ("POST", "/with-body", b"b" * 5000) in rec.seen
+
+    # A client we did not write, on the one-call route.
+    route = "/internal/v1/agents/pinned/request"
+    a = forwarded_request(r2, secret, None, [], signed_path="/foreign", sent_path="/foreign",
+                          route=route)
+    assert a.headers.get(":status") == "200", a
+    assert a.headers.get("agentgate-internal-route") == "agent-request", a.headers
+    assert ("POST", "/foreign", b"") in rec.seen
+    wrong0 = r2.metric("agentgate_internal_rejected_total", reason="wrong_route")
+    a = forwarded_request(r2, secret, None, [], agent="someone-else", route=route)
+    assert a.headers.get(":status") == "401", a
+    assert r2.metric("agentgate_internal_rejected_total", reason="wrong_route") == wrong0 + 1
+    # An agent this replica does not hold: the sender is told to wait for it elsewhere.
+    a = forwarded_request(r2, secret, None, [], agent="elsewhere",
+                          route="/internal/v1/agents/elsewhere/request")
+    assert a.headers.get("agentgate-forward-error") == "not_connected", a.headers
+    assert json.loads(a.data)["outcome"] == "not_connected", a.data
 
 
 class FakeReplica:
@@ -308,6 +351,27 @@ def test_a_foreign_url_planted_in_redis_receives_nothing_from_an_allowlisting_re
         assert "internal_peers is empty" in open_one.proc.output()
     finally:
         rec.close()
+        fake.close()
+
+
+def test_a_peer_without_the_one_call_route_gets_a_reservation_and_its_404_is_not_an_answer(env):
+    """A replica of an older version answers the one-call route with 404 and no
+    `agentgate-internal-route` header (the fake stands in for it): the sender reserves first
+    instead, and that 404 never reaches the caller as if the agent's upstream had said it."""
+    redis = Redis(env)
+    secret_file, _ = write_secret(env)
+    fake = FakeReplica()
+    try:
+        env.token("ghost")  # a known agent, connected nowhere but (says Redis) at the fake
+        api = env.token("caller", kind="api")
+        r1 = replica(env, "r1", redis, secret_file)
+        redis.cli("HSET", "agentgate:agent:ghost", fake.url, str(int(time.time() * 1000) + 3_600_000))
+        status, body = api_get(r1, api, "ghost", "/x")
+        assert status == 503 and b"not connected" in body, (status, body)
+        paths = [p for p, _ in fake.calls]
+        assert paths[:2] == ["/internal/v1/agents/ghost/request",
+                             "/internal/v1/agents/ghost/reserve?wait_ms=10000"], paths
+    finally:
         fake.close()
 
 

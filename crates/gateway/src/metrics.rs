@@ -187,6 +187,7 @@ pub struct Metrics {
     pub redis_ops: Family,
     pub registry_writes: Family,
     pub forwards: Family,
+    pub forwards_sent: Family,
     pub internal_rejected: Family,
     pub peers_refused: Family,
     pub peer_failures: Family,
@@ -275,6 +276,13 @@ impl Default for Metrics {
                 "Requests forwarded to another replica, by outcome.",
                 Kind::Counter,
                 &["outcome"],
+            ),
+            forwards_sent: Family::new(
+                "agentgate_forwards_sent_total",
+                "Requests sent to another replica, by route: direct (no body and one replica \
+                 listed: one round trip) or reserved (a tunnel reserved first, then the request).",
+                Kind::Counter,
+                &["route"],
             ),
             internal_rejected: Family::new(
                 "agentgate_internal_rejected_total",
@@ -381,6 +389,7 @@ impl Metrics {
             &self.redis_ops,
             &self.registry_writes,
             &self.forwards,
+            &self.forwards_sent,
             &self.internal_rejected,
             &self.peers_refused,
             &self.peer_failures,

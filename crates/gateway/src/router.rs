@@ -1,5 +1,7 @@
 //! Where a tunnelled request goes: down a tunnel parked at this replica (`tunnel::forward`),
-//! or, in cluster mode, through the replica that holds the agent (`cluster`). The tunnel API's
+//! or, in cluster mode, through the replica that holds the agent (`cluster`): in one round
+//! trip when the request has no body and one replica holds the agent, otherwise by reserving
+//! a tunnel there first, so that a body goes only where a tunnel waits for it. The tunnel API's
 //! HTTP and gRPC fronts (`api/`) and the internal API (`cluster::internal_api`) all start here.
 
 use std::fmt::Display;
@@ -9,6 +11,7 @@ use agentgate_proto::v1::RequestHead;
 use bytes::Bytes;
 use http_body::Body;
 
+use crate::cluster::DirectForward;
 use crate::tunnel::{ForwardError, ForwardResponse, ParkedTunnel};
 use crate::Gateway;
 
@@ -34,8 +37,7 @@ impl Gateway {
         let mut deadline = tokio::time::Instant::now() + self.config.agent_reconnect_wait;
         let mut checked_token = false;
         loop {
-            let local = self.directory.is_connected(agent) || self.tunnels.idle_count(agent) > 0;
-            if local {
+            if self.holds(agent) {
                 match self.take_local(agent, self.config.tunnel_wait, None).await {
                     Ok(tunnel) => return self.forward_on(agent, tunnel, head, body).await,
                     // This replica began to drain while the request waited: its agents are
@@ -56,24 +58,39 @@ impl Gateway {
                 checked_token = true;
             }
             let nowhere = match &self.cluster {
-                Some(cluster) => match cluster.peers_for(agent).await {
-                    Ok(peers) => {
+                Some(cluster) => 'remote: {
+                    let peers = match cluster.peers_for(agent).await {
+                        Ok(peers) => peers,
+                        Err(e @ ForwardError::NotConnected { .. }) => break 'remote e,
+                        Err(e) => return Err(e),
+                    };
+                    if let ([peer], true) = (peers.as_slice(), body.is_end_stream()) {
+                        let tunnel_wait = self.config.tunnel_wait;
                         match cluster
-                            .reserve_remote(&peers, self.config.tunnel_wait, agent)
+                            .forward_direct(peer, agent, &head, tunnel_wait)
                             .await
                         {
-                            Ok(reserved) => {
-                                return cluster.forward_reserved(reserved, agent, head, body).await
-                            }
-                            // Every replica listed for it says it left: it is moving to
-                            // another one, so wait for it as for an agent connected nowhere.
-                            Err(e @ ForwardError::NotConnected { .. }) => e,
-                            Err(e) => return Err(e),
+                            // The agent left that replica, or it is unreachable: wait for
+                            // the agent to be listed elsewhere (nothing was sent).
+                            DirectForward::Done(Err(e @ ForwardError::NotConnected { .. }))
+                            | DirectForward::NotSent(e) => break 'remote e,
+                            DirectForward::Done(answered) => return answered,
+                            DirectForward::Unsupported => {}
                         }
                     }
-                    Err(e @ ForwardError::NotConnected { .. }) => e,
-                    Err(e) => return Err(e),
-                },
+                    match cluster
+                        .reserve_remote(&peers, self.config.tunnel_wait, agent)
+                        .await
+                    {
+                        Ok(reserved) => {
+                            return cluster.forward_reserved(reserved, agent, head, body).await
+                        }
+                        // Every replica listed for it says it left: it is moving to
+                        // another one, so wait for it as for an agent connected nowhere.
+                        Err(e @ ForwardError::NotConnected { .. }) => e,
+                        Err(e) => return Err(e),
+                    }
+                }
                 None => ForwardError::NotConnected {
                     agent: agent.into(),
                 },
@@ -83,6 +100,11 @@ impl Gateway {
             }
             tokio::time::sleep(RECONNECT_POLL).await;
         }
+    }
+
+    /// Whether `agent` is connected here or has a tunnel parked here.
+    pub(crate) fn holds(&self, agent: &str) -> bool {
+        self.directory.is_connected(agent) || self.tunnels.idle_count(agent) > 0
     }
 
     /// Takes a live parked tunnel of `agent`, waiting up to `wait`, preferring connections

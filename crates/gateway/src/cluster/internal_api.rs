@@ -8,6 +8,9 @@
 //!   hold it for a request; answers the reservation id, or 404 if there is none.
 //! - `POST /internal/v1/reservations/{id}/release`: put the tunnel back in the pool.
 //! - `ANY /internal/v1/reservations/{id}/request`: the request itself, streamed both ways.
+//! - `ANY /internal/v1/agents/{agent}/request`: a request without a body, for which this
+//!   replica takes a tunnel and forwards at once (one round trip instead of two); every
+//!   answer carries `ROUTE_HEADER`, so a sender can tell an older replica's 404 from it.
 //! - `GET /internal/v1/agents`: this replica's agents.
 
 use std::convert::Infallible;
@@ -24,10 +27,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    ERROR_HEADER, INTERNAL_TOKEN_HEADER, KIND_HEADER, PATH_HEADER, TIMEOUT_HEADER, UPSTREAM_HEADER,
+    ERROR_HEADER, INTERNAL_TOKEN_HEADER, KIND_HEADER, PATH_HEADER, ROUTE_HEADER, TIMEOUT_HEADER,
+    UPSTREAM_HEADER,
 };
 use crate::headers::to_proto;
-use crate::tunnel::{ForwardError, ResponseBody};
+use crate::tunnel::{ForwardError, ForwardResponse, ResponseBody};
 use crate::Gateway;
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<ResponseBody> {
@@ -101,7 +105,7 @@ async fn route(
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0);
             let wait = Duration::from_millis(wait_ms).min(gw.config.tunnel_wait);
-            if !gw.directory.is_connected(agent) && gw.tunnels.idle_count(agent) == 0 {
+            if !gw.holds(agent) {
                 return text(
                     StatusCode::NOT_FOUND,
                     format!("agent {agent:?} is not connected here\n"),
@@ -127,7 +131,7 @@ async fn route(
             }
             text(StatusCode::NO_CONTENT, "")
         }
-        (method, ["internal", "v1", "reservations", id, "request"]) => {
+        (_, ["internal", "v1", "reservations", id, "request"]) => {
             let res = id
                 .parse()
                 .ok()
@@ -157,48 +161,93 @@ async fn route(
                     .insert(ERROR_HEADER, HeaderValue::from_static("tunnel_broken"));
                 return r;
             };
-            let (parts, body) = req.into_parts();
-            let mut headers = parts.headers;
-            let take = |h: &mut http::HeaderMap, k: &str| -> String {
-                h.remove(k)
-                    .and_then(|v| v.to_str().ok().map(str::to_string))
-                    .unwrap_or_default()
+            let (head, body) = forwarded_request(req, verified.body_key, &gw);
+            answer(gw.forward_on(&res.agent, res.tunnel, head, body).await)
+        }
+        // One round trip: take a tunnel here and forward at once (a request without a body,
+        // for an agent that Redis lists at this replica only).
+        (_, ["internal", "v1", "agents", agent, "request"]) => {
+            let mut r = if *agent != verified.agent {
+                gw.metrics.internal_rejected.inc(&["wrong_route"]);
+                tracing::warn!(%peer, issuer = %verified.issuer, "internal API call refused: the token names another agent than the path");
+                text(
+                    StatusCode::UNAUTHORIZED,
+                    "agentgate internal API: the token names another agent than the path\n",
+                )
+            } else {
+                let agent = agent.to_string();
+                let (head, body) = forwarded_request(req, verified.body_key, &gw);
+                // Not connected here is an error the sender waits on (the agent is moving),
+                // answered at once rather than after `tunnel_wait`.
+                let tunnel = if gw.holds(&agent) {
+                    gw.take_local(&agent, gw.config.tunnel_wait, None).await
+                } else {
+                    Err(ForwardError::NotConnected {
+                        agent: agent.clone(),
+                    })
+                };
+                answer(match tunnel {
+                    Ok(t) => gw.forward_on(&agent, t, head, body).await,
+                    Err(e) => Err(e),
+                })
             };
-            let kind: i32 = take(&mut headers, KIND_HEADER).parse().unwrap_or(0);
-            let upstream = take(&mut headers, UPSTREAM_HEADER);
-            let path_and_query = take(&mut headers, PATH_HEADER);
-            let timeout_millis: u64 = take(&mut headers, TIMEOUT_HEADER).parse().unwrap_or(0);
-            headers.remove(INTERNAL_TOKEN_HEADER);
-            headers.remove(http::header::HOST);
-            let head = RequestHead {
-                kind,
-                upstream,
-                method: method.as_str().to_string(),
-                path_and_query,
-                headers: to_proto(&headers),
-                timeout_millis,
-                ..Default::default()
-            };
-            let body =
-                super::signing::VerifiedBody::new(body, verified.body_key, gw.metrics.clone());
-            match gw.forward_on(&res.agent, res.tunnel, head, body).await {
-                Ok(fwd) => {
-                    let mut r = Response::new(fwd.body);
-                    *r.status_mut() =
-                        StatusCode::from_u16(fwd.status).unwrap_or(StatusCode::BAD_GATEWAY);
-                    *r.headers_mut() = fwd.headers;
-                    r
-                }
-                Err(e) => {
-                    let mut r = text(StatusCode::OK, e.to_wire());
-                    if let Ok(v) = HeaderValue::from_str(e.outcome()) {
-                        r.headers_mut().insert(ERROR_HEADER, v);
-                    }
-                    r
-                }
-            }
+            r.headers_mut()
+                .insert(ROUTE_HEADER, HeaderValue::from_static("agent-request"));
+            r
         }
         _ => text(StatusCode::NOT_FOUND, "no such internal route\n"),
+    }
+}
+
+/// The tunnel request a peer forwarded: its head, carried as headers, and its MAC-checked body.
+fn forwarded_request(
+    req: Request<Incoming>,
+    body_key: super::signing::BodyKeyHandle,
+    gw: &Gateway,
+) -> (RequestHead, super::signing::VerifiedBody<Incoming>) {
+    let (parts, body) = req.into_parts();
+    let mut headers = parts.headers;
+    let take = |h: &mut http::HeaderMap, k: &str| -> String {
+        h.remove(k)
+            .and_then(|v| v.to_str().ok().map(str::to_string))
+            .unwrap_or_default()
+    };
+    let kind: i32 = take(&mut headers, KIND_HEADER).parse().unwrap_or(0);
+    let upstream = take(&mut headers, UPSTREAM_HEADER);
+    let path_and_query = take(&mut headers, PATH_HEADER);
+    let timeout_millis: u64 = take(&mut headers, TIMEOUT_HEADER).parse().unwrap_or(0);
+    headers.remove(INTERNAL_TOKEN_HEADER);
+    headers.remove(http::header::HOST);
+    let head = RequestHead {
+        kind,
+        upstream,
+        method: parts.method.as_str().to_string(),
+        path_and_query,
+        headers: to_proto(&headers),
+        timeout_millis,
+        ..Default::default()
+    };
+    let body = super::signing::VerifiedBody::new(body, body_key, gw.metrics.clone());
+    (head, body)
+}
+
+/// The answer to a forwarded request: the upstream's response, or the error as the sender
+/// reads it (`ERROR_HEADER` and the error's JSON).
+fn answer(result: Result<ForwardResponse, ForwardError>) -> Response<ResponseBody> {
+    match result {
+        Ok(fwd) => {
+            let mut r = Response::new(fwd.body);
+            *r.status_mut() = StatusCode::from_u16(fwd.status).unwrap_or(StatusCode::BAD_GATEWAY);
+            *r.headers_mut() = fwd.headers;
+            r
+        }
+        Err(e) => {
+            let mut r = text(StatusCode::OK, e.to_wire());
+            if let Ok(v) = HeaderValue::from_str(e.outcome()) {
+                r.headers_mut().insert(ERROR_HEADER, v);
+            }
+            r
+        }
     }
 }
 

@@ -54,6 +54,9 @@ pub const PATH_HEADER: &str = "agentgate-path";
 pub const TIMEOUT_HEADER: &str = "agentgate-timeout-ms";
 /// Set on a forwarded call's response when the peer could not forward it: the outcome label.
 pub const ERROR_HEADER: &str = "agentgate-forward-error";
+/// Set on every response of the internal API's direct request route, so that the replica
+/// that sent the request can tell a peer with the route from one of an older version.
+pub const ROUTE_HEADER: &str = "agentgate-internal-route";
 /// How long a reserved tunnel waits for its request before it goes back to the pool.
 const RESERVATION_TTL: Duration = Duration::from_secs(30);
 
@@ -435,60 +438,131 @@ impl Cluster {
         B::Error: Display + Send,
     {
         let PeerReservation { peer, id } = reservation;
+        self.metrics.forwards_sent.inc(&["reserved"]);
         let path = format!("/internal/v1/reservations/{id}/request");
+        let body = body.map_err(|e| BoxError::from(e.to_string()));
+        let resp = self
+            .send_forwarded(
+                &peer,
+                &path,
+                agent,
+                &head,
+                body,
+                self.settings.first_byte_timeout,
+            )
+            .await
+            .map_err(|e| e.into_error(agent))?;
+        self.read_forwarded(&peer, agent, resp).await
+    }
+
+    /// Sends a request that has no body straight to `peer`, the one replica listed for
+    /// `agent`, which takes a tunnel and forwards the request in the same call: one round trip
+    /// between the replicas instead of two (reserve, then request). A request with a body
+    /// reserves first, so that its body goes only to a replica that has a tunnel for it.
+    pub async fn forward_direct(
+        self: &Arc<Self>,
+        peer: &str,
+        agent: &str,
+        head: &RequestHead,
+        tunnel_wait: Duration,
+    ) -> DirectForward {
+        let path = format!("/internal/v1/agents/{agent}/request");
+        // The peer may wait up to `tunnel_wait` for a tunnel before the upstream's head.
+        let first_byte = match self.settings.first_byte_timeout {
+            d if d.is_zero() => d,
+            d => d + tunnel_wait,
+        };
+        self.metrics.forwards_sent.inc(&["direct"]);
+        let resp = match self
+            .send_forwarded(peer, &path, agent, head, empty(), first_byte)
+            .await
+        {
+            Ok(r) => r,
+            Err(SendFailure::Connect(e)) => {
+                // Nothing reached the peer: mark it down, and let the request wait for
+                // the agent to be listed elsewhere, as for an agent connected nowhere.
+                self.metrics.peer_failures.inc(&[]);
+                self.health.mark_down(peer, self.settings.peer_down_for);
+                return DirectForward::NotSent(SendFailure::Connect(e).into_error(agent));
+            }
+            Err(e) => return DirectForward::Done(Err(e.into_error(agent))),
+        };
+        self.health.mark_up(peer);
+        if resp.headers().get(ROUTE_HEADER).is_none() {
+            // A replica of an older version: no such route there (its 404 says so).
+            tracing::debug!(peer, "peer has no direct request route; reserving first");
+            return DirectForward::Unsupported;
+        }
+        DirectForward::Done(self.read_forwarded(peer, agent, resp).await)
+    }
+
+    /// Signs and sends one forwarded request to `peer`, the tunnel request's head travelling
+    /// as headers; waits up to `first_byte` (zero: no limit) for the response head.
+    async fn send_forwarded(
+        &self,
+        peer: &str,
+        path: &str,
+        agent: &str,
+        head: &RequestHead,
+        body: impl Body<Data = Bytes, Error = BoxError> + Send + 'static,
+        first_byte: Duration,
+    ) -> Result<http::Response<hyper::body::Incoming>, SendFailure> {
         let method = http::Method::from_bytes(head.method.as_bytes()).unwrap_or(http::Method::GET);
         let mut headers = from_proto(&head.headers);
-        let set = |h: &mut http::HeaderMap, k: &'static str, v: String| {
-            if let Ok(v) = http::HeaderValue::from_str(&v) {
+        let set = |h: &mut http::HeaderMap, k: &'static str, v: &str| {
+            if let Ok(v) = http::HeaderValue::from_str(v) {
                 h.insert(k, v);
             }
         };
-        set(&mut headers, KIND_HEADER, head.kind.to_string());
-        set(&mut headers, UPSTREAM_HEADER, head.upstream.clone());
-        set(&mut headers, PATH_HEADER, head.path_and_query.clone());
+        set(&mut headers, KIND_HEADER, &head.kind.to_string());
+        set(&mut headers, UPSTREAM_HEADER, &head.upstream);
+        set(&mut headers, PATH_HEADER, &head.path_and_query);
         set(
             &mut headers,
             TIMEOUT_HEADER,
-            head.timeout_millis.to_string(),
+            &head.timeout_millis.to_string(),
         );
         let digest = signing::head_digest(&[], &headers);
-        let (mut req, body_key) = self.request(&peer, method, &path, agent, &digest, empty());
-        *req.body_mut() =
-            SigningBody::new(body.map_err(|e| BoxError::from(e.to_string())), body_key)
-                .boxed_unsync();
+        let (mut req, body_key) = self.request(peer, method, path, agent, &digest, empty());
+        *req.body_mut() = SigningBody::new(body, body_key).boxed_unsync();
         for (k, v) in headers.iter() {
             req.headers_mut().append(k, v.clone());
         }
         let sent = self.client.request(req);
-        let first_byte = self.settings.first_byte_timeout;
         let resp = if first_byte.is_zero() {
-            sent.await.map_err(|e| e.to_string())
+            sent.await
         } else {
             match tokio::time::timeout(first_byte, sent).await {
-                Ok(r) => r.map_err(|e| e.to_string()),
+                Ok(r) => r,
                 Err(_) => {
                     self.metrics.forwards.inc(&["peer_timeout"]);
-                    return Err(ForwardError::UpstreamTimeout {
-                        agent: agent.into(),
-                        message: format!(
-                            "replica {peer} sent no response head within {first_byte:?} \
-                             (internal_first_byte_timeout)"
-                        ),
-                    });
+                    return Err(SendFailure::NoHead(format!(
+                        "replica {peer} sent no response head within {first_byte:?} \
+                         (internal_first_byte_timeout)"
+                    )));
                 }
             }
         };
-        let resp = match resp {
-            Ok(r) => r,
-            Err(e) => {
-                self.metrics.forwards.inc(&["peer_failed"]);
-                return Err(ForwardError::TunnelBroken {
-                    agent: agent.into(),
-                    message: format!("forwarding through replica {peer} failed: {e}"),
-                });
+        resp.map_err(|e| {
+            self.metrics.forwards.inc(&["peer_failed"]);
+            let message = format!("forwarding through replica {peer} failed: {e}");
+            if e.is_connect() {
+                SendFailure::Connect(message)
+            } else {
+                SendFailure::Broken(message)
             }
-        };
+        })
+    }
+
+    /// A forwarded request's response: the upstream's, or the error the peer reported.
+    async fn read_forwarded(
+        &self,
+        peer: &str,
+        agent: &str,
+        resp: http::Response<hyper::body::Incoming>,
+    ) -> Result<ForwardResponse, ForwardError> {
         let (mut parts, incoming) = resp.into_parts();
+        parts.headers.remove(ROUTE_HEADER);
         if parts.headers.remove(ERROR_HEADER).is_some() {
             // Bounded: a peer's error is a small JSON document.
             let body = http_body_util::Limited::new(incoming, 64 * 1024)
@@ -497,7 +571,7 @@ impl Cluster {
                 .map(|b| b.to_bytes())
                 .unwrap_or_default();
             self.metrics.forwards.inc(&["peer_error"]);
-            return Err(ForwardError::from_wire(agent, &peer, &body));
+            return Err(ForwardError::from_wire(agent, peer, &body));
         }
         self.metrics.forwards.inc(&["ok"]);
         let body: ResponseBody = incoming.map_err(BoxError::from).boxed_unsync();
@@ -553,6 +627,38 @@ impl Cluster {
 pub struct PeerReservation {
     peer: String,
     id: u64,
+}
+
+/// What became of a request sent by [`Cluster::forward_direct`].
+pub enum DirectForward {
+    /// The peer took it: the upstream's response, or the error the peer reported.
+    Done(Result<ForwardResponse, ForwardError>),
+    /// The peer could not be reached, so nothing was sent; it is marked down.
+    NotSent(ForwardError),
+    /// The peer is of a version without the direct route: reserve, then request.
+    Unsupported,
+}
+
+/// Why a forwarded request got no response head from the peer.
+enum SendFailure {
+    /// No connection to the peer: nothing was sent.
+    Connect(String),
+    /// No head within the first-byte timeout.
+    NoHead(String),
+    /// The connection or the stream broke once the request was on its way.
+    Broken(String),
+}
+
+impl SendFailure {
+    fn into_error(self, agent: &str) -> ForwardError {
+        let agent = agent.into();
+        match self {
+            Self::NoHead(message) => ForwardError::UpstreamTimeout { agent, message },
+            Self::Connect(message) | Self::Broken(message) => {
+                ForwardError::TunnelBroken { agent, message }
+            }
+        }
+    }
 }
 
 /// Why a peer did not reserve a tunnel.
