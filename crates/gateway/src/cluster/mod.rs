@@ -536,8 +536,9 @@ impl Cluster {
                 Ok(r) => r,
                 Err(_) => {
                     self.metrics.forwards.inc(&["peer_timeout"]);
+                    tracing::warn!(peer, agent, "a peer replica sent no response head in time");
                     return Err(SendFailure::NoHead(format!(
-                        "replica {peer} sent no response head within {first_byte:?} \
+                        "the agent's replica sent no response head within {first_byte:?} \
                          (internal_first_byte_timeout)"
                     )));
                 }
@@ -545,7 +546,9 @@ impl Cluster {
         };
         resp.map_err(|e| {
             self.metrics.forwards.inc(&["peer_failed"]);
-            let message = format!("forwarding through replica {peer} failed: {e}");
+            // The peer's address goes to the log only; the caller's answer names no address.
+            tracing::warn!(peer, agent, error = %e, "forwarding to a peer replica failed");
+            let message = format!("forwarding through the agent's replica failed: {e}");
             if e.is_connect() {
                 SendFailure::Connect(message)
             } else {
