@@ -108,7 +108,8 @@ impl ForwardError {
     }
 
     /// The error a peer replica sent; anything unreadable (a replica of another version, say)
-    /// becomes a broken tunnel that quotes it.
+    /// becomes a broken tunnel that quotes it. The caller's answer names no replica address:
+    /// `peer` goes to a warn line only.
     pub fn from_wire(agent: &str, peer: &str, bytes: &[u8]) -> Self {
         let parsed = serde_json::from_slice::<serde_json::Value>(bytes).and_then(|mut v| {
             if v.get("agent")
@@ -119,12 +120,21 @@ impl ForwardError {
             }
             serde_json::from_value(v)
         });
-        parsed.unwrap_or_else(|_| Self::TunnelBroken {
-            agent: agent.into(),
-            message: format!(
-                "replica {peer} reported an error this replica cannot read: {}",
-                String::from_utf8_lossy(&bytes[..bytes.len().min(512)])
-            ),
+        parsed.unwrap_or_else(|_| {
+            let quoted = String::from_utf8_lossy(&bytes[..bytes.len().min(512)]);
+            tracing::warn!(
+                peer,
+                agent,
+                error = %quoted,
+                "a peer replica reported an error this replica cannot read; are the replicas \
+                 of versions far apart?"
+            );
+            Self::TunnelBroken {
+                agent: agent.into(),
+                message: format!(
+                    "the agent's replica reported an error this replica cannot read: {quoted}"
+                ),
+            }
         })
     }
 
@@ -213,7 +223,8 @@ mod tests {
     fn unreadable_peer_errors_become_broken_tunnels() {
         let e = ForwardError::from_wire("a", "http://peer:9", b"upstream said no");
         assert_eq!(e.outcome(), "tunnel_broken");
-        assert!(e.to_string().contains("http://peer:9"), "{e}");
+        assert!(e.to_string().contains("upstream said no"), "{e}");
+        assert!(!e.to_string().contains("peer:9"), "the address leaked: {e}");
     }
 
     #[test]
