@@ -380,11 +380,11 @@ impl ReadyBody {
     }
 }
 
-fn upstream_label(head: &RequestHead) -> String {
+fn upstream_label(head: &RequestHead) -> &str {
     if head.kind == RequestKind::Grpc as i32 {
-        "grpc".into()
+        "grpc"
     } else {
-        head.upstream.clone()
+        &head.upstream
     }
 }
 
@@ -438,24 +438,43 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// `base` (scheme, authority and optional path prefix) joined with `path_and_query`.
 pub fn join_uri(base: &url::Url, path_and_query: &str) -> Result<http::Uri, String> {
     let prefix = base.path().trim_end_matches('/');
-    let pq = if path_and_query.starts_with('/') {
-        path_and_query.to_string()
-    } else {
-        format!("/{path_and_query}")
-    };
     let host = base.host_str().ok_or("upstream URL has no host")?;
-    let host = if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]")
-    } else {
-        host.to_string()
-    };
-    let authority = match base.port() {
-        Some(p) => format!("{host}:{p}"),
-        None => host,
-    };
-    format!("{}://{}{}{}", base.scheme(), authority, prefix, pq)
-        .parse()
-        .map_err(|e| format!("invalid upstream URI: {e}"))
+    let bracket = host.contains(':') && !host.starts_with('[');
+    let port = base
+        .port()
+        .map(|p| (p, p.checked_ilog10().unwrap_or(0) as usize + 1));
+    let slash = !path_and_query.starts_with('/');
+    // One string of exactly its length, handed to `Uri` without a copy: this runs for every
+    // request (it was six allocations with `format!`).
+    let len = base.scheme().len()
+        + "://".len()
+        + host.len()
+        + 2 * usize::from(bracket)
+        + port.map_or(0, |(_, digits)| 1 + digits)
+        + prefix.len()
+        + usize::from(slash)
+        + path_and_query.len();
+    let mut uri = String::with_capacity(len);
+    uri.push_str(base.scheme());
+    uri.push_str("://");
+    if bracket {
+        uri.push('[');
+    }
+    uri.push_str(host);
+    if bracket {
+        uri.push(']');
+    }
+    if let Some((p, _)) = port {
+        use std::fmt::Write;
+        let _ = write!(uri, ":{p}");
+    }
+    uri.push_str(prefix);
+    if slash {
+        uri.push('/');
+    }
+    uri.push_str(path_and_query);
+    debug_assert_eq!(uri.len(), len, "join_uri sized its string wrong");
+    http::Uri::try_from(uri).map_err(|e| format!("invalid upstream URI: {e}"))
 }
 
 /// Tunnel headers as an HTTP header map; invalid ones (the gateway never sends them) are dropped.
@@ -556,5 +575,13 @@ mod tests {
         assert_eq!(join_uri(&b, "/x").unwrap(), "https://svc.local/prefix/x");
         let b = url::Url::parse("http://[::1]:80/").unwrap();
         assert_eq!(join_uri(&b, "/").unwrap(), "http://[::1]/");
+        let b = url::Url::parse("http://[fe80::1]:65535/p").unwrap();
+        assert_eq!(
+            join_uri(&b, "x?y=1").unwrap(),
+            "http://[fe80::1]:65535/p/x?y=1"
+        );
+        let b = url::Url::parse("http://up:8/").unwrap();
+        assert_eq!(join_uri(&b, "/").unwrap(), "http://up:8/");
+        assert!(join_uri(&b, "/a b").is_err(), "a space is no URI");
     }
 }

@@ -77,7 +77,10 @@ impl Gateway {
     }
 
     /// The token entry of an `authorization` value, or why there is none.
-    fn agent_token(&self, header: Option<&str>) -> Result<crate::tokens::TokenEntry, &'static str> {
+    fn agent_token(
+        &self,
+        header: Option<&str>,
+    ) -> Result<Arc<crate::tokens::TokenEntry>, &'static str> {
         let header = header
             .ok_or("missing agent token: send metadata 'authorization: Bearer <agent token>'")?;
         let token = bearer_token(header)
@@ -91,14 +94,14 @@ impl Gateway {
 /// Marks the connection as authenticated and names the caller.
 fn bind(
     tokens: &crate::tokens::TokenStore,
-    entry: crate::tokens::TokenEntry,
+    entry: Arc<crate::tokens::TokenEntry>,
     conn: &Arc<ConnMeta>,
 ) -> AgentIdentity {
     let _ = conn.agent.set(entry.name.clone());
     AgentIdentity {
         revoked: tokens.revocation(&entry),
-        token_id: entry.id,
-        name: entry.name,
+        token_id: entry.id.clone(),
+        name: entry.name.clone(),
         conn: conn.clone(),
     }
 }

@@ -18,18 +18,28 @@ const HOP_BY_HOP: [&str; 8] = [
     "upgrade",
 ];
 
+/// `X-Forwarded-For`, `-Proto` and `-Host`, which the tunnel API adds. Constants, because a
+/// `&'static str` key that is not a standard header is copied into a new name on every insert.
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 /// Removes hop-by-hop headers, including those named in `Connection`. `keep_te_trailers`
 /// keeps `te: trailers`, which gRPC requires end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
-    let listed: Vec<HeaderName> = headers
+    // The values, not the names they list: a value is a shared slice, so keeping it costs no
+    // copy, and `remove` looks a name up without building a `HeaderName` (an allocation per
+    // name that is not one of `http`'s standard headers, such as `keep-alive`).
+    let listed: Vec<HeaderValue> = headers
         .get_all(http::header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .cloned()
         .collect();
-    for n in listed {
-        headers.remove(n);
+    for v in &listed {
+        let Ok(v) = v.to_str() else { continue };
+        for n in v.split(',') {
+            headers.remove(n.trim());
+        }
     }
     let te_trailers = keep_te_trailers
         && headers

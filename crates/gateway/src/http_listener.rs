@@ -202,7 +202,7 @@ where
 {
     type Response = http::Response<GuardedBody<B, InFlight>>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+    type Future = CountedResponse<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -210,12 +210,37 @@ where
 
     fn call(&mut self, req: R) -> Self::Future {
         self.activity.in_flight.fetch_add(1, Ordering::Relaxed);
-        let guard = InFlight(self.activity.clone());
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let resp = fut.await?;
-            Ok(resp.map(|inner| GuardedBody::new(inner, guard)))
-        })
+        CountedResponse {
+            inner: self.inner.call(req),
+            guard: Some(InFlight(self.activity.clone())),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The inner service's response, its body holding the request's [`InFlight`]. A future of
+    /// its own rather than a boxed `async` block: one allocation fewer per request.
+    pub struct CountedResponse<F> {
+        #[pin]
+        inner: F,
+        guard: Option<InFlight>,
+    }
+}
+
+impl<F, B, E> Future for CountedResponse<F>
+where
+    F: Future<Output = Result<http::Response<B>, E>>,
+{
+    type Output = Result<http::Response<GuardedBody<B, InFlight>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let resp = std::task::ready!(this.inner.poll(cx))?;
+        let guard = this
+            .guard
+            .take()
+            .expect("a CountedResponse is not polled after it is ready");
+        Poll::Ready(Ok(resp.map(|inner| GuardedBody::new(inner, guard))))
     }
 }
 

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -341,7 +341,8 @@ type FileStamp = Option<(SystemTime, u64)>;
 #[derive(Default)]
 struct Loaded {
     stamp: FileStamp,
-    by_hash: HashMap<(TokenKind, String), TokenEntry>,
+    /// Shared, so that a request holds its token's entry without copying its strings.
+    by_hash: HashMap<(TokenKind, String), Arc<TokenEntry>>,
 }
 
 /// The gateway's view of the token store, reloaded when the file changes.
@@ -385,7 +386,7 @@ impl TokenStore {
         let by_hash = file
             .tokens
             .into_iter()
-            .map(|t| ((t.kind, t.sha256.clone()), t))
+            .map(|t| ((t.kind, t.sha256.clone()), Arc::new(t)))
             .collect::<HashMap<_, _>>();
         tracing::info!(path = %self.path.display(), tokens = by_hash.len(), "token store loaded");
         *self.loaded.write().unwrap() = Loaded { stamp, by_hash };
@@ -471,7 +472,7 @@ impl TokenStore {
     }
 
     /// The entry for `token` in namespace `kind`, if it is valid.
-    pub fn verify(&self, kind: TokenKind, token: &str) -> Option<TokenEntry> {
+    pub fn verify(&self, kind: TokenKind, token: &str) -> Option<Arc<TokenEntry>> {
         self.refresh_if_changed();
         let key = (kind, hash(token));
         self.loaded

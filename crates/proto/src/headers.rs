@@ -9,7 +9,7 @@ pub fn to_proto(headers: &HeaderMap) -> Vec<Header> {
         .iter()
         .map(|(k, v)| Header {
             name: k.as_str().to_string(),
-            value: v.as_bytes().to_vec(),
+            value: bytes::Bytes::copy_from_slice(v.as_bytes()),
         })
         .collect()
 }
@@ -36,7 +36,7 @@ pub fn from_proto(headers: &[Header], mut dropped: impl FnMut(Dropped<'_>)) -> H
     for h in &headers[..kept] {
         match (
             HeaderName::from_bytes(h.name.as_bytes()),
-            HeaderValue::from_bytes(&h.value),
+            HeaderValue::from_maybe_shared(h.value.clone()),
         ) {
             (Ok(k), Ok(v)) => {
                 map.append(k, v);
@@ -63,7 +63,7 @@ mod tests {
         assert_eq!(list.len(), 2);
         list.push(Header {
             name: "bad name".into(),
-            value: b"v".to_vec(),
+            value: bytes::Bytes::from_static(b"v"),
         });
         let mut dropped = vec![];
         let back = from_proto(&list, |d| match d {
@@ -80,7 +80,7 @@ mod tests {
         let list: Vec<Header> = (0..40_000)
             .map(|i| Header {
                 name: "x-flood".into(),
-                value: i.to_string().into_bytes(),
+                value: i.to_string().into_bytes().into(),
             })
             .collect();
         let mut over = None;
@@ -123,7 +123,7 @@ mod tests {
                     rng.fill_bytes(&mut value);
                     Header {
                         name: String::from_utf8_lossy(&name).into_owned(),
-                        value,
+                        value: value.into(),
                     }
                 })
                 .collect();

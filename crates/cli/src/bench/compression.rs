@@ -37,7 +37,7 @@ fn headers(pairs: &[(&str, &str)]) -> Vec<Header> {
         .iter()
         .map(|(n, v)| Header {
             name: (*n).into(),
-            value: v.as_bytes().to_vec(),
+            value: bytes::Bytes::copy_from_slice(v.as_bytes()),
         })
         .collect()
 }

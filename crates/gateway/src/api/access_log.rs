@@ -52,8 +52,8 @@ pub struct RequestLog {
     metrics: Arc<Metrics>,
     /// `http` or `grpc`.
     kind: &'static str,
-    token_id: String,
-    token_name: String,
+    /// The caller's token (its id and name go in the line), shared with the token store.
+    token: Arc<TokenEntry>,
     /// The caller's address (from the PROXY header when a listed balancer sent one).
     caller: std::net::SocketAddr,
     agent: String,
@@ -71,7 +71,7 @@ impl RequestLog {
     pub fn new(
         metrics: Arc<Metrics>,
         kind: &'static str,
-        token: &TokenEntry,
+        token: &Arc<TokenEntry>,
         caller: std::net::SocketAddr,
         agent: &str,
         upstream: &str,
@@ -81,8 +81,7 @@ impl RequestLog {
         Self {
             metrics,
             kind,
-            token_id: token.id.clone(),
-            token_name: token.name.clone(),
+            token: token.clone(),
             caller,
             agent: agent.to_string(),
             upstream: upstream.to_string(),
@@ -129,8 +128,8 @@ impl RequestLog {
         tracing::info!(
             target: "agentgate::access",
             kind = self.kind,
-            token_id = %self.token_id,
-            token_name = %self.token_name,
+            token_id = %self.token.id,
+            token_name = %self.token.name,
             caller = %self.caller,
             agent = %self.agent,
             transport = self.transport,
@@ -275,7 +274,7 @@ impl Body for LoggedBody {
             self.inner = super::full_body(Bytes::new());
             tracing::warn!(
                 agent = %self.log.as_ref().map_or("-", |l| l.agent.as_str()),
-                token_id = %self.log.as_ref().map_or("-", |l| l.token_id.as_str()),
+                token_id = %self.log.as_ref().map_or("-", |l| l.token.id.as_str()),
                 "ending a tunnelled request: its API token was revoked"
             );
             self.finish("revoked", EndedBy::Gateway);

@@ -9,7 +9,9 @@ use hyper::body::Incoming;
 
 use super::access_log::{EndedBy, RequestLog};
 use super::{full_body, ApiBody, TokenSource, TOKEN_HEADER};
-use crate::headers::{strip_hop_by_hop, to_proto};
+use crate::headers::{
+    strip_hop_by_hop, to_proto, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO,
+};
 use crate::Gateway;
 
 /// Where a request path points: agent, upstream name, and the path left for the upstream.
@@ -75,8 +77,9 @@ pub async fn handle(
     tls: bool,
     req: Request<Incoming>,
 ) -> Response<ApiBody> {
-    let path = req.uri().path().to_string();
-    let Some(target) = parse_target(&path) else {
+    // A clone of the URI shares its bytes (no copy) and outlives `req`, which is taken apart.
+    let uri = req.uri().clone();
+    let Some(target) = parse_target(uri.path()) else {
         return error_response(
             StatusCode::NOT_FOUND,
             "no such route; use /agents/{agent}/proxy/{path} or \
@@ -98,12 +101,15 @@ pub async fn handle(
             return error_response(status, &e.message());
         }
     };
-    let mut path_and_query = if target.rest.is_empty() {
-        "/".to_string()
+    let rest = if target.rest.is_empty() {
+        "/"
     } else {
-        target.rest.to_string()
+        target.rest
     };
-    if let Some(q) = req.uri().query() {
+    let query = uri.query();
+    let mut path_and_query = String::with_capacity(rest.len() + query.map_or(0, |q| q.len() + 1));
+    path_and_query.push_str(rest);
+    if let Some(q) = query {
         path_and_query.push('?');
         path_and_query.push_str(q);
     }
@@ -137,19 +143,19 @@ pub async fn handle(
         }
     }
     headers.remove(http::header::HOST);
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) => format!("{prev}, {}", peer.ip()),
         None => peer.ip().to_string(),
     };
     if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
+        headers.insert(X_FORWARDED_FOR, v);
     }
-    if !headers.contains_key("x-forwarded-proto") {
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
         let proto = if tls { "https" } else { "http" };
-        headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
-    if let (false, Some(h)) = (headers.contains_key("x-forwarded-host"), original_host) {
-        headers.insert("x-forwarded-host", h);
+    if let (false, Some(h)) = (headers.contains_key(&X_FORWARDED_HOST), original_host) {
+        headers.insert(X_FORWARDED_HOST, h);
     }
     let head = RequestHead {
         kind: RequestKind::Http as i32,

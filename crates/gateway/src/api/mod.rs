@@ -74,7 +74,7 @@ impl Gateway {
         &self,
         headers: &http::HeaderMap,
         agent: &str,
-    ) -> Result<(TokenEntry, TokenSource), ApiAuthError> {
+    ) -> Result<(Arc<TokenEntry>, TokenSource), ApiAuthError> {
         let (token, source) = if let Some(v) = headers.get(TOKEN_HEADER) {
             (v.to_str().ok().map(str::trim), TokenSource::TokenHeader)
         } else if let Some(v) = headers.get(http::header::AUTHORIZATION) {

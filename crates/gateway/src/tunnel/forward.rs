@@ -590,7 +590,7 @@ mod tests {
                         trailers: (0..rng.random_range(0..3))
                             .map(|i| agentgate_proto::v1::Header {
                                 name: format!("x-t{i}"),
-                                value: b"v".to_vec(),
+                                value: bytes::Bytes::from_static(b"v"),
                             })
                             .collect(),
                     }),
