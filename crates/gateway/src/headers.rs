@@ -115,6 +115,23 @@ mod tests {
     }
 
     #[test]
+    fn connection_lists_with_junk_and_several_values_are_handled() {
+        // Remote input: names that are not header names, empty entries, two Connection
+        // headers. The valid names are removed, the rest is ignored, nothing panics.
+        let mut h = HeaderMap::new();
+        h.append("connection", HeaderValue::from_static("bad name, ,x-a,,"));
+        h.append("connection", HeaderValue::from_static("X-B"));
+        h.append("connection", HeaderValue::from_bytes(b"x-c\xff").unwrap());
+        h.insert("x-a", HeaderValue::from_static("1"));
+        h.insert("x-b", HeaderValue::from_static("2"));
+        h.insert("x-c", HeaderValue::from_static("3"));
+        h.insert("x-kept", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut h, false);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-c", "x-kept"]);
+    }
+
+    #[test]
     fn round_trips() {
         let mut h = HeaderMap::new();
         h.append("a", HeaderValue::from_static("1"));
