@@ -16,10 +16,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .codec_path("crate::codec::SmallBufferCodec")
         .bytes(".agentgate.v1.Chunk.data")
         .bytes(".agentgate.v1.ResponseHead.body")
-        // Header values as `Bytes`: decoded, they are slices of the message buffer, and
-        // `from_proto` hands them to `HeaderValue` without a copy (one allocation fewer per
-        // header on each side of a tunnel; docs/BENCHMARKS.md, twelfth session).
-        .bytes(".agentgate.v1.Header.value")
+        // Written out with `Bytes` fields (src/header_message.rs): decoded, a header's name
+        // and value are slices of the message, not copies.
+        .extern_path(".agentgate.v1.Header", "crate::header_message::Header")
         .file_descriptor_set_path(out.join("agentgate_descriptor.bin"))
         .compile_protos(&files, &[root])?;
     for f in &files {

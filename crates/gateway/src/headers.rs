@@ -65,7 +65,7 @@ pub fn from_proto(headers: &[Header]) -> HeaderMap {
     use agentgate_proto::headers::Dropped;
     agentgate_proto::headers::from_proto(headers, |d| match d {
         Dropped::Invalid(h) => {
-            let name: String = h.name.chars().take(64).collect();
+            let name: String = String::from_utf8_lossy(&h.name).chars().take(64).collect();
             tracing::debug!(name = %name, "dropping invalid header from tunnel")
         }
         Dropped::OverLimit(n) => tracing::warn!(

@@ -8,7 +8,7 @@ pub fn to_proto(headers: &HeaderMap) -> Vec<Header> {
     headers
         .iter()
         .map(|(k, v)| Header {
-            name: k.as_str().to_string(),
+            name: bytes::Bytes::copy_from_slice(k.as_str().as_bytes()),
             value: bytes::Bytes::copy_from_slice(v.as_bytes()),
         })
         .collect()
@@ -35,7 +35,7 @@ pub fn from_proto(headers: &[Header], mut dropped: impl FnMut(Dropped<'_>)) -> H
     let mut map = HeaderMap::with_capacity(kept);
     for h in &headers[..kept] {
         match (
-            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderName::from_bytes(&h.name),
             HeaderValue::from_maybe_shared(h.value.clone()),
         ) {
             (Ok(k), Ok(v)) => {
@@ -122,7 +122,7 @@ mod tests {
                     let mut value = vec![0u8; rng.random_range(0..24)];
                     rng.fill_bytes(&mut value);
                     Header {
-                        name: String::from_utf8_lossy(&name).into_owned(),
+                        name: name.into(),
                         value: value.into(),
                     }
                 })
@@ -139,7 +139,7 @@ mod tests {
             let valid: Vec<&Header> = list[..n.min(MAX_HEADERS)]
                 .iter()
                 .filter(|h| {
-                    HeaderName::from_bytes(h.name.as_bytes()).is_ok()
+                    HeaderName::from_bytes(&h.name).is_ok()
                         && HeaderValue::from_bytes(&h.value).is_ok()
                 })
                 .collect();

@@ -3,12 +3,15 @@
 pub mod build_info;
 pub mod codec;
 pub mod exposition;
+mod header_message;
 pub mod headers;
 pub mod pump;
 
 /// Version 1 of the contract: `agentgate.v1`.
 pub mod v1 {
     tonic::include_proto!("agentgate.v1");
+    /// Written out, not generated: see `header_message.rs`.
+    pub use crate::header_message::Header;
 }
 
 impl v1::Heartbeat {

@@ -36,7 +36,7 @@ fn headers(pairs: &[(&str, &str)]) -> Vec<Header> {
     pairs
         .iter()
         .map(|(n, v)| Header {
-            name: (*n).into(),
+            name: bytes::Bytes::copy_from_slice(n.as_bytes()),
             value: bytes::Bytes::copy_from_slice(v.as_bytes()),
         })
         .collect()

@@ -589,7 +589,7 @@ mod tests {
                     1 => agent_message::Msg::Trailer(Trailer {
                         trailers: (0..rng.random_range(0..3))
                             .map(|i| agentgate_proto::v1::Header {
-                                name: format!("x-t{i}"),
+                                name: format!("x-t{i}").into(),
                                 value: bytes::Bytes::from_static(b"v"),
                             })
                             .collect(),
