@@ -4,12 +4,31 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::v1::Header;
 
+/// Headers as the tunnel protocol's list. Every name and value is a slice of one buffer:
+/// two allocations for the whole list, and prost's encoder, which clones each `Bytes` field it
+/// writes, only counts references (a `Bytes` made from its own `Vec` allocates when cloned).
 pub fn to_proto(headers: &HeaderMap) -> Vec<Header> {
+    let total = headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
+    let mut buf = bytes::BytesMut::with_capacity(total);
+    for (k, v) in headers {
+        buf.extend_from_slice(k.as_str().as_bytes());
+        buf.extend_from_slice(v.as_bytes());
+    }
+    let all = buf.freeze();
+    let mut at = 0;
+    let mut next = |len: usize| {
+        let part = all.slice(at..at + len);
+        at += len;
+        part
+    };
     headers
         .iter()
         .map(|(k, v)| Header {
-            name: bytes::Bytes::copy_from_slice(k.as_str().as_bytes()),
-            value: bytes::Bytes::copy_from_slice(v.as_bytes()),
+            name: next(k.as_str().len()),
+            value: next(v.len()),
         })
         .collect()
 }
