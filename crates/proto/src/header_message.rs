@@ -1,7 +1,7 @@
 //! `agentgate.v1.Header`, written out instead of generated, so that its name is `Bytes`.
 //!
 //! The .proto declares `string name = 1; bytes value = 2;`. prost would decode the name into
-//! a `String`: one allocation per header of every tunnelled request and answer, about a sixth
+//! a `String`: one allocation per header of every tunnelled request and answer, about a seventh
 //! of the gateway's allocations per small request (docs/BENCHMARKS.md, twelfth session). A
 //! `string` and a `bytes` field are the same on the wire (length-delimited), so this struct,
 //! derived by prost with both fields as `Bytes`, reads and writes exactly the bytes the
