@@ -133,8 +133,12 @@ impl Upstreams {
                 }
             }
         };
+        // A served request is a `debug` line: the gateway's access log (`agentgate::access`)
+        // already has one line per request with the caller, status and duration, and a second
+        // line here cost the agent about a tenth of its CPU per small request at the default
+        // level (docs/BENCHMARKS.md, thirteenth session). What failed stays a warning.
         match &outcome {
-            Ok(status) => tracing::info!(
+            Ok(status) => tracing::debug!(
                 method = %head.method,
                 path = %head.path_and_query,
                 upstream = %upstream_label(&head),
