@@ -16,6 +16,7 @@ mod fd_limit;
 mod guarded_body;
 mod headers;
 mod http_listener;
+mod map_response;
 mod memory;
 pub mod metrics;
 mod process_metrics;

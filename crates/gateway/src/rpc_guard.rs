@@ -8,8 +8,6 @@
 //! would refuse an unknown `grpc-encoding` only once it starts decoding, with a message that
 //! does not say what to send instead).
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -20,6 +18,7 @@ use tonic::Status;
 
 use crate::backends::Backends;
 use crate::guarded_body::GuardedBody;
+use crate::map_response::{MapResponse, ResponseMapper};
 use crate::Gateway;
 
 /// Every method the agent port serves. Metrics label RPCs with these names and nothing else
@@ -51,11 +50,8 @@ pub fn method_label(path: &str, backends: &Backends) -> &'static str {
 /// Reason label when a call names a method the agent port does not serve.
 pub const REJECT_UNKNOWN_METHOD: &str = "unknown_method";
 
-/// The refusal for a method the agent port does not serve, or `None`.
-pub fn check_method(path: &str, backends: &Backends) -> Option<Status> {
-    if method_label(path, backends) != "other" {
-        return None;
-    }
+/// The refusal for a method the agent port does not serve, naming what it serves.
+fn refuse_method(path: &str, backends: &Backends) -> Status {
     let shown: String = match crate::backends::service_of(path) {
         Some(service) => format!("service {service:?}"),
         None => format!("method {path:?}"),
@@ -70,11 +66,11 @@ pub fn check_method(path: &str, backends: &Backends) -> Option<Status> {
     } else {
         "no backend matches"
     };
-    Some(Status::unimplemented(format!(
+    Status::unimplemented(format!(
         "agentgate: the agent port does not serve {shown}: it is none of the gateway's own \
          services and {no_backend}; it serves agentgate.v1.AgentSession, agentgate.v1.Tunnel, \
          grpc.health.v1.Health, server reflection{served}"
-    )))
+    ))
 }
 
 /// Request encodings every agent-port service accepts (`grpc-accept-encoding` lists them).
@@ -101,11 +97,11 @@ pub fn check_encoding(headers: &http::HeaderMap) -> Option<Status> {
     Some(status)
 }
 
-/// Methods that need an agent token (the gateway's agent services and every backend's);
-/// everything else the port serves (health, reflection) is open to anyone, within
-/// [`REJECT_UNAUTHENTICATED_CALLS`]'s limit.
-fn needs_token(path: &str, backends: &Backends) -> bool {
-    path.starts_with("/agentgate.v1.") || backends.find(path).is_some()
+/// Whether a call needs an agent token, by its [`method_label`]: the gateway's agent services
+/// and every backend's do; everything else the port serves (health, reflection) is open to
+/// anyone, within [`REJECT_UNAUTHENTICATED_CALLS`]'s limit.
+fn needs_token(method: &str) -> bool {
+    method.starts_with("/agentgate.v1.") || method == BACKEND_METHOD_LABEL
 }
 
 /// Reason label when a connection is closed for too many refused calls before authenticating.
@@ -150,14 +146,14 @@ impl<S> RpcGuard<S> {
         &self,
         conn: &ConnMeta,
         reason: &'static str,
-        path: &str,
+        method: &'static str,
         status: Status,
     ) -> http::Response<B> {
         self.gw.metrics.connections_rejected.inc(&[reason]);
         self.count_refusal(conn);
         if let Some(suppressed) = PRE_AUTH_LOG.allow() {
             tracing::warn!(
-                method = %method_label(path, &self.gw.backends),
+                method,
                 reason,
                 suppressed,
                 "agent call refused: {}",
@@ -201,11 +197,11 @@ impl<S> RpcGuard<S> {
         &self,
         req: &mut http::Request<T>,
         conn: &Arc<ConnMeta>,
-        path: &str,
+        method: &'static str,
     ) -> Result<(), http::Response<B>> {
         let id = self
             .gw
-            .authenticate_agent(req.headers(), conn, method_label(path, &self.gw.backends))
+            .authenticate_agent(req.headers(), conn, method)
             .map_err(|status| {
                 self.count_refusal(conn);
                 status.into_http()
@@ -220,18 +216,20 @@ impl<S> RpcGuard<S> {
         &self,
         req: &mut http::Request<T>,
     ) -> Result<Option<UnauthenticatedSlot>, http::Response<B>> {
-        let path = req.uri().path().to_owned();
         let Some(conn) = req.extensions().get::<Arc<ConnMeta>>().cloned() else {
             return Err(Status::internal("agentgate: connection metadata missing").into_http());
         };
-        if let Some(status) = check_method(&path, &self.gw.backends) {
-            return Err(self.refuse(&conn, REJECT_UNKNOWN_METHOD, &path, status));
+        let path = req.uri().path();
+        let method = method_label(path, &self.gw.backends);
+        if method == "other" {
+            let status = refuse_method(path, &self.gw.backends);
+            return Err(self.refuse(&conn, REJECT_UNKNOWN_METHOD, method, status));
         }
         if let Some(status) = check_encoding(req.headers()) {
-            return Err(self.refuse(&conn, REJECT_UNSUPPORTED_ENCODING, &path, status));
+            return Err(self.refuse(&conn, REJECT_UNSUPPORTED_ENCODING, method, status));
         }
-        if needs_token(&path, &self.gw.backends) {
-            return self.authenticate(req, &conn, &path).map(|()| None);
+        if needs_token(method) {
+            return self.authenticate(req, &conn, method).map(|()| None);
         }
         if conn.agent.get().is_some() {
             return Ok(None);
@@ -251,7 +249,7 @@ impl<S> RpcGuard<S> {
                 "agentgate: this connection already has {limit} calls open without an agent \
                  token; finish them first, or authenticate"
             ));
-            return Err(self.refuse(&conn, REJECT_UNAUTHENTICATED_CALLS, &path, status));
+            return Err(self.refuse(&conn, REJECT_UNAUTHENTICATED_CALLS, method, status));
         }
         Ok(Some(UnauthenticatedSlot(conn)))
     }
@@ -260,15 +258,11 @@ impl<S> RpcGuard<S> {
 impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for RpcGuard<S>
 where
     S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
-    S::Future: Send + 'static,
-    ResBody: Default + Send + 'static,
+    ResBody: Default,
 {
     type Response = http::Response<GuardedBody<ResBody, Option<UnauthenticatedSlot>>>;
     type Error = S::Error;
-    type Future = Either<
-        Ready<Result<Self::Response, S::Error>>,
-        Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>,
-    >;
+    type Future = Either<Ready<Result<Self::Response, S::Error>>, MapResponse<S::Future, HoldSlot>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -279,11 +273,18 @@ where
             Ok(slot) => slot,
             Err(refusal) => return Either::Left(futures_util::future::ready(Ok(refusal))),
         };
-        let fut = self.inner.call(req);
-        Either::Right(Box::pin(async move {
-            let resp = fut.await?;
-            Ok(resp.map(|inner| GuardedBody::new(inner, slot)))
-        }))
+        Either::Right(MapResponse::new(self.inner.call(req), HoldSlot(slot)))
+    }
+}
+
+/// The response mapper of an admitted call: its body holds the call's token-less slot, if it
+/// took one, until the body ends.
+pub struct HoldSlot(Option<UnauthenticatedSlot>);
+
+impl<B> ResponseMapper<B> for HoldSlot {
+    type Output = http::Response<GuardedBody<B, Option<UnauthenticatedSlot>>>;
+    fn map(self, response: http::Response<B>) -> Self::Output {
+        response.map(|inner| GuardedBody::new(inner, self.0))
     }
 }
 
@@ -301,7 +302,6 @@ mod tests {
     fn only_served_methods_pass_and_others_are_labelled_other() {
         let none = Backends::default();
         for m in KNOWN_METHODS {
-            assert!(check_method(m, &none).is_none());
             assert_eq!(method_label(m, &none), m);
         }
         let long = format!("/x.Y/{}", "z".repeat(10_000));
@@ -312,7 +312,7 @@ mod tests {
             long.as_str(),
         ] {
             assert_eq!(method_label(path, &none), "other");
-            let s = check_method(path, &none).expect("refused");
+            let s = refuse_method(path, &none);
             assert_eq!(s.code(), tonic::Code::Unimplemented);
             assert!(s.message().len() < 400, "remote input is cut short");
         }

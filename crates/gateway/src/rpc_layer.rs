@@ -12,6 +12,7 @@ use http_body::{Body, Frame};
 use pin_project_lite::pin_project;
 
 use crate::backends::Backends;
+use crate::map_response::{MapResponse, ResponseMapper};
 use crate::metrics::Metrics;
 
 #[derive(Clone)]
@@ -39,7 +40,7 @@ pub struct RpcObserve<S> {
 }
 
 /// What is recorded when the RPC ends.
-struct Observation {
+pub struct Observation {
     metrics: Arc<Metrics>,
     method: &'static str,
     conn: Option<Arc<ConnMeta>>,
@@ -130,13 +131,11 @@ impl CodeName for tonic::Code {
 impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for RpcObserve<S>
 where
     S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
-    S::Future: Send + 'static,
     ResBody: Body,
 {
     type Response = http::Response<ObservedBody<ResBody>>;
     type Error = S::Error;
-    type Future =
-        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, S::Error>> + Send>>;
+    type Future = MapResponse<S::Future, Observation>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -149,23 +148,25 @@ where
             conn: req.extensions().get::<Arc<ConnMeta>>().cloned(),
             started: Instant::now(),
         };
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let resp = fut.await?;
-            let (parts, body) = resp.into_parts();
-            // A trailers-only response carries the status in the headers.
-            let obs = match parts.headers.get("grpc-status") {
-                Some(v) => {
-                    obs.finish(code_name(Some(v)));
-                    None
-                }
-                None => Some(obs),
-            };
-            Ok(http::Response::from_parts(
-                parts,
-                ObservedBody { inner: body, obs },
-            ))
-        })
+        MapResponse::new(self.inner.call(req), obs)
+    }
+}
+
+impl<B> ResponseMapper<B> for Observation {
+    type Output = http::Response<ObservedBody<B>>;
+
+    /// A trailers-only response carries the status in the headers: the RPC is over. Otherwise
+    /// the body records it when its trailers pass.
+    fn map(self, response: http::Response<B>) -> Self::Output {
+        let (parts, body) = response.into_parts();
+        let obs = match parts.headers.get("grpc-status") {
+            Some(v) => {
+                self.finish(code_name(Some(v)));
+                None
+            }
+            None => Some(self),
+        };
+        http::Response::from_parts(parts, ObservedBody { inner: body, obs })
     }
 }
 

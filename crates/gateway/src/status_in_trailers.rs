@@ -16,6 +16,8 @@ use http::{HeaderMap, Response};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
+use crate::map_response::{MapResponse, ResponseMapper};
+
 /// Headers of a Trailers-Only answer that describe the stream and stay in the headers; the
 /// rest (the status and any trailing metadata) move to the trailers.
 const STREAM_HEADERS: [&str; 4] = [
@@ -126,21 +128,28 @@ pub struct StatusInTrailers<S> {
 impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for StatusInTrailers<S>
 where
     S: tower::Service<http::Request<ReqBody>, Response = Response<ResBody>>,
-    S::Future: Send + 'static,
     ResBody: Body,
 {
     type Response = Response<StatusTrailersBody<ResBody>>;
     type Error = S::Error;
-    type Future =
-        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, S::Error>> + Send>>;
+    type Future = MapResponse<S::Future, MoveStatusToTrailers>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
-        let fut = self.inner.call(req);
-        Box::pin(async move { Ok(move_status_to_trailers(fut.await?)) })
+        MapResponse::new(self.inner.call(req), MoveStatusToTrailers)
+    }
+}
+
+/// [`move_status_to_trailers`] as the layer's response mapper.
+pub struct MoveStatusToTrailers;
+
+impl<B: Body> ResponseMapper<B> for MoveStatusToTrailers {
+    type Output = Response<StatusTrailersBody<B>>;
+    fn map(self, response: Response<B>) -> Self::Output {
+        move_status_to_trailers(response)
     }
 }
 
