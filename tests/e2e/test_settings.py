@@ -138,6 +138,52 @@ def test_an_agent_configured_by_its_file_alone_serves_requests_and_env_and_flags
         two.close()
 
 
+def test_agent_worker_threads_from_file_env_and_flag(env, tmp_path):
+    """`worker_threads` sizes the agent's runtime, which says how many workers it runs in its
+    start line; one worker serves requests from a client we did not write (curl)."""
+    up = HttpUpstream("one-worker")
+    try:
+        g = env.gateway(tls=False)
+        api = env.token("ops", kind="api")
+        cfg = tmp_path / "agent.toml"
+        cfg.write_text(f'server = "{g.url("grpc")}"\n'
+                       f'token_file = "{env.token_file("filed")}"\n'
+                       f'upstreams = ["{up.url}"]\n'
+                       'worker_threads = 1\n')
+        a = env.spawn([BIN, "agent", "--config", cfg], "agent-one-worker")
+        g.wait_agent("filed")
+        assert re.search(r"agent starting.*worker_threads=1\b", a.output()), a.output()
+        out = subprocess.run(["curl", "-sS", "-H", f"Authorization: Bearer {api}",
+                              f"{g.api}/agents/filed/proxy/who"],
+                             capture_output=True, text=True, timeout=30, check=True)
+        assert json.loads(out.stdout)["server"] == "one-worker", out.stdout
+        a.stop()
+
+        # The environment beats the file, a flag beats the environment.
+        a = env.spawn([BIN, "agent", "--config", cfg], "agent-env-workers",
+                      env={"AGENTGATE_AGENT_WORKER_THREADS": "3"})
+        wait_for(lambda: "agent starting" in a.output(), what="the agent's start line")
+        assert re.search(r"agent starting.*worker_threads=3\b", a.output()), a.output()
+        a.stop()
+        a = env.spawn([BIN, "agent", "--config", cfg, "--worker-threads", "2"], "agent-flag-workers",
+                      env={"AGENTGATE_AGENT_WORKER_THREADS": "3"})
+        wait_for(lambda: "agent starting" in a.output(), what="the agent's start line")
+        assert re.search(r"agent starting.*worker_threads=2\b", a.output()), a.output()
+        a.stop()
+
+        # Zero is refused with the setting's name, not a panic.
+        cfg.write_text(cfg.read_text().replace("worker_threads = 1", "worker_threads = 0"))
+        out = run("agent", "--config", cfg, check=False)
+        assert out.returncode != 0 and "worker_threads" in out.stderr, out.stderr
+        assert "panicked" not in out.stderr, out.stderr
+        # So is a TOKIO_WORKER_THREADS that is not a number (tokio itself would panic on it).
+        out = run("server", "--print-config", env={"TOKIO_WORKER_THREADS": "lots"}, check=False)
+        assert out.returncode == 2 and "TOKIO_WORKER_THREADS must be a number" in out.stderr, out.stderr
+        assert "panicked" not in out.stderr, out.stderr
+    finally:
+        up.close()
+
+
 def _serves(g, api: str, tag: str) -> bool:
     status, _, body = http_get(f"{g.api}/agents/filed/proxy/who",
                                headers={"Authorization": f"Bearer {api}"})

@@ -575,6 +575,7 @@ async fn run_agent(agent: Agent, stop: CancellationToken) -> anyhow::Result<()> 
         instance = %cfg.instance_id,
         upstreams = ?ctx.upstreams.http_names(),
         grpc_upstream = ctx.upstreams.has_grpc(),
+        worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
         "agent starting"
     );
     // Sidecar mode: local calls take whichever connection is current.

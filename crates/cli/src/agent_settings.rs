@@ -8,6 +8,7 @@
 //! default"; `Default` fills in the agent's defaults from [`AgentConfig::new`], their one home.
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -173,6 +174,18 @@ pub struct AgentSettings {
           env = "AGENTGATE_AGENT_METRICS_LISTEN", help_heading = "Local listeners")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<SocketAddr>,
+
+    /// Worker threads of the agent's runtime; default: one per core (or TOKIO_WORKER_THREADS).
+    /// 1 suits an agent that serves a request or two at a time: no wake-up crosses between
+    /// threads (docs/operations.md, "Worker threads"). Read at start only.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "AGENTGATE_AGENT_WORKER_THREADS",
+        help_heading = "Process"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker_threads: Option<NonZeroUsize>,
 }
 
 /// The settings of an agent that was given nothing: what `AgentConfig::new` chooses.
@@ -206,6 +219,7 @@ impl Default for AgentSettings {
             pool_idle_lifetime: Some(d.pool.idle_lifetime),
             local_listen: None,
             metrics_listen: None,
+            worker_threads: None,
         }
     }
 }

@@ -9,6 +9,7 @@ mod settings;
 mod test_upstream;
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -386,20 +387,45 @@ fn backend_flag(spec: &str) -> anyhow::Result<agentgate_gateway::config::Backend
 }
 
 /// The agent's configuration: its settings in layers (crate::settings), then the token.
-fn agent_config(a: &AgentArgs) -> anyhow::Result<AgentConfig> {
+/// The agent's settings, layered: defaults, the config file, the environment, the flags.
+fn agent_settings(a: &AgentArgs) -> anyhow::Result<AgentSettings> {
     let flag_env = settings::flag_env_names(&<Cli as clap::CommandFactory>::command());
-    let merged: AgentSettings = settings::layered(
+    settings::layered(
         a.config.as_deref(),
         settings::EnvLayer::WithTheFlags("AGENTGATE_AGENT_"),
         &[],
         &a.settings,
         &flag_env,
-    )?;
-    let mut c = merged.to_config()?;
+    )
+}
+
+fn agent_config(a: &AgentArgs) -> anyhow::Result<AgentConfig> {
+    let mut c = agent_settings(a)?.to_config()?;
     if let Some(v) = a.tunnel_protocol {
         c.pool.protocol_version = v;
     }
     Ok(c)
+}
+
+/// The worker threads of this process's runtime: the command's own setting where it has one,
+/// else TOKIO_WORKER_THREADS, else one per core (tokio's choice, which follows a container's
+/// CPU limit). The variable is checked here because tokio panics on a bad one.
+fn worker_threads(command: &Command) -> anyhow::Result<Option<NonZeroUsize>> {
+    let own = match command {
+        Command::Agent(a) => agent_settings(a)?.worker_threads,
+        Command::BenchLoad(a) => a.worker_threads,
+        _ => None,
+    };
+    if own.is_some() {
+        return Ok(own);
+    }
+    match std::env::var("TOKIO_WORKER_THREADS") {
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Ok(v) if v.trim().parse::<NonZeroUsize>().is_ok() => Ok(v.trim().parse().ok()),
+        _ => anyhow::bail!(
+            "TOKIO_WORKER_THREADS must be a number of threads, at least 1; unset it for one per core"
+        ),
+    }
 }
 
 async fn agent_check(c: AgentConfig) -> anyhow::Result<()> {
@@ -536,10 +562,25 @@ fn main() -> std::process::ExitCode {
             }
         };
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    match worker_threads(&cli.command) {
+        Ok(Some(n)) => {
+            runtime.worker_threads(n.get());
+        }
+        Ok(None) => {}
+        Err(e) => {
+            report_fatal(format, &e);
+            return std::process::ExitCode::from(2);
+        }
+    }
+    let rt = match runtime.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            let e = anyhow::Error::new(e).context("cannot start the runtime's worker threads");
+            report_fatal(format, &e);
+            return std::process::ExitCode::from(2);
+        }
+    };
     let result = rt.block_on(async move {
         match cli.command {
             Command::Server(a) => {

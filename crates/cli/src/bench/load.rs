@@ -41,6 +41,10 @@ pub struct LoadArgs {
     /// same agents idle first.
     #[arg(long)]
     pub long_poll_start_file: Option<PathBuf>,
+    /// Worker threads of this process's runtime, as `agentgate agent --worker-threads`;
+    /// default: one per core.
+    #[arg(long)]
+    pub worker_threads: Option<std::num::NonZeroUsize>,
 }
 
 pub async fn run(a: LoadArgs, stop: CancellationToken) -> anyhow::Result<()> {

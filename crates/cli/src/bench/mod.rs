@@ -86,6 +86,10 @@ pub struct BenchArgs {
     /// experiments such as `memory_trim_interval="0s"`.
     #[arg(long = "gateway-set", value_name = "NAME=VALUE")]
     gateway_set: Vec<String>,
+    /// Worker threads of each bench agent process (`bench-load --worker-threads`, as
+    /// `agentgate agent --worker-threads`); default: one per core.
+    #[arg(long, value_name = "N")]
+    agent_worker_threads: Option<std::num::NonZeroUsize>,
     /// Seconds to wait after a burst before measuring what memory was kept.
     #[arg(long, default_value_t = 10)]
     settle_secs: u64,
@@ -385,6 +389,9 @@ impl Bench {
                 "--upstream".into(),
                 format!("http://{}", self.upstream),
             ];
+            if let Some(n) = self.args.agent_worker_threads {
+                args.extend(["--worker-threads".into(), n.to_string()]);
+            }
             args.extend(extra.iter().cloned());
             let log = self.dir.join(format!("load-{name}-{i}.log"));
             kids.push(Kid::spawn(&args, &log)?);
