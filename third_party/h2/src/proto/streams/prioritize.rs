@@ -186,7 +186,7 @@ impl Prioritize {
 
             // `try_assign_capacity` will queue the stream to `pending_capacity` if the capcaity
             // cannot be assigned at the time it is called.
-            self.try_assign_capacity(stream);
+            self.try_assign_capacity_for_owner(stream);
         }
 
         if frame.is_end_stream() {
@@ -278,7 +278,7 @@ impl Prioritize {
                 // Try to assign additional capacity to the stream. If none is
                 // currently available, the stream will be queued to receive some
                 // when more becomes available.
-                self.try_assign_capacity(stream);
+                self.try_assign_capacity_for_owner(stream);
             }
         }
     }
@@ -407,6 +407,21 @@ impl Prioritize {
     }
 
     /// Request capacity to send data
+    /// agentgate patch: `try_assign_capacity` called by the stream's own producer
+    /// (`SendStream::reserve_capacity` and `send_data`). The task registered in `send_task`
+    /// (by `poll_capacity` or `poll_reset`) is that same producer, which looks at the
+    /// capacity it reserved once the call returns (`send_capacity_inc` is still set for its
+    /// next `poll_capacity`). Waking it from inside its own poll only reschedules it: in
+    /// tokio's multi-thread runtime a task woken during its poll is treated as a yield, put
+    /// in the run queue, and another worker is woken to steal it (a futex call and a context
+    /// switch per message sent). Capacity assigned later, from the connection task, still
+    /// wakes it.
+    fn try_assign_capacity_for_owner(&mut self, stream: &mut store::Ptr) {
+        let owner = stream.take_send_task();
+        self.try_assign_capacity(stream);
+        stream.restore_send_task(owner);
+    }
+
     fn try_assign_capacity(&mut self, stream: &mut store::Ptr) {
         // Streams over the max concurrent count should not have capacity assign to avoid starving the connection
         // capacity for open streams

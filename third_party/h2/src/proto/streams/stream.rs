@@ -364,6 +364,20 @@ impl Stream {
         }
     }
 
+    /// agentgate patch: the waiting producer, taken out while it runs a call that would
+    /// otherwise wake it (see `Prioritize::try_assign_capacity_for_owner`).
+    pub fn take_send_task(&mut self) -> Option<Waker> {
+        self.send_task.take()
+    }
+
+    /// agentgate patch: puts the producer taken by `take_send_task` back, unless a newer
+    /// registration replaced it meanwhile.
+    pub fn restore_send_task(&mut self, task: Option<Waker>) {
+        if self.send_task.is_none() {
+            self.send_task = task;
+        }
+    }
+
     pub fn wait_send(&mut self, cx: &Context) {
         self.send_task = Some(cx.waker().clone());
     }
