@@ -386,8 +386,8 @@ fn backend_flag(spec: &str) -> anyhow::Result<agentgate_gateway::config::Backend
     })
 }
 
-/// The agent's configuration: its settings in layers (crate::settings), then the token.
-/// The agent's settings, layered: defaults, the config file, the environment, the flags.
+/// The agent's settings in layers (crate::settings): defaults, the config file, the
+/// environment, the flags.
 fn agent_settings(a: &AgentArgs) -> anyhow::Result<AgentSettings> {
     let flag_env = settings::flag_env_names(&<Cli as clap::CommandFactory>::command());
     settings::layered(
@@ -399,6 +399,7 @@ fn agent_settings(a: &AgentArgs) -> anyhow::Result<AgentSettings> {
     )
 }
 
+/// The agent's configuration: its layered settings, then the token.
 fn agent_config(a: &AgentArgs) -> anyhow::Result<AgentConfig> {
     let mut c = agent_settings(a)?.to_config()?;
     if let Some(v) = a.tunnel_protocol {
