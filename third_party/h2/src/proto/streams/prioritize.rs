@@ -406,7 +406,6 @@ impl Prioritize {
         }
     }
 
-    /// Request capacity to send data
     /// agentgate patch: `try_assign_capacity` called by the stream's own producer
     /// (`SendStream::reserve_capacity` and `send_data`). The task registered in `send_task`
     /// (by `poll_capacity` or `poll_reset`) is that same producer, which looks at the
@@ -422,6 +421,7 @@ impl Prioritize {
         stream.restore_send_task(owner);
     }
 
+    /// Request capacity to send data
     fn try_assign_capacity(&mut self, stream: &mut store::Ptr) {
         // Streams over the max concurrent count should not have capacity assign to avoid starving the connection
         // capacity for open streams
