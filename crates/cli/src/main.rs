@@ -400,22 +400,25 @@ fn agent_settings(a: &AgentArgs) -> anyhow::Result<AgentSettings> {
 }
 
 /// The agent's configuration: its layered settings, then the token.
-fn agent_config(a: &AgentArgs) -> anyhow::Result<AgentConfig> {
-    let mut c = agent_settings(a)?.to_config()?;
+fn agent_config(a: &AgentArgs, settings: &AgentSettings) -> anyhow::Result<AgentConfig> {
+    let mut c = settings.to_config()?;
     if let Some(v) = a.tunnel_protocol {
         c.pool.protocol_version = v;
     }
     Ok(c)
 }
 
-/// The worker threads of this process's runtime: the command's own setting where it has one,
-/// else TOKIO_WORKER_THREADS, else one per core (tokio's choice, which follows a container's
-/// CPU limit). The variable is checked here because tokio panics on a bad one.
-fn worker_threads(command: &Command) -> anyhow::Result<Option<NonZeroUsize>> {
+/// The worker threads of this process's runtime: the command's own setting where it has one
+/// (`agent`: its settings, read once before the runtime), else TOKIO_WORKER_THREADS, else one
+/// per core (tokio's choice, which follows a container's CPU limit). The variable is checked
+/// here because tokio panics on a bad one.
+fn worker_threads(
+    command: &Command,
+    agent: Option<&AgentSettings>,
+) -> anyhow::Result<Option<NonZeroUsize>> {
     let own = match command {
-        Command::Agent(a) => agent_settings(a)?.worker_threads,
         Command::BenchLoad(a) => a.worker_threads,
-        _ => None,
+        _ => agent.and_then(|s| s.worker_threads),
     };
     if own.is_some() {
         return Ok(own);
@@ -563,8 +566,18 @@ fn main() -> std::process::ExitCode {
             }
         };
     }
+    let agent = match &cli.command {
+        Command::Agent(a) => match agent_settings(a) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                report_fatal(format, &e);
+                return std::process::ExitCode::from(2);
+            }
+        },
+        _ => None,
+    };
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    match worker_threads(&cli.command) {
+    match worker_threads(&cli.command, agent.as_ref()) {
         Ok(Some(n)) => {
             runtime.worker_threads(n.get());
         }
@@ -593,7 +606,8 @@ fn main() -> std::process::ExitCode {
                 agentgate_gateway::run(c, stop_on_signals(), |_| {}).await
             }
             Command::Agent(a) => {
-                let c = agent_config(&a)?;
+                let settings = agent.expect("read before the runtime");
+                let c = agent_config(&a, &settings)?;
                 if a.check {
                     return agent_check(c).await;
                 }
