@@ -423,13 +423,31 @@ fn worker_threads(
     if own.is_some() {
         return Ok(own);
     }
+    let bad = || {
+        anyhow::anyhow!(
+            "TOKIO_WORKER_THREADS must be a number of threads, at least 1; unset it for one per core"
+        )
+    };
     match std::env::var("TOKIO_WORKER_THREADS") {
         Err(std::env::VarError::NotPresent) => Ok(None),
-        Ok(v) if v.trim().parse::<NonZeroUsize>().is_ok() => Ok(v.trim().parse().ok()),
-        _ => anyhow::bail!(
-            "TOKIO_WORKER_THREADS must be a number of threads, at least 1; unset it for one per core"
-        ),
+        Err(std::env::VarError::NotUnicode(_)) => Err(bad()),
+        Ok(v) => v.trim().parse().map(Some).map_err(|_| bad()),
     }
+}
+
+/// The process's runtime, with the worker threads `worker_threads` chooses.
+fn runtime(
+    command: &Command,
+    agent: Option<&AgentSettings>,
+) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = worker_threads(command, agent)? {
+        builder.worker_threads(n.get());
+    }
+    builder
+        .enable_all()
+        .build()
+        .context("cannot start the runtime's worker threads")
 }
 
 async fn agent_check(c: AgentConfig) -> anyhow::Result<()> {
@@ -566,31 +584,17 @@ fn main() -> std::process::ExitCode {
             }
         };
     }
-    let agent = match &cli.command {
-        Command::Agent(a) => match agent_settings(a) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                report_fatal(format, &e);
-                return std::process::ExitCode::from(2);
-            }
-        },
-        _ => None,
-    };
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    match worker_threads(&cli.command, agent.as_ref()) {
-        Ok(Some(n)) => {
-            runtime.worker_threads(n.get());
-        }
-        Ok(None) => {}
+    // The agent's settings size its runtime, so they are read (once) before it.
+    let started = (|| {
+        let agent = match &cli.command {
+            Command::Agent(a) => Some(agent_settings(a)?),
+            _ => None,
+        };
+        anyhow::Ok((runtime(&cli.command, agent.as_ref())?, agent))
+    })();
+    let (rt, agent) = match started {
+        Ok(started) => started,
         Err(e) => {
-            report_fatal(format, &e);
-            return std::process::ExitCode::from(2);
-        }
-    }
-    let rt = match runtime.enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            let e = anyhow::Error::new(e).context("cannot start the runtime's worker threads");
             report_fatal(format, &e);
             return std::process::ExitCode::from(2);
         }
