@@ -1,7 +1,7 @@
 //! The admin port: liveness, readiness, Prometheus metrics, and the agent list.
 
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
@@ -10,16 +10,31 @@ use axum::routing::get;
 use axum::{Json, Router};
 
 use agentgate_proto::exposition::{self, Kind, Scrape};
+use agentgate_transport::cert_reload::ReloadableCert;
 
-use crate::Gateway;
+use crate::cluster::Cluster;
+use crate::directory::Directory;
+use crate::metrics::Metrics;
 
-pub fn router(gw: Arc<Gateway>) -> Router {
+/// What the admin port shows.
+pub struct AdminState {
+    /// True while the agent port accepts connections (set at start, cleared at shutdown).
+    pub ready: AtomicBool,
+    /// The certificates this gateway serves, by listener, for the expiry gauge (set at start).
+    pub served_certs: OnceLock<Vec<(&'static str, Arc<ReloadableCert>)>>,
+    pub metrics: Arc<Metrics>,
+    pub directory: Arc<Directory>,
+    /// Cluster mode: for `?scope=cluster`.
+    pub cluster: Option<Arc<Cluster>>,
+}
+
+pub fn router(admin: Arc<AdminState>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/v1/agents", get(agents))
-        .with_state(gw)
+        .with_state(admin)
 }
 
 /// Ready while the agent port accepts connections; 503 once shutdown has begun, so a load
@@ -27,8 +42,8 @@ pub fn router(gw: Arc<Gateway>) -> Router {
 /// How long a failed accept keeps readiness off.
 const ACCEPT_FAILURE_NOT_READY_FOR: std::time::Duration = std::time::Duration::from_secs(5);
 
-async fn readyz(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
-    if !gw.ready.load(Ordering::Relaxed) {
+async fn readyz(State(admin): State<Arc<AdminState>>) -> impl IntoResponse {
+    if !admin.ready.load(Ordering::Relaxed) {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: starting or shutting down\n".to_string(),
@@ -46,10 +61,10 @@ async fn readyz(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
+async fn metrics(State(admin): State<Arc<AdminState>>) -> impl IntoResponse {
     let mut scrape = Scrape::default();
-    gw.metrics.add_to(&mut scrape);
-    add_certificate_expiry(&gw, &mut scrape);
+    admin.metrics.add_to(&mut scrape);
+    add_certificate_expiry(&admin, &mut scrape);
     (
         [(header::CONTENT_TYPE, exposition::CONTENT_TYPE)],
         scrape.render(),
@@ -59,8 +74,8 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
 /// `agentgate_certificate_expiry_timestamp_seconds{listener}`: when each served certificate
 /// expires, read from the certificate in use (so a renewal shows at once). Alert on
 /// `... - time() < 14 * 86400`.
-fn add_certificate_expiry(gw: &Gateway, scrape: &mut Scrape) {
-    let Some(certs) = gw.served_certs.get().filter(|c| !c.is_empty()) else {
+fn add_certificate_expiry(admin: &AdminState, scrape: &mut Scrape) {
+    let Some(certs) = admin.served_certs.get().filter(|c| !c.is_empty()) else {
         return;
     };
     let family = scrape.family(
@@ -83,11 +98,11 @@ struct AgentsQuery {
 
 /// This replica's agents, or with `?scope=cluster` the whole cluster's, each with its replica.
 async fn agents(
-    State(gw): State<Arc<Gateway>>,
+    State(admin): State<Arc<AdminState>>,
     Query(q): Query<AgentsQuery>,
 ) -> axum::response::Response {
-    match (q.scope.as_deref(), &gw.cluster) {
-        (Some("cluster"), Some(c)) => match c.cluster_agents(&gw.directory).await {
+    match (q.scope.as_deref(), &admin.cluster) {
+        (Some("cluster"), Some(c)) => match c.cluster_agents(&admin.directory).await {
             Ok(list) => Json(list).into_response(),
             Err(e) => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -95,6 +110,6 @@ async fn agents(
             )
                 .into_response(),
         },
-        _ => Json(gw.directory.list()).into_response(),
+        _ => Json(admin.directory.list()).into_response(),
     }
 }

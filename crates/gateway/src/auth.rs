@@ -6,9 +6,8 @@ use agentgate_transport::ConnMeta;
 use agentgate_transport::PRE_AUTH_LOG;
 use tonic::Status;
 
-use crate::metrics::REJECT_UNAUTHENTICATED;
-use crate::tokens::TokenKind;
-use crate::Gateway;
+use crate::metrics::{Metrics, REJECT_UNAUTHENTICATED};
+use crate::tokens::{TokenKind, TokenStore};
 
 /// Who made an authenticated agent call, and over which connection.
 #[derive(Debug, Clone)]
@@ -28,7 +27,17 @@ pub fn bearer_token(value: &str) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
-impl Gateway {
+/// Checks agent tokens: what `rpc_guard` needs to admit a call, and nothing else.
+pub struct AgentAuth {
+    tokens: Arc<TokenStore>,
+    metrics: Arc<Metrics>,
+}
+
+impl AgentAuth {
+    pub fn new(tokens: Arc<TokenStore>, metrics: Arc<Metrics>) -> Self {
+        Self { tokens, metrics }
+    }
+
     /// Authenticates an agent call from its headers alone, before any body is read, or
     /// returns `Unauthenticated` with a message that says what is wrong. Every refusal is
     /// counted and logged (without the token; log lines are rate-limited, because anyone can

@@ -44,6 +44,28 @@ pub struct HttpListenerSettings {
     pub proxy_protocol_from: Vec<ipnet::IpNet>,
 }
 
+impl HttpListenerSettings {
+    /// The settings of the listener `name` from the gateway's configuration, with no PROXY
+    /// header read (the API listener sets its balancers itself).
+    pub fn from_config(
+        name: &'static str,
+        max_connections: usize,
+        c: &crate::GatewayConfig,
+    ) -> Self {
+        Self {
+            name,
+            max_connections,
+            handshake_timeout: c.handshake_timeout,
+            header_read_timeout: c.http_header_read_timeout,
+            idle_timeout: c.http_idle_timeout,
+            http2_stream_window: c.http2_stream_window,
+            http2_connection_window: c.http2_connection_window,
+            shutdown_grace: c.shutdown_grace,
+            proxy_protocol_from: Vec::new(),
+        }
+    }
+}
+
 /// Serves `listener` until `stop`, then lets open requests finish within the grace period.
 /// `make_service(peer)` builds the service for one connection.
 pub async fn serve_http<F, S, B>(

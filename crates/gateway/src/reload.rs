@@ -5,12 +5,15 @@
 //! Established connections keep their session and certificate; new handshakes get the new one.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use agentgate_transport::cert_reload::ReloadableCert;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
-use crate::Gateway;
+use crate::cluster::Cluster;
+use crate::metrics::Metrics;
+use crate::tokens::TokenStore;
 
 /// A certificate the gateway serves, with the listener it is for (for log lines).
 pub struct ServedCert {
@@ -18,8 +21,19 @@ pub struct ServedCert {
     pub cert: Arc<ReloadableCert>,
 }
 
+/// What a reload re-reads, and where it counts the outcome.
+pub struct Reloadables {
+    pub tokens: Arc<TokenStore>,
+    /// Cluster mode: the replicas' shared secrets.
+    pub cluster: Option<Arc<Cluster>>,
+    pub certs: Vec<ServedCert>,
+    pub metrics: Arc<Metrics>,
+    /// `certificate_check_interval` (zero: only on SIGHUP).
+    pub certificate_check_interval: Duration,
+}
+
 /// Reloads on SIGHUP and when certificate files change, until `stop`.
-pub async fn watch(gw: Arc<Gateway>, certs: Vec<ServedCert>, stop: CancellationToken) {
+pub async fn watch(what: Reloadables, stop: CancellationToken) {
     let mut hangup = match signal(SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(e) => {
@@ -27,31 +41,31 @@ pub async fn watch(gw: Arc<Gateway>, certs: Vec<ServedCert>, stop: CancellationT
             None
         }
     };
-    let period = gw.config.certificate_check_interval;
+    let period = what.certificate_check_interval;
     let mut tick = (!period.is_zero()).then(|| tokio::time::interval(period));
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             Some(()) = async { hangup.as_mut()?.recv().await } => {
                 tracing::info!("SIGHUP received: reloading the token store and certificates");
-                gw.tokens.check_now();
-                if let Some(c) = &gw.cluster {
+                what.tokens.check_now();
+                if let Some(c) = &what.cluster {
                     c.reload_secrets();
                 }
-                reload_certs(&gw, &certs, true);
+                reload_certs(&what, true);
             }
             _ = async { tick.as_mut().expect("guarded").tick().await }, if tick.is_some() => {
-                reload_certs(&gw, &certs, false);
+                reload_certs(&what, false);
             }
         }
     }
 }
 
-fn reload_certs(gw: &Gateway, certs: &[ServedCert], asked: bool) {
-    for c in certs {
+fn reload_certs(what: &Reloadables, asked: bool) {
+    for c in &what.certs {
         match c.cert.reload_if_changed() {
             Ok(true) => {
-                gw.metrics.reloads.inc(&[c.listener, "ok"]);
+                what.metrics.reloads.inc(&[c.listener, "ok"]);
                 tracing::info!(
                     listener = c.listener,
                     cert = %c.cert.cert_path().display(),
@@ -64,7 +78,7 @@ fn reload_certs(gw: &Gateway, certs: &[ServedCert], asked: bool) {
                 }
             }
             Err(e) => {
-                gw.metrics.reloads.inc(&[c.listener, "failed"]);
+                what.metrics.reloads.inc(&[c.listener, "failed"]);
                 tracing::error!(
                     listener = c.listener,
                     "certificate reload failed, still serving the previous one: {e}"

@@ -5,20 +5,36 @@
 //! HTTP and gRPC fronts (`api/`) and the internal API (`cluster::internal_api`) all start here.
 
 use std::fmt::Display;
+use std::sync::Arc;
 use std::time::Duration;
 
 use agentgate_proto::v1::RequestHead;
 use bytes::Bytes;
 use http_body::Body;
+use tokio_util::sync::CancellationToken;
 
-use crate::cluster::DirectForward;
-use crate::tunnel::{ForwardError, ForwardResponse, ParkedTunnel};
-use crate::Gateway;
+use crate::cluster::{Cluster, DirectForward};
+use crate::tokens::TokenStore;
+use crate::tunnel::{ForwardError, ForwardResponse, LocalTunnels};
 
 /// How often a request waiting for a disconnected agent looks again (locally, and in Redis).
 const RECONNECT_POLL: Duration = Duration::from_millis(100);
 
-impl Gateway {
+/// Decides where a tunnelled request goes, and sends it there.
+pub struct Router {
+    pub local: Arc<LocalTunnels>,
+    /// Cluster mode: the replicas that hold agents not connected here.
+    pub cluster: Option<Arc<Cluster>>,
+    /// To tell an agent no token names (refused at once) from one that is away (waited for).
+    pub tokens: Arc<TokenStore>,
+    /// The gateway began to drain: a request that found no tunnel here looks for its agent at
+    /// the other replicas.
+    pub stopping: CancellationToken,
+    /// `agent_reconnect_wait`.
+    pub reconnect_wait: Duration,
+}
+
+impl Router {
     /// Forwards one request to `agent`: through a local tunnel if the agent is connected
     /// here, otherwise (in cluster mode) through the replica that holds it. A known agent
     /// that is connected nowhere is waited for up to `agent_reconnect_wait`: during a rolling
@@ -34,16 +50,17 @@ impl Gateway {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Display + Send,
     {
-        let mut deadline = tokio::time::Instant::now() + self.config.agent_reconnect_wait;
+        let tunnel_wait = self.local.tunnel_wait;
+        let mut deadline = tokio::time::Instant::now() + self.reconnect_wait;
         let mut checked_token = false;
         loop {
-            if self.holds(agent) {
-                match self.take_local(agent, self.config.tunnel_wait, None).await {
-                    Ok(tunnel) => return self.forward_on(agent, tunnel, head, body).await,
+            if self.local.holds(agent) {
+                match self.local.take(agent, tunnel_wait, None).await {
+                    Ok(tunnel) => return self.local.forward_on(agent, tunnel, head, body).await,
                     // This replica began to drain while the request waited: its agents are
                     // moving to other replicas, so look for them there (the body is untouched).
                     Err(_) if self.stopping.is_cancelled() && self.cluster.is_some() => {
-                        deadline = tokio::time::Instant::now() + self.config.agent_reconnect_wait;
+                        deadline = tokio::time::Instant::now() + self.reconnect_wait;
                         continue;
                     }
                     Err(e) => return Err(e),
@@ -65,7 +82,6 @@ impl Gateway {
                         Err(e) => return Err(e),
                     };
                     if let ([peer], true) = (peers.as_slice(), body.is_end_stream()) {
-                        let tunnel_wait = self.config.tunnel_wait;
                         match cluster
                             .forward_direct(peer, agent, &head, tunnel_wait)
                             .await
@@ -78,10 +94,7 @@ impl Gateway {
                             DirectForward::Unsupported => {}
                         }
                     }
-                    match cluster
-                        .reserve_remote(&peers, self.config.tunnel_wait, agent)
-                        .await
-                    {
+                    match cluster.reserve_remote(&peers, tunnel_wait, agent).await {
                         Ok(reserved) => {
                             return cluster.forward_reserved(reserved, agent, head, body).await
                         }
@@ -101,39 +114,6 @@ impl Gateway {
             tokio::time::sleep(RECONNECT_POLL).await;
         }
     }
-
-    /// Whether `agent` is connected here or has a tunnel parked here.
-    pub(crate) fn holds(&self, agent: &str) -> bool {
-        self.directory.is_connected(agent) || self.tunnels.idle_count(agent) > 0
-    }
-
-    /// Takes a live parked tunnel of `agent`, waiting up to `wait`, preferring connections
-    /// other than `avoid`.
-    pub async fn take_local(
-        &self,
-        agent: &str,
-        wait: Duration,
-        avoid: Option<u64>,
-    ) -> Result<ParkedTunnel, ForwardError> {
-        let started = std::time::Instant::now();
-        let taken = self.tunnels.take(agent, wait, avoid).await;
-        self.metrics.tunnel_wait.observe(
-            &[if taken.is_some() { "got" } else { "none" }],
-            started.elapsed(),
-        );
-        taken.ok_or_else(|| {
-            if self.directory.is_connected(agent) {
-                ForwardError::NoIdleTunnel {
-                    agent: agent.into(),
-                    waited: wait,
-                }
-            } else {
-                ForwardError::NotConnected {
-                    agent: agent.into(),
-                }
-            }
-        })
-    }
 }
 
 #[cfg(test)]
@@ -142,7 +122,8 @@ mod tests {
     //! side is a scripted gRPC byte stream.
     use std::sync::Arc;
 
-    use crate::tunnel::ToAgentStream;
+    use crate::tunnel::{ParkedTunnel, ToAgentStream};
+    use crate::Gateway;
     use agentgate_proto::v1::{
         agent_message, gateway_message, AgentMessage, Descriptor, GatewayMessage, RequestKind,
         ResponseHead,
@@ -229,9 +210,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let gw = gateway(dir.path());
         let empty = http_body_util::Empty::<Bytes>::new();
-        let e = gw.forward("nobody", head(), empty).await.err().unwrap();
+        let e = gw
+            .router
+            .forward("nobody", head(), empty)
+            .await
+            .err()
+            .unwrap();
         assert_eq!(e.outcome(), "unknown_agent");
-        let e = gw.forward("known", head(), empty).await.err().unwrap();
+        let e = gw
+            .router
+            .forward("known", head(), empty)
+            .await
+            .err()
+            .unwrap();
         assert_eq!(e.outcome(), "not_connected");
         assert_eq!(e.http_status(), http::StatusCode::SERVICE_UNAVAILABLE);
     }
@@ -253,7 +244,7 @@ mod tests {
             let gw = gw.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(120)).await;
-                gw.tunnels.park("known", t);
+                gw.tunnels.parking.park("known", t);
                 let _head = to_agent.next().await.unwrap();
                 frames.send(answer(&answer_msg)).await.unwrap();
                 (to_agent, frames)
@@ -261,6 +252,7 @@ mod tests {
         };
         let started = std::time::Instant::now();
         let resp = gw
+            .router
             .forward("known", head(), http_body_util::Empty::<Bytes>::new())
             .await
             .expect("served once the agent is back");
@@ -282,7 +274,7 @@ mod tests {
             })),
         };
         let (t, mut to_agent, frames) = tunnel();
-        gw.tunnels.park("known", t);
+        gw.tunnels.parking.park("known", t);
         // The agent: reads the request head, answers it whole in one message.
         let agent = tokio::spawn(async move {
             let head = to_agent.next().await.unwrap().unwrap();
@@ -290,7 +282,7 @@ mod tests {
             (head, to_agent, frames)
         });
         let empty = http_body_util::Empty::<Bytes>::new();
-        let resp = gw.forward("known", head(), empty).await.unwrap();
+        let resp = gw.router.forward("known", head(), empty).await.unwrap();
         assert_eq!(resp.status, 201);
         let body = resp.body.collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"whole");
@@ -317,7 +309,7 @@ mod tests {
         let mut agents = vec![];
         for _ in 0..3 {
             let (t, mut to_agent, frames) = tunnel();
-            gw.tunnels.park("known", t);
+            gw.tunnels.parking.park("known", t);
             agents.push(tokio::spawn(async move {
                 let got = to_agent.next().await.is_some();
                 drop(frames);
@@ -325,7 +317,12 @@ mod tests {
             }));
         }
         let empty = http_body_util::Empty::<Bytes>::new();
-        let e = gw.forward("known", head(), empty).await.err().unwrap();
+        let e = gw
+            .router
+            .forward("known", head(), empty)
+            .await
+            .err()
+            .unwrap();
         assert_eq!(e.outcome(), "tunnel_broken");
         for a in agents {
             assert!(

@@ -16,10 +16,11 @@ use agentgate_transport::{ConnMeta, PRE_AUTH_LOG};
 use futures_util::future::{Either, Ready};
 use tonic::Status;
 
+use crate::auth::AgentAuth;
 use crate::backends::Backends;
 use crate::guarded_body::GuardedBody;
 use crate::map_response::{MapResponse, ResponseMapper};
-use crate::Gateway;
+use crate::metrics::Metrics;
 
 /// Every method the agent port serves. Metrics label RPCs with these names and nothing else
 /// (see [`method_label`]), so remote input never becomes a label value.
@@ -110,9 +111,21 @@ pub const REJECT_REFUSED_CALLS: &str = "refused_calls";
 /// Reason label when a connection that never authenticated opens too many token-less calls.
 pub const REJECT_UNAUTHENTICATED_CALLS: &str = "unauthenticated_calls";
 
+/// What the guard needs: the agent tokens, the backends' services (they need a token too),
+/// the refusal metrics and the two limits on connections that have not authenticated.
+pub struct GuardState {
+    pub auth: AgentAuth,
+    pub backends: Arc<Backends>,
+    pub metrics: Arc<Metrics>,
+    /// `max_refused_calls_before_auth`.
+    pub max_refused_calls: u32,
+    /// `max_unauthenticated_calls_per_connection`.
+    pub max_unauthenticated_calls: u32,
+}
+
 #[derive(Clone)]
 pub struct RpcGuardLayer {
-    pub gw: Arc<Gateway>,
+    pub state: Arc<GuardState>,
 }
 
 impl<S> tower::Layer<S> for RpcGuardLayer {
@@ -120,7 +133,7 @@ impl<S> tower::Layer<S> for RpcGuardLayer {
     fn layer(&self, inner: S) -> Self::Service {
         RpcGuard {
             inner,
-            gw: self.gw.clone(),
+            state: self.state.clone(),
         }
     }
 }
@@ -128,7 +141,7 @@ impl<S> tower::Layer<S> for RpcGuardLayer {
 #[derive(Clone)]
 pub struct RpcGuard<S> {
     inner: S,
-    gw: Arc<Gateway>,
+    state: Arc<GuardState>,
 }
 
 /// One token-less call's place in its connection's count; released when the call's response
@@ -149,7 +162,7 @@ impl<S> RpcGuard<S> {
         method: &'static str,
         status: Status,
     ) -> http::Response<B> {
-        self.gw.metrics.connections_rejected.inc(&[reason]);
+        self.state.metrics.connections_rejected.inc(&[reason]);
         self.count_refusal(conn);
         if let Some(suppressed) = PRE_AUTH_LOG.allow() {
             tracing::warn!(
@@ -170,10 +183,10 @@ impl<S> RpcGuard<S> {
         if conn.agent.get().is_some() {
             return;
         }
-        let limit = self.gw.config.max_refused_calls_before_auth;
+        let limit = self.state.max_refused_calls;
         if conn.refused_calls.fetch_add(1, Ordering::Relaxed) + 1 == limit {
             conn.request_close();
-            self.gw
+            self.state
                 .metrics
                 .connections_rejected
                 .inc(&[REJECT_REFUSED_CALLS]);
@@ -200,7 +213,8 @@ impl<S> RpcGuard<S> {
         method: &'static str,
     ) -> Result<(), http::Response<B>> {
         let id = self
-            .gw
+            .state
+            .auth
             .authenticate_agent(req.headers(), conn, method)
             .map_err(|status| {
                 self.count_refusal(conn);
@@ -220,9 +234,9 @@ impl<S> RpcGuard<S> {
             return Err(Status::internal("agentgate: connection metadata missing").into_http());
         };
         let path = req.uri().path();
-        let method = method_label(path, &self.gw.backends);
+        let method = method_label(path, &self.state.backends);
         if method == "other" {
-            let status = refuse_method(path, &self.gw.backends);
+            let status = refuse_method(path, &self.state.backends);
             return Err(self.refuse(&conn, REJECT_UNKNOWN_METHOD, method, status));
         }
         if let Some(status) = check_encoding(req.headers()) {
@@ -238,11 +252,11 @@ impl<S> RpcGuard<S> {
         // before it asks for work) authenticates its connection as with any agent call, so the
         // limits on unauthenticated connections no longer apply. Any other token (an API
         // token, say) is not this port's business: the call stays token-less.
-        if let Some(id) = self.gw.recognize_agent(req.headers(), &conn) {
+        if let Some(id) = self.state.auth.recognize_agent(req.headers(), &conn) {
             req.extensions_mut().insert(id);
             return Ok(None);
         }
-        let limit = self.gw.config.max_unauthenticated_calls_per_connection;
+        let limit = self.state.max_unauthenticated_calls;
         if conn.unauthenticated_calls.fetch_add(1, Ordering::Relaxed) >= limit {
             conn.unauthenticated_calls.fetch_sub(1, Ordering::Relaxed);
             let status = Status::resource_exhausted(format!(

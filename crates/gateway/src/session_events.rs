@@ -26,7 +26,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::Status;
 
 use crate::directory::SessionGuard;
-use crate::Gateway;
+use crate::session::Sessions;
 
 /// Reason label when a session ends because its token was revoked.
 pub const REJECT_REVOKED: &str = "token_revoked";
@@ -43,7 +43,7 @@ pub struct SessionOwner {
 }
 
 pub struct SessionEvents {
-    gw: Arc<Gateway>,
+    sessions: Arc<Sessions>,
     conn: Arc<ConnMeta>,
     owner: SessionOwner,
     /// Listed in the directory until this is dropped.
@@ -67,24 +67,24 @@ pub struct SessionEvents {
 
 impl SessionEvents {
     pub fn new(
-        gw: Arc<Gateway>,
+        sessions: Arc<Sessions>,
         conn: Arc<ConnMeta>,
         owner: SessionOwner,
         listed: SessionGuard,
         revoked: CancellationToken,
         first: SessionEvent,
     ) -> Self {
-        let heartbeat = gw.config.stream_heartbeat_interval;
+        let heartbeat = sessions.heartbeat;
         let next_heartbeat = Instant::now() + heartbeat;
         // The session ends a little after the connection's GOAWAY for max age, so that the
         // agent dials a fresh connection only once no new streams can land on this one.
-        let end_at = gw.session_deadline(&conn);
-        let drain_at = gw.drain_deadline(&conn);
+        let end_at = sessions.session_deadline(&conn);
+        let drain_at = sessions.drain_deadline(&conn);
         Self {
-            stopping_then_shutdown: Box::pin(gw.stopping.clone().cancelled_owned()),
+            stopping_then_shutdown: Box::pin(sessions.stopping.clone().cancelled_owned()),
             revoked: Box::pin(revoked.cancelled_owned()),
             timer: Box::pin(tokio::time::sleep_until(next_heartbeat)),
-            gw,
+            sessions,
             conn,
             owner,
             _listed: listed,
@@ -118,14 +118,17 @@ impl SessionEvents {
     /// parked tunnels ended.
     fn retire_connection(&self) -> usize {
         self.conn.retired.store(true, Ordering::Relaxed);
-        self.gw.tunnels.end_connection(self.conn.id)
+        self.sessions.parking.end_connection(self.conn.id)
     }
 
     /// The token is gone: the session ends with a sentence, the connection takes no new
     /// requests and its parked tunnels end, and the agent's next registration is refused.
     fn revoke(&mut self) -> Poll<Option<Result<SessionEvent, Status>>> {
         let ended = self.retire_connection();
-        self.gw.metrics.connections_rejected.inc(&[REJECT_REVOKED]);
+        self.sessions
+            .metrics
+            .connections_rejected
+            .inc(&[REJECT_REVOKED]);
         tracing::warn!(
             conn = self.conn.id,
             agent = %self.owner.agent,
@@ -161,7 +164,8 @@ impl Stream for SessionEvents {
             // the session's end as planned (the GOAWAY is only seen while the PING policy is
             // on, hence the time limit), or at `shutdown`, whichever comes first.
             this.stop_by = Some(Instant::now() + GOAWAY_WAIT);
-            this.stopping_then_shutdown = Box::pin(this.gw.shutdown.clone().cancelled_owned());
+            this.stopping_then_shutdown =
+                Box::pin(this.sessions.shutdown.clone().cancelled_owned());
         }
         if this.stop_by.is_some() && this.stopping_then_shutdown.as_mut().poll(cx).is_ready() {
             return this.end(None);
@@ -236,6 +240,7 @@ mod tests {
     use crate::config::GatewayConfig;
     use crate::directory::AgentRecord;
     use crate::tokens::{create_token, TokenKind};
+    use crate::Gateway;
 
     const HEARTBEAT: Duration = Duration::from_secs(20);
 
@@ -279,7 +284,7 @@ mod tests {
             })),
         };
         let events = SessionEvents::new(
-            gw.clone(),
+            gw.sessions.clone(),
             conn.clone(),
             owner,
             listed,

@@ -21,7 +21,6 @@ use tokio::time::{Instant, Sleep};
 use super::access_log::{EndedBy, RequestLog};
 use super::{ApiAuthError, ApiBody, BoxError, TokenSource, AGENT_HEADER, TOKEN_HEADER};
 use crate::headers::{strip_hop_by_hop, to_proto};
-use crate::Gateway;
 
 /// Percent-encodes a `grpc-message` value as the gRPC spec asks.
 fn encode_grpc_message(msg: &str) -> String {
@@ -58,7 +57,7 @@ fn status_response(code: tonic::Code, message: &str) -> Response<ApiBody> {
 }
 
 pub async fn handle(
-    gw: Arc<Gateway>,
+    api: Arc<super::ApiState>,
     peer: std::net::SocketAddr,
     req: Request<Incoming>,
 ) -> Response<ApiBody> {
@@ -69,7 +68,7 @@ pub async fn handle(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
     else {
-        gw.metrics
+        api.metrics
             .tunnel_requests
             .inc(&["grpc", "bad_request", "none"]);
         return status_response(
@@ -77,10 +76,10 @@ pub async fn handle(
             &format!("missing '{AGENT_HEADER}: <agent name>' metadata"),
         );
     };
-    let (token, source) = match gw.authenticate_api(req.headers(), &agent) {
+    let (token, source) = match api.authenticate(req.headers(), &agent) {
         Ok(found) => found,
         Err(e) => {
-            gw.metrics
+            api.metrics
                 .tunnel_requests
                 .inc(&["grpc", "unauthenticated", "none"]);
             tracing::warn!(agent, method, "API call refused: {}", e.message());
@@ -98,7 +97,7 @@ pub async fn handle(
         .and_then(crate::headers::parse_grpc_timeout);
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut log = RequestLog::new(
-        gw.metrics.clone(),
+        api.metrics.clone(),
         "grpc",
         &token,
         peer,
@@ -107,7 +106,7 @@ pub async fn handle(
         "POST",
         &method,
     );
-    let revoked = gw.tokens.revocation(&token);
+    let revoked = api.tokens.revocation(&token);
     let (parts, body) = req.into_parts();
     let body = log.count_request(body);
     let mut headers = parts.headers;
@@ -130,7 +129,7 @@ pub async fn handle(
         timeout_millis: timeout.map_or(0, |t| t.as_millis().max(1) as u64),
         ..Default::default()
     };
-    let forward = gw.forward(&agent, head, body);
+    let forward = api.router.forward(&agent, head, body);
     let deadline_passed = async {
         match deadline {
             Some(d) => tokio::time::sleep_until(d).await,

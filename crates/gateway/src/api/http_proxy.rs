@@ -12,7 +12,6 @@ use super::{full_body, ApiBody, TokenSource, TOKEN_HEADER};
 use crate::headers::{
     strip_hop_by_hop, to_proto, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO,
 };
-use crate::Gateway;
 
 /// Where a request path points: agent, upstream name, and the path left for the upstream.
 #[derive(Debug, PartialEq, Eq)]
@@ -72,7 +71,7 @@ fn error_response(status: StatusCode, message: &str) -> Response<ApiBody> {
 }
 
 pub async fn handle(
-    gw: Arc<Gateway>,
+    api: Arc<super::ApiState>,
     peer: SocketAddr,
     tls: bool,
     req: Request<Incoming>,
@@ -87,14 +86,14 @@ pub async fn handle(
         );
     };
     let (agent, upstream) = (target.agent.to_string(), target.upstream.to_string());
-    let (token, source) = match gw.authenticate_api(req.headers(), &agent) {
+    let (token, source) = match api.authenticate(req.headers(), &agent) {
         Ok(found) => found,
         Err(e) => {
             let status = match e {
                 super::ApiAuthError::Forbidden(_) => StatusCode::FORBIDDEN,
                 _ => StatusCode::UNAUTHORIZED,
             };
-            gw.metrics
+            api.metrics
                 .tunnel_requests
                 .inc(&["http", "unauthenticated", "none"]);
             tracing::warn!(%peer, agent, "API request refused: {}", e.message());
@@ -114,7 +113,7 @@ pub async fn handle(
         path_and_query.push_str(q);
     }
     let mut log = RequestLog::new(
-        gw.metrics.clone(),
+        api.metrics.clone(),
         "http",
         &token,
         peer,
@@ -123,7 +122,7 @@ pub async fn handle(
         req.method().as_str(),
         &path_and_query,
     );
-    let revoked = gw.tokens.revocation(&token);
+    let revoked = api.tokens.revocation(&token);
     let (parts, body) = req.into_parts();
     let body = log.count_request(body);
     let mut headers = parts.headers;
@@ -167,7 +166,7 @@ pub async fn handle(
         ..Default::default()
     };
     let result = tokio::select! {
-        r = gw.forward(&agent, head, body) => r,
+        r = api.router.forward(&agent, head, body) => r,
         _ = revoked.cancelled() => {
             log.finish(401, "revoked", EndedBy::Gateway);
             return error_response(StatusCode::UNAUTHORIZED, "the API token of this request was revoked");

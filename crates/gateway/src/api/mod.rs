@@ -26,8 +26,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::bearer_token;
-use crate::tokens::{TokenEntry, TokenKind};
-use crate::Gateway;
+use crate::http_listener::HttpListenerSettings;
+use crate::metrics::Metrics;
+use crate::router::Router;
+use crate::tokens::{TokenEntry, TokenKind, TokenStore};
 
 pub use crate::tunnel::BoxError;
 pub type ApiBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -68,9 +70,16 @@ pub enum TokenSource {
     TokenHeader,
 }
 
-impl Gateway {
+/// What the tunnel API's request handlers need: API tokens, the router, the metrics.
+pub struct ApiState {
+    pub tokens: Arc<TokenStore>,
+    pub router: Arc<Router>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl ApiState {
     /// Authenticates an API caller for `agent`.
-    pub fn authenticate_api(
+    pub fn authenticate(
         &self,
         headers: &http::HeaderMap,
         agent: &str,
@@ -96,7 +105,7 @@ impl Gateway {
 }
 
 async fn route(
-    gw: Arc<Gateway>,
+    api: Arc<ApiState>,
     peer: SocketAddr,
     tls: bool,
     req: Request<Incoming>,
@@ -116,29 +125,27 @@ async fn route(
     // of KiB), and inline it would be copied again by every wrapper it goes through (the
     // service function, the in-flight counter, hyper's dispatcher) on every request.
     if is_grpc {
-        Box::pin(grpc_proxy::handle(gw, peer, req)).await
+        Box::pin(grpc_proxy::handle(api, peer, req)).await
     } else {
-        Box::pin(http_proxy::handle(gw, peer, tls, req)).await
+        Box::pin(http_proxy::handle(api, peer, tls, req)).await
     }
 }
 
 /// Serves the API listener until `shutdown`, then lets open requests finish.
 pub async fn serve_api(
-    gw: Arc<Gateway>,
+    api: Arc<ApiState>,
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
+    settings: HttpListenerSettings,
     shutdown: CancellationToken,
 ) {
     let is_tls = tls.is_some();
-    let mut settings = gw.http_listener_settings("api", gw.config.api_max_connections);
-    // Checked at start (Gateway::new), so this cannot fail here.
-    settings.proxy_protocol_from = gw.config.proxy_protocol_networks().unwrap_or_default();
     let make = move |peer: SocketAddr| {
-        let gw = gw.clone();
+        let api = api.clone();
         tower::service_fn(move |req| {
-            let gw = gw.clone();
+            let api = api.clone();
             async move {
-                let resp = route(gw, peer, is_tls, req).await;
+                let resp = route(api, peer, is_tls, req).await;
                 // gRPC errors as headers then trailers, which every proxy in front relays.
                 let resp = crate::status_in_trailers::move_status_to_trailers(resp);
                 Ok::<_, Infallible>(resp.map(|b| b.boxed_unsync()))

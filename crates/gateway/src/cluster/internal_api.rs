@@ -26,13 +26,25 @@ use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::Cluster;
 use super::{
     ERROR_HEADER, INTERNAL_TOKEN_HEADER, KIND_HEADER, PATH_HEADER, ROUTE_HEADER, TIMEOUT_HEADER,
     UPSTREAM_HEADER,
 };
+use crate::directory::Directory;
 use crate::headers::to_proto;
-use crate::tunnel::{ForwardError, ForwardResponse, ResponseBody};
-use crate::Gateway;
+use crate::http_listener::HttpListenerSettings;
+use crate::metrics::Metrics;
+use crate::tunnel::{ForwardError, ForwardResponse, LocalTunnels, ResponseBody};
+
+/// What the internal API's handlers need: this replica's tunnels and agents, the cluster's
+/// signer and reservations, the metrics.
+pub struct InternalState {
+    pub local: Arc<LocalTunnels>,
+    pub cluster: Arc<Cluster>,
+    pub directory: Arc<Directory>,
+    pub metrics: Arc<Metrics>,
+}
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<ResponseBody> {
     let mut r = Response::new(
@@ -45,7 +57,7 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<ResponseBody> {
 }
 
 async fn route(
-    gw: Arc<Gateway>,
+    state: Arc<InternalState>,
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<ResponseBody> {
@@ -56,11 +68,7 @@ async fn route(
             format!("agentgate internal API: {why}\n"),
         );
     }
-    let cluster = gw
-        .cluster
-        .as_ref()
-        .expect("internal API runs in cluster mode")
-        .clone();
+    let cluster = &state.cluster;
     let token = req
         .headers()
         .get(INTERNAL_TOKEN_HEADER)
@@ -83,7 +91,7 @@ async fn route(
     {
         Ok(v) => v,
         Err(e) => {
-            gw.metrics.internal_rejected.inc(&[e.reason()]);
+            state.metrics.internal_rejected.inc(&[e.reason()]);
             tracing::warn!(%peer, path = %path, "internal API call refused: {e}");
             return text(
                 StatusCode::UNAUTHORIZED,
@@ -94,7 +102,7 @@ async fn route(
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match (req.method().clone(), parts.as_slice()) {
         (http::Method::GET, ["internal", "v1", "agents"]) => {
-            let body = serde_json::to_vec(&gw.directory.list()).unwrap_or_default();
+            let body = serde_json::to_vec(&state.directory.list()).unwrap_or_default();
             text(StatusCode::OK, body)
         }
         (http::Method::POST, ["internal", "v1", "agents", agent, "reserve"]) => {
@@ -104,8 +112,8 @@ async fn route(
                 .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("wait_ms=")))
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0);
-            let wait = Duration::from_millis(wait_ms).min(gw.config.tunnel_wait);
-            if !gw.holds(agent) {
+            let wait = Duration::from_millis(wait_ms).min(state.local.tunnel_wait);
+            if !state.local.holds(agent) {
                 return text(
                     StatusCode::NOT_FOUND,
                     format!("agent {agent:?} is not connected here\n"),
@@ -113,7 +121,7 @@ async fn route(
             }
             // 404 only for "not here": the caller then waits for the agent to show up
             // elsewhere (it is moving); connected without a ready tunnel is 503.
-            match gw.take_local(agent, wait, None).await {
+            match state.local.take(agent, wait, None).await {
                 Ok(t) => text(StatusCode::OK, cluster.reserve(agent, t).to_string()),
                 Err(e @ ForwardError::NotConnected { .. }) => {
                     text(StatusCode::NOT_FOUND, format!("{e}\n"))
@@ -127,7 +135,7 @@ async fn route(
                 .ok()
                 .and_then(|id: u64| cluster.reservations.lock().unwrap().remove(&id));
             if let Some(r) = res {
-                gw.tunnels.park(&r.agent, r.tunnel);
+                state.local.parking.park(&r.agent, r.tunnel);
             }
             text(StatusCode::NO_CONTENT, "")
         }
@@ -140,8 +148,8 @@ async fn route(
             // another agent's reserved tunnel.
             let res = match res {
                 Some(r) if r.agent != verified.agent => {
-                    gw.tunnels.park(&r.agent, r.tunnel);
-                    gw.metrics.internal_rejected.inc(&["wrong_route"]);
+                    state.local.parking.park(&r.agent, r.tunnel);
+                    state.metrics.internal_rejected.inc(&["wrong_route"]);
                     tracing::warn!(%peer, issuer = %verified.issuer, "internal API call refused: the token names another agent than the reservation");
                     return text(
                         StatusCode::UNAUTHORIZED,
@@ -161,14 +169,19 @@ async fn route(
                     .insert(ERROR_HEADER, HeaderValue::from_static("tunnel_broken"));
                 return r;
             };
-            let (head, body) = forwarded_request(req, verified.body_key, &gw);
-            answer(gw.forward_on(&res.agent, res.tunnel, head, body).await)
+            let (head, body) = forwarded_request(req, verified.body_key, &state.metrics);
+            answer(
+                state
+                    .local
+                    .forward_on(&res.agent, res.tunnel, head, body)
+                    .await,
+            )
         }
         // One round trip: take a tunnel here and forward at once (a request without a body,
         // for an agent that Redis lists at this replica only).
         (_, ["internal", "v1", "agents", agent, "request"]) => {
             let mut r = if *agent != verified.agent {
-                gw.metrics.internal_rejected.inc(&["wrong_route"]);
+                state.metrics.internal_rejected.inc(&["wrong_route"]);
                 tracing::warn!(%peer, issuer = %verified.issuer, "internal API call refused: the token names another agent than the path");
                 text(
                     StatusCode::UNAUTHORIZED,
@@ -176,18 +189,21 @@ async fn route(
                 )
             } else {
                 let agent = agent.to_string();
-                let (head, body) = forwarded_request(req, verified.body_key, &gw);
+                let (head, body) = forwarded_request(req, verified.body_key, &state.metrics);
                 // Not connected here is an error the sender waits on (the agent is moving),
                 // answered at once rather than after `tunnel_wait`.
-                let tunnel = if gw.holds(&agent) {
-                    gw.take_local(&agent, gw.config.tunnel_wait, None).await
+                let tunnel = if state.local.holds(&agent) {
+                    state
+                        .local
+                        .take(&agent, state.local.tunnel_wait, None)
+                        .await
                 } else {
                     Err(ForwardError::NotConnected {
                         agent: agent.clone(),
                     })
                 };
                 answer(match tunnel {
-                    Ok(t) => gw.forward_on(&agent, t, head, body).await,
+                    Ok(t) => state.local.forward_on(&agent, t, head, body).await,
                     Err(e) => Err(e),
                 })
             };
@@ -203,7 +219,7 @@ async fn route(
 fn forwarded_request(
     req: Request<Incoming>,
     body_key: super::signing::BodyKeyHandle,
-    gw: &Gateway,
+    metrics: &Arc<Metrics>,
 ) -> (RequestHead, super::signing::VerifiedBody<Incoming>) {
     let (parts, body) = req.into_parts();
     let mut headers = parts.headers;
@@ -227,7 +243,7 @@ fn forwarded_request(
         timeout_millis,
         ..Default::default()
     };
-    let body = super::signing::VerifiedBody::new(body, body_key, gw.metrics.clone());
+    let body = super::signing::VerifiedBody::new(body, body_key, metrics.clone());
     (head, body)
 }
 
@@ -252,14 +268,18 @@ fn answer(result: Result<ForwardResponse, ForwardError>) -> Response<ResponseBod
 }
 
 /// Serves the internal API until `stop`.
-pub async fn serve_internal(gw: Arc<Gateway>, listener: TcpListener, stop: CancellationToken) {
-    let settings = gw.http_listener_settings("internal", gw.config.internal_max_connections);
-    let tls = gw.cluster.as_ref().and_then(|c| c.server_tls.clone());
+pub async fn serve_internal(
+    state: Arc<InternalState>,
+    listener: TcpListener,
+    settings: HttpListenerSettings,
+    stop: CancellationToken,
+) {
+    let tls = state.cluster.server_tls.clone();
     let make = move |peer: SocketAddr| {
-        let gw = gw.clone();
+        let state = state.clone();
         tower::service_fn(move |req| {
-            let gw = gw.clone();
-            async move { Ok::<_, Infallible>(route(gw, peer, req).await) }
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(route(state, peer, req).await) }
         })
     };
     crate::http_listener::serve_http(listener, tls, settings, make, stop).await;

@@ -26,8 +26,9 @@ use http_body_util::BodyExt;
 use tonic::Streaming;
 
 use super::{ForwardError, ParkedTunnel, ToAgentSender, TunnelParking};
+use crate::directory::Directory;
 use crate::headers::from_proto;
-use crate::Gateway;
+use crate::metrics::Metrics;
 
 /// A boxed response body: from a local tunnel, or streamed from a peer replica.
 pub type ResponseBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
@@ -63,7 +64,71 @@ enum AttemptError {
     Final(ForwardError),
 }
 
-impl Gateway {
+/// The tunnels of agents connected to this replica, and how a request goes down one: what
+/// the router and the internal API (a peer replica's requests) share.
+pub struct LocalTunnels {
+    /// The parked streams, per agent.
+    pub parking: Arc<TunnelParking>,
+    /// The agents with a session here (a connected agent with no idle tunnel is "busy", not
+    /// "not connected").
+    directory: Arc<Directory>,
+    metrics: Arc<Metrics>,
+    /// `tunnel_wait`: how long a request waits for an idle tunnel of a connected agent.
+    pub tunnel_wait: Duration,
+    /// `tunnel_chunk_size`: the largest body chunk sent to an agent.
+    chunk_size: usize,
+}
+
+impl LocalTunnels {
+    pub fn new(
+        parking: Arc<TunnelParking>,
+        directory: Arc<Directory>,
+        metrics: Arc<Metrics>,
+        tunnel_wait: Duration,
+        chunk_size: usize,
+    ) -> Self {
+        Self {
+            parking,
+            directory,
+            metrics,
+            tunnel_wait,
+            chunk_size,
+        }
+    }
+
+    /// Whether `agent` is connected here or has a tunnel parked here.
+    pub fn holds(&self, agent: &str) -> bool {
+        self.directory.is_connected(agent) || self.parking.idle_count(agent) > 0
+    }
+
+    /// Takes a live parked tunnel of `agent`, waiting up to `wait`, preferring connections
+    /// other than `avoid`.
+    pub async fn take(
+        &self,
+        agent: &str,
+        wait: Duration,
+        avoid: Option<u64>,
+    ) -> Result<ParkedTunnel, ForwardError> {
+        let started = std::time::Instant::now();
+        let taken = self.parking.take(agent, wait, avoid).await;
+        self.metrics.tunnel_wait.observe(
+            &[if taken.is_some() { "got" } else { "none" }],
+            started.elapsed(),
+        );
+        taken.ok_or_else(|| {
+            if self.directory.is_connected(agent) {
+                ForwardError::NoIdleTunnel {
+                    agent: agent.into(),
+                    waited: wait,
+                }
+            } else {
+                ForwardError::NotConnected {
+                    agent: agent.into(),
+                }
+            }
+        })
+    }
+
     /// Sends the request down `tunnel` and returns the agent's response head with the body
     /// still streaming. At most [`TUNNEL_ATTEMPTS`] tunnels are tried in all: a dead parked
     /// tunnel is replaced before anything was sent, and a request without a body and with an
@@ -89,10 +154,7 @@ impl Gateway {
         for attempt in 1..=TUNNEL_ATTEMPTS {
             let t = match next.take() {
                 Some(t) => t,
-                None => {
-                    self.take_local(agent, self.config.tunnel_wait, broke_on)
-                        .await?
-                }
+                None => self.take(agent, self.tunnel_wait, broke_on).await?,
             };
             check_descriptor(agent, &t, &head)?;
             let conn = t.conn.id;
@@ -170,7 +232,7 @@ impl Gateway {
                 let task = tokio::spawn(pump_request_body(
                     b,
                     tx.clone(),
-                    self.config.tunnel_chunk_size,
+                    self.chunk_size,
                     self.metrics.clone(),
                     transport,
                     sent.clone(),
@@ -202,7 +264,7 @@ impl Gateway {
                 tx: Some(tx),
                 pump,
                 reuse: reusable.then_some(Reuse {
-                    registry: self.tunnels.clone(),
+                    registry: self.parking.clone(),
                     descriptor,
                     conn,
                     agent: name,

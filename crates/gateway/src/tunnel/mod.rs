@@ -8,7 +8,7 @@ mod service;
 mod to_agent;
 
 pub use error::ForwardError;
-pub use forward::{BoxError, ForwardResponse, ResponseBody, TunnelBody};
+pub use forward::{BoxError, ForwardResponse, LocalTunnels, ResponseBody, TunnelBody};
 pub use parking::{ParkedTunnel, TunnelParking};
 pub use service::TunnelService;
 pub use to_agent::{channel as to_agent_channel, ToAgentSender, ToAgentStream};

@@ -1,16 +1,20 @@
 //! `Tunnel.Connect`: accepts a tunnel stream from an agent and parks it.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use agentgate_proto::v1::tunnel_server::Tunnel;
 use agentgate_proto::v1::{agent_message, AgentMessage};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{to_agent, ParkedTunnel, ToAgentStream};
-use crate::Gateway;
+use super::{to_agent, ParkedTunnel, ToAgentStream, TunnelParking};
+use crate::metrics::Metrics;
 
 pub struct TunnelService {
-    pub gw: Arc<Gateway>,
+    pub parking: Arc<TunnelParking>,
+    pub metrics: Arc<Metrics>,
+    /// `tunnel_descriptor_timeout`: how long a new stream may take to describe itself.
+    pub descriptor_timeout: Duration,
 }
 
 #[tonic::async_trait]
@@ -23,7 +27,7 @@ impl Tunnel for TunnelService {
     ) -> Result<Response<Self::ConnectStream>, Status> {
         let id = crate::auth::identity_of(&req)?;
         let mut rx = req.into_inner();
-        let wait = self.gw.config.tunnel_descriptor_timeout;
+        let wait = self.descriptor_timeout;
         let first = tokio::time::timeout(wait, rx.message())
             .await
             .map_err(|_| {
@@ -39,10 +43,10 @@ impl Tunnel for TunnelService {
                 ))
             }
         };
-        self.gw.metrics.tunnel_streams_opened.inc(&[]);
+        self.metrics.tunnel_streams_opened.inc(&[]);
         let (tx, out) = to_agent::channel();
         tracing::debug!(agent = %id.name, conn = id.conn.id, "tunnel parked");
-        self.gw.tunnels.park(
+        self.parking.park(
             &id.name,
             ParkedTunnel {
                 tx,
