@@ -118,22 +118,16 @@ impl Router {
 
 #[cfg(test)]
 mod tests {
-    //! The router in-process: a real `Gateway`, a token store on disk, and a tunnel whose agent
-    //! side is a scripted gRPC byte stream.
+    //! The router in-process: a real `Gateway`, a token store on disk, and tunnels whose agent
+    //! side is scripted (`tunnel::scripted_agent`).
     use std::sync::Arc;
 
-    use crate::tunnel::{ParkedTunnel, ToAgentStream};
+    use crate::tunnel::scripted_agent;
     use crate::Gateway;
     use agentgate_proto::v1::{
-        agent_message, gateway_message, AgentMessage, Descriptor, GatewayMessage, RequestKind,
-        ResponseHead,
+        agent_message, gateway_message, AgentMessage, RequestKind, ResponseHead,
     };
-    use agentgate_transport::{ConnMeta, TransportKind};
-    use futures_util::{FutureExt, StreamExt};
     use http_body_util::BodyExt;
-    use prost::Message;
-    use tokio::sync::mpsc;
-    use tonic::codec::Codec;
 
     use super::*;
     use crate::config::GatewayConfig;
@@ -159,50 +153,6 @@ mod tests {
             path_and_query: "/x".into(),
             ..Default::default()
         }
-    }
-
-    type Frames = mpsc::Sender<Result<http_body::Frame<Bytes>, std::convert::Infallible>>;
-
-    /// A parked tunnel of `known`, the receiving end of what the gateway sends its agent, and
-    /// the sending end of what the agent answers (gRPC-framed bytes, see `answer`).
-    fn tunnel() -> (ParkedTunnel, ToAgentStream, Frames) {
-        let (frames, from_agent) = mpsc::channel(8);
-        let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(
-            from_agent,
-        ));
-        let decoder =
-            agentgate_proto::codec::SmallBufferCodec::<GatewayMessage, AgentMessage>::default()
-                .decoder();
-        let rx = tonic::Streaming::new_request(decoder, body, None, None);
-        let (tx, to_agent) = crate::tunnel::to_agent_channel();
-        let conn = Arc::new(ConnMeta::new(
-            7,
-            TransportKind::Grpc,
-            "127.0.0.1:1".parse().unwrap(),
-            Arc::default(),
-        ));
-        let descriptor = Descriptor {
-            http_upstreams: vec!["default".into()],
-            protocol_version: 2,
-            ..Default::default()
-        };
-        let t = ParkedTunnel {
-            tx,
-            rx,
-            descriptor,
-            conn,
-            agent: Arc::from("known"),
-        };
-        (t, to_agent, frames)
-    }
-
-    /// One agent message as a gRPC frame.
-    fn answer(m: &AgentMessage) -> Result<http_body::Frame<Bytes>, std::convert::Infallible> {
-        let bytes = m.encode_to_vec();
-        let mut wire = vec![0u8];
-        wire.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
-        wire.extend_from_slice(&bytes);
-        Ok(http_body::Frame::data(Bytes::from(wire)))
     }
 
     #[tokio::test]
@@ -231,7 +181,7 @@ mod tests {
     async fn a_request_waits_for_an_agent_that_connects_within_the_reconnect_wait() {
         let dir = tempfile::tempdir().unwrap();
         let gw = gateway(dir.path());
-        let (t, mut to_agent, frames) = tunnel();
+        let (t, mut agent) = scripted_agent::tunnel("known");
         let answer_msg = AgentMessage {
             msg: Some(agent_message::Msg::ResponseHead(ResponseHead {
                 status: 200,
@@ -245,9 +195,9 @@ mod tests {
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(120)).await;
                 gw.tunnels.parking.park("known", t);
-                let _head = to_agent.next().await.unwrap();
-                frames.send(answer(&answer_msg)).await.unwrap();
-                (to_agent, frames)
+                let _head = agent.recv().await.unwrap();
+                agent.send(answer_msg).await;
+                agent
             })
         };
         let started = std::time::Instant::now();
@@ -273,13 +223,13 @@ mod tests {
                 ..Default::default()
             })),
         };
-        let (t, mut to_agent, frames) = tunnel();
+        let (t, mut agent) = scripted_agent::tunnel("known");
         gw.tunnels.parking.park("known", t);
         // The agent: reads the request head, answers it whole in one message.
         let agent = tokio::spawn(async move {
-            let head = to_agent.next().await.unwrap().unwrap();
-            frames.send(answer(&answer_msg)).await.unwrap();
-            (head, to_agent, frames)
+            let head = agent.recv().await.unwrap();
+            agent.send(answer_msg).await;
+            (head, agent)
         });
         let empty = http_body_util::Empty::<Bytes>::new();
         let resp = gw.router.forward("known", head(), empty).await.unwrap();
@@ -287,17 +237,14 @@ mod tests {
         let body = resp.body.collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"whole");
         // One message went to the agent: the head, saying that no body follows.
-        let (sent, mut to_agent, _frames) = agent.await.unwrap();
+        let (sent, mut agent) = agent.await.unwrap();
         match sent.msg {
             Some(gateway_message::Msg::RequestHead(h)) => {
                 assert_eq!((h.protocol_version, h.end_of_request), (2, true));
             }
             other => panic!("expected the request head, got {other:?}"),
         }
-        assert!(
-            to_agent.next().now_or_never().is_none(),
-            "no EndOfRequest in version 2"
-        );
+        assert!(!agent.has_message(), "no EndOfRequest in version 2");
         assert_eq!(gw.parked_tunnels("known"), 1, "the tunnel is parked again");
     }
 
@@ -308,13 +255,9 @@ mod tests {
         // Three tunnels whose agent reads the request and then ends its side without a word.
         let mut agents = vec![];
         for _ in 0..3 {
-            let (t, mut to_agent, frames) = tunnel();
+            let (t, mut agent) = scripted_agent::tunnel("known");
             gw.tunnels.parking.park("known", t);
-            agents.push(tokio::spawn(async move {
-                let got = to_agent.next().await.is_some();
-                drop(frames);
-                got
-            }));
+            agents.push(tokio::spawn(async move { agent.recv().await.is_some() }));
         }
         let empty = http_body_util::Empty::<Bytes>::new();
         let e = gw

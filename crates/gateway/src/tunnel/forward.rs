@@ -753,3 +753,258 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod stream_ends {
+    //! How a tunnelled request ends, in-process: `LocalTunnels` with tunnels whose agent side
+    //! is scripted. Half-close in either direction, cancellation by the caller, and a reset by
+    //! the agent's side, each with what happens to the tunnel afterwards.
+    use agentgate_proto::v1::{Chunk, EndOfRequest, Header, ResponseHead, Trailer};
+    use http_body_util::StreamBody;
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::tunnel::scripted_agent::{self, ScriptedAgent};
+
+    type CallerBody = StreamBody<tokio_stream::wrappers::ReceiverStream<CallerFrame>>;
+    type CallerFrame = Result<Frame<Bytes>, std::io::Error>;
+
+    fn local() -> LocalTunnels {
+        let metrics = Arc::new(Metrics::default());
+        LocalTunnels::new(
+            Arc::new(TunnelParking::new(metrics.clone(), None)),
+            Arc::default(),
+            metrics,
+            Duration::from_millis(50),
+            64 * 1024,
+        )
+    }
+
+    /// A request body the test writes as the caller sends it; dropping the sender ends it.
+    fn caller_body() -> (mpsc::Sender<CallerFrame>, CallerBody) {
+        let (tx, rx) = mpsc::channel(4);
+        (
+            tx,
+            StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        )
+    }
+
+    fn post() -> RequestHead {
+        RequestHead {
+            kind: RequestKind::Http as i32,
+            upstream: "default".into(),
+            method: "POST".into(),
+            path_and_query: "/jobs".into(),
+            ..Default::default()
+        }
+    }
+
+    fn agent_msg(m: agent_message::Msg) -> AgentMessage {
+        AgentMessage { msg: Some(m) }
+    }
+
+    fn response_head(status: u32, end_of_response: bool) -> AgentMessage {
+        agent_msg(agent_message::Msg::ResponseHead(ResponseHead {
+            status,
+            end_of_response,
+            ..Default::default()
+        }))
+    }
+
+    fn chunk(data: &'static [u8]) -> AgentMessage {
+        agent_msg(agent_message::Msg::Chunk(Chunk {
+            data: Bytes::from_static(data),
+        }))
+    }
+
+    /// What the agent read: the head's `end_of_request`, then the body and whether its
+    /// `EndOfRequest` came.
+    async fn read_request(agent: &mut ScriptedAgent) -> (bool, Vec<u8>, bool) {
+        let Some(gateway_message::Msg::RequestHead(h)) = agent.recv().await.unwrap().msg else {
+            panic!("the request head comes first")
+        };
+        let mut body = vec![];
+        if h.end_of_request {
+            return (true, body, true);
+        }
+        while let Some(m) = agent.recv().await {
+            match m.msg {
+                Some(gateway_message::Msg::Chunk(c)) => body.extend_from_slice(&c.data),
+                Some(gateway_message::Msg::EndOfRequest(EndOfRequest { .. })) => {
+                    return (false, body, true)
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        (false, body, false)
+    }
+
+    #[tokio::test]
+    async fn the_caller_half_closes_then_the_answer_streams_and_the_tunnel_is_parked_again() {
+        let local = local();
+        let (tunnel, mut agent) = scripted_agent::tunnel("a");
+        let (caller, body) = caller_body();
+        caller
+            .send(Ok(Frame::data(Bytes::from_static(b"job"))))
+            .await
+            .unwrap();
+        drop(caller); // the request body ends: the caller's half-close
+        let agent = tokio::spawn(async move {
+            let request = read_request(&mut agent).await;
+            agent.send(response_head(200, false)).await;
+            agent.send(chunk(b"re")).await;
+            agent.send(chunk(b"sult")).await;
+            agent
+                .send(agent_msg(agent_message::Msg::Trailer(Trailer {
+                    trailers: vec![Header {
+                        name: Bytes::from_static(b"x-done"),
+                        value: Bytes::from_static(b"yes"),
+                    }],
+                })))
+                .await;
+            (request, agent)
+        });
+        let resp = local.forward_on("a", tunnel, post(), body).await.unwrap();
+        let collected = resp.body.collect().await.unwrap();
+        let trailers = collected.trailers().cloned().expect("the agent's trailers");
+        assert_eq!(&collected.to_bytes()[..], b"result");
+        assert_eq!(trailers["x-done"], "yes");
+        let ((head_ended, sent, end_came), _agent) = agent.await.unwrap();
+        assert_eq!(
+            (head_ended, &sent[..], end_came),
+            (false, &b"job"[..], true)
+        );
+        assert_eq!(
+            local.parking.idle_count("a"),
+            1,
+            "parked again for the next request"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_ends_before_the_request_body_ends_the_stream() {
+        let local = local();
+        let (tunnel, mut agent) = scripted_agent::tunnel("a");
+        let (caller, body) = caller_body();
+        caller
+            .send(Ok(Frame::data(Bytes::from_static(b"part"))))
+            .await
+            .unwrap();
+        // The upstream answers at once (a 413, say) while the caller is still sending.
+        let agent = tokio::spawn(async move {
+            let Some(gateway_message::Msg::RequestHead(_)) = agent.recv().await.unwrap().msg else {
+                panic!("the request head comes first")
+            };
+            agent.send(response_head(413, true)).await;
+            // Whatever the gateway still sends, its side then ends.
+            while agent.recv().await.is_some() {}
+        });
+        let resp = local.forward_on("a", tunnel, post(), body).await.unwrap();
+        assert_eq!(resp.status, 413);
+        assert!(resp.body.collect().await.is_ok());
+        tokio::time::timeout(Duration::from_secs(5), agent)
+            .await
+            .expect("the gateway ends its side of the stream")
+            .unwrap();
+        assert_eq!(
+            local.parking.idle_count("a"),
+            0,
+            "a stream with an unfinished request is not reused"
+        );
+        assert!(
+            caller.is_closed(),
+            "the rest of the caller's body is not read"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_goes_away_mid_answer_ends_the_stream_which_the_agent_reads_as_cancel() {
+        let local = local();
+        let (tunnel, mut agent) = scripted_agent::tunnel("a");
+        let empty = http_body_util::Empty::<Bytes>::new();
+        let mut head = post();
+        head.method = "GET".into();
+        let agent = tokio::spawn(async move {
+            read_request(&mut agent).await;
+            agent.send(response_head(200, false)).await;
+            agent.send(chunk(b"first")).await;
+            // The caller's side ends: the agent reads no further message, then the end.
+            agent.recv().await
+        });
+        let resp = local.forward_on("a", tunnel, head, empty).await.unwrap();
+        let mut body = resp.body;
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[..], b"first");
+        drop(body);
+        let after = tokio::time::timeout(Duration::from_secs(5), agent)
+            .await
+            .expect("the agent sees the stream end")
+            .unwrap();
+        assert!(after.is_none(), "nothing but the end: {after:?}");
+        assert_eq!(local.parking.idle_count("a"), 0);
+    }
+
+    #[tokio::test]
+    async fn a_reset_mid_answer_fails_the_callers_body_and_the_tunnel_is_not_reused() {
+        let local = local();
+        let (tunnel, mut agent) = scripted_agent::tunnel("a");
+        let empty = http_body_util::Empty::<Bytes>::new();
+        let mut head = post();
+        head.method = "GET".into();
+        let agent = tokio::spawn(async move {
+            read_request(&mut agent).await;
+            agent.send(response_head(200, false)).await;
+            agent.send(chunk(b"partial")).await;
+            agent.reset().await;
+            agent
+        });
+        let resp = local.forward_on("a", tunnel, head, empty).await.unwrap();
+        let mut body = resp.body;
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[..], b"partial");
+        let err = body
+            .frame()
+            .await
+            .unwrap()
+            .expect_err("the reset reaches the caller");
+        assert!(err.to_string().contains("mid-response"), "{err}");
+        assert!(body.frame().await.is_none(), "and the body ends there");
+        let _agent = agent.await.unwrap();
+        assert_eq!(local.parking.idle_count("a"), 0);
+    }
+
+    #[tokio::test]
+    async fn a_post_whose_tunnel_resets_before_the_answer_is_not_sent_again() {
+        let local = local();
+        // Two tunnels: the first resets after reading the request; the second must stay
+        // untouched, because a POST may not be sent twice.
+        let (first, mut resetting) = scripted_agent::tunnel("a");
+        let (second, mut spare) = scripted_agent::tunnel("a");
+        local.parking.park("a", second);
+        let resetting = tokio::spawn(async move {
+            let request = read_request(&mut resetting).await;
+            resetting.reset().await;
+            request
+        });
+        let (caller, body) = caller_body();
+        caller
+            .send(Ok(Frame::data(Bytes::from_static(b"once"))))
+            .await
+            .unwrap();
+        drop(caller);
+        let sent = local.forward_on("a", first, post(), body);
+        let e = tokio::time::timeout(Duration::from_secs(5), sent)
+            .await
+            .expect("answered at once, not sent again to the spare (which never answers)")
+            .err()
+            .unwrap();
+        assert_eq!(e.outcome(), "tunnel_broken");
+        assert_eq!(resetting.await.unwrap().1, b"once");
+        assert_eq!(
+            local.parking.idle_count("a"),
+            1,
+            "the spare tunnel was not taken"
+        );
+        assert!(!spare.has_message(), "and got nothing");
+    }
+}

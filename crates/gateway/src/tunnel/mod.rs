@@ -4,6 +4,8 @@
 mod error;
 mod forward;
 mod parking;
+#[cfg(test)]
+pub mod scripted_agent;
 mod service;
 mod to_agent;
 
