@@ -3,11 +3,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use axum::extract::{Query, State};
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::{Json, Router};
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
 
 use agentgate_proto::exposition::{self, Kind, Scrape};
 use agentgate_transport::cert_reload::ReloadableCert;
@@ -28,46 +26,78 @@ pub struct AdminState {
     pub cluster: Option<Arc<Cluster>>,
 }
 
-pub fn router(admin: Arc<AdminState>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/api/v1/agents", get(agents))
-        .with_state(admin)
+type AdminResponse = Response<Full<Bytes>>;
+
+/// One admin request. Routed as the API and internal listeners route theirs: a match on the
+/// method and the path.
+pub async fn route<B>(admin: Arc<AdminState>, req: Request<B>) -> AdminResponse {
+    let path = req.uri().path();
+    let known = ["/healthz", "/readyz", "/metrics", "/api/v1/agents"].contains(&path);
+    if known && !matches!(*req.method(), Method::GET | Method::HEAD) {
+        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into());
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    match path {
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" => readyz(&admin),
+        "/metrics" => metrics(&admin),
+        // Boxed: the cluster's listing is a deep future, and the admin port is not a hot path.
+        "/api/v1/agents" => Box::pin(agents(&admin, req.uri().query())).await,
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "no such route; the admin port serves /healthz, /readyz, /metrics and \
+             /api/v1/agents\n"
+                .into(),
+        ),
+    }
 }
 
-/// Ready while the agent port accepts connections; 503 once shutdown has begun, so a load
-/// balancer stops sending new agents here.
+fn text(status: StatusCode, body: String) -> AdminResponse {
+    respond(status, "text/plain; charset=utf-8", body.into())
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> AdminResponse {
+    let mut r = Response::new(Full::new(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
 /// How long a failed accept keeps readiness off.
 const ACCEPT_FAILURE_NOT_READY_FOR: std::time::Duration = std::time::Duration::from_secs(5);
 
-async fn readyz(State(admin): State<Arc<AdminState>>) -> impl IntoResponse {
+/// Ready while the agent port accepts connections; 503 once shutdown has begun, so a load
+/// balancer stops sending new agents here.
+fn readyz(admin: &AdminState) -> AdminResponse {
     if !admin.ready.load(Ordering::Relaxed) {
-        return (
+        return text(
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: starting or shutting down\n".to_string(),
+            "not ready: starting or shutting down\n".into(),
         );
     }
     match agentgate_transport::ACCEPT_HEALTH.failing_within(ACCEPT_FAILURE_NOT_READY_FOR) {
-        Some(why) => (
+        Some(why) => text(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
                 "not ready: accepting connections fails ({why}); for 'Too many open files' raise \
                  the open-file limit or lower max_connections\n"
             ),
         ),
-        None => (StatusCode::OK, "ready\n".to_string()),
+        None => text(StatusCode::OK, "ready\n".into()),
     }
 }
 
-async fn metrics(State(admin): State<Arc<AdminState>>) -> impl IntoResponse {
+fn metrics(admin: &AdminState) -> AdminResponse {
     let mut scrape = Scrape::default();
     admin.metrics.add_to(&mut scrape);
-    add_certificate_expiry(&admin, &mut scrape);
-    (
-        [(header::CONTENT_TYPE, exposition::CONTENT_TYPE)],
-        scrape.render(),
+    add_certificate_expiry(admin, &mut scrape);
+    respond(
+        StatusCode::OK,
+        exposition::CONTENT_TYPE,
+        scrape.render().into(),
     )
 }
 
@@ -90,26 +120,21 @@ fn add_certificate_expiry(admin: &AdminState, scrape: &mut Scrape) {
     }
 }
 
-#[derive(serde::Deserialize)]
-struct AgentsQuery {
-    /// `cluster` lists every replica's agents (cluster mode).
-    scope: Option<String>,
-}
-
 /// This replica's agents, or with `?scope=cluster` the whole cluster's, each with its replica.
-async fn agents(
-    State(admin): State<Arc<AdminState>>,
-    Query(q): Query<AgentsQuery>,
-) -> axum::response::Response {
-    match (q.scope.as_deref(), &admin.cluster) {
-        (Some("cluster"), Some(c)) => match c.cluster_agents(&admin.directory).await {
-            Ok(list) => Json(list).into_response(),
-            Err(e) => (
+async fn agents(admin: &AdminState, query: Option<&str>) -> AdminResponse {
+    let cluster_scope = query
+        .unwrap_or_default()
+        .split('&')
+        .any(|kv| kv == "scope=cluster");
+    let json = |body: Vec<u8>| respond(StatusCode::OK, "application/json", body.into());
+    match (cluster_scope, &admin.cluster) {
+        (true, Some(c)) => match c.cluster_agents(&admin.directory).await {
+            Ok(list) => json(serde_json::to_vec(&list).unwrap_or_default()),
+            Err(e) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("cluster registry unavailable: {e}\n"),
-            )
-                .into_response(),
+            ),
         },
-        _ => Json(admin.directory.list()).into_response(),
+        _ => json(serde_json::to_vec(&admin.directory.list()).unwrap_or_default()),
     }
 }

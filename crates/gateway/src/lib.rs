@@ -301,7 +301,7 @@ pub async fn run_with(
     };
 
     let admin_stop = CancellationToken::new();
-    let admin_router = admin::router(gw.admin.clone());
+    let admin_state = gw.admin.clone();
     let admin = shutdown::Task {
         handle: tokio::spawn(http_listener::serve_http(
             listeners.admin,
@@ -311,7 +311,13 @@ pub async fn run_with(
                 cfg.admin_max_connections,
                 cfg,
             ),
-            move |_peer| admin_router.clone(),
+            move |_peer| {
+                let admin = admin_state.clone();
+                tower::service_fn(move |req| {
+                    let admin = admin.clone();
+                    async move { Ok::<_, std::convert::Infallible>(admin::route(admin, req).await) }
+                })
+            },
             admin_stop.clone(),
         )),
         stop: admin_stop,
