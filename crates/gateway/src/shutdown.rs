@@ -67,8 +67,9 @@ impl Running {
         gw.stopping.cancel();
         // 2. Sessions end, each once its GOAWAY is written (agents then read the end as planned
         //    and reconnect elsewhere); then every other long-lived handler and parked tunnel.
-        let sessions_ended = wait_until(SESSIONS_END_WITHIN, || gw.directory.is_empty()).await;
-        if !sessions_ended {
+        let sessions_ended =
+            tokio::time::timeout(SESSIONS_END_WITHIN, gw.directory.emptied()).await;
+        if sessions_ended.is_err() {
             tracing::info!(
                 sessions = gw.directory.len(),
                 "ending the sessions that are still open"
@@ -123,16 +124,4 @@ impl Running {
         self.admin.stop_within(ADMIN_STOPS_WITHIN).await;
         tracing::info!("gateway stopped");
     }
-}
-
-/// Polls `done` every 10 ms for at most `limit`; whether it became true.
-async fn wait_until(limit: Duration, done: impl Fn() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + limit;
-    while !done() {
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    true
 }
