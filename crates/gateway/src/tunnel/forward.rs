@@ -922,8 +922,10 @@ mod stream_ends {
         let local = local();
         let (tunnel, mut agent) = scripted_agent::tunnel("a");
         let empty = http_body_util::Empty::<Bytes>::new();
-        let mut head = post();
-        head.method = "GET".into();
+        let head = RequestHead {
+            method: "GET".into(),
+            ..post()
+        };
         let agent = tokio::spawn(async move {
             read_request(&mut agent).await;
             agent.send(response_head(200, false)).await;
@@ -949,8 +951,10 @@ mod stream_ends {
         let local = local();
         let (tunnel, mut agent) = scripted_agent::tunnel("a");
         let empty = http_body_util::Empty::<Bytes>::new();
-        let mut head = post();
-        head.method = "GET".into();
+        let head = RequestHead {
+            method: "GET".into(),
+            ..post()
+        };
         let agent = tokio::spawn(async move {
             read_request(&mut agent).await;
             agent.send(response_head(200, false)).await;
