@@ -28,8 +28,7 @@ pub struct AdminState {
 
 type AdminResponse = Response<Full<Bytes>>;
 
-/// One admin request. Routed as the API and internal listeners route theirs: a match on the
-/// method and the path.
+/// One admin request: a match on the method and the path, as the internal API routes its own.
 pub async fn route<B>(admin: Arc<AdminState>, req: Request<B>) -> AdminResponse {
     let path = req.uri().path();
     let known = ["/healthz", "/readyz", "/metrics", "/api/v1/agents"].contains(&path);

@@ -88,9 +88,6 @@ impl Drop for SessionGuard {
         }
         let now_empty = sessions.by_id.is_empty();
         drop(sessions);
-        if now_empty {
-            self.directory.emptied.notify_waiters();
-        }
         if let Some(r) = removed {
             self.metrics.agents_connected.add(&[&self.transport], -1.0);
             if let Some(hook) = self.directory.presence.get() {
@@ -103,6 +100,10 @@ impl Drop for SessionGuard {
                 conn = r.connection_id,
                 "agent session ended"
             );
+        }
+        // Last, so that whoever waits for the end sees the metric and the registry told.
+        if now_empty {
+            self.directory.emptied.notify_waiters();
         }
     }
 }

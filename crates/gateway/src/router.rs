@@ -122,7 +122,7 @@ mod tests {
     //! side is scripted (`tunnel::scripted_agent`).
     use std::sync::Arc;
 
-    use crate::tunnel::scripted_agent;
+    use crate::tunnel::scripted_agent::{self, within_limit};
     use crate::Gateway;
     use agentgate_proto::v1::{
         agent_message, gateway_message, AgentMessage, RequestKind, ResponseHead,
@@ -157,121 +157,133 @@ mod tests {
 
     #[tokio::test]
     async fn an_agent_no_token_names_is_unknown_and_a_known_one_not_connected() {
-        let dir = tempfile::tempdir().unwrap();
-        let gw = gateway(dir.path());
-        let empty = http_body_util::Empty::<Bytes>::new();
-        let e = gw
-            .router
-            .forward("nobody", head(), empty)
-            .await
-            .err()
-            .unwrap();
-        assert_eq!(e.outcome(), "unknown_agent");
-        let e = gw
-            .router
-            .forward("known", head(), empty)
-            .await
-            .err()
-            .unwrap();
-        assert_eq!(e.outcome(), "not_connected");
-        assert_eq!(e.http_status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        within_limit(async {
+            let dir = tempfile::tempdir().unwrap();
+            let gw = gateway(dir.path());
+            let empty = http_body_util::Empty::<Bytes>::new();
+            let e = gw
+                .router
+                .forward("nobody", head(), empty)
+                .await
+                .err()
+                .unwrap();
+            assert_eq!(e.outcome(), "unknown_agent");
+            let e = gw
+                .router
+                .forward("known", head(), empty)
+                .await
+                .err()
+                .unwrap();
+            assert_eq!(e.outcome(), "not_connected");
+            assert_eq!(e.http_status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn a_request_waits_for_an_agent_that_connects_within_the_reconnect_wait() {
-        let dir = tempfile::tempdir().unwrap();
-        let gw = gateway(dir.path());
-        let (t, mut agent) = scripted_agent::tunnel("known");
-        let answer_msg = AgentMessage {
-            msg: Some(agent_message::Msg::ResponseHead(ResponseHead {
-                status: 200,
-                end_of_response: true,
-                ..Default::default()
-            })),
-        };
-        // The agent comes back 120 ms after the request arrived (the wait is 200 ms).
-        let late = {
-            let gw = gw.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(120)).await;
-                gw.tunnels.parking.park("known", t);
-                let _head = agent.recv().await.unwrap();
-                agent.send(answer_msg).await;
-                agent
-            })
-        };
-        let started = std::time::Instant::now();
-        let resp = gw
-            .router
-            .forward("known", head(), http_body_util::Empty::<Bytes>::new())
-            .await
-            .expect("served once the agent is back");
-        assert_eq!(resp.status, 200);
-        assert!(started.elapsed() >= Duration::from_millis(100));
-        let _keep = late.await.unwrap();
+        within_limit(async {
+            let dir = tempfile::tempdir().unwrap();
+            let gw = gateway(dir.path());
+            let (t, mut agent) = scripted_agent::tunnel("known");
+            let answer_msg = AgentMessage {
+                msg: Some(agent_message::Msg::ResponseHead(ResponseHead {
+                    status: 200,
+                    end_of_response: true,
+                    ..Default::default()
+                })),
+            };
+            // The agent comes back 120 ms after the request arrived (the wait is 200 ms).
+            let late = {
+                let gw = gw.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(120)).await;
+                    gw.tunnels.parking.park("known", t);
+                    let _head = agent.recv().await.unwrap();
+                    agent.send(answer_msg).await;
+                    agent
+                })
+            };
+            let started = std::time::Instant::now();
+            let resp = gw
+                .router
+                .forward("known", head(), http_body_util::Empty::<Bytes>::new())
+                .await
+                .expect("served once the agent is back");
+            assert_eq!(resp.status, 200);
+            assert!(started.elapsed() >= Duration::from_millis(100));
+            let _keep = late.await.unwrap();
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn a_local_tunnel_serves_a_whole_answer_in_one_message_and_is_parked_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let gw = gateway(dir.path());
-        let answer_msg = AgentMessage {
-            msg: Some(agent_message::Msg::ResponseHead(ResponseHead {
-                status: 201,
-                body: Bytes::from_static(b"whole"),
-                end_of_response: true,
-                ..Default::default()
-            })),
-        };
-        let (t, mut agent) = scripted_agent::tunnel("known");
-        gw.tunnels.parking.park("known", t);
-        // The agent: reads the request head, answers it whole in one message.
-        let agent = tokio::spawn(async move {
-            let head = agent.recv().await.unwrap();
-            agent.send(answer_msg).await;
-            (head, agent)
-        });
-        let empty = http_body_util::Empty::<Bytes>::new();
-        let resp = gw.router.forward("known", head(), empty).await.unwrap();
-        assert_eq!(resp.status, 201);
-        let body = resp.body.collect().await.unwrap().to_bytes();
-        assert_eq!(&body[..], b"whole");
-        // One message went to the agent: the head, saying that no body follows.
-        let (sent, mut agent) = agent.await.unwrap();
-        match sent.msg {
-            Some(gateway_message::Msg::RequestHead(h)) => {
-                assert_eq!((h.protocol_version, h.end_of_request), (2, true));
+        within_limit(async {
+            let dir = tempfile::tempdir().unwrap();
+            let gw = gateway(dir.path());
+            let answer_msg = AgentMessage {
+                msg: Some(agent_message::Msg::ResponseHead(ResponseHead {
+                    status: 201,
+                    body: Bytes::from_static(b"whole"),
+                    end_of_response: true,
+                    ..Default::default()
+                })),
+            };
+            let (t, mut agent) = scripted_agent::tunnel("known");
+            gw.tunnels.parking.park("known", t);
+            // The agent: reads the request head, answers it whole in one message.
+            let agent = tokio::spawn(async move {
+                let head = agent.recv().await.unwrap();
+                agent.send(answer_msg).await;
+                (head, agent)
+            });
+            let empty = http_body_util::Empty::<Bytes>::new();
+            let resp = gw.router.forward("known", head(), empty).await.unwrap();
+            assert_eq!(resp.status, 201);
+            let body = resp.body.collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"whole");
+            // One message went to the agent: the head, saying that no body follows.
+            let (sent, mut agent) = agent.await.unwrap();
+            match sent.msg {
+                Some(gateway_message::Msg::RequestHead(h)) => {
+                    assert_eq!((h.protocol_version, h.end_of_request), (2, true));
+                }
+                other => panic!("expected the request head, got {other:?}"),
             }
-            other => panic!("expected the request head, got {other:?}"),
-        }
-        assert!(!agent.has_message(), "no EndOfRequest in version 2");
-        assert_eq!(gw.parked_tunnels("known"), 1, "the tunnel is parked again");
+            assert!(!agent.has_message(), "no EndOfRequest in version 2");
+            assert_eq!(gw.parked_tunnels("known"), 1, "the tunnel is parked again");
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn a_tunnel_that_closes_before_answering_is_retried_for_a_get_and_then_gives_up() {
-        let dir = tempfile::tempdir().unwrap();
-        let gw = gateway(dir.path());
-        // Three tunnels whose agent reads the request and then ends its side without a word.
-        let mut agents = vec![];
-        for _ in 0..3 {
-            let (t, mut agent) = scripted_agent::tunnel("known");
-            gw.tunnels.parking.park("known", t);
-            agents.push(tokio::spawn(async move { agent.recv().await.is_some() }));
-        }
-        let empty = http_body_util::Empty::<Bytes>::new();
-        let e = gw
-            .router
-            .forward("known", head(), empty)
-            .await
-            .err()
-            .unwrap();
-        assert_eq!(e.outcome(), "tunnel_broken");
-        for a in agents {
-            assert!(
-                a.await.unwrap(),
-                "each of the three tunnels got the request"
-            );
-        }
+        within_limit(async {
+            let dir = tempfile::tempdir().unwrap();
+            let gw = gateway(dir.path());
+            // Three tunnels whose agent reads the request and then ends its side without a word.
+            let mut agents = vec![];
+            for _ in 0..3 {
+                let (t, mut agent) = scripted_agent::tunnel("known");
+                gw.tunnels.parking.park("known", t);
+                agents.push(tokio::spawn(async move { agent.recv().await.is_some() }));
+            }
+            let empty = http_body_util::Empty::<Bytes>::new();
+            let e = gw
+                .router
+                .forward("known", head(), empty)
+                .await
+                .err()
+                .unwrap();
+            assert_eq!(e.outcome(), "tunnel_broken");
+            for a in agents {
+                assert!(
+                    a.await.unwrap(),
+                    "each of the three tunnels got the request"
+                );
+            }
+        })
+        .await;
     }
 }

@@ -32,9 +32,12 @@ impl ScriptedAgent {
             .map(|m| m.expect("a message"))
     }
 
-    /// Whether a message is waiting (without waiting for one).
+    /// Whether a message is waiting (without waiting for one; the stream's end is none).
     pub fn has_message(&mut self) -> bool {
-        futures_util::FutureExt::now_or_never(self.from_gateway.next()).is_some()
+        matches!(
+            futures_util::FutureExt::now_or_never(self.from_gateway.next()),
+            Some(Some(_))
+        )
     }
 
     /// Sends one message, framed as gRPC frames it.
@@ -54,6 +57,14 @@ impl ScriptedAgent {
         let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "stream reset");
         let _ = self.to_gateway.send(Err(reset)).await;
     }
+}
+
+/// Runs a test's body, failing the test instead of hanging it if the body has not finished
+/// within 10 s (a scripted agent that waits for what never comes waits forever).
+pub async fn within_limit<T>(body: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(std::time::Duration::from_secs(10), body)
+        .await
+        .expect("the test's exchange did not finish within 10 s")
 }
 
 /// A version-2 tunnel of `agent` with the `default` HTTP upstream, ready to park, and its
