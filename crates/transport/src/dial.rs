@@ -8,8 +8,8 @@ use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Error as WsError;
 
+use crate::connect_proxy::{ProxyConfig, ProxyError};
 use crate::kind::TransportKind;
-use crate::proxy::{ProxyConfig, ProxyError};
 use crate::scheme::ServerUrl;
 use crate::tls::{ALPN_H2, ALPN_HTTP1};
 use crate::websocket::{WsByteStream, WsSettings, WS_SUBPROTOCOL};

@@ -297,7 +297,7 @@ fn connect_reply_parser_consumes_only_the_head() {
             let writer = tokio::spawn(write_split(seed, w, wire));
             let res = tokio::time::timeout(
                 Duration::from_secs(2),
-                crate::proxy::read_connect_reply(&mut r, "http://proxy", "gateway:443"),
+                crate::connect_proxy::read_connect_reply(&mut r, "http://proxy", "gateway:443"),
             )
             .await
             .expect("the reply parser must not hang on a closed stream");

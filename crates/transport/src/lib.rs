@@ -8,6 +8,7 @@
 
 mod authority;
 pub mod cert_reload;
+mod connect_proxy;
 mod dial;
 #[cfg(test)]
 mod generated_tests;
@@ -17,7 +18,6 @@ mod kind;
 mod log_budget;
 mod ping_policy;
 mod pre_auth_budget;
-mod proxy;
 pub mod proxy_header;
 pub mod raw_frames;
 mod scheme;
@@ -26,6 +26,7 @@ pub mod tls;
 mod websocket;
 
 pub use authority::{non_uri_authority, refuse_non_uri_authority};
+pub use connect_proxy::{ProxyConfig, ProxyError};
 pub use dial::{dial, DialError, DialSettings};
 pub use goaway_watch::GoawayWatch;
 pub use ingress::{
@@ -36,7 +37,6 @@ pub use ingress::{AcceptHealth, ACCEPT_HEALTH};
 pub use kind::TransportKind;
 pub use log_budget::{LogBudget, PRE_AUTH_LINES_PER_SECOND, PRE_AUTH_LOG};
 pub use ping_policy::{PingPolicy, TooManyPings};
-pub use proxy::{ProxyConfig, ProxyError};
 pub use scheme::{SchemeError, ServerUrl};
 pub use sniff::{classify_prefix, PrefixClass, PrefixedIo, HTTP2_PREFACE};
 pub use websocket::{WsByteStream, WsSettings, WS_SUBPROTOCOL};

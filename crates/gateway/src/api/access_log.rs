@@ -280,7 +280,7 @@ impl Body for LoggedBody {
             self.finish("revoked", EndedBy::Gateway);
             if self.grpc {
                 return Poll::Ready(Some(Ok(Frame::trailers(
-                    super::grpc_proxy::status_headers(
+                    super::grpc_front::status_headers(
                         tonic::Code::Unauthenticated,
                         "the API token of this call was revoked",
                     ),

@@ -10,8 +10,8 @@
 //! upstream untouched).
 
 mod access_log;
-mod grpc_proxy;
-mod http_proxy;
+mod grpc_front;
+mod http_front;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -125,9 +125,9 @@ async fn route(
     // of KiB), and inline it would be copied again by every wrapper it goes through (the
     // service function, the in-flight counter, hyper's dispatcher) on every request.
     if is_grpc {
-        Box::pin(grpc_proxy::handle(api, peer, req)).await
+        Box::pin(grpc_front::handle(api, peer, req)).await
     } else {
-        Box::pin(http_proxy::handle(api, peer, tls, req)).await
+        Box::pin(http_front::handle(api, peer, tls, req)).await
     }
 }
 

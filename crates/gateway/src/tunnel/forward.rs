@@ -264,7 +264,7 @@ impl LocalTunnels {
                 tx: Some(tx),
                 pump,
                 reuse: reusable.then_some(Reuse {
-                    registry: self.parking.clone(),
+                    parking: self.parking.clone(),
                     descriptor,
                     conn,
                     agent: name,
@@ -431,7 +431,7 @@ fn message_kind(m: &agent_message::Msg) -> &'static str {
 
 /// What a version-2 tunnel needs to be parked again once its request is over.
 struct Reuse {
-    registry: Arc<TunnelParking>,
+    parking: Arc<TunnelParking>,
     descriptor: Descriptor,
     conn: Arc<ConnMeta>,
     agent: Arc<str>,
@@ -475,7 +475,7 @@ impl TunnelBody {
         };
         if let (Some(tx), Some(reuse), true) = (tx, self.reuse.take(), request_done) {
             let Some(rx) = self.rx.take() else { return };
-            reuse.registry.park(
+            reuse.parking.park(
                 &reuse.agent.clone(),
                 ParkedTunnel {
                     tx,
