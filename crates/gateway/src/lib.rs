@@ -5,8 +5,8 @@
 //! user requests from its API listener down those tunnels. Above the transport layer, the
 //! transport is only a label on the connection, for logs and metrics.
 //!
-//! [`Gateway`] is the wiring: it builds each part once and [`run_with`] hands every task the
-//! parts it needs (`agent_port.rs` the agent port, `api/` the tunnel API, `router.rs` where a
+//! [`Gateway`] is the wiring: it builds the shared parts once, and [`run_with`] builds each
+//! listener's handler state from them and hands every task the parts it needs (`agent_port.rs` the agent port, `api/` the tunnel API, `router.rs` where a
 //! request goes, `tunnel/` this replica's tunnels, `session.rs` agent sessions, `cluster/`
 //! the other replicas, `admin.rs` the admin port), then shuts them down in order
 //! (`shutdown.rs`).
@@ -54,7 +54,7 @@ use metrics::Metrics;
 use tokens::TokenStore;
 use tunnel::{LocalTunnels, TunnelParking};
 
-/// The gateway's parts, each built once; [`run_with`] hands every task the parts it needs.
+/// The gateway's shared parts, each built once; [`run_with`] hands every task the ones it needs.
 pub struct Gateway {
     config: GatewayConfig,
     metrics: Arc<Metrics>,
