@@ -924,27 +924,46 @@ mod stream_ends {
         .await;
     }
 
+    /// A GET on a fresh tunnel whose agent answers a head and the chunk `first`, then does
+    /// `then`; returns the tunnels, the caller's body with `first` read from it, and the
+    /// agent's task.
+    async fn answer_begun<T, F>(
+        first: &'static [u8],
+        then: impl FnOnce(ScriptedAgent) -> F + Send + 'static,
+    ) -> (LocalTunnels, ResponseBody, tokio::task::JoinHandle<T>)
+    where
+        F: std::future::Future<Output = T> + Send,
+        T: Send + 'static,
+    {
+        let local = local();
+        let (tunnel, mut agent) = scripted_agent::tunnel("a");
+        let head = RequestHead {
+            method: "GET".into(),
+            ..post()
+        };
+        let agent = tokio::spawn(async move {
+            read_request(&mut agent).await;
+            agent.send(response_head(200, false)).await;
+            agent.send(chunk(first)).await;
+            then(agent).await
+        });
+        let empty = http_body_util::Empty::<Bytes>::new();
+        let mut body = local
+            .forward_on("a", tunnel, head, empty)
+            .await
+            .unwrap()
+            .body;
+        let got = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&got[..], first);
+        (local, body, agent)
+    }
+
     #[tokio::test]
     async fn a_caller_that_goes_away_mid_answer_ends_the_stream_which_the_agent_reads_as_cancel() {
         within_limit(async {
-            let local = local();
-            let (tunnel, mut agent) = scripted_agent::tunnel("a");
-            let empty = http_body_util::Empty::<Bytes>::new();
-            let head = RequestHead {
-                method: "GET".into(),
-                ..post()
-            };
-            let agent = tokio::spawn(async move {
-                read_request(&mut agent).await;
-                agent.send(response_head(200, false)).await;
-                agent.send(chunk(b"first")).await;
-                // The caller's side ends: the agent reads no further message, then the end.
-                agent.recv().await
-            });
-            let resp = local.forward_on("a", tunnel, head, empty).await.unwrap();
-            let mut body = resp.body;
-            let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
-            assert_eq!(&first[..], b"first");
+            // The caller's side ends: the agent reads no further message, then the end.
+            let (local, body, agent) =
+                answer_begun(b"first", |mut agent| async move { agent.recv().await }).await;
             drop(body);
             let after = tokio::time::timeout(Duration::from_secs(5), agent)
                 .await
@@ -959,24 +978,11 @@ mod stream_ends {
     #[tokio::test]
     async fn a_reset_mid_answer_fails_the_callers_body_and_the_tunnel_is_not_reused() {
         within_limit(async {
-            let local = local();
-            let (tunnel, mut agent) = scripted_agent::tunnel("a");
-            let empty = http_body_util::Empty::<Bytes>::new();
-            let head = RequestHead {
-                method: "GET".into(),
-                ..post()
-            };
-            let agent = tokio::spawn(async move {
-                read_request(&mut agent).await;
-                agent.send(response_head(200, false)).await;
-                agent.send(chunk(b"partial")).await;
+            let (local, mut body, agent) = answer_begun(b"partial", |agent| async move {
                 agent.reset().await;
                 agent
-            });
-            let resp = local.forward_on("a", tunnel, head, empty).await.unwrap();
-            let mut body = resp.body;
-            let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
-            assert_eq!(&first[..], b"partial");
+            })
+            .await;
             let err = body
                 .frame()
                 .await
