@@ -149,3 +149,25 @@ def test_an_expiring_token_ends_its_session_when_it_expires(env):
     wait_for(lambda: "expired" in a.output(), timeout=10, what="the agent told its token expired")
     assert "(expired)" in subprocess.run([str(BIN), "token", "list", "--tokens", str(env.tokens)],
                                          capture_output=True, text=True, check=True).stdout
+
+
+def test_a_token_created_while_the_gateway_runs_works_on_its_first_call(env):
+    """`agentgate token create`, then curl with the new token at once: no window in which the
+    gateway still calls it invalid (it used to re-read its store at most every 250 ms)."""
+    up = PatternServer()
+    try:
+        g = env.gateway(tls=False, cleartext=False)
+        env.agent(g.url("grpc"), env.token_file("fresh-edge"), extra=["--upstream", up.url],
+                  name="agent-fresh")
+        g.wait_agent("fresh-edge")
+        url = f"http://127.0.0.1:{g.api_port}/agents/fresh-edge/proxy/"
+        for i in range(5):
+            # A refused call right before, so the gateway has just looked at its store.
+            assert http_get(url, headers={"authorization": "Bearer not-a-token"})[0] == 401
+            token = env.token(f"caller-{i}", kind="api")
+            r = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
+                                "-H", f"Authorization: Bearer {token}", url],
+                               capture_output=True, text=True, timeout=30)
+            assert r.stdout == "200", (i, r.stdout, r.stderr)
+    finally:
+        up.close()

@@ -425,13 +425,18 @@ impl TokenStore {
     /// authentication: a revoked token must bite even when nobody authenticates.
     pub fn check_now(&self) {
         *self.last_check.lock().unwrap() = Instant::now();
+        self.reload_if_changed();
+        // Expiry is not a change of the file.
+        self.end_what_is_no_longer_valid();
+    }
+
+    /// Reloads the store if its file changed since it was loaded (one `stat`).
+    fn reload_if_changed(&self) {
         if self.stamp() != self.loaded.read().unwrap().stamp {
             if let Err(e) = self.reload() {
                 tracing::error!(error = %e, "token store reload failed; keeping the previous one");
             }
         }
-        // Expiry is not a change of the file.
-        self.end_what_is_no_longer_valid();
     }
 
     /// Cancelled when the token `entry` names is revoked (or removed from the file).
@@ -464,35 +469,49 @@ impl TokenStore {
             }
             *last = Instant::now();
         }
-        if self.stamp() != self.loaded.read().unwrap().stamp {
-            if let Err(e) = self.reload() {
-                tracing::error!(error = %e, "token store reload failed; keeping the previous one");
-            }
-        }
+        self.reload_if_changed();
     }
 
     /// The entry for `token` in namespace `kind`, if it is valid.
+    ///
+    /// A token the loaded store does not hold sends a look at the file at once, even within
+    /// `recheck`: it may have been created a moment ago (`agentgate token create`, then a
+    /// call with it). That costs one `stat` per unknown token, far less than the connection
+    /// and request that brought it; a known token only looks every `recheck`.
     pub fn verify(&self, kind: TokenKind, token: &str) -> Option<Arc<TokenEntry>> {
         self.refresh_if_changed();
         let key = (kind, hash(token));
-        self.loaded
-            .read()
-            .unwrap()
-            .by_hash
-            .get(&key)
-            .filter(|t| !t.expired())
-            .cloned()
+        let lookup = || {
+            self.loaded
+                .read()
+                .unwrap()
+                .by_hash
+                .get(&key)
+                .filter(|t| !t.expired())
+                .cloned()
+        };
+        lookup().or_else(|| {
+            self.reload_if_changed();
+            lookup()
+        })
     }
 
-    /// Whether any agent token carries `name` (the agent is "known", connected or not).
+    /// Whether any agent token carries `name` (the agent is "known", connected or not). As
+    /// in [`Self::verify`], a name the loaded store does not hold sends a look at the file.
     pub fn agent_known(&self, name: &str) -> bool {
         self.refresh_if_changed();
-        self.loaded
-            .read()
-            .unwrap()
-            .by_hash
-            .values()
-            .any(|t| t.kind == TokenKind::Agent && t.name == name)
+        let known = || {
+            self.loaded
+                .read()
+                .unwrap()
+                .by_hash
+                .values()
+                .any(|t| t.kind == TokenKind::Agent && t.name == name)
+        };
+        known() || {
+            self.reload_if_changed();
+            known()
+        }
     }
 }
 
@@ -605,6 +624,26 @@ mod tests {
             revoke_tokens(&path, "nope"),
             Err(TokenError::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn a_token_created_after_the_last_look_works_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        create_token(&path, TokenKind::Agent, "old", &[]).unwrap();
+        let store = TokenStore::open(&path).unwrap();
+        // The store looked at its file just now, so `recheck` (250 ms) has not passed.
+        assert!(store.verify(TokenKind::Api, "nothing-yet").is_none());
+        let (api_tok, _) = create_token(&path, TokenKind::Api, "ci", &[]).unwrap();
+        let (agent_tok, _) = create_token(&path, TokenKind::Agent, "new", &[]).unwrap();
+        assert_eq!(store.verify(TokenKind::Api, &api_tok).unwrap().name, "ci");
+        assert!(store.agent_known("new"));
+        assert_eq!(
+            store.verify(TokenKind::Agent, &agent_tok).unwrap().name,
+            "new"
+        );
+        // A token still unknown stays refused.
+        assert!(store.verify(TokenKind::Api, "nothing-yet").is_none());
     }
 
     #[test]
