@@ -28,28 +28,43 @@ pub struct AdminState {
 
 type AdminResponse = Response<Full<Bytes>>;
 
-/// One admin request: a match on the method and the path, as the internal API routes its own.
+/// The admin port's pages.
+enum Page {
+    Health,
+    Ready,
+    Metrics,
+    Agents,
+}
+
+/// One admin request: a match on the path, then on the method, as the internal API routes its
+/// own.
 pub async fn route<B>(admin: Arc<AdminState>, req: Request<B>) -> AdminResponse {
-    let path = req.uri().path();
-    let known = ["/healthz", "/readyz", "/metrics", "/api/v1/agents"].contains(&path);
-    if known && !matches!(*req.method(), Method::GET | Method::HEAD) {
+    let page = match req.uri().path() {
+        "/healthz" => Page::Health,
+        "/readyz" => Page::Ready,
+        "/metrics" => Page::Metrics,
+        "/api/v1/agents" => Page::Agents,
+        _ => {
+            return text(
+                StatusCode::NOT_FOUND,
+                "no such route; the admin port serves /healthz, /readyz, /metrics and \
+                 /api/v1/agents\n"
+                    .into(),
+            )
+        }
+    };
+    if !matches!(*req.method(), Method::GET | Method::HEAD) {
         let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into());
         r.headers_mut()
             .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         return r;
     }
-    match path {
-        "/healthz" => text(StatusCode::OK, "ok\n".into()),
-        "/readyz" => readyz(&admin),
-        "/metrics" => metrics(&admin),
+    match page {
+        Page::Health => text(StatusCode::OK, "ok\n".into()),
+        Page::Ready => readyz(&admin),
+        Page::Metrics => metrics(&admin),
         // Boxed: the cluster's listing is a deep future, and the admin port is not a hot path.
-        "/api/v1/agents" => Box::pin(agents(&admin, req.uri().query())).await,
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "no such route; the admin port serves /healthz, /readyz, /metrics and \
-             /api/v1/agents\n"
-                .into(),
-        ),
+        Page::Agents => Box::pin(agents(&admin, req.uri().query())).await,
     }
 }
 

@@ -461,25 +461,27 @@ impl TokenStore {
         self.revoked_live.load(Ordering::Relaxed)
     }
 
-    fn refresh_if_changed(&self) {
+    /// Looks at the file if `recheck` has passed since the last look; whether it looked.
+    fn refresh_if_changed(&self) -> bool {
         {
             let mut last = self.last_check.lock().unwrap();
             if last.elapsed() < self.recheck {
-                return;
+                return false;
             }
             *last = Instant::now();
         }
         self.reload_if_changed();
+        true
     }
 
     /// The entry for `token` in namespace `kind`, if it is valid.
     ///
-    /// A token the loaded store does not hold sends a look at the file at once, even within
-    /// `recheck`: it may have been created a moment ago (`agentgate token create`, then a
+    /// A token the loaded store does not hold sends a look at the file at once (unless this
+    /// call just looked), even within `recheck`: it may have been created a moment ago (`agentgate token create`, then a
     /// call with it). That costs one `stat` per unknown token, far less than the connection
     /// and request that brought it; a known token only looks every `recheck`.
     pub fn verify(&self, kind: TokenKind, token: &str) -> Option<Arc<TokenEntry>> {
-        self.refresh_if_changed();
+        let looked = self.refresh_if_changed();
         let key = (kind, hash(token));
         let lookup = || {
             self.loaded
@@ -491,6 +493,9 @@ impl TokenStore {
                 .cloned()
         };
         lookup().or_else(|| {
+            if looked {
+                return None;
+            }
             self.reload_if_changed();
             lookup()
         })
@@ -499,7 +504,7 @@ impl TokenStore {
     /// Whether any agent token carries `name` (the agent is "known", connected or not). As
     /// in [`Self::verify`], a name the loaded store does not hold sends a look at the file.
     pub fn agent_known(&self, name: &str) -> bool {
-        self.refresh_if_changed();
+        let looked = self.refresh_if_changed();
         let known = || {
             self.loaded
                 .read()
@@ -508,10 +513,11 @@ impl TokenStore {
                 .values()
                 .any(|t| t.kind == TokenKind::Agent && t.name == name)
         };
-        known() || {
-            self.reload_if_changed();
-            known()
-        }
+        known()
+            || (!looked && {
+                self.reload_if_changed();
+                known()
+            })
     }
 }
 
