@@ -7,7 +7,6 @@
 //! optional maximum duration, the caller's own deadline, and a sentence for every failure.
 
 use std::collections::HashMap;
-use std::error::Error as _;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -18,11 +17,11 @@ use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body::{Body, Frame};
-use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use tonic::{Code, Status};
 
 use super::pool::{CallBody, ConnLease};
+use super::stream::SendError;
 use super::Backend;
 use crate::auth::AgentIdentity;
 use crate::metrics::Metrics;
@@ -459,18 +458,44 @@ pub async fn forward(
             .lease()
             .await
             .map_err(|e| unavailable(format!("cannot reach it ({e})")))?;
-        let resp = sender
-            .send_request(request)
-            .await
-            .map_err(|e| match reset_reason(&e) {
-                Some(h2::Reason::CANCEL) => (
-                    Outcome::CancelledByBackend,
-                    Status::cancelled(format!("agentgate: backend {name:?} cancelled the call")),
-                ),
-                Some(r) => unavailable(format!("it reset the call before answering ({r})")),
-                None => unavailable(format!("the call failed before an answer ({e})")),
-            })?;
-        Ok::<_, (Outcome, Status)>((resp, lease))
+        let (answer, mut pump) =
+            super::stream::send(&mut sender, request)
+                .await
+                .map_err(|e| match e {
+                    SendError::Refused(e) => {
+                        // The connection takes no new streams (GOAWAY, or it broke): later
+                        // calls use another.
+                        lease.retire();
+                        unavailable(format!("the call could not be sent ({e})"))
+                    }
+                    SendError::CallerGone => (
+                        Outcome::CancelledByCaller,
+                        Status::cancelled("agentgate: the caller's request broke off"),
+                    ),
+                })?;
+        // The request body goes out while the answer is awaited; a body still streaming
+        // once the answer begins gets a task of its own (returned with the answer).
+        let mut answer = std::pin::pin!(answer);
+        let head = std::future::poll_fn(|cx| {
+            if let Some(p) = pump.as_mut() {
+                if std::pin::Pin::new(p).poll(cx).is_ready() {
+                    pump = None;
+                }
+            }
+            answer.as_mut().poll(cx)
+        })
+        .await
+        .map_err(|e| match e.reason() {
+            Some(h2::Reason::CANCEL) => (
+                Outcome::CancelledByBackend,
+                Status::cancelled(format!("agentgate: backend {name:?} cancelled the call")),
+            ),
+            Some(r) if e.is_remote() => {
+                unavailable(format!("it reset the call before answering ({r})"))
+            }
+            _ => unavailable(format!("the call failed before an answer ({e})")),
+        })?;
+        Ok::<_, (Outcome, Status)>((head, pump, lease))
     };
     let timer_fired = async {
         match &timer {
@@ -496,7 +521,7 @@ pub async fn forward(
             return record.refuse(outcome, outcome.outside_status());
         }
     };
-    let (resp, lease) = match answered {
+    let (resp, pump, lease) = match answered {
         Ok(r) => r,
         Err((outcome, status)) => return record.refuse(outcome, status),
     };
@@ -512,8 +537,14 @@ pub async fn forward(
         record.finish(Outcome::Answered, code, "");
         return http::Response::from_parts(head, CallBody::empty());
     }
+    let stop_pump = pump.map(|mut pump| {
+        let stop = pump.stop_with();
+        tokio::spawn(pump);
+        stop
+    });
     let body = AnswerBody {
         inner: Some(body),
+        _stop_pump: stop_pump,
         backend: backend.clone(),
         timer: timer.map(|t| (Box::pin(tokio::time::sleep_until(t.at)), t)),
         ending: ended_from_outside,
@@ -531,18 +562,6 @@ fn grpc_code(v: &HeaderValue) -> Code {
         .map_or(Code::Unknown, Code::from_i32)
 }
 
-/// The HTTP/2 reset code inside a hyper error, if the peer reset the stream.
-fn reset_reason(e: &hyper::Error) -> Option<h2::Reason> {
-    let mut source = e.source();
-    while let Some(s) = source {
-        if let Some(h2) = s.downcast_ref::<h2::Error>() {
-            return h2.reason();
-        }
-        source = s.source();
-    }
-    None
-}
-
 fn trailers(status: &Status) -> Frame<Bytes> {
     let mut map = HeaderMap::new();
     let _ = status.add_header(&mut map);
@@ -553,7 +572,9 @@ pin_project! {
     /// The backend's answer on its way to the caller. It ends the call with a status when
     /// the timer fires or the backend breaks the stream, and records the outcome once.
     struct AnswerBody {
-        inner: Option<Incoming>,
+        inner: Option<h2::RecvStream>,
+        // Dropped with the answer: stops the request's pump, if one still runs.
+        _stop_pump: Option<tokio::sync::oneshot::Sender<()>>,
         backend: Arc<Backend>,
         timer: Option<(Pin<Box<tokio::time::Sleep>>, CallTimer)>,
         ending: Pin<Box<dyn Future<Output = Outcome> + Send>>,
@@ -605,7 +626,7 @@ impl Body for AnswerBody {
             return Poll::Ready(None);
         };
         let name = this.backend.name.as_str();
-        match Pin::new(inner).poll_frame(cx) {
+        match super::stream::poll_answer_frame(inner, cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(t) = frame.trailers_ref() {
                     let code = t.get("grpc-status").map_or(Code::Unknown, grpc_code);
@@ -616,7 +637,7 @@ impl Body for AnswerBody {
                 return Poll::Ready(Some(Ok(frame)));
             }
             Poll::Ready(Some(Err(e))) => {
-                let (outcome, status) = match reset_reason(&e) {
+                let (outcome, status) = match e.reason() {
                     Some(h2::Reason::CANCEL) => (
                         Outcome::CancelledByBackend,
                         Status::cancelled(format!(

@@ -10,6 +10,7 @@
 pub mod call;
 pub mod pool;
 pub mod route;
+mod stream;
 
 use std::sync::Arc;
 

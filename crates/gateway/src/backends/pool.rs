@@ -3,15 +3,16 @@
 //! Written here rather than taken from hyper-util's pooled client, because that client keeps
 //! ONE HTTP/2 connection per host: with thousands of long polls open, calls would queue
 //! behind the backend's stream limit (commonly 100) forever. This pool opens another
-//! connection when every open one carries `max_calls_per_connection` calls.
+//! connection when every open one carries `max_calls_per_connection` calls. Connections are
+//! `h2` client connections, not hyper's: `stream.rs` says why.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agentgate_transport::tls::{client_config, ServerVerification};
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use bytes::Bytes;
+use h2::client::SendRequest;
 use rustls::pki_types::ServerName;
 use thiserror::Error;
 use tokio::net::TcpStream;
@@ -24,6 +25,14 @@ use crate::config::BackendConfig;
 /// backend that vanished without a FIN is noticed instead of swallowing calls.
 const BACKEND_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const BACKEND_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Flow-control windows the gateway offers a backend for its answers (per call, and per
+/// connection): large enough that a streamed answer is not held to one round trip per 64 KiB.
+const ANSWER_STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const ANSWER_CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+/// The largest header block (head or trailers) a backend's answer may carry.
+const MAX_ANSWER_HEADER_LIST: u32 = 64 * 1024;
+/// Request bytes h2 may hold per call beyond the backend's window.
+const MAX_SEND_BUFFER: usize = 1024 * 1024;
 /// Callers that waited while a dial failed get that failure instead of dialing again, if it
 /// is this recent: a backend that is down costs one connect attempt at a time, not one per
 /// waiting call.
@@ -45,16 +54,26 @@ pub enum DialError {
     Http2(String),
 }
 
-/// The request body type every backend connection carries: the agent-port server's own.
+/// The request body type every backend call carries: the agent-port server's own.
 pub type CallBody = tonic::body::Body;
 
 struct PooledConn {
-    sender: SendRequest<CallBody>,
+    sender: SendRequest<Bytes>,
     in_flight: AtomicU32,
+    /// Set when the connection ended, or a call found it unusable (the backend sent GOAWAY):
+    /// the pool forgets it on the next lease.
+    closed: Arc<AtomicBool>,
 }
 
 /// One call's place on a connection; released when the call's response ends or is dropped.
 pub struct ConnLease(Arc<PooledConn>);
+
+impl ConnLease {
+    /// No further call is sent on this connection (a call could not open a stream on it).
+    pub fn retire(&self) {
+        self.0.closed.store(true, Ordering::Relaxed);
+    }
+}
 
 impl Drop for ConnLease {
     fn drop(&mut self) {
@@ -155,7 +174,7 @@ impl BackendPool {
     }
 
     /// A connection with room for one more call, dialed if none has room.
-    pub async fn lease(&self) -> Result<(SendRequest<CallBody>, ConnLease), DialError> {
+    pub async fn lease(&self) -> Result<(SendRequest<Bytes>, ConnLease), DialError> {
         if let Some(found) = self.take_room() {
             return Ok(found);
         }
@@ -170,10 +189,11 @@ impl BackendPool {
             }
         }
         match self.dial().await {
-            Ok(sender) => {
+            Ok((sender, closed)) => {
                 let conn = Arc::new(PooledConn {
                     sender: sender.clone(),
                     in_flight: AtomicU32::new(1),
+                    closed,
                 });
                 self.conns.lock().unwrap().push(conn.clone());
                 *self.last_dial_failure.lock().unwrap() = None;
@@ -188,9 +208,9 @@ impl BackendPool {
 
     /// The least busy open connection below the per-connection cap, with its count raised.
     /// Closed connections are forgotten on the way.
-    fn take_room(&self) -> Option<(SendRequest<CallBody>, ConnLease)> {
+    fn take_room(&self) -> Option<(SendRequest<Bytes>, ConnLease)> {
         let mut conns = self.conns.lock().unwrap();
-        conns.retain(|c| !c.sender.is_closed());
+        conns.retain(|c| !c.closed.load(Ordering::Relaxed));
         let conn = conns
             .iter()
             .filter(|c| c.in_flight.load(Ordering::Relaxed) < self.max_calls_per_connection)
@@ -200,7 +220,7 @@ impl BackendPool {
         Some((conn.sender.clone(), ConnLease(conn)))
     }
 
-    async fn dial(&self) -> Result<SendRequest<CallBody>, DialError> {
+    async fn dial(&self) -> Result<Dialed, DialError> {
         let timeout = self.connect_timeout;
         match tokio::time::timeout(timeout, self.dial_inner()).await {
             Ok(r) => r,
@@ -208,7 +228,7 @@ impl BackendPool {
         }
     }
 
-    async fn dial_inner(&self) -> Result<SendRequest<CallBody>, DialError> {
+    async fn dial_inner(&self) -> Result<Dialed, DialError> {
         let t = &self.target;
         let port = t.authority.port_u16().unwrap_or(80);
         let host = t.authority.host().trim_matches(['[', ']']);
@@ -222,7 +242,7 @@ impl BackendPool {
                 Ok(tcp) => {
                     agentgate_transport::set_nodelay(&tcp);
                     return match &t.tls {
-                        None => handshake(tcp).await,
+                        None => handshake(tcp, &t.authority).await,
                         Some((connector, name)) => {
                             let tls = connector
                                 .connect(name.clone(), tcp)
@@ -235,7 +255,7 @@ impl BackendPool {
                                         .into(),
                                 ));
                             }
-                            handshake(tls).await
+                            handshake(tls, &t.authority).await
                         }
                     };
                 }
@@ -246,29 +266,70 @@ impl BackendPool {
     }
 }
 
-async fn handshake<IO>(io: IO) -> Result<SendRequest<CallBody>, DialError>
+/// A new connection's request handle, and the flag its driving task sets when it ends.
+type Dialed = (SendRequest<Bytes>, Arc<AtomicBool>);
+
+async fn handshake<IO>(io: IO, address: &http::uri::Authority) -> Result<Dialed, DialError>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .keep_alive_interval(BACKEND_KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(BACKEND_KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true)
-        .handshake(TokioIo::new(io))
+    let (sender, conn) = h2::client::Builder::new()
+        .initial_window_size(ANSWER_STREAM_WINDOW)
+        .initial_connection_window_size(ANSWER_CONNECTION_WINDOW)
+        .max_header_list_size(MAX_ANSWER_HEADER_LIST)
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .enable_push(false)
+        .handshake(io)
         .await
         .map_err(|e| DialError::Http2(e.to_string()))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "backend connection ended");
+    let closed = Arc::new(AtomicBool::new(false));
+    tokio::spawn(drive(conn, address.clone(), closed.clone()));
+    Ok((sender, closed))
+}
+
+/// Runs one backend connection until it ends, PINGing it every
+/// [`BACKEND_KEEPALIVE_INTERVAL`]; a backend that does not answer within
+/// [`BACKEND_KEEPALIVE_TIMEOUT`] loses the connection (and its calls fail with UNAVAILABLE).
+async fn drive<IO>(
+    mut conn: h2::client::Connection<IO, Bytes>,
+    address: http::uri::Authority,
+    closed: Arc<AtomicBool>,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let pings = conn.ping_pong();
+    let keepalive = async move {
+        let Some(mut pings) = pings else {
+            return std::future::pending().await;
+        };
+        loop {
+            tokio::time::sleep(BACKEND_KEEPALIVE_INTERVAL).await;
+            match tokio::time::timeout(BACKEND_KEEPALIVE_TIMEOUT, pings.ping(h2::Ping::opaque()))
+                .await
+            {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return e.to_string(),
+                Err(_) => {
+                    return format!("no PING answer within {BACKEND_KEEPALIVE_TIMEOUT:?}");
+                }
+            }
         }
-    });
-    Ok(sender)
+    };
+    tokio::select! {
+        ended = &mut conn => {
+            if let Err(e) = ended {
+                tracing::debug!(%address, error = %e, "backend connection ended");
+            }
+        }
+        why = keepalive => tracing::warn!(%address, "backend connection closed: {why}"),
+    }
+    closed.store(true, Ordering::Relaxed);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
 
     /// An HTTP/2 server that answers every request with headers and then a body that never
     /// ends (a long poll), until the test ends.
@@ -307,15 +368,16 @@ mod tests {
         .unwrap()
     }
 
-    async fn open_call(pool: &BackendPool) -> (http::Response<Incoming>, ConnLease) {
+    async fn open_call(pool: &BackendPool) -> (http::Response<h2::RecvStream>, ConnLease) {
         let (mut sender, lease) = pool.lease().await.unwrap();
         let req = http::Request::post(format!("http://{}/t.S/M", pool.address()))
             .body(CallBody::empty())
             .unwrap();
-        (sender.send_request(req).await.unwrap(), lease)
+        let Ok((answer, None)) = super::super::stream::send(&mut sender, req).await else {
+            panic!("an empty body goes with the head");
+        };
+        (answer.await.unwrap(), lease)
     }
-
-    use hyper::body::Incoming;
 
     #[tokio::test]
     async fn a_full_connection_makes_the_pool_open_another_and_a_freed_place_is_reused() {
@@ -338,7 +400,7 @@ mod tests {
             "a freed place is taken before dialing again"
         );
         for (resp, _) in [b, c, d] {
-            assert!(!http_body::Body::is_end_stream(resp.body()));
+            assert!(!resp.body().is_end_stream());
         }
     }
 

@@ -1,0 +1,193 @@
+//! One call's HTTP/2 stream to its backend, on `h2` directly.
+//!
+//! hyper's HTTP/2 client spawns a task per request to wait for the answer, hands requests to
+//! the connection's task through a channel, and spawns another task whenever the request body
+//! is not complete when the head is sent. For a unary call that is two or three task wake-ups
+//! and a spawn on top of the work itself (docs/BENCHMARKS.md, "Seventeenth session"). Here the
+//! call's own future sends the head, pumps the request body while it waits for the answer, and
+//! reads the answer; a task of its own is spawned only for a request body that is still
+//! streaming once the answer has begun (client-streaming and bidi calls).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use h2::client::ResponseFuture;
+use h2::{RecvStream, SendStream};
+use http_body::{Body, Frame};
+use tokio::sync::oneshot;
+
+use super::pool::CallBody;
+
+/// Why a call could not be sent.
+pub enum SendError {
+    /// The backend's connection takes no new stream (GOAWAY, or it broke).
+    Refused(h2::Error),
+    /// The caller's request broke before anything was sent.
+    CallerGone,
+}
+
+/// Sends the request head and returns the answer's future and, unless the body has already
+/// gone out whole, the pump that must run until it has.
+///
+/// A unary call's message has usually arrived with its head. It is taken first, so that the
+/// head and the message are queued together: sent apart, the connection's task (often on the
+/// other worker) writes the head alone, and the backend wakes twice for one call.
+pub async fn send(
+    sender: &mut h2::client::SendRequest<Bytes>,
+    request: http::Request<CallBody>,
+) -> Result<(ResponseFuture, Option<RequestPump>), SendError> {
+    let (parts, mut body) = request.into_parts();
+    let head = http::Request::from_parts(parts, ());
+    let first = if body.is_end_stream() {
+        Some(None)
+    } else {
+        std::future::poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
+            Poll::Ready(frame) => Poll::Ready(Some(frame)),
+            Poll::Pending => Poll::Ready(None),
+        })
+        .await
+    };
+    let first = match first {
+        Some(Some(Err(_))) => return Err(SendError::CallerGone),
+        Some(Some(Ok(frame))) => Some(frame),
+        // The body is already over: the head carries END_STREAM.
+        Some(None) => {
+            let (answer, _) = sender
+                .send_request(head, true)
+                .map_err(SendError::Refused)?;
+            return Ok((answer, None));
+        }
+        None => None,
+    };
+    let (answer, mut stream) = sender
+        .send_request(head, false)
+        .map_err(SendError::Refused)?;
+    if let Some(frame) = first {
+        // Errors here mean the stream is already gone; the answer's future reports why.
+        let done = match frame.into_data() {
+            Ok(data) => {
+                let end = body.is_end_stream();
+                let _ = stream.send_data(data, end);
+                end
+            }
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    let _ = stream.send_trailers(trailers);
+                }
+                true
+            }
+        };
+        if done {
+            return Ok((answer, None));
+        }
+    }
+    let pump = RequestPump {
+        body,
+        stream,
+        stop: None,
+    };
+    Ok((answer, Some(pump)))
+}
+
+/// Copies the caller's request body into the backend's stream, within the backend's flow
+/// control window. Ends when the body ends, when either side resets the stream, or when the
+/// call's answer is dropped (see [`RequestPump::stop_with`]).
+pub struct RequestPump {
+    body: CallBody,
+    stream: SendStream<Bytes>,
+    stop: Option<oneshot::Receiver<()>>,
+}
+
+impl RequestPump {
+    /// Stops the pump (and resets the stream) once the returned sender is dropped: the call's
+    /// answer holds it, so a call the gateway or the caller ended stops sending to the
+    /// backend even while the caller's body is still open.
+    pub fn stop_with(&mut self) -> oneshot::Sender<()> {
+        let (tx, rx) = oneshot::channel();
+        self.stop = Some(rx);
+        tx
+    }
+}
+
+impl Future for RequestPump {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        if let Some(stop) = this.stop.as_mut() {
+            if Pin::new(stop).poll(cx).is_ready() {
+                this.stream.send_reset(h2::Reason::CANCEL);
+                return Poll::Ready(());
+            }
+        }
+        loop {
+            // The backend may reset the stream (it answered and needs no more, or refused
+            // the call); nothing more is sent then.
+            if this.stream.poll_reset(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            // Wait for room in the backend's window before taking the next frame: h2
+            // buffers a frame larger than the room, so one frame at a time bounds the
+            // buffer per call.
+            this.stream.reserve_capacity(1);
+            if this.stream.capacity() == 0 {
+                match this.stream.poll_capacity(cx) {
+                    Poll::Ready(Some(Ok(_))) => continue,
+                    Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(()),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            let sent = match Pin::new(&mut this.body).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => this.stream.send_data(Bytes::new(), true),
+                Poll::Ready(Some(Err(_))) => {
+                    // The caller's side broke (reset, or its connection ended).
+                    this.stream.send_reset(h2::Reason::CANCEL);
+                    return Poll::Ready(());
+                }
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        let end = this.body.is_end_stream();
+                        let sent = this.stream.send_data(data, end);
+                        if sent.is_ok() && !end {
+                            continue;
+                        }
+                        sent
+                    }
+                    Err(frame) => match frame.into_trailers() {
+                        Ok(trailers) => this.stream.send_trailers(trailers),
+                        Err(_) => continue,
+                    },
+                },
+            };
+            // The last frame went out, or the stream is gone: either way the pump is done.
+            let _ = sent;
+            return Poll::Ready(());
+        }
+    }
+}
+
+/// The next frame of the backend's answer. Data is released from the flow-control window as
+/// it is handed on, so the backend sends as fast as the caller reads.
+pub fn poll_answer_frame(
+    stream: &mut RecvStream,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+    match stream.poll_data(cx) {
+        Poll::Ready(Some(Ok(data))) => {
+            // Releasing can fail only for a stream already reset, which the next poll reports.
+            let _ = stream.flow_control().release_capacity(data.len());
+            Poll::Ready(Some(Ok(Frame::data(data))))
+        }
+        Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+        Poll::Ready(None) => match stream.poll_trailers(cx) {
+            Poll::Ready(Ok(Some(trailers))) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Poll::Ready(Ok(None)) => Poll::Ready(None),
+            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+            Poll::Pending => Poll::Pending,
+        },
+        Poll::Pending => Poll::Pending,
+    }
+}
