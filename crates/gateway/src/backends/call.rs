@@ -20,8 +20,7 @@ use http_body::{Body, Frame};
 use pin_project_lite::pin_project;
 use tonic::{Code, Status};
 
-use super::pool::{CallBody, ConnLease};
-use super::stream::SendError;
+use super::pool::{CallBody, ConnLease, SendFailure};
 use super::Backend;
 use crate::auth::AgentIdentity;
 use crate::metrics::Metrics;
@@ -453,26 +452,13 @@ pub async fn forward(
         )
     };
     let sent = async {
-        let (mut sender, lease) = backend
-            .pool
-            .lease()
-            .await
-            .map_err(|e| unavailable(format!("cannot reach it ({e})")))?;
-        let (answer, mut pump) =
-            super::stream::send(&mut sender, request)
-                .await
-                .map_err(|e| match e {
-                    SendError::Refused(e) => {
-                        // The connection takes no new streams (GOAWAY, or it broke): later
-                        // calls use another.
-                        lease.retire();
-                        unavailable(format!("the call could not be sent ({e})"))
-                    }
-                    SendError::CallerGone => (
-                        Outcome::CancelledByCaller,
-                        Status::cancelled("agentgate: the caller's request broke off"),
-                    ),
-                })?;
+        let (answer, mut pump, lease) = backend.pool.send(request).await.map_err(|e| match e {
+            SendFailure::CallerGone => (
+                Outcome::CancelledByCaller,
+                Status::cancelled(format!("agentgate: {e}")),
+            ),
+            e => unavailable(e.to_string()),
+        })?;
         // The request body goes out while the answer is awaited; a body still streaming
         // once the answer begins gets a task of its own (returned with the answer).
         let mut answer = std::pin::pin!(answer);
@@ -537,11 +523,7 @@ pub async fn forward(
         record.finish(Outcome::Answered, code, "");
         return http::Response::from_parts(head, CallBody::empty());
     }
-    let stop_pump = pump.map(|mut pump| {
-        let stop = pump.stop_with();
-        tokio::spawn(pump);
-        stop
-    });
+    let stop_pump = pump.map(super::stream::RequestPump::spawn);
     let body = AnswerBody {
         inner: Some(body),
         _stop_pump: stop_pump,
@@ -574,7 +556,7 @@ pin_project! {
     struct AnswerBody {
         inner: Option<h2::RecvStream>,
         // Dropped with the answer: stops the request's pump, if one still runs.
-        _stop_pump: Option<tokio::sync::oneshot::Sender<()>>,
+        _stop_pump: Option<super::stream::StopPumpOnDrop>,
         backend: Arc<Backend>,
         timer: Option<(Pin<Box<tokio::time::Sleep>>, CallTimer)>,
         ending: Pin<Box<dyn Future<Output = Outcome> + Send>>,

@@ -18,6 +18,7 @@ use thiserror::Error;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use super::stream::{self, RequestPump, SendError};
 use super::BackendConfigError;
 use crate::config::BackendConfig;
 
@@ -54,6 +55,25 @@ pub enum DialError {
     Http2(String),
 }
 
+/// Connections a call tries before it fails: each unusable one is dropped from the pool, so
+/// this bounds only a backend that refuses every new connection's first stream.
+const SEND_ATTEMPTS: u32 = 3;
+
+/// A sent call: the answer's future, the request body's pump (if the body still streams),
+/// and the call's place on its connection.
+pub type Sent = (h2::client::ResponseFuture, Option<RequestPump>, ConnLease);
+
+/// Why a call was not sent.
+#[derive(Debug, Error)]
+pub enum SendFailure {
+    #[error("cannot reach it ({0})")]
+    Dial(DialError),
+    #[error("the call could not be sent ({0})")]
+    Refused(h2::Error),
+    #[error("the caller's request broke off")]
+    CallerGone,
+}
+
 /// The request body type every backend call carries: the agent-port server's own.
 pub type CallBody = tonic::body::Body;
 
@@ -70,7 +90,7 @@ pub struct ConnLease(Arc<PooledConn>);
 
 impl ConnLease {
     /// No further call is sent on this connection (a call could not open a stream on it).
-    pub fn retire(&self) {
+    fn retire(&self) {
         self.0.closed.store(true, Ordering::Relaxed);
     }
 }
@@ -171,6 +191,33 @@ impl BackendPool {
     /// HTTP/2 connections open now.
     pub fn connections(&self) -> usize {
         self.conns.lock().unwrap().len()
+    }
+
+    /// Sends `request` on a connection with room for it: the answer's future, the request
+    /// body's pump if the body is still streaming, and the call's place on the connection.
+    /// A connection found unusable (GOAWAY) is dropped from the pool and the call goes to
+    /// another, at most [`SEND_ATTEMPTS`] times.
+    pub async fn send(&self, mut request: http::Request<CallBody>) -> Result<Sent, SendFailure> {
+        let mut attempts = 0;
+        loop {
+            let (mut sender, lease) = self.lease().await.map_err(SendFailure::Dial)?;
+            attempts += 1;
+            match stream::send(&mut sender, request).await {
+                Ok((answer, pump)) => return Ok((answer, pump, lease)),
+                Err(SendError::Unusable(e, back)) => {
+                    lease.retire();
+                    if attempts >= SEND_ATTEMPTS {
+                        return Err(SendFailure::Refused(e));
+                    }
+                    request = back;
+                }
+                Err(SendError::Refused(e)) => {
+                    lease.retire();
+                    return Err(SendFailure::Refused(e));
+                }
+                Err(SendError::CallerGone) => return Err(SendFailure::CallerGone),
+            }
+        }
     }
 
     /// A connection with room for one more call, dialed if none has room.
@@ -330,15 +377,19 @@ async fn drive<IO>(
 mod tests {
     use super::*;
     use hyper_util::rt::{TokioExecutor, TokioIo};
+    use std::future::Future;
+    use tokio_stream::StreamExt;
 
     /// An HTTP/2 server that answers every request with headers and then a body that never
-    /// ends (a long poll), until the test ends.
-    async fn long_poll_server() -> std::net::SocketAddr {
+    /// ends (a long poll), until the test ends. Notifying `leave` makes every connection open
+    /// at that moment shut down gracefully (GOAWAY, calls in flight go on).
+    async fn long_poll_server(leave: Arc<tokio::sync::Notify>) -> std::net::SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             loop {
                 let (tcp, _) = listener.accept().await.unwrap();
+                let leave = leave.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(|_req| async {
                         let body =
@@ -347,14 +398,62 @@ mod tests {
                             >());
                         Ok::<_, std::convert::Infallible>(http::Response::new(body))
                     });
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tcp), svc)
-                        .await;
+                    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc);
+                    let mut conn = std::pin::pin!(conn);
+                    tokio::select! {
+                        _ = conn.as_mut() => return,
+                        _ = leave.notified() => conn.as_mut().graceful_shutdown(),
+                    }
+                    let _ = conn.await;
                 });
             }
         });
         addr
     }
+
+    /// An HTTP/2 server that echoes each request DATA frame as it arrives, and reports on
+    /// `ended` how the request body ended: `true` cleanly, `false` reset.
+    async fn echo_server(ended: tokio::sync::mpsc::UnboundedSender<bool>) -> std::net::SocketAddr {
+        use http_body_util::BodyExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                let ended = ended.clone();
+                async move {
+                    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        loop {
+                            match body.frame().await {
+                                Some(Ok(f)) => {
+                                    if let Ok(data) = f.into_data() {
+                                        let _ = tx.send(Ok(http_body::Frame::data(data)));
+                                    }
+                                }
+                                Some(Err(_)) => break ended.send(false),
+                                None => break ended.send(true),
+                            }
+                        }
+                    });
+                    let body = http_body_util::StreamBody::new(
+                        tokio_stream::wrappers::UnboundedReceiverStream::<
+                            Result<http_body::Frame<Bytes>, std::convert::Infallible>,
+                        >::new(rx),
+                    );
+                    Ok::<_, std::convert::Infallible>(http::Response::new(body))
+                }
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+        addr
+    }
+
+    use hyper::body::Incoming;
 
     fn pool(url: String, per_connection: u32) -> BackendPool {
         BackendPool::new(&BackendConfig {
@@ -369,11 +468,10 @@ mod tests {
     }
 
     async fn open_call(pool: &BackendPool) -> (http::Response<h2::RecvStream>, ConnLease) {
-        let (mut sender, lease) = pool.lease().await.unwrap();
         let req = http::Request::post(format!("http://{}/t.S/M", pool.address()))
             .body(CallBody::empty())
             .unwrap();
-        let Ok((answer, None)) = super::super::stream::send(&mut sender, req).await else {
+        let Ok((answer, None, lease)) = pool.send(req).await else {
             panic!("an empty body goes with the head");
         };
         (answer.await.unwrap(), lease)
@@ -381,7 +479,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_connection_makes_the_pool_open_another_and_a_freed_place_is_reused() {
-        let addr = long_poll_server().await;
+        let addr = long_poll_server(Default::default()).await;
         let pool = pool(format!("http://{addr}"), 2);
         let a = open_call(&pool).await;
         let b = open_call(&pool).await;
@@ -423,5 +521,77 @@ mod tests {
         }
         assert!(started.elapsed() < Duration::from_secs(2));
         assert_eq!(pool.connections(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_backend_leaves_is_dropped_and_the_next_call_goes_to_a_new_one() {
+        let leave = Arc::new(tokio::sync::Notify::new());
+        let addr = long_poll_server(leave.clone()).await;
+        let pool = pool(format!("http://{addr}"), 100);
+        let (first, _lease) = open_call(&pool).await;
+        leave.notify_waiters();
+        // The GOAWAY reaches the gateway's side of the connection.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (second, _lease2) = tokio::time::timeout(Duration::from_secs(5), open_call(&pool))
+            .await
+            .expect("the second call is answered on a new connection");
+        assert_eq!(
+            pool.connections(),
+            1,
+            "the connection left behind is forgotten"
+        );
+        assert!(!first.body().is_end_stream(), "the call in flight goes on");
+        assert!(!second.body().is_end_stream());
+    }
+
+    #[tokio::test]
+    async fn a_request_streams_on_after_the_answer_began_and_stops_when_the_answer_is_dropped() {
+        let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
+        let addr = echo_server(ended_tx).await;
+        let pool = pool(format!("http://{addr}"), 100);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+        let body = http_body_util::StreamBody::new(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
+                .map(|b| Ok::<_, tonic::Status>(http_body::Frame::data(b))),
+        );
+        let req = http::Request::post(format!("http://{addr}/t.S/M"))
+            .body(CallBody::new(body))
+            .unwrap();
+        let (answer, pump, _lease) = pool.send(req).await.ok().expect("sent");
+        let mut pump = pump.expect("the body is still open");
+        let mut answer = std::pin::pin!(answer);
+        // As `call::forward` does: the pump runs while the head is awaited.
+        let head = std::future::poll_fn(|cx| {
+            let _ = std::pin::Pin::new(&mut pump).poll(cx);
+            answer.as_mut().poll(cx)
+        })
+        .await
+        .unwrap();
+        let stop = pump.spawn();
+        let mut answer_body = head.into_body();
+        for message in ["one", "two", "three"] {
+            tx.send(Bytes::from(message)).unwrap();
+            let mut got = Vec::new();
+            while got.len() < message.len() {
+                let frame = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    std::future::poll_fn(|cx| stream::poll_answer_frame(&mut answer_body, cx)),
+                )
+                .await
+                .expect("the echo arrives")
+                .expect("the answer goes on")
+                .unwrap();
+                got.extend_from_slice(&frame.into_data().unwrap());
+            }
+            assert_eq!(got, message.as_bytes());
+        }
+        drop(answer_body);
+        drop(stop);
+        let clean = tokio::time::timeout(Duration::from_secs(5), ended.recv())
+            .await
+            .expect("the backend sees the request end once the answer is dropped")
+            .unwrap();
+        assert!(!clean, "the request is reset, not ended as if complete");
+        drop(tx);
     }
 }

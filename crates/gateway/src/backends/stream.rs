@@ -22,7 +22,10 @@ use super::pool::CallBody;
 
 /// Why a call could not be sent.
 pub enum SendError {
-    /// The backend's connection takes no new stream (GOAWAY, or it broke).
+    /// The connection takes no new stream (the backend sent GOAWAY, or the connection broke)
+    /// and nothing was sent: the request comes back, to be sent on another connection.
+    Unusable(h2::Error, http::Request<CallBody>),
+    /// The stream could not be opened.
     Refused(h2::Error),
     /// The caller's request broke before anything was sent.
     CallerGone,
@@ -38,6 +41,15 @@ pub async fn send(
     sender: &mut h2::client::SendRequest<Bytes>,
     request: http::Request<CallBody>,
 ) -> Result<(ResponseFuture, Option<RequestPump>), SendError> {
+    let ready = std::future::poll_fn(|cx| match sender.poll_ready(cx) {
+        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        // Pending only for a handle with a stream waiting to open; each call has its own.
+        _ => Poll::Ready(Ok(())),
+    })
+    .await;
+    if let Err(e) = ready {
+        return Err(SendError::Unusable(e, request));
+    }
     let (parts, mut body) = request.into_parts();
     let head = http::Request::from_parts(parts, ());
     let first = if body.is_end_stream() {
@@ -101,14 +113,21 @@ pub struct RequestPump {
 }
 
 impl RequestPump {
-    /// Stops the pump (and resets the stream) once the returned sender is dropped: the call's
-    /// answer holds it, so a call the gateway or the caller ended stops sending to the
-    /// backend even while the caller's body is still open.
-    pub fn stop_with(&mut self) -> oneshot::Sender<()> {
+    /// Runs the rest of the pump on a task of its own, until the body has gone out or the
+    /// returned handle is dropped (then the stream is reset). The call's answer holds the
+    /// handle, so a call that the caller or the gateway ended stops sending to the backend
+    /// even while the caller's body is still open.
+    pub fn spawn(mut self) -> StopPumpOnDrop {
         let (tx, rx) = oneshot::channel();
         self.stop = Some(rx);
-        tx
+        tokio::spawn(self);
+        StopPumpOnDrop { _stop: tx }
     }
+}
+
+/// Stops a spawned [`RequestPump`] when dropped.
+pub struct StopPumpOnDrop {
+    _stop: oneshot::Sender<()>,
 }
 
 impl Future for RequestPump {
