@@ -6,16 +6,17 @@ use std::time::Duration;
 use agentgate_proto::v1::Header;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
-/// Headers that describe one hop, never forwarded.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "transfer-encoding",
-    "upgrade",
+/// Headers that describe one hop, never forwarded. `HeaderName`s, not strings: a string key
+/// is parsed into a name on every lookup, and this list is looked up twice per proxied call.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    http::header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    http::header::PROXY_AUTHENTICATE,
+    http::header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("proxy-connection"),
+    http::header::TE,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
 ];
 
 /// `X-Forwarded-For`, `-Proto` and `-Host`, which the tunnel API adds. Constants, because a
@@ -49,7 +50,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
                 v.split(',')
                     .any(|p| p.trim().eq_ignore_ascii_case("trailers"))
             });
-    for n in HOP_BY_HOP {
+    for n in &HOP_BY_HOP {
         headers.remove(n);
     }
     if te_trailers {

@@ -25,17 +25,18 @@ use super::Backend;
 use crate::auth::AgentIdentity;
 use crate::metrics::Metrics;
 
-/// Metadata names the gateway sets; any a caller sends is removed first.
-pub const AGENT_NAME_HEADER: &str = "agentgate-agent-name";
-pub const AGENT_INSTANCE_HEADER: &str = "agentgate-agent-instance";
-pub const TRANSPORT_HEADER: &str = "agentgate-transport";
-pub const SIGNATURE_HEADER: &str = "agentgate-identity-signature";
-pub const SIGNATURE_TIME_HEADER: &str = "agentgate-identity-timestamp";
+/// Metadata names the gateway sets; any a caller sends is removed first. `HeaderName`s: a
+/// `&str` that is not a standard header is copied into a new name on every insert.
+pub const AGENT_NAME_HEADER: HeaderName = HeaderName::from_static("agentgate-agent-name");
+pub const AGENT_INSTANCE_HEADER: HeaderName = HeaderName::from_static("agentgate-agent-instance");
+pub const TRANSPORT_HEADER: HeaderName = HeaderName::from_static("agentgate-transport");
+pub const SIGNATURE_HEADER: HeaderName = HeaderName::from_static("agentgate-identity-signature");
+pub const SIGNATURE_TIME_HEADER: HeaderName = HeaderName::from_static("agentgate-identity-timestamp");
 /// Sent by our agent's local listener: which of the agent's instances makes the call. The
 /// gateway believes it only if that instance of the same agent has a session here (instance
 /// ids are the agent's own choice at registration; the token is the identity), and never
 /// forwards it.
-pub const INSTANCE_CLAIM_HEADER: &str = "agentgate-instance-claim";
+pub const INSTANCE_CLAIM_HEADER: HeaderName = HeaderName::from_static("agentgate-instance-claim");
 /// Every metadata name with this prefix is the gateway's to set.
 pub const RESERVED_PREFIX: &str = "agentgate-";
 
@@ -277,7 +278,7 @@ pub fn verified_instance(
     directory: &crate::directory::Directory,
 ) -> Option<String> {
     if let Some(claim) = headers
-        .get(INSTANCE_CLAIM_HEADER)
+        .get(&INSTANCE_CLAIM_HEADER)
         .and_then(|v| v.to_str().ok())
     {
         if directory.has_instance(&id.name, claim) {
@@ -312,7 +313,7 @@ fn prepare_headers(
         headers.remove(&name);
     }
     let transport = id.conn.kind.as_str();
-    let set = |headers: &mut HeaderMap, name: &'static str, value: &str| {
+    let set = |headers: &mut HeaderMap, name: HeaderName, value: &str| {
         // Names and instance ids come from our token store and our own registration
         // checks; a value that is not a valid header is left out rather than mangled.
         if let Ok(v) = HeaderValue::from_str(value) {

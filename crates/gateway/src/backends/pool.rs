@@ -209,7 +209,7 @@ impl BackendPool {
                     if attempts >= SEND_ATTEMPTS {
                         return Err(SendFailure::Refused(e));
                     }
-                    request = back;
+                    request = *back;
                 }
                 Err(SendError::Refused(e)) => {
                     lease.retire();
@@ -557,7 +557,9 @@ mod tests {
         let req = http::Request::post(format!("http://{addr}/t.S/M"))
             .body(CallBody::new(body))
             .unwrap();
-        let (answer, pump, _lease) = pool.send(req).await.ok().expect("sent");
+        let Ok((answer, pump, _lease)) = pool.send(req).await else {
+            panic!("the call is sent");
+        };
         let mut pump = pump.expect("the body is still open");
         let mut answer = std::pin::pin!(answer);
         // As `call::forward` does: the pump runs while the head is awaited.

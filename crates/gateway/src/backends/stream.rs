@@ -24,7 +24,7 @@ use super::pool::CallBody;
 pub enum SendError {
     /// The connection takes no new stream (the backend sent GOAWAY, or the connection broke)
     /// and nothing was sent: the request comes back, to be sent on another connection.
-    Unusable(h2::Error, http::Request<CallBody>),
+    Unusable(h2::Error, Box<http::Request<CallBody>>),
     /// The stream could not be opened.
     Refused(h2::Error),
     /// The caller's request broke before anything was sent.
@@ -48,7 +48,7 @@ pub async fn send(
     })
     .await;
     if let Err(e) = ready {
-        return Err(SendError::Unusable(e, request));
+        return Err(SendError::Unusable(e, Box::new(request)));
     }
     let (parts, mut body) = request.into_parts();
     let head = http::Request::from_parts(parts, ());
