@@ -19,6 +19,11 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     http::header::UPGRADE,
 ];
 
+/// gRPC's own metadata names, looked up on every call (a string key is parsed per lookup).
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+
 /// `X-Forwarded-For`, `-Proto` and `-Host`, which the tunnel API adds. Constants, because a
 /// `&'static str` key that is not a standard header is copied into a new name on every insert.
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");

@@ -12,6 +12,7 @@ use http_body::{Body, Frame};
 use pin_project_lite::pin_project;
 
 use crate::backends::Backends;
+use crate::headers::GRPC_STATUS;
 use crate::map_response::{MapResponse, ResponseMapper};
 use crate::metrics::Metrics;
 
@@ -159,7 +160,7 @@ impl<B> ResponseMapper<B> for Observation {
     /// the body records it when its trailers pass.
     fn map(self, response: http::Response<B>) -> Self::Output {
         let (parts, body) = response.into_parts();
-        let obs = match parts.headers.get("grpc-status") {
+        let obs = match parts.headers.get(&GRPC_STATUS) {
             Some(v) => {
                 self.finish(code_name(Some(v)));
                 None
@@ -200,7 +201,7 @@ impl<B: Body> Body for ObservedBody<B> {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(t) = frame.trailers_ref() {
                     if let Some(obs) = this.obs.take() {
-                        obs.finish(code_name(t.get("grpc-status")));
+                        obs.finish(code_name(t.get(&GRPC_STATUS)));
                     }
                 }
             }

@@ -16,6 +16,7 @@ use http::{HeaderMap, Response};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
+use crate::headers::GRPC_STATUS;
 use crate::map_response::{MapResponse, ResponseMapper};
 
 /// Headers of a Trailers-Only answer that describe the stream and stay in the headers; the
@@ -31,7 +32,7 @@ const STREAM_HEADERS: [&str; 4] = [
 pub fn move_status_to_trailers<B: Body>(resp: Response<B>) -> Response<StatusTrailersBody<B>> {
     let (mut parts, body) = resp.into_parts();
     let trailers_only = body.is_end_stream()
-        && parts.headers.contains_key("grpc-status")
+        && parts.headers.contains_key(&GRPC_STATUS)
         && parts
             .headers
             .get(http::header::CONTENT_TYPE)

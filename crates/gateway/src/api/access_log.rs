@@ -20,6 +20,7 @@ use http_body_util::BodyExt;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::{ApiBody, BoxError};
+use crate::headers::GRPC_STATUS;
 use crate::metrics::Metrics;
 use crate::tokens::TokenEntry;
 
@@ -163,7 +164,7 @@ impl RequestLog {
         // A trailers-only gRPC answer carries its status in the head.
         let grpc_status = resp
             .headers()
-            .get("grpc-status")
+            .get(&GRPC_STATUS)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         resp.map(|inner| {
@@ -295,7 +296,7 @@ impl Body for LoggedBody {
                 }
                 if let Some(t) = frame.trailers_ref() {
                     self.grpc_status = t
-                        .get("grpc-status")
+                        .get(&GRPC_STATUS)
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_string);
                 }

@@ -21,6 +21,7 @@ use tokio::time::{Instant, Sleep};
 use super::access_log::{EndedBy, RequestLog};
 use super::{ApiAuthError, ApiBody, BoxError, TokenSource, AGENT_HEADER, TOKEN_HEADER};
 use crate::headers::{strip_hop_by_hop, to_proto};
+use crate::headers::{GRPC_MESSAGE, GRPC_STATUS, GRPC_TIMEOUT};
 
 /// Percent-encodes a `grpc-message` value as the gRPC spec asks.
 fn encode_grpc_message(msg: &str) -> String {
@@ -37,9 +38,9 @@ fn encode_grpc_message(msg: &str) -> String {
 
 pub(super) fn status_headers(code: tonic::Code, message: &str) -> HeaderMap {
     let mut h = HeaderMap::new();
-    h.insert("grpc-status", HeaderValue::from(code as i32));
+    h.insert(GRPC_STATUS, HeaderValue::from(code as i32));
     if let Ok(v) = HeaderValue::from_str(&encode_grpc_message(&format!("agentgate: {message}"))) {
-        h.insert("grpc-message", v);
+        h.insert(GRPC_MESSAGE, v);
     }
     h
 }
@@ -92,7 +93,7 @@ pub async fn handle(
     };
     let timeout = req
         .headers()
-        .get("grpc-timeout")
+        .get(&GRPC_TIMEOUT)
         .and_then(|v| v.to_str().ok())
         .and_then(crate::headers::parse_grpc_timeout);
     let deadline = timeout.map(|t| Instant::now() + t);
@@ -159,7 +160,7 @@ pub async fn handle(
             // A "trailers-only" answer (an error status straight away) carries grpc-status in
             // its headers and must end the stream on them: relaying the empty body as a DATA
             // frame would make clients read the status as plain headers and see UNKNOWN.
-            let body = if fwd.headers.contains_key("grpc-status") {
+            let body = if fwd.headers.contains_key(&GRPC_STATUS) {
                 super::full_body(Bytes::new())
             } else {
                 DeadlineBody {

@@ -23,6 +23,7 @@ use tonic::{Code, Status};
 use super::pool::{CallBody, ConnLease, SendFailure};
 use super::Backend;
 use crate::auth::AgentIdentity;
+use crate::headers::{GRPC_STATUS, GRPC_TIMEOUT};
 use crate::metrics::Metrics;
 
 /// Metadata names the gateway sets; any a caller sends is removed first. `HeaderName`s: a
@@ -31,7 +32,8 @@ pub const AGENT_NAME_HEADER: HeaderName = HeaderName::from_static("agentgate-age
 pub const AGENT_INSTANCE_HEADER: HeaderName = HeaderName::from_static("agentgate-agent-instance");
 pub const TRANSPORT_HEADER: HeaderName = HeaderName::from_static("agentgate-transport");
 pub const SIGNATURE_HEADER: HeaderName = HeaderName::from_static("agentgate-identity-signature");
-pub const SIGNATURE_TIME_HEADER: HeaderName = HeaderName::from_static("agentgate-identity-timestamp");
+pub const SIGNATURE_TIME_HEADER: HeaderName =
+    HeaderName::from_static("agentgate-identity-timestamp");
 /// Sent by our agent's local listener: which of the agent's instances makes the call. The
 /// gateway believes it only if that instance of the same agent has a session here (instance
 /// ids are the agent's own choice at registration; the token is the identity), and never
@@ -179,10 +181,11 @@ impl CallRecord {
         self.metrics
             .backend_calls
             .inc(&[&self.backend.name, outcome.label(), code_label]);
+        let duration = self.started.elapsed();
         self.metrics
             .backend_call_duration
-            .observe(&[&self.backend.name], self.started.elapsed());
-        let duration_ms = self.started.elapsed().as_millis() as u64;
+            .observe(&[&self.backend.name], duration);
+        let duration_ms = duration.as_millis() as u64;
         let b = &self.backend;
         match outcome {
             Outcome::Answered => tracing::debug!(
@@ -231,7 +234,7 @@ impl CallTimer {
     fn of(headers: &HeaderMap, max_duration: Duration) -> Option<Self> {
         let now = tokio::time::Instant::now();
         let deadline = headers
-            .get("grpc-timeout")
+            .get(&GRPC_TIMEOUT)
             .and_then(|v| v.to_str().ok())
             .and_then(crate::headers::parse_grpc_timeout)
             .map(|d| CallTimer {
@@ -513,13 +516,13 @@ pub async fn forward(
         Err((outcome, status)) => return record.refuse(outcome, status),
     };
     let (mut head, body) = resp.into_parts();
-    if head.status != http::StatusCode::OK && !head.headers.contains_key("grpc-status") {
+    if head.status != http::StatusCode::OK && !head.headers.contains_key(&GRPC_STATUS) {
         let status = status_for_http(name, head.status);
         return record.refuse(Outcome::HttpError, status);
     }
     crate::headers::strip_hop_by_hop(&mut head.headers, false);
     // A trailers-only answer: the status is in the head and the call is over.
-    if let Some(code) = head.headers.get("grpc-status") {
+    if let Some(code) = head.headers.get(&GRPC_STATUS) {
         let code = grpc_code(code);
         record.finish(Outcome::Answered, code, "");
         return http::Response::from_parts(head, CallBody::empty());
@@ -612,7 +615,7 @@ impl Body for AnswerBody {
         match super::stream::poll_answer_frame(inner, cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(t) = frame.trailers_ref() {
-                    let code = t.get("grpc-status").map_or(Code::Unknown, grpc_code);
+                    let code = t.get(&GRPC_STATUS).map_or(Code::Unknown, grpc_code);
                     if let Some(record) = this.record.take() {
                         record.finish(Outcome::Answered, code, "");
                     }
