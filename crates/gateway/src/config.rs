@@ -305,6 +305,13 @@ pub struct BackendConfig {
     /// Calls carried at once by one HTTP/2 connection to the backend; past it the gateway
     /// opens another (servers commonly allow 100 streams per connection).
     pub max_calls_per_connection: u32,
+    /// How often the gateway looks at each connection to the backend: one with calls in
+    /// flight gets a PING (no answer within 20 s closes it), one that carried no call since
+    /// the last look is closed. gRPC servers allow one PING per 5 minutes by default and
+    /// close connections PINGed more often; lower it only for a backend configured to
+    /// permit that. `0s`: never.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
     /// A file holding a secret: when set, each call carries `agentgate-identity-signature`,
     /// an HMAC-SHA256 over the identity metadata, the method and a timestamp, so the backend
     /// can check that the identity came from the gateway (docs/backends.md).
@@ -323,6 +330,7 @@ impl Default for BackendConfig {
             max_calls_per_agent: 100,
             max_call_duration: Duration::ZERO,
             max_calls_per_connection: 100,
+            keepalive_interval: Duration::from_secs(300),
             signing_secret_file: None,
         }
     }

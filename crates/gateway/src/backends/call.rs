@@ -475,16 +475,7 @@ pub async fn forward(
             answer.as_mut().poll(cx)
         })
         .await
-        .map_err(|e| match e.reason() {
-            Some(h2::Reason::CANCEL) => (
-                Outcome::CancelledByBackend,
-                Status::cancelled(format!("agentgate: backend {name:?} cancelled the call")),
-            ),
-            Some(r) if e.is_remote() => {
-                unavailable(format!("it reset the call before answering ({r})"))
-            }
-            _ => unavailable(format!("the call failed before an answer ({e})")),
-        })?;
+        .map_err(|e| stream_failure(&e, name, false))?;
         Ok::<_, (Outcome, Status)>((head, pump, lease))
     };
     let timer_fired = async {
@@ -530,7 +521,7 @@ pub async fn forward(
     let stop_pump = pump.map(super::stream::RequestPump::spawn);
     let body = AnswerBody {
         inner: Some(body),
-        _stop_pump: stop_pump,
+        stop_pump,
         backend: backend.clone(),
         timer: timer.map(|t| (Box::pin(tokio::time::sleep_until(t.at)), t)),
         ending: ended_from_outside,
@@ -539,6 +530,41 @@ pub async fn forward(
         _lease: lease,
     };
     http::Response::from_parts(head, CallBody::new(body))
+}
+
+/// The outcome and the caller's status for an error on the call's stream to the backend,
+/// before the answer began or while it was `answering`.
+fn stream_failure(e: &h2::Error, name: &str, answering: bool) -> (Outcome, Status) {
+    if e.reason() == Some(h2::Reason::CANCEL) && !e.is_go_away() {
+        return if e.is_remote() {
+            (
+                Outcome::CancelledByBackend,
+                Status::cancelled(format!("agentgate: backend {name:?} cancelled the call")),
+            )
+        } else {
+            // The gateway's own reset: the caller's request broke off (`RequestPump`).
+            (
+                Outcome::CancelledByCaller,
+                Status::cancelled("agentgate: the caller's request broke off"),
+            )
+        };
+    }
+    let what = super::stream::describe(e);
+    if answering {
+        (
+            Outcome::Broken,
+            Status::unavailable(format!(
+                "agentgate: backend {name:?} broke off the call: {what}; call again"
+            )),
+        )
+    } else {
+        (
+            Outcome::Unavailable,
+            Status::unavailable(format!(
+                "agentgate: backend {name:?} is unavailable: {what}; try again later"
+            )),
+        )
+    }
 }
 
 fn grpc_code(v: &HeaderValue) -> Code {
@@ -560,7 +586,7 @@ pin_project! {
     struct AnswerBody {
         inner: Option<h2::RecvStream>,
         // Dropped with the answer: stops the request's pump, if one still runs.
-        _stop_pump: Option<super::stream::StopPumpOnDrop>,
+        stop_pump: Option<super::stream::StopPumpOnDrop>,
         backend: Arc<Backend>,
         timer: Option<(Pin<Box<tokio::time::Sleep>>, CallTimer)>,
         ending: Pin<Box<dyn Future<Output = Outcome> + Send>>,
@@ -590,7 +616,9 @@ impl AnswerBody {
         status: Status,
     ) -> Poll<Option<Result<Frame<Bytes>, std::convert::Infallible>>> {
         let this = self.project();
+        // Both halves go, so the backend's stream is reset now, not when the caller lets go.
         *this.inner = None;
+        *this.stop_pump = None;
         *this.timer = None;
         if let Some(record) = this.record.take() {
             record.finish(outcome, status.code(), status.message());
@@ -623,24 +651,12 @@ impl Body for AnswerBody {
                 return Poll::Ready(Some(Ok(frame)));
             }
             Poll::Ready(Some(Err(e))) => {
-                let (outcome, status) = match e.reason() {
-                    Some(h2::Reason::CANCEL) => (
-                        Outcome::CancelledByBackend,
-                        Status::cancelled(format!(
-                            "agentgate: backend {name:?} cancelled the call"
-                        )),
-                    ),
-                    _ => (
-                        Outcome::Broken,
-                        Status::unavailable(format!(
-                            "agentgate: backend {name:?} broke off the call ({e}); call again"
-                        )),
-                    ),
-                };
+                let (outcome, status) = stream_failure(&e, name, true);
                 return self.end(outcome, status);
             }
             Poll::Ready(None) => {
                 *this.inner = None;
+                *this.stop_pump = None;
                 if let Some(record) = this.record.take() {
                     // An answer without trailers: the backend broke gRPC's framing.
                     record.finish(

@@ -6,7 +6,7 @@
 //! connection when every open one carries `max_calls_per_connection` calls. Connections are
 //! `h2` client connections, not hyper's: `stream.rs` says why.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,16 +22,20 @@ use super::stream::{self, RequestPump, SendError};
 use super::BackendConfigError;
 use crate::config::BackendConfig;
 
-/// How often an idle backend connection is PINGed, and how long the answer may take: a
-/// backend that vanished without a FIN is noticed instead of swallowing calls.
-const BACKEND_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long the answer to a keepalive PING may take (the interval is the backend's
+/// `keepalive_interval`): a backend that vanished without a FIN is noticed instead of
+/// swallowing calls.
 const BACKEND_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// `in_flight` of a connection closed for idleness: above any cap, so no call takes it.
+const RETIRED: u32 = u32::MAX;
 /// Flow-control windows the gateway offers a backend for its answers (per call, and per
 /// connection): large enough that a streamed answer is not held to one round trip per 64 KiB.
 const ANSWER_STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const ANSWER_CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
 /// The largest header block (head or trailers) a backend's answer may carry.
 const MAX_ANSWER_HEADER_LIST: u32 = 64 * 1024;
+/// Streams a new connection opens before the backend's SETTINGS say how many it allows.
+const INITIAL_MAX_SEND_STREAMS: usize = 100;
 /// Request bytes h2 may hold per call beyond the backend's window.
 const MAX_SEND_BUFFER: usize = 1024 * 1024;
 /// Callers that waited while a dial failed get that failure instead of dialing again, if it
@@ -55,8 +59,8 @@ pub enum DialError {
     Http2(String),
 }
 
-/// Connections a call tries before it fails: each unusable one is dropped from the pool, so
-/// this bounds only a backend that refuses every new connection's first stream.
+/// New connections a call tries before it fails: this bounds only a backend that refuses
+/// every new connection's first stream (pooled connections found unusable do not count).
 const SEND_ATTEMPTS: u32 = 3;
 
 /// A sent call: the answer's future, the request body's pump (if the body still streams),
@@ -68,7 +72,7 @@ pub type Sent = (h2::client::ResponseFuture, Option<RequestPump>, ConnLease);
 pub enum SendFailure {
     #[error("cannot reach it ({0})")]
     Dial(DialError),
-    #[error("the call could not be sent ({0})")]
+    #[error("the call could not be sent: {}", stream::describe(.0))]
     Refused(h2::Error),
     #[error("the caller's request broke off")]
     CallerGone,
@@ -79,10 +83,20 @@ pub type CallBody = tonic::body::Body;
 
 struct PooledConn {
     sender: SendRequest<Bytes>,
+    state: Arc<ConnState>,
+}
+
+/// What the pool and a connection's driving task (`drive`) both see.
+#[derive(Default)]
+struct ConnState {
+    /// Calls on the connection now; [`RETIRED`] once `drive` closed it for idleness.
     in_flight: AtomicU32,
+    /// Calls ever started on it, so that `drive` can tell a connection that carried calls
+    /// since its last look from one that stayed idle.
+    started: AtomicU64,
     /// Set when the connection ended, or a call found it unusable (the backend sent GOAWAY):
     /// the pool forgets it on the next lease.
-    closed: Arc<AtomicBool>,
+    closed: AtomicBool,
 }
 
 /// One call's place on a connection; released when the call's response ends or is dropped.
@@ -91,13 +105,13 @@ pub struct ConnLease(Arc<PooledConn>);
 impl ConnLease {
     /// No further call is sent on this connection (a call could not open a stream on it).
     fn retire(&self) {
-        self.0.closed.store(true, Ordering::Relaxed);
+        self.0.state.closed.store(true, Ordering::Relaxed);
     }
 }
 
 impl Drop for ConnLease {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.state.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -112,6 +126,7 @@ struct Target {
 pub struct BackendPool {
     target: Target,
     connect_timeout: Duration,
+    keepalive_interval: Duration,
     max_calls_per_connection: u32,
     conns: Mutex<Vec<Arc<PooledConn>>>,
     /// Held while a connection is being dialed, so that a burst of calls opens one
@@ -172,6 +187,7 @@ impl BackendPool {
                 tls,
             },
             connect_timeout: cfg.connect_timeout,
+            keepalive_interval: cfg.keepalive_interval,
             max_calls_per_connection: cfg.max_calls_per_connection.max(1),
             conns: Mutex::new(Vec::new()),
             dialing: tokio::sync::Mutex::new(()),
@@ -190,23 +206,28 @@ impl BackendPool {
 
     /// HTTP/2 connections open now.
     pub fn connections(&self) -> usize {
-        self.conns.lock().unwrap().len()
+        let conns = self.conns.lock().unwrap();
+        conns
+            .iter()
+            .filter(|c| !c.state.closed.load(Ordering::Relaxed))
+            .count()
     }
 
     /// Sends `request` on a connection with room for it: the answer's future, the request
     /// body's pump if the body is still streaming, and the call's place on the connection.
     /// A connection found unusable (GOAWAY) is dropped from the pool and the call goes to
-    /// another, at most [`SEND_ATTEMPTS`] times.
+    /// another. Pooled connections found so do not count (each is dropped once, so a backend
+    /// that restarted costs no call); new connections count up to [`SEND_ATTEMPTS`].
     pub async fn send(&self, mut request: http::Request<CallBody>) -> Result<Sent, SendFailure> {
-        let mut attempts = 0;
+        let mut dialed = 0;
         loop {
-            let (mut sender, lease) = self.lease().await.map_err(SendFailure::Dial)?;
-            attempts += 1;
+            let (mut sender, lease, new) = self.lease().await.map_err(SendFailure::Dial)?;
+            dialed += u32::from(new);
             match stream::send(&mut sender, request).await {
                 Ok((answer, pump)) => return Ok((answer, pump, lease)),
                 Err(SendError::Unusable(e, back)) => {
                     lease.retire();
-                    if attempts >= SEND_ATTEMPTS {
+                    if dialed >= SEND_ATTEMPTS {
                         return Err(SendFailure::Refused(e));
                     }
                     request = *back;
@@ -220,15 +241,15 @@ impl BackendPool {
         }
     }
 
-    /// A connection with room for one more call, dialed if none has room.
-    pub async fn lease(&self) -> Result<(SendRequest<Bytes>, ConnLease), DialError> {
-        if let Some(found) = self.take_room() {
-            return Ok(found);
+    /// A connection with room for one more call, dialed if none has room (then `true`).
+    async fn lease(&self) -> Result<(SendRequest<Bytes>, ConnLease, bool), DialError> {
+        if let Some((sender, lease)) = self.take_room() {
+            return Ok((sender, lease, false));
         }
         let asked = Instant::now();
         let _dialing = self.dialing.lock().await;
-        if let Some(found) = self.take_room() {
-            return Ok(found);
+        if let Some((sender, lease)) = self.take_room() {
+            return Ok((sender, lease, false));
         }
         if let Some((at, e)) = &*self.last_dial_failure.lock().unwrap() {
             if *at >= asked || at.elapsed() < SHARE_DIAL_FAILURE_FOR {
@@ -236,15 +257,16 @@ impl BackendPool {
             }
         }
         match self.dial().await {
-            Ok((sender, closed)) => {
+            Ok((sender, state)) => {
+                state.in_flight.store(1, Ordering::Relaxed);
+                state.started.store(1, Ordering::Relaxed);
                 let conn = Arc::new(PooledConn {
                     sender: sender.clone(),
-                    in_flight: AtomicU32::new(1),
-                    closed,
+                    state,
                 });
                 self.conns.lock().unwrap().push(conn.clone());
                 *self.last_dial_failure.lock().unwrap() = None;
-                Ok((sender, ConnLease(conn)))
+                Ok((sender, ConnLease(conn), true))
             }
             Err(e) => {
                 *self.last_dial_failure.lock().unwrap() = Some((Instant::now(), e.clone()));
@@ -256,14 +278,22 @@ impl BackendPool {
     /// The least busy open connection below the per-connection cap, with its count raised.
     /// Closed connections are forgotten on the way.
     fn take_room(&self) -> Option<(SendRequest<Bytes>, ConnLease)> {
+        let max = self.max_calls_per_connection;
         let mut conns = self.conns.lock().unwrap();
-        conns.retain(|c| !c.closed.load(Ordering::Relaxed));
+        conns.retain(|c| !c.state.closed.load(Ordering::Relaxed));
         let conn = conns
             .iter()
-            .filter(|c| c.in_flight.load(Ordering::Relaxed) < self.max_calls_per_connection)
-            .min_by_key(|c| c.in_flight.load(Ordering::Relaxed))?
+            .filter(|c| c.state.in_flight.load(Ordering::Relaxed) < max)
+            .min_by_key(|c| c.state.in_flight.load(Ordering::Relaxed))?
             .clone();
-        conn.in_flight.fetch_add(1, Ordering::Relaxed);
+        // `drive` may have closed it for idleness since the look above.
+        conn.state
+            .in_flight
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        conn.state.started.fetch_add(1, Ordering::Relaxed);
         Some((conn.sender.clone(), ConnLease(conn)))
     }
 
@@ -289,7 +319,7 @@ impl BackendPool {
                 Ok(tcp) => {
                     agentgate_transport::set_nodelay(&tcp);
                     return match &t.tls {
-                        None => handshake(tcp, &t.authority).await,
+                        None => handshake(tcp, &t.authority, self.keepalive_interval).await,
                         Some((connector, name)) => {
                             let tls = connector
                                 .connect(name.clone(), tcp)
@@ -302,7 +332,7 @@ impl BackendPool {
                                         .into(),
                                 ));
                             }
-                            handshake(tls, &t.authority).await
+                            handshake(tls, &t.authority, self.keepalive_interval).await
                         }
                     };
                 }
@@ -313,14 +343,22 @@ impl BackendPool {
     }
 }
 
-/// A new connection's request handle, and the flag its driving task sets when it ends.
-type Dialed = (SendRequest<Bytes>, Arc<AtomicBool>);
+/// A new connection's request handle, and the state its driving task shares.
+type Dialed = (SendRequest<Bytes>, Arc<ConnState>);
 
-async fn handshake<IO>(io: IO, address: &http::uri::Authority) -> Result<Dialed, DialError>
+async fn handshake<IO>(
+    io: IO,
+    address: &http::uri::Authority,
+    keepalive_interval: Duration,
+) -> Result<Dialed, DialError>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (sender, conn) = h2::client::Builder::new()
+        // Until the backend's SETTINGS arrive, open no more streams than servers commonly
+        // allow; h2's default is unlimited, and a burst of calls on a new connection would
+        // then meet REFUSED_STREAM from a backend with a lower limit.
+        .initial_max_send_streams(INITIAL_MAX_SEND_STREAMS)
         .initial_window_size(ANSWER_STREAM_WINDOW)
         .initial_connection_window_size(ANSWER_CONNECTION_WINDOW)
         .max_header_list_size(MAX_ANSWER_HEADER_LIST)
@@ -329,35 +367,67 @@ where
         .handshake(io)
         .await
         .map_err(|e| DialError::Http2(e.to_string()))?;
-    let closed = Arc::new(AtomicBool::new(false));
-    tokio::spawn(drive(conn, address.clone(), closed.clone()));
-    Ok((sender, closed))
+    let state = Arc::new(ConnState::default());
+    tokio::spawn(drive(
+        conn,
+        address.clone(),
+        keepalive_interval,
+        state.clone(),
+    ));
+    Ok((sender, state))
 }
 
-/// Runs one backend connection until it ends, PINGing it every
-/// [`BACKEND_KEEPALIVE_INTERVAL`]; a backend that does not answer within
-/// [`BACKEND_KEEPALIVE_TIMEOUT`] loses the connection (and its calls fail with UNAVAILABLE).
+/// Runs one backend connection until it ends. Every `keepalive_interval` it looks at the
+/// connection's calls:
+/// - calls in flight: a PING, and a backend that does not answer within
+///   [`BACKEND_KEEPALIVE_TIMEOUT`] loses the connection (its calls fail with UNAVAILABLE);
+/// - no call in flight and none started since the last look: the connection is closed, and
+///   the next call dials a new one.
+///
+/// An idle connection is closed rather than PINGed because gRPC servers count PINGs on a
+/// connection without calls as abuse (grpc-go, grpc-java and gRPC C-core close it with
+/// `ENHANCE_YOUR_CALM` "too_many_pings" after the third), and the same servers allow one
+/// PING per 5 minutes on a connection with calls: hence the 5-minute default.
 async fn drive<IO>(
     mut conn: h2::client::Connection<IO, Bytes>,
     address: http::uri::Authority,
-    closed: Arc<AtomicBool>,
+    keepalive_interval: Duration,
+    state: Arc<ConnState>,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let pings = conn.ping_pong();
+    let watch = state.clone();
     let keepalive = async move {
-        let Some(mut pings) = pings else {
+        let (Some(mut pings), false) = (pings, keepalive_interval.is_zero()) else {
             return std::future::pending().await;
         };
+        let mut started_before = watch.started.load(Ordering::Relaxed);
         loop {
-            tokio::time::sleep(BACKEND_KEEPALIVE_INTERVAL).await;
+            tokio::time::sleep(keepalive_interval).await;
+            let started = watch.started.load(Ordering::Relaxed);
+            let idle = started == started_before;
+            started_before = started;
+            if idle
+                && watch
+                    .in_flight
+                    .compare_exchange(0, RETIRED, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                return None;
+            }
+            if watch.in_flight.load(Ordering::Relaxed) == 0 {
+                continue;
+            }
             match tokio::time::timeout(BACKEND_KEEPALIVE_TIMEOUT, pings.ping(h2::Ping::opaque()))
                 .await
             {
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => return e.to_string(),
+                Ok(Err(e)) => return Some(stream::describe(&e)),
                 Err(_) => {
-                    return format!("no PING answer within {BACKEND_KEEPALIVE_TIMEOUT:?}");
+                    return Some(format!(
+                        "no PING answer within {BACKEND_KEEPALIVE_TIMEOUT:?}"
+                    ));
                 }
             }
         }
@@ -368,9 +438,12 @@ async fn drive<IO>(
                 tracing::debug!(%address, error = %e, "backend connection ended");
             }
         }
-        why = keepalive => tracing::warn!(%address, "backend connection closed: {why}"),
+        why = keepalive => match why {
+            None => tracing::debug!(%address, "backend connection idle; closed"),
+            Some(why) => tracing::warn!(%address, "backend connection closed: {why}"),
+        },
     }
-    closed.store(true, Ordering::Relaxed);
+    state.closed.store(true, Ordering::Relaxed);
 }
 
 #[cfg(test)]
@@ -456,12 +529,21 @@ mod tests {
     use hyper::body::Incoming;
 
     fn pool(url: String, per_connection: u32) -> BackendPool {
+        pool_with(
+            url,
+            per_connection,
+            BackendConfig::default().keepalive_interval,
+        )
+    }
+
+    fn pool_with(url: String, per_connection: u32, keepalive_interval: Duration) -> BackendPool {
         BackendPool::new(&BackendConfig {
             name: "t".into(),
             services: vec!["t.".into()],
             url,
             max_calls_per_connection: per_connection,
             connect_timeout: Duration::from_secs(2),
+            keepalive_interval,
             ..BackendConfig::default()
         })
         .unwrap()
@@ -595,5 +677,30 @@ mod tests {
             .unwrap();
         assert!(!clean, "the request is reset, not ended as if complete");
         drop(tx);
+    }
+
+    #[tokio::test]
+    async fn a_connection_with_calls_is_kept_and_one_left_idle_is_closed() {
+        let addr = long_poll_server(Default::default()).await;
+        let tick = Duration::from_millis(150);
+        let pool = pool_with(format!("http://{addr}"), 100, tick);
+        let (call, lease) = open_call(&pool).await;
+        // Several looks with a call in flight: PINGed, answered, kept.
+        tokio::time::sleep(tick * 5).await;
+        assert_eq!(
+            pool.connections(),
+            1,
+            "a connection carrying a call stays open"
+        );
+        assert!(!call.body().is_end_stream(), "the call goes on");
+        drop((call, lease));
+        // The first look after the call sees it started since the last; the next closes it.
+        tokio::time::sleep(tick * 4).await;
+        assert_eq!(pool.connections(), 0, "an idle connection is closed");
+        let (again, _lease) = tokio::time::timeout(Duration::from_secs(5), open_call(&pool))
+            .await
+            .expect("the next call dials a new connection");
+        assert!(!again.body().is_end_stream());
+        assert_eq!(pool.connections(), 1);
     }
 }

@@ -86,7 +86,9 @@ pub async fn send(
             }
             Err(frame) => {
                 if let Ok(trailers) = frame.into_trailers() {
-                    let _ = stream.send_trailers(trailers);
+                    if stream.send_trailers(trailers).is_err() {
+                        stream.send_reset(h2::Reason::CANCEL);
+                    }
                 }
                 true
             }
@@ -176,7 +178,14 @@ impl Future for RequestPump {
                         sent
                     }
                     Err(frame) => match frame.into_trailers() {
-                        Ok(trailers) => this.stream.send_trailers(trailers),
+                        Ok(trailers) => {
+                            let sent = this.stream.send_trailers(trailers);
+                            if sent.is_err() {
+                                // The stream must not stay open without its end.
+                                this.stream.send_reset(h2::Reason::CANCEL);
+                            }
+                            sent
+                        }
                         Err(_) => continue,
                     },
                 },
@@ -208,5 +217,17 @@ pub fn poll_answer_frame(
             Poll::Pending => Poll::Pending,
         },
         Poll::Pending => Poll::Pending,
+    }
+}
+
+/// What went wrong on a backend stream or connection, for a caller: the reset code, or that
+/// the connection broke. Never h2's own text, which can carry the backend's GOAWAY debug data.
+pub fn describe(e: &h2::Error) -> String {
+    match e.reason() {
+        Some(r) if e.is_go_away() => format!("it closed the connection ({r})"),
+        Some(r) if e.is_remote() => format!("it reset the call ({r})"),
+        Some(r) => format!("the call was reset ({r})"),
+        None if e.is_io() => "the connection to it broke".to_string(),
+        None => "an HTTP/2 error".to_string(),
     }
 }
