@@ -112,7 +112,7 @@ class JobRouter:
     methods); `tls` = {"cert": path, "key": path} serves TLS instead of h2c."""
 
     def __init__(self, services: tuple[str, ...] | list[str] = (SERVICE,), port: int | None = None,
-                 tls: dict | None = None, tag: str = "job-router"):
+                 tls: dict | None = None, tag: str = "job-router", options: list | None = None):
         self.services = tuple(services)
         self.tag = tag
         self.port = port or free_port()
@@ -121,7 +121,7 @@ class JobRouter:
         self._lock = threading.Condition()
         opts = [("grpc.so_reuseport", 0),
                 ("grpc.max_send_message_length", MAX_MSG),
-                ("grpc.max_receive_message_length", MAX_MSG)]
+                ("grpc.max_receive_message_length", MAX_MSG)] + list(options or [])
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=opts)
         for svc in self.services:
             self.server.add_generic_rpc_handlers((self._handler(svc),))

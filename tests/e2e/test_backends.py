@@ -646,6 +646,38 @@ def test_max_call_duration_ends_call_and_cancels_backend(env):
         router.stop()
 
 
+def test_keepalive_pings_keep_to_the_backends_ping_policy(env):
+    """gRPC servers close a connection PINGed more often than they allow (ENHANCE_YOUR_CALM,
+    "too_many_pings"), and every long poll on it with it; by default they allow one PING per
+    5 minutes. The gateway PINGs a connection with calls once per `keepalive_interval`. Here
+    the backend allows one per 3 s: at 4 s a silent long poll lives through five PINGs, at
+    1 s the same backend cuts it (so the check can fail)."""
+    policy = [("grpc.http2.min_ping_interval_without_data_ms", 3000),
+              ("grpc.http2.max_ping_strikes", 2)]
+    tok = env.token("patient")
+    for interval, survives in (("4s", True), ("1s", False)):
+        router = JobRouter(options=policy)
+        try:
+            cfg = write_config(env, [backend_table(router.url, keepalive_interval=interval)])
+            g = env.gateway(extra=["--config", cfg])
+            with channel_for(g, "grpc") as ch:
+                cl = Client(ch, bearer(tok))
+                t0 = time.monotonic()
+                err = rpc_error(cl.wait_job, wait_job_request(job="quiet", delay=60),
+                                metadata=cl.md, timeout=21)
+                took = time.monotonic() - t0
+            if survives:
+                assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED, (interval, err)
+                assert took >= 20, took
+            else:
+                assert err.code() == grpc.StatusCode.UNAVAILABLE, (interval, err)
+                assert took < 15, took
+                assert "too_many_pings" not in (err.details() or ""), \
+                    "the backend's GOAWAY text reached the caller"
+        finally:
+            router.stop()
+
+
 def test_backend_calls_metric_grows(env):
     router = JobRouter()
     dead = free_port()
