@@ -26,6 +26,10 @@ use crate::config::BackendConfig;
 /// `keepalive_interval`): a backend that vanished without a FIN is noticed instead of
 /// swallowing calls.
 const BACKEND_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// TCP keepalive on backend connections (`set_tcp_keepalive`): probes after this long
+/// without traffic, then every [`TCP_KEEPALIVE_INTERVAL`].
+const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// `in_flight` of a connection closed for idleness: above any cap, so no call takes it.
 const RETIRED: u32 = u32::MAX;
 /// Flow-control windows the gateway offers a backend for its answers (per call, and per
@@ -188,7 +192,7 @@ impl BackendPool {
             },
             connect_timeout: cfg.connect_timeout,
             keepalive_interval: cfg.keepalive_interval,
-            max_calls_per_connection: cfg.max_calls_per_connection.max(1),
+            max_calls_per_connection: cfg.max_calls_per_connection.clamp(1, RETIRED - 1),
             conns: Mutex::new(Vec::new()),
             dialing: tokio::sync::Mutex::new(()),
             last_dial_failure: Mutex::new(None),
@@ -258,8 +262,6 @@ impl BackendPool {
         }
         match self.dial().await {
             Ok((sender, state)) => {
-                state.in_flight.store(1, Ordering::Relaxed);
-                state.started.store(1, Ordering::Relaxed);
                 let conn = Arc::new(PooledConn {
                     sender: sender.clone(),
                     state,
@@ -280,21 +282,30 @@ impl BackendPool {
     fn take_room(&self) -> Option<(SendRequest<Bytes>, ConnLease)> {
         let max = self.max_calls_per_connection;
         let mut conns = self.conns.lock().unwrap();
-        conns.retain(|c| !c.state.closed.load(Ordering::Relaxed));
-        let conn = conns
-            .iter()
-            .filter(|c| c.state.in_flight.load(Ordering::Relaxed) < max)
-            .min_by_key(|c| c.state.in_flight.load(Ordering::Relaxed))?
-            .clone();
-        // `drive` may have closed it for idleness since the look above.
-        conn.state
-            .in_flight
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .ok()?;
-        conn.state.started.fetch_add(1, Ordering::Relaxed);
-        Some((conn.sender.clone(), ConnLease(conn)))
+        loop {
+            conns.retain(|c| !c.state.closed.load(Ordering::Relaxed));
+            let conn = conns
+                .iter()
+                .filter(|c| c.state.in_flight.load(Ordering::Relaxed) < max)
+                .min_by_key(|c| c.state.in_flight.load(Ordering::Relaxed))?
+                .clone();
+            // `drive` may have closed it for idleness since the look above; then it is
+            // marked closed, and the next round looks again without it.
+            let taken =
+                conn.state
+                    .in_flight
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                        (n < max).then_some(n + 1)
+                    });
+            if let Err(n) = taken {
+                if n == RETIRED {
+                    conn.state.closed.store(true, Ordering::Relaxed);
+                }
+                continue;
+            }
+            conn.state.started.fetch_add(1, Ordering::Relaxed);
+            return Some((conn.sender.clone(), ConnLease(conn)));
+        }
     }
 
     async fn dial(&self) -> Result<Dialed, DialError> {
@@ -318,6 +329,7 @@ impl BackendPool {
             match TcpStream::connect(addr).await {
                 Ok(tcp) => {
                     agentgate_transport::set_nodelay(&tcp);
+                    set_tcp_keepalive(&tcp);
                     return match &t.tls {
                         None => handshake(tcp, &t.authority, self.keepalive_interval).await,
                         Some((connector, name)) => {
@@ -340,6 +352,20 @@ impl BackendPool {
             }
         }
         Err(last)
+    }
+}
+
+/// TCP keepalive on a backend connection: a backend host that vanished without a FIN is
+/// noticed within about [`TCP_KEEPALIVE_IDLE`] + 3 x [`TCP_KEEPALIVE_INTERVAL`] even on a
+/// connection whose calls are silent long polls, without the HTTP/2 PINGs that gRPC servers
+/// limit to one per 5 minutes (`drive`).
+fn set_tcp_keepalive(tcp: &TcpStream) {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(TCP_KEEPALIVE_IDLE)
+        .with_interval(TCP_KEEPALIVE_INTERVAL)
+        .with_retries(3);
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive) {
+        tracing::debug!(error = %e, "cannot set TCP keepalive on a backend connection");
     }
 }
 
@@ -367,7 +393,12 @@ where
         .handshake(io)
         .await
         .map_err(|e| DialError::Http2(e.to_string()))?;
-    let state = Arc::new(ConnState::default());
+    // The dialing call holds the first place: counted before `drive` first looks.
+    let state = Arc::new(ConnState {
+        in_flight: AtomicU32::new(1),
+        started: AtomicU64::new(1),
+        closed: AtomicBool::new(false),
+    });
     tokio::spawn(drive(
         conn,
         address.clone(),
