@@ -155,25 +155,19 @@ mod tests {
         }
     }
 
+    /// A bodiless request to `agent` that the router must refuse; its error.
+    async fn refused(gw: &Gateway, agent: &str) -> ForwardError {
+        let empty = http_body_util::Empty::<Bytes>::new();
+        gw.router.forward(agent, head(), empty).await.err().unwrap()
+    }
+
     #[tokio::test]
     async fn an_agent_no_token_names_is_unknown_and_a_known_one_not_connected() {
         within_limit(async {
             let dir = tempfile::tempdir().unwrap();
             let gw = gateway(dir.path());
-            let empty = http_body_util::Empty::<Bytes>::new();
-            let e = gw
-                .router
-                .forward("nobody", head(), empty)
-                .await
-                .err()
-                .unwrap();
-            assert_eq!(e.outcome(), "unknown_agent");
-            let e = gw
-                .router
-                .forward("known", head(), empty)
-                .await
-                .err()
-                .unwrap();
+            assert_eq!(refused(&gw, "nobody").await.outcome(), "unknown_agent");
+            let e = refused(&gw, "known").await;
             assert_eq!(e.outcome(), "not_connected");
             assert_eq!(e.http_status(), http::StatusCode::SERVICE_UNAVAILABLE);
         })
@@ -269,14 +263,7 @@ mod tests {
                 gw.tunnels.parking.park("known", t);
                 agents.push(tokio::spawn(async move { agent.recv().await.is_some() }));
             }
-            let empty = http_body_util::Empty::<Bytes>::new();
-            let e = gw
-                .router
-                .forward("known", head(), empty)
-                .await
-                .err()
-                .unwrap();
-            assert_eq!(e.outcome(), "tunnel_broken");
+            assert_eq!(refused(&gw, "known").await.outcome(), "tunnel_broken");
             for a in agents {
                 assert!(
                     a.await.unwrap(),

@@ -447,21 +447,10 @@ pub async fn forward(
     parts.extensions = http::Extensions::new();
     let request = http::Request::from_parts(parts, body);
 
-    let unavailable = |why: String| {
-        (
-            Outcome::Unavailable,
-            Status::unavailable(format!(
-                "agentgate: backend {name:?} is unavailable: {why}; try again later"
-            )),
-        )
-    };
     let sent = async {
         let (answer, mut pump, lease) = backend.pool.send(request).await.map_err(|e| match e {
-            SendFailure::CallerGone => (
-                Outcome::CancelledByCaller,
-                Status::cancelled(format!("agentgate: {e}")),
-            ),
-            e => unavailable(e.to_string()),
+            SendFailure::CallerGone => caller_broke_off(),
+            e => unavailable(name, &e.to_string()),
         })?;
         // The request body goes out while the answer is awaited; a body still streaming
         // once the answer begins gets a task of its own (returned with the answer).
@@ -543,10 +532,7 @@ fn stream_failure(e: &h2::Error, name: &str, answering: bool) -> (Outcome, Statu
             )
         } else {
             // The gateway's own reset: the caller's request broke off (`RequestPump`).
-            (
-                Outcome::CancelledByCaller,
-                Status::cancelled("agentgate: the caller's request broke off"),
-            )
+            caller_broke_off()
         };
     }
     let what = super::stream::describe(e);
@@ -558,13 +544,26 @@ fn stream_failure(e: &h2::Error, name: &str, answering: bool) -> (Outcome, Statu
             )),
         )
     } else {
-        (
-            Outcome::Unavailable,
-            Status::unavailable(format!(
-                "agentgate: backend {name:?} is unavailable: {what}; try again later"
-            )),
-        )
+        unavailable(name, &what)
     }
+}
+
+/// No answer could be had from the backend; `why` says what happened.
+fn unavailable(name: &str, why: &str) -> (Outcome, Status) {
+    (
+        Outcome::Unavailable,
+        Status::unavailable(format!(
+            "agentgate: backend {name:?} is unavailable: {why}; try again later"
+        )),
+    )
+}
+
+/// The caller's request broke off before its answer: nobody is left to read the status.
+fn caller_broke_off() -> (Outcome, Status) {
+    (
+        Outcome::CancelledByCaller,
+        Status::cancelled(format!("agentgate: {}", SendFailure::CallerGone)),
+    )
 }
 
 fn grpc_code(v: &HeaderValue) -> Code {
