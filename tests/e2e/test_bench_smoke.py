@@ -3,7 +3,9 @@ that parses with a sample for every scenario and transport. Timing is never asse
 the numbers live in docs/BENCHMARKS.md."""
 
 import json
+import shutil
 import subprocess
+from pathlib import Path
 
 from conftest import BIN
 
@@ -113,8 +115,9 @@ def test_bench_unary_scenario_smoke(tmp_path):
 
 def test_bench_backends_scenario_smoke(tmp_path):
     """`bench backends`: unary calls succeed straight to the bench backend, through nginx's
-    grpc_pass (the reference hop) and through the gateway, and every agent holds its long poll
-    open through the gateway while it is measured."""
+    grpc_pass (the reference hop) and through the gateway, against the hyper backend and
+    against the grpc-go one built offline from Debian's packages (or say why not); every agent
+    holds its long poll open through the gateway while it is measured."""
     out = tmp_path / "backends.json"
     run = subprocess.run(
         [str(BIN), "bench", "backends", "--agents", "30", "--rounds", "1", "--keepalive-secs", "1",
@@ -123,14 +126,23 @@ def test_bench_backends_scenario_smoke(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert set(report["unary"]) == {
-        "direct to the backend", "through nginx grpc_pass", "through agentgate"}, report["unary"]
-    for column, levels in report["unary"].items():
-        assert len(levels) == 2, (column, levels)
-        for c in levels.values():
-            assert c["calls_per_s"] > 0 and c["cpu_us"] > 0, (column, c)
-    for hop in ("through agentgate", "through nginx grpc_pass"):
-        through = report["unary"][hop]
-        assert all(c["hop_cpu_us"] > 0 for c in through.values()), (hop, through)
+    go_here = shutil.which("go") and Path("/usr/share/gocode/src/google.golang.org/grpc").is_dir()
+    if go_here:
+        assert "Ok" in report["unary_grpc_go"], report["unary_grpc_go"]
+        tables = [report["unary"], report["unary_grpc_go"]["Ok"]]
+        assert "Unary calls to a grpc-go backend" in run.stdout, run.stdout
+    else:
+        assert "not measured" in report["unary_grpc_go"]["Err"], report["unary_grpc_go"]
+        tables = [report["unary"]]
+    for unary in tables:
+        assert set(unary) == {
+            "direct to the backend", "through nginx grpc_pass", "through agentgate"}, unary
+        for column, levels in unary.items():
+            assert len(levels) == 2, (column, levels)
+            for c in levels.values():
+                assert c["calls_per_s"] > 0 and c["cpu_us"] > 0, (column, c)
+        for hop in ("through agentgate", "through nginx grpc_pass"):
+            through = unary[hop]
+            assert all(c["hop_cpu_us"] > 0 for c in through.values()), (hop, through)
     polls = report["long_polls"]
     assert polls["agents"] == 30 and polls["open_long_polls"] >= 30, polls

@@ -1,14 +1,18 @@
-//! `bench backends`: agents calling a gateway-side backend (`bench-backend`, see
-//! `job_backend.rs`), as runners will ask a job router for work.
+//! `bench backends`: agents calling a gateway-side backend, as runners will ask a job router
+//! for work.
 //!
 //! 1. Unary calls: h2load calling the backend straight, through nginx's `grpc_pass` (the
 //!    reference proxy hop, when nginx is installed), and through the gateway's agent port with
 //!    an agent token, interleaved in one run. CPU per call is read from /proc for every server
 //!    process in the path (the backend; the hop and the backend), so each ratio is what a hop
-//!    adds.
-//! 2. Long polls: `--agents` agents connect (grpc), the gateway's RSS is read, then each agent
-//!    opens one long poll over its own connection (`bench-load --long-poll`); the RSS again.
-//!    The difference per poll is what an open long poll costs on top of an idle agent.
+//!    adds. This runs against two backends, each with its own gateway and nginx:
+//!    `bench-backend` (hyper, `job_backend.rs`: the cheapest backend possible, so the worst
+//!    case of every ratio) and a grpc-go server (`grpc_go_backend.rs`, when Go and grpc-go
+//!    are installed: what a real job router is most likely written with).
+//! 2. Long polls (against `bench-backend`): `--agents` agents connect (grpc), the gateway's
+//!    RSS is read, then each agent opens one long poll over its own connection (`bench-load
+//!    --long-poll`); the RSS again. The difference per poll is what an open long poll costs on
+//!    top of an idle agent.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -49,12 +53,17 @@ struct LongPolls {
     backend_connections: f64,
 }
 
+/// (column, level) -> median.
+type UnaryCells = BTreeMap<String, BTreeMap<String, Cell>>;
+
 #[derive(Serialize)]
 pub struct BackendsReport {
     rounds: usize,
     secs: f64,
-    /// (column, level) -> median.
-    unary: BTreeMap<String, BTreeMap<String, Cell>>,
+    /// Against the hyper backend.
+    unary: UnaryCells,
+    /// Against the grpc-go backend, or why it was not measured.
+    unary_grpc_go: Result<UnaryCells, String>,
     long_polls: LongPolls,
 }
 
@@ -68,41 +77,68 @@ impl Bench {
         let (backend, backend_addr) = self
             .spawn_server(&["bench-backend"], "job-backend.log")
             .await?;
-        let gw = self
-            .gateway_with(
-                None,
-                // Every bench agent shares one token, so the per-agent call limit (100 by
-                // default) would cap the long polls: it is off here.
-                &[
-                    "--set".into(),
-                    format!(
-                        "backends=[{{services=[\"{SERVICE_PREFIX}\"], \
-                         url=\"http://{backend_addr}\", max_calls_per_agent=0}}]"
-                    ),
-                ],
-            )
-            .await?;
-        let nginx = super::nginx::Nginx::grpc_hop(&self.dir, backend_addr).await?;
+        let gw = self.backend_gateway(backend_addr).await?;
         let unary = self
-            .backend_unary(&gw, &backend, backend_addr, nginx.as_ref())
+            .backend_unary("hyper", &gw, &backend, backend_addr, &self.dir)
             .await?;
-        drop(nginx);
         let long_polls = self.backend_long_polls(&gw, &backend).await?;
+        drop((gw, backend));
+        let unary_grpc_go = self.grpc_go_unary().await?;
         Ok(BackendsReport {
             rounds: self.args.rounds.max(1),
             secs: self.args.keepalive_secs,
             unary,
+            unary_grpc_go,
             long_polls,
         })
     }
 
+    /// The unary columns against the grpc-go backend, on a gateway of their own; `Err` says
+    /// why they were left out.
+    async fn grpc_go_unary(&self) -> anyhow::Result<Result<UnaryCells, String>> {
+        if self.args.skip_grpc_go {
+            return Ok(Err("left out (--skip-grpc-go)".into()));
+        }
+        if let Some(why) = super::grpc_go_backend::missing() {
+            return Ok(Err(format!("not measured: {why}")));
+        }
+        progress("backends: building the grpc-go backend (go build, offline)");
+        let dir = self.dir.join("grpc-go");
+        let (backend, addr) = super::grpc_go_backend::start(&dir).await?;
+        let gw = self.backend_gateway(addr).await?;
+        Ok(Ok(self
+            .backend_unary("grpc-go", &gw, &backend, addr, &dir)
+            .await?))
+    }
+
+    /// A gateway routing the bench's service to `backend`.
+    async fn backend_gateway(&self, backend: SocketAddr) -> anyhow::Result<super::Gw> {
+        self.gateway_with(
+            None,
+            // Every bench agent shares one token, so the per-agent call limit (100 by
+            // default) would cap the long polls: it is off here.
+            &[
+                "--set".into(),
+                format!(
+                    "backends=[{{services=[\"{SERVICE_PREFIX}\"], \
+                     url=\"http://{backend}\", max_calls_per_agent=0}}]"
+                ),
+            ],
+        )
+        .await
+    }
+
+    /// The unary columns against one backend (`kind` names it in the progress lines); nginx
+    /// keeps its files under `dir`.
     async fn backend_unary(
         &self,
+        kind: &str,
         gw: &super::Gw,
         backend: &Kid,
         backend_addr: SocketAddr,
-        nginx: Option<&super::nginx::Nginx>,
-    ) -> anyhow::Result<BTreeMap<String, BTreeMap<String, Cell>>> {
+        dir: &std::path::Path,
+    ) -> anyhow::Result<UnaryCells> {
+        let nginx = super::nginx::Nginx::grpc_hop(dir, backend_addr).await?;
         let token = std::fs::read_to_string(self.token_file("runner")?)?;
         let body = self.dir.join("job-request.bin");
         // One gRPC frame: uncompressed, a 16-byte message.
@@ -112,7 +148,7 @@ impl Bench {
         let through = SocketAddr::from(([127, 0, 0, 1], gw.clear_port));
         // (column, where h2load calls, the hop's process)
         let mut columns: Vec<(&str, SocketAddr, Option<&Kid>)> = vec![(DIRECT, backend_addr, None)];
-        if let Some(n) = nginx {
+        if let Some(n) = &nginx {
             columns.push((NGINX, n.addr, Some(&n.kid)));
         }
         columns.push((THROUGH, through, Some(&gw.kid)));
@@ -124,7 +160,7 @@ impl Bench {
                 for &(name, addr, hop) in &columns {
                     let via_gateway = name == THROUGH;
                     progress(&format!(
-                        "backends: unary: round {}/{rounds}: {}: {name}",
+                        "backends: unary ({kind} backend): round {}/{rounds}: {}: {name}",
                         round + 1,
                         level_name(level)
                     ));
@@ -232,10 +268,34 @@ impl Bench {
 
 impl BackendsReport {
     pub fn table(&self) -> String {
-        let cell = |t: &str, l: &str| self.unary.get(t).and_then(|m| m.get(l)).copied();
-        let with_nginx = self.unary.contains_key(NGINX);
+        let mut out = self.unary_table("a hyper backend (the cheapest possible)", &self.unary);
+        out.push('\n');
+        match &self.unary_grpc_go {
+            Ok(cells) => out.push_str(&self.unary_table("a grpc-go backend", cells)),
+            Err(why) => out.push_str(&format!("The grpc-go backend: {why}.\n")),
+        }
+        let p = &self.long_polls;
+        out.push_str(&format!(
+            "\nLong polls: {} grpc agents, then one open long poll per agent over its own \
+             connection ({} open; the backend holds {} file descriptors).\n\n\
+             | gateway RSS per open long poll (target 8 KiB) | gateway RSS per idle agent | \
+             backend RSS per open long poll |\n|---:|---:|---:|\n| {:.1} KiB | {:.1} KiB | \
+             {:.1} KiB |\n",
+            p.agents,
+            p.open_long_polls,
+            p.backend_connections,
+            p.gateway_rss_per_long_poll_kib,
+            p.gateway_rss_per_idle_agent_kib,
+            p.backend_rss_per_long_poll_kib
+        ));
+        out
+    }
+
+    fn unary_table(&self, backend: &str, unary: &UnaryCells) -> String {
+        let cell = |t: &str, l: &str| unary.get(t).and_then(|m| m.get(l)).copied();
+        let with_nginx = unary.contains_key(NGINX);
         let mut out = format!(
-            "Unary calls (h2load, one thread, a 16-byte message echoed by a hyper backend; \
+            "Unary calls to {backend} (h2load, one thread, a 16-byte message echoed; \
              medians of {} rounds of {} s). CPU per call counts every server process in the \
              path: the backend alone direct, the hop and the backend through a hop (nginx: \
              one worker process, `grpc_pass` with kept upstream connections{}).\n\n\
@@ -278,20 +338,6 @@ impl BackendsReport {
                 t.calls_per_s
             ));
         }
-        let p = &self.long_polls;
-        out.push_str(&format!(
-            "\nLong polls: {} grpc agents, then one open long poll per agent over its own \
-             connection ({} open; the backend holds {} file descriptors).\n\n\
-             | gateway RSS per open long poll (target 8 KiB) | gateway RSS per idle agent | \
-             backend RSS per open long poll |\n|---:|---:|---:|\n| {:.1} KiB | {:.1} KiB | \
-             {:.1} KiB |\n",
-            p.agents,
-            p.open_long_polls,
-            p.backend_connections,
-            p.gateway_rss_per_long_poll_kib,
-            p.gateway_rss_per_idle_agent_kib,
-            p.backend_rss_per_long_poll_kib
-        ));
         out
     }
 }

@@ -9,6 +9,7 @@ pub mod attack;
 mod backends;
 pub mod compression;
 pub mod control;
+mod grpc_go_backend;
 mod hostile;
 pub mod job_backend;
 pub mod keepalive;
@@ -108,6 +109,10 @@ pub struct BenchArgs {
     /// Seconds each keepalive or unary load runs.
     #[arg(long, default_value_t = 3.0)]
     keepalive_secs: f64,
+    /// Leave out the grpc-go backend of `backends` (built with `go build` from Debian's
+    /// golang-google-grpc-dev, about a minute the first time; left out anyway when absent).
+    #[arg(long)]
+    skip_grpc_go: bool,
 }
 
 #[derive(Serialize, Clone)]
