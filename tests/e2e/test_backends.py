@@ -475,6 +475,13 @@ def test_unknown_service_is_unimplemented_no_backend(env):
                     assert err.code() == grpc.StatusCode.UNIMPLEMENTED, f"{service}: {err}"
                     assert service in (err.details() or ""), f"message does not name {service}: {err.details()!r}"
                     assert "no backend" in (err.details() or "").lower(), err.details()
+                    assert f"{PREFIX}*" in err.details(), f"a token holder is told what is served: {err.details()!r}"
+                # Without a token (on a connection that never showed one) the backends behind
+                # the gateway are not named.
+                with channel_for(g, scheme) as anon:
+                    err = rpc_error(Client(anon, [], "other.v1.Thing").get, b"x")
+                assert err.code() == grpc.StatusCode.UNIMPLEMENTED, err
+                assert "runner." not in err.details() and "agent token" in err.details(), err.details()
                 # The gateway's own services are still its own.
                 assert ic.health_check(ch) == "SERVING"
                 assert Client(ch, bearer(tok)).get(b"x")[0] == b"job:x"

@@ -367,6 +367,10 @@ fn server_config(a: &ServerArgs) -> anyhow::Result<GatewayConfig> {
     for spec in &a.backends {
         c.backends.push(backend_flag(spec)?);
     }
+    // The names logs and metrics will use, so that --print-config shows them.
+    for b in &mut c.backends {
+        b.name = b.effective_name();
+    }
     Ok(c)
 }
 

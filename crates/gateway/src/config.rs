@@ -283,14 +283,17 @@ pub struct BackendConfig {
     /// call goes to the backend with the longest matching prefix.
     #[serde(deserialize_with = "list_or_comma_separated")]
     pub services: Vec<String>,
-    /// `http://host:port` (HTTP/2 without TLS) or `https://host:port` (TLS with ALPN h2).
+    /// `http://host:port` (HTTP/2 without TLS) or `https://host:port` (TLS with ALPN h2);
+    /// without a port, 80 and 443.
     pub url: String,
     /// CA certificates (PEM) that sign an `https://` backend's certificate; default: the
-    /// system's trust store.
+    /// system's trust store. Refused on an `http://` backend.
     pub ca_cert: Option<PathBuf>,
     /// Name checked against an `https://` backend's certificate; default: the URL's host.
+    /// Refused on an `http://` backend.
     pub tls_server_name: Option<String>,
-    /// Deadline for the TCP connection and the TLS and HTTP/2 handshakes to the backend.
+    /// Deadline for the TCP connection and the TLS and HTTP/2 handshakes to the backend, up
+    /// to its answer to a first PING (so a backend that accepts and stays silent fails here).
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// Calls one agent name may have in flight to this backend at once; more get
@@ -302,20 +305,34 @@ pub struct BackendConfig {
     /// gateway's terms. `0s`: no limit.
     #[serde(with = "humantime_serde")]
     pub max_call_duration: Duration,
-    /// Calls carried at once by one HTTP/2 connection to the backend; past it the gateway
-    /// opens another (servers commonly allow 100 streams per connection).
+    /// Calls carried at once by one HTTP/2 connection to the backend, at least 1; past it
+    /// the gateway opens another (servers commonly allow 100 streams per connection).
     pub max_calls_per_connection: u32,
     /// How often the gateway looks at each connection to the backend: one with calls in
     /// flight gets a PING (no answer within 20 s closes it), one that carried no call since
     /// the last look is closed. gRPC servers allow one PING per 5 minutes by default and
     /// close connections PINGed more often; lower it only for a backend configured to
-    /// permit that. `0s`: never.
+    /// permit that. `0s`: never; otherwise at least 1 s.
     #[serde(with = "humantime_serde")]
     pub keepalive_interval: Duration,
     /// A file holding a secret: when set, each call carries `agentgate-identity-signature`,
     /// an HMAC-SHA256 over the identity metadata, the method and a timestamp, so the backend
     /// can check that the identity came from the gateway (docs/backends.md).
     pub signing_secret_file: Option<PathBuf>,
+}
+
+impl BackendConfig {
+    /// The configured name, or the default one: the first service prefix without its
+    /// trailing dot (the URL when there is no prefix, which the gateway then refuses).
+    pub fn effective_name(&self) -> String {
+        if !self.name.is_empty() {
+            return self.name.clone();
+        }
+        self.services
+            .first()
+            .map(|p| p.trim_end_matches('.').to_string())
+            .unwrap_or_else(|| self.url.clone())
+    }
 }
 
 impl Default for BackendConfig {

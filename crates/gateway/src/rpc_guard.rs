@@ -51,16 +51,22 @@ pub fn method_label(path: &str, backends: &Backends) -> &'static str {
 /// Reason label when a call names a method the agent port does not serve.
 pub const REJECT_UNKNOWN_METHOD: &str = "unknown_method";
 
-/// The refusal for a method the agent port does not serve, naming what it serves.
-fn refuse_method(path: &str, backends: &Backends) -> Status {
+/// The refusal for a method the agent port does not serve, naming what it serves. Backends'
+/// service prefixes are named only to a caller holding an agent token (`authenticated`): to
+/// anyone else they would map the services behind the gateway.
+fn refuse_method(path: &str, backends: &Backends, authenticated: bool) -> Status {
     let shown: String = match crate::backends::service_of(path) {
         Some(service) => format!("service {service:?}"),
         None => format!("method {path:?}"),
     };
     let shown: String = shown.chars().take(160).collect();
     let mut served = String::new();
-    for prefix in backends.prefixes() {
-        served.push_str(&format!(", {prefix}*"));
+    if authenticated {
+        for prefix in backends.prefixes() {
+            served.push_str(&format!(", {prefix}*"));
+        }
+    } else if !backends.is_empty() {
+        served.push_str(", and backends' services, which it names to callers with an agent token");
     }
     let no_backend = if backends.is_empty() {
         "no backend is configured"
@@ -236,7 +242,13 @@ impl<S> RpcGuard<S> {
         let path = req.uri().path();
         let method = method_label(path, &self.state.backends);
         if method == "other" {
-            let status = refuse_method(path, &self.state.backends);
+            let authenticated = conn.agent.get().is_some()
+                || self
+                    .state
+                    .auth
+                    .recognize_agent(req.headers(), &conn)
+                    .is_some();
+            let status = refuse_method(req.uri().path(), &self.state.backends, authenticated);
             return Err(self.refuse(&conn, REJECT_UNKNOWN_METHOD, method, status));
         }
         if let Some(status) = check_encoding(req.headers()) {
@@ -326,10 +338,37 @@ mod tests {
             long.as_str(),
         ] {
             assert_eq!(method_label(path, &none), "other");
-            let s = refuse_method(path, &none);
+            let s = refuse_method(path, &none, true);
             assert_eq!(s.code(), tonic::Code::Unimplemented);
             assert!(s.message().len() < 400, "remote input is cut short");
         }
+    }
+
+    #[test]
+    fn backends_are_named_only_to_callers_with_a_token() {
+        let backends = Backends::new(&[crate::config::BackendConfig {
+            services: vec!["runner.jobs.v1.".into()],
+            url: "http://127.0.0.1:1".into(),
+            ..Default::default()
+        }])
+        .unwrap();
+        let told = refuse_method("/other.v1.X/Y", &backends, true);
+        assert!(
+            told.message().contains("runner.jobs.v1.*"),
+            "{}",
+            told.message()
+        );
+        let stranger = refuse_method("/other.v1.X/Y", &backends, false);
+        assert!(
+            !stranger.message().contains("runner"),
+            "{}",
+            stranger.message()
+        );
+        assert!(
+            stranger.message().contains("agent token"),
+            "{}",
+            stranger.message()
+        );
     }
 
     #[test]

@@ -20,6 +20,9 @@ use crate::config::BackendConfig;
 
 /// Service-name prefixes the gateway serves itself; no backend may claim them.
 const OWN_SERVICES: [&str; 3] = ["agentgate.", "grpc.health.", "grpc.reflection."];
+/// The shortest `keepalive_interval` other than 0: below it PINGs would only measure the
+/// backend's PING policy (every gRPC server's default closes the connection).
+const MIN_KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A backend configuration the gateway cannot start with. Each says which backend and what
 /// to change.
@@ -43,12 +46,15 @@ pub enum BackendConfigError {
     DuplicateName { name: String },
     #[error("backend {name:?}: {what}")]
     Tls { name: String, what: String },
-    #[error("backend {name:?}: cannot read signing_secret_file {path}: {source}")]
+    // `error`, not `source`: the text is whole here, and a source would print it twice.
+    #[error("backend {name:?}: cannot read signing_secret_file {path}: {error}")]
     Secret {
         name: String,
         path: String,
-        source: std::io::Error,
+        error: std::io::Error,
     },
+    #[error("backend {name:?}: {what}")]
+    Setting { name: String, what: String },
     #[error("backend {name:?}: signing_secret_file {path} holds fewer than 32 bytes")]
     ShortSecret { name: String, path: String },
 }
@@ -81,19 +87,10 @@ impl Backends {
         let mut all: Vec<Arc<Backend>> = Vec::new();
         for cfg in configs {
             let mut cfg = cfg.clone();
-            if cfg.name.is_empty() {
-                cfg.name = cfg
-                    .services
-                    .first()
-                    .map(|p| p.trim_end_matches('.').to_string())
-                    .unwrap_or_else(|| cfg.url.clone());
-            }
+            cfg.name = cfg.effective_name();
             let name = cfg.name.clone();
             if cfg.services.is_empty() || cfg.services.iter().any(|p| p.is_empty()) {
                 return Err(BackendConfigError::NoServices { name });
-            }
-            if all.iter().any(|b| b.name == name) {
-                return Err(BackendConfigError::DuplicateName { name });
             }
             for prefix in &cfg.services {
                 if OWN_SERVICES
@@ -113,14 +110,32 @@ impl Backends {
                     });
                 }
             }
+            // After the prefixes: two backends given the same prefix and no names are
+            // told about the prefix, not about the names derived from it.
+            if all.iter().any(|b| b.name == name) {
+                return Err(BackendConfigError::DuplicateName { name });
+            }
+            if cfg.max_calls_per_connection == 0 {
+                return Err(BackendConfigError::Setting {
+                    name,
+                    what: "max_calls_per_connection must be at least 1".into(),
+                });
+            }
+            if !cfg.keepalive_interval.is_zero() && cfg.keepalive_interval < MIN_KEEPALIVE_INTERVAL
+            {
+                return Err(BackendConfigError::Setting {
+                    name,
+                    what: "keepalive_interval must be 0s (never) or at least 1s".into(),
+                });
+            }
             let signing_secret = match &cfg.signing_secret_file {
                 None => None,
                 Some(path) => {
                     let secret =
-                        std::fs::read(path).map_err(|source| BackendConfigError::Secret {
+                        std::fs::read(path).map_err(|error| BackendConfigError::Secret {
                             name: name.clone(),
                             path: path.display().to_string(),
-                            source,
+                            error,
                         })?;
                     let secret = secret.trim_ascii().to_vec();
                     if secret.len() < 32 {
@@ -239,12 +254,73 @@ mod tests {
                     backend(&["a."], "http://h:1"),
                     backend(&["a."], "http://h:2"),
                 ],
-                "named",
+                "both claim service prefix \"a.\"",
+            ),
+            (
+                vec![
+                    backend(&["a."], "http://h:1"),
+                    BackendConfig {
+                        name: "a".into(),
+                        ..backend(&["b."], "http://h:2")
+                    },
+                ],
+                "two backends are named \"a\"",
+            ),
+            (
+                vec![BackendConfig {
+                    ca_cert: Some("/ca.pem".into()),
+                    ..backend(&["a."], "http://h:1")
+                }],
+                "https:// backends only",
+            ),
+            (
+                vec![BackendConfig {
+                    tls_server_name: Some("h".into()),
+                    ..backend(&["a."], "http://h:1")
+                }],
+                "https:// backends only",
+            ),
+            (
+                vec![BackendConfig {
+                    max_calls_per_connection: 0,
+                    ..backend(&["a."], "http://h:1")
+                }],
+                "max_calls_per_connection must be at least 1",
+            ),
+            (
+                vec![BackendConfig {
+                    keepalive_interval: std::time::Duration::from_millis(999),
+                    ..backend(&["a."], "http://h:1")
+                }],
+                "keepalive_interval must be 0s (never) or at least 1s",
+            ),
+            (
+                vec![BackendConfig {
+                    signing_secret_file: Some("/nonexistent/secret".into()),
+                    ..backend(&["a."], "http://h:1")
+                }],
+                "cannot read signing_secret_file /nonexistent/secret: No such file",
             ),
         ];
         for (configs, want) in cases {
-            let err = Backends::new(&configs).err().expect("refused").to_string();
-            assert!(err.contains(want), "{err:?} should say {want:?}");
+            let err = Backends::new(&configs).err().expect("refused");
+            let chain = format!("{:#}", anyhow::Error::from(err));
+            assert!(chain.contains(want), "{chain:?} should say {want:?}");
+            assert_eq!(
+                chain.matches("No such file").count(),
+                usize::from(want.contains("No such file")),
+                "{chain:?} says it once"
+            );
         }
+        let accepted = Backends::new(&[BackendConfig {
+            keepalive_interval: std::time::Duration::ZERO,
+            ..backend(&["a."], "http://h")
+        }])
+        .unwrap();
+        assert_eq!(
+            accepted.all[0].pool.address().as_str(),
+            "h:80",
+            "port 80 by default"
+        );
     }
 }

@@ -61,6 +61,11 @@ pub enum DialError {
     Tls(String),
     #[error("HTTP/2 handshake failed: {0}")]
     Http2(String),
+    #[error(
+        "it accepted the connection but sent no HTTP/2 answer within connect_timeout; is it a \
+         gRPC server, and is it overloaded?"
+    )]
+    NoHttp2Answer,
 }
 
 /// New connections a call tries before it fails: this bounds only a backend that refuses
@@ -163,7 +168,17 @@ impl BackendPool {
                 .map_err(|_| bad_url())?;
         }
         let tls = match tls {
-            None => None,
+            None => {
+                if cfg.ca_cert.is_some() || cfg.tls_server_name.is_some() {
+                    return Err(BackendConfigError::Tls {
+                        name: cfg.name.clone(),
+                        what: "ca_cert and tls_server_name apply to https:// backends only; \
+                               this url is http:// (no TLS)"
+                            .into(),
+                    });
+                }
+                None
+            }
             Some(()) => {
                 let tls_err = |what: String| BackendConfigError::Tls {
                     name: cfg.name.clone(),
@@ -310,13 +325,15 @@ impl BackendPool {
 
     async fn dial(&self) -> Result<Dialed, DialError> {
         let timeout = self.connect_timeout;
-        match tokio::time::timeout(timeout, self.dial_inner()).await {
+        let deadline = tokio::time::Instant::now() + timeout;
+        match tokio::time::timeout_at(deadline, self.dial_inner(deadline)).await {
             Ok(r) => r,
             Err(_) => Err(DialError::Timeout(timeout)),
         }
     }
 
-    async fn dial_inner(&self) -> Result<Dialed, DialError> {
+    /// Everything a dial does, the HTTP/2 handshake done by `deadline` (`dial` bounds the rest).
+    async fn dial_inner(&self, deadline: tokio::time::Instant) -> Result<Dialed, DialError> {
         let t = &self.target;
         let port = t.authority.port_u16().unwrap_or(80);
         let host = t.authority.host().trim_matches(['[', ']']);
@@ -331,7 +348,9 @@ impl BackendPool {
                     agentgate_transport::set_nodelay(&tcp);
                     set_tcp_keepalive(&tcp);
                     return match &t.tls {
-                        None => handshake(tcp, &t.authority, self.keepalive_interval).await,
+                        None => {
+                            handshake(tcp, &t.authority, self.keepalive_interval, deadline).await
+                        }
                         Some((connector, name)) => {
                             let tls = connector
                                 .connect(name.clone(), tcp)
@@ -344,7 +363,7 @@ impl BackendPool {
                                         .into(),
                                 ));
                             }
-                            handshake(tls, &t.authority, self.keepalive_interval).await
+                            handshake(tls, &t.authority, self.keepalive_interval, deadline).await
                         }
                     };
                 }
@@ -372,10 +391,16 @@ fn set_tcp_keepalive(tcp: &TcpStream) {
 /// A new connection's request handle, and the state its driving task shares.
 type Dialed = (SendRequest<Bytes>, Arc<ConnState>);
 
+/// The HTTP/2 handshake. h2's own ends once our preface is written, so a first PING is sent
+/// too and its answer awaited until `deadline`: a server answers it only after its SETTINGS,
+/// so a socket that accepts and stays silent (a frozen backend, or not an HTTP/2 server) fails
+/// the dial instead of holding every call sent on it until the call's deadline. gRPC servers
+/// do not count a first PING against their PING policy (see `drive`).
 async fn handshake<IO>(
     io: IO,
     address: &http::uri::Authority,
     keepalive_interval: Duration,
+    deadline: tokio::time::Instant,
 ) -> Result<Dialed, DialError>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -399,13 +424,20 @@ where
         started: AtomicU64::new(1),
         closed: AtomicBool::new(false),
     });
+    let (answered_tx, answered) = tokio::sync::oneshot::channel();
     tokio::spawn(drive(
         conn,
         address.clone(),
         keepalive_interval,
         state.clone(),
+        answered_tx,
     ));
-    Ok((sender, state))
+    match tokio::time::timeout_at(deadline, answered).await {
+        Ok(Ok(Ok(()))) => Ok((sender, state)),
+        Ok(Ok(Err(why))) => Err(DialError::Http2(why)),
+        Ok(Err(_)) => Err(DialError::Http2("the connection ended".into())),
+        Err(_) => Err(DialError::NoHttp2Answer),
+    }
 }
 
 /// Runs one backend connection until it ends. Every `keepalive_interval` it looks at the
@@ -424,10 +456,15 @@ async fn drive<IO>(
     address: http::uri::Authority,
     keepalive_interval: Duration,
     state: Arc<ConnState>,
+    answered: tokio::sync::oneshot::Sender<Result<(), String>>,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let pings = conn.ping_pong();
+    let mut pings = conn.ping_pong();
+    if !greet(&mut conn, pings.as_mut(), answered).await {
+        state.closed.store(true, Ordering::Relaxed);
+        return;
+    }
     let watch = state.clone();
     let keepalive = async move {
         let (Some(mut pings), false) = (pings, keepalive_interval.is_zero()) else {
@@ -475,6 +512,32 @@ async fn drive<IO>(
         },
     }
     state.closed.store(true, Ordering::Relaxed);
+}
+
+/// The first PING of `handshake`, answered on `answered`; false when the connection is no use
+/// (it ended, or the dialer stopped waiting).
+async fn greet<IO>(
+    conn: &mut h2::client::Connection<IO, Bytes>,
+    pings: Option<&mut h2::PingPong>,
+    answered: tokio::sync::oneshot::Sender<Result<(), String>>,
+) -> bool
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let Some(pings) = pings else {
+        return answered.send(Ok(())).is_ok();
+    };
+    let mut answered = answered;
+    let outcome = tokio::select! {
+        pong = pings.ping(h2::Ping::opaque()) => pong.map(drop).map_err(|e| stream::describe(&e)),
+        ended = &mut *conn => Err(match ended {
+            Ok(()) => "the backend closed the connection".to_string(),
+            Err(e) => stream::describe(&e),
+        }),
+        () = answered.closed() => return false,
+    };
+    let usable = outcome.is_ok();
+    answered.send(outcome).is_ok() && usable
 }
 
 #[cfg(test)]
@@ -588,6 +651,38 @@ mod tests {
             panic!("an empty body goes with the head");
         };
         (answer.await.unwrap(), lease)
+    }
+
+    #[tokio::test]
+    async fn a_backend_that_accepts_and_stays_silent_fails_the_dial_within_connect_timeout() {
+        // The kernel completes the TCP handshake for the listener's backlog; nothing answers.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let pool = BackendPool::new(&BackendConfig {
+            name: "silent".into(),
+            services: vec!["t.".into()],
+            url: format!("http://{}", listener.local_addr().unwrap()),
+            connect_timeout: Duration::from_millis(300),
+            ..BackendConfig::default()
+        })
+        .unwrap();
+        let req = http::Request::post(format!("http://{}/t.S/M", pool.address()))
+            .body(CallBody::empty())
+            .unwrap();
+        let started = Instant::now();
+        let failed = tokio::time::timeout(Duration::from_secs(5), pool.send(req))
+            .await
+            .expect("the dial is bounded by connect_timeout");
+        assert!(
+            matches!(failed, Err(SendFailure::Dial(DialError::NoHttp2Answer))),
+            "{:?}",
+            failed.err()
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert_eq!(
+            pool.connections(),
+            0,
+            "nothing kept of the silent connection"
+        );
     }
 
     #[tokio::test]
