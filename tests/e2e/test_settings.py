@@ -199,3 +199,12 @@ def test_help_shows_the_defaults_of_the_settings():
     # Grouped by what they are for.
     for heading in ("Gateway:", "Upstreams (services next to the agent):", "Tunnel pool:"):
         assert heading in agent
+
+
+def test_print_config_shows_the_name_a_backend_is_known_by():
+    """--print-config is the effective configuration: a backend given no name shows the one
+    logs and metrics use (its first prefix without the dot)."""
+    printed = tomllib.loads(run("server", "--backend", "runner.jobs.v1.=http://127.0.0.1:9",
+                                "--set", 'backends=[{services=["b.v1."], url="http://127.0.0.1:8"}]',
+                                "--print-config").stdout)
+    assert sorted(b["name"] for b in printed["backends"]) == ["b.v1", "runner.jobs.v1"], printed["backends"]
