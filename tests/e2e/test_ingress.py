@@ -338,6 +338,46 @@ def test_websocket_refusals(env):
     steady.assert_undisturbed()
 
 
+def test_plain_http1_requests_get_an_http_answer_saying_what_the_port_serves(env):
+    """curl, a health checker on the wrong port, or a gRPC client behind a proxy that turned
+    HTTP/2 into HTTP/1.1: each gets an HTTP answer with a sentence (not an empty reply), a
+    reject reason of its own and a log line, on the cleartext and the TLS port."""
+    steady = Steady(env)
+    g = env.gateway(tls=True, cleartext=True)
+    steady.start(g)
+    ca = str(env.certs["ca"])
+    base = {r: rejected(g, r) for r in ("not_an_upgrade", "grpc_over_http1", "ws_upgrade_error")}
+
+    def curl(url: str, *args: str) -> tuple[int, str]:
+        r = subprocess.run(["curl", "-sS", "--http1.1", "--cacert", ca, "--max-time", "10",
+                            "-o", "-", "-w", "\n%{http_code}", *args, url],
+                           capture_output=True, text=True, timeout=20)
+        assert r.returncode == 0, r.stderr
+        body, _, code = r.stdout.rpartition("\n")
+        return int(code), body
+
+    for url in (f"http://127.0.0.1:{g.clear_port}/", f"https://localhost:{g.port}/healthz"):
+        code, body = curl(url)
+        assert code == 426 and "this is an agent port" in body and "/healthz" in body, (url, code, body)
+        # A gRPC call as a downgrading proxy would send it.
+        code, body = curl(url.rsplit("/", 1)[0] + "/agentgate.v1.Tunnel/Connect", "-X", "POST",
+                          "-H", "content-type: application/grpc", "-H", "te: trailers",
+                          "--data-binary", "@/dev/null")
+        assert code == 505 and "gRPC needs HTTP/2" in body and "ws://" in body, (url, code, body)
+    # An upgrade a proxy stripped of `Connection: upgrade`.
+    code, body = curl(f"http://127.0.0.1:{g.clear_port}/", "-H", "Upgrade: websocket",
+                      "-H", "Connection: keep-alive", "-H", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                      "-H", "Sec-WebSocket-Version: 13")
+    assert code == 400 and "Connection: Upgrade" in body, (code, body)
+
+    wait_rejected(g, "not_an_upgrade", base["not_an_upgrade"] + 2)
+    wait_rejected(g, "grpc_over_http1", base["grpc_over_http1"] + 2)
+    wait_rejected(g, "ws_upgrade_error", base["ws_upgrade_error"] + 1)
+    wait_log(g, r"connection refused: agentgate: this gRPC call arrived over HTTP/1.1.*reason=grpc_over_http1")
+    wait_log(g, r"connection refused: agentgate: this is an agent port.*reason=not_an_upgrade")
+    steady.assert_undisturbed()
+
+
 def test_garbage_and_silent_clients_are_cut_off(env):
     steady = Steady(env)
     g = env.gateway(tls=True, cleartext=True, extra=FAST_HANDSHAKE)

@@ -35,6 +35,7 @@ use crate::log_budget::PRE_AUTH_LOG;
 use crate::ping_policy::PingPolicy;
 use crate::pre_auth_budget::PreAuthBudget;
 use crate::sniff::{read_prefix, PrefixClass, PrefixedIo};
+use crate::upgrade_request;
 use crate::websocket::{WsByteStream, WsSettings, WS_SUBPROTOCOL};
 use crate::{set_nodelay, BoxedIo, Io, TransportKind};
 
@@ -102,8 +103,14 @@ pub enum RejectReason {
     /// WebSocket upgrade without the `ws-tunnel` subprotocol.
     BadSubprotocol,
     WsUpgradeTimeout,
-    /// An HTTP/1.1 request that is not a valid WebSocket upgrade.
+    /// An HTTP/1.1 request meant as a WebSocket upgrade but malformed (a header missing, a
+    /// wrong version, an oversized head).
     WsUpgradeError,
+    /// An HTTP/1.1 request that is no WebSocket upgrade at all (curl, a browser, a health
+    /// check on the wrong port); answered 426.
+    NotAnUpgrade,
+    /// A gRPC call over HTTP/1.1: a proxy in between downgraded HTTP/2; answered 505.
+    GrpcOverHttp1,
     /// `max_connections` reached.
     OverLimit,
     /// The client sent HTTP/2 PINGs more often than `min_client_ping_interval` allows.
@@ -126,7 +133,7 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 17] = [
+    pub const ALL: [RejectReason; 19] = [
         Self::SniffTimeout,
         Self::BadPreface,
         Self::EarlyEof,
@@ -144,6 +151,8 @@ impl RejectReason {
         Self::TooManySettings,
         Self::StreamsBeforeAuth,
         Self::ProxyHeader,
+        Self::NotAnUpgrade,
+        Self::GrpcOverHttp1,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -165,6 +174,8 @@ impl RejectReason {
             Self::TooManySettings => "too_many_settings",
             Self::StreamsBeforeAuth => "streams_before_auth",
             Self::ProxyHeader => "proxy_header",
+            Self::NotAnUpgrade => "not_an_upgrade",
+            Self::GrpcOverHttp1 => "grpc_over_http1",
         }
     }
 }
@@ -884,10 +895,28 @@ fn offers_ws_tunnel(value: Option<&http::HeaderValue>) -> bool {
 }
 
 pub(crate) async fn websocket_upgrade<S: Io>(
-    io: S,
+    mut io: S,
     settings: &IngressSettings,
 ) -> Result<BoxedIo, Rejection> {
     let deadline = settings.handshake_timeout;
+    let started = tokio::time::Instant::now();
+    let head = match timeout(deadline, upgrade_request::read_upgrade(&mut io)).await {
+        Err(_) => {
+            return Err((
+                RejectReason::WsUpgradeTimeout,
+                format!("no complete HTTP/1.1 request within {deadline:?}"),
+            ))
+        }
+        Ok(Err(e)) => return Err((RejectReason::EarlyEof, e.to_string())),
+        Ok(Ok(Err(refusal))) => {
+            // Answered within what is left of the same deadline: a client that does not
+            // read is not waited for.
+            let _ = tokio::time::timeout_at(started + deadline, refusal.send(&mut io)).await;
+            return Err((refusal.reason, refusal.sentence));
+        }
+        Ok(Ok(Ok(head))) => head,
+    };
+    let io = PrefixedIo::new(head.into(), io);
     let bad_subprotocol: Arc<Mutex<Option<String>>> = Arc::default();
     let seen = bad_subprotocol.clone();
     #[allow(clippy::result_large_err)] // the error type is tungstenite's, not ours
@@ -916,7 +945,7 @@ pub(crate) async fn websocket_upgrade<S: Io>(
     };
     let cfg = settings.ws.tungstenite_config();
     let upgrade = tokio_tungstenite::accept_hdr_async_with_config(io, callback, Some(cfg));
-    match timeout(deadline, upgrade).await {
+    match tokio::time::timeout_at(started + deadline, upgrade).await {
         Err(_) => Err((
             RejectReason::WsUpgradeTimeout,
             format!("WebSocket upgrade not finished within {deadline:?}"),

@@ -23,6 +23,7 @@ pub mod raw_frames;
 mod scheme;
 mod sniff;
 pub mod tls;
+mod upgrade_request;
 mod websocket;
 
 pub use authority::{non_uri_authority, refuse_non_uri_authority};
