@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import subprocess
 import threading
 import time
 
@@ -384,6 +385,55 @@ def test_http_listeners_have_header_deadline_idle_timeout_and_a_cap(env):
     for h in held:
         h.close()
     wait_for(lambda: g.healthy(), what="admin serves again once connections close")
+    assert_steady_serves(g, api)
+
+
+def test_silent_sockets_from_one_address_cannot_shut_out_the_api(env):
+    """Connections that begin no request are closed at the header deadline even when silent,
+    and once the listener is half full one address holds at most max_handshakes_per_source of
+    them; the API keeps serving callers from other addresses, and each refusal is counted and
+    logged."""
+    g, api = gateway_with_steady_agent(env, tls=False, extra=[
+        "--set", 'http_header_read_timeout="2s"', "--set", "max_handshakes_per_source=8",
+        "--set", "api_max_connections=40"])
+
+    def refused(reason):
+        return g.metric("agentgate_http_connections_refused_total", listener="api", reason=reason)
+
+    base = {r: refused(r) for r in ("source_over_limit", "no_request", "over_limit")}
+    t0 = time.monotonic()
+    # About half of the 40 places go before the per-address limit applies (this address then
+    # holds more than 8 already); every later connection from it is refused at once.
+    silent = [socket.create_connection(("127.0.0.1", g.api_port)) for _ in range(50)]
+
+    def turned_away():
+        return sum(refused(r) - base[r] for r in ("source_over_limit", "over_limit"))
+
+    wait_for(lambda: turned_away() >= 25, timeout=5, what="silent sockets over the limits refused")
+    time.sleep(0.3)
+    admitted = 50 - turned_away()
+    assert refused("source_over_limit") > base["source_over_limit"], "the per-address limit applied"
+    assert 18 <= admitted <= 25, admitted
+    # A caller from another address is served meanwhile (curl, bound to 127.0.0.2).
+    r = subprocess.run(["curl", "-sS", "--interface", "127.0.0.2", "-H", f"Authorization: Bearer {api}",
+                        "-o", "/dev/null", "-w", "%{http_code}",
+                        f"http://127.0.0.1:{g.api_port}/agents/steady/proxy/download?size=10"],
+                       capture_output=True, text=True, timeout=20)
+    assert r.stdout == "200", (r.stdout, r.stderr)
+    # The admitted silent sockets are closed at the 2 s deadline, bytes or not.
+    took = [closed_within(sk, 8) for sk in silent]
+    assert all(t is not None for t in took), took
+    assert time.monotonic() - t0 < 6, took
+    wait_for(lambda: refused("no_request") == base["no_request"] + admitted, timeout=5,
+             what="every admitted silent connection cut for beginning no request")
+    for sk in silent:
+        sk.close()
+    out = ic.plain(g.proc.output())
+    assert "connection refused: no request began within 2s" in out and "reason=no_request" in out, out[-2000:]
+    assert "reason=source_over_limit" in out, out[-2000:]
+    # The address is free again.
+    status, _, _ = api_request(g, "GET", "/agents/steady/proxy/download?size=10", api)
+    assert status == 200
     assert_steady_serves(g, api)
 
 

@@ -73,7 +73,9 @@ pub struct GatewayConfig {
     /// Agent connections open at once from one source address. Agents behind one NAT share
     /// an address, so this is generous; it stops one host from taking every slot.
     pub max_connections_per_source: usize,
-    /// TLS handshakes, sniffs and WebSocket upgrades in progress at once from one address.
+    /// TLS handshakes, sniffs and WebSocket upgrades in progress at once from one address;
+    /// on the API, admin and internal listeners, connections from one address that have not
+    /// begun a request.
     pub max_handshakes_per_source: usize,
     /// Bytes a connection may send before one of its calls authenticated, counted under TLS
     /// and WebSocket. At the budget the gateway stops reading for up to 500 ms while a call's
@@ -120,8 +122,8 @@ pub struct GatewayConfig {
     pub admin_max_connections: usize,
     /// Connections open at once on the internal (replica-to-replica) listener.
     pub internal_max_connections: usize,
-    /// API, admin and internal listeners: deadline for reading an HTTP/1.1 request's headers
-    /// (slowloris).
+    /// API, admin and internal listeners: deadline for the first request to begin on a new
+    /// connection, and for reading an HTTP/1.1 request's headers (slowloris).
     #[serde(with = "humantime_serde")]
     pub http_header_read_timeout: Duration,
     /// API, admin and internal listeners: a connection with no request in flight and no bytes

@@ -2,14 +2,19 @@
 //! internal API between replicas. HTTP/1.1 and HTTP/2 (h2c or TLS) on each.
 //!
 //! Every listener gets the same protections, each a named setting: a cap on open connections,
-//! a deadline for the TLS handshake, a deadline for reading a request's headers, and an idle
-//! timeout that closes a connection with no request in flight and no bytes moving.
+//! a cap per source address on connections that have not begun a request (once the listener
+//! is half full), a deadline for the
+//! TLS handshake, a deadline for the first request (and for each request's headers), and an
+//! idle timeout that closes a connection with no request in flight and no bytes moving. Each
+//! refusal is counted in `agentgate_http_connections_refused_total` and logged within the
+//! shared pre-authentication log budget.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -17,6 +22,7 @@ use std::time::{Duration, Instant};
 use agentgate_transport::PRE_AUTH_LOG;
 
 use crate::guarded_body::GuardedBody;
+use crate::metrics::Metrics;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -25,13 +31,31 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+/// Why an HTTP listener refused or cut a connection before its first request (the `reason`
+/// label of `agentgate_http_connections_refused_total`).
+pub const REFUSAL_REASONS: [&str; 5] = [
+    "over_limit",
+    "source_over_limit",
+    "tls",
+    "proxy_header",
+    "no_request",
+];
+
+/// The listeners' names (the `listener` label).
+pub const LISTENERS: [&str; 3] = ["api", "admin", "internal"];
+
 /// Limits and deadlines of one HTTP listener.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HttpListenerSettings {
-    /// For logs: `api`, `admin` or `internal`.
+    /// For logs and metrics: one of [`LISTENERS`].
     pub name: &'static str,
     pub max_connections: usize,
+    /// Connections from one source address that have not begun a request yet
+    /// (`max_handshakes_per_source`), enforced once half of `max_connections` is taken: one
+    /// address cannot fill the listener with silent sockets.
+    pub max_waiting_per_source: usize,
     pub handshake_timeout: Duration,
+    /// For each request's headers, and for the first request to begin at all.
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     /// HTTP/2 windows (the internal API streams tunnelled bodies between replicas).
@@ -42,6 +66,7 @@ pub struct HttpListenerSettings {
     /// Balancers whose connections start with a PROXY protocol header naming the caller
     /// (`proxy_protocol_from`; the API listener only). Empty: none is read.
     pub proxy_protocol_from: Vec<ipnet::IpNet>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl HttpListenerSettings {
@@ -51,10 +76,12 @@ impl HttpListenerSettings {
         name: &'static str,
         max_connections: usize,
         c: &crate::GatewayConfig,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             name,
             max_connections,
+            max_waiting_per_source: c.max_handshakes_per_source,
             handshake_timeout: c.handshake_timeout,
             header_read_timeout: c.http_header_read_timeout,
             idle_timeout: c.http_idle_timeout,
@@ -62,6 +89,66 @@ impl HttpListenerSettings {
             http2_connection_window: c.http2_connection_window,
             shutdown_grace: c.shutdown_grace,
             proxy_protocol_from: Vec::new(),
+            metrics,
+        }
+    }
+
+    /// Counts a refusal and logs it within the shared budget (the client has shown no
+    /// credentials yet, so its lines must not be unbounded).
+    fn refused(&self, reason: &'static str, peer: SocketAddr, why: &str) {
+        self.metrics
+            .http_connections_refused
+            .inc(&[self.name, reason]);
+        if let Some(suppressed) = PRE_AUTH_LOG.allow() {
+            tracing::warn!(listener = %self.name, %peer, reason = %reason, suppressed, "connection refused: {why}");
+        }
+    }
+}
+
+/// Connections per source address that have not begun a request.
+#[derive(Default)]
+struct WaitingSources {
+    /// Entries exist only while their address has such a connection: bounded by
+    /// `max_connections`.
+    counts: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl WaitingSources {
+    /// A place for one more connection from `ip`; `None` when the address has `max` already
+    /// and `enforce` is set.
+    fn admit(self: &Arc<Self>, ip: IpAddr, max: usize, enforce: bool) -> Option<WaitingSlot> {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry(ip).or_default();
+        if enforce && *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(WaitingSlot {
+            sources: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// One connection's place among its address's connections without a request; released when
+/// its first request begins, or when it closes.
+struct WaitingSlot {
+    sources: Arc<WaitingSources>,
+    ip: IpAddr,
+}
+
+impl Drop for WaitingSlot {
+    fn drop(&mut self) {
+        let mut counts = self
+            .sources
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.ip);
+            }
         }
     }
 }
@@ -88,6 +175,7 @@ pub async fn serve_http<F, S, B>(
 {
     let acceptor = tls.map(TlsAcceptor::from);
     let slots = Arc::new(Semaphore::new(settings.max_connections));
+    let waiting = Arc::new(WaitingSources::default());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let settings = Arc::new(settings);
     let make_service = Arc::new(make_service);
@@ -95,21 +183,22 @@ pub async fn serve_http<F, S, B>(
         agentgate_transport::accept_until(&listener, &stop, settings.name).await
     {
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            if let Some(suppressed) = PRE_AUTH_LOG.allow() {
-                tracing::warn!(
-                    listener = settings.name,
-                    %peer,
-                    max_connections = settings.max_connections,
-                    suppressed,
-                    "connection refused: this listener has too many open connections"
-                );
-            }
+            settings.refused(
+                "over_limit",
+                peer,
+                &format!(
+                    "this listener has {} connections open, its maximum",
+                    settings.max_connections
+                ),
+            );
             continue;
         };
         let watcher = graceful.watcher();
         let acceptor = acceptor.clone();
         let settings = settings.clone();
         let make_service = make_service.clone();
+        let waiting = waiting.clone();
+        let slots = slots.clone();
         tokio::spawn(async move {
             let _slot = slot;
             use agentgate_transport::proxy_header::{from_balancer, read_proxy_header_within};
@@ -117,16 +206,30 @@ pub async fn serve_http<F, S, B>(
                 match read_proxy_header_within(&mut stream, settings.handshake_timeout).await {
                     Ok(client) => client.unwrap_or(peer),
                     Err(e) => {
-                        if let Some(suppressed) = PRE_AUTH_LOG.allow() {
-                            tracing::warn!(listener = settings.name, balancer = %peer, suppressed, "connection from a proxy_protocol_from address refused: {e}");
-                        }
-                        return;
+                        let why = format!("from a proxy_protocol_from address: {e}");
+                        return settings.refused("proxy_header", peer, &why);
                     }
                 }
             } else {
                 peer
             };
-            let activity = Arc::new(Activity::default());
+            // Enforced only once the listener is half full: a client that opens hundreds of
+            // connections at once from one host (a CI system calling agents in parallel) is
+            // not refused while there is room for everyone.
+            let crowded = slots.available_permits() < settings.max_connections / 2;
+            let Some(waiting) = waiting.admit(peer.ip(), settings.max_waiting_per_source, crowded)
+            else {
+                let why = format!(
+                    "this address already has {} connections that have not begun a request \
+                     (max_handshakes_per_source)",
+                    settings.max_waiting_per_source
+                );
+                return settings.refused("source_over_limit", peer, &why);
+            };
+            let activity = Arc::new(Activity {
+                waiting: Mutex::new(Some(waiting)),
+                ..Activity::default()
+            });
             let svc = CountInFlight {
                 inner: make_service(peer),
                 activity: activity.clone(),
@@ -142,10 +245,13 @@ pub async fn serve_http<F, S, B>(
                 .initial_stream_window_size(settings.http2_stream_window)
                 .initial_connection_window_size(settings.http2_connection_window);
             let svc = hyper_util::service::TowerToHyperService::new(svc);
-            let idle = settings.idle_timeout;
+            let limits = IdleLimits {
+                idle: settings.idle_timeout,
+                first_request: settings.header_read_timeout,
+            };
             let result = match acceptor {
                 None => {
-                    let io = IdleIo::new(stream, activity, idle);
+                    let io = IdleIo::new(stream, activity.clone(), limits);
                     watcher
                         .watch(builder.serve_connection(TokioIo::new(io), svc).into_owned())
                         .await
@@ -155,21 +261,27 @@ pub async fn serve_http<F, S, B>(
                     let tls = match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => tls,
                         Ok(Err(e)) => {
-                            tracing::debug!(listener = settings.name, error = %e, %peer, "TLS handshake failed");
-                            return;
+                            let why = agentgate_transport::tls::describe_handshake_failure(&e);
+                            return settings.refused("tls", peer, &why);
                         }
                         Err(_) => {
-                            tracing::debug!(listener = settings.name, %peer, "TLS handshake timed out");
-                            return;
+                            let why = format!("TLS handshake not finished within {deadline:?}");
+                            return settings.refused("tls", peer, &why);
                         }
                     };
-                    let io = IdleIo::new(tls, activity, idle);
+                    let io = IdleIo::new(tls, activity.clone(), limits);
                     watcher
                         .watch(builder.serve_connection(TokioIo::new(io), svc).into_owned())
                         .await
                 }
             };
-            if let Err(e) = result {
+            if activity.no_request.load(Ordering::Relaxed) {
+                let why = format!(
+                    "no request began within {:?} (http_header_read_timeout)",
+                    settings.header_read_timeout
+                );
+                settings.refused("no_request", peer, &why);
+            } else if let Err(e) = result {
                 tracing::debug!(listener = settings.name, error = %e, %peer, "connection ended with error");
             }
         });
@@ -192,6 +304,12 @@ pub async fn serve_http<F, S, B>(
 struct Activity {
     in_flight: AtomicUsize,
     last: Mutex<Option<Instant>>,
+    /// Whether a request has begun on the connection.
+    started: AtomicBool,
+    /// The connection's place among its address's connections without a request.
+    waiting: Mutex<Option<WaitingSlot>>,
+    /// Set when the connection was closed for beginning no request in time.
+    no_request: AtomicBool,
 }
 
 impl Activity {
@@ -232,6 +350,15 @@ where
 
     fn call(&mut self, req: R) -> Self::Future {
         self.activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        if !self.activity.started.swap(true, Ordering::Relaxed) {
+            drop(
+                self.activity
+                    .waiting
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take(),
+            );
+        }
         CountedResponse {
             inner: self.inner.call(req),
             guard: Some(InFlight(self.activity.clone())),
@@ -266,29 +393,52 @@ where
     }
 }
 
+/// The deadlines [`IdleIo`] keeps.
+#[derive(Clone, Copy)]
+struct IdleLimits {
+    /// No request in flight and no bytes in either direction for this long: closed.
+    idle: Duration,
+    /// No request begun this long after the connection was set up (TLS included): closed,
+    /// whether or not bytes trickle in. Silent or slow sockets cannot hold a place longer.
+    first_request: Duration,
+}
+
 /// Closes the connection once it has had no request in flight and no bytes in either
-/// direction for `idle`.
+/// direction for `idle`, or once it has begun no request within `first_request`.
 struct IdleIo<T> {
     io: T,
     activity: Arc<Activity>,
     idle: Duration,
+    first_request_by: tokio::time::Instant,
     timer: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl<T> IdleIo<T> {
-    fn new(io: T, activity: Arc<Activity>, idle: Duration) -> Self {
+    fn new(io: T, activity: Arc<Activity>, limits: IdleLimits) -> Self {
         activity.touch();
+        let now = tokio::time::Instant::now();
         Self {
             io,
             activity,
-            idle,
-            timer: Box::pin(tokio::time::sleep(idle)),
+            idle: limits.idle,
+            first_request_by: now + limits.first_request,
+            timer: Box::pin(tokio::time::sleep(limits.idle.min(limits.first_request))),
         }
     }
 
-    /// `Err` once the connection has been idle for too long; otherwise re-arms the timer.
+    /// `Err` once the connection has been idle for too long, or began no request in time;
+    /// otherwise re-arms the timer.
     fn check_idle(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         while self.timer.as_mut().poll(cx).is_ready() {
+            let now = tokio::time::Instant::now();
+            let started = self.activity.started.load(Ordering::Relaxed);
+            if !started && now >= self.first_request_by {
+                self.activity.no_request.store(true, Ordering::Relaxed);
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no request began within the header read timeout",
+                ));
+            }
             let last = self
                 .activity
                 .last
@@ -303,14 +453,15 @@ impl<T> IdleIo<T> {
                     "connection idle for longer than the idle timeout",
                 ));
             }
-            let next = if busy {
+            let mut next = if busy {
                 self.idle
             } else {
                 self.idle - quiet_for
             };
-            self.timer
-                .as_mut()
-                .reset(tokio::time::Instant::now() + next);
+            if !started {
+                next = next.min(self.first_request_by - now);
+            }
+            self.timer.as_mut().reset(now + next);
         }
         Ok(())
     }

@@ -310,6 +310,7 @@ pub async fn run_with(
                 "admin",
                 cfg.admin_max_connections,
                 cfg,
+                gw.metrics.clone(),
             ),
             move |_peer| {
                 let admin = admin_state.clone();
@@ -329,8 +330,12 @@ pub async fn run_with(
         router: gw.router.clone(),
         metrics: gw.metrics.clone(),
     });
-    let mut api_settings =
-        http_listener::HttpListenerSettings::from_config("api", cfg.api_max_connections, cfg);
+    let mut api_settings = http_listener::HttpListenerSettings::from_config(
+        "api",
+        cfg.api_max_connections,
+        cfg,
+        gw.metrics.clone(),
+    );
     api_settings.proxy_protocol_from = cfg.proxy_protocol_networks()?;
     let api = shutdown::Task {
         handle: tokio::spawn(api::serve_api(
@@ -407,6 +412,7 @@ async fn start_cluster(
         "internal",
         cfg.internal_max_connections,
         cfg,
+        state.metrics.clone(),
     );
     let handle = tokio::spawn(cluster::internal_api::serve_internal(
         state,

@@ -178,6 +178,7 @@ pub struct Metrics {
     pub connections_open: Family,
     pub connections_accepted: Family,
     pub connections_rejected: Family,
+    pub http_connections_refused: Family,
     pub rpcs: Family,
     pub agents_connected: Family,
     pub tunnels_parked: Family,
@@ -221,6 +222,13 @@ impl Default for Metrics {
                 "Agent connections or calls refused, by reason.",
                 Kind::Counter,
                 &["reason"],
+            ),
+            http_connections_refused: Family::new(
+                "agentgate_http_connections_refused_total",
+                "Connections the tunnel API, admin and internal listeners refused or cut before \
+                 their first request, by listener and reason.",
+                Kind::Counter,
+                &["listener", "reason"],
             ),
             rpcs: Family::new(
                 "agentgate_rpcs_total",
@@ -364,6 +372,11 @@ impl Default for Metrics {
             m.connections_rejected.set(&[r.as_str()], 0.0);
         }
         m.connections_rejected.set(&[REJECT_UNAUTHENTICATED], 0.0);
+        for listener in crate::http_listener::LISTENERS {
+            for reason in crate::http_listener::REFUSAL_REASONS {
+                m.http_connections_refused.set(&[listener, reason], 0.0);
+            }
+        }
         m.tunnels_parked.set(&[], 0.0);
         m.tunnel_streams_opened.set(&[], 0.0);
         m
@@ -380,6 +393,7 @@ impl Metrics {
             &self.connections_open,
             &self.connections_accepted,
             &self.connections_rejected,
+            &self.http_connections_refused,
             &self.rpcs,
             &self.agents_connected,
             &self.tunnels_parked,

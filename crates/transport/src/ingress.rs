@@ -849,7 +849,12 @@ async fn classify(
                     format!("TLS handshake not finished within {deadline:?}"),
                 )
             })?
-            .map_err(|e| (RejectReason::TlsError, format!("TLS handshake failed: {e}")))?;
+            .map_err(|e| {
+                (
+                    RejectReason::TlsError,
+                    crate::tls::describe_handshake_failure(&e),
+                )
+            })?;
         if tls.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2) {
             return Ok((Box::new(tls), TransportKind::Grpcs));
         }

@@ -53,6 +53,24 @@ pub(crate) fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Tl
     Ok(certs)
 }
 
+/// A server-side TLS handshake failure as one sentence for the log: a client that sent no
+/// TLS at all (cleartext HTTP or gRPC to a TLS port) is named as such instead of rustls's
+/// "received corrupt message of type InvalidContentType".
+pub fn describe_handshake_failure(e: &std::io::Error) -> String {
+    use rustls::{Error, InvalidMessage};
+    let rustls_error = e.get_ref().and_then(|inner| inner.downcast_ref::<Error>());
+    match rustls_error {
+        Some(Error::InvalidMessage(
+            InvalidMessage::InvalidContentType | InvalidMessage::UnknownProtocolVersion,
+        )) => "the client did not speak TLS (cleartext HTTP or gRPC sent to a TLS port?)".into(),
+        Some(Error::NoApplicationProtocol) => {
+            "TLS handshake failed: the client offered no protocol (ALPN) this port speaks".into()
+        }
+        Some(other) => format!("TLS handshake failed: {other}"),
+        None => format!("TLS handshake failed: {e}"),
+    }
+}
+
 /// Server configuration from PEM files, offering ALPN `alpn` in order of preference.
 pub fn server_config(
     cert: &Path,
