@@ -273,6 +273,46 @@ def test_pre_auth_log_lines_are_rate_limited(env):
     assert_steady_serves(g, api)
 
 
+def test_connect_and_close_loops_and_api_refusals_share_the_log_budget(env):
+    """Connections that open, send the preface and close, and tunnel API requests with a
+    wrong token: the lines anyone can cause all come out of the 20-a-second budget, and the
+    h2 library's own warnings (a reset flood) stay out of the default log."""
+    g, api = gateway_with_steady_agent(env, tls=False)
+    t0 = time.monotonic()
+    for _ in range(400):
+        s = socket.create_connection(("127.0.0.1", g.port))
+        s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        s.close()
+    for _ in range(300):
+        status, _, _ = api_request(g, "GET", "/agents/steady/proxy/x", "wrong-token")
+        assert status == 401
+    # A rapid reset flood: h2 warns once per connection on its own.
+    for _ in range(5):
+        c = raw_h2.RawH2(g.port)
+        try:
+            for _ in range(60):
+                c.conn.reset_stream(c.request(WATCH, body=raw_h2.grpc_frame(b""), end=False))
+                c.flush()
+        except OSError:
+            pass  # the server hung up
+        c.pump(lambda: False, timeout=2)
+        c.close()
+    took = time.monotonic() - t0
+    # The first line after the window says how many were dropped.
+    time.sleep(1.1)
+    status, _, _ = api_request(g, "GET", "/agents/steady/proxy/x", "wrong-token")
+    assert status == 401
+    time.sleep(0.3)
+    out = ic.plain(g.proc.output()).splitlines()
+    budgeted = [ln for ln in out if any(w in ln for w in (
+        "connection closed", "API request refused", "rpc finished", "connection refused"))]
+    assert len(budgeted) <= 20 * (int(took) + 3) + 10, (len(budgeted), took)
+    assert not [ln for ln in out if " h2::" in ln], [ln for ln in out if " h2::" in ln][:3]
+    last = [ln for ln in out if "API request refused" in ln][-1]
+    assert "suppressed=" in last and "suppressed=0" not in last, last
+    assert_steady_serves(g, api)
+
+
 @pytest.mark.parametrize("count", [40_000])
 def test_huge_tunnel_header_list_from_an_agent_is_cut_not_a_crash(env, count):
     """An agent (grpcio, ours not involved) answers with 40,000 headers: HeaderMap would panic

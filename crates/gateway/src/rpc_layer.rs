@@ -76,9 +76,12 @@ impl Observation {
                 )
             };
         }
+        let authenticated = self.conn.as_ref().is_some_and(|c| c.agent.get().is_some());
         if status == "OK" {
             rpc_finished!(tracing::Level::DEBUG);
-        } else {
+        } else if authenticated || agentgate_transport::PRE_AUTH_LOG.allow().is_some() {
+            // A caller without a token can make calls fail as fast as it likes: its lines
+            // come out of the shared pre-authentication budget.
             rpc_finished!(tracing::Level::INFO);
         }
     }

@@ -290,16 +290,28 @@ impl Drop for ServerConn {
     fn drop(&mut self) {
         let m = &self.meta;
         self.observer.closed(m);
-        tracing::info!(
-            conn = m.id,
-            transport = %m.kind,
-            peer = %m.peer,
-            agent = m.agent.get().map(String::as_str).unwrap_or("-"),
-            duration_ms = m.opened_at.elapsed().as_millis() as u64,
-            bytes_in = m.bytes_in.load(Ordering::Relaxed),
-            bytes_out = m.bytes_out.load(Ordering::Relaxed),
-            "connection closed"
-        );
+        macro_rules! closed {
+            ($($suppressed:tt)*) => {
+                tracing::info!(
+                    conn = m.id,
+                    transport = %m.kind,
+                    peer = %m.peer,
+                    agent = m.agent.get().map(String::as_str).unwrap_or("-"),
+                    duration_ms = m.opened_at.elapsed().as_millis() as u64,
+                    bytes_in = m.bytes_in.load(Ordering::Relaxed),
+                    bytes_out = m.bytes_out.load(Ordering::Relaxed),
+                    $($suppressed)*
+                    "connection closed"
+                )
+            };
+        }
+        // A connection that never authenticated is anyone's: its line comes out of the
+        // shared pre-authentication budget, so connect-and-close loops cannot flood the log.
+        if m.agent.get().is_some() {
+            closed!();
+        } else if let Some(suppressed) = PRE_AUTH_LOG.allow() {
+            closed!(suppressed,);
+        }
     }
 }
 
@@ -742,12 +754,14 @@ pub fn serve_ingress(
                     Ok((io, kind)) => {
                         let meta = Arc::new(ConnMeta::new(id, kind, peer, agent));
                         observer.opened(&meta);
+                        // Debug: anyone can open a connection; "agent registered" and
+                        // "connection closed" carry the connection's id and peer.
                         match via {
                             None => {
-                                tracing::info!(conn = id, transport = %kind, %peer, "connection opened")
+                                tracing::debug!(conn = id, transport = %kind, %peer, "connection opened")
                             }
                             Some(balancer) => {
-                                tracing::info!(conn = id, transport = %kind, %peer, %balancer, "connection opened")
+                                tracing::debug!(conn = id, transport = %kind, %peer, %balancer, "connection opened")
                             }
                         }
                         let conn = ServerConn {

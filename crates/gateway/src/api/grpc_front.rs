@@ -83,7 +83,9 @@ pub async fn handle(
             api.metrics
                 .tunnel_requests
                 .inc(&["grpc", "unauthenticated", "none"]);
-            tracing::warn!(agent, method, "API call refused: {}", e.message());
+            if let Some(suppressed) = agentgate_transport::PRE_AUTH_LOG.allow() {
+                tracing::warn!(%peer, agent, method, suppressed, "API call refused: {}", e.message());
+            }
             let code = match e {
                 ApiAuthError::Forbidden(_) => tonic::Code::PermissionDenied,
                 _ => tonic::Code::Unauthenticated,

@@ -96,7 +96,9 @@ pub async fn handle(
             api.metrics
                 .tunnel_requests
                 .inc(&["http", "unauthenticated", "none"]);
-            tracing::warn!(%peer, agent, "API request refused: {}", e.message());
+            if let Some(suppressed) = agentgate_transport::PRE_AUTH_LOG.allow() {
+                tracing::warn!(%peer, agent, suppressed, "API request refused: {}", e.message());
+            }
             return error_response(status, &e.message());
         }
     };

@@ -111,7 +111,9 @@ async fn route(
     req: Request<Incoming>,
 ) -> Response<ApiBody> {
     if let Some(why) = agentgate_transport::refuse_non_uri_authority(req.extensions()) {
-        tracing::warn!(%peer, path = %req.uri().path(), "API request refused: {why}");
+        if let Some(suppressed) = agentgate_transport::PRE_AUTH_LOG.allow() {
+            tracing::warn!(%peer, path = %req.uri().path(), suppressed, "API request refused: {why}");
+        }
         let mut resp = Response::new(full_body(format!("agentgate: {why}\n")));
         *resp.status_mut() = http::StatusCode::BAD_REQUEST;
         return resp;
