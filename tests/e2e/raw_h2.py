@@ -66,6 +66,7 @@ class RawH2:
         self.conn.initiate_connection()
         self.answers: dict[int, Answer] = {}
         self.closed = False
+        self.goaway: tuple[int, bytes] | None = None  # (error code, debug data) of a GOAWAY
         self.flush()
 
     def flush(self):
@@ -131,6 +132,7 @@ class RawH2:
             a.reset = ev.error_code
             a.ended = True
         elif isinstance(ev, h2.events.ConnectionTerminated):
+            self.goaway = (int(ev.error_code), ev.additional_data or b"")
             self.closed = True
 
     def finish(self, sids):

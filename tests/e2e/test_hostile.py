@@ -256,6 +256,49 @@ def test_rapid_reset_closes_the_connection(env):
     assert_steady_serves(g, api)
 
 
+def test_closes_for_floods_and_protocol_errors_say_why(env):
+    """A PING flood gets GOAWAY ENHANCE_YOUR_CALM "too_many_pings" before the close (grpc-go
+    backs off its keepalive on exactly that); a protocol error and a reset flood, which the
+    HTTP/2 library answers with a GOAWAY of its own, are counted and logged by the gateway."""
+    g, api = gateway_with_steady_agent(env, tls=False)
+    c = raw_h2.RawH2(g.port)
+    try:
+        for i in range(10):
+            c.conn.ping(b"%08d" % i)
+            c.flush()
+    except OSError:
+        pass
+    c.pump(lambda: False, timeout=5)
+    c.close()
+    assert c.goaway == (0xB, b"too_many_pings"), c.goaway
+
+    base = {r: rejected(g, r) for r in ("http2_protocol_error", "http2_flood")}
+    # DATA on stream 0 after a good preface and SETTINGS: PROTOCOL_ERROR.
+    s = socket.create_connection(("127.0.0.1", g.port))
+    s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+              + b"\x00\x00\x04\x00\x00\x00\x00\x00\x00abcd")
+    closed_within(s, 5)
+    s.close()
+    wait_for(lambda: rejected(g, "http2_protocol_error") >= base["http2_protocol_error"] + 1,
+             what="the protocol error counted")
+    # A reset flood.
+    c = raw_h2.RawH2(g.port)
+    try:
+        for _ in range(100):
+            c.conn.reset_stream(c.request(WATCH, body=raw_h2.grpc_frame(b""), end=False))
+            c.flush()
+    except OSError:
+        pass
+    c.pump(lambda: False, timeout=5)
+    c.close()
+    assert c.goaway is not None and c.goaway[0] == 0xB, c.goaway
+    wait_for(lambda: rejected(g, "http2_flood") >= base["http2_flood"] + 1, what="the flood counted")
+    out = ic.plain(g.proc.output())
+    assert "connection closed for an HTTP/2 error by the client: PROTOCOL_ERROR" in out, out[-2000:]
+    assert "connection closed for an HTTP/2 error by the client: ENHANCE_YOUR_CALM (" in out, out[-2000:]
+    assert_steady_serves(g, api)
+
+
 def test_pre_auth_log_lines_are_rate_limited(env):
     g, api = gateway_with_steady_agent(env, tls=False)
     _, took = many_refusals(g, 2000, lambda c, i: c.request(REGISTER, [("authorization", "Bearer wrong")]))

@@ -130,10 +130,16 @@ pub enum RejectReason {
     /// A connection from a `proxy_protocol_from` address without a valid PROXY protocol
     /// header within the handshake deadline.
     ProxyHeader,
+    /// The gateway's HTTP/2 server ended the connection for a protocol error by the client
+    /// (a GOAWAY with PROTOCOL_ERROR, COMPRESSION_ERROR, FLOW_CONTROL_ERROR, ...).
+    Http2ProtocolError,
+    /// The gateway's HTTP/2 server ended the connection for a flood (GOAWAY
+    /// ENHANCE_YOUR_CALM: too many resets, CONTINUATION frames, ...).
+    Http2Flood,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 19] = [
+    pub const ALL: [RejectReason; 21] = [
         Self::SniffTimeout,
         Self::BadPreface,
         Self::EarlyEof,
@@ -153,6 +159,8 @@ impl RejectReason {
         Self::ProxyHeader,
         Self::NotAnUpgrade,
         Self::GrpcOverHttp1,
+        Self::Http2ProtocolError,
+        Self::Http2Flood,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -176,6 +184,8 @@ impl RejectReason {
             Self::ProxyHeader => "proxy_header",
             Self::NotAnUpgrade => "not_an_upgrade",
             Self::GrpcOverHttp1 => "grpc_over_http1",
+            Self::Http2ProtocolError => "http2_protocol_error",
+            Self::Http2Flood => "http2_flood",
         }
     }
 }
@@ -286,8 +296,94 @@ impl ServerConn {
     }
 }
 
+/// The name of an HTTP/2 error code (RFC 9113, section 7).
+fn http2_error_name(code: u32) -> &'static str {
+    match code {
+        0x1 => "PROTOCOL_ERROR",
+        0x2 => "INTERNAL_ERROR",
+        0x3 => "FLOW_CONTROL_ERROR",
+        0x4 => "SETTINGS_TIMEOUT",
+        0x5 => "STREAM_CLOSED",
+        0x6 => "FRAME_SIZE_ERROR",
+        0x7 => "REFUSED_STREAM",
+        0x8 => "CANCEL",
+        0x9 => "COMPRESSION_ERROR",
+        0xa => "CONNECT_ERROR",
+        0xb => "ENHANCE_YOUR_CALM",
+        0xc => "INADEQUATE_SECURITY",
+        0xd => "HTTP_1_1_REQUIRED",
+        _ => "an unknown error code",
+    }
+}
+
+/// HTTP/2 error codes: ENHANCE_YOUR_CALM, and the debug texts grpc-go acts on.
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+const NO_ERROR: u32 = 0x0;
+
+impl ServerConn {
+    /// The HTTP/2 server ended the connection with an error GOAWAY: counted and logged (its
+    /// library says nothing, and the client may be anyone).
+    fn report_goaway_error(&self) {
+        let Some((code, debug)) = self.ping_policy.as_ref().and_then(PingPolicy::goaway_sent)
+        else {
+            return;
+        };
+        if code == NO_ERROR {
+            return;
+        }
+        let reason = if code == ENHANCE_YOUR_CALM {
+            RejectReason::Http2Flood
+        } else {
+            RejectReason::Http2ProtocolError
+        };
+        self.observer.rejected(reason);
+        if let Some(suppressed) = PRE_AUTH_LOG.allow() {
+            let detail = if debug.is_empty() {
+                String::new()
+            } else {
+                format!(" ({debug})")
+            };
+            tracing::warn!(
+                conn = self.meta.id,
+                peer = %self.meta.peer,
+                transport = %self.meta.kind,
+                agent = self.meta.agent.get().map(String::as_str).unwrap_or("-"),
+                %reason,
+                suppressed,
+                "connection closed for an HTTP/2 error by the client: {}{detail}",
+                http2_error_name(code)
+            );
+        }
+    }
+
+    /// Before a connection is closed for breaking a policy: a GOAWAY naming why, written
+    /// straight to the client when the server's output sits between two frames (so a gRPC
+    /// client learns the reason, and grpc-go backs off its keepalive on "too_many_pings").
+    /// Best effort: a client that does not read is not waited for.
+    fn send_goaway(&mut self, cx: &mut Context<'_>, code: u32, debug: &str) {
+        if !self
+            .ping_policy
+            .as_ref()
+            .is_some_and(PingPolicy::outbound_at_frame_boundary)
+        {
+            return;
+        }
+        let mut frame = Vec::with_capacity(17 + debug.len());
+        frame.extend_from_slice(&((8 + debug.len()) as u32).to_be_bytes()[1..]);
+        frame.extend_from_slice(&[crate::ping_policy::FRAME_GOAWAY, 0, 0, 0, 0, 0]);
+        frame.extend_from_slice(&0x7fff_ffffu32.to_be_bytes());
+        frame.extend_from_slice(&code.to_be_bytes());
+        frame.extend_from_slice(debug.as_bytes());
+        if let Poll::Ready(Ok(n)) = Pin::new(&mut self.io).poll_write(cx, &frame) {
+            self.meta.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+            let _ = Pin::new(&mut self.io).poll_flush(cx);
+        }
+    }
+}
+
 impl Drop for ServerConn {
     fn drop(&mut self) {
+        self.report_goaway_error();
         let m = &self.meta;
         self.observer.closed(m);
         macro_rules! closed {
@@ -352,6 +448,7 @@ impl AsyncRead for ServerConn {
                          their token on their first calls"
                     );
                 }
+                self.send_goaway(cx, NO_ERROR, "auth_timeout: no call authenticated in time");
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "no authenticated call in time",
@@ -366,7 +463,6 @@ impl AsyncRead for ServerConn {
             let this = &mut *self;
             if let Some(policy) = &mut this.ping_policy {
                 if let Err(e) = policy.feed(&buf.filled()[before..], Instant::now()) {
-                    this.ping_policy = None;
                     let (reason, what) = match e {
                         crate::ping_policy::TooManyPings::Pings { .. } => (
                             RejectReason::TooManyPings,
@@ -377,6 +473,9 @@ impl AsyncRead for ServerConn {
                             "the client keeps sending HTTP/2 SETTINGS frames",
                         ),
                     };
+                    // grpc-go doubles its keepalive time on exactly this GOAWAY.
+                    this.send_goaway(cx, ENHANCE_YOUR_CALM, reason.as_str());
+                    this.ping_policy = None;
                     this.observer.rejected(reason);
                     if let Some(suppressed) = PRE_AUTH_LOG.allow() {
                         tracing::warn!(
@@ -391,6 +490,7 @@ impl AsyncRead for ServerConn {
                 }
                 if let Some(limit) = this.max_streams_before_auth {
                     if policy.client_headers() > limit && this.meta.agent.get().is_none() {
+                        this.send_goaway(cx, ENHANCE_YOUR_CALM, "streams_before_auth");
                         this.ping_policy = None;
                         this.observer.rejected(RejectReason::StreamsBeforeAuth);
                         if let Some(suppressed) = PRE_AUTH_LOG.allow() {

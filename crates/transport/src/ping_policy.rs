@@ -38,25 +38,62 @@ enum State {
     },
 }
 
+/// Payload bytes kept of a captured frame: a GOAWAY's last stream id and error code, and
+/// enough of its debug text to name the reason.
+const CAPTURE_MAX: usize = 8 + 120;
+
 /// Finds the frame headers in one direction of an HTTP/2 byte stream, however it is split
 /// into reads or writes.
 #[derive(Debug)]
 pub(crate) struct FrameScanner {
     state: State,
+    /// The first frame of this type has its first [`CAPTURE_MAX`] payload bytes kept.
+    capture_kind: Option<u8>,
+    capturing: bool,
+    captured: Option<Vec<u8>>,
 }
 
 impl FrameScanner {
     /// A scanner that first passes over `skip` bytes (the client preface inbound).
     pub(crate) fn new(skip: usize) -> Self {
-        let state = if skip == 0 {
+        Self {
+            state: Self::skipping(skip),
+            capture_kind: None,
+            capturing: false,
+            captured: None,
+        }
+    }
+
+    /// A scanner that also keeps the start of the first frame of type `kind`.
+    pub(crate) fn capturing(skip: usize, kind: u8) -> Self {
+        Self {
+            capture_kind: Some(kind),
+            ..Self::new(skip)
+        }
+    }
+
+    fn skipping(skip: usize) -> State {
+        if skip == 0 {
             State::Header {
                 buf: [0; FRAME_HEADER_LEN],
                 have: 0,
             }
         } else {
             State::Skip { remaining: skip }
-        };
-        Self { state }
+        }
+    }
+
+    /// The captured frame's payload start, once all of it that is kept has passed.
+    pub(crate) fn captured(&self) -> Option<&[u8]> {
+        match (&self.captured, self.capturing) {
+            (Some(c), false) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// Whether the bytes so far end exactly between two frames.
+    pub(crate) fn at_frame_boundary(&self) -> bool {
+        matches!(self.state, State::Header { have: 0, .. })
     }
 
     /// Calls `on_frame(type, flags)` for every frame header completed by `data`.
@@ -70,8 +107,15 @@ impl FrameScanner {
                 State::Skip { remaining } => {
                     let n = (*remaining).min(data.len());
                     *remaining -= n;
+                    if self.capturing {
+                        let kept = self.captured.get_or_insert_with(Vec::new);
+                        let take = n.min(CAPTURE_MAX - kept.len());
+                        kept.extend_from_slice(&data[..take]);
+                        self.capturing = kept.len() < CAPTURE_MAX;
+                    }
                     data = &data[n..];
                     if *remaining == 0 {
+                        self.capturing = false;
                         self.state = State::Header {
                             buf: [0; FRAME_HEADER_LEN],
                             have: 0,
@@ -86,7 +130,11 @@ impl FrameScanner {
                     if *have == FRAME_HEADER_LEN {
                         let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
                         let (kind, flags) = (buf[3], buf[4]);
-                        self.state = Self::new(len).state;
+                        self.state = Self::skipping(len);
+                        if self.capture_kind == Some(kind) && self.captured.is_none() {
+                            self.captured = Some(Vec::with_capacity(len.min(CAPTURE_MAX)));
+                            self.capturing = len > 0;
+                        }
                         on_frame(kind, flags)?;
                     }
                 }
@@ -123,7 +171,7 @@ impl PingPolicy {
         Self {
             min_interval,
             inbound: FrameScanner::new(HTTP2_PREFACE.len()),
-            outbound: FrameScanner::new(0),
+            outbound: FrameScanner::capturing(0, FRAME_GOAWAY),
             last_ping: None,
             strikes: 0,
             settings: 0,
@@ -165,6 +213,27 @@ impl PingPolicy {
             }
             Ok(())
         })
+    }
+
+    /// The error code and debug text of the first GOAWAY the server sent, once its start has
+    /// passed.
+    pub fn goaway_sent(&self) -> Option<(u32, String)> {
+        let p = self.outbound.captured()?;
+        let code = u32::from_be_bytes(p.get(4..8)?.try_into().ok()?);
+        let debug = String::from_utf8_lossy(&p[8..]);
+        // Only printable text of bounded length reaches a log line.
+        let debug = debug
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(120)
+            .collect();
+        Some((code, debug))
+    }
+
+    /// Whether everything the server wrote so far ends between two frames, so a frame of our
+    /// own may follow.
+    pub fn outbound_at_frame_boundary(&self) -> bool {
+        self.outbound.at_frame_boundary()
     }
 
     /// HEADERS frames the client has sent so far (about the streams it opened), counted as the
@@ -339,5 +408,29 @@ mod tests {
                 count: MAX_CLIENT_SETTINGS + 1
             })
         );
+    }
+
+    #[test]
+    fn the_first_goaway_sent_is_read_however_the_writes_split_it() {
+        let mut payload = vec![0x7f, 0xff, 0xff, 0xff, 0, 0, 0, 0x0b];
+        payload.extend_from_slice(b"too_many_resets");
+        let mut out = frame(FRAME_HEADERS, 0x4, &[0x88]);
+        out.extend(frame(FRAME_GOAWAY, 0, &payload));
+        out.extend(frame(FRAME_GOAWAY, 0, &[0, 0, 0, 1, 0, 0, 0, 0]));
+        for split in 1..out.len() {
+            let mut p = PingPolicy::new(Duration::from_secs(1));
+            assert_eq!(p.goaway_sent(), None);
+            p.feed_outbound(&out[..split]);
+            p.feed_outbound(&out[split..]);
+            assert_eq!(
+                p.goaway_sent(),
+                Some((0x0b, "too_many_resets".to_string())),
+                "split at {split}"
+            );
+            assert!(p.outbound_at_frame_boundary());
+        }
+        let mut p = PingPolicy::new(Duration::from_secs(1));
+        p.feed_outbound(&out[..12]);
+        assert!(!p.outbound_at_frame_boundary(), "inside the GOAWAY");
     }
 }
