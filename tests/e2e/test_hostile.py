@@ -13,6 +13,7 @@ import ssl
 import subprocess
 import threading
 import time
+import urllib.parse
 
 import h2.events
 import h2.exceptions
@@ -296,6 +297,17 @@ def test_closes_for_floods_and_protocol_errors_say_why(env):
     out = ic.plain(g.proc.output())
     assert "connection closed for an HTTP/2 error by the client: PROTOCOL_ERROR" in out, out[-2000:]
     assert "connection closed for an HTTP/2 error by the client: ENHANCE_YOUR_CALM (" in out, out[-2000:]
+    assert_steady_serves(g, api)
+
+
+def test_a_token_that_is_not_ascii_is_called_malformed_not_missing(env):
+    g, api = gateway_with_steady_agent(env, tls=False)
+    c = raw_h2.RawH2(g.port)
+    a = c.wait(c.request(REGISTER, [("authorization", "Bearer t\u00f6k\u00e9n")], body=raw_h2.grpc_frame(b"")))
+    c.close()
+    status = {**a.headers, **a.trailers}
+    assert status.get("grpc-status") == "16", status
+    assert "not ASCII" in urllib.parse.unquote(status.get("grpc-message", "")), status
     assert_steady_serves(g, api)
 
 

@@ -284,6 +284,29 @@ def test_bad_agent_tokens_are_refused_unauthenticated(env, stubs):
     steady.assert_undisturbed()
 
 
+def test_malformed_and_oversized_messages_get_a_sentence_and_the_right_code(env, stubs):
+    """tonic's codec errors reach a foreign client (grpcio) as gRPC's codes for the case and a
+    sentence, not as INTERNAL with library text."""
+    tok = env.token("codec-errors")
+    g = env.gateway(tls=False)
+    agent_pb2, _ = stubs
+    md = [("authorization", f"Bearer {tok}")]
+    with ic.h2c_channel(g.port) as ch:
+        register_raw = ch.unary_stream("/agentgate.v1.AgentSession/Register")
+        # Over the session service's 16 KiB message limit.
+        big = agent_pb2.RegisterRequest(instance_id="x", hostname="h" * 20_000).SerializeToString()
+        with pytest.raises(grpc.RpcError) as ei:
+            next(register_raw(big, metadata=md, timeout=5))
+        assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, ei.value
+        assert "agentgate: a request message of" in ei.value.details() and "limit of 16384 bytes" in ei.value.details(), \
+            ei.value.details()
+        # Not protobuf at all.
+        with pytest.raises(grpc.RpcError) as ei:
+            next(register_raw(b"\xff\xff\xff\xff", metadata=md, timeout=5))
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, ei.value
+        assert "agentgate: a request message is not what this method takes" in ei.value.details(), ei.value.details()
+
+
 def test_websocket_refusals(env):
     steady = Steady(env)
     g = env.gateway(tls=True, cleartext=True)

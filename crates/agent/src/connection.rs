@@ -573,7 +573,7 @@ async fn run_agent(agent: Agent, stop: CancellationToken) -> anyhow::Result<()> 
     tracing::info!(
         server = %cfg.server,
         instance = %cfg.instance_id,
-        upstreams = ?ctx.upstreams.http_names(),
+        upstreams = %ctx.upstreams.http_names().join(","),
         grpc_upstream = ctx.upstreams.has_grpc(),
         worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
         "agent starting"

@@ -66,8 +66,10 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 
 /// Serves local calls until `stop`, then lets calls in flight finish (within a grace).
 pub async fn serve(listener: TcpListener, caller: BackendCaller, stop: CancellationToken) {
-    let local = listener.local_addr().ok();
-    tracing::info!(addr = ?local, "local listener ready: gRPC calls here go to the gateway's backends as this agent");
+    let local = listener
+        .local_addr()
+        .map_or_else(|_| "?".to_string(), |a| a.to_string());
+    tracing::info!(addr = %local, "local listener ready: gRPC calls here go to the gateway's backends as this agent");
     let tasks = TaskTracker::new();
     loop {
         let (tcp, peer) = tokio::select! {

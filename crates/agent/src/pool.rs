@@ -179,7 +179,7 @@ async fn tunnel(ctx: Arc<TunnelContext>) {
             if !ctx.stop.is_cancelled() {
                 // The connection takes no new streams (a GOAWAY from the gateway or from a
                 // proxy in between, say on reload): tell the manager to move to a new one.
-                tracing::warn!(code = ?status.code(), "cannot open a tunnel stream: {}", status.message());
+                tracing::warn!(code = %agentgate_proto::status_code::code_name(status.code()), "cannot open a tunnel stream: {}", status.message());
                 ctx.broken.cancel();
             }
             return;
@@ -323,7 +323,7 @@ where
             Some(Ok(_)) => continue,
             None => return Idle::Ended("the gateway ended it"),
             Some(Err(status)) => {
-                tracing::debug!(code = ?status.code(), "tunnel stream failed: {}", status.message());
+                tracing::debug!(code = %agentgate_proto::status_code::code_name(status.code()), "tunnel stream failed: {}", status.message());
                 return Idle::Ended("the stream failed");
             }
         }

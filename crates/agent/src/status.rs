@@ -84,7 +84,10 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 
 /// Serves the endpoint until `stop`.
 pub async fn serve(listener: TcpListener, status: Arc<AgentStatus>, stop: CancellationToken) {
-    tracing::info!(addr = ?listener.local_addr().ok(), "health and metrics endpoint ready");
+    match listener.local_addr() {
+        Ok(addr) => tracing::info!(%addr, "health and metrics endpoint ready"),
+        Err(_) => tracing::info!("health and metrics endpoint ready"),
+    }
     loop {
         let (tcp, _) = tokio::select! {
             _ = stop.cancelled() => return,

@@ -516,8 +516,11 @@ fn token_command(cmd: TokenCommand) -> anyhow::Result<()> {
             let (token, entry) =
                 tokens::create_token_expiring(&path, kind, &name, &agents, expires_in)?;
             eprintln!(
-                "created {:?} token {} for {:?} in {} (shown once; only its hash is stored)",
-                entry.kind,
+                "created {} token {} for {:?} in {} (shown once; only its hash is stored)",
+                match entry.kind {
+                    tokens::TokenKind::Agent => "agent",
+                    tokens::TokenKind::Api => "API",
+                },
                 entry.id,
                 entry.name,
                 path.display()

@@ -48,7 +48,6 @@ impl AgentAuth {
         conn: &Arc<ConnMeta>,
         method: &str,
     ) -> Result<AgentIdentity, Status> {
-        let header = headers.get("authorization").and_then(|v| v.to_str().ok());
         let refuse = |why: &'static str| {
             self.metrics
                 .connections_rejected
@@ -66,7 +65,7 @@ impl AgentAuth {
             }
             Status::unauthenticated(format!("agentgate: {why}"))
         };
-        match self.agent_token(header) {
+        match self.agent_token(headers.get(http::header::AUTHORIZATION)) {
             Ok(entry) => Ok(bind(&self.tokens, entry, conn)),
             Err(why) => Err(refuse(why)),
         }
@@ -79,8 +78,7 @@ impl AgentAuth {
         headers: &http::HeaderMap,
         conn: &Arc<ConnMeta>,
     ) -> Option<AgentIdentity> {
-        let header = headers.get("authorization").and_then(|v| v.to_str().ok());
-        self.agent_token(header)
+        self.agent_token(headers.get(http::header::AUTHORIZATION))
             .ok()
             .map(|e| bind(&self.tokens, e, conn))
     }
@@ -88,10 +86,15 @@ impl AgentAuth {
     /// The token entry of an `authorization` value, or why there is none.
     fn agent_token(
         &self,
-        header: Option<&str>,
+        header: Option<&http::HeaderValue>,
     ) -> Result<Arc<crate::tokens::TokenEntry>, &'static str> {
         let header = header
-            .ok_or("missing agent token: send metadata 'authorization: Bearer <agent token>'")?;
+            .ok_or("missing agent token: send metadata 'authorization: Bearer <agent token>'")?
+            .to_str()
+            .map_err(|_| {
+                "malformed authorization metadata: it is not ASCII text; agent tokens are \
+                 'Bearer ' and letters, digits, '_' and '-'"
+            })?;
         let token = bearer_token(header)
             .ok_or("malformed authorization metadata: expected 'Bearer <agent token>'")?;
         self.tokens

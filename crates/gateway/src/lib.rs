@@ -17,6 +17,7 @@ mod api;
 mod auth;
 pub mod backends;
 pub mod cluster;
+mod codec_error_text;
 pub mod config;
 pub mod directory;
 mod fd_limit;
@@ -277,7 +278,9 @@ pub async fn run_with(
     tracing::info!(
         agent = %addrs.agent,
         agent_tls = agent_tls.is_some(),
-        cleartext_agent = ?addrs.cleartext_agent,
+        cleartext_agent = %addrs
+            .cleartext_agent
+            .map_or_else(|| "none".to_string(), |a| a.to_string()),
         admin = %addrs.admin,
         api = %addrs.api,
         api_tls = api_tls.is_some(),

@@ -99,38 +99,7 @@ pub fn code_name(value: Option<&http::HeaderValue>) -> &'static str {
 }
 
 /// The name of a gRPC status code, as gRPC spells it (the `status` label of metrics).
-pub fn code_label(code: tonic::Code) -> &'static str {
-    code.description_name()
-}
-
-trait CodeName {
-    fn description_name(self) -> &'static str;
-}
-
-impl CodeName for tonic::Code {
-    fn description_name(self) -> &'static str {
-        use tonic::Code::*;
-        match self {
-            Ok => "OK",
-            Cancelled => "CANCELLED",
-            Unknown => "UNKNOWN",
-            InvalidArgument => "INVALID_ARGUMENT",
-            DeadlineExceeded => "DEADLINE_EXCEEDED",
-            NotFound => "NOT_FOUND",
-            AlreadyExists => "ALREADY_EXISTS",
-            PermissionDenied => "PERMISSION_DENIED",
-            ResourceExhausted => "RESOURCE_EXHAUSTED",
-            FailedPrecondition => "FAILED_PRECONDITION",
-            Aborted => "ABORTED",
-            OutOfRange => "OUT_OF_RANGE",
-            Unimplemented => "UNIMPLEMENTED",
-            Internal => "INTERNAL",
-            Unavailable => "UNAVAILABLE",
-            DataLoss => "DATA_LOSS",
-            Unauthenticated => "UNAUTHENTICATED",
-        }
-    }
-}
+pub use agentgate_proto::status_code::code_name as code_label;
 
 impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for RpcObserve<S>
 where

@@ -29,7 +29,12 @@ const STREAM_HEADERS: [&str; 4] = [
 ];
 
 /// `resp` with a Trailers-Only status moved into a trailers frame; anything else unchanged.
-pub fn move_status_to_trailers<B: Body>(resp: Response<B>) -> Response<StatusTrailersBody<B>> {
+/// For the gateway's own methods (`own`), tonic's codec errors get a sentence
+/// (`codec_error_text`).
+pub fn move_status_to_trailers<B: Body>(
+    resp: Response<B>,
+    own: bool,
+) -> Response<StatusTrailersBody<B>> {
     let (mut parts, body) = resp.into_parts();
     let trailers_only = body.is_end_stream()
         && parts.headers.contains_key(&GRPC_STATUS)
@@ -44,6 +49,7 @@ pub fn move_status_to_trailers<B: Body>(resp: Response<B>) -> Response<StatusTra
             StatusTrailersBody {
                 inner: body,
                 trailers: None,
+                own,
             },
         );
     }
@@ -63,11 +69,15 @@ pub fn move_status_to_trailers<B: Body>(resp: Response<B>) -> Response<StatusTra
         }
     }
     parts.headers = headers;
+    if own {
+        crate::codec_error_text::explain_in(&mut trailers);
+    }
     Response::from_parts(
         parts,
         StatusTrailersBody {
             inner: body,
             trailers: Some(trailers),
+            own,
         },
     )
 }
@@ -78,6 +88,8 @@ pin_project! {
         #[pin]
         inner: B,
         trailers: Option<HeaderMap>,
+        // The answer is from one of the gateway's own methods, not a backend.
+        own: bool,
     }
 }
 
@@ -92,6 +104,11 @@ impl<B: Body> Body for StatusTrailersBody<B> {
         let this = self.project();
         match this.inner.poll_frame(cx) {
             Poll::Ready(None) => Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t)))),
+            Poll::Ready(Some(Ok(frame))) if *this.own && frame.is_trailers() => {
+                let mut trailers = frame.into_trailers().unwrap_or_default();
+                crate::codec_error_text::explain_in(&mut trailers);
+                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+            }
             other => other,
         }
     }
@@ -140,17 +157,20 @@ where
     }
 
     fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
-        MapResponse::new(self.inner.call(req), MoveStatusToTrailers)
+        let own = crate::rpc_guard::KNOWN_METHODS.contains(&req.uri().path());
+        MapResponse::new(self.inner.call(req), MoveStatusToTrailers { own })
     }
 }
 
 /// [`move_status_to_trailers`] as the layer's response mapper.
-pub struct MoveStatusToTrailers;
+pub struct MoveStatusToTrailers {
+    own: bool,
+}
 
 impl<B: Body> ResponseMapper<B> for MoveStatusToTrailers {
     type Output = Response<StatusTrailersBody<B>>;
     fn map(self, response: Response<B>) -> Self::Output {
-        move_status_to_trailers(response)
+        move_status_to_trailers(response, self.own)
     }
 }
 
@@ -176,7 +196,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_trailers_only_answer_gets_headers_then_trailers() {
-        let resp = move_status_to_trailers(grpc_response(Empty::<Bytes>::new(), Some("16")));
+        let resp = move_status_to_trailers(grpc_response(Empty::<Bytes>::new(), Some("16")), true);
         assert!(!resp.headers().contains_key("grpc-status"));
         assert!(!resp.headers().contains_key("grpc-message"));
         assert_eq!(resp.headers()["content-type"], "application/grpc");
@@ -198,7 +218,7 @@ mod tests {
 
     #[tokio::test]
     async fn answers_with_a_body_and_plain_http_pass_unchanged() {
-        let resp = move_status_to_trailers(grpc_response(Full::new(Bytes::from("x")), None));
+        let resp = move_status_to_trailers(grpc_response(Full::new(Bytes::from("x")), None), true);
         let collected = resp.into_body().collect().await.unwrap();
         assert!(collected.trailers().is_none());
         assert_eq!(collected.to_bytes(), "x");
@@ -207,7 +227,7 @@ mod tests {
         plain
             .headers_mut()
             .insert("grpc-status", "0".parse().unwrap());
-        let plain = move_status_to_trailers(plain);
+        let plain = move_status_to_trailers(plain, true);
         assert!(
             plain.headers().contains_key("grpc-status"),
             "not gRPC: untouched"

@@ -6,6 +6,7 @@ pub mod exposition;
 mod header_message;
 pub mod headers;
 pub mod pump;
+pub mod status_code;
 
 /// Version 1 of the contract: `agentgate.v1`.
 pub mod v1 {

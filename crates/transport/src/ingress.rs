@@ -997,9 +997,9 @@ async fn classify(
         PrefixClass::Garbage | PrefixClass::NeedMore => Err((
             RejectReason::BadPreface,
             format!(
-                "first bytes {:02x?} are neither the HTTP/2 preface nor an HTTP/1.1 request \
+                "first bytes {} are neither the HTTP/2 preface nor an HTTP/1.1 request \
                  (TLS sent to a cleartext port?)",
-                &prefix[..prefix.len().min(8)]
+                crate::sniff::hex_bytes(&prefix[..prefix.len().min(8)])
             ),
         )),
     }

@@ -29,8 +29,9 @@ pub enum ProxyHeaderError {
     #[error("the connection closed before a whole PROXY protocol header arrived ({0})")]
     Closed(#[source] io::Error),
     #[error(
-        "no PROXY protocol header: the first bytes {0:02x?} are neither version 1 nor 2 (is \
-         the balancer at this address sending one? see proxy_protocol_from)"
+        "no PROXY protocol header: the first bytes {} are neither version 1 nor 2 (is \
+         the balancer at this address sending one? see proxy_protocol_from)",
+        crate::sniff::hex_bytes(.0)
     )]
     Missing(Vec<u8>),
     #[error("invalid PROXY protocol header: {0}")]

@@ -149,7 +149,8 @@ pub async fn serve_api(
             async move {
                 let resp = route(api, peer, is_tls, req).await;
                 // gRPC errors as headers then trailers, which every proxy in front relays.
-                let resp = crate::status_in_trailers::move_status_to_trailers(resp);
+                // The answers are the agents' upstreams' (or the gateway's own sentences).
+                let resp = crate::status_in_trailers::move_status_to_trailers(resp, false);
                 Ok::<_, Infallible>(resp.map(|b| b.boxed_unsync()))
             }
         })
