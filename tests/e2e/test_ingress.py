@@ -339,6 +339,7 @@ def test_websocket_refusals(env):
 
     baseline = {"ws": open_ws("ws"), "wss": open_ws("wss")}
     assert baseline == {"ws": 1.0, "wss": 0.0}, baseline  # steady-ws only
+    violations = rejected(g, "ws_protocol_error")
     for url, ctx in ((f"ws://127.0.0.1:{g.clear_port}/tunnel", None), (f"wss://localhost:{g.port}/", tls_ctx)):
         transport = url.split(":")[0]
         with ws_connect(url, subprotocols=["ws-tunnel"], ssl=ctx, open_timeout=5, proxy=None) as ws:
@@ -358,6 +359,35 @@ def test_websocket_refusals(env):
         wait_for(lambda: open_ws(transport) == baseline[transport], timeout=5,
                  what=f"the {transport} connection that sent text is closed on the gateway")
         wait_log(g, rf"connection closed conn=\d+ transport={transport} ")
+    wait_rejected(g, "ws_protocol_error", violations + 2)
+    wait_log(g, r"closing connection: text message on ws-tunnel.*reason=ws_protocol_error")
+
+    # An unmasked frame from a client (RFC 6455 forbids it): close 1002 naming it.
+    sock = ic.connect(g.clear_port)
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                 b"Sec-WebSocket-Protocol: ws-tunnel\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    rest = head.split(b"\r\n\r\n", 1)[1]
+    sock.sendall(b"\x82\x02hi")
+    data, _ = ic.read_until_closed(sock, timeout=5)
+    sock.close()
+    data = rest + data
+    frames = []
+    while len(data) >= 2:
+        n = data[1] & 0x7F
+        off = 2
+        if n == 126:
+            n, off = int.from_bytes(data[2:4], "big"), 4
+        frames.append((data[0] & 0x0F, data[off:off + n]))
+        data = data[off + n:]
+    closes = [p for op, p in frames if op == 0x8]
+    assert closes and int.from_bytes(closes[0][:2], "big") == 1002, frames
+    assert b"mask" in closes[0][2:].lower(), closes
+    wait_rejected(g, "ws_protocol_error", violations + 3)
     steady.assert_undisturbed()
 
 

@@ -136,10 +136,13 @@ pub enum RejectReason {
     /// The gateway's HTTP/2 server ended the connection for a flood (GOAWAY
     /// ENHANCE_YOUR_CALM: too many resets, CONTINUATION frames, ...).
     Http2Flood,
+    /// A WebSocket protocol violation (a text message, an unmasked frame, reserved bits, a
+    /// message over `ws_max_message_size`): closed with 1002 or 1009.
+    WsProtocolError,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 21] = [
+    pub const ALL: [RejectReason; 22] = [
         Self::SniffTimeout,
         Self::BadPreface,
         Self::EarlyEof,
@@ -161,6 +164,7 @@ impl RejectReason {
         Self::GrpcOverHttp1,
         Self::Http2ProtocolError,
         Self::Http2Flood,
+        Self::WsProtocolError,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -186,6 +190,7 @@ impl RejectReason {
             Self::GrpcOverHttp1 => "grpc_over_http1",
             Self::Http2ProtocolError => "http2_protocol_error",
             Self::Http2Flood => "http2_flood",
+            Self::WsProtocolError => "ws_protocol_error",
         }
     }
 }
@@ -356,6 +361,28 @@ impl ServerConn {
         }
     }
 
+    /// A WebSocket protocol violation ending the connection: counted and logged.
+    fn report_ws_violation(&self, e: &io::Error) {
+        let Some(violation) = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<crate::websocket::WsProtocolError>())
+        else {
+            return;
+        };
+        self.observer.rejected(RejectReason::WsProtocolError);
+        if let Some(suppressed) = PRE_AUTH_LOG.allow() {
+            tracing::warn!(
+                conn = self.meta.id,
+                peer = %self.meta.peer,
+                transport = %self.meta.kind,
+                agent = self.meta.agent.get().map(String::as_str).unwrap_or("-"),
+                reason = %RejectReason::WsProtocolError,
+                suppressed,
+                "closing connection: {violation}"
+            );
+        }
+    }
+
     /// Before a connection is closed for breaking a policy: a GOAWAY naming why, written
     /// straight to the client when the server's output sits between two frames (so a gRPC
     /// client learns the reason, and grpc-go backs off its keepalive on "too_many_pings").
@@ -457,6 +484,9 @@ impl AsyncRead for ServerConn {
         }
         let before = buf.filled().len();
         let res = Pin::new(&mut self.io).poll_read(cx, buf);
+        if let Poll::Ready(Err(e)) = &res {
+            self.report_ws_violation(e);
+        }
         let n = buf.filled().len() - before;
         if n > 0 {
             self.meta.bytes_in.fetch_add(n as u64, Ordering::Relaxed);

@@ -65,7 +65,7 @@ pub struct WsByteStream<S> {
     write_buf: BytesMut,
     max_write_message: usize,
     /// Set when the peer broke the protocol: we still owe it a close frame, then an error.
-    violation: Option<(CloseCode, &'static str)>,
+    violation: Option<(CloseCode, String)>,
 }
 
 impl<S> WsByteStream<S> {
@@ -79,6 +79,13 @@ impl<S> WsByteStream<S> {
         }
     }
 }
+
+/// A WebSocket protocol violation by the peer (a text message, an unmasked frame, reserved
+/// bits, a message over the size limit): the read error carries it, so the connection's owner
+/// can count and log it apart from a plain disconnect.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct WsProtocolError(pub String);
 
 fn to_io(e: tokio_tungstenite::tungstenite::Error) -> io::Error {
     use tokio_tungstenite::tungstenite::Error;
@@ -103,10 +110,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsByteStream<S> {
 
     /// Sends the close frame owed for a protocol violation, then reports the violation.
     fn poll_violation(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let (code, reason) = self.violation.expect("called only with a violation");
+        let (code, reason) = self
+            .violation
+            .clone()
+            .expect("called only with a violation");
+        // A close reason is at most 123 bytes (RFC 6455, 5.5): cut at a char boundary.
+        let mut short = reason.clone();
+        while short.len() > 120 {
+            short.pop();
+        }
         let frame = CloseFrame {
             code,
-            reason: reason.into(),
+            reason: short.into(),
         };
         // Best effort: if the socket is broken we still report the violation.
         let sent = match Pin::new(&mut self.ws).poll_ready(cx) {
@@ -119,7 +134,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsByteStream<S> {
         if sent {
             let _ = ready!(Pin::new(&mut self.ws).poll_flush(cx));
         }
-        Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, reason)))
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            WsProtocolError(reason),
+        )))
     }
 }
 
@@ -151,10 +169,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsByteStream<S> {
                 Some(Ok(Message::Text(_))) => {
                     this.violation = Some((
                         CloseCode::Protocol,
-                        "text message on ws-tunnel: only binary messages are allowed",
+                        "text message on ws-tunnel: only binary messages are allowed".into(),
                     ));
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                Some(Err(tokio_tungstenite::tungstenite::Error::Protocol(e))) => {
+                    this.violation = Some((
+                        CloseCode::Protocol,
+                        format!("WebSocket protocol error: {e}"),
+                    ));
+                }
+                Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(e))) => {
+                    this.violation =
+                        Some((CloseCode::Size, format!("WebSocket message too big: {e}")));
+                }
                 Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
             }
         }
