@@ -173,6 +173,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsByteStream<S> {
                     ));
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                // The peer went away without a close frame (a killed agent, a proxy closing an
+                // idle connection): an end, not a violation.
+                Some(Err(tokio_tungstenite::tungstenite::Error::Protocol(
+                    tokio_tungstenite::tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+                ))) => return Poll::Ready(Ok(())),
                 Some(Err(tokio_tungstenite::tungstenite::Error::Protocol(e))) => {
                     this.violation = Some((
                         CloseCode::Protocol,
