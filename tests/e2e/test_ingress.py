@@ -305,6 +305,10 @@ def test_malformed_and_oversized_messages_get_a_sentence_and_the_right_code(env,
             next(register_raw(b"\xff\xff\xff\xff", metadata=md, timeout=5))
         assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, ei.value
         assert "agentgate: a request message is not what this method takes" in ei.value.details(), ei.value.details()
+    # The metric records what the client got.
+    method = "/agentgate.v1.AgentSession/Register"
+    assert g.metric("agentgate_rpcs_total", method=method, status="RESOURCE_EXHAUSTED", transport="grpc") == 1
+    assert g.metric("agentgate_rpcs_total", method=method, status="INVALID_ARGUMENT", transport="grpc") == 1
 
 
 def test_websocket_refusals(env):
@@ -361,6 +365,20 @@ def test_websocket_refusals(env):
         wait_log(g, rf"connection closed conn=\d+ transport={transport} ")
     wait_rejected(g, "ws_protocol_error", violations + 2)
     wait_log(g, r"closing connection: text message on ws-tunnel.*reason=ws_protocol_error")
+
+    # A client that goes away without a close frame (killed, or a proxy dropping an idle
+    # connection) has not broken the protocol.
+    sock = ic.connect(g.clear_port)
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                 b"Sec-WebSocket-Protocol: ws-tunnel\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(4096)
+    sock.close()
+    wait_for(lambda: open_ws("ws") == baseline["ws"], timeout=5, what="the abruptly closed ws connection gone")
+    time.sleep(0.3)
+    assert rejected(g, "ws_protocol_error") == violations + 2, "an abrupt close counted as a violation"
 
     # An unmasked frame from a client (RFC 6455 forbids it): close 1002 naming it.
     sock = ic.connect(g.clear_port)

@@ -126,12 +126,14 @@ pub async fn serve(
         metrics: gw.metrics.clone(),
         descriptor_timeout: cfg.tunnel_descriptor_timeout,
     };
+    // RpcObserve outside StatusInTrailers: the metric and the log line record the status the
+    // client gets, after tonic's codec errors were given their code (`codec_error_text`).
     let server = builder
-        .layer(status_in_trailers::StatusInTrailersLayer)
         .layer(rpc_layer::RpcObserveLayer {
             metrics: gw.metrics.clone(),
             backends: gw.backends.clone(),
         })
+        .layer(status_in_trailers::StatusInTrailersLayer)
         .layer(rpc_guard::RpcGuardLayer { state: guard })
         .layer(backends::route::BackendRouteLayer {
             backends: gw.backends.clone(),

@@ -242,12 +242,12 @@ impl<S> RpcGuard<S> {
         let path = req.uri().path();
         let method = method_label(path, &self.state.backends);
         if method == "other" {
-            let authenticated = conn.agent.get().is_some()
-                || self
-                    .state
-                    .auth
-                    .recognize_agent(req.headers(), &conn)
-                    .is_some();
+            // The call's own token: a proxy may carry several clients' calls on one connection.
+            let authenticated = self
+                .state
+                .auth
+                .recognize_agent(req.headers(), &conn)
+                .is_some();
             let status = refuse_method(req.uri().path(), &self.state.backends, authenticated);
             return Err(self.refuse(&conn, REJECT_UNKNOWN_METHOD, method, status));
         }
