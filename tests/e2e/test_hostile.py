@@ -241,19 +241,27 @@ def test_handshakes_per_source_are_capped(env):
     assert_steady_serves(g, api)
 
 
-def test_rapid_reset_closes_the_connection(env):
-    g, api = gateway_with_steady_agent(env, tls=False)
+def reset_flood(g, streams: int, timeout: float) -> raw_h2.RawH2:
+    """Opens and at once resets `streams` Watch streams on one new connection (HTTP/2 rapid
+    reset), then reads until the server hangs up or `timeout`; returns the closed client."""
     c = raw_h2.RawH2(g.port)
     try:
-        for _ in range(400):
-            sid = c.request(WATCH, body=raw_h2.grpc_frame(b""), end=False)
-            c.conn.reset_stream(sid)
+        for _ in range(streams):
+            c.conn.reset_stream(c.request(WATCH, body=raw_h2.grpc_frame(b""), end=False))
             c.flush()
     except OSError:
-        c.closed = True  # the server hung up while we were still resetting
-    c.pump(lambda: False, timeout=5)
-    assert c.closed, "the server kept a connection that reset 400 streams at once"
+        # The server hung up while we were still resetting; what it sent first (its GOAWAY)
+        # is still to be read.
+        c.conn.clear_outbound_data_buffer()
+    c.pump(lambda: False, timeout=timeout)
     c.close()
+    return c
+
+
+def test_rapid_reset_closes_the_connection(env):
+    g, api = gateway_with_steady_agent(env, tls=False)
+    c = reset_flood(g, 400, timeout=5)
+    assert c.closed, "the server kept a connection that reset 400 streams at once"
     assert_steady_serves(g, api)
 
 
@@ -283,15 +291,7 @@ def test_closes_for_floods_and_protocol_errors_say_why(env):
     wait_for(lambda: rejected(g, "http2_protocol_error") >= base["http2_protocol_error"] + 1,
              what="the protocol error counted")
     # A reset flood.
-    c = raw_h2.RawH2(g.port)
-    try:
-        for _ in range(100):
-            c.conn.reset_stream(c.request(WATCH, body=raw_h2.grpc_frame(b""), end=False))
-            c.flush()
-    except OSError:
-        pass
-    c.pump(lambda: False, timeout=5)
-    c.close()
+    c = reset_flood(g, 100, timeout=5)
     assert c.goaway is not None and c.goaway[0] == 0xB, c.goaway
     wait_for(lambda: rejected(g, "http2_flood") >= base["http2_flood"] + 1, what="the flood counted")
     out = ic.plain(g.proc.output())
@@ -343,15 +343,7 @@ def test_connect_and_close_loops_and_api_refusals_share_the_log_budget(env):
         assert status == 401
     # A rapid reset flood: h2 warns once per connection on its own.
     for _ in range(5):
-        c = raw_h2.RawH2(g.port)
-        try:
-            for _ in range(60):
-                c.conn.reset_stream(c.request(WATCH, body=raw_h2.grpc_frame(b""), end=False))
-                c.flush()
-        except OSError:
-            pass  # the server hung up
-        c.pump(lambda: False, timeout=2)
-        c.close()
+        reset_flood(g, 60, timeout=2)
     took = time.monotonic() - t0
     # The first line after the window says how many were dropped.
     time.sleep(1.1)
@@ -496,6 +488,9 @@ def test_silent_sockets_from_one_address_cannot_shut_out_the_api(env):
         return g.metric("agentgate_http_connections_refused_total", listener="api", reason=reason)
 
     base = {r: refused(r) for r in ("source_over_limit", "no_request", "over_limit")}
+    # An HTTP/2 client that connects ahead of its first call (preface and SETTINGS, then
+    # nothing), from another address: held to the idle timeout, not the first-request deadline.
+    early = raw_h2.RawH2(g.api_port, source="127.0.0.3")
     t0 = time.monotonic()
     # About half of the 40 places go before the per-address limit applies (this address then
     # holds more than 8 already); every later connection from it is refused at once.
@@ -529,6 +524,12 @@ def test_silent_sockets_from_one_address_cannot_shut_out_the_api(env):
     # The address is free again.
     status, _, _ = api_request(g, "GET", "/agents/steady/proxy/download?size=10", api)
     assert status == 200
+    # The early client has now been waiting longer than the 2 s first-request deadline.
+    time.sleep(max(0.0, t0 + 2.5 - time.monotonic()))
+    a = early.wait(early.request("/agents/steady/proxy/download?size=10", [("authorization", f"Bearer {api}")],
+                                 method="GET", grpc=False, authority=f"127.0.0.1:{g.api_port}"))
+    assert a.headers.get(":status") == "200" and not early.closed, a
+    early.close()
     assert_steady_serves(g, api)
 
 

@@ -118,11 +118,11 @@ impl WaitingSources {
     /// and `enforce` is set.
     fn admit(self: &Arc<Self>, ip: IpAddr, max: usize, enforce: bool) -> Option<WaitingSlot> {
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        let n = counts.entry(ip).or_default();
-        if enforce && *n >= max {
+        // Looked up before inserting: a refused address leaves no entry behind.
+        if enforce && counts.get(&ip).copied().unwrap_or(0) >= max {
             return None;
         }
-        *n += 1;
+        *counts.entry(ip).or_default() += 1;
         Some(WaitingSlot {
             sources: self.clone(),
             ip,
@@ -310,6 +310,32 @@ struct Activity {
     waiting: Mutex<Option<WaitingSlot>>,
     /// Set when the connection was closed for beginning no request in time.
     no_request: AtomicBool,
+    /// Bytes of the HTTP/2 client preface the connection began with, so far; at its whole
+    /// length the client is an HTTP/2 client that may connect ahead of its first call
+    /// (tonic's `Endpoint::connect`, grpc-go's `WithBlock`), and only the idle timeout applies.
+    preface_seen: AtomicUsize,
+}
+
+impl Activity {
+    fn is_http2_client(&self) -> bool {
+        self.preface_seen.load(Ordering::Relaxed) == agentgate_transport::HTTP2_PREFACE.len()
+    }
+
+    /// Follows the first bytes read against the HTTP/2 preface.
+    fn saw(&self, bytes: &[u8]) {
+        let preface = agentgate_transport::HTTP2_PREFACE;
+        let seen = self.preface_seen.load(Ordering::Relaxed);
+        if seen >= preface.len() || seen == usize::MAX {
+            return;
+        }
+        let n = bytes.len().min(preface.len() - seen);
+        let next = if bytes[..n] == preface[seen..seen + n] {
+            seen + n
+        } else {
+            usize::MAX // not HTTP/2 with prior knowledge
+        };
+        self.preface_seen.store(next, Ordering::Relaxed);
+    }
 }
 
 impl Activity {
@@ -399,7 +425,9 @@ struct IdleLimits {
     /// No request in flight and no bytes in either direction for this long: closed.
     idle: Duration,
     /// No request begun this long after the connection was set up (TLS included): closed,
-    /// whether or not bytes trickle in. Silent or slow sockets cannot hold a place longer.
+    /// whether or not bytes trickle in, unless the client sent the whole HTTP/2 preface (an
+    /// HTTP/2 client may connect ahead of its first call). Silent or slow sockets cannot
+    /// hold a place longer.
     first_request: Duration,
 }
 
@@ -431,7 +459,8 @@ impl<T> IdleIo<T> {
     fn check_idle(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         while self.timer.as_mut().poll(cx).is_ready() {
             let now = tokio::time::Instant::now();
-            let started = self.activity.started.load(Ordering::Relaxed);
+            let started =
+                self.activity.started.load(Ordering::Relaxed) || self.activity.is_http2_client();
             if !started && now >= self.first_request_by {
                 self.activity.no_request.store(true, Ordering::Relaxed);
                 return Err(io::Error::new(
@@ -477,6 +506,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
         let res = Pin::new(&mut self.io).poll_read(cx, buf);
         if matches!(res, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             self.activity.touch();
+            self.activity.saw(&buf.filled()[before..]);
         }
         if res.is_pending() {
             self.check_idle(cx)?;
