@@ -505,8 +505,8 @@ fn token_command(cmd: TokenCommand) -> anyhow::Result<()> {
                 })?;
                 let entry = tokens::import_token(&path, kind, &name, &agents, &value)?;
                 eprintln!(
-                    "imported {:?} token {} for {:?} into {} (only its hash is stored)",
-                    entry.kind,
+                    "imported {} token {} for {:?} into {} (only its hash is stored)",
+                    entry.kind.label(),
                     entry.id,
                     entry.name,
                     path.display()
@@ -517,10 +517,7 @@ fn token_command(cmd: TokenCommand) -> anyhow::Result<()> {
                 tokens::create_token_expiring(&path, kind, &name, &agents, expires_in)?;
             eprintln!(
                 "created {} token {} for {:?} in {} (shown once; only its hash is stored)",
-                match entry.kind {
-                    tokens::TokenKind::Agent => "agent",
-                    tokens::TokenKind::Api => "API",
-                },
+                entry.kind.label(),
                 entry.id,
                 entry.name,
                 path.display()

@@ -29,6 +29,14 @@ pub enum TokenKind {
 }
 
 impl TokenKind {
+    /// The kind as people say it: "agent", "API".
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Agent => "agent",
+            Self::Api => "API",
+        }
+    }
+
     fn prefix(self) -> &'static str {
         match self {
             Self::Agent => "aga_",
