@@ -767,6 +767,68 @@ def test_sidecar_local_listener(env, scheme):
         router.stop()
 
 
+def test_sidecar_keeps_the_agents_own_methods_and_reports_deadlines_and_cancels(env):
+    """A local process may call backends through the agent, never the agent's own session:
+    Register through the local listener would have replaced the agent's session and ended its
+    parked tunnels. A deadline that passes is DEADLINE_EXCEEDED (not "could not be sent"), and
+    a caller that cancels a long poll is counted as such."""
+    import raw_h2
+
+    router = JobRouter()
+    try:
+        name = "side-own"
+        tok_file = env.token_file(name)
+        g = env.gateway(extra=backend_flag(router.url))
+        agent, lp = start_sidecar(env, g.url("grpc"), tok_file, name, "grpc")
+        listed = ready_sidecar(g, agent, lp, name, "grpc")
+        with ic.h2c_channel(lp) as ch:
+            for path in ("/agentgate.v1.AgentSession/Register", "/grpc.health.v1.Health/Check"):
+                err = rpc_error(ch.unary_unary(path), b"", timeout=5)
+                assert err.code() == grpc.StatusCode.PERMISSION_DENIED, (path, err)
+                assert "own method" in err.details() and "backends only" in err.details(), err.details()
+            err = rpc_error(ch.stream_stream("/agentgate.v1.Tunnel/Connect"), iter([b""]), timeout=5)
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err
+            # The session is the agent's, untouched; backend calls still pass.
+            assert Client(ch).get(b"after")[0] == b"job:after"
+            out = ic.plain(agent.output())
+            assert "local call not passed on" in out, out[-2000:]
+
+            # A caller that cancels a long poll: counted, once the backend saw the cancel.
+            before = backend_calls(g).get("cancelled_by_caller", 0)
+            cancel_reaches_backend(Client(ch), router, "sidecar")
+            wait_for(lambda: backend_calls(g).get("cancelled_by_caller", 0) >= before + 1,
+                     what="the cancelled long poll counted as cancelled_by_caller")
+        agents = [a for a in g.agents() if a["name"] == name]
+        assert [a["connection_id"] for a in agents] == [listed["connection_id"]], agents
+        assert "agent retired the connection" not in ic.plain(g.proc.output())
+
+        # A raw client that leaves the deadline to the server: the sidecar ends the call at
+        # the deadline with DEADLINE_EXCEEDED.
+        c = raw_h2.RawH2(lp)
+        try:
+            t0 = time.monotonic()
+            sid = c.request(method_path("WaitJob"), [("grpc-timeout", "1S")],
+                            body=raw_h2.grpc_frame(wait_job_request(job="late", delay=30)))
+            a = c.wait(sid, timeout=10)
+            took = time.monotonic() - t0
+        finally:
+            c.close()
+        status = (a.trailers or a.headers or {}).get("grpc-status")
+        assert status == "4", a
+        assert took < 5, f"DEADLINE_EXCEEDED after {took:.1f}s for a 1 s deadline"
+
+        # The gateway refuses its own methods to any call carrying an instance claim (older
+        # agents passed every method on).
+        before = g.metric("agentgate_connections_rejected_total", reason="local_caller_own_method")
+        with channel_for(g, "grpc") as gch:
+            md = [("authorization", f"Bearer {token_of(tok_file)}"), ("agentgate-instance-claim", "x")]
+            err = rpc_error(gch.unary_unary("/grpc.health.v1.Health/Check"), b"", metadata=md, timeout=5)
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err
+        assert g.metric("agentgate_connections_rejected_total", reason="local_caller_own_method") == before + 1
+    finally:
+        router.stop()
+
+
 def test_sidecar_backend_down_and_gateway_gone(env):
     """Through the local listener, the gateway's UNAVAILABLE arrives unchanged; with the
     gateway stopped the local client gets UNAVAILABLE from the agent (not a hang until the

@@ -35,8 +35,12 @@ const LOCAL_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Metadata names the gateway reserves for identity: a local caller's are removed here too,
 /// so that what it sends never even reaches the gateway.
 const RESERVED_PREFIX: &str = "agentgate-";
-/// The gateway's name for the instance claim (gateway `backends::call::INSTANCE_CLAIM_HEADER`).
-const INSTANCE_CLAIM_HEADER: &str = "agentgate-instance-claim";
+use agentgate_proto::gateway_methods::{is_gateway_method, INSTANCE_CLAIM_HEADER};
+use agentgate_transport::LogBudget;
+
+/// Lines per second for local calls that fail here: a local process in a loop must not fill
+/// the agent's log.
+static LOCAL_CALL_LOG: LogBudget = LogBudget::new(5);
 
 /// The agent's current connection to the gateway, for local calls: `None` while it has none.
 pub type CurrentChannel = watch::Receiver<Option<Channel>>;
@@ -131,16 +135,42 @@ async fn forward(
     mut current: CurrentChannel,
     auth: &CallCredentials,
 ) -> http::Response<Body> {
-    let channel = tokio::time::timeout(WAIT_FOR_CONNECTION, current.wait_for(Option::is_some))
+    let path = req.uri().path().to_string();
+    if is_gateway_method(&path) {
+        // The agent's own session (registration, tunnels) is the agent's alone: a local
+        // process calling Register on the agent's connection would end the agent's session.
+        return refuse(
+            &path,
+            tonic::Status::permission_denied(format!(
+                "agentgate agent: {path} is the gateway's own method, which only the agent \
+                 itself calls; the local listener passes calls to the gateway's backends only"
+            )),
+        );
+    }
+    // The caller's deadline bounds the wait for a connection, too.
+    let deadline = req
+        .headers()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(agentgate_proto::headers::parse_grpc_timeout);
+    let wait = deadline.map_or(WAIT_FOR_CONNECTION, |d| d.min(WAIT_FOR_CONNECTION));
+    let channel = tokio::time::timeout(wait, current.wait_for(Option::is_some))
         .await
         .ok()
         .and_then(|r| r.ok().and_then(|c| c.clone()));
     let Some(mut channel) = channel else {
-        return tonic::Status::unavailable(format!(
-            "agentgate agent: not connected to the gateway (waited {}s); try again",
-            WAIT_FOR_CONNECTION.as_secs()
-        ))
-        .into_http();
+        let status = if deadline.is_some_and(|d| d <= WAIT_FOR_CONNECTION) {
+            tonic::Status::deadline_exceeded(
+                "agentgate agent: the call's deadline passed while the agent was not \
+                 connected to the gateway",
+            )
+        } else {
+            tonic::Status::unavailable(format!(
+                "agentgate agent: not connected to the gateway (waited {}s); try again",
+                WAIT_FOR_CONNECTION.as_secs()
+            ))
+        };
+        return refuse(&path, status);
     };
     let (mut parts, body) = req.into_parts();
     let reserved: Vec<_> = parts
@@ -164,9 +194,46 @@ async fn forward(
     };
     match sent {
         Ok(resp) => resp,
-        Err(e) => tonic::Status::unavailable(format!(
-            "agentgate agent: the call could not be sent to the gateway ({e}); try again"
-        ))
-        .into_http(),
+        Err(e) if caused_by::<tonic::TimeoutExpired>(&e) => refuse(
+            &path,
+            tonic::Status::deadline_exceeded(
+                "agentgate agent: the call's deadline passed before the gateway answered",
+            ),
+        ),
+        // The call may have reached the gateway, and the backend, before the break: the
+        // caller decides whether it is safe to call again.
+        Err(e) => refuse(
+            &path,
+            tonic::Status::unavailable(format!(
+                "agentgate agent: the connection to the gateway broke off the call ({e}); \
+                 it may or may not have reached the backend"
+            )),
+        ),
     }
+}
+
+/// Answers a local call with `status`, and says so in the log (within [`LOCAL_CALL_LOG`]).
+fn refuse(path: &str, status: tonic::Status) -> http::Response<Body> {
+    if let Some(suppressed) = LOCAL_CALL_LOG.allow() {
+        tracing::warn!(
+            method = path,
+            code = agentgate_proto::status_code::code_name(status.code()),
+            suppressed,
+            "local call not passed on: {}",
+            status.message()
+        );
+    }
+    status.into_http()
+}
+
+/// Whether `E` is somewhere in the chain of `e`'s sources.
+fn caused_by<E: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if err.is::<E>() {
+            return true;
+        }
+        next = err.source();
+    }
+    false
 }

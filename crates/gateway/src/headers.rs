@@ -1,8 +1,6 @@
 //! Header handling shared by the HTTP and gRPC front ends: conversion to and from the tunnel
 //! protocol, and the hop-by-hop rules of an HTTP proxy (RFC 9110, section 7.6.1).
 
-use std::time::Duration;
-
 use agentgate_proto::v1::Header;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
@@ -82,23 +80,7 @@ pub fn from_proto(headers: &[Header]) -> HeaderMap {
     })
 }
 
-/// `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n), as gRPC spells deadlines.
-pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
-    let (digits, unit) = v.split_at_checked(v.len().checked_sub(1)?)?;
-    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
+pub use agentgate_proto::headers::parse_grpc_timeout;
 
 #[cfg(test)]
 mod tests {
@@ -144,32 +126,5 @@ mod tests {
         h.append("a", HeaderValue::from_static("2"));
         let back = from_proto(&to_proto(&h));
         assert_eq!(back.get_all("a").iter().count(), 2);
-    }
-
-    #[test]
-    fn grpc_timeouts_parse_in_every_unit_and_garbage_does_not() {
-        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
-        assert_eq!(parse_grpc_timeout("3M"), Some(Duration::from_secs(180)));
-        assert_eq!(parse_grpc_timeout("10S"), Some(Duration::from_secs(10)));
-        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_grpc_timeout("7u"), Some(Duration::from_micros(7)));
-        assert_eq!(
-            parse_grpc_timeout("99999999n"),
-            Some(Duration::from_nanos(99_999_999))
-        );
-        for bad in [
-            "",
-            "S",
-            "m",
-            "5x",
-            "123456789S",
-            "10x",
-            "-1S",
-            "+1S",
-            "1.5S",
-            "é",
-        ] {
-            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
-        }
     }
 }

@@ -24,14 +24,7 @@ use crate::metrics::Metrics;
 
 /// Every method the agent port serves. Metrics label RPCs with these names and nothing else
 /// (see [`method_label`]), so remote input never becomes a label value.
-pub const KNOWN_METHODS: [&str; 6] = [
-    "/agentgate.v1.AgentSession/Register",
-    "/agentgate.v1.Tunnel/Connect",
-    "/grpc.health.v1.Health/Check",
-    "/grpc.health.v1.Health/Watch",
-    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-];
+pub use agentgate_proto::gateway_methods::GATEWAY_METHODS as KNOWN_METHODS;
 
 /// The method label of calls to gateway-side backends (their own metric names the backend).
 pub const BACKEND_METHOD_LABEL: &str = "backend";
@@ -47,6 +40,10 @@ pub fn method_label(path: &str, backends: &Backends) -> &'static str {
     }
     "other"
 }
+
+/// Reason label when a call from an agent's local listener names one of the gateway's own
+/// methods.
+pub const REJECT_LOCAL_CALLER_OWN_METHOD: &str = "local_caller_own_method";
 
 /// Reason label when a call names a method the agent port does not serve.
 pub const REJECT_UNKNOWN_METHOD: &str = "unknown_method";
@@ -250,6 +247,19 @@ impl<S> RpcGuard<S> {
                 .is_some();
             let status = refuse_method(req.uri().path(), &self.state.backends, authenticated);
             return Err(self.refuse(&conn, REJECT_UNKNOWN_METHOD, method, status));
+        }
+        if method != crate::rpc_guard::BACKEND_METHOD_LABEL
+            && req
+                .headers()
+                .contains_key(&crate::backends::call::INSTANCE_CLAIM_HEADER)
+        {
+            // A local process's call through an agent's `--local-listen` (older agents pass
+            // any method): it may reach backends, never the agent's own session.
+            let status = Status::permission_denied(format!(
+                "agentgate: {method} is the gateway's own method, which only the agent itself \
+                 calls; calls through the agent's local listener reach backends only"
+            ));
+            return Err(self.refuse(&conn, REJECT_LOCAL_CALLER_OWN_METHOD, method, status));
         }
         if let Some(status) = check_encoding(req.headers()) {
             return Err(self.refuse(&conn, REJECT_UNSUPPORTED_ENCODING, method, status));

@@ -69,6 +69,24 @@ pub fn from_proto(headers: &[Header], mut dropped: impl FnMut(Dropped<'_>)) -> H
     map
 }
 
+/// `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n), as gRPC spells deadlines.
+pub fn parse_grpc_timeout(v: &str) -> Option<std::time::Duration> {
+    let (digits, unit) = v.split_at_checked(v.len().checked_sub(1)?)?;
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => std::time::Duration::from_secs(n * 3600),
+        "M" => std::time::Duration::from_secs(n * 60),
+        "S" => std::time::Duration::from_secs(n),
+        "m" => std::time::Duration::from_millis(n),
+        "u" => std::time::Duration::from_micros(n),
+        "n" => std::time::Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,6 +181,48 @@ mod tests {
                 })
                 .collect();
             assert_eq!(back.len(), valid.len());
+        }
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_in_every_unit_and_garbage_does_not() {
+        assert_eq!(
+            parse_grpc_timeout("2H"),
+            Some(std::time::Duration::from_secs(7200))
+        );
+        assert_eq!(
+            parse_grpc_timeout("3M"),
+            Some(std::time::Duration::from_secs(180))
+        );
+        assert_eq!(
+            parse_grpc_timeout("10S"),
+            Some(std::time::Duration::from_secs(10))
+        );
+        assert_eq!(
+            parse_grpc_timeout("250m"),
+            Some(std::time::Duration::from_millis(250))
+        );
+        assert_eq!(
+            parse_grpc_timeout("7u"),
+            Some(std::time::Duration::from_micros(7))
+        );
+        assert_eq!(
+            parse_grpc_timeout("99999999n"),
+            Some(std::time::Duration::from_nanos(99_999_999))
+        );
+        for bad in [
+            "",
+            "S",
+            "m",
+            "5x",
+            "123456789S",
+            "10x",
+            "-1S",
+            "+1S",
+            "1.5S",
+            "é",
+        ] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
         }
     }
 }

@@ -3,6 +3,7 @@
 pub mod build_info;
 pub mod codec;
 pub mod exposition;
+pub mod gateway_methods;
 mod header_message;
 pub mod headers;
 pub mod pump;

@@ -38,7 +38,8 @@ pub const SIGNATURE_TIME_HEADER: HeaderName =
 /// gateway believes it only if that instance of the same agent has a session here (instance
 /// ids are the agent's own choice at registration; the token is the identity), and never
 /// forwards it.
-pub const INSTANCE_CLAIM_HEADER: HeaderName = HeaderName::from_static("agentgate-instance-claim");
+pub const INSTANCE_CLAIM_HEADER: HeaderName =
+    HeaderName::from_static(agentgate_proto::gateway_methods::INSTANCE_CLAIM_HEADER);
 /// Every metadata name with this prefix is the gateway's to set.
 pub const RESERVED_PREFIX: &str = "agentgate-";
 
@@ -166,17 +167,36 @@ impl Outcome {
 }
 
 /// What is recorded when the call ends: one metric sample, and a log line when the gateway
-/// (not the backend) decided the outcome.
+/// (not the backend) decided the outcome. Dropped unfinished (the caller went away, before the
+/// answer began or during it), it records the call as cancelled by the caller.
 struct CallRecord {
     backend: Arc<Backend>,
     metrics: Arc<Metrics>,
     agent: String,
     method: String,
     started: tokio::time::Instant,
+    recorded: bool,
+}
+
+impl Drop for CallRecord {
+    fn drop(&mut self) {
+        self.record(
+            Outcome::CancelledByCaller,
+            Code::Cancelled,
+            "the caller went away; the call is cancelled at the backend",
+        );
+    }
 }
 
 impl CallRecord {
-    fn finish(self, outcome: Outcome, code: Code, detail: &str) {
+    fn finish(mut self, outcome: Outcome, code: Code, detail: &str) {
+        self.record(outcome, code, detail);
+    }
+
+    fn record(&mut self, outcome: Outcome, code: Code, detail: &str) {
+        if std::mem::replace(&mut self.recorded, true) {
+            return;
+        }
         let code_label = crate::rpc_layer::code_label(code);
         self.metrics
             .backend_calls
@@ -406,6 +426,7 @@ pub async fn forward(
         agent: id.name.clone(),
         method: path.clone(),
         started: tokio::time::Instant::now(),
+        recorded: false,
     };
     let name = backend.name.as_str();
     let Some(slot) = AgentCallLimits::try_take(&backend, &id.name, &record.metrics) else {
@@ -592,17 +613,6 @@ pin_project! {
         record: Option<CallRecord>,
         _slot: AgentSlot,
         _lease: ConnLease,
-    }
-    impl PinnedDrop for AnswerBody {
-        fn drop(this: Pin<&mut Self>) {
-            if let Some(record) = this.project().record.take() {
-                record.finish(
-                    Outcome::CancelledByCaller,
-                    Code::Cancelled,
-                    "the caller went away; the call is cancelled at the backend",
-                );
-            }
-        }
     }
 }
 
