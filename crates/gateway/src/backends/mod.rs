@@ -172,7 +172,7 @@ impl Backends {
         let service = service_of(path)?;
         self.routes
             .iter()
-            .find(|(prefix, _)| service.starts_with(prefix.as_str()))
+            .find(|(prefix, _)| claims(prefix, service))
             .map(|(_, b)| b)
     }
 
@@ -191,6 +191,15 @@ impl Backends {
     }
 }
 
+/// Whether a configured prefix claims `service`: prefixes end at a name's boundary, so
+/// `runner.jobs.v1.` and `runner.jobs` claim `runner.jobs.v1.JobRouter`, and
+/// `runner.jobs.v1.JobRouter` claims that service but not `runner.jobs.v1.JobRouterAdmin`.
+fn claims(prefix: &str, service: &str) -> bool {
+    service
+        .strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || prefix.ends_with('.') || rest.starts_with('.'))
+}
+
 /// The service part of `/package.Service/Method`.
 pub fn service_of(path: &str) -> Option<&str> {
     let rest = path.strip_prefix('/')?;
@@ -201,6 +210,22 @@ pub fn service_of(path: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefixes_claim_services_at_name_boundaries() {
+        assert!(claims("runner.jobs.v1.", "runner.jobs.v1.JobRouter"));
+        assert!(claims("runner.jobs", "runner.jobs.v1.JobRouter"));
+        assert!(claims(
+            "runner.jobs.v1.JobRouter",
+            "runner.jobs.v1.JobRouter"
+        ));
+        assert!(!claims(
+            "runner.jobs.v1.JobRouter",
+            "runner.jobs.v1.JobRouterAdmin"
+        ));
+        assert!(!claims("runner.job", "runner.jobs.v1.JobRouter"));
+        assert!(!claims("runner.jobs.v1.", "runner.jobs.v2.JobRouter"));
+    }
 
     fn backend(services: &[&str], url: &str) -> BackendConfig {
         BackendConfig {
