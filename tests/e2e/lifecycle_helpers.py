@@ -115,6 +115,8 @@ class _PatternHandler(BaseHTTPRequestHandler):
             except (BrokenPipeError, ConnectionResetError):
                 self.close_connection = True
             return
+        if self.path.startswith("/sleep/"):
+            time.sleep(float(self.path[len("/sleep/"):].split("?")[0]))
         body = b"hello from the lifecycle upstream\n"
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
@@ -123,8 +125,28 @@ class _PatternHandler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
+    def do_POST(self):  # noqa: N802
+        """Reads the whole body (Content-Length), then answers with its length."""
+        self.server.requests += 1
+        left = int(self.headers.get("Content-Length") or 0)
+        got = 0
+        while left:
+            b = self.rfile.read(min(CHUNK, left))
+            if not b:
+                self.close_connection = True
+                return
+            got += len(b)
+            left -= len(b)
+        body = f"{got}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
 class PatternServer:
-    """ThreadingHTTPServer on 127.0.0.1: GET /bytes/N streams N pattern bytes; GET / says hello."""
+    """ThreadingHTTPServer on 127.0.0.1: GET /bytes/N streams N pattern bytes; GET /sleep/S
+    answers after S seconds; POST reads the body and answers its length; GET / says hello."""
 
     def __init__(self):
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _PatternHandler)

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import http.client
 import re
+import socket
 import subprocess
 import threading
+import time
 
 from conftest import BIN, wait_for
 from lifecycle_helpers import Download, PatternServer, api_get, plain
@@ -66,6 +68,47 @@ def test_a_whole_request_and_a_caller_abort_each_get_a_line(env):
         assert g.metric("agentgate_tunnel_wait_seconds_count", outcome="got") >= 2
         assert g.metric("agentgate_registration_duration_seconds_count", transport="grpc") >= 1
         assert g.metric("agentgate_registration_duration_seconds_bucket", transport="grpc", le="+Inf") >= 1
+    finally:
+        up.close()
+
+
+def test_a_caller_gone_before_the_answer_gets_a_line_and_frees_the_tunnel_at_once(env):
+    """A caller that hangs up before any answer still gets its line (status 499, as nginx logs
+    it); one that hangs up mid-upload ends the request at the agent at once, instead of the
+    agent waiting for the rest of the body until its upstream timeout (60 s) with the tunnel
+    held."""
+    up, api, g = setup(env)
+    try:
+        # Gone while the upstream takes its time over the answer.
+        conn = http.client.HTTPConnection("127.0.0.1", g.api_port, timeout=0.5)
+        try:
+            conn.request("GET", "/agents/logged-edge/proxy/sleep/3", headers={"Authorization": f"Bearer {api}"})
+            conn.getresponse()
+            raise AssertionError("the upstream answered within 0.5 s")
+        except TimeoutError:
+            pass
+        finally:
+            conn.close()
+        line = wait_for(lambda: next((x for x in access_lines(g) if "/sleep/3" in x), None), timeout=10,
+                        what="the access line of the request whose caller went before the answer")
+        assert field(line, "outcome") == "caller_aborted" and field(line, "ended_by") == "caller", line
+        assert field(line, "status") == "499", line
+
+        # Gone mid-upload: 3 MiB of a declared 10 MB.
+        t0 = time.monotonic()
+        s = socket.create_connection(("127.0.0.1", g.api_port), timeout=10)
+        s.sendall((f"POST /agents/logged-edge/proxy/upload HTTP/1.1\r\nHost: x\r\n"
+                   f"Authorization: Bearer {api}\r\nContent-Length: 10000000\r\n\r\n").encode())
+        s.sendall(b"u" * (3 * 1024 * 1024))
+        s.close()
+        line = wait_for(lambda: next((x for x in access_lines(g) if "/upload" in x), None), timeout=20,
+                        what="the access line of the abandoned upload")
+        took = time.monotonic() - t0
+        assert field(line, "outcome") == "caller_aborted" and field(line, "ended_by") == "caller", line
+        assert took < 10, f"the abandoned upload ended only after {took:.1f}s: {line}"
+        assert "broke off" in plain(g.proc.output())
+        status, body = api_get(g.api_port, "/agents/logged-edge/proxy/bytes/10", api)
+        assert status == 200 and len(body) == 10
     finally:
         up.close()
 

@@ -38,6 +38,15 @@ pub enum EndedBy {
 }
 
 impl EndedBy {
+    /// Who ended a request that failed with `e`.
+    pub fn of(e: &crate::tunnel::ForwardError) -> Self {
+        match e {
+            crate::tunnel::ForwardError::CallerAborted { .. } => EndedBy::Caller,
+            e if e.decided_by_gateway() => EndedBy::Gateway,
+            _ => EndedBy::Agent,
+        }
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             EndedBy::Upstream => "upstream",
@@ -65,6 +74,20 @@ pub struct RequestLog {
     bytes_in: Arc<AtomicU64>,
     /// The agent connection's transport once an agent answered (`none` until then).
     transport: &'static str,
+    /// Set once the line is written.
+    written: bool,
+}
+
+/// The status an access line shows for a request whose caller went away before any answer
+/// began (nobody got a status; nginx logs the same case as 499).
+pub const CALLER_WENT_AWAY: u16 = 499;
+
+impl Drop for RequestLog {
+    /// A request dropped before its line was written: the caller went away (or the gateway
+    /// stopped) before the answer began.
+    fn drop(&mut self) {
+        self.write(CALLER_WENT_AWAY, None, "caller_aborted", EndedBy::Caller, 0);
+    }
 }
 
 impl RequestLog {
@@ -91,6 +114,7 @@ impl RequestLog {
             started: Instant::now(),
             bytes_in: Arc::default(),
             transport: "none",
+            written: false,
         }
     }
 
@@ -113,13 +137,27 @@ impl RequestLog {
     }
 
     fn finish_with(
-        self,
+        mut self,
         status: u16,
         grpc_status: Option<&str>,
         outcome: &str,
         ended_by: EndedBy,
         bytes_out: u64,
     ) {
+        self.write(status, grpc_status, outcome, ended_by, bytes_out);
+    }
+
+    fn write(
+        &mut self,
+        status: u16,
+        grpc_status: Option<&str>,
+        outcome: &str,
+        ended_by: EndedBy,
+        bytes_out: u64,
+    ) {
+        if std::mem::replace(&mut self.written, true) {
+            return;
+        }
         self.metrics
             .tunnel_requests
             .inc(&[self.kind, outcome, self.transport]);

@@ -181,7 +181,7 @@ pub async fn handle(
             log.answer(resp, revoked)
         }
         Err(e) => {
-            log.finish(200, e.outcome(), EndedBy::Agent);
+            log.finish(200, e.outcome(), EndedBy::of(&e));
             tracing::warn!(
                 agent,
                 method,

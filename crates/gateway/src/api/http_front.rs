@@ -186,7 +186,7 @@ pub async fn handle(
             log.answer(resp, revoked)
         }
         Err(e) => {
-            log.finish(e.http_status().as_u16(), e.outcome(), EndedBy::Agent);
+            log.finish(e.http_status().as_u16(), e.outcome(), EndedBy::of(&e));
             tracing::warn!(%peer, agent, outcome = e.outcome(), "tunnel request failed: {e}");
             error_response(e.http_status(), &e.to_string())
         }

@@ -39,6 +39,10 @@ pub enum ForwardError {
         "agent {agent:?} is not connected here and the cluster registry is unavailable: {message}"
     )]
     ClusterUnavailable { agent: String, message: String },
+    /// The caller's request body broke off (it went away mid-upload): the agent is told to
+    /// cancel at once rather than wait for the rest of the body.
+    #[error("the caller's request to agent {agent:?} broke off: {message}")]
+    CallerAborted { agent: String, message: String },
 }
 
 impl ForwardError {
@@ -84,7 +88,25 @@ impl ForwardError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 Code::Unavailable,
             ),
+            // Nobody reads the answer; 499 is what the access line shows (as nginx logs it).
+            Self::CallerAborted { .. } => (
+                "caller_aborted",
+                StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+                Code::Cancelled,
+            ),
         }
+    }
+
+    /// Whether the gateway decided this before any agent had the request (no such agent,
+    /// none connected, no idle tunnel, no registry), rather than the agent's side.
+    pub fn decided_by_gateway(&self) -> bool {
+        matches!(
+            self,
+            Self::UnknownAgent { .. }
+                | Self::NotConnected { .. }
+                | Self::NoIdleTunnel { .. }
+                | Self::ClusterUnavailable { .. }
+        )
     }
 
     /// The `outcome` label of `agentgate_tunnel_requests_total` and of log lines.
@@ -188,7 +210,11 @@ mod tests {
                 agent: agent.clone(),
                 message: message.clone(),
             },
-            ForwardError::ClusterUnavailable { agent, message },
+            ForwardError::ClusterUnavailable {
+                agent: agent.clone(),
+                message: message.clone(),
+            },
+            ForwardError::CallerAborted { agent, message },
         ]
     }
 

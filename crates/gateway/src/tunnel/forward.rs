@@ -237,7 +237,11 @@ impl LocalTunnels {
                     transport,
                     sent.clone(),
                 ));
-                Some(RequestPump { task, sent })
+                Some(RequestPump {
+                    task,
+                    sent,
+                    ended: false,
+                })
             }
             _ => None,
         };
@@ -245,11 +249,22 @@ impl LocalTunnels {
             agent: agent.into(),
             message,
         };
+        let mut pump = pump;
         loop {
-            let msg = rx
-                .message()
-                .await
-                .map_err(|s| AttemptError::Broken(broken(s.message().to_string())))?;
+            // A request body that breaks off (the caller went away mid-upload) ends the
+            // request now: the agent would otherwise wait for the rest until its upstream's
+            // timeout, holding the tunnel.
+            let msg = tokio::select! {
+                biased;
+                msg = rx.message() => msg,
+                why = body_broke_off(&mut pump) => {
+                    return Err(AttemptError::Final(ForwardError::CallerAborted {
+                        agent: agent.into(),
+                        message: why,
+                    }));
+                }
+            };
+            let msg = msg.map_err(|s| AttemptError::Broken(broken(s.message().to_string())))?;
             let m = match msg.and_then(|m| m.msg) {
                 Some(agent_message::Msg::Heartbeat(_)) => continue,
                 Some(m) => m,
@@ -383,14 +398,17 @@ fn check_descriptor(agent: &str, t: &ParkedTunnel, head: &RequestHead) -> Result
 
 /// The request body on its way to the agent.
 struct RequestPump {
-    task: tokio::task::JoinHandle<()>,
+    /// Ends with why the client's body broke off, if it did.
+    task: tokio::task::JoinHandle<Option<String>>,
+    /// The task has ended and was awaited.
+    ended: bool,
     /// Set once EndOfRequest is queued: the tunnel may then carry another request (the queue
     /// keeps the order), even before the task itself has ended.
     sent: Arc<AtomicBool>,
 }
 
 /// Streams the client's request body into the tunnel (`agentgate_proto::pump`), then sets
-/// `sent`.
+/// `sent`. Returns why the body broke off, if it did.
 async fn pump_request_body<B>(
     body: B,
     mut tx: ToAgentSender,
@@ -398,7 +416,8 @@ async fn pump_request_body<B>(
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     transport: &'static str,
     sent: Arc<AtomicBool>,
-) where
+) -> Option<String>
+where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Display + Send,
 {
@@ -409,12 +428,26 @@ async fn pump_request_body<B>(
     })
     .await;
     match end {
-        PumpEnd::Complete => sent.store(true, Ordering::Release),
-        PumpEnd::BodyFailed(e) => {
-            tracing::debug!(error = %e, "client request body failed; abandoning the request")
+        PumpEnd::Complete => {
+            sent.store(true, Ordering::Release);
+            None
         }
-        PumpEnd::ReceiverGone => {}
+        PumpEnd::BodyFailed(e) => Some(e),
+        PumpEnd::ReceiverGone => None,
     }
+}
+
+/// Resolves, with why, once the client's request body broke off; pends otherwise (no body,
+/// a body sent whole, or a tunnel that went away first).
+async fn body_broke_off(pump: &mut Option<RequestPump>) -> String {
+    if let Some(p) = pump.as_mut().filter(|p| !p.ended) {
+        let why = (&mut p.task).await.ok().flatten();
+        p.ended = true;
+        if let Some(why) = why {
+            return why;
+        }
+    }
+    std::future::pending().await
 }
 
 /// A tunnel message's kind, for error messages (never its contents: they are remote input).
