@@ -587,3 +587,36 @@ def test_bytes_before_authentication_are_capped(env):
     grown = g.proc.rss_kib() - rss0
     assert grown < 40 * 1024, f"gateway grew by {grown} KiB for 20 connections"
     assert_steady_serves(g, api)
+
+
+def test_bad_tokens_on_a_connection_an_agent_holds_are_budgeted_and_not_blamed_on_it(env):
+    """A proxy (HAProxy, nginx) carries many clients' calls on one upstream connection. Calls
+    with a bad token on a connection a real agent authenticated are not that agent's: their
+    "rpc finished" lines name no agent and come out of the pre-authentication log budget."""
+    import grpc
+
+    stubs = ic.agentgate_stubs(env.tmp / "stubs")
+    agent_pb2, agent_pb2_grpc = stubs
+    token = env.token("edge-shared")
+    g = env.gateway(tls=False)
+    ch = grpc.insecure_channel(f"127.0.0.1:{g.port}", options=ic.CHANNEL_OPTIONS)
+    try:
+        stub = agent_pb2_grpc.AgentSessionStub(ch)
+        req = agent_pb2.RegisterRequest(instance_id="shared", version="x", hostname="x")
+        session = stub.Register(req, metadata=[("authorization", f"Bearer {token}")])
+        next(session)
+        t0 = time.monotonic()
+        for _ in range(300):
+            with pytest.raises(grpc.RpcError) as e:
+                next(stub.Register(req, metadata=[("authorization", "Bearer aga_bogus")], timeout=5))
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        took = time.monotonic() - t0
+        session.cancel()
+    finally:
+        ch.close()
+    time.sleep(1.1)
+    lines = [x for x in ic.plain(g.proc.output()).splitlines()
+             if "rpc finished" in x and "UNAUTHENTICATED" in x]
+    assert not [x for x in lines if "edge-shared" in x], lines[:3]
+    budget = 20 * (took + 2)
+    assert 1 <= len(lines) <= budget, f"{len(lines)} lines for 300 refused calls in {took:.1f}s"

@@ -20,6 +20,11 @@ pub struct AgentIdentity {
     pub revoked: tokio_util::sync::CancellationToken,
 }
 
+/// Whether a call carries credentials of its own (an `authorization` header), valid or not.
+pub fn carries_credentials(headers: &http::HeaderMap) -> bool {
+    headers.contains_key(http::header::AUTHORIZATION)
+}
+
 /// The token from an `authorization: Bearer <token>` value, if well-formed.
 pub fn bearer_token(value: &str) -> Option<&str> {
     let (scheme, token) = value.trim().split_once(' ')?;

@@ -223,6 +223,9 @@ impl<S> RpcGuard<S> {
                 self.count_refusal(conn);
                 status.into_http()
             })?;
+        if let Some(call_agent) = req.extensions().get::<crate::rpc_layer::CallAgent>() {
+            call_agent.set(&id.name);
+        }
         req.extensions_mut().insert(id);
         Ok(())
     }

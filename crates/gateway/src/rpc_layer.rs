@@ -40,12 +40,28 @@ pub struct RpcObserve<S> {
     backends: Arc<Backends>,
 }
 
+/// The agent a call's own token named, filled in by the guard (`rpc_guard`) once the token is
+/// checked. A proxy (HAProxy, nginx) carries many clients' calls on one upstream connection,
+/// so the connection's agent says nothing about who made a given call.
+#[derive(Clone, Default)]
+pub struct CallAgent(Arc<std::sync::OnceLock<String>>);
+
+impl CallAgent {
+    /// Records the agent the call's token named.
+    pub fn set(&self, name: &str) {
+        let _ = self.0.set(name.to_string());
+    }
+}
+
 /// What is recorded when the RPC ends.
 pub struct Observation {
     metrics: Arc<Metrics>,
     method: &'static str,
     conn: Option<Arc<ConnMeta>>,
     started: Instant,
+    call_agent: CallAgent,
+    /// The call carried credentials of its own (checked or not).
+    with_token: bool,
 }
 
 impl Observation {
@@ -58,6 +74,18 @@ impl Observation {
     fn finish(self, status: &str) {
         let transport = self.conn.as_ref().map_or("unknown", |c| c.kind.as_str());
         self.metrics.rpcs.inc(&[self.method, status, transport]);
+        // Who made the call: the agent its own token named; for a call without a token (an
+        // agent's health check), the agent its connection authenticated as. A call whose token
+        // failed, or a token-less call on a connection no agent holds, is nobody's.
+        let agent = match self.call_agent.0.get() {
+            Some(name) => Some(name.as_str()),
+            None if !self.with_token => self
+                .conn
+                .as_ref()
+                .and_then(|c| c.agent.get())
+                .map(String::as_str),
+            None => None,
+        };
         macro_rules! rpc_finished {
             ($level:expr) => {
                 tracing::event!(
@@ -65,23 +93,19 @@ impl Observation {
                     method = %self.method,
                     status,
                     transport,
-                    agent = self
-                        .conn
-                        .as_ref()
-                        .and_then(|c| c.agent.get())
-                        .map_or("-", String::as_str),
+                    agent = agent.unwrap_or("-"),
                     conn = self.conn.as_ref().map_or(0, |c| c.id),
                     duration_ms = self.started.elapsed().as_millis() as u64,
                     "rpc finished"
                 )
             };
         }
-        let authenticated = self.conn.as_ref().is_some_and(|c| c.agent.get().is_some());
         if status == "OK" {
             rpc_finished!(tracing::Level::DEBUG);
-        } else if authenticated || agentgate_transport::PRE_AUTH_LOG.allow().is_some() {
-            // A caller without a token can make calls fail as fast as it likes: its lines
-            // come out of the shared pre-authentication budget.
+        } else if agent.is_some() || agentgate_transport::PRE_AUTH_LOG.allow().is_some() {
+            // A caller without a valid token can make calls fail as fast as it likes, also
+            // through a proxy's connection that a real agent authenticated: its lines come out
+            // of the shared pre-authentication budget.
             rpc_finished!(tracing::Level::INFO);
         }
     }
@@ -114,12 +138,16 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<ReqBody>) -> Self::Future {
+        let call_agent = CallAgent::default();
+        req.extensions_mut().insert(call_agent.clone());
         let obs = Observation {
             metrics: self.metrics.clone(),
             method: crate::rpc_guard::method_label(req.uri().path(), &self.backends),
             conn: req.extensions().get::<Arc<ConnMeta>>().cloned(),
             started: Instant::now(),
+            call_agent,
+            with_token: crate::auth::carries_credentials(req.headers()),
         };
         MapResponse::new(self.inner.call(req), obs)
     }
