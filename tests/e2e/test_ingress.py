@@ -311,6 +311,34 @@ def test_malformed_and_oversized_messages_get_a_sentence_and_the_right_code(env,
     assert g.metric("agentgate_rpcs_total", method=method, status="INVALID_ARGUMENT", transport="grpc") == 1
 
 
+def test_registration_fields_cannot_forge_log_lines(env, stubs):
+    """What an agent says about itself is remote input: an instance id with control characters
+    is refused; a version or hostname with a newline or terminal escapes is shown with those
+    characters replaced, so a token holder cannot write a line of its own into the log."""
+    tok = env.token("forger")
+    g = env.gateway(tls=False)
+    agent_pb2, agent_pb2_grpc = stubs
+    md = [("authorization", f"Bearer {tok}")]
+    with ic.h2c_channel(g.port) as ch:
+        stub = agent_pb2_grpc.AgentSessionStub(ch)
+        bad = agent_pb2.RegisterRequest(instance_id="i1\nFAKE instance line", version="x", hostname="x")
+        with pytest.raises(grpc.RpcError) as ei:
+            next(stub.Register(bad, metadata=md, timeout=5))
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, ei.value
+        assert "control characters" in ei.value.details(), ei.value.details()
+        forged = agent_pb2.RegisterRequest(instance_id="i2", version="1\nFAKE version line\x1b[31m",
+                                           hostname="h\r\nFAKE hostname line")
+        it = stub.Register(forged, metadata=md, timeout=5)
+        next(it)
+        listed = next(a for a in g.agents() if a["instance_id"] == "i2")
+        it.cancel()
+    assert "\n" not in listed["version"] and "\n" not in listed["hostname"], listed
+    wait_log(g, r"agent registered.*instance=i2")
+    raw = g.proc.output()
+    assert not [x for x in raw.splitlines() if x.startswith("FAKE")], raw[-2000:]
+    assert "line\x1b[31m" not in raw
+
+
 def test_websocket_refusals(env):
     steady = Steady(env)
     g = env.gateway(tls=True, cleartext=True)

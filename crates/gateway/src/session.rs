@@ -123,9 +123,12 @@ impl AgentSession for SessionService {
     ) -> Result<Response<Self::RegisterStream>, Status> {
         let id = crate::auth::identity_of(&req)?;
         let r = req.into_inner();
-        if r.instance_id.is_empty() || r.instance_id.len() > MAX_FIELD {
+        if r.instance_id.is_empty()
+            || r.instance_id.len() > MAX_FIELD
+            || r.instance_id.chars().any(char::is_control)
+        {
             return Err(Status::invalid_argument(
-                "agentgate: instance_id must be 1-256 characters",
+                "agentgate: instance_id must be 1-256 characters, none of them control characters",
             ));
         }
         let sessions = &self.sessions;
@@ -137,7 +140,14 @@ impl AgentSession for SessionService {
                 sessions.connects.per_minute
             )));
         }
-        let trim = |s: String| s.chars().take(MAX_FIELD).collect::<String>();
+        // Version and hostname are only shown (logs, the agents list): cut to length, and
+        // control characters (a newline forging a log line, terminal escapes) replaced.
+        let trim = |s: String| {
+            s.chars()
+                .take(MAX_FIELD)
+                .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+                .collect::<String>()
+        };
         let record = AgentRecord {
             name: id.name.clone(),
             instance_id: trim(r.instance_id),
