@@ -358,6 +358,12 @@ pub struct TokenStore {
     path: PathBuf,
     loaded: RwLock<Loaded>,
     last_check: Mutex<Instant>,
+    /// The stamp of a file version that failed to load: it is not read (nor the failure
+    /// logged) again until the file changes. Unknown tokens make the store look at its file,
+    /// and a broken file must not turn each of them into a read and an error line.
+    failed: Mutex<Option<FileStamp>>,
+    /// Reloads that failed, since start.
+    failed_reloads: AtomicU64,
     /// How often the file's stamp is checked at most.
     recheck: Duration,
     /// One signal per token id that authenticated something still alive (a session, a
@@ -375,6 +381,8 @@ impl TokenStore {
             path: path.to_path_buf(),
             loaded: RwLock::default(),
             last_check: Mutex::new(Instant::now()),
+            failed: Mutex::new(None),
+            failed_reloads: AtomicU64::new(0),
             recheck: Duration::from_millis(250),
             revocations: Mutex::default(),
             revoked_live: AtomicU64::new(0),
@@ -440,9 +448,23 @@ impl TokenStore {
 
     /// Reloads the store if its file changed since it was loaded (one `stat`).
     fn reload_if_changed(&self) {
-        if self.stamp() != self.loaded.read().unwrap().stamp {
-            if let Err(e) = self.reload() {
-                tracing::error!(error = %e, "token store reload failed; keeping the previous one");
+        let stamp = self.stamp();
+        if stamp == self.loaded.read().unwrap().stamp {
+            return;
+        }
+        let mut failed = self.failed.lock().unwrap();
+        if failed.as_ref() == Some(&stamp) {
+            return;
+        }
+        match self.reload() {
+            Ok(()) => *failed = None,
+            Err(e) => {
+                *failed = Some(stamp);
+                self.failed_reloads.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    error = %e,
+                    "token store reload failed; keeping the previous one until the file changes"
+                );
             }
         }
     }
@@ -457,6 +479,11 @@ impl TokenStore {
         let signal = CancellationToken::new();
         revocations.insert(entry.id.clone(), (entry.name.clone(), signal.clone()));
         signal
+    }
+
+    /// Reloads that failed since start (each version of a broken file fails once).
+    pub fn failed_reloads(&self) -> u64 {
+        self.failed_reloads.load(Ordering::Relaxed)
     }
 
     /// Whether the store holds no token at all.
@@ -552,6 +579,30 @@ mod tests {
         assert!(!kept_signal.is_cancelled(), "another token's signal");
         assert_eq!(store.revoked_live(), 1);
         assert!(store.verify(TokenKind::Agent, &gone).is_none());
+    }
+
+    #[test]
+    fn a_broken_store_is_read_once_per_version_of_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        let (tok, _) = create_token(&path, TokenKind::Agent, "kept", &[]).unwrap();
+        let store = TokenStore::open(&path).unwrap();
+        std::fs::write(&path, "{ not json").unwrap();
+        // Unknown tokens make the store look at its file; the broken version fails once.
+        for _ in 0..100 {
+            assert!(store.verify(TokenKind::Agent, "aga_unknown").is_none());
+        }
+        assert_eq!(store.failed_reloads(), 1);
+        assert!(
+            store.verify(TokenKind::Agent, &tok).is_some(),
+            "the old store is kept"
+        );
+        // A new version of the file is read again.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::remove_file(&path).unwrap();
+        let (new, _) = create_token(&path, TokenKind::Agent, "new", &[]).unwrap();
+        assert_eq!(store.verify(TokenKind::Agent, &new).unwrap().name, "new");
+        assert_eq!(store.failed_reloads(), 1);
     }
 
     #[test]
