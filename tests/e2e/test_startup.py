@@ -36,6 +36,34 @@ def test_a_missing_token_store_stops_the_gateway_unless_allowed(env):
         p.terminate()
         p.wait(timeout=20)
 
+def test_bad_certificate_files_are_named_in_words_once(env):
+    """Each TLS file problem is one sentence saying what is wrong, never a library's debug text
+    (a byte list, `KeyMismatch`) and never the same cause twice."""
+    tokens = env.tmp / "tokens.json"
+    subprocess.run([str(BIN), "token", "create", "--name", "x", "--tokens", str(tokens)],
+                   check=True, capture_output=True)
+    other_key = env.tmp / "other.key"
+    subprocess.run(["openssl", "genrsa", "-out", str(other_key), "2048"], check=True, capture_output=True)
+    half = env.tmp / "half.crt"
+    half.write_bytes(open(env.certs["cert"], "rb").read()[:300])
+    not_pem = env.tmp / "not-pem.key"
+    not_pem.write_text("not a key\n")
+    cases = [
+        (env.certs["cert"], other_key, "the private key does not belong to the certificate"),
+        (env.tmp / "nope.crt", env.certs["key"], "cannot read certificates from"),
+        (half, env.certs["key"], "a PEM section has no END line"),
+        (env.certs["cert"], not_pem, "holds no private key in PEM format"),
+    ]
+    for cert, key, want in cases:
+        out = subprocess.run(server_args(env, tokens) + ["--tls-cert", str(cert), "--tls-key", str(key)],
+                             capture_output=True, text=True, timeout=20)
+        err = out.stderr
+        assert out.returncode != 0 and want in err, (want, err)
+        for debug in ("KeyMismatch", "[45, 45", "Error {", "no items found", "I/O error"):
+            assert debug not in err, (debug, err)
+        assert err.count("No such file") <= 1, err
+
+
 def test_a_low_open_file_limit_is_raised_or_named(env):
     """Started under a soft limit of 256 with a hard limit of 4096: the gateway raises the soft
     limit to the hard one; with max_connections above what that allows, it says what to set."""

@@ -50,7 +50,7 @@ pub async fn check(cfg: AgentConfig) -> Vec<CheckStep> {
         Err(e) => CheckStep {
             what: format!("connect to {server}"),
             ok: false,
-            detail: format!("{e:#}"),
+            detail: agentgate_transport::error_chain::describe(e.as_ref()),
         },
         Ok(dialer) => match dialer.connect_explained().await {
             Ok((conn, fallback)) => CheckStep {

@@ -318,7 +318,7 @@ impl std::io::Write for QuietStderr {
 /// The last words of a process that cannot go on, in the log's format, never panicking.
 fn report_fatal(format: LogFormat, e: &anyhow::Error) {
     use std::io::Write;
-    let text = format!("{e:#}");
+    let text = agentgate_transport::error_chain::describe(e.as_ref());
     let line = match format {
         LogFormat::Text => format!("agentgate: error: {text}\n"),
         LogFormat::Json => format!(

@@ -10,10 +10,8 @@ use rustls::client::ResolvesClientCert;
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::PrivateKeyDer;
 
-use crate::tls::{load_certs, provider, TlsConfigError};
+use crate::tls::{load_certs, load_key, provider, TlsConfigError};
 
 /// (modified time, length) of each file, to tell whether either changed.
 type Stamps = [Option<(SystemTime, u64)>; 2];
@@ -137,11 +135,7 @@ fn stamps(cert: &Path, key: &Path) -> Stamps {
 
 fn read(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsConfigError> {
     let certs = load_certs(cert)?;
-    let der = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsConfigError::Key {
-        path: key.to_path_buf(),
-        source,
-    })?;
-    Ok(CertifiedKey::from_der(certs, der, &provider())?)
+    Ok(CertifiedKey::from_der(certs, load_key(key)?, &provider())?)
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ mod authority;
 pub mod cert_reload;
 mod connect_proxy;
 mod dial;
+pub mod error_chain;
 #[cfg(test)]
 mod generated_tests;
 mod goaway_watch;

@@ -15,25 +15,56 @@ pub const ALPN_H2: &[u8] = b"h2";
 /// ALPN protocol id of HTTP/1.1.
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
 
-/// Why TLS could not be configured.
+/// Why TLS could not be configured. Each says what is wrong in words (never a library's
+/// debug text) and carries no source of its own, so that a printed chain says it once.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsConfigError {
-    #[error("cannot read certificates from {path}: {source}")]
-    Certs {
-        path: PathBuf,
-        source: rustls_pki_types::pem::Error,
-    },
+    #[error("cannot read certificates from {path}: {why}")]
+    Certs { path: PathBuf, why: String },
     #[error("no certificate found in {0}")]
     NoCerts(PathBuf),
-    #[error("cannot read private key from {path}: {source}")]
-    Key {
-        path: PathBuf,
-        source: rustls_pki_types::pem::Error,
-    },
-    #[error("invalid TLS configuration: {0}")]
-    Rustls(#[from] rustls::Error),
+    #[error("cannot read private key from {path}: {why}")]
+    Key { path: PathBuf, why: String },
+    #[error("{0}")]
+    Rustls(String),
     #[error("cannot verify client certificates with these CA certificates: {0}")]
     ClientVerifier(String),
+}
+
+impl From<rustls::Error> for TlsConfigError {
+    fn from(e: rustls::Error) -> Self {
+        use rustls::{Error, InconsistentKeys};
+        Self::Rustls(match e {
+            Error::InconsistentKeys(InconsistentKeys::KeyMismatch) => {
+                "the private key does not belong to the certificate: give the key file that \
+                 was made with this certificate"
+                    .into()
+            }
+            // webpki names this case only by its debug name.
+            other if other.to_string().contains("UnsupportedCertVersion") => {
+                "the certificate is X.509 version 1; TLS clients need version 3 (sign it with \
+                 extensions, for example `openssl x509 -req ... -extfile` naming a \
+                 subjectAltName)"
+                    .into()
+            }
+            other => format!("invalid TLS configuration: {other}"),
+        })
+    }
+}
+
+/// What is wrong with a PEM file, in words.
+fn pem_problem(e: &rustls_pki_types::pem::Error) -> String {
+    use rustls_pki_types::pem::Error;
+    match e {
+        Error::Io(io) => io.to_string(),
+        Error::MissingSectionEnd { .. } => {
+            "a PEM section has no END line (is the file complete, or still being written?)".into()
+        }
+        Error::IllegalSectionStart { .. } => "a PEM section's BEGIN line is malformed".into(),
+        Error::Base64Decode(_) => "a PEM section is not valid base64".into(),
+        Error::NoItemsFound => "it holds no PEM item of the expected kind".into(),
+        other => other.to_string(),
+    }
 }
 
 pub fn provider() -> Arc<CryptoProvider> {
@@ -43,9 +74,9 @@ pub fn provider() -> Arc<CryptoProvider> {
 pub(crate) fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|source| TlsConfigError::Certs {
+        .map_err(|e| TlsConfigError::Certs {
             path: path.to_path_buf(),
-            source,
+            why: pem_problem(&e),
         })?;
     if certs.is_empty() {
         return Err(TlsConfigError::NoCerts(path.to_path_buf()));
@@ -78,11 +109,20 @@ pub fn server_config(
     alpn: &[&[u8]],
 ) -> Result<Arc<ServerConfig>, TlsConfigError> {
     let certs = load_certs(cert)?;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsConfigError::Key {
-        path: key.to_path_buf(),
-        source,
-    })?;
-    server_config_from_der(certs, key, alpn)
+    server_config_from_der(certs, load_key(key)?, alpn)
+}
+
+/// The private key in a PEM file.
+pub(crate) fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsConfigError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsConfigError::Key {
+        path: path.to_path_buf(),
+        why: match e {
+            rustls_pki_types::pem::Error::NoItemsFound => {
+                "it holds no private key in PEM format".into()
+            }
+            other => pem_problem(&other),
+        },
+    })
 }
 
 /// Server configuration from DER certificates and key (used by `agentgate demo`).

@@ -182,7 +182,10 @@ impl Cluster {
                     "internal secrets reloaded: the first signs, all verify"
                 );
             }
-            Err(e) => tracing::warn!("internal secrets not reloaded, the old ones stay: {e:#}"),
+            Err(e) => tracing::warn!(
+                "internal secrets not reloaded, the old ones stay: {}",
+                agentgate_transport::error_chain::describe(e.as_ref())
+            ),
         }
     }
 

@@ -88,9 +88,15 @@ impl Registry {
                     ),
                 }
                 .map_err(|e| {
+                    // redis's own text for a URL that does not parse is its debug name.
+                    let why = if e.kind() == redis::ErrorKind::InvalidClientConfig {
+                        "it does not parse".to_string()
+                    } else {
+                        e.to_string()
+                    };
                     anyhow::anyhow!(
                         "invalid --redis URL (redis:// or rediss://[user:password@]host:port/db, \
-                         or redis[s]+sentinel://host:port[,host:port]/MASTER[/db]): {e}"
+                         or redis[s]+sentinel://host:port[,host:port]/MASTER[/db]): {why}"
                     )
                 })?,
             ),
