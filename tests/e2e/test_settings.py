@@ -65,7 +65,13 @@ def test_gateway_errors_name_the_setting_and_its_layer(tmp_path):
     out = run("server", "--config", f, check=False)
     assert out.returncode != 0
     assert 'unknown setting "shutdown_gracee"' in out.stderr and str(f) in out.stderr, out.stderr
+    assert "`agentgate config defaults` lists" in out.stderr, out.stderr
     assert "panicked" not in out.stderr and "Error {" not in out.stderr
+    # The agent's settings are listed by another command: the hint names it.
+    a = tmp_path / "a.toml"
+    a.write_text("bogus_key = 1\n")
+    out = run("agent", "--config", a, "--server", "grpc://127.0.0.1:1", check=False)
+    assert out.returncode != 0 and "`agentgate config defaults --for agent` lists" in out.stderr, out.stderr
 
     out = run("server", "--print-config", env={"AGENTGATE_MAX_CONNECTIONS": "lots"}, check=False)
     assert out.returncode != 0

@@ -496,6 +496,9 @@ fn token_command(cmd: TokenCommand) -> anyhow::Result<()> {
                 KindArg::Agent => TokenKind::Agent,
                 KindArg::Api => TokenKind::Api,
             };
+            if expires_in.is_some_and(|d| d.is_zero()) {
+                anyhow::bail!("--expires-in 0s would make a token that is expired already; give a lifetime such as 12h or 30d, or leave it out for no expiry");
+            }
             if let (Some(_), Some(_)) = (&from_file, expires_in) {
                 anyhow::bail!("--expires-in is for generated tokens; an imported token keeps its own lifetime");
             }

@@ -49,6 +49,11 @@ where
             .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
         figment = figment.merge(Toml::file_exact(path));
     }
+    // The agent's settings are the ones with the flags in their layer.
+    let defaults = match env {
+        EnvLayer::Prefixed(_) => "agentgate config defaults",
+        EnvLayer::WithTheFlags(_) => "agentgate config defaults --for agent",
+    };
     let env_prefix = match env {
         EnvLayer::Prefixed(prefix) => {
             figment = figment.merge(Env::prefixed(prefix).only(T::FIELD_NAMES));
@@ -70,7 +75,7 @@ where
         ));
     figment
         .extract()
-        .map_err(|e| anyhow::anyhow!(describe(e, env_prefix)))
+        .map_err(|e| anyhow::anyhow!(describe(e, env_prefix, defaults)))
 }
 
 /// `--set NAME=VALUE` pairs as one layer: VALUE in TOML syntax (numbers, booleans, arrays,
@@ -117,8 +122,8 @@ impl Provider for Named {
 }
 
 /// One sentence for a settings error: which setting, from which layer, what is wrong with
-/// it, and where to look.
-fn describe(errors: figment::Error, env_prefix: &str) -> String {
+/// it, and where to look (`defaults`: the command that lists the settings).
+fn describe(errors: figment::Error, env_prefix: &str, defaults: &str) -> String {
     let sentences: Vec<String> = errors
         .into_iter()
         .map(|e| {
@@ -138,15 +143,15 @@ fn describe(errors: figment::Error, env_prefix: &str) -> String {
                 // The path names a nested key whole (`backends.0.service`); a top-level one
                 // has none.
                 figment::error::Kind::UnknownField(name, _) => format!(
-                    "unknown setting {:?} {source}: `agentgate config defaults` lists every \
-                     setting with its meaning",
+                    "unknown setting {:?} {source}: `{defaults}` lists every setting with \
+                     its meaning",
                     if key.is_empty() { name } else { &key }
                 ),
                 // The file itself does not parse: TOML's own message points at the place.
                 kind if key.is_empty() => format!("cannot use the settings {source}: {kind}"),
                 kind => format!(
-                    "invalid value for the setting {key:?} {source}: {kind}; `agentgate config \
-                     defaults` shows each setting's form and default"
+                    "invalid value for the setting {key:?} {source}: {kind}; `{defaults}` shows \
+                     each setting's form and default"
                 ),
             }
         })
