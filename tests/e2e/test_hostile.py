@@ -295,8 +295,8 @@ def test_closes_for_floods_and_protocol_errors_say_why(env):
     assert c.goaway is not None and c.goaway[0] == 0xB, c.goaway
     wait_for(lambda: rejected(g, "http2_flood") >= base["http2_flood"] + 1, what="the flood counted")
     out = ic.plain(g.proc.output())
-    assert "connection closed for an HTTP/2 error by the client: PROTOCOL_ERROR" in out, out[-2000:]
-    assert "connection closed for an HTTP/2 error by the client: ENHANCE_YOUR_CALM (" in out, out[-2000:]
+    assert "the gateway closed the connection with GOAWAY PROTOCOL_ERROR" in out, out[-2000:]
+    assert "the gateway closed the connection with GOAWAY ENHANCE_YOUR_CALM (" in out, out[-2000:]
     assert_steady_serves(g, api)
 
 

@@ -355,7 +355,8 @@ impl ServerConn {
                 agent = self.meta.agent.get().map(String::as_str).unwrap_or("-"),
                 %reason,
                 suppressed,
-                "connection closed for an HTTP/2 error by the client: {}{detail}",
+                "the gateway closed the connection with GOAWAY {}{detail} for what the client \
+                 sent",
                 http2_error_name(code)
             );
         }
