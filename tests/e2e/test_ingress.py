@@ -311,6 +311,22 @@ def test_malformed_and_oversized_messages_get_a_sentence_and_the_right_code(env,
     assert g.metric("agentgate_rpcs_total", method=method, status="INVALID_ARGUMENT", transport="grpc") == 1
 
 
+def test_oversized_metadata_is_resource_exhausted_with_a_sentence(env):
+    """A gRPC call whose metadata is over the agent port's header list limit (16 KiB) gets
+    RESOURCE_EXHAUSTED saying so (HTTP/2's bare 431 reached gRPC clients as UNKNOWN without a
+    word); the connection and its other calls go on."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    g = env.gateway(tls=False)
+    with ic.h2c_channel(g.port) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.Check(health_pb2.HealthCheckRequest(), metadata=[("x-big", "v" * 20_000)], timeout=5)
+        assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, ei.value
+        assert "metadata is larger than this server accepts" in ei.value.details(), ei.value.details()
+        assert stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+
+
 def test_registration_fields_cannot_forge_log_lines(env, stubs):
     """What an agent says about itself is remote input: an instance id with control characters
     is refused; a version or hostname with a newline or terminal escapes is shown with those

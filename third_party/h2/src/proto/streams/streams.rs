@@ -549,17 +549,33 @@ impl Inner {
                 stream.state
             );
 
+            // agentgate patch 8: a gRPC request whose header list is over the limit gets a
+            // gRPC answer (RESOURCE_EXHAUSTED with a sentence); a bare 431 reaches gRPC
+            // clients as UNKNOWN without a word. The fields decoded before the limit are
+            // kept, and content-type comes early.
+            let grpc_request = peer.is_server()
+                && frame.is_over_size()
+                && frame
+                    .fields()
+                    .get(::http::header::CONTENT_TYPE)
+                    .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
             let res = if stream.state.is_recv_headers() {
                 match actions.recv.recv_headers(frame, stream, counts) {
                     Ok(()) => Ok(()),
                     Err(RecvHeaderBlockError::Oversize) => {
                         if peer.is_server() {
+                            let (status, fields) = if grpc_request {
+                                (::http::StatusCode::OK, oversize_grpc_answer())
+                            } else {
+                                (
+                                    ::http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                                    HeaderMap::new(),
+                                )
+                            };
                             let mut resp = frame::Headers::new(
                                 stream.id,
-                                frame::Pseudo::response(
-                                    ::http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                                ),
-                                HeaderMap::new(),
+                                frame::Pseudo::response(status),
+                                fields,
                             );
                             resp.set_end_stream();
                             let mut send_buffer = send_buffer.inner.lock().unwrap();
@@ -1865,4 +1881,22 @@ impl Actions {
         self.recv.clear_queues(clear_pending_accept, store, counts);
         self.send.clear_queues(store, counts);
     }
+}
+
+/// agentgate patch 8: the trailers-only gRPC answer to a request whose header list was over
+/// the server's limit.
+fn oversize_grpc_answer() -> HeaderMap {
+    let mut fields = HeaderMap::new();
+    fields.insert(
+        ::http::header::CONTENT_TYPE,
+        ::http::HeaderValue::from_static("application/grpc"),
+    );
+    fields.insert("grpc-status", ::http::HeaderValue::from_static("8"));
+    fields.insert(
+        "grpc-message",
+        ::http::HeaderValue::from_static(
+            "the call's metadata is larger than this server accepts (HTTP/2 header list size); send less metadata",
+        ),
+    );
+    fields
 }
