@@ -313,11 +313,38 @@ impl AgentSettings {
     }
 }
 
-/// `--local-listen`: `host:port`, or a bare port on 127.0.0.1.
+/// `--local-listen`: `IP:port`, or a bare port on 127.0.0.1. `localhost:PORT` is 127.0.0.1
+/// (what it names on every system the agent runs on); other names are refused, since a name
+/// could resolve to an address that is not loopback.
 pub fn parse_local_listen(s: &str) -> Result<SocketAddr, String> {
     if let Ok(port) = s.parse::<u16>() {
         return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
     }
-    s.parse()
-        .map_err(|_| format!("{s:?} is neither host:port (127.0.0.1:9100) nor a port"))
+    if let Some(port) = s
+        .strip_prefix("localhost:")
+        .and_then(|p| p.parse::<u16>().ok())
+    {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    s.parse().map_err(|_| {
+        format!("{s:?} is not an IP address and port (127.0.0.1:9100, [::1]:9100) nor a port")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_listen_takes_an_address_a_port_or_localhost() {
+        let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        assert_eq!(parse_local_listen("9100"), Ok(loopback(9100)));
+        assert_eq!(parse_local_listen("localhost:9101"), Ok(loopback(9101)));
+        assert_eq!(
+            parse_local_listen("[::1]:9102"),
+            Ok("[::1]:9102".parse().unwrap())
+        );
+        let e = parse_local_listen("runner-host:9100").unwrap_err();
+        assert!(e.contains("not an IP address and port"), "{e}");
+    }
 }
