@@ -81,14 +81,19 @@ pub enum ConnectError {
     },
     #[error("the gateway rejected the agent token: {0}")]
     Unauthenticated(String),
-    #[error("{call} failed: {} ({:?})", status.message(), status.code())]
+    #[error(
+        "{call} failed: {} ({})",
+        status.message(),
+        agentgate_proto::status_code::code_name(status.code())
+    )]
     Call {
         call: &'static str,
         status: tonic::Status,
     },
     #[error(
         "nothing at {url} answered HTTP/2 without TLS ({detail}); if the gateway has TLS on this \
-         port, use grpcs:// (or wss://)"
+         port, use grpcs:// (or wss://); if not, it may be refusing connections (at its \
+         max_connections, or too many from this address): its log says why"
     )]
     NotCleartextHttp2 { url: String, detail: String },
     #[error("{what} did not finish within {after:?}")]
