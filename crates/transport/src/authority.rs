@@ -20,15 +20,36 @@ pub fn non_uri_authority(extensions: &http::Extensions) -> Option<String> {
     )
 }
 
-/// For the strict listeners: the one-sentence refusal of a request with a non-URI
-/// `:authority`, or `None` when the request is fine.
-pub fn refuse_non_uri_authority(extensions: &http::Extensions) -> Option<String> {
-    non_uri_authority(extensions).map(|raw| {
-        format!(
-            "the request's :authority {raw:?} is not a host or host:port; \
-             send the server's host name (this port does not accept URLs there)"
-        )
-    })
+/// For the strict listeners: the one-sentence refusal of a request whose `:authority`
+/// (HTTP/2) or `Host` header (HTTP/1.1) is not a host or host:port, or `None` when the
+/// request is fine. The value is passed on to upstreams (`x-forwarded-host`), so both
+/// versions are held to the same rule.
+pub fn refuse_non_uri_authority<B>(req: &http::Request<B>) -> Option<String> {
+    let (what, raw) = match non_uri_authority(req.extensions()) {
+        Some(raw) => (":authority", raw),
+        None => {
+            let host = req.headers().get(http::header::HOST)?;
+            // An empty Host is allowed for a request without an authority (RFC 9112).
+            let valid = host.is_empty()
+                || host
+                    .to_str()
+                    .ok()
+                    .and_then(|h| h.parse::<http::uri::Authority>().ok())
+                    .is_some_and(|a| !a.as_str().contains('@'));
+            if valid {
+                return None;
+            }
+            let raw = String::from_utf8_lossy(host.as_bytes())
+                .chars()
+                .take(128)
+                .collect();
+            ("Host header", raw)
+        }
+    };
+    Some(format!(
+        "the request's {what} {raw:?} is not a host or host:port; send the server's host name \
+         (this port does not accept URLs there)"
+    ))
 }
 
 #[cfg(test)]
@@ -70,8 +91,29 @@ mod tests {
         (
             req.uri().authority().map(|a| a.to_string()),
             non_uri_authority(req.extensions()),
-            refuse_non_uri_authority(req.extensions()),
+            refuse_non_uri_authority(&req),
         )
+    }
+
+    #[test]
+    fn an_http1_host_header_is_held_to_the_same_rule() {
+        let with_host = |host: &str| {
+            http::Request::builder()
+                .header(http::header::HOST, host)
+                .body(())
+                .unwrap()
+        };
+        assert_eq!(
+            refuse_non_uri_authority(&with_host("api.example.com:8443")),
+            None
+        );
+        assert_eq!(refuse_non_uri_authority(&with_host("[::1]:80")), None);
+        for bad in ["a b/c@d", "user@host", "http://x/", "/path"] {
+            let why = refuse_non_uri_authority(&with_host(bad)).expect(bad);
+            assert!(why.contains("Host header"), "{why}");
+        }
+        let without = http::Request::builder().body(()).unwrap();
+        assert_eq!(refuse_non_uri_authority(&without), None);
     }
 
     #[tokio::test]

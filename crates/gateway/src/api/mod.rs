@@ -110,7 +110,7 @@ async fn route(
     tls: bool,
     req: Request<Incoming>,
 ) -> Response<ApiBody> {
-    if let Some(why) = agentgate_transport::refuse_non_uri_authority(req.extensions()) {
+    if let Some(why) = agentgate_transport::refuse_non_uri_authority(&req) {
         if let Some(suppressed) = agentgate_transport::PRE_AUTH_LOG.allow() {
             tracing::warn!(%peer, path = %req.uri().path(), suppressed, "API request refused: {why}");
         }

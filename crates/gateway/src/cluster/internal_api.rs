@@ -61,7 +61,7 @@ async fn route(
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<ResponseBody> {
-    if let Some(why) = agentgate_transport::refuse_non_uri_authority(req.extensions()) {
+    if let Some(why) = agentgate_transport::refuse_non_uri_authority(&req) {
         tracing::warn!(%peer, path = %req.uri().path(), "internal API call refused: {why}");
         return text(
             StatusCode::BAD_REQUEST,
