@@ -31,11 +31,41 @@ fn not_after(key: &CertifiedKey) -> Option<i64> {
     Some(cert.validity().not_after.timestamp())
 }
 
+/// Whether the leaf certificate of `key` is a CA's (basicConstraints CA:TRUE), as
+/// `openssl req -x509` makes by default.
+fn is_ca(key: &CertifiedKey) -> bool {
+    key.cert
+        .first()
+        .and_then(|leaf| x509_parser::parse_x509_certificate(leaf.as_ref()).ok())
+        .and_then(|(_, cert)| {
+            cert.basic_constraints()
+                .ok()
+                .flatten()
+                .map(|bc| bc.value.ca)
+        })
+        .unwrap_or(false)
+}
+
+/// Says so when the served certificate is a CA's: rustls clients (our agent among them) refuse
+/// it as a server certificate, so every agent would fail its handshake with a less direct
+/// message.
+fn warn_if_ca(path: &Path, key: &CertifiedKey) {
+    if is_ca(key) {
+        tracing::warn!(
+            cert = %path.display(),
+            "the certificate is a CA certificate (basicConstraints CA:TRUE): rustls-based \
+             clients, the agent among them, refuse it as a server certificate; serve a leaf \
+             certificate signed by the CA"
+        );
+    }
+}
+
 impl ReloadableCert {
     /// Reads both files; fails if they cannot be read or do not match.
     pub fn load(cert: &Path, key: &Path) -> Result<Arc<Self>, TlsConfigError> {
         let stamps = stamps(cert, key);
         let certified = read(cert, key)?;
+        warn_if_ca(cert, &certified);
         Ok(Arc::new(Self {
             cert: cert.to_path_buf(),
             key: key.to_path_buf(),
@@ -52,6 +82,7 @@ impl ReloadableCert {
             return Ok(false);
         }
         let certified = read(&self.cert, &self.key)?;
+        warn_if_ca(&self.cert, &certified);
         *self.current.write().unwrap() = (Arc::new(certified), now);
         Ok(true)
     }
@@ -141,6 +172,24 @@ fn read(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ca_certificate_is_told_from_a_leaf() {
+        let leaf = rcgen::generate_simple_self_signed(vec!["leaf".to_string()]).unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["ca".to_string()]).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca = params.self_signed(&ca_key).unwrap();
+        let certified = |der: rustls_pki_types::CertificateDer<'static>, key: &rcgen::KeyPair| {
+            let key = rustls_pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+            CertifiedKey::from_der(vec![der], key, &provider()).unwrap()
+        };
+        assert!(!is_ca(&certified(
+            leaf.cert.der().clone(),
+            &leaf.signing_key
+        )));
+        assert!(is_ca(&certified(ca.der().clone(), &ca_key)));
+    }
 
     fn write_pair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
         let ck = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
