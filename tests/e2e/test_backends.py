@@ -816,6 +816,10 @@ def test_sidecar_keeps_the_agents_own_methods_and_reports_deadlines_and_cancels(
         status = (a.trailers or a.headers or {}).get("grpc-status")
         assert status == "4", a
         assert took < 5, f"DEADLINE_EXCEEDED after {took:.1f}s for a 1 s deadline"
+        # Not gRPC at all (curl, a health checker): an HTTP answer saying what the port takes.
+        out = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "-w", "\n%{http_code}",
+                              f"http://127.0.0.1:{lp}/healthz"], capture_output=True, text=True, timeout=10)
+        assert out.stdout.endswith("\n415") and "gRPC calls" in out.stdout, out
 
         # The gateway refuses its own methods to any call carrying an instance claim (older
         # agents passed every method on).

@@ -136,6 +136,21 @@ async fn forward(
     auth: &CallCredentials,
 ) -> http::Response<Body> {
     let path = req.uri().path().to_string();
+    let grpc = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if !grpc {
+        // Not a gRPC call (curl, a browser, a health checker): an HTTP answer it can read.
+        let mut resp = http::Response::new(Body::new(http_body_util::Full::new(
+            bytes::Bytes::from_static(
+                b"agentgate agent: the local listener takes gRPC calls (content-type \
+                  application/grpc) to the gateway's backends only\n",
+            ),
+        )));
+        *resp.status_mut() = http::StatusCode::UNSUPPORTED_MEDIA_TYPE;
+        return resp;
+    }
     if is_gateway_method(&path) {
         // The agent's own session (registration, tunnels) is the agent's alone: a local
         // process calling Register on the agent's connection would end the agent's session.
