@@ -234,7 +234,8 @@ class JobRouter:
         delay = float(spec.get("delay", 0))
         if rec.get("x-respond-gzip") == "1":
             context.set_compression(grpc.Compression.Gzip)
-        context.send_initial_metadata((("x-backend-initial", "waiting"),))
+        if not spec.get("quiet"):  # quiet: no headers before the first message
+            context.send_initial_metadata((("x-backend-initial", "waiting"),))
         for i in range(count):
             wait = 0.0 if (i == 0 and spec.get("first_now")) else delay
             if wait > 0 and rec.ended.wait(wait):

@@ -35,7 +35,9 @@ const LOCAL_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Metadata names the gateway reserves for identity: a local caller's are removed here too,
 /// so that what it sends never even reaches the gateway.
 const RESERVED_PREFIX: &str = "agentgate-";
-use agentgate_proto::gateway_methods::{is_gateway_method, INSTANCE_CLAIM_HEADER};
+use agentgate_proto::gateway_methods::{
+    is_gateway_method, local_caller_refusal, INSTANCE_CLAIM_HEADER,
+};
 use agentgate_transport::LogBudget;
 
 /// Lines per second for local calls that fail here: a local process in a loop must not fill
@@ -154,13 +156,7 @@ async fn forward(
     if is_gateway_method(&path) {
         // The agent's own session (registration, tunnels) is the agent's alone: a local
         // process calling Register on the agent's connection would end the agent's session.
-        return refuse(
-            &path,
-            tonic::Status::permission_denied(format!(
-                "agentgate agent: {path} is the gateway's own method, which only the agent \
-                 itself calls; the local listener passes calls to the gateway's backends only"
-            )),
-        );
+        return refuse(&path, local_caller_refusal(&path, "agentgate agent"));
     }
     // The caller's deadline bounds the wait for a connection, too.
     let deadline = req
@@ -169,12 +165,15 @@ async fn forward(
         .and_then(|v| v.to_str().ok())
         .and_then(agentgate_proto::headers::parse_grpc_timeout);
     let wait = deadline.map_or(WAIT_FOR_CONNECTION, |d| d.min(WAIT_FOR_CONNECTION));
-    let channel = tokio::time::timeout(wait, current.wait_for(Option::is_some))
-        .await
-        .ok()
-        .and_then(|r| r.ok().and_then(|c| c.clone()));
+    let started = tokio::time::Instant::now();
+    let (timed_out, channel) =
+        match tokio::time::timeout(wait, current.wait_for(Option::is_some)).await {
+            Err(_) => (true, None),
+            // The watch's guard goes at the end of this arm: it must not live across an await.
+            Ok(r) => (false, r.ok().and_then(|c| c.clone())),
+        };
     let Some(mut channel) = channel else {
-        let status = if deadline.is_some_and(|d| d <= WAIT_FOR_CONNECTION) {
+        let status = if timed_out && deadline.is_some_and(|d| d <= WAIT_FOR_CONNECTION) {
             tonic::Status::deadline_exceeded(
                 "agentgate agent: the call's deadline passed while the agent was not \
                  connected to the gateway",
@@ -188,6 +187,14 @@ async fn forward(
         return refuse(&path, status);
     };
     let (mut parts, body) = req.into_parts();
+    // What is left of the caller's deadline after the wait goes on with the call.
+    if let Some(d) = deadline {
+        let left = d.saturating_sub(started.elapsed());
+        let left = agentgate_proto::headers::format_grpc_timeout(left);
+        if let Ok(v) = http::HeaderValue::from_str(&left) {
+            parts.headers.insert("grpc-timeout", v);
+        }
+    }
     let reserved: Vec<_> = parts
         .headers
         .keys()

@@ -123,7 +123,8 @@ pub struct GatewayConfig {
     /// Connections open at once on the internal (replica-to-replica) listener.
     pub internal_max_connections: usize,
     /// API, admin and internal listeners: deadline for the first request to begin on a new
-    /// connection (unless it sent the whole HTTP/2 preface), and for reading an HTTP/1.1
+    /// connection (after the whole HTTP/2 preface: `http_idle_timeout` from set-up), and for
+    /// reading an HTTP/1.1
     /// request's headers (slowloris).
     #[serde(with = "humantime_serde")]
     pub http_header_read_timeout: Duration,

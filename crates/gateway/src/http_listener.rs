@@ -425,9 +425,9 @@ struct IdleLimits {
     /// No request in flight and no bytes in either direction for this long: closed.
     idle: Duration,
     /// No request begun this long after the connection was set up (TLS included): closed,
-    /// whether or not bytes trickle in, unless the client sent the whole HTTP/2 preface (an
-    /// HTTP/2 client may connect ahead of its first call). Silent or slow sockets cannot
-    /// hold a place longer.
+    /// whether or not bytes trickle in; for a client that sent the whole HTTP/2 preface (it
+    /// may connect ahead of its first call), the idle timeout after set-up instead. Silent or
+    /// slow sockets cannot hold a place longer.
     first_request: Duration,
 }
 
@@ -438,6 +438,10 @@ struct IdleIo<T> {
     activity: Arc<Activity>,
     idle: Duration,
     first_request_by: tokio::time::Instant,
+    /// The same for a client that sent the whole HTTP/2 preface (it may connect ahead of its
+    /// first call): the idle timeout after the connection was set up, bytes or not, so that
+    /// PINGs alone cannot hold a place for ever.
+    http2_first_request_by: tokio::time::Instant,
     timer: Pin<Box<tokio::time::Sleep>>,
 }
 
@@ -450,6 +454,7 @@ impl<T> IdleIo<T> {
             activity,
             idle: limits.idle,
             first_request_by: now + limits.first_request,
+            http2_first_request_by: now + limits.idle.max(limits.first_request),
             timer: Box::pin(tokio::time::sleep(limits.idle.min(limits.first_request))),
         }
     }
@@ -459,9 +464,14 @@ impl<T> IdleIo<T> {
     fn check_idle(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         while self.timer.as_mut().poll(cx).is_ready() {
             let now = tokio::time::Instant::now();
-            let started =
-                self.activity.started.load(Ordering::Relaxed) || self.activity.is_http2_client();
-            if !started && now >= self.first_request_by {
+            let first_request_by = if self.activity.started.load(Ordering::Relaxed) {
+                None
+            } else if self.activity.is_http2_client() {
+                Some(self.http2_first_request_by)
+            } else {
+                Some(self.first_request_by)
+            };
+            if first_request_by.is_some_and(|by| now >= by) {
                 self.activity.no_request.store(true, Ordering::Relaxed);
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
@@ -487,8 +497,8 @@ impl<T> IdleIo<T> {
             } else {
                 self.idle - quiet_for
             };
-            if !started {
-                next = next.min(self.first_request_by - now);
+            if let Some(by) = first_request_by {
+                next = next.min(by - now);
             }
             self.timer.as_mut().reset(now + next);
         }

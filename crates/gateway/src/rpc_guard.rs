@@ -60,7 +60,7 @@ fn refuse_method(path: &str, backends: &Backends, authenticated: bool) -> Status
     let mut served = String::new();
     if authenticated {
         for prefix in backends.prefixes() {
-            served.push_str(&format!(", {prefix}*"));
+            served.push_str(&format!(", {prefix}"));
         }
     } else if !backends.is_empty() {
         served.push_str(", and backends' services, which it names to callers with an agent token");
@@ -258,10 +258,10 @@ impl<S> RpcGuard<S> {
         {
             // A local process's call through an agent's `--local-listen` (older agents pass
             // any method): it may reach backends, never the agent's own session.
-            let status = Status::permission_denied(format!(
-                "agentgate: {method} is the gateway's own method, which only the agent itself \
-                 calls; calls through the agent's local listener reach backends only"
-            ));
+            let status = agentgate_proto::gateway_methods::local_caller_refusal(
+                req.uri().path(),
+                "agentgate",
+            );
             return Err(self.refuse(&conn, REJECT_LOCAL_CALLER_OWN_METHOD, method, status));
         }
         if let Some(status) = check_encoding(req.headers()) {
@@ -278,6 +278,9 @@ impl<S> RpcGuard<S> {
         // limits on unauthenticated connections no longer apply. Any other token (an API
         // token, say) is not this port's business: the call stays token-less.
         if let Some(id) = self.state.auth.recognize_agent(req.headers(), &conn) {
+            if let Some(call_agent) = req.extensions().get::<crate::rpc_layer::CallAgent>() {
+                call_agent.set(&id.name);
+            }
             req.extensions_mut().insert(id);
             return Ok(None);
         }
@@ -367,7 +370,7 @@ mod tests {
         .unwrap();
         let told = refuse_method("/other.v1.X/Y", &backends, true);
         assert!(
-            told.message().contains("runner.jobs.v1.*"),
+            told.message().contains(", runner.jobs.v1."),
             "{}",
             told.message()
         );

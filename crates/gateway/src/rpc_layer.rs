@@ -100,7 +100,10 @@ impl Observation {
                 )
             };
         }
-        if status == "OK" {
+        // A call its own caller cancelled, with no identity to name, is not an event: a reset
+        // flood would otherwise spend the shared log budget on these lines and crowd out the
+        // one that says why the connection was closed.
+        if status == "OK" || (status == "CANCELLED" && agent.is_none()) {
             rpc_finished!(tracing::Level::DEBUG);
         } else if agent.is_some() || agentgate_transport::PRE_AUTH_LOG.allow().is_some() {
             // A caller without a valid token can make calls fail as fast as it likes, also

@@ -353,15 +353,28 @@ struct Loaded {
     by_hash: HashMap<(TokenKind, String), Arc<TokenEntry>>,
 }
 
+/// How soon a token store that could not be read (not one that did not parse) is read again.
+const RETRY_UNREADABLE: Duration = Duration::from_secs(2);
+
+/// A load of the token store that failed.
+struct FailedLoad {
+    stamp: FileStamp,
+    /// The file was read but did not parse: the same version will not parse either.
+    unparsable: bool,
+    at: Instant,
+}
+
 /// The gateway's view of the token store, reloaded when the file changes.
 pub struct TokenStore {
     path: PathBuf,
     loaded: RwLock<Loaded>,
     last_check: Mutex<Instant>,
-    /// The stamp of a file version that failed to load: it is not read (nor the failure
-    /// logged) again until the file changes. Unknown tokens make the store look at its file,
-    /// and a broken file must not turn each of them into a read and an error line.
-    failed: Mutex<Option<FileStamp>>,
+    /// The last load that failed. Unknown tokens make the store look at its file, and a broken
+    /// file must not turn each of them into a read and an error line: a version that did not
+    /// parse is not read again until the file changes; one that could not be read (permissions,
+    /// no file descriptor free) is tried again after [`RETRY_UNREADABLE`], since fixing that
+    /// changes nothing in the file's stamp. Each failure is logged once per version.
+    failed: Mutex<Option<FailedLoad>>,
     /// Reloads that failed, since start.
     failed_reloads: AtomicU64,
     /// How often the file's stamp is checked at most.
@@ -453,18 +466,27 @@ impl TokenStore {
             return;
         }
         let mut failed = self.failed.lock().unwrap();
-        if failed.as_ref() == Some(&stamp) {
+        let same_version = failed.as_ref().filter(|f| f.stamp == stamp);
+        if same_version.is_some_and(|f| f.unparsable || f.at.elapsed() < RETRY_UNREADABLE) {
             return;
         }
+        let logged = same_version.is_some();
         match self.reload() {
             Ok(()) => *failed = None,
             Err(e) => {
-                *failed = Some(stamp);
                 self.failed_reloads.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(
-                    error = %e,
-                    "token store reload failed; keeping the previous one until the file changes"
-                );
+                *failed = Some(FailedLoad {
+                    stamp,
+                    unparsable: matches!(e, TokenError::Parse { .. }),
+                    at: Instant::now(),
+                });
+                if !logged {
+                    tracing::error!(
+                        error = %e,
+                        "token store reload failed; keeping the previous one until it can be \
+                         read"
+                    );
+                }
             }
         }
     }

@@ -18,6 +18,24 @@ pub fn is_gateway_method(path: &str) -> bool {
     GATEWAY_METHODS.contains(&path)
 }
 
+/// A call from the agent's local listener (a local process) to one of the gateway's own
+/// methods: what to answer. The agent's session (`agentgate.v1.*`) is refused outright; health
+/// and reflection are "not served" (UNIMPLEMENTED), which grpc-go's client-side health check
+/// takes as "no health service" rather than as unhealthy.
+pub fn local_caller_refusal(path: &str, who: &str) -> tonic::Status {
+    if path.starts_with("/agentgate.v1.") {
+        tonic::Status::permission_denied(format!(
+            "{who}: {path} is the gateway's own method, which only the agent itself calls; \
+             calls through the agent's local listener reach the gateway's backends only"
+        ))
+    } else {
+        tonic::Status::unimplemented(format!(
+            "{who}: {path} is not served to calls through the agent's local listener, which \
+             reach the gateway's backends only"
+        ))
+    }
+}
+
 /// Metadata a call from the agent's local listener carries: the agent instance it comes
 /// through. The gateway checks it against the sessions it holds, and refuses the gateway's
 /// own methods to such a call: a local process must not register, or park tunnels, as the

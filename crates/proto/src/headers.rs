@@ -87,6 +87,17 @@ pub fn parse_grpc_timeout(v: &str) -> Option<std::time::Duration> {
     })
 }
 
+/// `grpc-timeout` for `d`: in milliseconds (at least 1), or in seconds past what 8 digits of
+/// milliseconds hold.
+pub fn format_grpc_timeout(d: std::time::Duration) -> String {
+    let ms = d.as_millis().max(1);
+    if ms <= 99_999_999 {
+        format!("{ms}m")
+    } else {
+        format!("{}S", d.as_secs().min(99_999_999))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,6 +234,23 @@ mod tests {
             "é",
         ] {
             assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn grpc_timeouts_format_back_to_what_parses() {
+        use std::time::Duration;
+        for d in [
+            Duration::from_micros(10),
+            Duration::from_secs(2),
+            Duration::from_secs(400_000),
+        ] {
+            let parsed = parse_grpc_timeout(&format_grpc_timeout(d)).unwrap();
+            assert!(
+                parsed >= d.min(Duration::from_millis(1))
+                    && parsed <= d.max(Duration::from_millis(1)),
+                "{d:?}"
+            );
         }
     }
 }

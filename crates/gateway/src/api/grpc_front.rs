@@ -181,7 +181,13 @@ pub async fn handle(
             log.answer(resp, revoked)
         }
         Err(e) => {
-            log.finish(200, e.outcome(), EndedBy::of(&e));
+            // The gRPC status is in the answer; nobody reads one the caller left (499).
+            let status = if e.outcome() == "caller_aborted" {
+                crate::api::access_log::CALLER_WENT_AWAY
+            } else {
+                200
+            };
+            log.finish(status, e.outcome(), EndedBy::of(&e));
             tracing::warn!(
                 agent,
                 method,
