@@ -63,6 +63,19 @@ def wait_rejected(g, reason: str, at_least: float, timeout: float = 5.0):
              what=f"agentgate_connections_rejected_total{{reason={reason}}} >= {at_least}")
 
 
+def ws_upgraded(g):
+    """A raw socket upgraded to the ws-tunnel WebSocket on the cleartext port: (socket, the
+    response head and whatever followed it)."""
+    sock = ic.connect(g.clear_port)
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                 b"Sec-WebSocket-Protocol: ws-tunnel\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(4096)
+    return sock, head
+
+
 def agent_cmd(server: str, token_file: Path | None, extra: list | None = None) -> list[str]:
     args = [str(BIN), "agent", "--server", server]
     if token_file is not None:
@@ -412,26 +425,14 @@ def test_websocket_refusals(env):
 
     # A client that goes away without a close frame (killed, or a proxy dropping an idle
     # connection) has not broken the protocol.
-    sock = ic.connect(g.clear_port)
-    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-                 b"Sec-WebSocket-Protocol: ws-tunnel\r\n\r\n")
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(4096)
+    sock, head = ws_upgraded(g)
     sock.close()
     wait_for(lambda: open_ws("ws") == baseline["ws"], timeout=5, what="the abruptly closed ws connection gone")
     time.sleep(0.3)
     assert rejected(g, "ws_protocol_error") == violations + 2, "an abrupt close counted as a violation"
 
     # An unmasked frame from a client (RFC 6455 forbids it): close 1002 naming it.
-    sock = ic.connect(g.clear_port)
-    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-                 b"Sec-WebSocket-Protocol: ws-tunnel\r\n\r\n")
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(4096)
+    sock, head = ws_upgraded(g)
     assert head.startswith(b"HTTP/1.1 101"), head
     rest = head.split(b"\r\n\r\n", 1)[1]
     sock.sendall(b"\x82\x02hi")

@@ -197,30 +197,17 @@ mod tests {
 
     #[test]
     fn grpc_timeouts_parse_in_every_unit_and_garbage_does_not() {
-        assert_eq!(
-            parse_grpc_timeout("2H"),
-            Some(std::time::Duration::from_secs(7200))
-        );
-        assert_eq!(
-            parse_grpc_timeout("3M"),
-            Some(std::time::Duration::from_secs(180))
-        );
-        assert_eq!(
-            parse_grpc_timeout("10S"),
-            Some(std::time::Duration::from_secs(10))
-        );
-        assert_eq!(
-            parse_grpc_timeout("250m"),
-            Some(std::time::Duration::from_millis(250))
-        );
-        assert_eq!(
-            parse_grpc_timeout("7u"),
-            Some(std::time::Duration::from_micros(7))
-        );
-        assert_eq!(
-            parse_grpc_timeout("99999999n"),
-            Some(std::time::Duration::from_nanos(99_999_999))
-        );
+        use std::time::Duration;
+        for (text, want) in [
+            ("2H", Duration::from_secs(7200)),
+            ("3M", Duration::from_secs(180)),
+            ("10S", Duration::from_secs(10)),
+            ("250m", Duration::from_millis(250)),
+            ("7u", Duration::from_micros(7)),
+            ("99999999n", Duration::from_nanos(99_999_999)),
+        ] {
+            assert_eq!(parse_grpc_timeout(text), Some(want), "{text}");
+        }
         for bad in [
             "",
             "S",
