@@ -620,3 +620,22 @@ def test_bad_tokens_on_a_connection_an_agent_holds_are_budgeted_and_not_blamed_o
     assert not [x for x in lines if "edge-shared" in x], lines[:3]
     budget = 20 * (took + 2)
     assert 1 <= len(lines) <= budget, f"{len(lines)} lines for 300 refused calls in {took:.1f}s"
+
+
+def test_garbage_on_the_api_port_is_counted_and_logged(env):
+    """Bytes that are not HTTP get hyper's 400 on the tunnel API port; the gateway counts and
+    logs the refusal (before, nothing said so) and keeps serving."""
+    g, api = gateway_with_steady_agent(env, tls=False)
+    before = g.metric("agentgate_http_connections_refused_total", listener="api", reason="malformed_request")
+    s = socket.create_connection(("127.0.0.1", g.api_port), timeout=5)
+    try:
+        s.sendall(b"\x16\x03\x01 this is not HTTP at all\r\n\r\n")
+        answer = s.recv(4096)
+    finally:
+        s.close()
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    wait_for(lambda: g.metric("agentgate_http_connections_refused_total", listener="api",
+                              reason="malformed_request") == before + 1, what="the refusal counted")
+    out = ic.plain(g.proc.output())
+    assert "reason=malformed_request" in out and "was not valid HTTP" in out, out[-2000:]
+    assert_steady_serves(g, api)

@@ -33,12 +33,13 @@ use tokio_util::sync::CancellationToken;
 
 /// Why an HTTP listener refused or cut a connection before its first request (the `reason`
 /// label of `agentgate_http_connections_refused_total`).
-pub const REFUSAL_REASONS: [&str; 5] = [
+pub const REFUSAL_REASONS: [&str; 6] = [
     "over_limit",
     "source_over_limit",
     "tls",
     "proxy_header",
     "no_request",
+    "malformed_request",
 ];
 
 /// The listeners' names (the `listener` label).
@@ -103,6 +104,20 @@ impl HttpListenerSettings {
             tracing::warn!(listener = %self.name, %peer, reason = %reason, suppressed, "connection refused: {why}");
         }
     }
+}
+
+/// Whether a connection ended because its bytes were not an HTTP request hyper could parse.
+fn is_parse_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_parse() || h.is_parse_too_large() {
+                return true;
+            }
+        }
+        next = err.source();
+    }
+    false
 }
 
 /// Connections per source address that have not begun a request.
@@ -282,7 +297,17 @@ pub async fn serve_http<F, S, B>(
                 );
                 settings.refused("no_request", peer, &why);
             } else if let Err(e) = result {
-                tracing::debug!(listener = settings.name, error = %e, %peer, "connection ended with error");
+                if is_parse_error(e.as_ref()) {
+                    // hyper has answered 400 (HTTP/1.1) or closed (HTTP/2), without a word.
+                    let why = format!(
+                        "the request was not valid HTTP ({}); this port serves HTTP/1.1 and \
+                         HTTP/2 requests",
+                        agentgate_transport::error_chain::describe(e.as_ref())
+                    );
+                    settings.refused("malformed_request", peer, &why);
+                } else {
+                    tracing::debug!(listener = settings.name, error = %e, %peer, "connection ended with error");
+                }
             }
         });
     }
