@@ -23,6 +23,11 @@ use tonic::body::Body;
 use tonic::transport::Channel;
 use tower::{Service, ServiceExt};
 
+use agentgate_proto::gateway_methods::{
+    is_gateway_method, local_caller_refusal, INSTANCE_CLAIM_HEADER,
+};
+use agentgate_transport::LogBudget;
+
 use crate::connection::CallCredentials;
 
 /// How long a local call waits for the agent to be connected (it may be reconnecting)
@@ -35,10 +40,6 @@ const LOCAL_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Metadata names the gateway reserves for identity: a local caller's are removed here too,
 /// so that what it sends never even reaches the gateway.
 const RESERVED_PREFIX: &str = "agentgate-";
-use agentgate_proto::gateway_methods::{
-    is_gateway_method, local_caller_refusal, INSTANCE_CLAIM_HEADER,
-};
-use agentgate_transport::LogBudget;
 
 /// Lines per second for local calls that fail here: a local process in a loop must not fill
 /// the agent's log.
