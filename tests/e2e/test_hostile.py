@@ -639,3 +639,25 @@ def test_garbage_on_the_api_port_is_counted_and_logged(env):
     out = ic.plain(g.proc.output())
     assert "reason=malformed_request" in out and "was not valid HTTP" in out, out[-2000:]
     assert_steady_serves(g, api)
+
+
+def test_an_http1_host_that_is_not_a_host_is_refused_and_the_connection_closed(env):
+    """HTTP/1.1's Host is held to the rule HTTP/2's :authority is: a host or host:port, else
+    400 with a sentence (it would reach upstreams as x-forwarded-host), and the connection
+    closes instead of idling."""
+    g, api = gateway_with_steady_agent(env, tls=False)
+    s = socket.create_connection(("127.0.0.1", g.api_port), timeout=5)
+    try:
+        s.sendall((f"GET /agents/steady/proxy/download?size=10 HTTP/1.1\r\nHost: a b/c@d\r\n"
+                   f"Authorization: Bearer {api}\r\n\r\n").encode())
+        t0 = time.monotonic()
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+        took = time.monotonic() - t0
+    finally:
+        s.close()
+    assert data.startswith(b"HTTP/1.1 400"), data[:300]
+    assert b"Host header" in data and b"is not a host or host:port" in data, data
+    assert took < 3, f"the connection stayed open {took:.1f}s after the refusal"
+    assert_steady_serves(g, api)

@@ -116,6 +116,13 @@ async fn route(
         }
         let mut resp = Response::new(full_body(format!("agentgate: {why}\n")));
         *resp.status_mut() = http::StatusCode::BAD_REQUEST;
+        if req.version() <= http::Version::HTTP_11 {
+            // A client that sends such a Host is not one to keep a connection open for.
+            resp.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+        }
         return resp;
     }
     let is_grpc = req
