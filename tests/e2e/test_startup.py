@@ -75,8 +75,12 @@ def test_a_low_open_file_limit_is_raised_or_named(env):
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          preexec_fn=limited)
     try:
-        wait_for(lambda: open(f"/proc/{p.pid}/limits").read().count("4096") >= 2, timeout=10,
-                 what="the soft limit raised to the hard one")
+        def raised():
+            if p.poll() is not None:
+                raise AssertionError(f"the gateway exited ({p.returncode}): {p.stdout.read()[-2000:]}")
+            return open(f"/proc/{p.pid}/limits").read().count("4096") >= 2
+
+        wait_for(raised, timeout=20, what="the soft limit raised to the hard one")
         limits = [line for line in open(f"/proc/{p.pid}/limits") if line.startswith("Max open files")]
         assert limits and limits[0].split()[3:5] == ["4096", "4096"], limits
     finally:
