@@ -217,12 +217,14 @@ async fn forward(
     };
     match sent {
         Ok(resp) => resp,
-        Err(e) if caused_by::<tonic::TimeoutExpired>(&e) => refuse(
-            &path,
-            tonic::Status::deadline_exceeded(
-                "agentgate agent: the call's deadline passed before the gateway answered",
-            ),
-        ),
+        Err(e) if agentgate_transport::error_chain::find::<tonic::TimeoutExpired>(&e).is_some() => {
+            refuse(
+                &path,
+                tonic::Status::deadline_exceeded(
+                    "agentgate agent: the call's deadline passed before the gateway answered",
+                ),
+            )
+        }
         // The call may have reached the gateway, and the backend, before the break: the
         // caller decides whether it is safe to call again.
         Err(e) => refuse(
@@ -247,16 +249,4 @@ fn refuse(path: &str, status: tonic::Status) -> http::Response<Body> {
         );
     }
     status.into_http()
-}
-
-/// Whether `E` is somewhere in the chain of `e`'s sources.
-fn caused_by<E: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut next = Some(e);
-    while let Some(err) = next {
-        if err.is::<E>() {
-            return true;
-        }
-        next = err.source();
-    }
-    false
 }

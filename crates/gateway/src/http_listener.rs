@@ -108,16 +108,8 @@ impl HttpListenerSettings {
 
 /// Whether a connection ended because its bytes were not an HTTP request hyper could parse.
 fn is_parse_error(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut next = Some(e);
-    while let Some(err) = next {
-        if let Some(h) = err.downcast_ref::<hyper::Error>() {
-            if h.is_parse() || h.is_parse_too_large() {
-                return true;
-            }
-        }
-        next = err.source();
-    }
-    false
+    agentgate_transport::error_chain::find::<hyper::Error>(e)
+        .is_some_and(|h| h.is_parse() || h.is_parse_too_large())
 }
 
 /// Connections per source address that have not begun a request.
