@@ -58,16 +58,19 @@ def agentgate_stubs(out_dir: Path | None = None):
     (agent_pb2, agent_pb2_grpc). They go to a directory that lives as long as the process,
     whatever `out_dir` says: the modules are cached process-wide, and a later test importing
     another of them (tunnel_pb2, say) must still find the directory after the test that
-    generated them removed its own."""
+    generated them removed its own. It is removed when the process exits."""
     global _STUBS
     if _STUBS is not None:
         return _STUBS
     from grpc_tools import protoc
+    import atexit
     import grpc_tools
+    import shutil
     import tempfile
 
     del out_dir
     out_dir = Path(tempfile.mkdtemp(prefix="agentgate-stubs-"))
+    atexit.register(shutil.rmtree, out_dir, ignore_errors=True)
     protos = sorted(str(p.relative_to(PROTO_DIR)) for p in (PROTO_DIR / "agentgate" / "v1").glob("*.proto"))
     well_known = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
     rc = protoc.main(["protoc", f"-I{PROTO_DIR}", f"-I{well_known}", f"--python_out={out_dir}",
