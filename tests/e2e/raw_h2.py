@@ -156,3 +156,74 @@ class RawH2:
             self.sock.close()
         except OSError:
             pass
+
+
+class DeafClient:
+    """A client whose HTTP/2 state never hears the server: it opens streams whatever the server
+    said (a GOAWAY, say), and reads the server's frames straight off the socket, for what
+    python-h2 refuses to look at (frames after a GOAWAY). Header blocks are decoded in order,
+    so HPACK stays in step; CONTINUATION frames are not handled."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1"):
+        import hpack
+
+        self.sock = socket.create_connection((host, port), timeout=5)
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn.initiate_connection()
+        self.sock.sendall(self.conn.data_to_send())
+        self.decoder = hpack.Decoder()
+        self.buf = b""
+        self.goaway: tuple[int, int, bytes] | None = None  # (last stream, error code, debug)
+        self.status: dict[int, str] = {}  # stream -> grpc-status of a trailers-only answer
+
+    def request(self, path: str, headers: list[tuple[str, str]]) -> int:
+        sid = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":path", path),
+                                     (":authority", "localhost"), ("content-type", "application/grpc"),
+                                     ("te", "trailers"), *headers], end_stream=True)
+        self.sock.sendall(self.conn.data_to_send())
+        return sid
+
+    def read(self, until, timeout: float) -> str:
+        """Reads frames until `until()` holds ("done"), the server closes ("closed") or time
+        runs out ("timeout")."""
+        deadline = time.monotonic() + timeout
+        while not until():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return "timeout"
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(65536)
+            except (socket.timeout, TimeoutError):
+                return "timeout"
+            except OSError:
+                return "closed"
+            if not chunk:
+                return "closed"
+            self.buf += chunk
+            while len(self.buf) >= 9:
+                length = int.from_bytes(self.buf[:3], "big")
+                if len(self.buf) < 9 + length:
+                    break
+                kind, flags = self.buf[3], self.buf[4]
+                sid = int.from_bytes(self.buf[5:9], "big") & 0x7FFF_FFFF
+                payload, self.buf = self.buf[9:9 + length], self.buf[9 + length:]
+                self._on(kind, flags, sid, payload)
+        return "done"
+
+    def _on(self, kind: int, flags: int, sid: int, payload: bytes):
+        if kind == 0x1:  # HEADERS
+            if flags & 0x8:  # PADDED
+                payload = payload[1:len(payload) - payload[0]]
+            if flags & 0x20:  # PRIORITY
+                payload = payload[5:]
+            fields = dict(self.decoder.decode(payload))
+            if "grpc-status" in fields:
+                self.status[sid] = fields["grpc-status"]
+        elif kind == 0x7:  # GOAWAY
+            self.goaway = (int.from_bytes(payload[:4], "big") & 0x7FFF_FFFF,
+                           int.from_bytes(payload[4:8], "big"), payload[8:])
+
+    def close(self):
+        self.sock.close()

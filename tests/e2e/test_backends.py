@@ -40,6 +40,7 @@ import grpc
 import pytest
 
 import ingress_clients as ic
+import raw_h2
 from cluster_helpers import Redis, Replica, write_secret
 from conftest import BIN, free_port, wait_for
 from job_router import ERROR_BIN, SERVICE, STATUS_DETAILS, JobRouter, method_path
@@ -1122,5 +1123,67 @@ def test_a_long_poll_open_at_shutdown_ends_unavailable_after_the_grace(env):
         rec = router.calls_to("WaitJob")[0]
         assert rec.wait_ended(5) and rec.cancelled, rec
         g.proc.p.wait(timeout=10)
+    finally:
+        router.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. A flood of refused calls through a proxy costs the real callers behind it nothing.
+
+
+@pytest.mark.parametrize("kind", ["nginx", "haproxy"])
+def test_a_flood_of_bad_tokens_through_a_proxy_fails_no_real_call(env, kind):
+    """The proxy carries everyone's calls on its few upstream connections. The gateway sends
+    GOAWAY on a connection that only ever carried refused calls (max_refused_calls_before_auth)
+    and the proxy stops using it; cutting it off instead failed the next call the proxy had put
+    on it, about 2% of the flood's calls (nginx: 502; HAProxy: reset), a real caller's too."""
+    router = JobRouter()
+    try:
+        good = env.token("flood-victim")
+        g, ports = tls_gateway_for_proxy(env, router)
+        port = free_port()
+        if kind == "nginx":
+            logdir = env.tmp / "nginx" / "logs"
+            logdir.mkdir(parents=True, exist_ok=True)
+            Nginx(env, render_nginx("tls", ports, logdir, port, env.certs), port)
+        else:
+            clear = free_port()
+            pem = haproxy_pem(env.certs, env.tmp / "haproxy.pem")
+            HAProxy(env, render_haproxy("tls", ports, port, clear, env.certs, pem), port, clear)
+        body = env.tmp / "flood-body.bin"
+        body.write_bytes(raw_h2.grpc_frame(b"flood"))
+        flood = subprocess.Popen(
+            ["h2load", "-D", "12", "-c", "8", "-m", "4",
+             "-H", "content-type: application/grpc", "-H", "te: trailers",
+             "-H", "authorization: Bearer not-a-token-of-anyone",
+             "-d", str(body), f"https://localhost:{port}{method_path('GetJob')}"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        failures, done = [], 0
+        try:
+            time.sleep(1)
+            deadline = time.monotonic() + 8
+            while time.monotonic() < deadline:
+                # A new client connection each time, as separate runners are.
+                with ic.tls_channel(port, env.certs["ca"]) as ch:
+                    try:
+                        resp, _ = Client(ch, bearer(good)).get(b"real", timeout=10)
+                        assert resp == b"job:real"
+                        done += 1
+                    except grpc.RpcError as e:
+                        failures.append(f"{e.code().name}: {e.details()}")
+        finally:
+            out, _ = flood.communicate(timeout=30)
+        refused = g.metric_sum("agentgate_connections_rejected_total", reason="refused_calls")
+        assert refused > 0, f"the flood never reached max_refused_calls_before_auth: {out[-1500:]}"
+        assert done >= 20, (done, out[-1500:])
+        assert not failures, f"{len(failures)} of {done + len(failures)} real calls failed: {failures[:5]}"
+        # The flood's own calls are the sharper probe (tens of thousands of them): each must get
+        # the gateway's answer (HTTP 200, grpc-status 16), none a proxy error or a reset.
+        reqs = re.search(r"requests: (\d+) total.* (\d+) failed, (\d+) errored", out)
+        codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+        assert reqs and codes, out[-1500:]
+        assert int(reqs.group(1)) > 10 * refused, f"too few flood calls to tell: {out[-1500:]}"
+        assert (reqs.group(2), reqs.group(3), codes.group(4)) == ("0", "0", "0"), \
+            f"the proxy failed flood calls on connections the gateway closed: {out[-1500:]}"
     finally:
         router.stop()

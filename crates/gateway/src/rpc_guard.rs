@@ -179,16 +179,19 @@ impl<S> RpcGuard<S> {
         status.into_http()
     }
 
-    /// Counts a refusal on a connection that has not authenticated, and closes the connection
-    /// past `max_refused_calls_before_auth`: a client that keeps sending what is refused is
-    /// not an agent, and each refused stream still costs HTTP/2 work.
+    /// Counts a refusal on a connection that has not authenticated: a client that keeps
+    /// sending what is refused is not an agent, and each refused stream still costs HTTP/2
+    /// work. At `max_refused_calls_before_auth` the client is told to go (GOAWAY; a proxy in
+    /// front then puts no other client's call on this connection, and its calls in flight
+    /// are answered); at twice as many, a client that did not listen is cut off.
     fn count_refusal(&self, conn: &ConnMeta) {
         if conn.agent.get().is_some() {
             return;
         }
         let limit = self.state.max_refused_calls;
-        if conn.refused_calls.fetch_add(1, Ordering::Relaxed) + 1 == limit {
-            conn.request_close();
+        let refused = conn.refused_calls.fetch_add(1, Ordering::Relaxed) + 1;
+        if refused == limit {
+            conn.request_drain();
             self.state
                 .metrics
                 .connections_rejected
@@ -200,9 +203,12 @@ impl<S> RpcGuard<S> {
                     reason = REJECT_REFUSED_CALLS,
                     limit,
                     suppressed,
-                    "closing connection: too many refused calls before any authenticated"
+                    "sending GOAWAY: too many refused calls before any authenticated; the \
+                     connection is closed if the client goes on"
                 );
             }
+        } else if refused == limit.saturating_mul(2) {
+            conn.request_close();
         }
     }
 

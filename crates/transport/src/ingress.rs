@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -234,6 +234,10 @@ pub struct ConnMeta {
     /// Set by the gateway when the connection is to be closed (for example after too many
     /// refused calls before authenticating); the next read ends it.
     pub close_requested: std::sync::atomic::AtomicBool,
+    /// Set by the gateway when the client should stop opening streams here: a GOAWAY
+    /// (NO_ERROR, last stream 2^31-1) goes out before the server's next frame, and the client
+    /// closes the connection once its calls are answered. See [`ConnMeta::request_drain`].
+    pub drain_requested: std::sync::atomic::AtomicBool,
     /// Set by the gateway when the agent retired this connection (it ended its session to
     /// move to another): the connection's tunnels take no new requests.
     pub retired: std::sync::atomic::AtomicBool,
@@ -264,6 +268,7 @@ impl ConnMeta {
             unauthenticated_calls: AtomicU32::new(0),
             refused_calls: AtomicU32::new(0),
             close_requested: Default::default(),
+            drain_requested: Default::default(),
             retired: Default::default(),
             goaway_sent: Default::default(),
         }
@@ -273,6 +278,15 @@ impl ConnMeta {
     /// sending what is refused: a flooding client reads again at once.
     pub fn request_close(&self) {
         self.close_requested.store(true, Ordering::Relaxed);
+    }
+
+    /// Asks the client to move its next calls to a new connection, without breaking the calls
+    /// it has in flight here. A proxy carries many clients' calls on one upstream connection
+    /// and may be sending the next one as this one is refused: closing at once would fail
+    /// that call (nginx answers 502), so the gateway says GOAWAY first and nginx and HAProxy
+    /// stop reusing the connection.
+    pub fn request_drain(&self) {
+        self.drain_requested.store(true, Ordering::Relaxed);
     }
 
     /// Whether the agent retired the connection (see `retired`).
@@ -291,6 +305,11 @@ pub struct ServerConn {
     max_streams_before_auth: Option<u32>,
     /// Fires `auth_timeout` after the connection was classified, unless a call authenticated.
     auth_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Bytes of a frame of the gateway's own (the drain's GOAWAY) still to be written before
+    /// the server's next bytes; empty when there is none.
+    injected: Vec<u8>,
+    /// Whether the drain's GOAWAY was queued (once per connection).
+    drain_goaway_queued: bool,
     _permit: OwnedSemaphorePermit,
     _source: SourceSlot,
 }
@@ -396,17 +415,52 @@ impl ServerConn {
         {
             return;
         }
-        let mut frame = Vec::with_capacity(17 + debug.len());
-        frame.extend_from_slice(&((8 + debug.len()) as u32).to_be_bytes()[1..]);
-        frame.extend_from_slice(&[crate::ping_policy::FRAME_GOAWAY, 0, 0, 0, 0, 0]);
-        frame.extend_from_slice(&0x7fff_ffffu32.to_be_bytes());
-        frame.extend_from_slice(&code.to_be_bytes());
-        frame.extend_from_slice(debug.as_bytes());
+        let frame = goaway_frame(code, debug);
         if let Poll::Ready(Ok(n)) = Pin::new(&mut self.io).poll_write(cx, &frame) {
             self.meta.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
             let _ = Pin::new(&mut self.io).poll_flush(cx);
         }
     }
+
+    /// Before the server's next bytes: queues the drain's GOAWAY once the gateway asked for
+    /// it and the output sits between two frames, then writes whatever is queued. `Pending`
+    /// until all of it is out, so the server's bytes never split a frame of ours.
+    fn poll_injected(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.drain_goaway_queued
+            && self.meta.drain_requested.load(Ordering::Relaxed)
+            && self
+                .ping_policy
+                .as_ref()
+                .is_some_and(PingPolicy::outbound_at_frame_boundary)
+        {
+            self.drain_goaway_queued = true;
+            self.injected = goaway_frame(NO_ERROR, "refused_calls: open a new connection");
+            if let Some(policy) = &mut self.ping_policy {
+                policy.feed_outbound(&self.injected);
+            }
+        }
+        while !self.injected.is_empty() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.injected))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.meta.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+            self.injected.drain(..n);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// A GOAWAY frame with last stream 2^31-1: the client may open no new stream, and those it
+/// opened are still answered (RFC 9113, section 6.8).
+fn goaway_frame(code: u32, debug: &str) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(17 + debug.len());
+    frame.extend_from_slice(&((8 + debug.len()) as u32).to_be_bytes()[1..]);
+    frame.extend_from_slice(&[crate::ping_policy::FRAME_GOAWAY, 0, 0, 0, 0, 0]);
+    frame.extend_from_slice(&0x7fff_ffffu32.to_be_bytes());
+    frame.extend_from_slice(&code.to_be_bytes());
+    frame.extend_from_slice(debug.as_bytes());
+    frame
 }
 
 impl Drop for ServerConn {
@@ -553,6 +607,7 @@ impl AsyncWrite for ServerConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        ready!(self.poll_injected(cx))?;
         let res = Pin::new(&mut self.io).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = res {
             self.meta.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
@@ -569,6 +624,7 @@ impl AsyncWrite for ServerConn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        ready!(self.poll_injected(cx))?;
         let res = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = res {
             self.meta.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
@@ -908,6 +964,8 @@ pub fn serve_ingress(
                             auth_deadline: settings
                                 .auth_timeout
                                 .map(|t| Box::pin(tokio::time::sleep(t))),
+                            injected: Vec::new(),
+                            drain_goaway_queued: false,
                             _permit: permit,
                             _source: source,
                         };
