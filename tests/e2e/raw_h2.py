@@ -176,12 +176,17 @@ class DeafClient:
         self.goaway: tuple[int, int, bytes] | None = None  # (last stream, error code, debug)
         self.status: dict[int, str] = {}  # stream -> grpc-status of a trailers-only answer
 
-    def request(self, path: str, headers: list[tuple[str, str]]) -> int:
+    def request(self, path: str, headers: list[tuple[str, str]] = (), body: bytes | None = None,
+                send: bool = True) -> int:
+        """Opens a stream; `send=False` keeps its bytes for the next request's write."""
         sid = self.conn.get_next_available_stream_id()
         self.conn.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":path", path),
                                      (":authority", "localhost"), ("content-type", "application/grpc"),
-                                     ("te", "trailers"), *headers], end_stream=True)
-        self.sock.sendall(self.conn.data_to_send())
+                                     ("te", "trailers"), *headers], end_stream=body is None)
+        if body is not None:
+            self.conn.send_data(sid, body, end_stream=True)
+        if send:
+            self.sock.sendall(self.conn.data_to_send())
         return sid
 
     def read(self, until, timeout: float) -> str:

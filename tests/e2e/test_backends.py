@@ -1131,12 +1131,22 @@ def test_a_long_poll_open_at_shutdown_ends_unavailable_after_the_grace(env):
 # 7. A flood of refused calls through a proxy costs the real callers behind it nothing.
 
 
+# What floods the proxy: calls with a wrong token (refused: max_refused_calls_before_auth), or
+# health checks without one (answered, but max_streams_before_auth counts them).
+FLOODS = {
+    "bad_token": (["-H", "authorization: Bearer not-a-token-of-anyone"], method_path("GetJob"), "refused_calls"),
+    "health_checks": ([], "/grpc.health.v1.Health/Check", "streams_before_auth"),
+}
+
+
+@pytest.mark.parametrize("flood_of", sorted(FLOODS))
 @pytest.mark.parametrize("kind", ["nginx", "haproxy"])
-def test_a_flood_of_bad_tokens_through_a_proxy_fails_no_real_call(env, kind):
+def test_a_flood_through_a_proxy_fails_no_call(env, kind, flood_of):
     """The proxy carries everyone's calls on its few upstream connections. The gateway sends
-    GOAWAY on a connection that only ever carried refused calls (max_refused_calls_before_auth)
-    and the proxy stops using it; cutting it off instead failed the next call the proxy had put
-    on it, about 2% of the flood's calls (nginx: 502; HAProxy: reset), a real caller's too."""
+    GOAWAY on a connection that carried too many calls without a valid token, and the proxy
+    stops using it; cutting it off instead failed the next call the proxy had put on it: 0.3 to
+    2% of the flood's calls (nginx: 502; HAProxy: reset), and a real caller's as well."""
+    flags, path, reason = FLOODS[flood_of]
     router = JobRouter()
     try:
         good = env.token("flood-victim")
@@ -1155,8 +1165,7 @@ def test_a_flood_of_bad_tokens_through_a_proxy_fails_no_real_call(env, kind):
         flood = subprocess.Popen(
             ["h2load", "-D", "12", "-c", "8", "-m", "4",
              "-H", "content-type: application/grpc", "-H", "te: trailers",
-             "-H", "authorization: Bearer not-a-token-of-anyone",
-             "-d", str(body), f"https://localhost:{port}{method_path('GetJob')}"],
+             *flags, "-d", str(body), f"https://localhost:{port}{path}"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         failures, done = [], 0
         try:
@@ -1173,12 +1182,12 @@ def test_a_flood_of_bad_tokens_through_a_proxy_fails_no_real_call(env, kind):
                         failures.append(f"{e.code().name}: {e.details()}")
         finally:
             out, _ = flood.communicate(timeout=30)
-        refused = g.metric_sum("agentgate_connections_rejected_total", reason="refused_calls")
-        assert refused > 0, f"the flood never reached max_refused_calls_before_auth: {out[-1500:]}"
+        refused = g.metric_sum("agentgate_connections_rejected_total", reason=reason)
+        assert refused > 0, f"the flood never reached the limit ({reason}): {out[-1500:]}"
         assert done >= 20, (done, out[-1500:])
         assert not failures, f"{len(failures)} of {done + len(failures)} real calls failed: {failures[:5]}"
         # The flood's own calls are the sharper probe (tens of thousands of them): each must get
-        # the gateway's answer (HTTP 200, grpc-status 16), none a proxy error or a reset.
+        # the gateway's answer (HTTP 200 and a grpc-status), none a proxy error or a reset.
         reqs = re.search(r"requests: (\d+) total.* (\d+) failed, (\d+) errored", out)
         codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
         assert reqs and codes, out[-1500:]

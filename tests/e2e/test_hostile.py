@@ -67,8 +67,9 @@ def rejected(g, reason):
 
 def test_stream_flood_without_token_is_bounded(env):
     """One connection opens 3,000 Health/Watch streams with no token: at most 4 are served,
-    the rest refused, and the gateway closes the connection after 16 refusals or 100 streams
-    without authenticating, whichever comes first."""
+    the rest refused, and the gateway sends GOAWAY after 16 refusals or 100 streams without
+    authenticating, whichever comes first (and cuts off a client that goes on at twice that:
+    test_refused_calls_before_auth_send_goaway_then_close_the_connection)."""
     g, api = gateway_with_steady_agent(env, tls=False)
     serving = Serving(g, api)
     serving.start()
@@ -87,7 +88,7 @@ def test_stream_flood_without_token_is_bounded(env):
     except (OSError, h2.exceptions.ProtocolError):
         c.closed = True
     c.pump(lambda: False, timeout=3)
-    assert c.closed, "the gateway kept a connection that was refused thousands of times"
+    assert c.closed, "the gateway neither sent GOAWAY nor closed a connection refused thousands of times"
     refused = [s for s in sids if c.answers[s].grpc_status == "8"]
     served = [s for s in sids if c.answers[s].headers.get(":status") == "200" and c.answers[s].grpc_status is None]
     # The answers refused after the last read may not reach the client: the connection ends.
@@ -98,7 +99,7 @@ def test_stream_flood_without_token_is_bounded(env):
     assert rss1 - rss0 < 8 * 1024, f"gateway grew by {rss1 - rss0} KiB"
     c.close()
     serving.stop()
-    # Closed for refusals (16) or, more often, before HTTP/2 even decoded the flood, for the
+    # GOAWAY for refusals (16) or, more often, before HTTP/2 even decoded the flood, for the
     # streams opened without authenticating (100).
     assert rejected(g, "refused_calls") + rejected(g, "streams_before_auth") == 1
     assert rejected(g, "unauthenticated_calls") <= 100
@@ -131,29 +132,33 @@ def test_register_without_body_and_token_is_answered_at_once(env):
     assert_steady_serves(g, api)
 
 
-def test_streams_before_auth_are_capped_before_http2_decodes_them(env):
+def test_streams_before_auth_get_goaway_then_a_close_before_http2_decodes_them(env):
     g, api = gateway_with_steady_agent(env, tls=False, extra=["--set", "max_streams_before_auth=30",
                                                              "--set", "max_refused_calls_before_auth=1000",
                                                              "--set", "max_unauthenticated_calls_per_connection=100"])
-    c = raw_h2.RawH2(g.port)
-    # 31 HEADERS in one write: the connection is closed before any of them is answered.
-    for _ in range(31):
-        c.conn.send_headers(c.conn.get_next_available_stream_id(),
-                            [(":method", "POST"), (":scheme", "http"), (":path", HEALTH_CHECK),
-                             (":authority", "x"), ("content-type", "application/grpc")], end_stream=True)
-    try:
-        c.flush()
-    except OSError:
-        pass
-    c.pump(lambda: False, timeout=3)
-    assert c.closed
+    check = raw_h2.grpc_frame(b"")
+    # 30 are allowed: all answered, no GOAWAY.
+    c = raw_h2.DeafClient(g.port)
+    sids = [c.request(HEALTH_CHECK, body=check) for _ in range(30)]
+    assert c.read(lambda: len(c.status) == 30, timeout=5) == "done"
+    assert set(c.status.values()) == {"0"} and c.goaway is None, (c.status, c.goaway)
+    # The 31st is answered too, after a GOAWAY telling the client to open no more streams here
+    # (a proxy may carry other clients' calls on the connection).
+    sids.append(c.request(HEALTH_CHECK, body=check))
+    assert c.read(lambda: sids[-1] in c.status, timeout=5) == "done"
+    assert c.status[sids[-1]] == "0"
+    assert c.goaway == (0x7FFF_FFFF, 0, b"streams_before_auth: open a new connection"), c.goaway
     assert rejected(g, "streams_before_auth") == 1
-    # 30 are allowed: the same on a new connection, one fewer, is answered.
-    c = raw_h2.RawH2(g.port)
-    sids = [c.request(HEALTH_CHECK, body=raw_h2.grpc_frame(b"")) for _ in range(30)]
-    c.pump(lambda: all(c.answers[s].ended for s in sids), timeout=5)
-    assert all(c.answers[s].grpc_status == "0" for s in sids)
+    # A client that goes on is cut off past twice the limit, in one write: HTTP/2 never
+    # decodes those streams, so none is answered.
+    for _ in range(29):
+        c.request(HEALTH_CHECK, body=check, send=False)
+    last = c.request(HEALTH_CHECK, body=check)
+    assert c.read(lambda: False, timeout=3) == "closed"
+    assert last not in c.status
+    assert c.goaway[1] == 0xB, c.goaway  # ENHANCE_YOUR_CALM
     c.close()
+    assert rejected(g, "streams_before_auth") == 1
     # An agent's connection opens far more than 30 streams once authenticated.
     status, _, body = api_request(g, "GET", "/agents/steady/proxy/download?size=10", api)
     assert status == 200

@@ -191,7 +191,7 @@ impl<S> RpcGuard<S> {
         let limit = self.state.max_refused_calls;
         let refused = conn.refused_calls.fetch_add(1, Ordering::Relaxed) + 1;
         if refused == limit {
-            conn.request_drain();
+            conn.request_drain(REJECT_REFUSED_CALLS);
             self.state
                 .metrics
                 .connections_rejected
@@ -209,6 +209,15 @@ impl<S> RpcGuard<S> {
             }
         } else if refused == limit.saturating_mul(2) {
             conn.request_close();
+            if let Some(suppressed) = PRE_AUTH_LOG.allow() {
+                tracing::warn!(
+                    conn = conn.id,
+                    peer = %conn.peer,
+                    reason = REJECT_REFUSED_CALLS,
+                    suppressed,
+                    "closing connection: it went on making refused calls after GOAWAY"
+                );
+            }
         }
     }
 

@@ -234,10 +234,10 @@ pub struct ConnMeta {
     /// Set by the gateway when the connection is to be closed (for example after too many
     /// refused calls before authenticating); the next read ends it.
     pub close_requested: std::sync::atomic::AtomicBool,
-    /// Set by the gateway when the client should stop opening streams here: a GOAWAY
+    /// Set (to the reason) when the client should stop opening streams here: a GOAWAY
     /// (NO_ERROR, last stream 2^31-1) goes out before the server's next frame, and the client
     /// closes the connection once its calls are answered. See [`ConnMeta::request_drain`].
-    pub drain_requested: std::sync::atomic::AtomicBool,
+    pub drain: OnceLock<&'static str>,
     /// Set by the gateway when the agent retired this connection (it ended its session to
     /// move to another): the connection's tunnels take no new requests.
     pub retired: std::sync::atomic::AtomicBool,
@@ -268,7 +268,7 @@ impl ConnMeta {
             unauthenticated_calls: AtomicU32::new(0),
             refused_calls: AtomicU32::new(0),
             close_requested: Default::default(),
-            drain_requested: Default::default(),
+            drain: OnceLock::new(),
             retired: Default::default(),
             goaway_sent: Default::default(),
         }
@@ -285,8 +285,9 @@ impl ConnMeta {
     /// and may be sending the next one as this one is refused: closing at once would fail
     /// that call (nginx answers 502), so the gateway says GOAWAY first and nginx and HAProxy
     /// stop reusing the connection.
-    pub fn request_drain(&self) {
-        self.drain_requested.store(true, Ordering::Relaxed);
+    /// `reason` goes into the GOAWAY's debug data. Only the first request counts.
+    pub fn request_drain(&self, reason: &'static str) {
+        let _ = self.drain.set(reason);
     }
 
     /// Whether the agent retired the connection (see `retired`).
@@ -426,15 +427,15 @@ impl ServerConn {
     /// it and the output sits between two frames, then writes whatever is queued. `Pending`
     /// until all of it is out, so the server's bytes never split a frame of ours.
     fn poll_injected(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if !self.drain_goaway_queued
-            && self.meta.drain_requested.load(Ordering::Relaxed)
-            && self
-                .ping_policy
-                .as_ref()
-                .is_some_and(PingPolicy::outbound_at_frame_boundary)
-        {
+        if let Some(reason) = self.meta.drain.get().filter(|_| {
+            !self.drain_goaway_queued
+                && self
+                    .ping_policy
+                    .as_ref()
+                    .is_some_and(PingPolicy::outbound_at_frame_boundary)
+        }) {
             self.drain_goaway_queued = true;
-            self.injected = goaway_frame(NO_ERROR, "refused_calls: open a new connection");
+            self.injected = goaway_frame(NO_ERROR, &format!("{reason}: open a new connection"));
             if let Some(policy) = &mut self.ping_policy {
                 policy.feed_outbound(&self.injected);
             }
@@ -573,26 +574,47 @@ impl AsyncRead for ServerConn {
                     }
                     return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, what)));
                 }
+                // Past the limit the client is told to go (GOAWAY): a proxy may carry other
+                // clients' calls on this connection (load balancers' health checks, an
+                // agent's first call). Past twice the limit, one that did not listen is cut
+                // off before HTTP/2 decodes more.
                 if let Some(limit) = this.max_streams_before_auth {
-                    if policy.client_headers() > limit && this.meta.agent.get().is_none() {
-                        this.send_goaway(cx, ENHANCE_YOUR_CALM, "streams_before_auth");
-                        this.ping_policy = None;
-                        this.observer.rejected(RejectReason::StreamsBeforeAuth);
-                        if let Some(suppressed) = PRE_AUTH_LOG.allow() {
-                            tracing::warn!(
-                                conn = this.meta.id,
-                                peer = %this.meta.peer,
-                                reason = "streams_before_auth",
-                                limit,
-                                suppressed,
-                                "closing connection: it opened more streams than allowed before \
-                                 any call authenticated"
-                            );
+                    let opened = policy.client_headers();
+                    let reason = RejectReason::StreamsBeforeAuth;
+                    if opened > limit && this.meta.agent.get().is_none() {
+                        if opened > limit.saturating_mul(2) {
+                            this.send_goaway(cx, ENHANCE_YOUR_CALM, reason.as_str());
+                            this.ping_policy = None;
+                            if let Some(suppressed) = PRE_AUTH_LOG.allow() {
+                                tracing::warn!(
+                                    conn = this.meta.id,
+                                    peer = %this.meta.peer,
+                                    %reason,
+                                    suppressed,
+                                    "closing connection: it went on opening streams after GOAWAY"
+                                );
+                            }
+                            return Poll::Ready(Err(io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                "too many streams before authentication",
+                            )));
                         }
-                        return Poll::Ready(Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            "too many streams before authentication",
-                        )));
+                        if this.meta.drain.get().is_none() {
+                            this.meta.request_drain(reason.as_str());
+                            this.observer.rejected(reason);
+                            if let Some(suppressed) = PRE_AUTH_LOG.allow() {
+                                tracing::warn!(
+                                    conn = this.meta.id,
+                                    peer = %this.meta.peer,
+                                    %reason,
+                                    limit,
+                                    suppressed,
+                                    "sending GOAWAY: the client opened more streams than allowed \
+                                     before any call authenticated; the connection is closed if \
+                                     it goes on"
+                                );
+                            }
+                        }
                     }
                 }
             }
