@@ -211,7 +211,7 @@ def test_random_paths_do_not_grow_metrics(env):
     assert_steady_serves(g, api)
 
 
-def test_silent_tls_client_after_alpn_h2_is_closed_at_the_auth_deadline(env):
+def test_silent_clients_are_closed_at_the_auth_deadline_and_health_only_ones_get_goaway_first(env):
     g, api = gateway_with_steady_agent(env, extra=["--set", 'auth_timeout="2s"'])
     ctx = ic.client_tls_context(env.certs["ca"], ["h2"])
     socks = []
@@ -220,17 +220,26 @@ def test_silent_tls_client_after_alpn_h2_is_closed_at_the_auth_deadline(env):
         s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", g.port)), server_hostname="localhost")
         assert s.selected_alpn_protocol() == "h2"
         socks.append(s)
-    # A health-only client is no agent either: it gets its answer, then the same deadline.
-    hc = raw_h2.RawH2(g.clear_port)
-    assert hc.wait(hc.request(HEALTH_CHECK, body=raw_h2.grpc_frame(b""))).data == raw_h2.grpc_frame(SERVING)
+    # A health-only client is no agent either: it gets its answer, then at the same deadline a
+    # GOAWAY (it may be a proxy carrying load balancers' checks, with the next one in flight),
+    # and the close one auth_timeout later.
+    hc = raw_h2.DeafClient(g.clear_port)
+    sid = hc.request(HEALTH_CHECK, body=raw_h2.grpc_frame(b""))
+    assert hc.read(lambda: sid in hc.status, timeout=5) == "done" and hc.status[sid] == "0"
     for s in socks:
         _, when = ic.read_until_closed(s, timeout=10)
         assert when is not None
     took = time.monotonic() - t0
     assert 1.5 < took < 6, took
-    hc.pump(lambda: False, timeout=5)
-    assert hc.closed
+    assert hc.read(lambda: hc.goaway is not None, timeout=5) == "done"
+    assert hc.goaway == (0x7FFF_FFFF, 0, b"auth_timeout: open a new connection"), hc.goaway
+    goaway_at = time.monotonic() - t0
+    assert hc.read(lambda: False, timeout=5) == "closed"
+    closed_at = time.monotonic() - t0
+    hc.close()
+    assert 1.5 < goaway_at < 3.5 and 1.5 < closed_at - goaway_at < 3.5, (goaway_at, closed_at)
     wait_for(lambda: rejected(g, "auth_timeout") >= 21, what="auth_timeout counted")
+    assert rejected(g, "auth_timeout") == 21  # the GOAWAY and the close are one refusal
     # Our agent authenticated long ago and is not touched by the deadline.
     time.sleep(0.5)
     assert_steady_serves(g, api)

@@ -304,8 +304,10 @@ pub struct ServerConn {
     ping_policy: Option<PingPolicy>,
     /// Streams (HEADERS frames) the client may open before a call authenticated.
     max_streams_before_auth: Option<u32>,
-    /// Fires `auth_timeout` after the connection was classified, unless a call authenticated.
+    /// Fires `auth_timeout` after the connection was classified, unless a call authenticated;
+    /// on a connection that opened streams, again `auth_timeout` after its GOAWAY.
     auth_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    auth_timeout: Duration,
     /// Bytes of a frame of the gateway's own (the drain's GOAWAY) still to be written before
     /// the server's next bytes; empty when there is none.
     injected: Vec<u8>,
@@ -515,11 +517,45 @@ impl AsyncRead for ServerConn {
             )));
         }
         if let Some(deadline) = &mut this.auth_deadline {
+            let reason = RejectReason::AuthTimeout;
+            let opened_streams = this
+                .ping_policy
+                .as_ref()
+                .map_or(0, PingPolicy::client_headers);
             if this.meta.agent.get().is_some() {
                 this.auth_deadline = None;
-            } else if deadline.as_mut().poll(cx).is_ready() {
+            } else if deadline.as_mut().poll(cx).is_ready()
+                && opened_streams > 0
+                && this.meta.drain.get().is_none()
+            {
+                // Streams were opened: a proxy's connection, say, carrying load balancers'
+                // health checks, which may have the next one in flight. GOAWAY now, and the
+                // close one `auth_timeout` later.
+                this.meta.request_drain(reason.as_str());
+                this.observer.rejected(reason);
+                if let Some(suppressed) = PRE_AUTH_LOG.allow() {
+                    tracing::warn!(
+                        conn = this.meta.id,
+                        peer = %this.meta.peer,
+                        transport = %this.meta.kind,
+                        %reason,
+                        suppressed,
+                        "sending GOAWAY: no call authenticated in time (agents send their token \
+                         on their first calls); the connection is closed in {:?}",
+                        this.auth_timeout
+                    );
+                }
+                deadline
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + this.auth_timeout);
+                let _ = deadline.as_mut().poll(cx);
+                // Written now if the server's output allows; else before its next bytes.
+                let _ = this.poll_injected(cx);
+            } else if deadline.is_elapsed() {
                 this.auth_deadline = None;
-                self.observer.rejected(RejectReason::AuthTimeout);
+                if this.meta.drain.get() != Some(&reason.as_str()) {
+                    self.observer.rejected(reason);
+                }
                 if let Some(suppressed) = PRE_AUTH_LOG.allow() {
                     tracing::warn!(
                         conn = self.meta.id,
@@ -986,6 +1022,7 @@ pub fn serve_ingress(
                             auth_deadline: settings
                                 .auth_timeout
                                 .map(|t| Box::pin(tokio::time::sleep(t))),
+                            auth_timeout: settings.auth_timeout.unwrap_or_default(),
                             injected: Vec::new(),
                             drain_goaway_queued: false,
                             _permit: permit,
