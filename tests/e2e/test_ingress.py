@@ -327,10 +327,13 @@ def test_malformed_and_oversized_messages_get_a_sentence_and_the_right_code(env,
 def test_oversized_metadata_is_resource_exhausted_with_a_sentence(env):
     """A gRPC call whose metadata is over the agent port's header list limit (16 KiB) gets
     RESOURCE_EXHAUSTED saying so (HTTP/2's bare 431 reached gRPC clients as UNKNOWN without a
-    word); the connection and its other calls go on."""
+    word); the connection and its other calls go on. HTTP/2 answers it before any service sees
+    it, and the gateway still counts and logs it."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     g = env.gateway(tls=False)
+    series = dict(name="agentgate_oversized_request_headers_total", answer="resource_exhausted")
+    assert g.metric(**series) == 0
     with ic.h2c_channel(g.port) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         with pytest.raises(grpc.RpcError) as ei:
@@ -338,6 +341,10 @@ def test_oversized_metadata_is_resource_exhausted_with_a_sentence(env):
         assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, ei.value
         assert "metadata is larger than this server accepts" in ei.value.details(), ei.value.details()
         assert stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+    assert g.metric(**series) == 1
+    assert g.metric("agentgate_oversized_request_headers_total", answer="http_431") == 0
+    wait_for(lambda: "refused a request whose headers (metadata) are larger than the listener accepts; "
+             "the caller was answered RESOURCE_EXHAUSTED" in g.proc.output(), timeout=5, what="the log line")
 
 
 def test_registration_fields_cannot_forge_log_lines(env, stubs):

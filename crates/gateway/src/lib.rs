@@ -28,6 +28,7 @@ mod listeners;
 mod map_response;
 mod memory;
 pub mod metrics;
+mod oversized_headers;
 mod process_metrics;
 mod reload;
 mod router;
@@ -273,6 +274,7 @@ pub async fn run_with(
     on_bound: impl FnOnce(BoundAddrs),
 ) -> anyhow::Result<()> {
     let cfg = &gw.config;
+    oversized_headers::install();
     let listeners = listeners::Listeners::bind(cfg)?;
     let addrs = listeners.addrs;
     tracing::info!(

@@ -422,6 +422,7 @@ impl Metrics {
         ] {
             h.add_to(scrape);
         }
+        crate::oversized_headers::add_to(scrape);
         crate::process_metrics::add_to(scrape);
     }
 

@@ -81,3 +81,20 @@ impl fmt::Debug for NonUriAuthority {
             .finish()
     }
 }
+
+/// agentgate patch 8: a function the server calls each time it answers a request whose header
+/// list was over its limit (`true` when the request was gRPC and got RESOURCE_EXHAUSTED,
+/// `false` when it got 431), so that the application can count and log what h2 refused on
+/// its own. One per process; the first one set stays.
+static OVERSIZED_REQUEST_HEADERS: std::sync::OnceLock<fn(bool)> = std::sync::OnceLock::new();
+
+/// Sets the function called for each request refused for its header list's size.
+pub fn on_oversized_request_headers(hook: fn(bool)) {
+    let _ = OVERSIZED_REQUEST_HEADERS.set(hook);
+}
+
+pub(crate) fn oversized_request_headers(grpc: bool) {
+    if let Some(hook) = OVERSIZED_REQUEST_HEADERS.get() {
+        hook(grpc);
+    }
+}

@@ -564,6 +564,7 @@ impl Inner {
                     Ok(()) => Ok(()),
                     Err(RecvHeaderBlockError::Oversize) => {
                         if peer.is_server() {
+                            crate::ext::oversized_request_headers(grpc_request);
                             let (status, fields) = if grpc_request {
                                 (::http::StatusCode::OK, oversize_grpc_answer())
                             } else {
