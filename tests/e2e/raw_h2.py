@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.exceptions
 
@@ -232,3 +233,78 @@ class DeafClient:
 
     def close(self):
         self.sock.close()
+
+
+class RefusingBackend:
+    """A gRPC backend on the `h2` library that does not process its first call: it refuses the
+    stream (RST_STREAM REFUSED_STREAM), or goes away below it (GOAWAY with last stream 0, then
+    closes the connection). Every later call is answered OK with its request message echoed.
+    `seen` lists each call's (connection number, stream id, what happened)."""
+
+    def __init__(self, first: str):
+        import threading
+
+        assert first in ("refuse", "goaway")
+        self.first = first
+        self.seen: list[tuple[int, int, str]] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._lock = threading.Lock()
+        self._conns = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import threading
+
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._conns += 1
+                n = self._conns
+            threading.Thread(target=self._serve, args=(sock, n), daemon=True).start()
+
+    def _serve(self, sock: socket.socket, n: int):
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        conn.initiate_connection()
+        sock.sendall(conn.data_to_send())
+        bodies: dict[int, bytes] = {}
+        try:
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    return
+                for ev in conn.receive_data(data):
+                    if isinstance(ev, h2.events.RequestReceived):
+                        bodies[ev.stream_id] = b""
+                        with self._lock:
+                            first = not self.seen
+                            what = self.first if first else "answered"
+                            self.seen.append((n, ev.stream_id, what))
+                        if what == "refuse":
+                            conn.reset_stream(ev.stream_id, error_code=h2.errors.ErrorCodes.REFUSED_STREAM)
+                            bodies.pop(ev.stream_id)
+                        elif what == "goaway":
+                            conn.close_connection(error_code=0, last_stream_id=0)
+                            sock.sendall(conn.data_to_send())
+                            return
+                    elif isinstance(ev, h2.events.DataReceived):
+                        conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                        if ev.stream_id in bodies:
+                            bodies[ev.stream_id] += ev.data
+                    elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id in bodies:
+                        sid = ev.stream_id
+                        conn.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc")])
+                        conn.send_data(sid, bodies.pop(sid))
+                        conn.send_headers(sid, [("grpc-status", "0")], end_stream=True)
+                sock.sendall(conn.data_to_send())
+        except (OSError, h2.exceptions.ProtocolError):
+            return
+        finally:
+            sock.close()
+
+    def close(self):
+        self.listener.close()

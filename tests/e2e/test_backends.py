@@ -524,6 +524,29 @@ def test_backend_down_is_unavailable_naming_the_backend_not_its_address(env):
         router.stop()
 
 
+@pytest.mark.parametrize("first", ["refuse", "goaway"])
+def test_a_call_the_backend_did_not_process_is_sent_again(env, first):
+    """A backend that refuses a call's stream (REFUSED_STREAM) or goes away below it (GOAWAY,
+    last stream 0: what a restarting server says to a call that crossed its GOAWAY) did not
+    process the call; the gateway sends it again, and the caller never knows. The backend is
+    python-h2, not a gRPC stack: the refusal is exactly what is written."""
+    backend = raw_h2.RefusingBackend(first)
+    try:
+        tok = env.token("resent")
+        g = env.gateway(tls=False, extra=backend_flag(backend.url))
+        with channel_for(g, "grpc") as ch:
+            resp, call = Client(ch, bearer(tok)).get(b"once more", timeout=10)
+        assert resp == b"once more" and call.code() == grpc.StatusCode.OK
+        # The second request is the first one again, on a new connection after a GOAWAY.
+        assert [what for _, _, what in backend.seen] == [first, "answered"], backend.seen
+        if first == "goaway":
+            assert backend.seen[0][0] != backend.seen[1][0], backend.seen
+        wait_for(lambda: backend_calls(g) == {"answered": 1.0}, timeout=5,
+                 what="one call counted, answered")
+    finally:
+        backend.close()
+
+
 def test_tls_backend_with_ca_cert_and_server_name(env):
     services = (SERVICE, "runner.badname.v1.JobRouter", "runner.noca.v1.JobRouter")
     router = JobRouter(services=services, tls=env.certs)

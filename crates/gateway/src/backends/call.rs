@@ -468,25 +468,14 @@ pub async fn forward(
     parts.extensions = http::Extensions::new();
     let request = http::Request::from_parts(parts, body);
 
+    // The request body goes out while the answer is awaited; a body still streaming once
+    // the answer begins gets a task of its own (returned with the answer).
     let sent = async {
-        let (answer, mut pump, lease) = backend.pool.send(request).await.map_err(|e| match e {
+        backend.pool.send(request).await.map_err(|e| match e {
             SendFailure::CallerGone => caller_broke_off(),
+            SendFailure::NoAnswer(e) => stream_failure(&e, name, false),
             e => unavailable(name, &e.to_string()),
-        })?;
-        // The request body goes out while the answer is awaited; a body still streaming
-        // once the answer begins gets a task of its own (returned with the answer).
-        let mut answer = std::pin::pin!(answer);
-        let head = std::future::poll_fn(|cx| {
-            if let Some(p) = pump.as_mut() {
-                if std::pin::Pin::new(p).poll(cx).is_ready() {
-                    pump = None;
-                }
-            }
-            answer.as_mut().poll(cx)
         })
-        .await
-        .map_err(|e| stream_failure(&e, name, false))?;
-        Ok::<_, (Outcome, Status)>((head, pump, lease))
     };
     let timer_fired = async {
         match &timer {

@@ -72,17 +72,24 @@ pub enum DialError {
 /// every new connection's first stream (pooled connections found unusable do not count).
 const SEND_ATTEMPTS: u32 = 3;
 
-/// A sent call: the answer's future, the request body's pump (if the body still streams),
-/// and the call's place on its connection.
-pub type Sent = (h2::client::ResponseFuture, Option<RequestPump>, ConnLease);
+/// A call the backend began to answer: the answer's head, the request body's pump (if the
+/// body still streams), and the call's place on its connection.
+pub type Answered = (
+    http::Response<h2::RecvStream>,
+    Option<RequestPump>,
+    ConnLease,
+);
 
-/// Why a call was not sent.
+/// Why a call got no answer.
 #[derive(Debug, Error)]
 pub enum SendFailure {
     #[error("cannot reach it ({0})")]
     Dial(DialError),
     #[error("the call could not be sent: {}", stream::describe(.0))]
     Refused(h2::Error),
+    /// The call went out; its stream failed before the answer began.
+    #[error("{}", stream::describe(.0))]
+    NoAnswer(h2::Error),
     #[error("the caller's request broke off")]
     CallerGone,
 }
@@ -232,18 +239,38 @@ impl BackendPool {
             .count()
     }
 
-    /// Sends `request` on a connection with room for it: the answer's future, the request
-    /// body's pump if the body is still streaming, and the call's place on the connection.
-    /// A connection found unusable (GOAWAY) is dropped from the pool and the call goes to
-    /// another. Pooled connections found so do not count (each is dropped once, so a backend
-    /// that restarted costs no call); new connections count up to [`SEND_ATTEMPTS`].
-    pub async fn send(&self, mut request: http::Request<CallBody>) -> Result<Sent, SendFailure> {
+    /// Sends `request` on a connection with room for it and waits for the answer's head.
+    /// A call goes again, to another connection or the same one, when it was not processed:
+    /// - the connection is found unusable (GOAWAY) before the call is sent: it is dropped from
+    ///   the pool. Pooled connections found so do not count (each is dropped once, so a
+    ///   backend that restarted costs no call); new connections count up to
+    ///   [`SEND_ATTEMPTS`];
+    /// - the backend refused the call's stream or went away below it, and the call went out
+    ///   whole (`stream::Replay`): up to [`SEND_ATTEMPTS`] times. A backend that restarts
+    ///   (grpc-go's GracefulStop, say) costs no call.
+    pub async fn send(
+        &self,
+        mut request: http::Request<CallBody>,
+    ) -> Result<Answered, SendFailure> {
         let mut dialed = 0;
+        let mut resent = 0;
         loop {
             let (mut sender, lease, new) = self.lease().await.map_err(SendFailure::Dial)?;
             dialed += u32::from(new);
             match stream::send(&mut sender, request).await {
-                Ok((answer, pump)) => return Ok((answer, pump, lease)),
+                Ok(sending) => match stream::answer_head(sending.answer, sending.pump).await {
+                    Ok((head, pump)) => return Ok((head, pump, lease)),
+                    Err(e) => match sending.replay {
+                        Some(replay) if stream::never_processed(&e) && resent < SEND_ATTEMPTS => {
+                            if e.is_go_away() {
+                                lease.retire();
+                            }
+                            resent += 1;
+                            request = replay.request();
+                        }
+                        _ => return Err(SendFailure::NoAnswer(e)),
+                    },
+                },
                 Err(SendError::Unusable(e, back)) => {
                     lease.retire();
                     if dialed >= SEND_ATTEMPTS {
@@ -544,7 +571,6 @@ where
 mod tests {
     use super::*;
     use hyper_util::rt::{TokioExecutor, TokioIo};
-    use std::future::Future;
     use tokio_stream::StreamExt;
 
     /// An HTTP/2 server that answers every request with headers and then a body that never
@@ -650,7 +676,7 @@ mod tests {
         let Ok((answer, None, lease)) = pool.send(req).await else {
             panic!("an empty body goes with the head");
         };
-        (answer.await.unwrap(), lease)
+        (answer, lease)
     }
 
     #[tokio::test]
@@ -765,19 +791,11 @@ mod tests {
         let req = http::Request::post(format!("http://{addr}/t.S/M"))
             .body(CallBody::new(body))
             .unwrap();
-        let Ok((answer, pump, _lease)) = pool.send(req).await else {
+        // The pump runs while the head is awaited, and comes back with it.
+        let Ok((head, pump, _lease)) = pool.send(req).await else {
             panic!("the call is sent");
         };
-        let mut pump = pump.expect("the body is still open");
-        let mut answer = std::pin::pin!(answer);
-        // As `call::forward` does: the pump runs while the head is awaited.
-        let head = std::future::poll_fn(|cx| {
-            let _ = std::pin::Pin::new(&mut pump).poll(cx);
-            answer.as_mut().poll(cx)
-        })
-        .await
-        .unwrap();
-        let stop = pump.spawn();
+        let stop = pump.expect("the body is still open").spawn();
         let mut answer_body = head.into_body();
         for message in ["one", "two", "three"] {
             tx.send(Bytes::from(message)).unwrap();
@@ -803,6 +821,78 @@ mod tests {
             .unwrap();
         assert!(!clean, "the request is reset, not ended as if complete");
         drop(tx);
+    }
+
+    /// An HTTP/2 server (h2's own) that refuses the first `refuse` streams it gets with
+    /// REFUSED_STREAM and answers each later one with its request body; `seen` counts streams.
+    async fn refusing_server(refuse: usize, seen: Arc<AtomicU32>) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut conn = h2::server::handshake(tcp).await.unwrap();
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                if (seen.fetch_add(1, Ordering::SeqCst) as usize) < refuse {
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let mut body = req.into_body();
+                    let mut got = Vec::new();
+                    while let Some(Ok(chunk)) = body.data().await {
+                        got.extend_from_slice(&chunk);
+                    }
+                    let mut out = respond
+                        .send_response(http::Response::new(()), false)
+                        .unwrap();
+                    out.send_data(Bytes::from(got), true).unwrap();
+                });
+            }
+        });
+        addr
+    }
+
+    async fn call_with_message(pool: &BackendPool, message: &'static str) -> Result<Bytes, String> {
+        let req = http::Request::post(format!("http://{}/t.S/M", pool.address()))
+            .body(CallBody::new(http_body_util::Full::new(Bytes::from(
+                message,
+            ))))
+            .unwrap();
+        let (head, _, _lease) = pool.send(req).await.map_err(|e| e.to_string())?;
+        let mut body = head.into_body();
+        let mut got = Vec::new();
+        while let Some(chunk) = body.data().await {
+            got.extend_from_slice(&chunk.unwrap());
+        }
+        Ok(Bytes::from(got))
+    }
+
+    #[tokio::test]
+    async fn a_refused_stream_is_sent_again_with_its_message_up_to_the_attempts() {
+        let seen = Arc::new(AtomicU32::new(0));
+        let addr = refusing_server(2, seen.clone()).await;
+        let patient = pool(format!("http://{addr}"), 100);
+        let got = call_with_message(&patient, "the job, please")
+            .await
+            .unwrap();
+        assert_eq!(got, "the job, please", "the message went again, whole");
+        assert_eq!(
+            seen.load(Ordering::SeqCst),
+            3,
+            "two refusals, then the answer"
+        );
+        assert_eq!(
+            patient.connections(),
+            1,
+            "a refusal does not retire the connection"
+        );
+
+        let seen = Arc::new(AtomicU32::new(0));
+        let addr = refusing_server(100, seen.clone()).await;
+        let refused = pool(format!("http://{addr}"), 100);
+        let failed = call_with_message(&refused, "x").await.unwrap_err();
+        assert!(failed.contains("refused stream"), "{failed}");
+        assert_eq!(seen.load(Ordering::SeqCst), 1 + SEND_ATTEMPTS);
     }
 
     #[tokio::test]

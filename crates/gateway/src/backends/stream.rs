@@ -31,8 +31,57 @@ pub enum SendError {
     CallerGone,
 }
 
-/// Sends the request head and returns the answer's future and, unless the body has already
-/// gone out whole, the pump that must run until it has.
+/// A request sent, and what its sender must still do: run the pump while the body streams,
+/// or else keep the copy that can send it again.
+pub struct Sending {
+    pub answer: ResponseFuture,
+    /// Unless the body has already gone out whole: the pump that must run until it has.
+    pub pump: Option<RequestPump>,
+    /// When head and body went out whole (a unary or server-streaming call, as a rule): a
+    /// copy, to send again if the backend did not process the call.
+    pub replay: Option<Replay>,
+}
+
+/// A copy of a request that went out whole. It costs a copy of the head's header map; the
+/// message itself is shared.
+pub struct Replay {
+    head: http::Request<()>,
+    message: Option<Bytes>,
+}
+
+impl Replay {
+    fn of(head: &http::Request<()>, message: Option<&Bytes>) -> Self {
+        let mut copy = http::Request::new(());
+        *copy.method_mut() = head.method().clone();
+        *copy.uri_mut() = head.uri().clone();
+        *copy.version_mut() = head.version();
+        *copy.headers_mut() = head.headers().clone();
+        Self {
+            head: copy,
+            message: message.cloned(),
+        }
+    }
+
+    /// The request again, as it was first sent.
+    pub fn request(self) -> http::Request<CallBody> {
+        let body = match self.message {
+            Some(m) => CallBody::new(http_body_util::Full::new(m)),
+            None => CallBody::empty(),
+        };
+        let (parts, ()) = self.head.into_parts();
+        http::Request::from_parts(parts, body)
+    }
+}
+
+/// Whether the backend did not process the call at all, so that sending it again cannot do
+/// anything twice: it refused the stream (REFUSED_STREAM, RFC 9113 section 8.7), or it went
+/// away (GOAWAY) with a last stream below the call's (h2 reports a GOAWAY to such streams
+/// only; the streams it processed end normally or with the broken connection).
+pub fn never_processed(e: &h2::Error) -> bool {
+    e.is_remote() && (e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM))
+}
+
+/// Sends the request head (and the body as far as it has arrived).
 ///
 /// A unary call's message has usually arrived with its head. It is taken first, so that the
 /// head and the message are queued together: sent apart, the connection's task (often on the
@@ -40,7 +89,7 @@ pub enum SendError {
 pub async fn send(
     sender: &mut h2::client::SendRequest<Bytes>,
     request: http::Request<CallBody>,
-) -> Result<(ResponseFuture, Option<RequestPump>), SendError> {
+) -> Result<Sending, SendError> {
     let ready = std::future::poll_fn(|cx| match sender.poll_ready(cx) {
         Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
         // Pending only for a handle with a stream waiting to open; each call has its own.
@@ -66,12 +115,21 @@ pub async fn send(
         Some(Some(Ok(frame))) => Some(frame),
         // The body is already over: the head carries END_STREAM.
         Some(None) => {
+            let replay = Some(Replay::of(&head, None));
             let (answer, _) = sender
                 .send_request(head, true)
                 .map_err(SendError::Refused)?;
-            return Ok((answer, None));
+            return Ok(Sending {
+                answer,
+                pump: None,
+                replay,
+            });
         }
         None => None,
+    };
+    let replay = match first.as_ref().map(Frame::data_ref) {
+        Some(Some(message)) if body.is_end_stream() => Some(Replay::of(&head, Some(message))),
+        _ => None,
     };
     let (answer, mut stream) = sender
         .send_request(head, false)
@@ -94,7 +152,11 @@ pub async fn send(
             }
         };
         if done {
-            return Ok((answer, None));
+            return Ok(Sending {
+                answer,
+                pump: None,
+                replay,
+            });
         }
     }
     let pump = RequestPump {
@@ -102,7 +164,30 @@ pub async fn send(
         stream,
         stop: None,
     };
-    Ok((answer, Some(pump)))
+    Ok(Sending {
+        answer,
+        pump: Some(pump),
+        replay: None,
+    })
+}
+
+/// Waits for the answer's head, running the pump meanwhile; the pump comes back if the body
+/// still streams (then it needs a task of its own: [`RequestPump::spawn`]).
+pub async fn answer_head(
+    answer: ResponseFuture,
+    mut pump: Option<RequestPump>,
+) -> Result<(http::Response<RecvStream>, Option<RequestPump>), h2::Error> {
+    let mut answer = std::pin::pin!(answer);
+    let head = std::future::poll_fn(|cx| {
+        if let Some(p) = pump.as_mut() {
+            if Pin::new(p).poll(cx).is_ready() {
+                pump = None;
+            }
+        }
+        answer.as_mut().poll(cx)
+    })
+    .await?;
+    Ok((head, pump))
 }
 
 /// Copies the caller's request body into the backend's stream, within the backend's flow
