@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_reflection.v1alpha import reflection_pb2
 from websockets.exceptions import ConnectionClosedError
 from websockets.sync.client import connect as ws_connect
 
@@ -345,6 +346,27 @@ def test_oversized_metadata_is_resource_exhausted_with_a_sentence(env):
     assert g.metric("agentgate_oversized_request_headers_total", answer="http_431") == 0
     wait_for(lambda: "refused a request whose headers (metadata) are larger than the listener accepts; "
              "the caller was answered RESOURCE_EXHAUSTED" in g.proc.output(), timeout=5, what="the log line")
+
+
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+def test_an_oversized_reflection_request_is_resource_exhausted(env, version):
+    """A reflection request over max_message_size_reflection ends the call RESOURCE_EXHAUSTED
+    (tonic-reflection's own handling ended it OK with no answer: an empty success)."""
+    # grpcio ships v1alpha stubs only; v1's messages are the same on the wire.
+    pb = reflection_pb2
+    g = env.gateway(tls=False)
+    with ic.h2c_channel(g.port) as ch:
+        info = ch.stream_stream(f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+                                request_serializer=pb.ServerReflectionRequest.SerializeToString,
+                                response_deserializer=pb.ServerReflectionResponse.FromString)
+        big = pb.ServerReflectionRequest(file_containing_symbol="x" * 100_000)
+        with pytest.raises(grpc.RpcError) as ei:
+            list(info(iter([big]), timeout=5))
+        assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, ei.value
+        # A request within the limit still gets its answer.
+        small = pb.ServerReflectionRequest(list_services="")
+        answers = list(info(iter([small]), timeout=5))
+        assert answers and answers[0].HasField("list_services_response"), answers
 
 
 def test_registration_fields_cannot_forge_log_lines(env, stubs):
