@@ -38,6 +38,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Env, keep_logs, wait_for
+from test_tunnel import api_request
 from cluster_helpers import (
     MiB, AgentUpstream, ApiClient, LoadThreads, Redis, Replica, cluster_agents, echo_ok,
     expected_sha256,
@@ -467,5 +468,44 @@ def test_grpcs_agents_through_shipped_h2_route(env):
             if len(failures) >= 3:
                 break
         assert not failures, f"{len(failures)} of {total} requests failed:\n" + "\n".join(failures)
+    finally:
+        upstream.close()
+
+
+def test_a_crashed_replica_whose_agent_is_gone_too_is_skipped_not_called_per_request(env):
+    """kill -9 of a replica AND its agent (a host lost whole): the replica's Redis entries stay
+    until registry_ttl (5 min here). A request for that agent at the survivor, with a body or
+    without, waits agent_reconnect_wait and then gets 503 not_connected, as for any agent
+    connected nowhere. Before, it got 502 "client error (Connect)" without a body and an
+    instant, false "connected but had no idle tunnel" with one, for the whole TTL, and every
+    request cost a failed connect to the dead replica."""
+    upstream = AgentUpstream()
+    try:
+        tok = env.token_file("lost")
+        api_token = env.token("lost-user", kind="api")
+        redis = Redis(env)
+        secret_file, _ = write_secret(env)
+        flags = REPLICA_FLAGS + ["--set", 'agent_reconnect_wait="2s"']
+        survivor, victim = (Replica(env, i, redis, secret_file, flags) for i in (1, 2))
+        agent = env.agent(f"grpc://127.0.0.1:{victim.port}", tok,
+                          extra=["--upstream", upstream.url_for("lost")] + AGENT_FLAGS, name="agent-lost")
+        client = ApiClient(api_token)
+        wait_for(lambda: client.echo(survivor.api_port, "lost", "before")[0] == 200, timeout=20,
+                 what="the agent reachable through the other replica")
+        victim.proc.send_signal(signal.SIGKILL)
+        agent.send_signal(signal.SIGKILL)
+        victim.proc.wait(timeout=5)
+        for attempt, (method, body) in enumerate([("GET", None), ("POST", b"x" * 200_000)] * 3):
+            t0 = time.monotonic()
+            status, headers, text = api_request(survivor, method, "/agents/lost/proxy/echo", api_token,
+                                                body=body)
+            took = time.monotonic() - t0
+            assert status == 503 and b"is not connected" in text, (attempt, method, status, text[:300])
+            assert headers.get("Retry-After"), headers
+            assert 1.8 < took < 6, (attempt, method, took)
+        # One failed connect marked the dead replica down; the requests after it did not call it.
+        assert survivor.metric("agentgate_cluster_peer_failures_total") <= 2
+        log = survivor.proc.output()
+        assert "client error (" not in log, "library error text in the log"
     finally:
         upstream.close()

@@ -86,10 +86,18 @@ impl Router {
                             .forward_direct(peer, agent, &head, tunnel_wait)
                             .await
                         {
-                            // The agent left that replica, or it is unreachable: wait for
-                            // the agent to be listed elsewhere (nothing was sent).
-                            DirectForward::Done(Err(e @ ForwardError::NotConnected { .. }))
-                            | DirectForward::NotSent(e) => break 'remote e,
+                            // The agent left that replica: wait for it to be listed
+                            // elsewhere.
+                            DirectForward::Done(Err(e @ ForwardError::NotConnected { .. })) => {
+                                break 'remote e
+                            }
+                            // The replica is unreachable (nothing was sent; it is marked
+                            // down): its agents are moving, so the same.
+                            DirectForward::NotSent => {
+                                break 'remote ForwardError::NotConnected {
+                                    agent: agent.into(),
+                                }
+                            }
                             DirectForward::Done(answered) => return answered,
                             DirectForward::Unsupported => {}
                         }
@@ -98,8 +106,9 @@ impl Router {
                         Ok(reserved) => {
                             return cluster.forward_reserved(reserved, agent, head, body).await
                         }
-                        // Every replica listed for it says it left: it is moving to
-                        // another one, so wait for it as for an agent connected nowhere.
+                        // Every replica listed for it says it left, or is gone: it is
+                        // moving to another one, so wait for it as for an agent connected
+                        // nowhere.
                         Err(e @ ForwardError::NotConnected { .. }) => e,
                         Err(e) => return Err(e),
                     }

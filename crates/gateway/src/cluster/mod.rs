@@ -114,7 +114,7 @@ enum PeerCallError {
 impl Display for PeerCallError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Unreachable(e) => write!(f, "unreachable: {e}"),
+            Self::Unreachable(e) => f.write_str(e),
             Self::Timeout(d) => write!(f, "no answer within {d:?}"),
             Self::Other(e) => f.write_str(e),
         }
@@ -257,7 +257,7 @@ impl Cluster {
                 .client
                 .request(req)
                 .await
-                .map_err(|e| PeerCallError::Unreachable(e.to_string()))?;
+                .map_err(|e| PeerCallError::Unreachable(peer_client_error(&e)))?;
             let status = resp.status();
             let body = http_body_util::Limited::new(resp.into_body(), 4 * 1024 * 1024)
                 .collect()
@@ -324,7 +324,12 @@ impl Cluster {
         let (status, body) = self
             .call(peer, http::Method::POST, &path, agent, wait)
             .await
-            .map_err(|e| ReserveFailure::Failed(format!("{peer}: {e}")))?;
+            .map_err(|e| match e {
+                PeerCallError::Unreachable(_) | PeerCallError::Timeout(_) => {
+                    ReserveFailure::Gone(format!("{peer}: {e}"))
+                }
+                PeerCallError::Other(_) => ReserveFailure::Failed(format!("{peer}: {e}")),
+            })?;
         let text = String::from_utf8_lossy(&body).trim().to_string();
         if status.is_success() {
             text.parse()
@@ -411,9 +416,13 @@ impl Cluster {
             let tried: Vec<String> = failures.iter().map(ToString::to_string).collect();
             if failures
                 .iter()
-                .all(|f| matches!(f, ReserveFailure::NotThere(_)))
+                .all(|f| matches!(f, ReserveFailure::NotThere(_) | ReserveFailure::Gone(_)))
             {
-                tracing::debug!(agent, ?tried, "the agent left every replica listed for it");
+                tracing::debug!(
+                    agent,
+                    ?tried,
+                    "the agent left every replica listed for it, or they are gone"
+                );
                 return Err(ForwardError::NotConnected {
                     agent: agent.into(),
                 });
@@ -481,12 +490,12 @@ impl Cluster {
             .await
         {
             Ok(r) => r,
-            Err(SendFailure::Connect(e)) => {
+            Err(SendFailure::Connect(_)) => {
                 // Nothing reached the peer: mark it down, and let the request wait for
                 // the agent to be listed elsewhere, as for an agent connected nowhere.
                 self.metrics.peer_failures.inc(&[]);
                 self.health.mark_down(peer, self.settings.peer_down_for);
-                return DirectForward::NotSent(SendFailure::Connect(e).into_error(agent));
+                return DirectForward::NotSent;
             }
             Err(e) => return DirectForward::Done(Err(e.into_error(agent))),
         };
@@ -549,9 +558,9 @@ impl Cluster {
         };
         resp.map_err(|e| {
             self.metrics.forwards.inc(&["peer_failed"]);
+            let message = peer_client_error(&e);
             // The peer's address goes to the log only; the caller's answer names no address.
-            tracing::warn!(peer, agent, error = %e, "forwarding to a peer replica failed");
-            let message = format!("forwarding through the agent's replica failed: {e}");
+            tracing::warn!(peer, agent, error = %message, "forwarding to a peer replica failed");
             if e.is_connect() {
                 SendFailure::Connect(message)
             } else {
@@ -639,10 +648,29 @@ pub struct PeerReservation {
 pub enum DirectForward {
     /// The peer took it: the upstream's response, or the error the peer reported.
     Done(Result<ForwardResponse, ForwardError>),
-    /// The peer could not be reached, so nothing was sent; it is marked down.
-    NotSent(ForwardError),
+    /// The peer could not be reached, so nothing was sent; it is marked down (its log line
+    /// says why) and the agent counts as connected nowhere.
+    NotSent,
     /// The peer is of a version without the direct route: reserve, then request.
     Unsupported,
+}
+
+/// A peer call's failure in words: what happened, then its causes (the client's own text,
+/// "client error (Connect)", names a Rust type, not a reason).
+fn peer_client_error(e: &hyper_util::client::legacy::Error) -> String {
+    use std::error::Error as _;
+    let what = if e.is_connect() {
+        "could not connect to the agent's replica"
+    } else {
+        "the connection to the agent's replica broke off the request"
+    };
+    match e.source() {
+        Some(cause) => format!(
+            "{what}: {}",
+            agentgate_transport::error_chain::describe(cause)
+        ),
+        None => what.to_string(),
+    }
 }
 
 /// Why a forwarded request got no response head from the peer.
@@ -673,6 +701,9 @@ enum ReserveFailure {
     /// The peer does not hold the agent (any more).
     #[error("{0}")]
     NotThere(String),
+    /// The peer is unreachable or silent (now marked down): its agents are moving.
+    #[error("{0}")]
+    Gone(String),
     /// Anything else: no ready tunnel there, or the peer failed or refused.
     #[error("{0}")]
     Failed(String),

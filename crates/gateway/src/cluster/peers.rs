@@ -7,8 +7,8 @@
 //! URL and counted.
 //!
 //! A peer that failed to connect or answer in time is marked down for
-//! `internal_peer_down_for` and skipped while another peer can serve, so a dead replica
-//! costs one connect timeout rather than one per request.
+//! `internal_peer_down_for` and skipped, so a dead replica costs one connect timeout rather
+//! than one per request, and its agents count as connected nowhere until they register again.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -25,7 +25,7 @@ enum Rule {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("internal_peers entry {0:?} is neither a CIDR (10.0.0.0/8), a host (gw-2.internal) nor a URL pattern (https://*.agentgate.svc:8155)")]
+#[error("internal_peers entry {0:?} is neither a CIDR (10.0.0.0/8), a host (gw-2.internal) nor an http(s) URL pattern (https://*.agentgate.svc:8155)")]
 pub struct PeerRuleError(String);
 
 /// The allowlist, parsed once at start.
@@ -40,7 +40,13 @@ impl PeerPolicy {
         for e in entries {
             let e = e.trim();
             let rule = if e.contains("://") {
-                Rule::Pattern(e.to_ascii_lowercase())
+                // A pattern must be a URL once each `*` stands for a host-name part.
+                match url::Url::parse(&e.replace('*', "x")) {
+                    Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
+                        Rule::Pattern(e.to_ascii_lowercase())
+                    }
+                    _ => return Err(PeerRuleError(e.to_string())),
+                }
             } else if let Ok(net) = e.parse::<IpNet>() {
                 Rule::Net(net)
             } else if let Ok(ip) = e.parse::<IpAddr>() {
@@ -135,21 +141,18 @@ impl PeerHealth {
         self.down_until.lock().unwrap().remove(peer);
     }
 
-    /// `peers` without those marked down, unless that leaves none.
+    /// `peers` without those marked down. An agent listed only at replicas that are down is
+    /// treated as connected nowhere: a crashed replica's entries stay in Redis until their
+    /// TTL, and calling it again for each request would cost every one of them a failed
+    /// connect, and fail it, for minutes.
     pub fn usable(&self, peers: Vec<String>) -> Vec<String> {
         let now = Instant::now();
         let mut down = self.down_until.lock().unwrap();
         down.retain(|_, until| *until > now);
-        let up: Vec<String> = peers
-            .iter()
-            .filter(|p| !down.contains_key(*p))
-            .cloned()
-            .collect();
-        if up.is_empty() {
-            peers
-        } else {
-            up
-        }
+        peers
+            .into_iter()
+            .filter(|p| !down.contains_key(p))
+            .collect()
     }
 
     /// True at most once a minute per URL: whether to log a refused peer again.
@@ -198,18 +201,27 @@ mod tests {
         assert!(!p.allows("grpc://10.1.2.3:8155"), "only http and https");
         assert!(!p.allows("not a url"));
         assert!(policy(&[]).allows("http://anything:1"));
-        assert!(PeerPolicy::parse(&["bad host!".to_string()]).is_err());
+        for bad in [
+            "bad host!",
+            "http://[bad",
+            "https://*.svc:99999",
+            "ftp://x",
+            "10.0.0.0/33",
+        ] {
+            assert!(PeerPolicy::parse(&[bad.to_string()]).is_err(), "{bad}");
+        }
     }
 
     #[test]
-    fn a_peer_marked_down_is_skipped_while_another_can_serve() {
+    fn a_peer_marked_down_is_skipped() {
         let h = PeerHealth::default();
         let both = vec!["http://a".to_string(), "http://b".to_string()];
         h.mark_down("http://a", Duration::from_secs(60));
         assert_eq!(h.usable(both.clone()), vec!["http://b".to_string()]);
         assert_eq!(
             h.usable(vec!["http://a".to_string()]),
-            vec!["http://a".to_string()]
+            Vec::<String>::new(),
+            "an agent listed only there is connected nowhere"
         );
         h.mark_up("http://a");
         assert_eq!(h.usable(both.clone()), both);

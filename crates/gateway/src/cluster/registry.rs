@@ -22,6 +22,10 @@ use tokio_util::sync::CancellationToken;
 use super::redis_target::{RedisOptions, RedisTarget};
 use crate::metrics::Metrics;
 
+/// Lines a second for failed Redis calls; the rest are counted in the next line's
+/// `suppressed` (and every call in `agentgate_redis_ops_total`).
+static REDIS_FAILURE_LOG: agentgate_transport::LogBudget = agentgate_transport::LogBudget::new(2);
+
 const REPLICAS_KEY: &str = "agentgate:replicas";
 
 fn agent_key(agent: &str) -> String {
@@ -176,7 +180,10 @@ impl Registry {
         let outcome = if result.is_ok() { "ok" } else { "error" };
         self.metrics.redis_ops.inc(&[op, outcome]);
         if let Err(e) = &result {
-            tracing::warn!(op, error = %e, "Redis call failed");
+            // While Redis is down every lookup fails: a line per request would flood the log.
+            if let Some(suppressed) = REDIS_FAILURE_LOG.allow() {
+                tracing::warn!(op, error = %e, suppressed, "Redis call failed");
+            }
             if self.target.follows_failover() {
                 // The master may have moved: ask the Sentinels again on the next call.
                 *self.conn.lock().await = None;
