@@ -422,10 +422,13 @@ def test_tls_and_client_certificates_on_the_internal_port(env):
     (["--internal-url", "grpc://127.0.0.1:8155"], "must be http://"),
     (["--internal-url", "https://127.0.0.1:8155"], "has no certificate"),
     (["--set", 'internal_peers=["bad host!"]'], "neither a CIDR"),
+    (["--set", 'internal_peers=["https://*.svc:99999"]'], "neither a CIDR"),
+    (["--set", 'internal_peers=["ftp://gw-*.internal"]'], "neither a CIDR"),
     (["--set", "internal_require_client_cert=true"], "internal_require_client_cert needs"),
     (["--set", "redis_required_at_start=true", "--set", 'redis_startup_timeout="1s"'],
      "Redis did not answer"),
-], ids=["grpc-scheme", "https-without-cert", "bad-allowlist", "mtls-without-ca", "redis-required"])
+], ids=["grpc-scheme", "https-without-cert", "bad-allowlist", "bad-allowlist-port", "bad-allowlist-scheme",
+        "mtls-without-ca", "redis-required"])
 def test_bad_cluster_settings_stop_the_start_with_a_sentence(env, extra, words):
     secret_file, _ = write_secret(env)
     dead = free_port()
