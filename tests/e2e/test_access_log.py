@@ -133,3 +133,26 @@ def test_a_revoked_api_token_ends_its_request_in_flight(env):
         assert api_get(g.api_port, "/agents/logged-edge/proxy/", api)[0] == 401
     finally:
         up.close()
+
+
+def test_a_grpc_call_the_gateway_answers_itself_logs_its_grpc_status(env):
+    """A gRPC tunnel call that no agent served (its agent is not connected) gets UNAVAILABLE
+    from the gateway; the access line names that status (14), not "-"."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    api = env.token("grpc-caller", kind="api")
+    env.token_file("away-edge")
+    g = env.gateway(tls=False, cleartext=False, extra=["--set", 'agent_reconnect_wait="200ms"'])
+    with grpc.insecure_channel(f"127.0.0.1:{g.api_port}") as ch:
+        try:
+            health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(), timeout=10,
+                metadata=[("agentgate-agent", "away-edge"), ("authorization", f"Bearer {api}")])
+            raise AssertionError("the call succeeded without its agent")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE, e
+    line = wait_for(lambda: next((x for x in access_lines(g) if "away-edge" in x), None), timeout=5,
+                    what="the access line")
+    assert field(line, "outcome") == "not_connected", line
+    assert field(line, "grpc_status") == "14", line

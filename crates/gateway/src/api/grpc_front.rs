@@ -149,7 +149,7 @@ pub async fn handle(
             );
         }
         _ = revoked.cancelled() => {
-            log.finish(200, "revoked", EndedBy::Gateway);
+            log.finish_grpc(200, tonic::Code::Unauthenticated, "revoked", EndedBy::Gateway);
             return status_response(
                 tonic::Code::Unauthenticated,
                 "the API token of this call was revoked",
@@ -187,7 +187,7 @@ pub async fn handle(
             } else {
                 200
             };
-            log.finish(status, e.outcome(), EndedBy::of(&e));
+            log.finish_grpc(status, e.grpc_code(), e.outcome(), EndedBy::of(&e));
             tracing::warn!(
                 agent,
                 method,
