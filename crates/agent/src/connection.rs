@@ -637,6 +637,9 @@ async fn run_agent(agent: Agent, stop: CancellationToken) -> anyhow::Result<()> 
                         },
                         _ = broken.cancelled() => {
                             tracing::info!("the connection takes no new streams (GOAWAY); connecting anew");
+                            // Local calls wait for the new connection instead of failing on
+                            // this one (`local_listener` waits while there is none).
+                            current.send_replace(None);
                             match ctx.connect_preferred().await {
                                 Ok(new) => Some(new),
                                 Err(e) => break (format!("connection unusable and reconnecting failed: {e}"), false),
