@@ -425,6 +425,30 @@ impl ServerConn {
         }
     }
 
+    /// Ends the connection for breaking a policy on what the client sends: a GOAWAY
+    /// ENHANCE_YOUR_CALM naming `reason` (grpc-go doubles its keepalive time on exactly this
+    /// GOAWAY after too many PINGs), a log line within the pre-authentication budget saying
+    /// `what`, and the read error that closes the connection.
+    fn close_for_policy(
+        &mut self,
+        cx: &mut Context<'_>,
+        reason: RejectReason,
+        what: &'static str,
+    ) -> io::Error {
+        self.send_goaway(cx, ENHANCE_YOUR_CALM, reason.as_str());
+        self.ping_policy = None;
+        if let Some(suppressed) = PRE_AUTH_LOG.allow() {
+            tracing::warn!(
+                conn = self.meta.id,
+                peer = %self.meta.peer,
+                %reason,
+                suppressed,
+                "closing connection: {what}"
+            );
+        }
+        io::Error::new(io::ErrorKind::InvalidData, what)
+    }
+
     /// Before the server's next bytes: queues the drain's GOAWAY once the gateway asked for
     /// it and the output sits between two frames, then writes whatever is queued. `Pending`
     /// until all of it is out, so the server's bytes never split a frame of ours.
@@ -595,20 +619,8 @@ impl AsyncRead for ServerConn {
                             "the client keeps sending HTTP/2 SETTINGS frames",
                         ),
                     };
-                    // grpc-go doubles its keepalive time on exactly this GOAWAY.
-                    this.send_goaway(cx, ENHANCE_YOUR_CALM, reason.as_str());
-                    this.ping_policy = None;
                     this.observer.rejected(reason);
-                    if let Some(suppressed) = PRE_AUTH_LOG.allow() {
-                        tracing::warn!(
-                            conn = this.meta.id,
-                            peer = %this.meta.peer,
-                            %reason,
-                            suppressed,
-                            "closing connection: {what}"
-                        );
-                    }
-                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, what)));
+                    return Poll::Ready(Err(this.close_for_policy(cx, reason, what)));
                 }
                 // Past the limit the client is told to go (GOAWAY): a proxy may carry other
                 // clients' calls on this connection (load balancers' health checks, an
@@ -619,21 +631,8 @@ impl AsyncRead for ServerConn {
                     let reason = RejectReason::StreamsBeforeAuth;
                     if opened > limit && this.meta.agent.get().is_none() {
                         if opened > limit.saturating_mul(2) {
-                            this.send_goaway(cx, ENHANCE_YOUR_CALM, reason.as_str());
-                            this.ping_policy = None;
-                            if let Some(suppressed) = PRE_AUTH_LOG.allow() {
-                                tracing::warn!(
-                                    conn = this.meta.id,
-                                    peer = %this.meta.peer,
-                                    %reason,
-                                    suppressed,
-                                    "closing connection: it went on opening streams after GOAWAY"
-                                );
-                            }
-                            return Poll::Ready(Err(io::Error::new(
-                                io::ErrorKind::InvalidData,
-                                "too many streams before authentication",
-                            )));
+                            let what = "it went on opening streams after GOAWAY";
+                            return Poll::Ready(Err(this.close_for_policy(cx, reason, what)));
                         }
                         if this.meta.drain.get().is_none() {
                             this.meta.request_drain(reason.as_str());
