@@ -174,7 +174,14 @@ impl Registry {
             tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut c))
                 .await
                 .map_err(|_| RegistryError::Timeout(self.timeout))?
-                .map_err(RegistryError::from)
+                .map_err(|e| {
+                    // The client's own response timeout is the same deadline: one wording.
+                    if e.is_timeout() {
+                        RegistryError::Timeout(self.timeout)
+                    } else {
+                        RegistryError::from(e)
+                    }
+                })
         }
         .await;
         let outcome = if result.is_ok() { "ok" } else { "error" };
