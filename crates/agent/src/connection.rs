@@ -93,7 +93,8 @@ pub enum ConnectError {
     #[error(
         "nothing at {url} answered HTTP/2 without TLS ({detail}); if the gateway has TLS on this \
          port, use grpcs:// (or wss://); if not, it may be refusing connections (at its \
-         max_connections, or too many from this address): its log says why"
+         max_connections, or too many from this address: its log says why), or a TCP load \
+         balancer in front of it has no live gateway behind it"
     )]
     NotCleartextHttp2 { url: String, detail: String },
     #[error("{what} did not finish within {after:?}")]
