@@ -138,7 +138,13 @@ impl RequestLog {
 
     /// Writes the line for a gRPC call the gateway answered with `code` itself (HTTP 200,
     /// or `http_status` 499 when the caller went away first).
-    pub fn finish_grpc(self, http_status: u16, code: tonic::Code, outcome: &str, ended_by: EndedBy) {
+    pub fn finish_grpc(
+        self,
+        http_status: u16,
+        code: tonic::Code,
+        outcome: &str,
+        ended_by: EndedBy,
+    ) {
         let code = (code as i32).to_string();
         self.finish_with(http_status, Some(&code), outcome, ended_by, 0);
     }

@@ -188,12 +188,15 @@ pub async fn handle(
                 200
             };
             log.finish_grpc(status, e.grpc_code(), e.outcome(), EndedBy::of(&e));
-            tracing::warn!(
-                agent,
-                method,
-                outcome = e.outcome(),
-                "tunnel call failed: {e}"
-            );
+            if let Some(suppressed) = super::FAILED_REQUEST_LOG.allow() {
+                tracing::warn!(
+                    agent,
+                    method,
+                    outcome = e.outcome(),
+                    suppressed,
+                    "tunnel call failed: {e}"
+                );
+            }
             status_response(e.grpc_code(), &e.to_string())
         }
     }

@@ -187,7 +187,9 @@ pub async fn handle(
         }
         Err(e) => {
             log.finish(e.http_status().as_u16(), e.outcome(), EndedBy::of(&e));
-            tracing::warn!(%peer, agent, outcome = e.outcome(), "tunnel request failed: {e}");
+            if let Some(suppressed) = super::FAILED_REQUEST_LOG.allow() {
+                tracing::warn!(%peer, agent, outcome = e.outcome(), suppressed, "tunnel request failed: {e}");
+            }
             error_response(e.http_status(), &e.to_string())
         }
     }

@@ -34,6 +34,11 @@ use crate::tokens::{TokenEntry, TokenKind, TokenStore};
 pub use crate::tunnel::BoxError;
 pub type ApiBody = UnsyncBoxBody<Bytes, BoxError>;
 
+/// Warning lines a second for failed tunnel requests, on top of their access lines (one per
+/// request, always): while Redis or a replica is down every request fails, and a warning per
+/// request would flood the log. The rest are counted in the next line's `suppressed`.
+static FAILED_REQUEST_LOG: agentgate_transport::LogBudget = agentgate_transport::LogBudget::new(5);
+
 /// Header that carries the API token when `authorization` belongs to the upstream.
 pub const TOKEN_HEADER: &str = "agentgate-token";
 /// gRPC metadata naming the target agent.

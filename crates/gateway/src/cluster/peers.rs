@@ -41,8 +41,19 @@ impl PeerPolicy {
             let e = e.trim();
             let rule = if e.contains("://") {
                 // A pattern must be a URL once each `*` stands for a host-name part.
+                // A pattern must be a replica's URL once each `*` stands for a host-name part:
+                // http(s), a host, a port other than 0, and nothing else.
                 match url::Url::parse(&e.replace('*', "x")) {
-                    Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
+                    Ok(u)
+                        if matches!(u.scheme(), "http" | "https")
+                            && u.host().is_some()
+                            && u.port() != Some(0)
+                            && u.username().is_empty()
+                            && u.password().is_none()
+                            && u.path() == "/"
+                            && u.query().is_none()
+                            && u.fragment().is_none() =>
+                    {
                         Rule::Pattern(e.to_ascii_lowercase())
                     }
                     _ => return Err(PeerRuleError(e.to_string())),
@@ -206,6 +217,9 @@ mod tests {
             "http://[bad",
             "https://*.svc:99999",
             "ftp://x",
+            "http://*.svc:8155/path",
+            "https://*.svc:0",
+            "http://user@x:80",
             "10.0.0.0/33",
         ] {
             assert!(PeerPolicy::parse(&[bad.to_string()]).is_err(), "{bad}");
