@@ -30,8 +30,10 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import textwrap
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,6 +46,7 @@ import raw_h2
 from cluster_helpers import Redis, Replica, write_secret
 from conftest import BIN, free_port, wait_for
 from job_router import ERROR_BIN, SERVICE, STATUS_DETAILS, JobRouter, method_path
+from lifecycle_helpers import pump_bytes
 from proxies import (
     GatewayPorts, HAProxy, Nginx, haproxy_pem, render_haproxy, render_nginx, wait_listening,
 )
@@ -1219,3 +1222,79 @@ def test_a_flood_through_a_proxy_fails_no_call(env, kind, flood_of):
             f"the proxy failed flood calls on connections the gateway closed: {out[-1500:]}"
     finally:
         router.stop()
+
+
+class FailoverTcp:
+    """A TCP balancer in front of several agent ports: each connection goes to the first port
+    that accepts it. Connections after the first wait `later_delay` seconds before that, as
+    a balancer that notices a dead gateway only by its health checks."""
+
+    def __init__(self, ports: list[int], later_delay: float):
+        self.ports, self.later_delay, self.accepted = ports, later_delay, 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+
+        def serve(client):
+            if self.accepted > 1:
+                time.sleep(self.later_delay)
+            for p in self.ports:
+                try:
+                    upstream = socket.create_connection(("127.0.0.1", p), timeout=2)
+                    break
+                except OSError:
+                    continue
+            else:
+                client.close()
+                return
+            upstream.settimeout(None)
+            threading.Thread(target=pump_bytes, args=(client, upstream), daemon=True).start()
+            pump_bytes(upstream, client)
+
+        def accept():
+            while True:
+                try:
+                    client, _ = self.listener.accept()
+                except OSError:
+                    return
+                self.accepted += 1
+                threading.Thread(target=serve, args=(client,), daemon=True).start()
+
+        threading.Thread(target=accept, daemon=True).start()
+
+    def close(self):
+        self.listener.close()
+
+
+def test_sidecar_calls_wait_for_the_next_connection_when_the_gateway_goes_away(env):
+    """An agent behind a TCP balancer with two gateways; the one it is connected to is stopped
+    (SIGTERM: GOAWAY, then drain). Local calls made while the agent reconnects (the balancer
+    takes 1.5 s to send it to the other gateway) wait for the new connection and succeed;
+    before, they failed at once on the old one with "may or may not have reached the
+    backend"."""
+    router = JobRouter()
+    lb = None
+    try:
+        tok_file = env.token_file("mover")
+        g1 = env.gateway(tls=False, extra=backend_flag(router.url), name="gateway1")
+        g2 = env.gateway(tls=False, extra=backend_flag(router.url), name="gateway2")
+        lb = FailoverTcp([g1.port, g2.port], later_delay=1.5)
+        agent, lp = start_sidecar(env, f"grpc://127.0.0.1:{lb.port}", tok_file, "mover", "grpc")
+        ready_sidecar(g1, agent, lp, "mover", "grpc")
+        g1.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        results = []
+        with ic.h2c_channel(lp) as ch:
+            cl = Client(ch)
+            for i in range(3):
+                t0 = time.monotonic()
+                try:
+                    resp, _ = cl.get(f"during-move-{i}".encode(), timeout=15)
+                    results.append((resp, round(time.monotonic() - t0, 2)))
+                except grpc.RpcError as e:
+                    results.append((e.code().name, e.details()))
+        assert [r[0] for r in results] == [f"job:during-move-{i}".encode() for i in range(3)], results
+        g2.wait_agent("mover", transport="grpc")
+    finally:
+        router.stop()
+        if lb:
+            lb.close()
