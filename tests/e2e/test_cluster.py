@@ -509,3 +509,36 @@ def test_a_crashed_replica_whose_agent_is_gone_too_is_skipped_not_called_per_req
         assert "client error (" not in log, "library error text in the log"
     finally:
         upstream.close()
+
+
+def test_a_frozen_redis_costs_a_remote_request_one_redis_timeout(env):
+    """Redis stopped dead (SIGSTOP: connections open, nothing answers): a request for an agent
+    at the other replica gets 503 naming the registry after one `redis_timeout` (1 s), not
+    two (the lookup's retry is for a broken connection, not a silent Redis), in one wording;
+    once Redis answers again, the request is served."""
+    upstream = AgentUpstream()
+    try:
+        tok = env.token_file("far")
+        api_token = env.token("far-user", kind="api")
+        redis = Redis(env)
+        secret_file, _ = write_secret(env)
+        here, there = (Replica(env, i, redis, secret_file, REPLICA_FLAGS) for i in (1, 2))
+        env.agent(f"grpc://127.0.0.1:{there.port}", tok,
+                  extra=["--upstream", upstream.url_for("far")] + AGENT_FLAGS, name="agent-far")
+        client = ApiClient(api_token)
+        wait_for(lambda: client.echo(here.api_port, "far", "before")[0] == 200, timeout=20,
+                 what="the agent reachable through the other replica")
+        redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            for _ in range(3):
+                t0 = time.monotonic()
+                status, _, text = api_request(here, "GET", "/agents/far/proxy/echo", api_token)
+                took = time.monotonic() - t0
+                assert status == 503 and b"Redis round trip timed out after 1s" in text, (status, text[:300])
+                assert took < 1.8, f"{took:.2f}s for one Redis timeout of 1 s"
+        finally:
+            redis.proc.send_signal(signal.SIGCONT)
+        wait_for(lambda: client.echo(here.api_port, "far", "after")[0] == 200, timeout=20,
+                 what="the agent reachable again once Redis answers")
+    finally:
+        upstream.close()

@@ -307,8 +307,11 @@ impl Registry {
             p
         };
         // One retry: after an outage the first call may still fail on the old connection.
+        // Not after a timeout: a Redis that does not answer would cost every lookup twice the
+        // deadline.
         let (fields,): (HashMap<String, u64>,) = match self.run(op, hgetall).await {
             Ok(f) => f,
+            Err(e @ RegistryError::Timeout(_)) => return Err(e),
             Err(_) => self.run(op, hgetall).await?,
         };
         let now = now_ms();
