@@ -31,8 +31,8 @@ def test_revoked_agent_is_cut_off_idle_and_busy(env):
         api = env.token("caller", kind="api")
         g = env.gateway(tls=False, cleartext=False)
         idle_tf, busy_tf = env.token_file("idle-edge"), env.token_file("busy-edge")
-        for name, tf in (("idle", idle_tf), ("busy", busy_tf)):
-            env.agent(g.url("grpc"), tf, extra=["--upstream", up.url], name=f"agent-{name}")
+        agents = [env.agent(g.url("grpc"), tf, extra=["--upstream", up.url], name=f"agent-{name}")
+                  for name, tf in (("idle", idle_tf), ("busy", busy_tf))]
         g.wait_agent("idle-edge")
         g.wait_agent("busy-edge")
         assert api_get(g.api_port, "/agents/idle-edge/proxy/", api)[0] == 200
@@ -59,9 +59,13 @@ def test_revoked_agent_is_cut_off_idle_and_busy(env):
         assert "ending session: its token was revoked" in log, log[-3000:]
         assert "token revoked or expired: ending the sessions" in log
         assert g.metric("agentgate_connections_rejected_total", reason="token_revoked") >= 2
-        # The revoked agents are refused when they come back, and say so.
-        wait_for(lambda: "agent token" in env.procs[-1].output() or "revoked" in env.procs[-1].output(),
-                 timeout=15, what="the busy agent logs why it is cut off")
+        # Each agent is told why its session ended (the status reaches it before the connection
+        # is cut), and is refused when it comes back.
+        for proc in agents:
+            wait_for(lambda: "this agent's token was revoked" in proc.output(), timeout=15,
+                     what="the agent logs the gateway's reason for ending its session")
+            wait_for(lambda: "the gateway rejected the agent token" in proc.output(), timeout=15,
+                     what="the agent logs why it cannot come back")
         t.join(timeout=30)
         assert "panicked" not in log
     finally:

@@ -31,6 +31,10 @@ use crate::session::Sessions;
 /// Reason label when a session ends because its token was revoked.
 pub const REJECT_REVOKED: &str = "token_revoked";
 
+/// How long a revoked agent's connection stays after its session ended with the reason: time
+/// for the status to reach the agent before the connection is cut.
+const REVOKED_CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// At shutdown, how long a session waits for its connection's GOAWAY before it ends anyway,
 /// and how often it looks.
 const GOAWAY_WAIT: Duration = Duration::from_secs(1);
@@ -137,7 +141,14 @@ impl SessionEvents {
             reason = REJECT_REVOKED,
             "ending session: its token was revoked"
         );
-        self.conn.request_close();
+        // The status below must reach the agent first (closing at once cut it off: the agent
+        // saw a broken connection, not why; a GOAWAY first made it reconnect before reading
+        // the status); the connection is cut a moment later, at its next read.
+        let conn = self.conn.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(REVOKED_CLOSE_GRACE).await;
+            conn.request_close();
+        });
         self.end(Some(Status::unauthenticated(
             "agentgate: this agent's token was revoked; give the agent a new token",
         )))
