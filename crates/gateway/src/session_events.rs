@@ -379,6 +379,9 @@ mod tests {
         assert_eq!(start.elapsed().as_secs(), 25, "at once");
         assert!(events.next().await.is_none());
         assert!(conn.is_retired());
+        // The status goes out first; the connection is cut a moment later.
+        assert!(!conn.close_requested.load(Ordering::Relaxed));
+        tokio::time::sleep(REVOKED_CLOSE_GRACE + Duration::from_millis(10)).await;
         assert!(conn.close_requested.load(Ordering::Relaxed));
     }
 

@@ -706,6 +706,8 @@ impl AsyncWrite for ServerConn {
         self.io.is_write_vectored()
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // A frame of ours that did not fit before the server's last bytes goes out now.
+        ready!(self.poll_injected(cx))?;
         Pin::new(&mut self.io).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
