@@ -472,6 +472,22 @@ def test_grpcs_agents_through_shipped_h2_route(env):
         upstream.close()
 
 
+def agent_across_two_replicas(env, upstream: AgentUpstream, name: str, flags: list[str]):
+    """Redis, two replicas with `flags`, and agent `name` connected to the second, reachable
+    through the first. Returns (redis, here, there, the agent's process, API token, client)."""
+    tok = env.token_file(name)
+    api_token = env.token(f"{name}-user", kind="api")
+    redis = Redis(env)
+    secret_file, _ = write_secret(env)
+    here, there = (Replica(env, i, redis, secret_file, flags) for i in (1, 2))
+    agent = env.agent(f"grpc://127.0.0.1:{there.port}", tok,
+                      extra=["--upstream", upstream.url_for(name)] + AGENT_FLAGS, name=f"agent-{name}")
+    client = ApiClient(api_token)
+    wait_for(lambda: client.echo(here.api_port, name, "before")[0] == 200, timeout=20,
+             what="the agent reachable through the other replica")
+    return redis, here, there, agent, api_token, client
+
+
 def test_a_crashed_replica_whose_agent_is_gone_too_is_skipped_not_called_per_request(env):
     """kill -9 of a replica AND its agent (a host lost whole): the replica's Redis entries stay
     until registry_ttl (5 min here). A request for that agent at the survivor, with a body or
@@ -481,17 +497,8 @@ def test_a_crashed_replica_whose_agent_is_gone_too_is_skipped_not_called_per_req
     request cost a failed connect to the dead replica."""
     upstream = AgentUpstream()
     try:
-        tok = env.token_file("lost")
-        api_token = env.token("lost-user", kind="api")
-        redis = Redis(env)
-        secret_file, _ = write_secret(env)
         flags = REPLICA_FLAGS + ["--set", 'agent_reconnect_wait="2s"']
-        survivor, victim = (Replica(env, i, redis, secret_file, flags) for i in (1, 2))
-        agent = env.agent(f"grpc://127.0.0.1:{victim.port}", tok,
-                          extra=["--upstream", upstream.url_for("lost")] + AGENT_FLAGS, name="agent-lost")
-        client = ApiClient(api_token)
-        wait_for(lambda: client.echo(survivor.api_port, "lost", "before")[0] == 200, timeout=20,
-                 what="the agent reachable through the other replica")
+        _, survivor, victim, agent, api_token, _ = agent_across_two_replicas(env, upstream, "lost", flags)
         victim.proc.send_signal(signal.SIGKILL)
         agent.send_signal(signal.SIGKILL)
         victim.proc.wait(timeout=5)
@@ -518,16 +525,7 @@ def test_a_frozen_redis_costs_a_remote_request_one_redis_timeout(env):
     once Redis answers again, the request is served."""
     upstream = AgentUpstream()
     try:
-        tok = env.token_file("far")
-        api_token = env.token("far-user", kind="api")
-        redis = Redis(env)
-        secret_file, _ = write_secret(env)
-        here, there = (Replica(env, i, redis, secret_file, REPLICA_FLAGS) for i in (1, 2))
-        env.agent(f"grpc://127.0.0.1:{there.port}", tok,
-                  extra=["--upstream", upstream.url_for("far")] + AGENT_FLAGS, name="agent-far")
-        client = ApiClient(api_token)
-        wait_for(lambda: client.echo(here.api_port, "far", "before")[0] == 200, timeout=20,
-                 what="the agent reachable through the other replica")
+        redis, here, _, _, api_token, client = agent_across_two_replicas(env, upstream, "far", REPLICA_FLAGS)
         redis.proc.send_signal(signal.SIGSTOP)
         try:
             for _ in range(3):
