@@ -91,10 +91,12 @@ class Redis:
 class Replica:
     """One gateway replica in cluster mode (cleartext agent port: HAProxy terminates TLS)."""
 
-    def __init__(self, env, index: int, redis: Redis, secret_file: Path, extra: list[str]):
+    def __init__(self, env, index: int, redis: Redis, secret_file: Path, extra: list[str],
+                 internal_port: int | None = None):
+        """`internal_port`: a crashed replica's, to start its successor at the same URL."""
         self.index = index
         self.name = f"replica{index}"
-        self.internal_port = free_port()
+        self.internal_port = internal_port or free_port()
         self.internal_url = f"http://127.0.0.1:{self.internal_port}"
         args = ["--redis", redis.url,
                 "--internal-listen", f"127.0.0.1:{self.internal_port}",

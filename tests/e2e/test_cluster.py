@@ -518,6 +518,37 @@ def test_a_crashed_replica_whose_agent_is_gone_too_is_skipped_not_called_per_req
         upstream.close()
 
 
+def test_a_replica_restarted_at_the_same_url_removes_the_entries_its_predecessor_left(env):
+    """kill -9 of a replica and its agent, then a new replica at the same internal URL: Redis
+    still lists the agent there (until registry_ttl, 5 min). The first peer that asks the new
+    replica for the agent hears "not here", and the new replica removes that field (it is
+    older than the new process), so later lookups do not ask it again."""
+    upstream = AgentUpstream()
+    try:
+        flags = REPLICA_FLAGS + ["--set", 'agent_reconnect_wait="1s"']
+        redis, survivor, victim, agent, api_token, _ = agent_across_two_replicas(env, upstream, "left", flags)
+        victim.proc.send_signal(signal.SIGKILL)
+        agent.send_signal(signal.SIGKILL)
+        victim.proc.wait(timeout=5)
+        assert victim.internal_url in redis.hgetall("agentgate:agent:left")
+        successor = Replica(env, 3, redis, write_secret(env)[0], flags, internal_port=victim.internal_port)
+        assert successor.internal_url == victim.internal_url
+        status, _, text = api_request(survivor, "GET", "/agents/left/proxy/echo", api_token)
+        assert status == 503 and b"is not connected" in text, (status, text[:300])
+        wait_for(lambda: victim.internal_url not in redis.hgetall("agentgate:agent:left"), timeout=5,
+                 what="the predecessor's registry field removed")
+        assert "left by an earlier process" in successor.proc.output()
+        # A field the new process writes itself stays: the agent comes back to it.
+        agent = env.agent(f"grpc://127.0.0.1:{successor.port}", env.tmp / "token-left-agent.txt",
+                          extra=["--upstream", upstream.url_for("left")] + AGENT_FLAGS, name="agent-left-2")
+        wait_for(lambda: victim.internal_url in redis.hgetall("agentgate:agent:left"), timeout=20,
+                 what="the agent registered at the new replica")
+        status, _, text = api_request(survivor, "GET", "/agents/left/proxy/echo", api_token)
+        assert status == 200, (status, text[:300])
+    finally:
+        upstream.close()
+
+
 def test_a_frozen_redis_costs_a_remote_request_one_redis_timeout(env):
     """Redis stopped dead (SIGSTOP: connections open, nothing answers): a request for an agent
     at the other replica gets 503 naming the registry after one `redis_timeout` (1 s), not

@@ -114,6 +114,7 @@ async fn route(
                 .unwrap_or(0);
             let wait = Duration::from_millis(wait_ms).min(state.local.tunnel_wait);
             if !state.local.holds(agent) {
+                cluster.registry.forget_field_of_earlier_process(agent);
                 return text(
                     StatusCode::NOT_FOUND,
                     format!("agent {agent:?} is not connected here\n"),
@@ -198,6 +199,7 @@ async fn route(
                         .take(&agent, state.local.tunnel_wait, None)
                         .await
                 } else {
+                    cluster.registry.forget_field_of_earlier_process(&agent);
                     Err(ForwardError::NotConnected {
                         agent: agent.clone(),
                     })

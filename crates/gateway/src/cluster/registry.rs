@@ -60,6 +60,9 @@ pub struct Registry {
     /// A write failed; rewrite everything as soon as Redis answers.
     dirty: AtomicBool,
     wake: Notify,
+    /// Every field this process writes expires at or after this (its start plus `ttl`); an
+    /// earlier one under our URL was written by an earlier process at the same URL.
+    own_fields_expire_after: u64,
 }
 
 impl Registry {
@@ -116,6 +119,7 @@ impl Registry {
             local: Mutex::default(),
             dirty: AtomicBool::new(true),
             wake: Notify::new(),
+            own_fields_expire_after: now_ms() + ttl.as_millis() as u64,
         }))
     }
 
@@ -256,6 +260,39 @@ impl Registry {
                     this.dirty.store(true, Ordering::Relaxed);
                     this.wake.notify_one();
                 }
+            }
+        });
+    }
+
+    /// A peer asked us for `agent`, which is not connected here: if Redis lists it here with an
+    /// expiry older than this process, that field is left over from an earlier process at our
+    /// URL (a crash, then a restart) and we remove it, so lookups stop asking us until the
+    /// TTL. The comparison runs in Redis, in one step: a field this process wrote meanwhile
+    /// (the agent arriving now) is newer and stays.
+    pub fn forget_field_of_earlier_process(self: &Arc<Self>, agent: &str) {
+        const DELETE_IF_OLDER: &str = "local v = redis.call('HGET', KEYS[1], ARGV[1]) \
+            if v and tonumber(v) < tonumber(ARGV[2]) then return redis.call('HDEL', KEYS[1], ARGV[1]) end \
+            return 0";
+        let this = self.clone();
+        let key = agent_key(agent);
+        tokio::spawn(async move {
+            let removed: Result<(u64,), _> = this
+                .run("forget_stale", || {
+                    let mut p = redis::pipe();
+                    p.cmd("EVAL")
+                        .arg(DELETE_IF_OLDER)
+                        .arg(1)
+                        .arg(&key)
+                        .arg(&this.self_url)
+                        .arg(this.own_fields_expire_after);
+                    p
+                })
+                .await;
+            if let Ok((1,)) = removed {
+                tracing::info!(
+                    key,
+                    "removed this URL's registry entry left by an earlier process (a restart)"
+                );
             }
         });
     }
