@@ -285,10 +285,12 @@ class JobRouter:
     def _fail(self, service, request: bytes, context):
         rec = self._begin(service, "Fail", context)
         spec = json.loads(request)
+        # pad_trailers: that many more trailers of 1,000 bytes each.
+        pad = tuple((f"x-pad-{i}", "v" * 1000) for i in range(int(spec.get("pad_trailers", 0))))
         context.set_trailing_metadata((
             ("x-error-detail", "job-failed"),
             ("x-error-bin", ERROR_BIN),
             ("grpc-status-details-bin", STATUS_DETAILS),
-        ))
+        ) + pad)
         rec.finish()
         context.abort(_status(spec["code"]), spec["message"])

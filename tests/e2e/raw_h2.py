@@ -163,11 +163,14 @@ class DeafClient:
     """A client whose HTTP/2 state never hears the server: it opens streams whatever the server
     said (a GOAWAY, say), and reads the server's frames straight off the socket, for what
     python-h2 refuses to look at (frames after a GOAWAY). Header blocks are decoded in order,
-    so HPACK stays in step; CONTINUATION frames are not handled."""
+    so HPACK stays in step; CONTINUATION frames are not handled. It acknowledges PINGs, as
+    every HTTP/2 stack does (`acked_pings` counts them), unless `ack_pings` is false."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1"):
+    def __init__(self, port: int, host: str = "127.0.0.1", ack_pings: bool = True):
         import hpack
 
+        self.ack_pings = ack_pings
+        self.acked_pings = 0
         self.sock = socket.create_connection((host, port), timeout=5)
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         self.conn.initiate_connection()
@@ -230,6 +233,9 @@ class DeafClient:
         elif kind == 0x7:  # GOAWAY
             self.goaway = (int.from_bytes(payload[:4], "big") & 0x7FFF_FFFF,
                            int.from_bytes(payload[4:8], "big"), payload[8:])
+        elif kind == 0x6 and not flags & 0x1 and self.ack_pings:  # PING, not an ACK
+            self.sock.sendall(b"\x00\x00\x08\x06\x01\x00\x00\x00\x00" + payload)
+            self.acked_pings += 1
 
     def close(self):
         self.sock.close()

@@ -378,6 +378,9 @@ def test_gzip_both_ways(env, scheme):
             big = b"0123456789" * 50_000
             assert cl.get(big, [("x-respond-gzip", "1")])[0] == b"job:" + big
             assert cl.get(big, compression=grpc.Compression.Gzip)[0] == b"job:" + big
+            # The gateway never decodes a backend's messages: an encoding it does not decode
+            # for its own services (deflate) passes to a backend that does.
+            assert cl.get(big, compression=grpc.Compression.Deflate)[0] == b"job:" + big
     finally:
         router.stop()
 
@@ -550,6 +553,109 @@ def test_a_call_the_backend_did_not_process_is_sent_again(env, first):
         backend.close()
 
 
+def test_malformed_deadline_or_binary_metadata_is_refused_before_the_backend(env):
+    """Metadata any gRPC server rejects never reaches the backend: every agent's calls share
+    its connections, and gRPC C-core, once it has read a bad `grpc-timeout` or `-bin` value
+    on a connection, fails later calls there that carry the same header, whoever sent them
+    (the probe saw other agents' calls fail with INTERNAL for minutes). The caller gets
+    INVALID_ARGUMENT naming the header; good calls on the same connection go on."""
+    router = JobRouter()
+    try:
+        tok = env.token("sloppy")
+        g = env.gateway(tls=False, extra=backend_flag(router.url))
+        c = raw_h2.RawH2(g.port)
+        path = method_path("GetJob")
+        cases = [([("grpc-timeout", "abc")], "grpc-timeout"),
+                 ([("grpc-timeout", "123456789S")], "grpc-timeout"),
+                 ([("grpc-timeout", "-5S")], "grpc-timeout"),
+                 ([("x-foo-bin", "!!!*not base64*")], '"x-foo-bin" ends in -bin'),
+                 ([("x-foo-bin", "AAAA,@@@@")], '"x-foo-bin" ends in -bin')]
+        for extra, named in cases:
+            sid = c.request(path, bearer(tok) + extra, body=raw_h2.grpc_frame(b"bad"))
+            a = c.wait(sid)
+            assert a.grpc_status == "3", (extra, a.grpc_status, a.grpc_message)
+            assert named in a.grpc_message, (extra, a.grpc_message)
+        # Well-formed ones pass: padded or not. Values joined with commas on one line (which
+        # C-core refuses) reach the backend as one line each.
+        good = [("grpc-timeout", "20S"), ("x-foo-bin", "AAEC"), ("x-bar-bin", "AAE,AAECAw==")]
+        sid = c.request(path, bearer(tok) + good, body=raw_h2.grpc_frame(b"good"))
+        a = c.wait(sid)
+        assert a.grpc_status == "0", (a.grpc_status, a.grpc_message)
+        c.close()
+        assert [r.messages_in for r in router.calls_to("GetJob")] == [1], "a malformed call reached the backend"
+        rec = router.last("GetJob")
+        assert rec.values("x-bar-bin") == [b"\x00\x01", b"\x00\x01\x02\x03"], rec.metadata
+        # grpcio's own deadline and binary metadata, on another connection, are unharmed.
+        with channel_for(g, "grpc") as ch:
+            assert Client(ch, bearer(tok)).get(b"ok", [("x-foo-bin", b"\x00\x01")])[0] == b"job:ok"
+        wait_for(lambda: backend_calls(g).get("invalid_metadata") == len(cases), timeout=5,
+                 what="refusals counted as invalid_metadata")
+    finally:
+        router.stop()
+
+
+def test_answer_metadata_over_the_limit_fails_that_call_only_with_a_sentence(env):
+    """A backend whose trailers are over the 64 KiB the gateway passes on: the caller gets
+    INTERNAL naming the size and the limit, and that the call ran (not UNAVAILABLE and "try
+    again", as before). At 200 KiB h2 used to close the whole connection to the backend,
+    failing every other call on it; another agent's long poll on it now goes on."""
+    router = JobRouter()
+    try:
+        tok, other = env.token("chatty"), env.token("bystander")
+        g = env.gateway(tls=False, extra=backend_flag(router.url))
+        with channel_for(g, "grpc") as ch:
+            polls = Client(ch, bearer(other)).wait_job(wait_job_request(job="p", delay=3), metadata=bearer(other),
+                                                       timeout=30)
+            router.wait_calls("WaitJob", 1)
+            fail = Client(ch, bearer(tok)).fail
+            for kib in (70, 200):
+                spec = json.dumps({"code": "NOT_FOUND", "message": "no job", "pad_trailers": kib}).encode()
+                err = rpc_error(fail, spec, metadata=bearer(tok), timeout=10)
+                assert err.code() == grpc.StatusCode.INTERNAL, (kib, err)
+                d = err.details() or ""
+                assert "KiB of trailers, more than the 64 KiB" in d and "the call ran" in d, d
+            # Under the limit, the trailers pass whole.
+            spec = json.dumps({"code": "NOT_FOUND", "message": "no job", "pad_trailers": 5}).encode()
+            err = rpc_error(fail, spec, metadata=bearer(tok), timeout=10)
+            assert err.code() == grpc.StatusCode.NOT_FOUND, err
+            assert len([k for k, _ in err.trailing_metadata() if k.startswith("x-pad-")]) == 5
+            assert list(polls) == [b"p:0"]
+        wait_for(lambda: backend_calls(g).get("oversized_answer") == 2, timeout=5,
+                 what="two calls counted as oversized_answer")
+    finally:
+        router.stop()
+
+
+def test_a_backend_url_of_the_wrong_kind_is_named_in_the_callers_status(env):
+    """An http:// URL to an HTTP/1.1 server, an https:// URL to a cleartext gRPC server: the
+    caller's UNAVAILABLE says which, and what to change, instead of h2's or rustls's words
+    ("frame with invalid size", "InvalidContentType")."""
+    import http.server
+
+    h1 = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=h1.serve_forever, daemon=True).start()
+    router = JobRouter(services=(SERVICE, "runner.tls.v1.JobRouter"))
+    try:
+        tok = env.token("misrouted")
+        cfg = write_config(env, [
+            backend_table(f"http://127.0.0.1:{h1.server_address[1]}", connect_timeout="5s"),
+            backend_table(router.url.replace("http://", "https://"), name="runner.tls.v1",
+                          prefix="runner.tls.v1.", connect_timeout="5s"),
+        ])
+        g = env.gateway(tls=False, extra=["--config", cfg])
+        with channel_for(g, "grpc") as ch:
+            for service, why in ((SERVICE, "the backend did not answer in HTTP/2 (an HTTP/1.1 server?)"),
+                                 ("runner.tls.v1.JobRouter", "the server did not answer TLS; if this port is "
+                                                             "cleartext, use an http:// URL")):
+                err = rpc_error(Client(ch, bearer(tok), service).get, b"x", timeout=15)
+                assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+                assert why in (err.details() or ""), err.details()
+        assert not router.calls
+    finally:
+        h1.shutdown()
+        router.stop()
+
+
 def test_tls_backend_with_ca_cert_and_server_name(env):
     services = (SERVICE, "runner.badname.v1.JobRouter", "runner.noca.v1.JobRouter")
     router = JobRouter(services=services, tls=env.certs)
@@ -567,10 +673,13 @@ def test_tls_backend_with_ca_cert_and_server_name(env):
             recs = exercise(Client(ch, bearer(tok)), router, label="tls backend")
             for r in recs:
                 assert_identity(r, "tls-user", "grpcs", ABSENT, token=tok)
-            for name in ("runner.badname.v1", "runner.noca.v1"):
+            for name, why in (("runner.badname.v1", "the backend's certificate does not carry the name in the "
+                                                    "URL; set the backend's tls_server_name"),
+                              ("runner.noca.v1", "the backend's certificate is not signed by a CA the gateway "
+                                                 "trusts; set the backend's ca_cert")):
                 err = rpc_error(Client(ch, bearer(tok), f"{name}.JobRouter").get, b"x", timeout=15)
                 assert err.code() == grpc.StatusCode.UNAVAILABLE, f"{name}: {err}"
-                assert name in (err.details() or ""), err.details()
+                assert name in (err.details() or "") and why in err.details(), err.details()
         assert {c.service for c in router.calls} == {SERVICE}
     finally:
         router.stop()
@@ -596,6 +705,17 @@ def test_max_calls_per_agent_from_config_file(env):
                 assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
             assert not router.calls_to("GetJob"), "a call over the limit reached the backend"
             assert len(router.calls_to("WaitJob")) == 1
+            # An agent calling in a loop over its limit does not write a line per refusal: at
+            # most 10 a second, the rest counted in the next line's `suppressed`.
+            t0 = time.monotonic()
+            over = Client(ch2, bearer(tok_a)).get_job
+            futures = [over.future(b"z", metadata=bearer(tok_a), timeout=CALL_TIMEOUT) for _ in range(300)]
+            assert all(f.exception() is not None and f.exception().code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                       for f in futures)
+            seconds = time.monotonic() - t0
+            lines = g.proc.output().count("backend call failed")
+            assert lines <= 10 * (seconds + 2), f"{lines} lines for 303 refusals in {seconds:.1f}s"
+            wait_for(lambda: backend_calls(g).get("limited") == 303, timeout=5, what="every refusal counted")
             # Another agent is not limited by it.
             assert Client(ch3, bearer(tok_b)).get(b"b")[0] == b"job:b"
             # The slot is freed when the long poll ends.

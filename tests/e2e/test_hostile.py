@@ -149,9 +149,12 @@ def test_streams_before_auth_get_goaway_then_a_close_before_http2_decodes_them(e
     assert c.status[sids[-1]] == "0"
     assert c.goaway == (0x7FFF_FFFF, 0, b"streams_before_auth: open a new connection"), c.goaway
     assert rejected(g, "streams_before_auth") == 1
-    # A client that goes on is cut off past twice the limit, in one write: HTTP/2 never
-    # decodes those streams, so none is answered.
-    for _ in range(29):
+    # A PING follows the GOAWAY; its acknowledgement tells the gateway the client has read it.
+    assert c.read(lambda: c.acked_pings > 0, timeout=5) == "done"
+    time.sleep(0.2)
+    # A client that goes on opening more than the limit after that is cut off, in one write:
+    # HTTP/2 never decodes those streams, so none is answered.
+    for _ in range(30):
         c.request(HEALTH_CHECK, body=check, send=False)
     last = c.request(HEALTH_CHECK, body=check)
     assert c.read(lambda: False, timeout=3) == "closed"
@@ -159,9 +162,39 @@ def test_streams_before_auth_get_goaway_then_a_close_before_http2_decodes_them(e
     assert c.goaway[1] == 0xB, c.goaway  # ENHANCE_YOUR_CALM
     c.close()
     assert rejected(g, "streams_before_auth") == 1
+    # Past ten times the limit the connection is closed whatever the client heard: in one
+    # write, before any GOAWAY could reach it.
+    c = raw_h2.DeafClient(g.port, ack_pings=False)
+    sids = [c.request(HEALTH_CHECK, send=False) for _ in range(301)]
+    c.sock.sendall(c.conn.data_to_send())
+    assert c.read(lambda: False, timeout=3) == "closed"
+    assert sids[-1] not in c.status
+    c.close()
+    assert rejected(g, "streams_before_auth") == 2
     # An agent's connection opens far more than 30 streams once authenticated.
     status, _, body = api_request(g, "GET", "/agents/steady/proxy/download?size=10", api)
     assert status == 200
+    assert_steady_serves(g, api)
+
+
+def test_a_burst_of_an_agents_first_calls_is_answered_whole(env):
+    """An agent (a runner starting its long polls, say) opens 450 calls at once on a new
+    connection, each with its token: all arrive before the first is authenticated, so they
+    count as streams before auth (limit 100, here 45 times 10). The gateway's GOAWAY comes
+    when the calls are already on their way, and they are all answered; the connection was
+    closed at twice the limit before, losing every call."""
+    g, api = gateway_with_steady_agent(env, tls=False)
+    token = (env.tmp / "token-steady-agent.txt").read_text().strip()
+    for ack_pings in (True, False):
+        c = raw_h2.DeafClient(g.port, ack_pings=ack_pings)
+        # HEADERS only (a call without its message, answered with a status all the same):
+        # small enough that the whole burst arrives in one read.
+        sids = [c.request(HEALTH_CHECK, [("authorization", f"Bearer {token}")], send=False)
+                for _ in range(450)]
+        c.sock.sendall(c.conn.data_to_send())
+        assert c.read(lambda: len(c.status) == len(sids), timeout=10) == "done", (ack_pings, len(c.status))
+        assert c.goaway is not None and c.goaway[1] == 0, c.goaway  # NO_ERROR: a drain, no cut
+        c.close()
     assert_steady_serves(g, api)
 
 

@@ -94,7 +94,8 @@ pub struct GatewayConfig {
     pub proxy_protocol_from: Vec<String>,
     /// Streams a connection may open before one of its calls authenticated, counted as the
     /// bytes arrive (before HTTP/2 decodes them, so a flood costs nothing more); past it the
-    /// connection is closed (reason `streams_before_auth`). agentk opens about one stream per
+    /// gateway sends GOAWAY and closes the connection if the client goes on (reason
+    /// `streams_before_auth`; see docs/configuration.md). agentk opens about one stream per
     /// module at start; 0 disables.
     pub max_streams_before_auth: u32,
     /// HTTP/2 streams one agent connection may have open (advertised in SETTINGS): the agent

@@ -4,8 +4,8 @@
 //! It authenticates the calls that need an agent token (answering UNAUTHENTICATED at once,
 //! trailers-only, never after reading a body), bounds the token-less calls (health,
 //! reflection) a connection that never authenticated may hold open, and checks the method (one of [`KNOWN_METHODS`], so an unknown one gets a sentence naming
-//! what this port serves instead of tonic's bare UNIMPLEMENTED) and the message encoding (tonic
-//! would refuse an unknown `grpc-encoding` only once it starts decoding, with a message that
+//! what this port serves instead of tonic's bare UNIMPLEMENTED) and, for the gateway's own
+//! services, the message encoding (tonic would refuse an unknown `grpc-encoding` only once it starts decoding, with a message that
 //! does not say what to send instead).
 
 use std::sync::atomic::Ordering;
@@ -279,7 +279,10 @@ impl<S> RpcGuard<S> {
             );
             return Err(self.refuse(&conn, REJECT_LOCAL_CALLER_OWN_METHOD, method, status));
         }
-        if let Some(status) = check_encoding(req.headers()) {
+        // A backend's messages pass as sent (the gateway never decodes them), whatever their
+        // encoding: the backend answers for what it accepts.
+        if method == BACKEND_METHOD_LABEL {
+        } else if let Some(status) = check_encoding(req.headers()) {
             return Err(self.refuse(&conn, REJECT_UNSUPPORTED_ENCODING, method, status));
         }
         if needs_token(method) {

@@ -109,7 +109,7 @@ pub async fn dial(url: &ServerUrl, s: &DialSettings) -> Result<BoxedIo, DialErro
             } else {
                 DialError::Tls {
                     addr: addr.clone(),
-                    reason: explain_tls_failure(&source),
+                    reason: explain_tls_failure(&source, &GATEWAY_TLS_PEER),
                 }
             }
         })?;
@@ -137,10 +137,46 @@ pub async fn dial(url: &ServerUrl, s: &DialSettings) -> Result<BoxedIo, DialErro
 
 /// Whether the server aborted the handshake because it speaks none of our ALPN protocols
 /// (nginx without `http2` does this when offered only `h2`).
+/// Who a TLS client is talking to, and how its operator mends each failure: the words of
+/// [`explain_tls_failure`]'s sentences, so the agent dialing the gateway and the gateway
+/// dialing a backend share one table of TLS failures.
+pub struct TlsPeer {
+    /// Who presents the certificate: "the gateway".
+    pub name: &'static str,
+    /// Who checks it: "this agent".
+    pub truster: &'static str,
+    /// How to trust the CA that signed it: "give that CA's certificate with --ca-cert".
+    pub trust: &'static str,
+    /// How to pick a name its certificate carries.
+    pub server_name: &'static str,
+    /// What to do when the port is cleartext: "use grpc:// or ws://".
+    pub cleartext: &'static str,
+    /// What to do when the certificate expired.
+    pub renew: &'static str,
+}
+
+/// The gateway, as the agent sees it.
+pub const GATEWAY_TLS_PEER: TlsPeer = TlsPeer {
+    name: "the gateway",
+    truster: "this agent",
+    trust: "give that CA's certificate with --ca-cert",
+    server_name: "connect with a name it carries, or set --tls-server-name",
+    cleartext: "use grpc:// or ws://",
+    renew: "renew it (the gateway reloads it without a restart)",
+};
+
 /// A TLS failure in plain words, with what to do: rustls's own names (`CaUsedAsEndEntity`,
 /// `BadSignature`) say nothing to someone who made a certificate with openssl.
-pub fn explain_tls_failure(e: &std::io::Error) -> String {
+pub fn explain_tls_failure(e: &std::io::Error, peer: &TlsPeer) -> String {
     use rustls::CertificateError as C;
+    let TlsPeer {
+        name,
+        truster,
+        trust,
+        server_name,
+        cleartext,
+        renew,
+    } = peer;
     let Some(tls) = e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
@@ -148,38 +184,33 @@ pub fn explain_tls_failure(e: &std::io::Error) -> String {
         return match e.kind() {
             std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof => format!(
                 "the server closed the connection during the TLS handshake ({e}); if this \
-                 port is cleartext, use grpc:// or ws://"
+                 port is cleartext, {cleartext}"
             ),
             _ => e.to_string(),
         };
     };
     match tls {
         rustls::Error::InvalidCertificate(cert) => match cert {
-            C::Other(other) if format!("{other:?}").contains("CaUsedAsEndEntity") => {
-                "the gateway presents a CA certificate as its own (what `openssl req -x509` \
-                 makes); make a CA, sign a server certificate with it, serve that one, and give \
-                 the agent the CA with --ca-cert"
-                    .into()
+            C::Other(other) if format!("{other:?}").contains("CaUsedAsEndEntity") => format!(
+                "{name} presents a CA certificate as its own (what `openssl req -x509` makes); \
+                 make a CA, sign a server certificate with it, serve that one, and {trust}"
+            ),
+            C::UnknownIssuer | C::BadSignature => {
+                format!("{name}'s certificate is not signed by a CA {truster} trusts; {trust}")
             }
-            C::UnknownIssuer | C::BadSignature => "the gateway's certificate is not signed by a \
-                 CA this agent trusts; give that CA's certificate with --ca-cert"
-                .into(),
-            C::NotValidForName | C::NotValidForNameContext { .. } => "the gateway's certificate \
-                 does not carry the name in the URL; connect with a name it carries, or set \
-                 --tls-server-name"
-                .into(),
+            C::NotValidForName | C::NotValidForNameContext { .. } => {
+                format!("{name}'s certificate does not carry the name in the URL; {server_name}")
+            }
             C::Expired | C::ExpiredContext { .. } => {
-                "the gateway's certificate has expired; renew it (the gateway reloads it without \
-                 a restart)"
-                    .into()
+                format!("{name}'s certificate has expired; {renew}")
             }
-            C::NotValidYet | C::NotValidYetContext { .. } => "the gateway's certificate is not \
-                 valid yet; check this machine's clock"
-                .into(),
-            other => format!("the gateway's certificate was refused ({other:?})"),
+            C::NotValidYet | C::NotValidYetContext { .. } => {
+                format!("{name}'s certificate is not valid yet; check this machine's clock")
+            }
+            other => format!("{name}'s certificate was refused ({other:?})"),
         },
         rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => {
-            "the server did not answer TLS; if this port is cleartext, use grpc:// or ws://".into()
+            format!("the server did not answer TLS; if this port is cleartext, {cleartext}")
         }
         other => other.to_string(),
     }

@@ -62,8 +62,9 @@ pub struct IngressSettings {
     /// disables.
     pub max_bytes_before_auth: Option<usize>,
     /// Streams (HEADERS frames, counted as they are read, before HTTP/2 decodes them) a
-    /// connection may open before one of its calls authenticated; past it the connection is
-    /// closed (reason `streams_before_auth`). `None` disables.
+    /// connection may open before one of its calls authenticated; past it the client gets a
+    /// GOAWAY, and the connection is closed if it goes on ([`AfterDrain`]; reason
+    /// `streams_before_auth`). `None` disables.
     pub max_streams_before_auth: Option<u32>,
     /// Load balancers (TCP mode) whose connections start with a PROXY protocol header naming
     /// the client (crate::proxy_header); from any other address none is looked for. Empty:
@@ -311,8 +312,8 @@ pub struct ServerConn {
     /// Bytes of a frame of the gateway's own (the drain's GOAWAY) still to be written before
     /// the server's next bytes; empty when there is none.
     injected: Vec<u8>,
-    /// Whether the drain's GOAWAY was queued (once per connection).
-    drain_goaway_queued: bool,
+    /// Once the drain's GOAWAY was queued (once per connection): what the client did since.
+    after_drain: Option<AfterDrain>,
     _permit: OwnedSemaphorePermit,
     _source: SourceSlot,
 }
@@ -454,16 +455,28 @@ impl ServerConn {
     /// until all of it is out, so the server's bytes never split a frame of ours.
     fn poll_injected(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if let Some(reason) = self.meta.drain.get().filter(|_| {
-            !self.drain_goaway_queued
+            self.after_drain.is_none()
                 && self
                     .ping_policy
                     .as_ref()
                     .is_some_and(PingPolicy::outbound_at_frame_boundary)
         }) {
-            self.drain_goaway_queued = true;
             self.injected = goaway_frame(NO_ERROR, &format!("{reason}: open a new connection"));
+            // Its acknowledgement tells when the client has read the GOAWAY (h2 ignores an
+            // acknowledgement of a PING it did not send).
+            self.injected.extend_from_slice(&crate::raw_frames::frame(
+                crate::ping_policy::FRAME_PING,
+                0,
+                0,
+                DRAIN_PING_PAYLOAD,
+            ));
             if let Some(policy) = &mut self.ping_policy {
                 policy.feed_outbound(&self.injected);
+                self.after_drain = Some(AfterDrain {
+                    at: Instant::now(),
+                    acks_before: policy.client_ping_acks(),
+                    streams_at_ack: None,
+                });
             }
         }
         while !self.injected.is_empty() {
@@ -478,16 +491,51 @@ impl ServerConn {
     }
 }
 
+/// The payload of the PING sent after the drain's GOAWAY.
+const DRAIN_PING_PAYLOAD: &[u8; 8] = b"agdrain\0";
+
+/// How long a client that does not acknowledge the drain's PING has before streams past twice
+/// `max_streams_before_auth` close its connection.
+const DRAIN_ACK_GRACE: Duration = Duration::from_secs(1);
+
+/// Streams before any call authenticated, as a multiple of `max_streams_before_auth`, that
+/// close a connection whatever else holds: the most HTTP/2 decodes for a client that is not
+/// an agent.
+const STREAMS_BEFORE_AUTH_CEILING: u32 = 10;
+
+/// What a client did after the drain's GOAWAY and the PING behind it were queued.
+struct AfterDrain {
+    at: Instant,
+    /// PING acknowledgements it had sent before.
+    acks_before: u32,
+    /// Streams it had opened when it acknowledged the PING, so had read the GOAWAY.
+    streams_at_ack: Option<u32>,
+}
+
+impl AfterDrain {
+    /// Whether a client that has opened `opened` streams, none of them authenticated, did not
+    /// listen to the GOAWAY. A GOAWAY for too many streams before auth is often the answer to
+    /// a burst: an agent's first calls, all read before the first of them authenticated, or a
+    /// proxy's health checks. Those streams were on their way when the GOAWAY went out and are
+    /// answered. Only a client that opens more than `limit` streams after it read the GOAWAY
+    /// (or after [`DRAIN_ACK_GRACE`], if it never acknowledges the PING) goes on. (Past
+    /// [`STREAMS_BEFORE_AUTH_CEILING`] times `limit` the connection is closed regardless.)
+    fn went_on(&self, opened: u32, limit: u32) -> bool {
+        match self.streams_at_ack {
+            Some(at_ack) => opened.saturating_sub(at_ack) > limit,
+            None => self.at.elapsed() >= DRAIN_ACK_GRACE && opened > limit.saturating_mul(2),
+        }
+    }
+}
+
 /// A GOAWAY frame with last stream 2^31-1: the client may open no new stream, and those it
 /// opened are still answered (RFC 9113, section 6.8).
 fn goaway_frame(code: u32, debug: &str) -> Vec<u8> {
-    let mut frame = Vec::with_capacity(17 + debug.len());
-    frame.extend_from_slice(&((8 + debug.len()) as u32).to_be_bytes()[1..]);
-    frame.extend_from_slice(&[crate::ping_policy::FRAME_GOAWAY, 0, 0, 0, 0, 0]);
-    frame.extend_from_slice(&0x7fff_ffffu32.to_be_bytes());
-    frame.extend_from_slice(&code.to_be_bytes());
-    frame.extend_from_slice(debug.as_bytes());
-    frame
+    let mut payload = Vec::with_capacity(8 + debug.len());
+    payload.extend_from_slice(&0x7fff_ffffu32.to_be_bytes());
+    payload.extend_from_slice(&code.to_be_bytes());
+    payload.extend_from_slice(debug.as_bytes());
+    crate::raw_frames::frame(crate::ping_policy::FRAME_GOAWAY, 0, 0, &payload)
 }
 
 impl Drop for ServerConn {
@@ -626,11 +674,23 @@ impl AsyncRead for ServerConn {
                 // clients' calls on this connection (load balancers' health checks, an
                 // agent's first call). Past twice the limit, one that did not listen is cut
                 // off before HTTP/2 decodes more.
+                if let Some(after) = &mut this.after_drain {
+                    if after.streams_at_ack.is_none()
+                        && policy.client_ping_acks() > after.acks_before
+                    {
+                        after.streams_at_ack = Some(policy.client_headers());
+                    }
+                }
                 if let Some(limit) = this.max_streams_before_auth {
                     let opened = policy.client_headers();
                     let reason = RejectReason::StreamsBeforeAuth;
                     if opened > limit && this.meta.agent.get().is_none() {
-                        if opened > limit.saturating_mul(2) {
+                        if opened > limit.saturating_mul(STREAMS_BEFORE_AUTH_CEILING)
+                            || this
+                                .after_drain
+                                .as_ref()
+                                .is_some_and(|a| a.went_on(opened, limit))
+                        {
                             let what = "it went on opening streams after GOAWAY";
                             return Poll::Ready(Err(this.close_for_policy(cx, reason, what)));
                         }
@@ -1025,7 +1085,7 @@ pub fn serve_ingress(
                                 .map(|t| Box::pin(tokio::time::sleep(t))),
                             auth_timeout: settings.auth_timeout.unwrap_or_default(),
                             injected: Vec::new(),
-                            drain_goaway_queued: false,
+                            after_drain: None,
                             _permit: permit,
                             _source: source,
                         };
@@ -1232,6 +1292,29 @@ pub(crate) async fn websocket_upgrade<S: Io>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn after_a_drain_only_streams_opened_once_the_client_read_it_count() {
+        let limit = 100;
+        let fresh = |streams_at_ack| AfterDrain {
+            at: Instant::now(),
+            acks_before: 0,
+            streams_at_ack,
+        };
+        // A burst of 450 on its way when the GOAWAY went out, acknowledged at 450: the client
+        // listened.
+        assert!(!fresh(Some(450)).went_on(450, limit));
+        assert!(!fresh(Some(450)).went_on(550, limit));
+        assert!(fresh(Some(450)).went_on(551, limit));
+        // Not acknowledged yet: twice the limit only once the grace is over.
+        assert!(!fresh(None).went_on(450, limit));
+        let late = AfterDrain {
+            at: Instant::now() - DRAIN_ACK_GRACE,
+            ..fresh(None)
+        };
+        assert!(!late.went_on(200, limit));
+        assert!(late.went_on(201, limit));
+    }
 
     #[test]
     fn subprotocol_offer_parsing() {

@@ -17,7 +17,7 @@ use crate::sniff::HTTP2_PREFACE;
 const FRAME_HEADER_LEN: usize = 9;
 const FRAME_DATA: u8 = 0x0;
 const FRAME_HEADERS: u8 = 0x1;
-const FRAME_PING: u8 = 0x6;
+pub(crate) const FRAME_PING: u8 = 0x6;
 pub(crate) const FRAME_GOAWAY: u8 = 0x7;
 const FLAG_ACK: u8 = 0x1;
 /// Early PINGs tolerated before the connection is closed.
@@ -155,6 +155,8 @@ pub struct PingPolicy {
     settings: u32,
     /// HEADERS frames from the client: streams it opened (and trailers it sent).
     headers: u32,
+    /// PING acknowledgements from the client.
+    ping_acks: u32,
 }
 
 /// The client sent control frames faster than the policy allows.
@@ -176,6 +178,7 @@ impl PingPolicy {
             strikes: 0,
             settings: 0,
             headers: 0,
+            ping_acks: 0,
         }
     }
 
@@ -188,11 +191,15 @@ impl PingPolicy {
             strikes,
             settings,
             headers,
+            ping_acks,
             ..
         } = self;
         inbound.scan(data, |kind, flags| {
             if kind == FRAME_HEADERS {
                 *headers = headers.saturating_add(1);
+            }
+            if kind == FRAME_PING && flags & FLAG_ACK != 0 {
+                *ping_acks = ping_acks.saturating_add(1);
             }
             if kind == FRAME_SETTINGS && flags & FLAG_ACK == 0 {
                 *settings += 1;
@@ -240,6 +247,11 @@ impl PingPolicy {
     /// bytes are read, before HTTP/2 decodes them.
     pub fn client_headers(&self) -> u32 {
         self.headers
+    }
+
+    /// PING acknowledgements the client has sent so far.
+    pub fn client_ping_acks(&self) -> u32 {
+        self.ping_acks
     }
 
     /// Feeds bytes just written to the client: DATA or HEADERS from the server clear the

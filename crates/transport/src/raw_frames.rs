@@ -1,6 +1,7 @@
 //! HTTP/2 frames as raw bytes, for code that must write what a well-behaved HTTP/2 stack never
-//! would: the `bench hostile` attacker and the tests of the frame policy and of the
-//! `:authority` patch. Nothing on the serving path uses it.
+//! would: the `bench hostile` attacker, the tests of the frame policy and of the `:authority`
+//! patch, and the frames the ingress writes on a server connection behind the server's back
+//! (the drain's GOAWAY and PING).
 
 /// One HTTP/2 frame: a 9-byte header (length, type, flags, stream id) and the payload.
 pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {

@@ -43,6 +43,96 @@ pub const INSTANCE_CLAIM_HEADER: HeaderName =
 /// Every metadata name with this prefix is the gateway's to set.
 pub const RESERVED_PREFIX: &str = "agentgate-";
 
+/// Lines a second for backend calls the gateway ended or that failed; the rest are counted in
+/// the next line's `suppressed` (and every call in `agentgate_backend_calls_total`).
+static CALL_END_LOG: agentgate_transport::LogBudget = agentgate_transport::LogBudget::new(10);
+
+/// The most metadata (headers, or trailers) of a backend's answer the gateway passes on, as
+/// HTTP/2 counts a header list (each name and value, plus 32 per field). gRPC clients
+/// refuse far less by default (C-core at 16 KiB, grpc-go at 16 MiB).
+pub const MAX_ANSWER_METADATA: usize = 64 * 1024;
+
+/// The status for an answer whose `part` ("headers" or "trailers") is over
+/// [`MAX_ANSWER_METADATA`], or `None`. The call ran at the backend: not a status to retry on.
+fn oversized_answer(headers: &HeaderMap, part: &str, backend: &str) -> Option<Status> {
+    let size: usize = headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 32)
+        .sum();
+    (size > MAX_ANSWER_METADATA).then(|| {
+        Status::internal(format!(
+            "agentgate: backend {backend:?} answered with {} KiB of {part}, more than the {} KiB \
+             the gateway passes on; the call ran at the backend, but its answer is lost; the \
+             backend should send less metadata",
+            size.div_ceil(1024),
+            MAX_ANSWER_METADATA / 1024
+        ))
+    })
+}
+
+/// Refuses a call whose metadata a gRPC server would reject, or makes it acceptable to every
+/// one. Checked here, not left to the backend: every agent's calls share a few connections to
+/// it, and a gRPC C-core server that has read one bad `grpc-timeout` or `-bin` value on a
+/// connection rejects the later calls there that carry the same header, whoever sent them.
+/// - `grpc-timeout` must be up to 8 digits and a unit: otherwise INVALID_ARGUMENT.
+/// - A `-bin` value must be base64, padded or not: otherwise INVALID_ARGUMENT. Several values
+///   joined with commas on one line (HTTP allows it; grpc-go reads it, C-core does not) go on
+///   as one line each.
+#[allow(clippy::result_large_err)] // the error is the caller's status
+fn check_metadata(headers: &mut HeaderMap) -> Result<(), Status> {
+    use base64::Engine;
+    const LENIENT: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        base64::engine::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+    );
+    if let Some(v) = headers.get(&GRPC_TIMEOUT) {
+        if v.to_str()
+            .ok()
+            .and_then(crate::headers::parse_grpc_timeout)
+            .is_none()
+        {
+            let shown: String = String::from_utf8_lossy(v.as_bytes())
+                .chars()
+                .take(32)
+                .collect();
+            return Err(Status::invalid_argument(format!(
+                "agentgate: the call's grpc-timeout {shown:?} is not a gRPC deadline (up to 8 \
+                 digits and one of H, M, S, m, u, n, as in 30S); fix the client's deadline"
+            )));
+        }
+    }
+    let mut joined: Vec<HeaderName> = Vec::new();
+    for (name, value) in headers.iter() {
+        if !name.as_str().ends_with("-bin") {
+            continue;
+        }
+        let mut parts = value.as_bytes().split(|b| *b == b',');
+        if !parts.all(|part| LENIENT.decode(part.trim_ascii()).is_ok()) {
+            let shown: String = name.as_str().chars().take(64).collect();
+            return Err(Status::invalid_argument(format!(
+                "agentgate: the call's metadata {shown:?} ends in -bin but its value is not \
+                 base64; binary metadata must be base64-encoded (gRPC libraries do it for you)"
+            )));
+        }
+        if value.as_bytes().contains(&b',') && !joined.contains(name) {
+            joined.push(name.clone());
+        }
+    }
+    for name in joined {
+        let values: Vec<HeaderValue> = headers.get_all(&name).iter().cloned().collect();
+        headers.remove(&name);
+        for value in values {
+            for part in value.as_bytes().split(|b| *b == b',') {
+                if let Ok(v) = HeaderValue::from_bytes(part.trim_ascii()) {
+                    headers.append(name.clone(), v);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Calls in flight per agent name to one backend.
 pub struct AgentCallLimits {
     max: u32,
@@ -136,6 +226,10 @@ enum Outcome {
     Shutdown,
     /// The caller's agent token was revoked.
     Revoked,
+    /// The call's metadata was malformed (see [`check_metadata`]); it was not sent.
+    InvalidMetadata,
+    /// The backend answered with more metadata than [`MAX_ANSWER_METADATA`].
+    OversizedAnswer,
 }
 
 impl Outcome {
@@ -162,6 +256,8 @@ impl Outcome {
             Outcome::MaxDuration => "max_duration",
             Outcome::Shutdown => "shutdown",
             Outcome::Revoked => "revoked",
+            Outcome::InvalidMetadata => "invalid_metadata",
+            Outcome::OversizedAnswer => "oversized_answer",
         }
     }
 }
@@ -207,11 +303,19 @@ impl CallRecord {
             .observe(&[&self.backend.name], duration);
         let duration_ms = duration.as_millis() as u64;
         let b = &self.backend;
-        match outcome {
-            Outcome::Answered => tracing::debug!(
+        if outcome == Outcome::Answered {
+            tracing::debug!(
                 backend = %b.name, agent = %self.agent, method = %self.method, code = code_label,
                 duration_ms, "backend call finished"
-            ),
+            );
+            return;
+        }
+        // One agent calling in a loop (over its limit, against a backend that is down) would
+        // otherwise write a line per call.
+        let Some(suppressed) = CALL_END_LOG.allow() else {
+            return;
+        };
+        match outcome {
             Outcome::CancelledByCaller
             | Outcome::Deadline
             | Outcome::MaxDuration
@@ -219,12 +323,13 @@ impl CallRecord {
             | Outcome::Revoked => {
                 tracing::info!(
                     backend = %b.name, agent = %self.agent, method = %self.method,
-                    outcome = outcome.label(), duration_ms, "backend call ended: {detail}"
+                    outcome = outcome.label(), duration_ms, suppressed,
+                    "backend call ended: {detail}"
                 )
             }
             _ => tracing::warn!(
                 backend = %b.name, address = %b.pool.address(), agent = %self.agent,
-                method = %self.method, outcome = outcome.label(), duration_ms,
+                method = %self.method, outcome = outcome.label(), duration_ms, suppressed,
                 "backend call failed: {detail}"
             ),
         }
@@ -417,7 +522,7 @@ pub async fn forward(
     instance: Option<String>,
     metrics: Arc<Metrics>,
     backends_ending: tokio_util::sync::CancellationToken,
-    req: http::Request<CallBody>,
+    mut req: http::Request<CallBody>,
 ) -> http::Response<CallBody> {
     let path = req.uri().path().to_string();
     let record = CallRecord {
@@ -440,6 +545,9 @@ pub async fn forward(
             )),
         );
     };
+    if let Err(status) = check_metadata(req.headers_mut()) {
+        return record.refuse(Outcome::InvalidMetadata, status);
+    }
     let timer = CallTimer::of(req.headers(), backend.config.max_call_duration);
     let (mut parts, body) = req.into_parts();
     prepare_headers(
@@ -509,6 +617,15 @@ pub async fn forward(
     if head.status != http::StatusCode::OK && !head.headers.contains_key(&GRPC_STATUS) {
         let status = status_for_http(name, head.status);
         return record.refuse(Outcome::HttpError, status);
+    }
+    // A head with the status is a trailers-only answer.
+    let part = if head.headers.contains_key(&GRPC_STATUS) {
+        "trailers"
+    } else {
+        "headers"
+    };
+    if let Some(status) = oversized_answer(&head.headers, part, name) {
+        return record.refuse(Outcome::OversizedAnswer, status);
     }
     crate::headers::strip_hop_by_hop(&mut head.headers, false);
     // A trailers-only answer: the status is in the head and the call is over.
@@ -641,6 +758,9 @@ impl Body for AnswerBody {
         match super::stream::poll_answer_frame(inner, cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(t) = frame.trailers_ref() {
+                    if let Some(status) = oversized_answer(t, "trailers", name) {
+                        return self.end(Outcome::OversizedAnswer, status);
+                    }
                     let code = t.get(&GRPC_STATUS).map_or(Code::Unknown, grpc_code);
                     if let Some(record) = this.record.take() {
                         record.finish(Outcome::Answered, code, "");
@@ -687,6 +807,44 @@ impl Body for AnswerBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metadata_every_grpc_server_takes_passes_and_joined_binary_values_are_split() {
+        let map = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(*k, HeaderValue::from_static(v));
+            }
+            h
+        };
+        for bad in [
+            &[("grpc-timeout", "abc")][..],
+            &[("grpc-timeout", "123456789S")],
+            &[("grpc-timeout", "5s")],
+            &[("x-a-bin", "not base64!")],
+            &[("x-a-bin", "AAEC"), ("x-a-bin", "AA,@")],
+        ] {
+            let status = check_metadata(&mut map(bad)).expect_err("refused");
+            assert_eq!(status.code(), Code::InvalidArgument, "{bad:?}");
+        }
+        let mut h = map(&[
+            ("grpc-timeout", "99999999m"),
+            ("x-a-bin", "AAEC"),
+            ("x-b-bin", "AAE, AAECAw=="),
+            ("x-b-bin", "AQ"),
+            ("x-plain", "a,b"),
+        ]);
+        check_metadata(&mut h).expect("accepted");
+        let all = |k| {
+            h.get_all(k)
+                .iter()
+                .map(|v| v.to_str().unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(all("x-a-bin"), ["AAEC"]);
+        assert_eq!(all("x-b-bin"), ["AAE", "AAECAw==", "AQ"]);
+        assert_eq!(all("x-plain"), ["a,b"]);
+    }
 
     #[test]
     fn the_signature_covers_every_identity_field() {

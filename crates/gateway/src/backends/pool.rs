@@ -36,8 +36,20 @@ const RETIRED: u32 = u32::MAX;
 /// connection): large enough that a streamed answer is not held to one round trip per 64 KiB.
 const ANSWER_STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const ANSWER_CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
-/// The largest header block (head or trailers) a backend's answer may carry.
-const MAX_ANSWER_HEADER_LIST: u32 = 64 * 1024;
+/// The largest header block (head or trailers) the gateway's HTTP/2 client reads from a
+/// backend. Far above what it passes on (`call::MAX_ANSWER_METADATA`), so that an answer
+/// between the two ends its own call with a sentence; past four times this, h2 closes the
+/// whole connection (its guard against a peer that never stops sending headers).
+const MAX_ANSWER_HEADER_LIST: u32 = 1024 * 1024;
+/// A backend, as the gateway's TLS client words its failures.
+const BACKEND_TLS_PEER: agentgate_transport::TlsPeer = agentgate_transport::TlsPeer {
+    name: "the backend",
+    truster: "the gateway",
+    trust: "set the backend's ca_cert to the CA that signed it",
+    server_name: "set the backend's tls_server_name to a name it carries",
+    cleartext: "use an http:// URL for a cleartext (h2c) backend",
+    renew: "renew it",
+};
 /// Streams a new connection opens before the backend's SETTINGS say how many it allows.
 const INITIAL_MAX_SEND_STREAMS: usize = 100;
 /// Request bytes h2 may hold per call beyond the backend's window.
@@ -379,10 +391,12 @@ impl BackendPool {
                             handshake(tcp, &t.authority, self.keepalive_interval, deadline).await
                         }
                         Some((connector, name)) => {
-                            let tls = connector
-                                .connect(name.clone(), tcp)
-                                .await
-                                .map_err(|e| DialError::Tls(e.to_string()))?;
+                            let tls = connector.connect(name.clone(), tcp).await.map_err(|e| {
+                                DialError::Tls(agentgate_transport::explain_tls_failure(
+                                    &e,
+                                    &BACKEND_TLS_PEER,
+                                ))
+                            })?;
                             if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
                                 return Err(DialError::Tls(
                                     "the backend did not agree to HTTP/2 (ALPN h2); a gRPC \
@@ -555,11 +569,22 @@ where
         return answered.send(Ok(())).is_ok();
     };
     let mut answered = answered;
+    // Before its first answer, a connection h2 gives up itself got bytes that are not
+    // HTTP/2 at all (an HTTP/1.1 server's "400 Bad Request", read as a frame).
+    let first_failure = |e: h2::Error| {
+        if e.is_go_away() && !e.is_remote() {
+            "the backend did not answer in HTTP/2 (an HTTP/1.1 server?); a gRPC backend \
+             serves HTTP/2: h2c behind an http:// URL, TLS with ALPN h2 behind https://"
+                .to_string()
+        } else {
+            stream::describe(&e)
+        }
+    };
     let outcome = tokio::select! {
-        pong = pings.ping(h2::Ping::opaque()) => pong.map(drop).map_err(|e| stream::describe(&e)),
+        pong = pings.ping(h2::Ping::opaque()) => pong.map(drop).map_err(first_failure),
         ended = &mut *conn => Err(match ended {
             Ok(()) => "the backend closed the connection".to_string(),
-            Err(e) => stream::describe(&e),
+            Err(e) => first_failure(e),
         }),
         () = answered.closed() => return false,
     };

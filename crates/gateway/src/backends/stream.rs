@@ -309,7 +309,9 @@ pub fn poll_answer_frame(
 /// the connection broke. Never h2's own text, which can carry the backend's GOAWAY debug data.
 pub fn describe(e: &h2::Error) -> String {
     match e.reason() {
-        Some(r) if e.is_go_away() => format!("it closed the connection ({r})"),
+        Some(r) if e.is_go_away() && e.is_remote() => format!("it closed the connection ({r})"),
+        // h2 gave the connection up itself (the backend broke HTTP/2's rules on it).
+        Some(r) if e.is_go_away() => format!("its connection broke HTTP/2's rules ({r})"),
         Some(r) if e.is_remote() => format!("it reset the call ({r})"),
         Some(r) => format!("the call was reset ({r})"),
         None if e.is_io() => "the connection to it broke".to_string(),
