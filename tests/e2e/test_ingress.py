@@ -480,6 +480,21 @@ def test_websocket_refusals(env):
     assert closes and int.from_bytes(closes[0][:2], "big") == 1002, frames
     assert b"mask" in closes[0][2:].lower(), closes
     wait_rejected(g, "ws_protocol_error", violations + 3)
+
+    # A PING flood: each PING costs a pong, and a peer that does not read would have them
+    # queue without end. Past 10 in a second: close 1008 naming it.
+    with ws_connect(f"ws://127.0.0.1:{g.clear_port}/tunnel", subprotocols=["ws-tunnel"], open_timeout=5,
+                    proxy=None) as ws:
+        with pytest.raises(ConnectionClosedError) as ei:
+            for i in range(50):
+                ws.ping(str(i))
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                ws.recv(timeout=max(0.1, deadline - time.monotonic()))
+        assert ei.value.rcvd is not None and ei.value.rcvd.code == 1008, ei.value
+        assert "PING flood" in ei.value.rcvd.reason, ei.value.rcvd
+    wait_rejected(g, "ws_protocol_error", violations + 4)
+    wait_log(g, r"closing connection: WebSocket PING flood: more than 10 in one second")
     steady.assert_undisturbed()
 
 

@@ -7,6 +7,7 @@
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{Sink, Stream};
@@ -53,10 +54,20 @@ impl WsSettings {
         WebSocketConfig::default()
             .read_buffer_size(self.read_buffer_size)
             .write_buffer_size(0)
+            // tungstenite queues its pongs there too: a peer that pings and never reads would
+            // grow it without end (measured: 1 GiB in 5 s). Past this, the write fails.
+            .max_write_buffer_size(MAX_WRITE_BUFFER_MESSAGES * self.max_write_message_size)
             .max_message_size(Some(self.max_message_size))
             .max_frame_size(Some(self.max_message_size))
     }
 }
+
+/// Our largest messages tungstenite may hold unwritten (see `tungstenite_config`).
+const MAX_WRITE_BUFFER_MESSAGES: usize = 16;
+
+/// WebSocket PINGs a peer may send in one second. Each costs a pong; an agent needs none
+/// (HTTP/2 inside has its own keepalive), a proxy's keepalive sends one every few seconds.
+pub const MAX_WS_PINGS_PER_SECOND: u32 = 10;
 
 /// An `AsyncRead + AsyncWrite` over a WebSocket that carries binary messages.
 pub struct WsByteStream<S> {
@@ -66,6 +77,8 @@ pub struct WsByteStream<S> {
     max_write_message: usize,
     /// Set when the peer broke the protocol: we still owe it a close frame, then an error.
     violation: Option<(CloseCode, String)>,
+    /// The current second's start and the PINGs received in it.
+    pings: (Option<Instant>, u32),
 }
 
 impl<S> WsByteStream<S> {
@@ -76,6 +89,7 @@ impl<S> WsByteStream<S> {
             write_buf: BytesMut::new(),
             max_write_message: settings.max_write_message_size.max(1024),
             violation: None,
+            pings: (None, 0),
         }
     }
 }
@@ -172,7 +186,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsByteStream<S> {
                         "text message on ws-tunnel: only binary messages are allowed".into(),
                     ));
                 }
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                Some(Ok(Message::Ping(_))) => {
+                    let now = Instant::now();
+                    let (start, n) = &mut this.pings;
+                    if start.is_none_or(|s| now.duration_since(s) >= Duration::from_secs(1)) {
+                        *start = Some(now);
+                        *n = 0;
+                    }
+                    *n += 1;
+                    if *n > MAX_WS_PINGS_PER_SECOND {
+                        this.violation = Some((
+                            CloseCode::Policy,
+                            format!(
+                                "WebSocket PING flood: more than {MAX_WS_PINGS_PER_SECOND} in \
+                                 one second"
+                            ),
+                        ));
+                    }
+                }
+                Some(Ok(Message::Pong(_) | Message::Frame(_))) => continue,
                 // The peer went away without a close frame (a killed agent, a proxy closing an
                 // idle connection): an end, not a violation.
                 Some(Err(tokio_tungstenite::tungstenite::Error::Protocol(
@@ -182,6 +214,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsByteStream<S> {
                     this.violation = Some((
                         CloseCode::Protocol,
                         format!("WebSocket protocol error: {e}"),
+                    ));
+                }
+                Some(Err(tokio_tungstenite::tungstenite::Error::WriteBufferFull(_))) => {
+                    this.violation = Some((
+                        CloseCode::Policy,
+                        "the peer reads nothing while its messages (PINGs) keep asking for \
+                         answers"
+                            .into(),
                     ));
                 }
                 Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(e))) => {
