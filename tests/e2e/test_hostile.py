@@ -724,3 +724,29 @@ def test_an_http1_host_that_is_not_a_host_is_refused_and_the_connection_closed(e
     assert b"Host header" in data and b"is not a host or host:port" in data, data
     assert took < 3, f"the connection stayed open {took:.1f}s after the refusal"
     assert_steady_serves(g, api)
+
+
+def test_callers_that_stop_reading_do_not_freeze_the_agent_for_others(env):
+    """Five tunnel-API callers ask the same agent for a large download and never read it:
+    each holds up to one stream window (2 MiB) of the agent connection's window. At 4 MiB
+    three of them froze the agent: every other request waited for the window and got 503 or
+    a head without a body. The connection window is 64 MiB now."""
+    g, api = gateway_with_steady_agent(env, tls=False)
+    stalled = []
+    try:
+        for _ in range(5):
+            s = socket.create_connection(("127.0.0.1", g.api_port), timeout=10)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.sendall(b"GET /agents/steady/proxy/download?size=30000000 HTTP/1.1\r\nHost: x\r\n"
+                      b"Authorization: Bearer " + api.encode() + b"\r\n\r\n")
+            stalled.append(s)
+        time.sleep(2)  # the downloads fill every buffer on the way that they can
+        for i in range(5):
+            t0 = time.monotonic()
+            status, _, body = api_request(g, "GET", "/agents/steady/proxy/download?size=100000", api, timeout=8)
+            assert status == 200 and len(body) == 100000, (i, status, body[:200])
+            assert time.monotonic() - t0 < 3, f"request {i} took {time.monotonic() - t0:.1f}s"
+    finally:
+        for s in stalled:
+            s.close()
+    assert_steady_serves(g, api)

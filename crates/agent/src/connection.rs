@@ -29,6 +29,14 @@ use crate::local_listener::BackendCaller;
 use crate::pool::run_pool;
 use crate::upstream::Upstreams;
 
+/// Each request body the gateway streams to this agent may wait unread in it up to
+/// [`TUNNEL_STREAM_WINDOW`] (an upstream that reads slowly); all of them together up to
+/// [`TUNNEL_CONNECTION_WINDOW`]. Once stalled requests fill the latter, every other request
+/// through this agent waits, so it is many stream windows, not two (allocated only while
+/// data waits). The gateway's `http2_connection_window` is the same for the other direction.
+const TUNNEL_STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const TUNNEL_CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
+
 /// Adds the agent's credentials and extra metadata to every call.
 pub struct CallCredentials {
     /// `Bearer <token>`; replaced when the token file changes (see [`TokenFile`]).
@@ -360,8 +368,8 @@ impl Dialer {
             .http2_keep_alive_interval(self.cfg.keepalive_interval)
             .keep_alive_timeout(self.cfg.keepalive_timeout)
             .keep_alive_while_idle(true)
-            .initial_stream_window_size(2 * 1024 * 1024)
-            .initial_connection_window_size(4 * 1024 * 1024);
+            .initial_stream_window_size(TUNNEL_STREAM_WINDOW)
+            .initial_connection_window_size(TUNNEL_CONNECTION_WINDOW);
         let connector = tower::service_fn(move |_: http::Uri| {
             let io = slot.lock().unwrap().take();
             async move {

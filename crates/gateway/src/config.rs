@@ -182,7 +182,11 @@ pub struct GatewayConfig {
     /// HTTP/2 stream window for agent connections. Larger windows raise bulk throughput (a
     /// tonic relay went from 395 to 595 Mbit/s at 2 MiB / 4 MiB).
     pub http2_stream_window: u32,
-    /// HTTP/2 connection window for agent connections (all streams of one agent together).
+    /// HTTP/2 connection window for agent connections: what all streams of one agent may hold
+    /// unread together. A tunnel whose caller stops reading holds up to `http2_stream_window`
+    /// of it; once stalled streams hold it all, every other request to that agent waits. At 4
+    /// MiB three stalled downloads froze an agent; 64 MiB takes 32 (nothing is allocated
+    /// until data waits).
     pub http2_connection_window: u32,
 
     /// Cluster mode: `redis://[:password@]host:port/db`, `rediss://...`, or
@@ -410,7 +414,7 @@ impl Default for GatewayConfig {
             tunnel_descriptor_timeout: Duration::from_secs(10),
             tunnel_chunk_size: 64 * 1024,
             http2_stream_window: 2 * 1024 * 1024,
-            http2_connection_window: 4 * 1024 * 1024,
+            http2_connection_window: 64 * 1024 * 1024,
             redis: None,
             internal_listen: "127.0.0.1:8155".parse().unwrap(),
             internal_url: None,
