@@ -496,6 +496,12 @@ fn token_command(cmd: TokenCommand) -> anyhow::Result<()> {
                 KindArg::Agent => TokenKind::Agent,
                 KindArg::Api => TokenKind::Api,
             };
+            if kind == TokenKind::Agent && !agents.is_empty() {
+                anyhow::bail!(
+                    "--agent applies to API tokens (the agents one may reach); an agent token's \
+                     agent is its --name: drop --agent, or add --kind api"
+                );
+            }
             if expires_in.is_some_and(|d| d.is_zero()) {
                 anyhow::bail!("--expires-in 0s would make a token that is expired already; give a lifetime such as 12h or 30d, or leave it out for no expiry");
             }
@@ -528,11 +534,12 @@ fn token_command(cmd: TokenCommand) -> anyhow::Result<()> {
             println!("{token}");
         }
         TokenCommand::List { tokens: path } => {
+            let listed = tokens::list_tokens(&path)?;
             println!(
                 "{:<18} {:<6} {:<24} {:<20} {:<20} AGENTS",
                 "ID", "KIND", "NAME", "CREATED", "EXPIRES"
             );
-            for t in tokens::list_tokens(&path)? {
+            for t in listed {
                 let created = humantime::format_rfc3339_seconds(
                     std::time::UNIX_EPOCH + Duration::from_secs(t.created_at),
                 );

@@ -112,6 +112,11 @@ pub enum TokenError {
     InvalidName(String),
     #[error("no token with id or name {0:?}")]
     NotFound(String),
+    #[error(
+        "token store {0} does not exist; check the path (`token create` makes it with the first \
+         token)"
+    )]
+    Missing(PathBuf),
     #[error("the token to import must be at least {0} characters with no white space inside")]
     WeakImport(usize),
     #[error("this token is already in the store; revoke the old entry first to rename it")]
@@ -129,8 +134,23 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-fn read_file(path: &Path) -> Result<TokenFile, TokenError> {
+/// The store's contents; a missing file is an empty store when `missing_is_empty` (a store
+/// tokens are yet to be created in), and [`TokenError::Missing`] otherwise.
+fn read_file_or(path: &Path, missing_is_empty: bool) -> Result<TokenFile, TokenError> {
     match std::fs::read(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !missing_is_empty => {
+            Err(TokenError::Missing(path.to_path_buf()))
+        }
+        other => parse_read(path, other),
+    }
+}
+
+fn read_file(path: &Path) -> Result<TokenFile, TokenError> {
+    parse_read(path, std::fs::read(path))
+}
+
+fn parse_read(path: &Path, read: std::io::Result<Vec<u8>>) -> Result<TokenFile, TokenError> {
+    match read {
         Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| TokenError::Parse {
             path: path.to_path_buf(),
             source,
@@ -320,13 +340,13 @@ fn store_token(
 
 /// Lists stored tokens.
 pub fn list_tokens(path: &Path) -> Result<Vec<TokenEntry>, TokenError> {
-    Ok(read_file(path)?.tokens)
+    Ok(read_file_or(path, false)?.tokens)
 }
 
 /// Removes the tokens whose id is `id_or_name`, or else all tokens named `id_or_name`.
 /// Returns what was removed.
 pub fn revoke_tokens(path: &Path, id_or_name: &str) -> Result<Vec<TokenEntry>, TokenError> {
-    let mut file = read_file(path)?;
+    let mut file = read_file_or(path, false)?;
     let by_id = file.tokens.iter().any(|t| t.id == id_or_name);
     let (gone, kept): (Vec<_>, Vec<_>) = file.tokens.into_iter().partition(|t| {
         if by_id {
@@ -400,7 +420,7 @@ impl TokenStore {
             revocations: Mutex::default(),
             revoked_live: AtomicU64::new(0),
         };
-        store.reload()?;
+        store.reload(true)?;
         Ok(store)
     }
 
@@ -409,9 +429,11 @@ impl TokenStore {
         Some((m.modified().ok()?, m.len()))
     }
 
-    fn reload(&self) -> Result<(), TokenError> {
+    /// Reads the file again. Once running, a missing file is an error, not an empty store:
+    /// a file deleted and written again (a non-atomic deploy) must not revoke every session.
+    fn reload(&self, missing_is_empty: bool) -> Result<(), TokenError> {
         let stamp = self.stamp();
-        let file = read_file(&self.path)?;
+        let file = read_file_or(&self.path, missing_is_empty)?;
         let by_hash = file
             .tokens
             .into_iter()
@@ -471,7 +493,7 @@ impl TokenStore {
             return;
         }
         let logged = same_version.is_some();
-        match self.reload() {
+        match self.reload(false) {
             Ok(()) => *failed = None,
             Err(e) => {
                 self.failed_reloads.fetch_add(1, Ordering::Relaxed);
@@ -601,6 +623,26 @@ mod tests {
         assert!(!kept_signal.is_cancelled(), "another token's signal");
         assert_eq!(store.revoked_live(), 1);
         assert!(store.verify(TokenKind::Agent, &gone).is_none());
+    }
+
+    #[test]
+    fn a_store_file_that_vanishes_keeps_the_tokens_until_it_is_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        let (tok, _) = create_token(&path, TokenKind::Agent, "kept", &[]).unwrap();
+        let store = TokenStore::open(&path).unwrap();
+        let signal = store.revocation(&store.verify(TokenKind::Agent, &tok).unwrap());
+        let saved = std::fs::read(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        store.check_now();
+        assert!(!signal.is_cancelled(), "a deleted file revoked the session");
+        assert!(store.verify(TokenKind::Agent, &tok).is_some());
+        assert_eq!(store.failed_reloads(), 1);
+        assert!(matches!(list_tokens(&path), Err(TokenError::Missing(_))));
+        std::fs::write(&path, saved).unwrap();
+        store.check_now();
+        assert!(!signal.is_cancelled());
+        assert!(store.verify(TokenKind::Agent, &tok).is_some());
     }
 
     #[test]
