@@ -23,6 +23,7 @@ import time
 import pytest
 
 from conftest import wait_for
+from proxies import port_open
 from lifecycle_helpers import (
     NO_PROXY_ENV,
     Download,
@@ -439,6 +440,11 @@ def test_sigterm_cuts_no_download_mid_body(env, upstream):
     mid_body = sum(1 for d in dls if d.started_body and d.t_end is None)
     t_term = time.monotonic()
     g.proc.send_signal(signal.SIGTERM)
+    # The API port closes at once: a new caller is refused (its proxy tries another replica)
+    # instead of waiting unanswered in the backlog until the drain is over.
+    wait_for(lambda: not port_open(g.api_port), timeout=3, interval=0.05,
+             what="the API port closed while the downloads drain")
+    assert sum(1 for d in dls if d.t_end is None) >= 40, "the drain was over before the port closed"
     rc = g.proc.wait(timeout=30)
     exited_after = time.monotonic() - t_term
     for d in dls:

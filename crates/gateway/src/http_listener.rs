@@ -303,6 +303,9 @@ pub async fn serve_http<F, S, B>(
             }
         });
     }
+    // Closed now, not when the grace is over: a new connection is refused at once (a proxy
+    // then tries another replica) instead of waiting unanswered in the backlog.
+    drop(listener);
     if tokio::time::timeout(settings.shutdown_grace, graceful.shutdown())
         .await
         .is_err()
