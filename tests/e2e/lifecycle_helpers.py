@@ -137,6 +137,8 @@ class _PatternHandler(BaseHTTPRequestHandler):
                 return
             got += len(b)
             left -= len(b)
+        if self.path.startswith("/sleep/"):
+            time.sleep(float(self.path[len("/sleep/"):].split("?")[0]))
         body = f"{got}\n".encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -146,7 +148,8 @@ class _PatternHandler(BaseHTTPRequestHandler):
 
 class PatternServer:
     """ThreadingHTTPServer on 127.0.0.1: GET /bytes/N streams N pattern bytes; GET /sleep/S
-    answers after S seconds; POST reads the body and answers its length; GET / says hello."""
+    answers after S seconds; POST reads the body and answers its length (after S seconds to
+    /sleep/S); GET / says hello."""
 
     def __init__(self):
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _PatternHandler)

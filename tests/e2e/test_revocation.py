@@ -15,6 +15,18 @@ from conftest import BIN, http_get, wait_for
 from job_router import JobRouter, method_path
 from lifecycle_helpers import Download, PatternServer, api_get
 
+
+def api_post(api_port: int, path: str, token: str) -> tuple[int, bytes]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", api_port, timeout=20)
+    try:
+        conn.request("POST", path, body=b"x", headers={"Authorization": f"Bearer {token}"})
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
 # token_check_interval is 2 s by default; what it authenticated must end within this.
 BOUND = 6.0
 
@@ -42,6 +54,12 @@ def test_revoked_agent_is_cut_off_idle_and_busy(env):
         t = threading.Thread(target=dl.run, daemon=True)
         t.start()
         wait_for(lambda: dl.got > 0, timeout=10, what="the download started")
+        # And a request the upstream answers 3 s later, as a POST (never sent twice).
+        slow: list = []
+        st = threading.Thread(target=lambda: slow.append(
+            api_post(g.api_port, "/agents/busy-edge/proxy/sleep/3", api)), daemon=True)
+        st.start()
+        time.sleep(0.3)
 
         for name in ("idle-edge", "busy-edge"):
             revoke(env, name)
@@ -66,7 +84,11 @@ def test_revoked_agent_is_cut_off_idle_and_busy(env):
                      what="the agent logs the gateway's reason for ending its session")
             wait_for(lambda: "the gateway rejected the agent token" in proc.output(), timeout=15,
                      what="the agent logs why it cannot come back")
+        # Requests in flight finish (docs/operations.md): the connection gets a GOAWAY, not a cut.
         t.join(timeout=30)
+        assert dl.intact, dl.describe()
+        st.join(timeout=30)
+        assert slow and slow[0][0] == 200, slow
         assert "panicked" not in log
     finally:
         up.close()

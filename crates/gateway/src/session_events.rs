@@ -31,9 +31,14 @@ use crate::session::Sessions;
 /// Reason label when a session ends because its token was revoked.
 pub const REJECT_REVOKED: &str = "token_revoked";
 
-/// How long a revoked agent's connection stays after its session ended with the reason: time
-/// for the status to reach the agent before the connection is cut.
-const REVOKED_CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long after a revoked agent's session ended with the reason its connection is told to go
+/// (GOAWAY): time for the status to reach the agent first (a GOAWAY first made it reconnect
+/// before it read why).
+const REVOKED_GOAWAY_AFTER: Duration = Duration::from_secs(1);
+
+/// How long the tunnelled requests in flight on a revoked agent's connection get to finish
+/// after its GOAWAY (the agent closes the connection once they have): then it is cut.
+const REVOKED_IN_FLIGHT_GRACE: Duration = Duration::from_secs(30);
 
 /// At shutdown, how long a session waits for its connection's GOAWAY before it ends anyway,
 /// and how often it looks.
@@ -143,10 +148,14 @@ impl SessionEvents {
         );
         // The status below must reach the agent first (closing at once cut it off: the agent
         // saw a broken connection, not why; a GOAWAY first made it reconnect before reading
-        // the status); the connection is cut a moment later, at its next read.
+        // the status). Then a GOAWAY: requests in flight finish (closing a second later cut
+        // them, and a rotation re-sent or lost them), and the agent closes the connection;
+        // one that keeps it is cut after the grace.
         let conn = self.conn.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(REVOKED_CLOSE_GRACE).await;
+            tokio::time::sleep(REVOKED_GOAWAY_AFTER).await;
+            conn.request_drain(REJECT_REVOKED);
+            tokio::time::sleep(REVOKED_IN_FLIGHT_GRACE).await;
             conn.request_close();
         });
         self.end(Some(Status::unauthenticated(
@@ -354,7 +363,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_revoked_token_ends_the_session_with_unauthenticated_and_closes_the_connection() {
+    async fn a_revoked_token_ends_the_session_with_unauthenticated_then_drains_the_connection() {
         let dir = tempfile::tempdir().unwrap();
         let gw = gateway(dir.path(), Duration::ZERO);
         let revoked = CancellationToken::new();
@@ -379,9 +388,13 @@ mod tests {
         assert_eq!(start.elapsed().as_secs(), 25, "at once");
         assert!(events.next().await.is_none());
         assert!(conn.is_retired());
-        // The status goes out first; the connection is cut a moment later.
+        // The status goes out first; the GOAWAY a moment later, so that requests in flight
+        // finish; the connection is cut only after their grace.
+        assert!(conn.drain.get().is_none());
+        tokio::time::sleep(REVOKED_GOAWAY_AFTER + Duration::from_millis(10)).await;
+        assert_eq!(conn.drain.get(), Some(&REJECT_REVOKED));
         assert!(!conn.close_requested.load(Ordering::Relaxed));
-        tokio::time::sleep(REVOKED_CLOSE_GRACE + Duration::from_millis(10)).await;
+        tokio::time::sleep(REVOKED_IN_FLIGHT_GRACE).await;
         assert!(conn.close_requested.load(Ordering::Relaxed));
     }
 
