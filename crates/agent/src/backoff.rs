@@ -12,6 +12,8 @@ pub struct Backoff {
     initial: Duration,
     max: Duration,
     attempt: u32,
+    /// A lower maximum for now (see [`Backoff::limit_until_reset`]).
+    limit: Option<Duration>,
 }
 
 impl Backoff {
@@ -20,13 +22,28 @@ impl Backoff {
             initial,
             max,
             attempt: 0,
+            limit: None,
         }
     }
 
     /// The upper bound of the next delay.
     pub fn ceiling(&self) -> Duration {
         let factor = 2u32.saturating_pow(self.attempt.min(20));
-        self.initial.saturating_mul(factor).min(self.max)
+        let max = self.limit.map_or(self.max, |l| l.min(self.max));
+        self.initial.saturating_mul(factor).min(max)
+    }
+
+    /// Starts over, with delays of at most `limit` until the next [`Backoff::clear_limit`]: a
+    /// gateway that ended the session as planned (a restart) is expected back soon, and
+    /// delays grown while it was down would keep the agent away long after it returned.
+    pub fn limit_until_reset(&mut self, limit: Duration) {
+        self.attempt = 0;
+        self.limit = Some(limit);
+    }
+
+    /// Back to the configured maximum (a connection succeeded).
+    pub fn clear_limit(&mut self) {
+        self.limit = None;
     }
 
     /// The next delay: uniform in [0, ceiling], and the ceiling doubles.
@@ -63,6 +80,18 @@ mod tests {
         assert_eq!(b.ceiling(), Duration::from_secs(1));
         b.reset();
         assert_eq!(b.ceiling(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn a_limit_holds_until_cleared() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+        b.limit_until_reset(Duration::from_secs(10));
+        for _ in 0..10 {
+            assert!(b.next_delay() <= Duration::from_secs(10));
+        }
+        assert_eq!(b.ceiling(), Duration::from_secs(10));
+        b.clear_limit();
+        assert_eq!(b.ceiling(), Duration::from_secs(60));
     }
 
     #[test]

@@ -37,6 +37,11 @@ use crate::upstream::Upstreams;
 const TUNNEL_STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const TUNNEL_CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
 
+/// After the gateway ended the session as planned (a restart, max connection age), the most
+/// the agent waits between attempts until one succeeds: with `backoff_max` (60 s) an agent
+/// whose gateway drained for 30 s came back 65 s after the SIGTERM.
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(10);
+
 /// Adds the agent's credentials and extra metadata to every call.
 pub struct CallCredentials {
     /// `Bearer <token>`; replaced when the token file changes (see [`TokenFile`]).
@@ -626,6 +631,7 @@ async fn run_agent(agent: Agent, stop: CancellationToken) -> anyhow::Result<()> 
                 _ => tracing::warn!("cannot connect: {e}"),
             },
             Ok((mut conn, mut on_fallback)) => {
+                backoff.clear_limit();
                 current.send_replace(Some(conn.channel.clone()));
                 status.connected(conn.transport);
                 let (end, planned) = loop {
@@ -683,8 +689,12 @@ async fn run_agent(agent: Agent, stop: CancellationToken) -> anyhow::Result<()> 
                 status.disconnected();
                 conn.retire();
                 // A clean end (max age, shutdown) is not a failure: reconnect within the first
-                // backoff step, jittered, instead of growing the delay.
-                if planned || lived >= cfg.backoff_reset_after {
+                // backoff step, jittered, and while the gateway restarts (its port refuses for
+                // its whole drain, `shutdown_grace`) try again at most
+                // RESTART_BACKOFF_MAX apart, not up to `backoff_max`.
+                if planned {
+                    backoff.limit_until_reset(RESTART_BACKOFF_MAX);
+                } else if lived >= cfg.backoff_reset_after {
                     backoff.reset();
                 }
             }
