@@ -9,6 +9,7 @@ gateway's log line; and each refusal must leave already connected agents exactly
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import threading
 import time
@@ -480,6 +481,28 @@ def test_websocket_refusals(env):
     assert closes and int.from_bytes(closes[0][:2], "big") == 1002, frames
     assert b"mask" in closes[0][2:].lower(), closes
     wait_rejected(g, "ws_protocol_error", violations + 3)
+
+    # Something other than HTTP/2 inside the WebSocket (TLS inside it, as kas once had agents
+    # do), or after TLS that agreed on h2: counted, logged with what was sent, closed.
+    before = rejected(g, "bad_preface")
+    with ws_connect(f"ws://127.0.0.1:{g.clear_port}/tunnel", subprotocols=["ws-tunnel"], open_timeout=5,
+                    proxy=None) as ws:
+        ws.send(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(40))
+        with pytest.raises(ConnectionClosedError):
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                ws.recv(timeout=max(0.1, deadline - time.monotonic()))
+    wait_log(g, r"closing connection: inside the WebSocket, the client's first bytes \(16 03 01 02 00 01 00 01\) "
+                r"are not the HTTP/2 preface \(a TLS handshake: TLS inside the WebSocket")
+    h2ctx = ic.client_tls_context(ca, ["h2"])
+    with socket.create_connection(("127.0.0.1", g.port), timeout=5) as raw:
+        s = h2ctx.wrap_socket(raw, server_hostname="localhost")
+        assert s.selected_alpn_protocol() == "h2"
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        ic.read_until_closed(s, timeout=5)
+    wait_log(g, r"closing connection: after TLS that agreed on HTTP/2 \(ALPN h2\), the client's first bytes "
+                r"\(47 45 54 20 2f 20 48 54\) are not the HTTP/2 preface \(an HTTP/1.1 request")
+    wait_rejected(g, "bad_preface", before + 2)
 
     # A PING flood: each PING costs a pong, and a peer that does not read would have them
     # queue without end. Past 10 in a second: close 1008 naming it.

@@ -314,6 +314,9 @@ pub struct ServerConn {
     injected: Vec<u8>,
     /// Once the drain's GOAWAY was queued (once per connection): what the client did since.
     after_drain: Option<AfterDrain>,
+    /// Bytes of the HTTP/2 client preface checked so far: the cleartext port's sniffing saw
+    /// it on direct connections, but inside a WebSocket or after TLS nothing else looks.
+    preface_checked: usize,
     _permit: OwnedSemaphorePermit,
     _source: SourceSlot,
 }
@@ -424,6 +427,50 @@ impl ServerConn {
             self.meta.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
             let _ = Pin::new(&mut self.io).poll_flush(cx);
         }
+    }
+
+    /// Checks the first bytes the server reads against the HTTP/2 client preface; on a
+    /// mismatch, counts (`bad_preface`), logs what was sent instead, and returns the error that
+    /// closes the connection. hyper would close it without a word.
+    fn check_preface(&mut self, data: &[u8]) -> Option<io::Error> {
+        let preface = crate::sniff::HTTP2_PREFACE;
+        if self.preface_checked >= preface.len() {
+            return None;
+        }
+        let n = data.len().min(preface.len() - self.preface_checked);
+        if data[..n] == preface[self.preface_checked..self.preface_checked + n] {
+            self.preface_checked += n;
+            return None;
+        }
+        self.preface_checked = preface.len();
+        let first = crate::sniff::hex_bytes(&data[..data.len().min(8)]);
+        let guess = if data.first() == Some(&0x16) {
+            "a TLS handshake: TLS inside the WebSocket? wss:// brings its own"
+        } else if data.first().is_some_and(u8::is_ascii_uppercase) {
+            "an HTTP/1.1 request? this connection carries gRPC"
+        } else {
+            "not HTTP/2"
+        };
+        let place = match self.meta.kind {
+            TransportKind::Ws | TransportKind::Wss => "inside the WebSocket",
+            TransportKind::Grpcs => "after TLS that agreed on HTTP/2 (ALPN h2)",
+            TransportKind::Grpc => "on the cleartext port",
+        };
+        let what = format!(
+            "{place}, the client's first bytes ({first}) are not the HTTP/2 preface ({guess})"
+        );
+        self.observer.rejected(RejectReason::BadPreface);
+        if let Some(suppressed) = PRE_AUTH_LOG.allow() {
+            tracing::warn!(
+                conn = self.meta.id,
+                peer = %self.meta.peer,
+                transport = %self.meta.kind,
+                reason = %RejectReason::BadPreface,
+                suppressed,
+                "closing connection: {what}"
+            );
+        }
+        Some(io::Error::new(io::ErrorKind::InvalidData, what))
     }
 
     /// Ends the connection for breaking a policy on what the client sends: a GOAWAY
@@ -655,6 +702,9 @@ impl AsyncRead for ServerConn {
         if n > 0 {
             self.meta.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
             let this = &mut *self;
+            if let Some(e) = this.check_preface(&buf.filled()[before..]) {
+                return Poll::Ready(Err(e));
+            }
             if let Some(policy) = &mut this.ping_policy {
                 if let Err(e) = policy.feed(&buf.filled()[before..], Instant::now()) {
                     let (reason, what) = match e {
@@ -1086,6 +1136,7 @@ pub fn serve_ingress(
                             auth_timeout: settings.auth_timeout.unwrap_or_default(),
                             injected: Vec::new(),
                             after_drain: None,
+                            preface_checked: 0,
                             _permit: permit,
                             _source: source,
                         };
