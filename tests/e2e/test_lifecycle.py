@@ -466,6 +466,31 @@ def test_sigterm_cuts_no_download_mid_body(env, upstream):
     assert "gateway stopped" in plain(g.proc.output())
 
 
+def test_a_second_sigterm_during_the_drain_exits_at_once(env, upstream):
+    """An operator who sends SIGTERM (or presses Ctrl-C) again while the gateway drains wants
+    it gone now: exit status 130 within a second, not after `shutdown_grace`."""
+    api = env.token("api", kind="api")
+    tok = env.token_file("draining")
+    g = env.gateway(tls=False, extra=["--set", 'shutdown_grace="20s"'])
+    env.agent(f"grpc://127.0.0.1:{g.port}", tok, name="agent-draining",
+              env=NO_PROXY_ENV, extra=["--upstream", upstream.url])
+    g.wait_agent("draining")
+    size = 30 * MiB
+    dl = Download(g.api_port, f"/agents/draining/proxy/bytes/{size}", api, size, rate=1 * MiB,
+                  timeout=60).start()
+    wait_for(lambda: dl.started_body, timeout=20, what="the slow download under way")
+    g.proc.send_signal(signal.SIGTERM)
+    time.sleep(1.0)
+    assert g.proc.alive(), "the first SIGTERM is graceful: the download is still in flight"
+    t0 = time.monotonic()
+    g.proc.send_signal(signal.SIGINT)
+    rc = g.proc.wait(timeout=5)
+    assert time.monotonic() - t0 < 2, "exited only after the grace"
+    assert rc == 130, rc
+    assert "second SIGTERM or SIGINT during shutdown: exiting now" in plain(g.proc.output())
+    dl.join(60)
+
+
 # ---------------------------------------------------------------------------------------------
 # Reconnect spread after a gateway restart.
 

@@ -329,7 +329,9 @@ fn report_fatal(format: LogFormat, e: &anyhow::Error) {
     let _ = QuietStderr.write_all(line.as_bytes());
 }
 
-/// Cancelled on SIGTERM or SIGINT.
+/// Cancelled on SIGTERM or SIGINT. A second one during the graceful shutdown exits at once
+/// (status 130), as an operator pressing Ctrl-C twice expects; requests still in flight are
+/// cut.
 fn stop_on_signals() -> CancellationToken {
     let stop = CancellationToken::new();
     let s = stop.clone();
@@ -341,6 +343,12 @@ fn stop_on_signals() -> CancellationToken {
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
         }
         s.cancel();
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::warn!("second SIGTERM or SIGINT during shutdown: exiting now, without the grace");
+        std::process::exit(130);
     });
     stop
 }

@@ -47,7 +47,10 @@ pub async fn watch(what: Reloadables, stop: CancellationToken) {
         tokio::select! {
             _ = stop.cancelled() => return,
             Some(()) = async { hangup.as_mut()?.recv().await } => {
-                tracing::info!("SIGHUP received: reloading the token store and certificates");
+                tracing::info!(
+                    "SIGHUP received: reloading the token store and certificates (other \
+                     settings, backends included, are read at start only: restart to apply them)"
+                );
                 what.tokens.check_now();
                 if let Some(c) = &what.cluster {
                     c.reload_secrets();
