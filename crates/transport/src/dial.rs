@@ -62,7 +62,7 @@ pub enum DialError {
          pass HTTP/2 through: use a ws:// or wss:// URL for this path"
     )]
     NoHttp2 { addr: String, negotiated: String },
-    #[error("WebSocket upgrade to {url} refused with HTTP {status}: {body}")]
+    #[error("WebSocket upgrade to {url} refused with HTTP {status}: {body}{}", refusal_hint(*.status))]
     WsRejected {
         url: String,
         status: u16,
@@ -216,6 +216,47 @@ pub fn explain_tls_failure(e: &std::io::Error, peer: &TlsPeer) -> String {
     }
 }
 
+/// A refusal's body as one short line: a proxy's HTML error page becomes its title (or its
+/// text without tags), white space and control characters fold into single spaces.
+fn refusal_text(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let lower = text.to_ascii_lowercase();
+    let inner = match (lower.find("<title>"), lower.find("</title>")) {
+        (Some(a), Some(b)) if a + 7 <= b => text[a + 7..b].to_string(),
+        _ => {
+            let mut out = String::new();
+            let mut in_tag = false;
+            for c in text.chars() {
+                match c {
+                    '<' => in_tag = true,
+                    '>' if in_tag => {
+                        in_tag = false;
+                        out.push(' ');
+                    }
+                    c if !in_tag => out.push(c),
+                    _ => {}
+                }
+            }
+            out
+        }
+    };
+    let words: Vec<&str> = inner
+        .split(|c: char| c.is_whitespace() || c.is_control())
+        .filter(|w| !w.is_empty())
+        .collect();
+    words.join(" ").chars().take(200).collect()
+}
+
+/// What to check after the upgrade was refused with `status`.
+fn refusal_hint(status: u16) -> &'static str {
+    match status {
+        404 => "; check the URL's path: a proxy in front routes only some paths to the gateway",
+        401 | 403 => "; a proxy in front refused the agent: check its access rules",
+        502..=504 => "; the proxy in front could not reach the gateway",
+        _ => "",
+    }
+}
+
 fn refused_alpn(e: &std::io::Error) -> bool {
     matches!(
         e.get_ref()
@@ -324,13 +365,7 @@ async fn websocket<S: Io>(url: &ServerUrl, io: S, s: &DialSettings) -> Result<Bo
             body: resp
                 .body()
                 .as_ref()
-                .map(|b| {
-                    String::from_utf8_lossy(b)
-                        .trim()
-                        .chars()
-                        .take(300)
-                        .collect()
-                })
+                .map(|b| refusal_text(b))
                 .unwrap_or_default(),
         },
         WsError::Protocol(tokio_tungstenite::tungstenite::error::ProtocolError::HttparseError(
@@ -359,4 +394,22 @@ async fn websocket<S: Io>(url: &ServerUrl, io: S, s: &DialSettings) -> Result<Bo
         });
     }
     Ok(Box::new(WsByteStream::new(ws, &s.ws)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_proxys_html_page_becomes_one_line() {
+        let page = b"<html>\r\n<head><title>404 Not Found</title></head>\r\n<body>\r\n<center>\
+            <h1>404 Not Found</h1></center>\r\n<hr><center>nginx/1.22.1</center>\r\n</body>\r\n\
+            </html>\r\n";
+        assert_eq!(refusal_text(page), "404 Not Found");
+        assert_eq!(refusal_text(b"<h1>Bad</h1>\n<p>no\tway</p>"), "Bad no way");
+        assert_eq!(
+            refusal_text(b"agentgate: offer ws-tunnel\n"),
+            "agentgate: offer ws-tunnel"
+        );
+    }
 }
