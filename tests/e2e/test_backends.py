@@ -438,7 +438,8 @@ def test_missing_or_wrong_token_is_unauthenticated(env):
         # An API token is for the tunnel API, not an agent's identity.
         with channel_for(g, "grpc") as ch:
             err = rpc_error(Client(ch, bearer(api)).get, b"x")
-            assert err.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED), err
+            assert err.code() == grpc.StatusCode.UNAUTHENTICATED, err
+            assert "this is an API token (for the tunnel API), not an agent token" in err.details(), err
         assert router.calls == [], f"a refused call reached the backend: {router.calls}"
         # The real token still works on the same gateway.
         with channel_for(g, "grpc") as ch:

@@ -172,7 +172,10 @@ def test_an_expiring_token_ends_its_session_when_it_expires(env):
     wait_for(lambda: not any(x["name"] == "short-lived" for x in g.agents()), timeout=4 + BOUND,
              interval=0.2, what="the session ended at expiry")
     assert time.monotonic() - t0 > 1.0, "it ended long before its expiry"
-    wait_for(lambda: "expired" in a.output(), timeout=10, what="the agent told its token expired")
+    # The session's end says "expired", not "revoked" (the agent logs the gateway's reason).
+    wait_for(lambda: "this agent's token expired; give the agent a new token" in a.output(), timeout=10,
+             what="the agent told its token expired")
+    assert "ending session: its token expired" in g.proc.output()
     assert "(expired)" in subprocess.run([str(BIN), "token", "list", "--tokens", str(env.tokens)],
                                          capture_output=True, text=True, check=True).stdout
 

@@ -16,8 +16,10 @@ pub struct AgentIdentity {
     /// The id of the token used (for per-token limits).
     pub token_id: String,
     pub conn: Arc<ConnMeta>,
-    /// Cancelled when the token is revoked: what it authenticated ends.
+    /// Cancelled when the token is revoked (or expires): what it authenticated ends.
     pub revoked: tokio_util::sync::CancellationToken,
+    /// When the token expires (Unix seconds), if it does: tells an expiry from a revocation.
+    pub expires_at: Option<u64>,
 }
 
 /// Whether a call carries credentials of its own (an `authorization` header), valid or not.
@@ -102,9 +104,14 @@ impl AgentAuth {
             })?;
         let token = bearer_token(header)
             .ok_or("malformed authorization metadata: expected 'Bearer <agent token>'")?;
-        self.tokens
-            .verify(TokenKind::Agent, token)
-            .ok_or("invalid agent token (unknown, revoked or expired)")
+        self.tokens.verify(TokenKind::Agent, token).ok_or_else(|| {
+            if self.tokens.verify(TokenKind::Api, token).is_some() {
+                "this is an API token (for the tunnel API), not an agent token; give the agent \
+                 one made with `agentgate token create --kind agent`"
+            } else {
+                "invalid agent token (unknown, revoked or expired)"
+            }
+        })
     }
 }
 
@@ -117,6 +124,7 @@ fn bind(
     let _ = conn.agent.set(entry.name.clone());
     AgentIdentity {
         revoked: tokens.revocation(&entry),
+        expires_at: entry.expires_at,
         token_id: entry.id.clone(),
         name: entry.name.clone(),
         conn: conn.clone(),

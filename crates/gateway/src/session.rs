@@ -190,6 +190,7 @@ impl AgentSession for SessionService {
         let owner = SessionOwner {
             agent: id.name.clone(),
             token_id: id.token_id.clone(),
+            token_expires_at: id.expires_at,
         };
         Ok(Response::new(SessionEvents::new(
             sessions.clone(),

@@ -49,6 +49,8 @@ const GOAWAY_POLL: Duration = Duration::from_millis(5);
 pub struct SessionOwner {
     pub agent: String,
     pub token_id: String,
+    /// When the token expires (Unix seconds), if it does.
+    pub token_expires_at: Option<u64>,
 }
 
 pub struct SessionEvents {
@@ -134,6 +136,12 @@ impl SessionEvents {
     /// requests and its parked tunnels end, and the agent's next registration is refused.
     fn revoke(&mut self) -> Poll<Option<Result<SessionEvent, Status>>> {
         let ended = self.retire_connection();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let expired = self.owner.token_expires_at.is_some_and(|at| now >= at);
+        let what = if expired { "expired" } else { "was revoked" };
         self.sessions
             .metrics
             .connections_rejected
@@ -144,7 +152,7 @@ impl SessionEvents {
             token_id = %self.owner.token_id,
             parked_tunnels_ended = ended,
             reason = REJECT_REVOKED,
-            "ending session: its token was revoked"
+            "ending session: its token {what}"
         );
         // The status below must reach the agent first (closing at once cut it off: the agent
         // saw a broken connection, not why; a GOAWAY first made it reconnect before reading
@@ -158,9 +166,10 @@ impl SessionEvents {
             tokio::time::sleep(REVOKED_IN_FLIGHT_GRACE).await;
             conn.request_close();
         });
-        self.end(Some(Status::unauthenticated(
-            "agentgate: this agent's token was revoked; give the agent a new token",
-        )))
+        self.end(Some(Status::unauthenticated(format!(
+            "agentgate: this agent's token {what}; give the agent a new token (an agent that \
+             already has one reconnects with it)"
+        ))))
     }
 }
 
@@ -297,6 +306,7 @@ mod tests {
         let owner = SessionOwner {
             agent: "known".into(),
             token_id: "t-1".into(),
+            token_expires_at: None,
         };
         let first = SessionEvent {
             event: Some(session_event::Event::Heartbeat(Heartbeat {
