@@ -194,6 +194,8 @@ def test_a_burst_of_an_agents_first_calls_is_answered_whole(env):
         c.sock.sendall(c.conn.data_to_send())
         assert c.read(lambda: len(c.status) == len(sids), timeout=10) == "done", (ack_pings, len(c.status))
         assert c.goaway is not None and c.goaway[1] == 0, c.goaway  # NO_ERROR: a drain, no cut
+        # A call without its message is the caller's fault: INVALID_ARGUMENT, not INTERNAL.
+        assert set(c.status.values()) == {"3"}, set(c.status.values())
         c.close()
     assert_steady_serves(g, api)
 

@@ -32,6 +32,10 @@ pub fn explain(status: &Status) -> Option<Status> {
                     "agentgate: a request message is not what this method takes ({what}); build \
                      the client from agentgate's .proto files"
                 )
+            } else if msg == "Missing request message." {
+                "agentgate: the call carried no request message (the stream ended after the \
+                 headers); a unary call sends exactly one"
+                    .to_string()
             } else if msg == "Unexpected EOF decoding stream." {
                 "agentgate: the request ended inside a message (its 5-byte gRPC header announced \
                  more bytes than came)"
@@ -86,6 +90,11 @@ mod tests {
                 ),
                 Code::InvalidArgument,
                 "not what this method takes (AgentMessage.msg: invalid wire type value: 7)",
+            ),
+            (
+                Status::internal("Missing request message."),
+                Code::InvalidArgument,
+                "carried no request message",
             ),
             (
                 Status::internal("Unexpected EOF decoding stream."),
