@@ -752,3 +752,32 @@ def test_callers_that_stop_reading_do_not_freeze_the_agent_for_others(env):
         for s in stalled:
             s.close()
     assert_steady_serves(g, api)
+
+
+@pytest.mark.parametrize("flood", ["ping", "settings"])
+def test_control_frame_floods_on_the_api_port_close_the_connection(env, flood):
+    """The tunnel API port answers HTTP/2 too: a client that never makes a request but sends
+    PINGs (or SETTINGS) as fast as it can had each answered (36 million in 10 s from two
+    connections, a core and a half). The agent port's policy applies: closed, counted, logged."""
+    g, api = gateway_with_steady_agent(env, tls=False)
+    c = raw_h2.RawH2(g.api_port)
+    for i in range(200):
+        if c.closed:
+            break
+        try:
+            if flood == "ping":
+                c.conn.ping(i.to_bytes(8, "big"))
+            else:
+                c.conn.update_settings({h2.settings.SettingCodes.ENABLE_PUSH: 0})
+            c.flush()
+        except (OSError, h2.exceptions.ProtocolError):
+            break
+    try:
+        c.pump(lambda: False, timeout=3)
+    except OSError:
+        pass  # closed under our feet: what the test wants
+    reason = "too_many_pings" if flood == "ping" else "too_many_settings"
+    wait_for(lambda: g.metric("agentgate_http_connections_refused_total", listener="api", reason=reason) == 1,
+             timeout=5, what=f"the {flood} flood refused as {reason}")
+    assert "connection refused: the client" in g.proc.output()
+    assert_steady_serves(g, api)

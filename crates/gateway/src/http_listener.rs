@@ -64,6 +64,9 @@ pub struct HttpListenerSettings {
     pub http2_connection_window: u32,
     /// After shutdown starts, how long open requests may take.
     pub shutdown_grace: Duration,
+    /// HTTP/2 clients' PINGs closer than this (with nothing sent back between) close the
+    /// connection, as on the agent port (`min_client_ping_interval`); SETTINGS floods too.
+    pub min_client_ping_interval: Duration,
     /// Balancers whose connections start with a PROXY protocol header naming the caller
     /// (`proxy_protocol_from`; the API listener only). Empty: none is read.
     pub proxy_protocol_from: Vec<ipnet::IpNet>,
@@ -89,6 +92,7 @@ impl HttpListenerSettings {
             http2_stream_window: c.http2_stream_window,
             http2_connection_window: c.http2_connection_window,
             shutdown_grace: c.shutdown_grace,
+            min_client_ping_interval: c.min_client_ping_interval,
             proxy_protocol_from: Vec::new(),
             metrics,
         }
@@ -255,6 +259,7 @@ pub async fn serve_http<F, S, B>(
             let limits = IdleLimits {
                 idle: settings.idle_timeout,
                 first_request: settings.header_read_timeout,
+                min_ping_interval: settings.min_client_ping_interval,
             };
             let result = match acceptor {
                 None => {
@@ -282,7 +287,10 @@ pub async fn serve_http<F, S, B>(
                         .await
                 }
             };
-            if activity.no_request.load(Ordering::Relaxed) {
+            let flood = *activity.flood.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((reason, why)) = flood {
+                settings.refused(reason, peer, why);
+            } else if activity.no_request.load(Ordering::Relaxed) {
                 let why = format!(
                     "no request began within {:?} (http_header_read_timeout)",
                     settings.header_read_timeout
@@ -330,6 +338,9 @@ struct Activity {
     waiting: Mutex<Option<WaitingSlot>>,
     /// Set when the connection was closed for beginning no request in time.
     no_request: AtomicBool,
+    /// Set (reason, sentence) when the connection was closed for a flood of HTTP/2 control
+    /// frames.
+    flood: Mutex<Option<(&'static str, &'static str)>>,
     /// Bytes of the HTTP/2 client preface the connection began with, so far; at its whole
     /// length the client is an HTTP/2 client that may connect ahead of its first call
     /// (tonic's `Endpoint::connect`, grpc-go's `WithBlock`), and only the idle timeout applies.
@@ -449,6 +460,8 @@ struct IdleLimits {
     /// may connect ahead of its first call), the idle timeout after set-up instead. Silent or
     /// slow sockets cannot hold a place longer.
     first_request: Duration,
+    /// `min_client_ping_interval` for HTTP/2 connections.
+    min_ping_interval: Duration,
 }
 
 /// Closes the connection once it has had no request in flight and no bytes in either
@@ -463,6 +476,9 @@ struct IdleIo<T> {
     /// PINGs alone cannot hold a place for ever.
     http2_first_request_by: tokio::time::Instant,
     timer: Pin<Box<tokio::time::Sleep>>,
+    /// The PING and SETTINGS policy of an HTTP/2 connection (dropped once the first bytes
+    /// show HTTP/1.1): hyper answers every PING and SETTINGS frame, as fast as they come.
+    frames: Option<agentgate_transport::PingPolicy>,
 }
 
 impl<T> IdleIo<T> {
@@ -476,7 +492,40 @@ impl<T> IdleIo<T> {
             first_request_by: now + limits.first_request,
             http2_first_request_by: now + limits.idle.max(limits.first_request),
             timer: Box::pin(tokio::time::sleep(limits.idle.min(limits.first_request))),
+            frames: Some(agentgate_transport::PingPolicy::new(
+                limits.min_ping_interval,
+            )),
         }
+    }
+
+    /// Feeds what the client sent to the frame policy; `Err` closes a flooding connection.
+    fn watch_frames(&mut self, data: &[u8]) -> io::Result<()> {
+        if self.activity.preface_seen.load(Ordering::Relaxed) == usize::MAX {
+            self.frames = None;
+        }
+        let Some(policy) = &mut self.frames else {
+            return Ok(());
+        };
+        let Err(e) = policy.feed(data, Instant::now()) else {
+            return Ok(());
+        };
+        let flood = match e {
+            agentgate_transport::TooManyPings::Pings { .. } => (
+                "too_many_pings",
+                "the client sends HTTP/2 PINGs more often than allowed (min_client_ping_interval)",
+            ),
+            agentgate_transport::TooManyPings::Settings { .. } => (
+                "too_many_settings",
+                "the client keeps sending HTTP/2 SETTINGS frames",
+            ),
+        };
+        *self
+            .activity
+            .flood
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(flood);
+        self.frames = None;
+        Err(io::Error::new(io::ErrorKind::InvalidData, flood.1))
     }
 
     /// `Err` once the connection has been idle for too long, or began no request in time;
@@ -537,6 +586,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
         if matches!(res, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             self.activity.touch();
             self.activity.saw(&buf.filled()[before..]);
+            self.watch_frames(&buf.filled()[before..])?;
         }
         if res.is_pending() {
             self.check_idle(cx)?;
@@ -552,8 +602,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let res = Pin::new(&mut self.io).poll_write(cx, buf);
-        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+        if let Poll::Ready(Ok(n)) = res {
+            if n > 0 {
+                self.activity.touch();
+                if let Some(policy) = &mut self.frames {
+                    policy.feed_outbound(&buf[..n]);
+                }
+            }
         }
         res
     }
@@ -563,8 +618,21 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let res = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+        if let Poll::Ready(Ok(n)) = res {
+            if n > 0 {
+                self.activity.touch();
+                if let Some(policy) = &mut self.frames {
+                    let mut left = n;
+                    for b in bufs {
+                        let take = left.min(b.len());
+                        policy.feed_outbound(&b[..take]);
+                        left -= take;
+                        if left == 0 {
+                            break;
+                        }
+                    }
+                }
+            }
         }
         res
     }
