@@ -66,7 +66,9 @@ pub struct HttpListenerSettings {
     pub shutdown_grace: Duration,
     /// HTTP/2 clients' PINGs closer than this (with nothing sent back between) close the
     /// connection, as on the agent port (`min_client_ping_interval`); SETTINGS floods too.
-    pub min_client_ping_interval: Duration,
+    /// `None`: no policy (the internal listener: replicas PING each other every second to
+    /// find a hung peer, and every caller there is a signed replica).
+    pub min_client_ping_interval: Option<Duration>,
     /// Balancers whose connections start with a PROXY protocol header naming the caller
     /// (`proxy_protocol_from`; the API listener only). Empty: none is read.
     pub proxy_protocol_from: Vec<ipnet::IpNet>,
@@ -92,7 +94,8 @@ impl HttpListenerSettings {
             http2_stream_window: c.http2_stream_window,
             http2_connection_window: c.http2_connection_window,
             shutdown_grace: c.shutdown_grace,
-            min_client_ping_interval: c.min_client_ping_interval,
+            min_client_ping_interval: (name != "internal" && !c.min_client_ping_interval.is_zero())
+                .then_some(c.min_client_ping_interval),
             proxy_protocol_from: Vec::new(),
             metrics,
         }
@@ -460,8 +463,8 @@ struct IdleLimits {
     /// may connect ahead of its first call), the idle timeout after set-up instead. Silent or
     /// slow sockets cannot hold a place longer.
     first_request: Duration,
-    /// `min_client_ping_interval` for HTTP/2 connections.
-    min_ping_interval: Duration,
+    /// `min_client_ping_interval` for HTTP/2 connections, if any.
+    min_ping_interval: Option<Duration>,
 }
 
 /// Closes the connection once it has had no request in flight and no bytes in either
@@ -492,9 +495,9 @@ impl<T> IdleIo<T> {
             first_request_by: now + limits.first_request,
             http2_first_request_by: now + limits.idle.max(limits.first_request),
             timer: Box::pin(tokio::time::sleep(limits.idle.min(limits.first_request))),
-            frames: Some(agentgate_transport::PingPolicy::new(
-                limits.min_ping_interval,
-            )),
+            frames: limits
+                .min_ping_interval
+                .map(agentgate_transport::PingPolicy::new),
         }
     }
 
