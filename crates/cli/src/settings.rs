@@ -57,11 +57,21 @@ where
     let env_prefix = match env {
         EnvLayer::Prefixed(prefix) => {
             figment = figment.merge(Env::prefixed(prefix).only(T::FIELD_NAMES));
-            warn_unknown_env(prefix, T::FIELD_NAMES, flag_env);
+            warn_unknown_env(
+                prefix,
+                T::FIELD_NAMES,
+                flag_env,
+                "takes a setting's name from `agentgate config defaults` in upper case",
+            );
             prefix
         }
         EnvLayer::WithTheFlags(prefix) => {
-            warn_unknown_env(prefix, &[], flag_env);
+            warn_unknown_env(
+                prefix,
+                &[],
+                flag_env,
+                "is one of the variables `agentgate agent --help` lists as [env: ...]",
+            );
             prefix
         }
     };
@@ -170,7 +180,7 @@ const OTHER_ENV: &[&str] = &[
 ];
 
 /// A misspelt `AGENTGATE_*` variable would otherwise be ignored without a word.
-fn warn_unknown_env(prefix: &str, settings: &[&str], flag_env: &[String]) {
+fn warn_unknown_env(prefix: &str, settings: &[&str], flag_env: &[String], names: &str) {
     for (var, _) in std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v))) {
         let Some(setting) = var.strip_prefix(prefix) else {
             continue;
@@ -182,8 +192,7 @@ fn warn_unknown_env(prefix: &str, settings: &[&str], flag_env: &[String]) {
         if !known {
             tracing::warn!(
                 variable = %var,
-                "unknown setting in the environment, ignored: {prefix}<SETTING> takes a \
-                 setting's name from `agentgate config defaults` in upper case"
+                "unknown setting in the environment, ignored: {prefix}<SETTING> {names}"
             );
         }
     }
