@@ -160,13 +160,38 @@ fn describe(errors: figment::Error, env_prefix: &str, defaults: &str) -> String 
                 // The file itself does not parse: TOML's own message points at the place.
                 kind if key.is_empty() => format!("cannot use the settings {source}: {kind}"),
                 kind => format!(
-                    "invalid value for the setting {key:?} {source}: {kind}; `{defaults}` shows \
-                     each setting's form and default"
+                    "invalid value for the setting {key:?} {source}: {}; `{defaults}` shows \
+                     each setting's form and default",
+                    in_plain_words(&kind.to_string())
                 ),
             }
         })
         .collect();
     sentences.join("\n")
+}
+
+/// serde's words for a value of the wrong type, with Rust's type names ("expected usize",
+/// "found unsigned int `3`") said as a person would.
+fn in_plain_words(kind: &str) -> String {
+    let mut out = kind.to_string();
+    for (rust, plain) in [
+        ("usize", "a whole number"),
+        ("u64", "a whole number"),
+        ("u32", "a whole number"),
+        ("u16", "a whole number (a port)"),
+        ("u8", "a small whole number"),
+        ("f64", "a number"),
+        ("unsigned int", "the number"),
+        ("signed int", "the number"),
+        ("found string", "found the text"),
+        ("found bool", "found"),
+    ] {
+        out = out.replace(rust, plain);
+    }
+    out.replace(
+        "expected a duration",
+        "expected a duration such as 30s or 5m (quoted in a TOML file)",
+    )
 }
 
 /// `AGENTGATE_*` variables read by other code than a flag: the agent's token, the build's
@@ -214,6 +239,19 @@ pub fn flag_env_names(cmd: &clap::Command) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn type_errors_name_no_rust_types() {
+        assert_eq!(
+            in_plain_words("invalid type: found unsigned int `3`, expected a duration"),
+            "invalid type: found the number `3`, expected a duration such as 30s or 5m (quoted \
+             in a TOML file)"
+        );
+        assert_eq!(
+            in_plain_words("invalid value signed int `-1`, expected usize"),
+            "invalid value the number `-1`, expected a whole number"
+        );
+    }
     use agentgate_gateway::GatewayConfig;
     use std::time::Duration;
 
