@@ -466,6 +466,37 @@ def test_sigterm_cuts_no_download_mid_body(env, upstream):
     assert "gateway stopped" in plain(g.proc.output())
 
 
+def test_a_request_still_waiting_when_the_grace_ends_gets_503_saying_so(env):
+    """A tunnelled request whose upstream has not answered when `shutdown_grace` ends gets 503
+    `shutdown` with a sentence (retry it), not an empty reply when the process exits, and the
+    access line does not blame the caller."""
+    up = PatternServer()
+    try:
+        api = env.token("api", kind="api")
+        tok = env.token_file("slowpoke")
+        g = env.gateway(tls=False, extra=["--set", 'shutdown_grace="2s"'])
+        env.agent(f"grpc://127.0.0.1:{g.port}", tok, name="agent-slowpoke",
+                  env=NO_PROXY_ENV, extra=["--upstream", up.url])
+        g.wait_agent("slowpoke")
+        got: list = []
+        t = threading.Thread(target=lambda: got.append(api_get(g.api_port, "/agents/slowpoke/proxy/sleep/15", api,
+                                                               timeout=20)), daemon=True)
+        t.start()
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        g.proc.send_signal(signal.SIGTERM)
+        t.join(15)
+        assert got, "no answer"
+        status, body = got[0]
+        assert status == 503, (status, body[:300])
+        assert b"grace period ended before agent \"slowpoke\" answered; retry the request" in body, body
+        assert time.monotonic() - t0 < 5
+        g.proc.wait(timeout=10)
+        assert 'outcome="shutdown"' in plain(g.proc.output())
+    finally:
+        up.close()
+
+
 def test_a_second_sigterm_during_the_drain_exits_at_once(env, upstream):
     """An operator who sends SIGTERM (or presses Ctrl-C) again while the gateway drains wants
     it gone now: exit status 130 within a second, not after `shutdown_grace`."""

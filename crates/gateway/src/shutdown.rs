@@ -12,7 +12,8 @@ use crate::Gateway;
 /// At most how long the agent port's sessions get to end by themselves (each once its
 /// connection wrote the GOAWAY) before the rest are ended.
 const SESSIONS_END_WITHIN: Duration = Duration::from_secs(2);
-/// After the grace period, how long calls to backends that were ended get to send their status.
+/// After the grace period, how long calls to backends and tunnelled requests that were ended
+/// get to send their status.
 const ENDED_CALLS_GO_OUT_WITHIN: Duration = Duration::from_secs(1);
 const INTERNAL_API_STOPS_WITHIN: Duration = Duration::from_secs(2);
 /// The periodic tasks, the registry's last write (this replica's entries removed) included.
@@ -95,6 +96,7 @@ impl Running {
         });
         if tokio::time::timeout(grace, &mut in_flight).await.is_err() {
             gw.backends.end_open_calls();
+            gw.tunnels.end_open_requests();
             if tokio::time::timeout(ENDED_CALLS_GO_OUT_WITHIN, &mut in_flight)
                 .await
                 .is_err()

@@ -43,6 +43,12 @@ pub enum ForwardError {
     /// cancel at once rather than wait for the rest of the body.
     #[error("the caller's request to agent {agent:?} broke off: {message}")]
     CallerAborted { agent: String, message: String },
+    /// The gateway's shutdown grace ended before the agent answered.
+    #[error(
+        "the gateway is shutting down and its grace period ended before agent {agent:?} \
+         answered; retry the request (another replica, or this one once restarted, answers it)"
+    )]
+    Shutdown { agent: String },
 }
 
 impl ForwardError {
@@ -85,6 +91,11 @@ impl ForwardError {
             }
             Self::ClusterUnavailable { .. } => (
                 "cluster_unavailable",
+                StatusCode::SERVICE_UNAVAILABLE,
+                Code::Unavailable,
+            ),
+            Self::Shutdown { .. } => (
+                "shutdown",
                 StatusCode::SERVICE_UNAVAILABLE,
                 Code::Unavailable,
             ),

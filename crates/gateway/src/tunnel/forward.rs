@@ -77,9 +77,18 @@ pub struct LocalTunnels {
     pub tunnel_wait: Duration,
     /// `tunnel_chunk_size`: the largest body chunk sent to an agent.
     chunk_size: usize,
+    /// Cancelled when the shutdown grace is over: a request still waiting for its agent's
+    /// answer then gets 503 `shutdown` with a sentence, instead of an empty reply when the
+    /// process exits.
+    ending: tokio_util::sync::CancellationToken,
 }
 
 impl LocalTunnels {
+    /// The shutdown grace is over: requests still waiting for an answer end (see `ending`).
+    pub fn end_open_requests(&self) {
+        self.ending.cancel();
+    }
+
     pub fn new(
         parking: Arc<TunnelParking>,
         directory: Arc<Directory>,
@@ -93,6 +102,7 @@ impl LocalTunnels {
             metrics,
             tunnel_wait,
             chunk_size,
+            ending: tokio_util::sync::CancellationToken::new(),
         }
     }
 
@@ -261,6 +271,11 @@ impl LocalTunnels {
                     return Err(AttemptError::Final(ForwardError::CallerAborted {
                         agent: agent.into(),
                         message: why,
+                    }));
+                }
+                () = self.ending.cancelled() => {
+                    return Err(AttemptError::Final(ForwardError::Shutdown {
+                        agent: agent.into(),
                     }));
                 }
             };
