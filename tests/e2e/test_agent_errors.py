@@ -119,3 +119,21 @@ def test_agent_check_reports_each_step_and_its_exit_status(env):
         assert_plain(r.stdout)
     finally:
         up.close()
+
+
+def test_a_gateway_that_is_down_is_one_line_per_attempt_not_a_failed_probe_and_a_fallback(env):
+    """A wss:// agent (auto mode: it probes direct gRPC first) whose gateway is not listening:
+    the WebSocket fallback would dial the same address, so the agent says once per attempt that
+    nothing listens, without a line about a failed HTTP/2 probe."""
+    from conftest import free_port
+
+    port = free_port()
+    tf = env.token_file("lonely")
+    a = env.agent(f"wss://localhost:{port}/", tf, extra=["--backoff-initial", "200ms", "--backoff-max", "400ms"],
+                  name="lonely")
+    wait_for(lambda: a.output().count("cannot connect") >= 3, timeout=15, what="three attempts")
+    out = a.output()
+    assert "direct gRPC probe failed" not in out, out[-2000:]
+    assert "falling back" not in out
+    line = next(line for line in out.splitlines() if "cannot connect" in line)
+    assert f"cannot connect to localhost:{port}" in line or f"127.0.0.1:{port}" in line, line

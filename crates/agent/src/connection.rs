@@ -527,6 +527,10 @@ impl Dialer {
                 match self.establish(&direct, true, self.cfg.probe_timeout).await {
                     Ok(c) => Ok((c, None)),
                     Err(e @ ConnectError::Unauthenticated(_)) => Err(e),
+                    // Nothing listens at that address (the gateway is down, or restarting):
+                    // the WebSocket fallback dials the same address, so it would only fail
+                    // again, and a line about HTTP/2 would mislead.
+                    Err(e @ ConnectError::Dial(DialError::Connect { .. })) => Err(e),
                     Err(e) => {
                         tracing::info!(probe = %direct, "direct gRPC probe failed ({e}); falling back to {server}");
                         let why = format!("the direct gRPC probe of {direct} failed: {e}");
