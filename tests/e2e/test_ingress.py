@@ -502,7 +502,13 @@ def test_websocket_refusals(env):
         ic.read_until_closed(s, timeout=5)
     wait_log(g, r"closing connection: after TLS that agreed on HTTP/2 \(ALPN h2\), the client's first bytes "
                 r"\(47 45 54 20 2f 20 48 54\) are not the HTTP/2 preface \(an HTTP/1.1 request")
-    wait_rejected(g, "bad_preface", before + 2)
+    # HTTP/2 after TLS that did not agree on it (no ALPN h2 offered): named as such.
+    with socket.create_connection(("127.0.0.1", g.port), timeout=5) as raw:
+        s = ic.client_tls_context(ca, ["http/1.1"]).wrap_socket(raw, server_hostname="localhost")
+        s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        answer, _ = ic.read_until_closed(s, timeout=5)
+    assert answer.startswith(b"HTTP/1.1 400") and b"did not offer it in TLS (ALPN h2)" in answer, answer
+    wait_rejected(g, "bad_preface", before + 3)
 
     # A PING flood: each PING costs a pong, and a peer that does not read would have them
     # queue without end. Past 10 in a second: close 1008 naming it.
@@ -514,8 +520,11 @@ def test_websocket_refusals(env):
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline:
                 ws.recv(timeout=max(0.1, deadline - time.monotonic()))
-        assert ei.value.rcvd is not None and ei.value.rcvd.code == 1008, ei.value
-        assert "PING flood" in ei.value.rcvd.reason, ei.value.rcvd
+        # The close frame may be lost to the TCP reset (the client's PINGs were still unread
+        # when the gateway closed); when it arrives, it names the flood. The log always does.
+        if ei.value.rcvd is not None:
+            assert ei.value.rcvd.code == 1008, ei.value
+            assert "PING flood" in ei.value.rcvd.reason, ei.value.rcvd
     wait_rejected(g, "ws_protocol_error", violations + 4)
     wait_log(g, r"closing connection: WebSocket PING flood: more than 10 in one second")
     steady.assert_undisturbed()

@@ -106,6 +106,18 @@ pub async fn read_upgrade<S: AsyncRead + Unpin>(
                     ),
                 )))
             }
+            // HTTP/2 after TLS that did not agree on it: the client (or a proxy re-encrypting
+            // towards the gateway) did not offer h2 in ALPN.
+            Err(_) if buf.starts_with(b"PRI * HTTP/2.0") => {
+                return Ok(Err(Refusal::new(
+                    http::StatusCode::BAD_REQUEST,
+                    RejectReason::BadPreface,
+                    "agentgate: the client sent HTTP/2 but did not offer it in TLS (ALPN h2); \
+                     configure the client, or the proxy in front, to offer h2 (for example \
+                     nginx's grpc_pass grpcs://, not proxy_pass)"
+                        .to_string(),
+                )))
+            }
             Err(e) => {
                 return Ok(Err(Refusal::new(
                     http::StatusCode::BAD_REQUEST,
