@@ -191,7 +191,10 @@ impl<S> RpcGuard<S> {
         let limit = self.state.max_refused_calls;
         let refused = conn.refused_calls.fetch_add(1, Ordering::Relaxed) + 1;
         if refused == limit {
-            conn.request_drain(REJECT_REFUSED_CALLS);
+            if !conn.request_drain(REJECT_REFUSED_CALLS) {
+                // Already told to go (too many streams before auth): one GOAWAY, one count.
+                return;
+            }
             self.state
                 .metrics
                 .connections_rejected

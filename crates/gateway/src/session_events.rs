@@ -162,7 +162,7 @@ impl SessionEvents {
         let conn = self.conn.clone();
         tokio::spawn(async move {
             tokio::time::sleep(REVOKED_GOAWAY_AFTER).await;
-            conn.request_drain(REJECT_REVOKED);
+            let _ = conn.request_drain(REJECT_REVOKED);
             tokio::time::sleep(REVOKED_IN_FLIGHT_GRACE).await;
             conn.request_close();
         });

@@ -286,9 +286,11 @@ impl ConnMeta {
     /// and may be sending the next one as this one is refused: closing at once would fail
     /// that call (nginx answers 502), so the gateway says GOAWAY first and nginx and HAProxy
     /// stop reusing the connection.
-    /// `reason` goes into the GOAWAY's debug data. Only the first request counts.
-    pub fn request_drain(&self, reason: &'static str) {
-        let _ = self.drain.set(reason);
+    /// `reason` goes into the GOAWAY's debug data. Only the first request counts: true when
+    /// this one was it (the caller then counts and logs the drain; a second reason for the
+    /// same GOAWAY is not another rejection).
+    pub fn request_drain(&self, reason: &'static str) -> bool {
+        self.drain.set(reason).is_ok()
     }
 
     /// Whether the agent retired the connection (see `retired`).
@@ -650,7 +652,7 @@ impl AsyncRead for ServerConn {
                 // Streams were opened: a proxy's connection, say, carrying load balancers'
                 // health checks, which may have the next one in flight. GOAWAY now, and the
                 // close one `auth_timeout` later.
-                this.meta.request_drain(reason.as_str());
+                let _ = this.meta.request_drain(reason.as_str());
                 this.observer.rejected(reason);
                 if let Some(suppressed) = PRE_AUTH_LOG.allow() {
                     tracing::warn!(
@@ -745,7 +747,7 @@ impl AsyncRead for ServerConn {
                             return Poll::Ready(Err(this.close_for_policy(cx, reason, what)));
                         }
                         if this.meta.drain.get().is_none() {
-                            this.meta.request_drain(reason.as_str());
+                            let _ = this.meta.request_drain(reason.as_str());
                             this.observer.rejected(reason);
                             if let Some(suppressed) = PRE_AUTH_LOG.allow() {
                                 tracing::warn!(
