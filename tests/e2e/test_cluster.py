@@ -488,6 +488,13 @@ def agent_across_two_replicas(env, upstream: AgentUpstream, name: str, flags: li
     return redis, here, there, agent, api_token, client
 
 
+def crash(replica, agent) -> None:
+    """kill -9 of a replica and its agent together (a host lost whole)."""
+    replica.proc.send_signal(signal.SIGKILL)
+    agent.send_signal(signal.SIGKILL)
+    replica.proc.wait(timeout=5)
+
+
 def test_a_crashed_replica_whose_agent_is_gone_too_is_skipped_not_called_per_request(env):
     """kill -9 of a replica AND its agent (a host lost whole): the replica's Redis entries stay
     until registry_ttl (5 min here). A request for that agent at the survivor, with a body or
@@ -499,9 +506,7 @@ def test_a_crashed_replica_whose_agent_is_gone_too_is_skipped_not_called_per_req
     try:
         flags = REPLICA_FLAGS + ["--set", 'agent_reconnect_wait="2s"']
         _, survivor, victim, agent, api_token, _ = agent_across_two_replicas(env, upstream, "lost", flags)
-        victim.proc.send_signal(signal.SIGKILL)
-        agent.send_signal(signal.SIGKILL)
-        victim.proc.wait(timeout=5)
+        crash(victim, agent)
         for attempt, (method, body) in enumerate([("GET", None), ("POST", b"x" * 200_000)] * 3):
             t0 = time.monotonic()
             status, headers, text = api_request(survivor, method, "/agents/lost/proxy/echo", api_token,
@@ -527,9 +532,7 @@ def test_a_replica_restarted_at_the_same_url_removes_the_entries_its_predecessor
     try:
         flags = REPLICA_FLAGS + ["--set", 'agent_reconnect_wait="1s"']
         redis, survivor, victim, agent, api_token, _ = agent_across_two_replicas(env, upstream, "left", flags)
-        victim.proc.send_signal(signal.SIGKILL)
-        agent.send_signal(signal.SIGKILL)
-        victim.proc.wait(timeout=5)
+        crash(victim, agent)
         assert victim.internal_url in redis.hgetall("agentgate:agent:left")
         successor = Replica(env, 3, redis, write_secret(env)[0], flags, internal_port=victim.internal_port)
         assert successor.internal_url == victim.internal_url

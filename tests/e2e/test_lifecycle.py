@@ -425,13 +425,20 @@ def test_max_connection_age_rotates_without_losing_downloads(env, upstream):
 # ---------------------------------------------------------------------------------------------
 # Graceful shutdown.
 
-def test_sigterm_cuts_no_download_mid_body(env, upstream):
+def draining_gateway(env, agent: str, upstream_url: str, grace: str):
+    """A cleartext gateway with `shutdown_grace` = `grace` and agent `agent` on `upstream_url`,
+    registered. Returns (gateway, API token)."""
     api = env.token("api", kind="api")
-    tok = env.token_file("busy")
-    g = env.gateway(tls=False, extra=["--set", 'shutdown_grace="20s"'])
-    env.agent(f"grpc://127.0.0.1:{g.port}", tok, name="agent-busy",
-              env=NO_PROXY_ENV, extra=["--upstream", upstream.url])
-    g.wait_agent("busy")
+    tok = env.token_file(agent)
+    g = env.gateway(tls=False, extra=["--set", f'shutdown_grace="{grace}"'])
+    env.agent(f"grpc://127.0.0.1:{g.port}", tok, name=f"agent-{agent}",
+              env=NO_PROXY_ENV, extra=["--upstream", upstream_url])
+    g.wait_agent(agent)
+    return g, api
+
+
+def test_sigterm_cuts_no_download_mid_body(env, upstream):
+    g, api = draining_gateway(env, "busy", upstream.url, "20s")
     size, n = 3 * MiB, 100
     dls = [Download(g.api_port, f"/agents/busy/proxy/bytes/{size}", api, size, rate=0.75 * MiB,
                     timeout=60).start() for _ in range(n)]
@@ -472,12 +479,7 @@ def test_a_request_still_waiting_when_the_grace_ends_gets_503_saying_so(env):
     access line does not blame the caller."""
     up = PatternServer()
     try:
-        api = env.token("api", kind="api")
-        tok = env.token_file("slowpoke")
-        g = env.gateway(tls=False, extra=["--set", 'shutdown_grace="2s"'])
-        env.agent(f"grpc://127.0.0.1:{g.port}", tok, name="agent-slowpoke",
-                  env=NO_PROXY_ENV, extra=["--upstream", up.url])
-        g.wait_agent("slowpoke")
+        g, api = draining_gateway(env, "slowpoke", up.url, "2s")
         got: list = []
         t = threading.Thread(target=lambda: got.append(api_get(g.api_port, "/agents/slowpoke/proxy/sleep/15", api,
                                                                timeout=20)), daemon=True)
@@ -500,12 +502,7 @@ def test_a_request_still_waiting_when_the_grace_ends_gets_503_saying_so(env):
 def test_a_second_sigterm_during_the_drain_exits_at_once(env, upstream):
     """An operator who sends SIGTERM (or presses Ctrl-C) again while the gateway drains wants
     it gone now: exit status 130 within a second, not after `shutdown_grace`."""
-    api = env.token("api", kind="api")
-    tok = env.token_file("draining")
-    g = env.gateway(tls=False, extra=["--set", 'shutdown_grace="20s"'])
-    env.agent(f"grpc://127.0.0.1:{g.port}", tok, name="agent-draining",
-              env=NO_PROXY_ENV, extra=["--upstream", upstream.url])
-    g.wait_agent("draining")
+    g, api = draining_gateway(env, "draining", upstream.url, "20s")
     size = 30 * MiB
     dl = Download(g.api_port, f"/agents/draining/proxy/bytes/{size}", api, size, rate=1 * MiB,
                   timeout=60).start()
