@@ -724,8 +724,8 @@ impl AsyncRead for ServerConn {
                 }
                 // Past the limit the client is told to go (GOAWAY): a proxy may carry other
                 // clients' calls on this connection (load balancers' health checks, an
-                // agent's first call). Past twice the limit, one that did not listen is cut
-                // off before HTTP/2 decodes more.
+                // agent's first call). One that did not listen ([`AfterDrain::went_on`]) is
+                // cut off before HTTP/2 decodes more.
                 if let Some(after) = &mut this.after_drain {
                     if after.streams_at_ack.is_none()
                         && policy.client_ping_acks() > after.acks_before
@@ -746,8 +746,7 @@ impl AsyncRead for ServerConn {
                             let what = "it went on opening streams after GOAWAY";
                             return Poll::Ready(Err(this.close_for_policy(cx, reason, what)));
                         }
-                        if this.meta.drain.get().is_none() {
-                            let _ = this.meta.request_drain(reason.as_str());
+                        if this.meta.request_drain(reason.as_str()) {
                             this.observer.rejected(reason);
                             if let Some(suppressed) = PRE_AUTH_LOG.allow() {
                                 tracing::warn!(

@@ -56,7 +56,9 @@ impl WsSettings {
             .write_buffer_size(0)
             // tungstenite queues its pongs there too: a peer that pings and never reads would
             // grow it without end (measured: 1 GiB in 5 s). Past this, the write fails.
-            .max_write_buffer_size(MAX_WRITE_BUFFER_MESSAGES * self.max_write_message_size)
+            .max_write_buffer_size(
+                MAX_WRITE_BUFFER_MESSAGES * self.max_write_message_size.max(1024),
+            )
             .max_message_size(Some(self.max_message_size))
             .max_frame_size(Some(self.max_message_size))
     }
