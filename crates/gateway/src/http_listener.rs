@@ -65,15 +65,21 @@ pub struct HttpListenerSettings {
     /// After shutdown starts, how long open requests may take.
     pub shutdown_grace: Duration,
     /// HTTP/2 clients' PINGs closer than this (with nothing sent back between) close the
-    /// connection, as on the agent port (`min_client_ping_interval`); SETTINGS floods too.
-    /// `None`: no policy (the internal listener: replicas PING each other every second to
-    /// find a hung peer, and every caller there is a signed replica).
+    /// connection, as on the agent port; SETTINGS floods too. `None`: no policy (the internal
+    /// listener: replicas PING each other every second to find a hung peer, and every caller
+    /// there is a signed replica).
     pub min_client_ping_interval: Option<Duration>,
     /// Balancers whose connections start with a PROXY protocol header naming the caller
     /// (`proxy_protocol_from`; the API listener only). Empty: none is read.
     pub proxy_protocol_from: Vec<ipnet::IpNet>,
     pub metrics: Arc<Metrics>,
 }
+
+/// The PING policy's minimum interval on the tunnel API and admin listeners. Far below the
+/// agent port's `min_client_ping_interval` (20 s): a tunnel API client (grpc-go with a
+/// keepalive of its own, say) is not held to the agents' rule; this only stops floods (one
+/// client had 36 million PINGs answered in 10 s).
+const MIN_CLIENT_PING_INTERVAL: Duration = Duration::from_secs(1);
 
 impl HttpListenerSettings {
     /// The settings of the listener `name` from the gateway's configuration, with no PROXY
@@ -94,8 +100,7 @@ impl HttpListenerSettings {
             http2_stream_window: c.http2_stream_window,
             http2_connection_window: c.http2_connection_window,
             shutdown_grace: c.shutdown_grace,
-            min_client_ping_interval: (name != "internal" && !c.min_client_ping_interval.is_zero())
-                .then_some(c.min_client_ping_interval),
+            min_client_ping_interval: (name != "internal").then_some(MIN_CLIENT_PING_INTERVAL),
             proxy_protocol_from: Vec::new(),
             metrics,
         }
