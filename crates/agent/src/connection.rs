@@ -661,7 +661,9 @@ async fn run_agent(agent: Agent, stop: CancellationToken) -> anyhow::Result<()> 
                             current.send_replace(None);
                             match ctx.connect_preferred().await {
                                 Ok(new) => Some(new),
-                                Err(e) => break (format!("connection unusable and reconnecting failed: {e}"), false),
+                                // A GOAWAY is a planned end too (a gateway draining for a
+                                // restart, a proxy reloading): the next attempts stay close.
+                                Err(e) => break (format!("connection unusable and reconnecting failed: {e}"), true),
                             }
                         }
                         _ = stop.cancelled() => break ("agent stopping".to_string(), true),

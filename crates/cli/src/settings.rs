@@ -188,10 +188,11 @@ fn in_plain_words(kind: &str) -> String {
     ] {
         out = out.replace(rust, plain);
     }
-    out.replace(
-        "expected a duration",
-        "expected a duration such as 30s or 5m (quoted in a TOML file)",
-    )
+    out.replace("invalid value the number", "invalid value: the number")
+        .replace(
+            "expected a duration",
+            "expected a duration such as 30s or 5m (quoted in a TOML file)",
+        )
 }
 
 /// `AGENTGATE_*` variables read by other code than a flag: the agent's token, the build's
@@ -249,7 +250,7 @@ mod tests {
         );
         assert_eq!(
             in_plain_words("invalid value signed int `-1`, expected usize"),
-            "invalid value the number `-1`, expected a whole number"
+            "invalid value: the number `-1`, expected a whole number"
         );
     }
     use agentgate_gateway::GatewayConfig;

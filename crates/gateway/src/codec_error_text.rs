@@ -34,7 +34,7 @@ pub fn explain(status: &Status) -> Option<Status> {
                 )
             } else if msg == "Missing request message." {
                 "agentgate: the call carried no request message (the stream ended after the \
-                 headers); a unary call sends exactly one"
+                 headers); this method takes exactly one"
                     .to_string()
             } else if msg == "Unexpected EOF decoding stream." {
                 "agentgate: the request ended inside a message (its 5-byte gRPC header announced \
