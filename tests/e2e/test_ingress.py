@@ -510,6 +510,18 @@ def test_websocket_refusals(env):
     assert answer.startswith(b"HTTP/1.1 400") and b"did not offer it in TLS (ALPN h2)" in answer, answer
     wait_rejected(g, "bad_preface", before + 3)
 
+    # A text frame that is not UTF-8: close 1007, counted and logged like any text message.
+    sock, head = ws_upgraded(g)
+    mask = b"\x01\x02\x03\x04"
+    payload = b"\xff\xfe not utf-8"
+    sock.sendall(b"\x81" + bytes([0x80 | len(payload)]) + mask
+                 + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+    data, _ = ic.read_until_closed(sock, timeout=5)
+    sock.close()
+    assert b"\x88" in head.split(b"\r\n\r\n", 1)[1] + data, data  # a close frame came
+    wait_rejected(g, "ws_protocol_error", violations + 4)
+    wait_log(g, r"closing connection: a text message or close reason that is not UTF-8")
+
     # A PING flood: each PING costs a pong, and a peer that does not read would have them
     # queue without end. Past 10 in a second: close 1008 naming it.
     with ws_connect(f"ws://127.0.0.1:{g.clear_port}/tunnel", subprotocols=["ws-tunnel"], open_timeout=5,
@@ -525,7 +537,7 @@ def test_websocket_refusals(env):
         if ei.value.rcvd is not None:
             assert ei.value.rcvd.code == 1008, ei.value
             assert "PING flood" in ei.value.rcvd.reason, ei.value.rcvd
-    wait_rejected(g, "ws_protocol_error", violations + 4)
+    wait_rejected(g, "ws_protocol_error", violations + 5)
     wait_log(g, r"closing connection: WebSocket PING flood: more than 10 in one second")
     steady.assert_undisturbed()
 

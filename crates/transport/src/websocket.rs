@@ -218,6 +218,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsByteStream<S> {
                         format!("WebSocket protocol error: {e}"),
                     ));
                 }
+                // A text message (or a close reason) that is not UTF-8: as for any text
+                // message, a violation with a close frame, counted and logged; it used to drop
+                // the connection without a word.
+                Some(Err(tokio_tungstenite::tungstenite::Error::Utf8(_))) => {
+                    this.violation = Some((
+                        CloseCode::Invalid,
+                        "a text message or close reason that is not UTF-8 on ws-tunnel: only \
+                         binary messages are allowed"
+                            .into(),
+                    ));
+                }
                 Some(Err(tokio_tungstenite::tungstenite::Error::WriteBufferFull(_))) => {
                     this.violation = Some((
                         CloseCode::Policy,
