@@ -571,10 +571,17 @@ where
     let mut answered = answered;
     // Before its first answer, a connection h2 gives up itself got bytes that are not
     // HTTP/2 at all (an HTTP/1.1 server's "400 Bad Request", read as a frame).
+    // An HTTP/1.1 server may also close at once after its answer, so that the reset comes
+    // before the bytes are read: the same hint then.
     let first_failure = |e: h2::Error| {
         if e.is_go_away() && !e.is_remote() {
             "the backend did not answer in HTTP/2 (an HTTP/1.1 server?); a gRPC backend \
              serves HTTP/2: h2c behind an http:// URL, TLS with ALPN h2 behind https://"
+                .to_string()
+        } else if e.is_io() {
+            "the connection broke before the backend answered in HTTP/2 (an HTTP/1.1 server? \
+             one that closes new connections?); a gRPC backend serves HTTP/2: h2c behind an \
+             http:// URL, TLS with ALPN h2 behind https://"
                 .to_string()
         } else {
             stream::describe(&e)
