@@ -398,16 +398,22 @@ impl ServerConn {
         else {
             return;
         };
-        self.observer.rejected(RejectReason::WsProtocolError);
+        self.reject_with_line(RejectReason::WsProtocolError, violation);
+    }
+
+    /// Counts `reason` and writes the `closing connection` line (within the pre-auth budget)
+    /// for a connection closed for what its client sent.
+    fn reject_with_line(&self, reason: RejectReason, what: &dyn std::fmt::Display) {
+        self.observer.rejected(reason);
         if let Some(suppressed) = PRE_AUTH_LOG.allow() {
             tracing::warn!(
                 conn = self.meta.id,
                 peer = %self.meta.peer,
                 transport = %self.meta.kind,
                 agent = self.meta.agent.get().map(String::as_str).unwrap_or("-"),
-                reason = %RejectReason::WsProtocolError,
+                %reason,
                 suppressed,
-                "closing connection: {violation}"
+                "closing connection: {what}"
             );
         }
     }
@@ -461,17 +467,7 @@ impl ServerConn {
         let what = format!(
             "{place}, the client's first bytes ({first}) are not the HTTP/2 preface ({guess})"
         );
-        self.observer.rejected(RejectReason::BadPreface);
-        if let Some(suppressed) = PRE_AUTH_LOG.allow() {
-            tracing::warn!(
-                conn = self.meta.id,
-                peer = %self.meta.peer,
-                transport = %self.meta.kind,
-                reason = %RejectReason::BadPreface,
-                suppressed,
-                "closing connection: {what}"
-            );
-        }
+        self.reject_with_line(RejectReason::BadPreface, &what);
         Some(io::Error::new(io::ErrorKind::InvalidData, what))
     }
 
