@@ -647,7 +647,7 @@ def test_a_backend_url_of_the_wrong_kind_is_named_in_the_callers_status(env):
         with channel_for(g, "grpc") as ch:
             # The HTTP/1.1 server answers 505 and closes: h2 reads the answer as a broken frame,
             # or meets the reset first; the hint is the same either way.
-            for service, why in ((SERVICE, "answer in HTTP/2 (an HTTP/1.1 server?"),
+            for service, why in ((SERVICE, "in HTTP/2 (an HTTP/1.1 server?"),
                                  ("runner.tls.v1.JobRouter", "the server did not answer TLS; if this port is "
                                                              "cleartext, use an http:// URL")):
                 err = rpc_error(Client(ch, bearer(tok), service).get, b"x", timeout=15)
