@@ -291,6 +291,7 @@ def gateway_with_steady_agent(env, **kw):
     g = env.gateway(**kw)
     up = HttpUpstream(env)
     start_agent(env, g, "grpc", "steady", upstreams=[up.url], token_file=tok)
+    g.steady_upstream = up
     return g, api
 
 

@@ -23,7 +23,7 @@ import ingress_clients as ic
 import raw_h2
 from conftest import wait_for
 from test_agentk_compat import HEALTH_CHECK, SERVING, assert_steady_serves, gateway_with_steady_agent
-from test_tunnel import api_request
+from test_tunnel import api_request, read_events, wait_event
 
 WATCH = "/grpc.health.v1.Health/Watch"
 REGISTER = "/agentgate.v1.AgentSession/Register"
@@ -733,29 +733,76 @@ def test_an_http1_host_that_is_not_a_host_is_refused_and_the_connection_closed(e
     assert_steady_serves(g, api)
 
 
-def test_callers_that_stop_reading_do_not_freeze_the_agent_for_others(env):
-    """Five tunnel-API callers ask the same agent for a large download and never read it:
-    each holds up to one stream window (2 MiB) of the agent connection's window. At 4 MiB
-    three of them froze the agent: every other request waited for the window and got 503 or
-    a head without a body. The connection window is 64 MiB now."""
-    g, api = gateway_with_steady_agent(env, tls=False)
+def test_callers_that_stop_reading_are_cut_loose_and_the_agent_serves_others(env):
+    """Forty tunnel-API callers ask the same agent for a large download and never read it.
+    Each holds up to one stream window (2 MiB) of the agent connection's 64 MiB, so past 32
+    every other request to that agent waited for ever. After `stalled_caller_timeout` (2 s
+    here) each stalled answer is cancelled at the agent (its upstream sees the client go),
+    counted and logged, and the agent serves everyone else again."""
+    g, api = gateway_with_steady_agent(env, tls=False, extra=["--set", 'stalled_caller_timeout="2s"'])
+    events = g.steady_upstream.events
     stalled = []
     try:
-        for _ in range(5):
+        for i in range(40):
             s = socket.create_connection(("127.0.0.1", g.api_port), timeout=10)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            s.sendall(b"GET /agents/steady/proxy/download?size=30000000 HTTP/1.1\r\nHost: x\r\n"
-                      b"Authorization: Bearer " + api.encode() + b"\r\n\r\n")
+            s.sendall(f"GET /agents/steady/proxy/download?size=30000000&id=stalled-{i} HTTP/1.1\r\n"
+                      f"Host: x\r\nAuthorization: Bearer {api}\r\n\r\n".encode())
             stalled.append(s)
-        time.sleep(2)  # the downloads fill every buffer on the way that they can
+        wait_for(lambda: g.metric("agentgate_tunnel_answers_cancelled_total", reason="caller_stalled",
+                                  transport="grpc") == 40, timeout=30, what="the 40 stalled answers cancelled")
+        # The agent cancelled each at its upstream.
+        gone = {f"stalled-{i}" for i in range(40)}
+        wait_for(lambda: gone <= {e.get("id") for e in read_events(events) if e["event"] == "client_disconnected"},
+                 timeout=10, what="the upstream seeing each stalled download's client go")
         for i in range(5):
             t0 = time.monotonic()
-            status, _, body = api_request(g, "GET", "/agents/steady/proxy/download?size=100000", api, timeout=8)
-            assert status == 200 and len(body) == 100000, (i, status, body[:200])
+            status, _, body = api_request(g, "GET", "/agents/steady/proxy/download?size=3000000", api, timeout=8)
+            assert status == 200 and len(body) == 3000000, (i, status, body[:200])
             assert time.monotonic() - t0 < 3, f"request {i} took {time.monotonic() - t0:.1f}s"
+        out = ic.plain(g.proc.output())
+        assert "its caller read nothing of the answer for 2s" in out, out[-3000:]
     finally:
         for s in stalled:
             s.close()
+    assert_steady_serves(g, api)
+
+
+def test_an_answer_slow_to_come_from_the_agent_is_not_taken_for_a_stalled_caller(env):
+    """Time an answer waits on the agent (a followed log, a watch) is not the caller's: with
+    `stalled_caller_timeout` at 1 s, a caller that reads each piece as it comes gets an answer
+    whose pieces are 2.5 s apart, whole, and nothing is cancelled."""
+    g, api = gateway_with_steady_agent(env, tls=False, extra=["--set", 'stalled_caller_timeout="1s"'])
+    status, _, body = api_request(g, "GET", "/agents/steady/proxy/drip?pieces=3&every_ms=2500&size=1000&id=d",
+                                  api, timeout=30)
+    assert status == 200 and len(body) == 3000, (status, body[:200])
+    wait_event(g.steady_upstream.events, event="drip_complete", id="d")
+    assert g.metric("agentgate_tunnel_answers_cancelled_total", reason="caller_stalled", transport="grpc") == 0
+
+
+def test_an_agent_looping_on_a_failing_call_cannot_flood_the_log(env):
+    """A holder of a valid agent token whose calls keep failing (here: health checks whose
+    message is not protobuf) wrote one `rpc finished` line per call, 2,300 a second, since only
+    token-less callers were budgeted. Authenticated failures have their own budget (50 lines
+    a second, the rest in `suppressed=`); every call is still counted."""
+    import grpc
+
+    g, api = gateway_with_steady_agent(env, tls=False)
+    token = env.token("looper")
+    check = ic.h2c_channel(g.port).unary_unary(HEALTH_CHECK)
+    md = [("authorization", f"Bearer {token}")]
+    t0 = time.monotonic()
+    futures = [check.future(b"\xff\xff\xff", metadata=md, timeout=20) for _ in range(3000)]
+    codes = {f.exception().code() if f.exception() else grpc.StatusCode.OK for f in futures}
+    took = time.monotonic() - t0
+    assert len(codes) == 1 and grpc.StatusCode.OK not in codes, codes
+    status = next(iter(codes)).name
+    wait_for(lambda: g.metric("agentgate_rpcs_total", method=HEALTH_CHECK, status=status,
+                              transport="grpc") == 3000, timeout=10, what="every failed call counted")
+    time.sleep(1.2)  # the last second's suppressed lines are reported by the next line, if any
+    lines = [x for x in ic.plain(g.proc.output()).splitlines()
+             if "rpc finished" in x and HEALTH_CHECK in x and 'agent="looper"' in x]
+    assert 1 <= len(lines) <= 50 * (took + 2), f"{len(lines)} lines for 3000 failed calls in {took:.1f}s"
     assert_steady_serves(g, api)
 
 

@@ -179,14 +179,22 @@ pub struct GatewayConfig {
     pub tunnel_descriptor_timeout: Duration,
     /// Largest body chunk sent through a tunnel; bounds per-request buffering.
     pub tunnel_chunk_size: usize,
+    /// A streaming answer whose caller (an API client, or a peer replica relaying for one)
+    /// reads nothing of it for this long is cancelled at the agent, outcome `caller_stalled`:
+    /// its unread bytes hold the agent connection's window (`http2_connection_window`), and
+    /// about 32 stalled callers would freeze every other request to that agent. Time the answer
+    /// waits on the agent (a watch, a long poll) does not count. `0s` disables (nginx's
+    /// `send_timeout` is 60 s too).
+    #[serde(with = "humantime_serde")]
+    pub stalled_caller_timeout: Duration,
     /// HTTP/2 stream window for agent connections. Larger windows raise bulk throughput (a
     /// tonic relay went from 395 to 595 Mbit/s at 2 MiB / 4 MiB).
     pub http2_stream_window: u32,
     /// HTTP/2 connection window for agent connections: what all streams of one agent may hold
     /// unread together. A tunnel whose caller stops reading holds up to `http2_stream_window`
     /// of it; once stalled streams hold it all, every other request to that agent waits. At 4
-    /// MiB three stalled downloads froze an agent; 64 MiB takes 32 (nothing is allocated
-    /// until data waits).
+    /// MiB three stalled downloads froze an agent; 64 MiB takes 32, until
+    /// `stalled_caller_timeout` cancels them; nothing is allocated until data waits).
     pub http2_connection_window: u32,
 
     /// Cluster mode: `redis://[:password@]host:port/db`, `rediss://...`, or
@@ -413,6 +421,7 @@ impl Default for GatewayConfig {
             tunnel_wait: Duration::from_secs(10),
             tunnel_descriptor_timeout: Duration::from_secs(10),
             tunnel_chunk_size: 64 * 1024,
+            stalled_caller_timeout: Duration::from_secs(60),
             http2_stream_window: 2 * 1024 * 1024,
             http2_connection_window: 64 * 1024 * 1024,
             redis: None,

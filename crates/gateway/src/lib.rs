@@ -147,6 +147,7 @@ impl Gateway {
             metrics.clone(),
             config.tunnel_wait,
             config.tunnel_chunk_size,
+            config.stalled_caller_timeout,
         ));
         let router = Arc::new(router::Router {
             local: tunnels.clone(),

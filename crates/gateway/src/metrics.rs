@@ -185,6 +185,7 @@ pub struct Metrics {
     pub tunnel_streams_opened: Family,
     pub tunnel_requests: Family,
     pub tunnel_request_bytes: Family,
+    pub tunnel_answers_cancelled: Family,
     pub redis_ops: Family,
     pub registry_writes: Family,
     pub forwards: Family,
@@ -266,6 +267,14 @@ impl Default for Metrics {
                 "Body bytes carried through tunnels, by direction and the agent connection's transport.",
                 Kind::Counter,
                 &["direction", "transport"],
+            ),
+            tunnel_answers_cancelled: Family::new(
+                "agentgate_tunnel_answers_cancelled_total",
+                "Tunnelled answers the gateway cancelled at the agent, by reason (caller_stalled: \
+                 the caller read nothing of it for stalled_caller_timeout) and the agent \
+                 connection's transport.",
+                Kind::Counter,
+                &["reason", "transport"],
             ),
             redis_ops: Family::new(
                 "agentgate_redis_ops_total",
@@ -400,6 +409,7 @@ impl Metrics {
             &self.tunnel_streams_opened,
             &self.tunnel_requests,
             &self.tunnel_request_bytes,
+            &self.tunnel_answers_cancelled,
             &self.redis_ops,
             &self.registry_writes,
             &self.forwards,

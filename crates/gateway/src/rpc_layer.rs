@@ -53,6 +53,10 @@ impl CallAgent {
     }
 }
 
+/// `rpc finished` lines a second for failed calls of authenticated agents; the rest are
+/// counted in the next line's `suppressed` (and every call in `agentgate_rpcs_total`).
+static FAILED_RPC_LOG: agentgate_transport::LogBudget = agentgate_transport::LogBudget::new(50);
+
 /// What is recorded when the RPC ends.
 pub struct Observation {
     metrics: Arc<Metrics>,
@@ -87,7 +91,7 @@ impl Observation {
             None => None,
         };
         macro_rules! rpc_finished {
-            ($level:expr) => {
+            ($level:expr, $suppressed:expr) => {
                 tracing::event!(
                     $level,
                     method = %self.method,
@@ -96,6 +100,7 @@ impl Observation {
                     agent = agent.unwrap_or("-"),
                     conn = self.conn.as_ref().map_or(0, |c| c.id),
                     duration_ms = self.started.elapsed().as_millis() as u64,
+                    suppressed = $suppressed,
                     "rpc finished"
                 )
             };
@@ -104,12 +109,19 @@ impl Observation {
         // flood would otherwise spend the shared log budget on these lines and crowd out the
         // one that says why the connection was closed.
         if status == "OK" || (status == "CANCELLED" && agent.is_none()) {
-            rpc_finished!(tracing::Level::DEBUG);
-        } else if agent.is_some() || agentgate_transport::PRE_AUTH_LOG.allow().is_some() {
-            // A caller without a valid token can make calls fail as fast as it likes, also
-            // through a proxy's connection that a real agent authenticated: its lines come out
-            // of the shared pre-authentication budget.
-            rpc_finished!(tracing::Level::INFO);
+            rpc_finished!(tracing::Level::DEBUG, 0);
+            return;
+        }
+        // A caller without a valid token can make calls fail as fast as it likes, also through
+        // a proxy's connection that a real agent authenticated: its lines come out of the
+        // shared pre-authentication budget. An agent with a valid token looping on a call that
+        // fails (2,300 lines a second seen) has a budget of its own.
+        let budget = match agent {
+            Some(_) => &FAILED_RPC_LOG,
+            None => &agentgate_transport::PRE_AUTH_LOG,
+        };
+        if let Some(suppressed) = budget.allow() {
+            rpc_finished!(tracing::Level::INFO, suppressed);
         }
     }
 }

@@ -15,6 +15,9 @@ Endpoints (any method unless noted):
                          pattern_ok, chunked.
   /sleep?ms=N            Sleeps N ms then answers like /inspect (to overlap concurrent requests).
   /hang[?id=X]           Never answers; writes `hang_closed` to --events when the client goes.
+  GET /drip?pieces=N&every_ms=M&size=S[&id=X]
+                         A chunked answer of N pieces of S bytes, one every M ms (a watch, or a
+                         log that is followed): `drip_complete` when all went out.
 
 Every request also appends a `request` event. Events are JSON lines, flushed at once.
 The process tracks the number of requests in flight and reports the peak in /stats.
@@ -201,6 +204,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self._upload(q)
             if path == "/hang":
                 return self._hang(q)
+            if path == "/drip":
+                return self._drip(q)
             if path == "/stats":
                 s = self.server.stats
                 return self._json({"peak": s.peak, "total": s.total, "in_flight": s.in_flight})
@@ -272,6 +277,27 @@ class Handler(BaseHTTPRequestHandler):
         self.server.events.write(event="upload_complete", id=q.get("id"), received=n, pattern_ok=ok)
         self._json({"bytes": n, "sha256": h.hexdigest(), "pattern_ok": ok, "chunked": chunked,
                     "content_length": self.headers.get("Content-Length")})
+
+    def _drip(self, q):
+        pieces, every, size = int(q.get("pieces", "3")), int(q.get("every_ms", "1000")), int(q.get("size", "10"))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for i in range(pieces):
+                if i:
+                    time.sleep(every / 1000)
+                piece = pattern_slice(i * size, size).tobytes()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except OSError as e:
+            self.server.events.write(event="client_disconnected", id=q.get("id"), error=type(e).__name__)
+            self.close_connection = True
+            return
+        self.server.events.write(event="drip_complete", id=q.get("id"), pieces=pieces)
 
     def _hang(self, q):
         deadline = time.monotonic() + 600

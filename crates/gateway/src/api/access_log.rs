@@ -354,7 +354,11 @@ impl Body for LoggedBody {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                self.finish("broken", EndedBy::Agent);
+                if e.is::<crate::tunnel::CallerStalled>() {
+                    self.finish("caller_stalled", EndedBy::Gateway);
+                } else {
+                    self.finish("broken", EndedBy::Agent);
+                }
                 Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(None) => {

@@ -25,6 +25,7 @@ use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use tonic::Streaming;
 
+use super::stalled_caller::{StalledAnswer, WatchedBody};
 use super::{ForwardError, ParkedTunnel, ToAgentSender, TunnelParking};
 use crate::directory::Directory;
 use crate::headers::from_proto;
@@ -77,6 +78,9 @@ pub struct LocalTunnels {
     pub tunnel_wait: Duration,
     /// `tunnel_chunk_size`: the largest body chunk sent to an agent.
     chunk_size: usize,
+    /// `stalled_caller_timeout`: how long a streaming answer may wait on its caller before it
+    /// is cancelled at the agent (`stalled_caller.rs`); zero: never.
+    stalled_caller_timeout: Duration,
     /// Cancelled when the shutdown grace is over: a request still waiting for its agent's
     /// answer then gets 503 `shutdown` with a sentence, instead of an empty reply when the
     /// process exits.
@@ -95,6 +99,7 @@ impl LocalTunnels {
         metrics: Arc<Metrics>,
         tunnel_wait: Duration,
         chunk_size: usize,
+        stalled_caller_timeout: Duration,
     ) -> Self {
         Self {
             parking,
@@ -102,6 +107,7 @@ impl LocalTunnels {
             metrics,
             tunnel_wait,
             chunk_size,
+            stalled_caller_timeout,
             ending: tokio_util::sync::CancellationToken::new(),
         }
     }
@@ -336,10 +342,23 @@ impl LocalTunnels {
                     };
                     rest.remaining = length.map(|n| n.saturating_sub(h.body.len() as u64));
                     rest.first = (!h.body.is_empty()).then_some(h.body);
+                    let body = if self.stalled_caller_timeout.is_zero() {
+                        rest.map_err(BoxError::from).boxed_unsync()
+                    } else {
+                        let about = StalledAnswer {
+                            agent: rest
+                                .reuse
+                                .as_ref()
+                                .map_or_else(|| Arc::from(agent), |r| r.agent.clone()),
+                            transport,
+                            metrics: self.metrics.clone(),
+                        };
+                        WatchedBody::new(rest, self.stalled_caller_timeout, about).boxed_unsync()
+                    };
                     Ok(ForwardResponse {
                         status: h.status as u16,
                         headers,
-                        body: rest.map_err(BoxError::from).boxed_unsync(),
+                        body,
                         transport,
                     })
                 }
@@ -825,6 +844,7 @@ mod stream_ends {
             metrics,
             Duration::from_millis(50),
             64 * 1024,
+            Duration::from_secs(60),
         )
     }
 
