@@ -77,6 +77,17 @@ def test_grpcs_against_the_cleartext_port(env, gw):
     assert_plain(line)
 
 
+@pytest.mark.parametrize("scheme", ["grpc", "ws"])
+def test_an_agent_pointed_at_the_tunnel_api_port_is_told_which_port_is_the_agents(env, gw, scheme):
+    """The tunnel API port speaks HTTP/2 and HTTP/1.1 too, so an agent pointed at it got
+    somewhere: it was told its call lacked `agentgate-agent` metadata (gRPC), or 404 "no such
+    route" (WebSocket). It is told the port is the API's and to use the agent port."""
+    line = agent_says(env, f"{scheme}://127.0.0.1:{gw.api_port}/agent")
+    assert "tunnel API port" in line and "agent port" in line and "--server" in line, line
+    assert "agentgate-agent" not in line, line
+    assert_plain(line)
+
+
 def test_agent_check_reports_each_step_and_its_exit_status(env):
     """`agent --check`: the name, the connection (transport, and why not direct), each upstream;
     exit 0 when all pass. A wrong token and a closed upstream each fail their step in plain

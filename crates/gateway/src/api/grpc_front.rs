@@ -57,6 +57,17 @@ fn status_response(code: tonic::Code, message: &str) -> Response<ApiBody> {
     resp
 }
 
+/// What an agent pointed at this port is told (an agent's own calls carry no
+/// `agentgate-agent`, so it would otherwise read that it lacks that metadata).
+pub(super) const AGENT_AT_API_PORT: &str =
+    "this is the gateway's tunnel API port (api_listen), for API callers; agents connect to the \
+     agent port (listen, 8150 by default): point the agent's --server there";
+
+/// Whether `method` is one of the agent port's own services (ours, or agentk's).
+fn is_agent_call(method: &str) -> bool {
+    method.starts_with("/agentgate.v1.") || method.starts_with("/gitlab.agent.")
+}
+
 pub async fn handle(
     api: Arc<super::ApiState>,
     peer: std::net::SocketAddr,
@@ -72,6 +83,9 @@ pub async fn handle(
         api.metrics
             .tunnel_requests
             .inc(&["grpc", "bad_request", "none"]);
+        if is_agent_call(&method) {
+            return status_response(tonic::Code::Unimplemented, AGENT_AT_API_PORT);
+        }
         return status_response(
             tonic::Code::InvalidArgument,
             &format!("missing '{AGENT_HEADER}: <agent name>' metadata"),

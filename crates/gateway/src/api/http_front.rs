@@ -79,6 +79,10 @@ pub async fn handle(
     // A clone of the URI shares its bytes (no copy) and outlives `req`, which is taken apart.
     let uri = req.uri().clone();
     let Some(target) = parse_target(uri.path()) else {
+        let upgrade = req.headers().get(http::header::UPGRADE);
+        if upgrade.is_some_and(|u| u.as_bytes().eq_ignore_ascii_case(b"websocket")) {
+            return error_response(StatusCode::NOT_FOUND, super::grpc_front::AGENT_AT_API_PORT);
+        }
         return error_response(
             StatusCode::NOT_FOUND,
             "no such route; use /agents/{agent}/proxy/{path} or \
