@@ -539,6 +539,26 @@ def test_websocket_refusals(env):
             assert "PING flood" in ei.value.rcvd.reason, ei.value.rcvd
     wait_rejected(g, "ws_protocol_error", violations + 5)
     wait_log(g, r"closing connection: WebSocket PING flood: more than 10 in one second")
+
+    # A close frame whose status code RFC 6455 does not allow (999): answered with 1002,
+    # counted and logged (it was taken for a clean close). A fresh second of the
+    # pre-authentication log budget first: the cases above spent this one's.
+    time.sleep(1.1)
+    sock, head = ws_upgraded(g)
+    payload = (999).to_bytes(2, "big") + b"bye"
+    sock.sendall(b"\x88" + bytes([0x80 | len(payload)]) + mask
+                 + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+    data, _ = ic.read_until_closed(sock, timeout=5)
+    sock.close()
+    data = head.split(b"\r\n\r\n", 1)[1] + data
+    frames = []  # (opcode, payload): the server's SETTINGS come first, in a binary message
+    while len(data) >= 2 and data[1] < 126:
+        frames.append((data[0] & 0x0F, data[2:2 + data[1]]))
+        data = data[2 + data[1]:]
+    closes = [p for op, p in frames if op == 0x8]
+    assert closes and int.from_bytes(closes[0][:2], "big") == 1002, frames
+    wait_rejected(g, "ws_protocol_error", violations + 6)
+    wait_log(g, r"closing connection: a close frame with a status code RFC 6455 does not allow")
     steady.assert_undisturbed()
 
 
@@ -573,10 +593,18 @@ def test_plain_http1_requests_get_an_http_answer_saying_what_the_port_serves(env
                       "-H", "Connection: keep-alive", "-H", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
                       "-H", "Sec-WebSocket-Version: 13")
     assert code == 400 and "Connection: Upgrade" in body, (code, body)
+    # An upgrade over HTTP/1.0 (a proxy without proxy_http_version 1.1), and one with a body:
+    # tungstenite refused both later, and the connection closed without an answer.
+    upgrade = ["-H", "Upgrade: websocket", "-H", "Connection: Upgrade", "-H", "Sec-WebSocket-Version: 13",
+               "-H", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "-H", "Sec-WebSocket-Protocol: ws-tunnel"]
+    code, body = curl(f"http://127.0.0.1:{g.clear_port}/", "--http1.0", *upgrade)
+    assert code == 400 and "needs HTTP/1.1" in body and "proxy_http_version 1.1" in body, (code, body)
+    code, body = curl(f"https://localhost:{g.port}/", "-X", "GET", "--data-binary", "hello", *upgrade)
+    assert code == 400 and "has no body" in body, (code, body)
 
     wait_rejected(g, "not_an_upgrade", base["not_an_upgrade"] + 2)
     wait_rejected(g, "grpc_over_http1", base["grpc_over_http1"] + 2)
-    wait_rejected(g, "ws_upgrade_error", base["ws_upgrade_error"] + 1)
+    wait_rejected(g, "ws_upgrade_error", base["ws_upgrade_error"] + 3)
     wait_log(g, r"connection refused: agentgate: this gRPC call arrived over HTTP/1.1.*reason=grpc_over_http1")
     wait_log(g, r"connection refused: agentgate: this is an agent port.*reason=not_an_upgrade")
     steady.assert_undisturbed()

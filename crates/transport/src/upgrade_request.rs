@@ -182,6 +182,28 @@ fn check(req: &httparse::Request<'_, '_>) -> Result<(), Refusal> {
         refusal.headers = vec!["Upgrade: websocket"];
         return Err(refusal);
     }
+    // tungstenite refuses these later, and the connection closed without an answer.
+    if req.version != Some(1) {
+        return Err(Refusal::new(
+            http::StatusCode::BAD_REQUEST,
+            RejectReason::WsUpgradeError,
+            "agentgate: a WebSocket upgrade needs HTTP/1.1 (RFC 6455) and this request is \
+             HTTP/1.0; a proxy in between may speak HTTP/1.0 to the gateway (nginx: \
+             proxy_http_version 1.1)"
+                .into(),
+        ));
+    }
+    let has_body = header(req, "transfer-encoding").is_some()
+        || header(req, "content-length").is_some_and(|n| n.trim() != "0");
+    if has_body {
+        return Err(Refusal::new(
+            http::StatusCode::BAD_REQUEST,
+            RejectReason::WsUpgradeError,
+            "agentgate: a WebSocket upgrade has no body, and this one announces one \
+             (Content-Length or Transfer-Encoding)"
+                .into(),
+        ));
+    }
     if !lists(header(req, "connection"), "upgrade") {
         return Err(Refusal::new(
             http::StatusCode::BAD_REQUEST,
@@ -234,7 +256,7 @@ mod tests {
 
     #[tokio::test]
     async fn other_requests_are_answered_with_what_the_port_serves() {
-        let cases: [(&[u8], u16, RejectReason, &str); 7] = [
+        let cases: [(&[u8], u16, RejectReason, &str); 10] = [
             (
                 b"GET / HTTP/1.1\r\nHost: g\r\n\r\n",
                 426,
@@ -271,6 +293,29 @@ mod tests {
                 426,
                 RejectReason::WsUpgradeError,
                 "version 13",
+            ),
+            (
+                b"GET / HTTP/1.0\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\
+                  Sec-WebSocket-Key: a\r\nSec-WebSocket-Version: 13\r\n\r\n",
+                400,
+                RejectReason::WsUpgradeError,
+                "proxy_http_version 1.1",
+            ),
+            (
+                b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\
+                  Sec-WebSocket-Key: a\r\nSec-WebSocket-Version: 13\r\n\
+                  Content-Length: 5\r\n\r\nhello",
+                400,
+                RejectReason::WsUpgradeError,
+                "has no body",
+            ),
+            (
+                b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\
+                  Sec-WebSocket-Key: a\r\nSec-WebSocket-Version: 13\r\n\
+                  Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                400,
+                RejectReason::WsUpgradeError,
+                "has no body",
             ),
             (
                 b"GET / HTTP/9\r\n\r\n",

@@ -139,17 +139,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsByteStream<S> {
             code,
             reason: short.into(),
         };
-        // Best effort: if the socket is broken we still report the violation.
-        let sent = match Pin::new(&mut self.ws).poll_ready(cx) {
+        // Best effort: if the socket is broken we still report the violation. The close may
+        // not be ours to send: when the peer's own close frame was the violation, tungstenite
+        // refuses a second one and has queued its reply (1002) itself; the flush sends that.
+        match Pin::new(&mut self.ws).poll_ready(cx) {
             Poll::Pending => return Poll::Pending,
-            Poll::Ready(Ok(())) => Pin::new(&mut self.ws)
-                .start_send(Message::Close(Some(frame)))
-                .is_ok(),
-            Poll::Ready(Err(_)) => false,
-        };
-        if sent {
-            let _ = ready!(Pin::new(&mut self.ws).poll_flush(cx));
+            Poll::Ready(Ok(())) => {
+                let _ = Pin::new(&mut self.ws).start_send(Message::Close(Some(frame)));
+            }
+            Poll::Ready(Err(_)) => {}
         }
+        let _ = ready!(Pin::new(&mut self.ws).poll_flush(cx));
         Poll::Ready(Err(io::Error::new(
             io::ErrorKind::InvalidData,
             WsProtocolError(reason),
@@ -180,6 +180,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsByteStream<S> {
                 return Poll::Ready(Ok(()));
             }
             match ready!(Pin::new(&mut this.ws).poll_next(cx)) {
+                // tungstenite hands a close frame whose status code RFC 6455 does not allow
+                // (999, 1005, 2000, ...) up as its own 1002 "Protocol violation", and queues that
+                // as the reply; it was taken for a clean end, without a counter or a line.
+                Some(Ok(Message::Close(Some(f))))
+                    if f.code == CloseCode::Protocol && f.reason.as_str() == "Protocol violation" =>
+                {
+                    this.violation = Some((
+                        CloseCode::Protocol,
+                        "a close frame with a status code RFC 6455 does not allow (1000-1003, \
+                         1007-1014 and 3000-4999 are)"
+                            .into(),
+                    ));
+                }
                 None | Some(Ok(Message::Close(_))) => return Poll::Ready(Ok(())),
                 Some(Ok(Message::Binary(data))) => this.read_buf = data,
                 Some(Ok(Message::Text(_))) => {
@@ -367,6 +380,26 @@ mod tests {
         let mut buf = [0u8; 4];
         let err = server.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        match client.next().await.unwrap().unwrap() {
+            Message::Close(Some(f)) => assert_eq!(f.code, CloseCode::Protocol),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_close_code_rfc_6455_does_not_allow_is_a_violation_answered_with_1002() {
+        let (mut client, mut server) = pair().await;
+        client
+            .send(Message::Close(Some(CloseFrame {
+                code: CloseCode::from(999),
+                reason: "bye".into(),
+            })))
+            .await
+            .unwrap();
+        let mut buf = [0u8; 4];
+        let err = server.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        assert!(err.to_string().contains("RFC 6455 does not allow"), "{err}");
         match client.next().await.unwrap().unwrap() {
             Message::Close(Some(f)) => assert_eq!(f.code, CloseCode::Protocol),
             other => panic!("unexpected {other:?}"),
