@@ -176,6 +176,8 @@ def test_an_expiring_token_ends_its_session_when_it_expires(env):
     wait_for(lambda: "this agent's token expired; give the agent a new token" in a.output(), timeout=10,
              what="the agent told its token expired")
     assert "ending session: its token expired" in g.proc.output()
+    assert g.metric("agentgate_connections_rejected_total", reason="token_expired") == 1
+    assert g.metric("agentgate_connections_rejected_total", reason="token_revoked") == 0
     assert "(expired)" in subprocess.run([str(BIN), "token", "list", "--tokens", str(env.tokens)],
                                          capture_output=True, text=True, check=True).stdout
 

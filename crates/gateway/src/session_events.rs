@@ -30,6 +30,8 @@ use crate::session::Sessions;
 
 /// Reason label when a session ends because its token was revoked.
 pub const REJECT_REVOKED: &str = "token_revoked";
+/// Reason label when a session ends because its token's expiry passed.
+pub const REJECT_EXPIRED: &str = "token_expired";
 
 /// How long after a revoked agent's session ended with the reason its connection is told to go
 /// (GOAWAY): time for the status to reach the agent first (a GOAWAY first made it reconnect
@@ -141,17 +143,18 @@ impl SessionEvents {
             .unwrap_or_default()
             .as_secs();
         let expired = self.owner.token_expires_at.is_some_and(|at| now >= at);
-        let what = if expired { "expired" } else { "was revoked" };
-        self.sessions
-            .metrics
-            .connections_rejected
-            .inc(&[REJECT_REVOKED]);
+        let (what, reason) = if expired {
+            ("expired", REJECT_EXPIRED)
+        } else {
+            ("was revoked", REJECT_REVOKED)
+        };
+        self.sessions.metrics.connections_rejected.inc(&[reason]);
         tracing::warn!(
             conn = self.conn.id,
             agent = %self.owner.agent,
             token_id = %self.owner.token_id,
             parked_tunnels_ended = ended,
-            reason = REJECT_REVOKED,
+            reason,
             "ending session: its token {what}"
         );
         // The status below must reach the agent first (closing at once cut it off: the agent
@@ -162,7 +165,7 @@ impl SessionEvents {
         let conn = self.conn.clone();
         tokio::spawn(async move {
             tokio::time::sleep(REVOKED_GOAWAY_AFTER).await;
-            let _ = conn.request_drain(REJECT_REVOKED);
+            let _ = conn.request_drain(reason);
             tokio::time::sleep(REVOKED_IN_FLIGHT_GRACE).await;
             conn.request_close();
         });
