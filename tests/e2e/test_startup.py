@@ -98,11 +98,16 @@ def test_a_bad_log_filter_is_an_error_not_a_silent_info(env):
 
 def test_a_fatal_error_in_json_logging_is_one_json_line(env):
     import json
+    import re
     out = subprocess.run([str(BIN), "--log-format", "json", "server", "--tokens", str(env.tmp / "no.json")],
                          capture_output=True, text=True, timeout=20)
     assert out.returncode == 2, out
     last = json.loads(out.stderr.strip().splitlines()[-1])
     assert last["level"] == "ERROR" and "does not exist" in last["message"], last
+    # Stamped like the log's other JSON lines.
+    first = json.loads(out.stderr.strip().splitlines()[0])
+    assert {"timestamp", "level", "message", "target"} <= set(first) & set(last), (first, last)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", last["timestamp"]), last
 
 
 def test_an_unknown_agentgate_variable_is_named(env):

@@ -321,9 +321,16 @@ fn report_fatal(format: LogFormat, e: &anyhow::Error) {
     let text = agentgate_transport::error_chain::describe(e.as_ref());
     let line = match format {
         LogFormat::Text => format!("agentgate: error: {text}\n"),
+        // The fields of the log's own JSON lines, the timestamp as tracing writes it.
         LogFormat::Json => format!(
             "{}\n",
-            serde_json::json!({"level": "ERROR", "target": "agentgate", "message": text})
+            serde_json::json!({
+                "timestamp": humantime::format_rfc3339_micros(std::time::SystemTime::now())
+                    .to_string(),
+                "level": "ERROR",
+                "target": "agentgate",
+                "message": text,
+            })
         ),
     };
     let _ = QuietStderr.write_all(line.as_bytes());
