@@ -23,7 +23,7 @@ import ingress_clients as ic
 import raw_h2
 from conftest import wait_for
 from test_agentk_compat import HEALTH_CHECK, SERVING, assert_steady_serves, gateway_with_steady_agent
-from test_tunnel import api_request, read_events, wait_event
+from test_tunnel import api_request, read_events, start_agent, wait_event
 
 WATCH = "/grpc.health.v1.Health/Watch"
 REGISTER = "/agentgate.v1.AgentSession/Register"
@@ -657,6 +657,53 @@ def test_bytes_before_authentication_are_capped(env):
     grown = g.proc.rss_kib() - rss0
     assert grown < 40 * 1024, f"gateway grew by {grown} KiB for 20 connections"
     assert_steady_serves(g, api)
+
+
+def test_what_connections_without_a_token_hold_together_is_capped_and_agents_still_connect(env):
+    """Each connection without a token may read up to 1 MiB (`max_bytes_before_auth`) and
+    hold it until `auth_timeout`: 1,000 WebSocket connections that each sent most of a message
+    held 1 GiB, and `max_connections` is 18,000. Together they now share
+    `max_bytes_before_auth_total` (8 MiB here): past it they stop reading and are refused
+    (`pre_auth_bytes_total`), while an agent, whose few KiB before its first call fit in every
+    connection's first 16 KiB, still connects."""
+    g, api = gateway_with_steady_agent(env, tls=False, extra=["--set", f"max_bytes_before_auth_total={8 * MiB}"])
+    rss0 = g.proc.rss_kib()
+    socks = []
+    for i in range(60):
+        s = socket.create_connection(("127.0.0.1", g.port), timeout=5, source_address=(f"127.0.0.{2 + i % 50}", 0))
+        s.sendall(ic.ws_upgrade_request("/", f"localhost:{g.port}", "ws-tunnel"))
+        resp = b""
+        try:
+            while b"\r\n\r\n" not in resp and (chunk := s.recv(4096)):
+                resp += chunk
+        except OSError:
+            pass  # refused during its upgrade: the pool was full
+        socks.append(s)
+        if b" 101 " not in resp.split(b"\r\n")[0]:
+            continue
+        # One frame announcing 2 MiB, and 1,000 KiB of it: under the connection's own budget.
+        frame = bytes([0x82, 0x80 | 127]) + (2 * MiB).to_bytes(8, "big") + b"\x01\x02\x03\x04"
+
+        def send(s=s, data=frame + os.urandom(1000 * 1024)):
+            try:
+                s.settimeout(3)
+                s.sendall(data)
+            except OSError:
+                pass
+        threading.Thread(target=send, daemon=True).start()
+    try:
+        wait_for(lambda: rejected(g, "pre_auth_bytes_total") >= 1, timeout=15, what="pre_auth_bytes_total counted")
+        time.sleep(1)
+        grown = g.proc.rss_kib() - rss0
+        assert grown < 30 * 1024, f"gateway grew by {grown} KiB for 60 connections without a token"
+        # The pool is spent (the held connections wait for auth_timeout): an agent connects.
+        start_agent(env, g, "ws", "late-agent")
+        assert_steady_serves(g, api)
+        out = ic.plain(g.proc.output())
+        assert "hold max_bytes_before_auth_total between them" in out, out[-3000:]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def test_bad_tokens_on_a_connection_an_agent_holds_are_budgeted_and_not_blamed_on_it(env):

@@ -54,7 +54,10 @@ pub async fn serve(
 ) -> anyhow::Result<JoinHandle<()>> {
     let cfg = &gw.config;
     let settings = ingress_settings(cfg)?;
-    let limit = ConnectionLimit::new(cfg.max_connections);
+    let limit = ConnectionLimit::new(
+        cfg.max_connections,
+        (cfg.max_bytes_before_auth_total > 0).then_some(cfg.max_bytes_before_auth_total),
+    );
     type Incoming =
         std::pin::Pin<Box<dyn tokio_stream::Stream<Item = std::io::Result<ServerConn>> + Send>>;
     let mut incoming: Incoming = Box::pin(serve_ingress(

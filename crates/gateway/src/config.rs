@@ -83,6 +83,14 @@ pub struct GatewayConfig {
     /// `pre_auth_bytes`). This bounds what a client without a token can make the gateway
     /// buffer (a WebSocket message is read whole). 0 disables.
     pub max_bytes_before_auth: usize,
+    /// Bytes all agent connections without an authenticated call may hold together, on both
+    /// agent ports: each counts what it read past its first 16 KiB until a call authenticates
+    /// or it closes (1,000 connections that each sent most of a WebSocket message and then
+    /// waited held 1 GiB). At it they stop reading, and one that neither authenticates nor gets
+    /// room within 500 ms is closed (reason `pre_auth_bytes_total`). An agent sends a few KiB
+    /// before its first call authenticates, within its first 16 KiB: clients that fill the
+    /// pool do not keep agents out. 0 disables.
+    pub max_bytes_before_auth_total: usize,
     /// Load balancers in TCP mode that send the PROXY protocol (v1 or v2; HAProxy
     /// `send-proxy-v2`, AWS NLB, ...): addresses or CIDRs. A connection from one of them must
     /// start with a PROXY header, and the client it names is the connection's address for
@@ -394,6 +402,7 @@ impl Default for GatewayConfig {
             max_connections_per_source: 5_000,
             max_handshakes_per_source: 64,
             max_bytes_before_auth: 1024 * 1024,
+            max_bytes_before_auth_total: 64 * 1024 * 1024,
             max_streams_before_auth: 100,
             proxy_protocol_from: vec![],
             max_concurrent_streams: 520,

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::log_budget::PRE_AUTH_LOG;
 use crate::ping_policy::PingPolicy;
-use crate::pre_auth_budget::PreAuthBudget;
+use crate::pre_auth_budget::{BudgetExceeded, PreAuthBudget, PreAuthPool};
 use crate::sniff::{read_prefix, PrefixClass, PrefixedIo};
 use crate::upgrade_request;
 use crate::websocket::{WsByteStream, WsSettings, WS_SUBPROTOCOL};
@@ -124,6 +124,9 @@ pub enum RejectReason {
     SourceHandshakesOverLimit,
     /// More than `max_bytes_before_auth` bytes before any call authenticated.
     PreAuthBytes,
+    /// The unauthenticated connections together hold `max_bytes_before_auth_total`, and this
+    /// one got no room (nor authenticated) in time.
+    PreAuthBytesTotal,
     /// More SETTINGS frames than any client needs (`ping_policy::MAX_CLIENT_SETTINGS`).
     TooManySettings,
     /// More than `max_streams_before_auth` streams opened before any call authenticated.
@@ -143,7 +146,7 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 22] = [
+    pub const ALL: [RejectReason; 23] = [
         Self::SniffTimeout,
         Self::BadPreface,
         Self::EarlyEof,
@@ -158,6 +161,7 @@ impl RejectReason {
         Self::SourceOverLimit,
         Self::SourceHandshakesOverLimit,
         Self::PreAuthBytes,
+        Self::PreAuthBytesTotal,
         Self::TooManySettings,
         Self::StreamsBeforeAuth,
         Self::ProxyHeader,
@@ -184,6 +188,7 @@ impl RejectReason {
             Self::SourceOverLimit => "source_over_limit",
             Self::SourceHandshakesOverLimit => "source_handshakes_over_limit",
             Self::PreAuthBytes => "pre_auth_bytes",
+            Self::PreAuthBytesTotal => "pre_auth_bytes_total",
             Self::TooManySettings => "too_many_settings",
             Self::StreamsBeforeAuth => "streams_before_auth",
             Self::ProxyHeader => "proxy_header",
@@ -921,6 +926,9 @@ pub struct ConnectionLimit {
     permits: Arc<Semaphore>,
     max: usize,
     next_id: AtomicU64,
+    /// What the connections not yet authenticated may hold together
+    /// (`max_bytes_before_auth_total`), on every agent listener.
+    pre_auth: Option<Arc<PreAuthPool>>,
     /// Per source address: connections open and handshakes in progress. An entry exists only
     /// while its address holds a connection, so the map is bounded by `max`.
     sources: Mutex<HashMap<IpAddr, SourceCounts>>,
@@ -933,11 +941,15 @@ struct SourceCounts {
 }
 
 impl ConnectionLimit {
-    pub fn new(max: usize) -> Arc<Self> {
+    /// `max` connections open at once on the listeners that share this; `pre_auth_total`
+    /// bytes held by those not yet authenticated (`None`: no shared cap; see
+    /// `pre_auth_budget`, which applies it to connections with a budget of their own).
+    pub fn new(max: usize, pre_auth_total: Option<usize>) -> Arc<Self> {
         Arc::new(Self {
             permits: Arc::new(Semaphore::new(max)),
             max,
             next_id: AtomicU64::new(1),
+            pre_auth: pre_auth_total.map(PreAuthPool::new),
             sources: Mutex::default(),
         })
     }
@@ -1079,18 +1091,32 @@ pub fn serve_ingress(
                 let tripped = Arc::new(std::sync::atomic::AtomicBool::new(false));
                 let report = {
                     let (observer, tripped) = (observer.clone(), tripped.clone());
-                    Box::new(move |limit: usize| {
+                    Box::new(move |exceeded: BudgetExceeded| {
                         tripped.store(true, Ordering::Relaxed);
-                        observer.rejected(RejectReason::PreAuthBytes);
+                        let (reason, limit, what) = match exceeded {
+                            BudgetExceeded::Connection { limit } => (
+                                RejectReason::PreAuthBytes,
+                                limit,
+                                "it sent more than max_bytes_before_auth before any call \
+                                 authenticated",
+                            ),
+                            BudgetExceeded::Total { limit } => (
+                                RejectReason::PreAuthBytesTotal,
+                                limit,
+                                "the connections without an authenticated call hold \
+                                 max_bytes_before_auth_total between them (many clients \
+                                 sending without a token?), and this one got no room in time",
+                            ),
+                        };
+                        observer.rejected(reason);
                         if let Some(suppressed) = PRE_AUTH_LOG.allow() {
                             tracing::warn!(
                                 conn = id,
                                 %peer,
-                                reason = "pre_auth_bytes",
-                                max_bytes_before_auth = limit,
+                                %reason,
+                                limit,
                                 suppressed,
-                                "closing connection: it sent more than allowed before any call \
-                                 authenticated"
+                                "closing connection: {what}"
                             );
                         }
                     })
@@ -1099,6 +1125,7 @@ pub fn serve_ingress(
                     stream,
                     agent.clone(),
                     settings.max_bytes_before_auth,
+                    limit.pre_auth.clone(),
                     report,
                 );
                 let classified = classify(stream, acceptor, &settings).await;
