@@ -202,3 +202,28 @@ def test_a_token_created_while_the_gateway_runs_works_on_its_first_call(env):
             assert r.stdout == "200", (i, r.stdout, r.stderr)
     finally:
         up.close()
+
+
+def test_a_token_file_that_vanishes_keeps_the_loaded_tokens_and_says_so(env):
+    """A non-atomic rewrite (or a mistaken `rm`) leaves no token file for a while: that is a
+    failed reload, logged and shown by a gauge, not an empty store that revokes every session.
+    The agent stays connected; the file's return clears the gauge."""
+    g = env.gateway(tls=False, cleartext=False)
+    tf = env.token_file("keeps-going")
+    a = env.agent(g.url("grpc"), tf, name="agent-keeps-going")
+    g.wait_agent("keeps-going")
+    assert g.metric("agentgate_token_store_reload_failing") == 0
+    aside = env.tmp / "tokens.json.aside"
+    env.tokens.rename(aside)
+    wait_for(lambda: g.metric("agentgate_token_store_reload_failing") == 1, timeout=BOUND,
+             what="the failed reload shown")
+    time.sleep(3)  # more token checks, none of which may empty the store
+    assert any(x["name"] == "keeps-going" for x in g.agents()), g.agents()
+    assert g.metric("agentgate_token_store_reload_failures_total") == 1
+    log = g.proc.output()
+    assert "token store reload failed; keeping the previous one" in log and "does not exist" in log, log[-2000:]
+    assert "ending session" not in log
+    aside.rename(env.tokens)
+    wait_for(lambda: g.metric("agentgate_token_store_reload_failing") == 0, timeout=BOUND,
+             what="the gauge cleared once the file is back")
+    assert a.alive() and any(x["name"] == "keeps-going" for x in g.agents())

@@ -24,6 +24,8 @@ pub struct AdminState {
     pub directory: Arc<Directory>,
     /// Cluster mode: for `?scope=cluster`.
     pub cluster: Option<Arc<Cluster>>,
+    /// For the token store's reload gauges.
+    pub tokens: Arc<crate::tokens::TokenStore>,
 }
 
 type AdminResponse = Response<Full<Bytes>>;
@@ -108,6 +110,7 @@ fn metrics(admin: &AdminState) -> AdminResponse {
     let mut scrape = Scrape::default();
     admin.metrics.add_to(&mut scrape);
     add_certificate_expiry(admin, &mut scrape);
+    add_token_store(admin, &mut scrape);
     respond(
         StatusCode::OK,
         exposition::CONTENT_TYPE,
@@ -132,6 +135,27 @@ fn add_certificate_expiry(admin: &AdminState, scrape: &mut Scrape) {
             family.number(vec![("listener", listener.to_string())], t as f64);
         }
     }
+}
+
+/// The token store's reloads: a file that cannot be read or parsed keeps the tokens loaded
+/// before it, which only a log line said. Alert on `agentgate_token_store_reload_failing == 1`.
+fn add_token_store(admin: &AdminState, scrape: &mut Scrape) {
+    scrape
+        .family(
+            "agentgate_token_store_reload_failures_total",
+            "Token store reloads that failed (each version of a broken file counts once); the \
+             tokens loaded before stay in use.",
+            Kind::Counter,
+        )
+        .number(vec![], admin.tokens.failed_reloads() as f64);
+    scrape
+        .family(
+            "agentgate_token_store_reload_failing",
+            "1 while the token store's last reload failed (a missing, unreadable or invalid \
+             file), else 0.",
+            Kind::Gauge,
+        )
+        .number(vec![], f64::from(u8::from(admin.tokens.reload_failing())));
 }
 
 /// This replica's agents, or with `?scope=cluster` the whole cluster's, each with its replica.

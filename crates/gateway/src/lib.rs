@@ -175,6 +175,7 @@ impl Gateway {
             metrics: metrics.clone(),
             directory: directory.clone(),
             cluster: cluster.clone(),
+            tokens: tokens.clone(),
         });
         Ok(Arc::new(Self {
             backends,

@@ -484,10 +484,18 @@ impl TokenStore {
     /// Reloads the store if its file changed since it was loaded (one `stat`).
     fn reload_if_changed(&self) {
         let stamp = self.stamp();
+        let mut failed = self.failed.lock().unwrap();
         if stamp == self.loaded.read().unwrap().stamp {
+            // The file is the version in use again (put back after a failed reload, say):
+            // the failure is over.
+            if failed.take().is_some() {
+                tracing::info!(
+                    path = %self.path.display(),
+                    "token store file is back as it was loaded; the failed reload is over"
+                );
+            }
             return;
         }
-        let mut failed = self.failed.lock().unwrap();
         let same_version = failed.as_ref().filter(|f| f.stamp == stamp);
         if same_version.is_some_and(|f| f.unparsable || f.at.elapsed() < RETRY_UNREADABLE) {
             return;
@@ -528,6 +536,14 @@ impl TokenStore {
     /// Reloads that failed since start (each version of a broken file fails once).
     pub fn failed_reloads(&self) -> u64 {
         self.failed_reloads.load(Ordering::Relaxed)
+    }
+
+    /// Whether the last reload failed (the tokens loaded before it are in use).
+    pub fn reload_failing(&self) -> bool {
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     /// Whether the store holds no token at all.
