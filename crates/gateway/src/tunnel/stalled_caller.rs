@@ -207,39 +207,21 @@ mod tests {
     use http_body_util::BodyExt;
     use tokio::sync::mpsc;
 
-    /// A body fed by the test; `dropped` fires when it is dropped.
-    struct Fed {
-        rx: mpsc::Receiver<Bytes>,
-        _dropped: oneshot::Sender<()>,
-    }
-
-    impl Body for Fed {
-        type Data = Bytes;
-        type Error = BoxError;
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-            self.rx.poll_recv(cx).map(|d| d.map(|d| Ok(Frame::data(d))))
-        }
-    }
+    /// A body fed by the test: the sender sees it dropped (`is_closed`).
+    type Fed = http_body_util::StreamBody<tokio_stream::wrappers::ReceiverStream<FedFrame>>;
+    type FedFrame = Result<Frame<Bytes>, BoxError>;
 
     fn watched(
         timeout: Duration,
     ) -> (
         WatchedBody<Fed>,
-        mpsc::Sender<Bytes>,
-        oneshot::Receiver<()>,
+        mpsc::Sender<FedFrame>,
         Arc<crate::metrics::Metrics>,
     ) {
         let (tx, rx) = mpsc::channel(8);
-        let (dropped_tx, dropped) = oneshot::channel();
         let metrics = Arc::new(crate::metrics::Metrics::default());
         let body = WatchedBody::new(
-            Fed {
-                rx,
-                _dropped: dropped_tx,
-            },
+            http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)),
             timeout,
             StalledAnswer {
                 agent: "a1".into(),
@@ -247,7 +229,11 @@ mod tests {
                 metrics: metrics.clone(),
             },
         );
-        (body, tx, dropped, metrics)
+        (body, tx, metrics)
+    }
+
+    fn data(d: &[u8]) -> FedFrame {
+        Ok(Frame::data(Bytes::copy_from_slice(d)))
     }
 
     fn cancelled(metrics: &crate::metrics::Metrics) -> bool {
@@ -258,15 +244,15 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_answer_its_caller_stops_reading_is_dropped_after_the_timeout() {
-        let (mut body, tx, mut dropped, metrics) = watched(Duration::from_secs(60));
-        tx.send(Bytes::from_static(b"one")).await.unwrap();
+        let (mut body, tx, metrics) = watched(Duration::from_secs(60));
+        tx.send(data(b"one")).await.unwrap();
         let first = body.frame().await.unwrap().unwrap();
         assert_eq!(first.into_data().unwrap(), "one");
         // The caller reads nothing more: just before the timeout the answer is still held.
         tokio::time::sleep(Duration::from_secs(59)).await;
-        assert!(dropped.try_recv().is_err());
+        assert!(!tx.is_closed());
         tokio::time::sleep(Duration::from_secs(2)).await;
-        assert!(dropped.await.is_err(), "the answer was dropped");
+        assert!(tx.is_closed(), "the answer was dropped");
         assert!(cancelled(&metrics));
         // The caller reads again: an error that says what happened, not the rest.
         let err = body.frame().await.unwrap().unwrap_err();
@@ -276,7 +262,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_answer_slow_to_come_from_the_agent_is_never_cut() {
-        let (mut body, tx, mut dropped, metrics) = watched(Duration::from_secs(60));
+        let (mut body, tx, metrics) = watched(Duration::from_secs(60));
         // A watch: the caller waits for the next event for five minutes at a time.
         for event in 0..3u8 {
             let next = tokio::spawn(async move {
@@ -284,26 +270,26 @@ mod tests {
                 (body, f)
             });
             tokio::time::sleep(Duration::from_secs(300)).await;
-            tx.send(Bytes::from(vec![event])).await.unwrap();
+            tx.send(data(&[event])).await.unwrap();
             let (b, f) = next.await.unwrap();
             body = b;
             assert_eq!(f.unwrap().unwrap().into_data().unwrap()[..], [event]);
             // And the caller reads the next piece within the timeout each time.
             tokio::time::sleep(Duration::from_secs(59)).await;
         }
-        assert!(dropped.try_recv().is_err());
+        assert!(!tx.is_closed());
         assert!(!cancelled(&metrics));
     }
 
     #[tokio::test(start_paused = true)]
     async fn dropping_the_body_ends_its_watchdog_and_the_answer_at_once() {
-        let (body, _tx, dropped, metrics) = watched(Duration::from_secs(60));
+        let (body, tx, metrics) = watched(Duration::from_secs(60));
         let tasks = tokio::runtime::Handle::current()
             .metrics()
             .num_alive_tasks();
         assert_eq!(tasks, 1, "the watchdog runs");
         drop(body);
-        assert!(dropped.await.is_err());
+        assert!(tx.is_closed(), "the answer went with its body");
         tokio::task::yield_now().await;
         let tasks = tokio::runtime::Handle::current()
             .metrics()
