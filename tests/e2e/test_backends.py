@@ -764,6 +764,38 @@ def test_cancel_and_deadline_of_long_poll_reach_backend(env, scheme):
         router.stop()
 
 
+def test_callers_that_stop_reading_their_answers_hold_only_their_own_calls(env):
+    """Calls of all agents share the gateway's connection to a backend. Four callers that
+    stopped reading a streamed answer (raw HTTP/2 clients that never read their socket) filled
+    its window (5 MiB, 2 MiB a call), and every other agent's call on it hung until its
+    deadline. Each answer now has only its own window (256 KiB), and the connection room for
+    all of them: another agent's calls go through while the four stay stalled."""
+    router = JobRouter()
+    stalled = []
+    try:
+        g = env.gateway(tls=False, extra=backend_flag(router.url))
+        tok, other = env.token("staller"), env.token("bystander")
+        for _ in range(4):
+            c = raw_h2.DeafClient(g.port)
+            c.request(method_path("WaitJob"), headers=bearer(tok),
+                      body=raw_h2.grpc_frame(wait_job_request(job="big", count=2000, pad=60000)))
+            stalled.append(c)
+        router.wait_calls("WaitJob", n=4, timeout=10)
+        time.sleep(2)  # the backend fills every window it is given
+        with channel_for(g, "grpc") as ch:
+            cl = Client(ch, bearer(other))
+            for i in range(5):
+                t0 = time.monotonic()
+                assert cl.get(f"q{i}".encode(), timeout=5)[0] == f"job:q{i}".encode()
+                assert time.monotonic() - t0 < 2, f"call {i} took {time.monotonic() - t0:.1f}s"
+            assert list(cl.wait_job(wait_job_request(job="s", count=3), metadata=cl.md,
+                                    timeout=CALL_TIMEOUT)) == [b"s:0", b"s:1", b"s:2"]
+    finally:
+        for c in stalled:
+            c.close()
+        router.stop()
+
+
 def test_max_call_duration_ends_call_and_cancels_backend(env):
     router = JobRouter()
     try:

@@ -32,10 +32,21 @@ const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// `in_flight` of a connection closed for idleness: above any cap, so no call takes it.
 const RETIRED: u32 = u32::MAX;
-/// Flow-control windows the gateway offers a backend for its answers (per call, and per
-/// connection): large enough that a streamed answer is not held to one round trip per 64 KiB.
-const ANSWER_STREAM_WINDOW: u32 = 2 * 1024 * 1024;
-const ANSWER_CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+/// The flow-control window the gateway offers a backend for each call's answer: what an
+/// answer may hold unread in the gateway while its caller does not read. Four round trips'
+/// worth of a fast stream to a backend next to the gateway (at 1 ms, 256 MB/s a call).
+const ANSWER_STREAM_WINDOW: u32 = 256 * 1024;
+
+/// The connection's window for answers: room for every call it may carry to hold its whole
+/// stream window unread. A smaller one (it was 5 MiB, with 2 MiB per call) let four callers
+/// that stopped reading a streamed answer freeze every other agent's calls on the
+/// connection; this way a stalled answer holds only its own window.
+fn answer_connection_window(max_calls_per_connection: u32) -> u32 {
+    const H2_MAX_WINDOW: u32 = (1 << 31) - 1;
+    ANSWER_STREAM_WINDOW
+        .saturating_mul(max_calls_per_connection)
+        .min(H2_MAX_WINDOW)
+}
 /// The largest header block (head or trailers) the gateway's HTTP/2 client reads from a
 /// backend. Far above what it passes on (`call::MAX_ANSWER_METADATA`), so that an answer
 /// between the two ends its own call with a sentence; past four times this, h2 closes the
@@ -371,6 +382,14 @@ impl BackendPool {
         }
     }
 
+    fn handshake_settings(&self) -> HandshakeSettings {
+        HandshakeSettings {
+            address: self.target.authority.clone(),
+            keepalive_interval: self.keepalive_interval,
+            max_calls_per_connection: self.max_calls_per_connection,
+        }
+    }
+
     /// Everything a dial does, the HTTP/2 handshake done by `deadline` (`dial` bounds the rest).
     async fn dial_inner(&self, deadline: tokio::time::Instant) -> Result<Dialed, DialError> {
         let t = &self.target;
@@ -387,9 +406,7 @@ impl BackendPool {
                     agentgate_transport::set_nodelay(&tcp);
                     set_tcp_keepalive(&tcp);
                     return match &t.tls {
-                        None => {
-                            handshake(tcp, &t.authority, self.keepalive_interval, deadline).await
-                        }
+                        None => handshake(tcp, self.handshake_settings(), deadline).await,
                         Some((connector, name)) => {
                             let tls = connector.connect(name.clone(), tcp).await.map_err(|e| {
                                 DialError::Tls(agentgate_transport::explain_tls_failure(
@@ -404,7 +421,7 @@ impl BackendPool {
                                         .into(),
                                 ));
                             }
-                            handshake(tls, &t.authority, self.keepalive_interval, deadline).await
+                            handshake(tls, self.handshake_settings(), deadline).await
                         }
                     };
                 }
@@ -429,6 +446,13 @@ fn set_tcp_keepalive(tcp: &TcpStream) {
     }
 }
 
+/// What a new connection's handshake and driving task need to know of their backend.
+struct HandshakeSettings {
+    address: http::uri::Authority,
+    keepalive_interval: Duration,
+    max_calls_per_connection: u32,
+}
+
 /// A new connection's request handle, and the state its driving task shares.
 type Dialed = (SendRequest<Bytes>, Arc<ConnState>);
 
@@ -439,20 +463,24 @@ type Dialed = (SendRequest<Bytes>, Arc<ConnState>);
 /// do not count a first PING against their PING policy (see `drive`).
 async fn handshake<IO>(
     io: IO,
-    address: &http::uri::Authority,
-    keepalive_interval: Duration,
+    settings: HandshakeSettings,
     deadline: tokio::time::Instant,
 ) -> Result<Dialed, DialError>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let HandshakeSettings {
+        address,
+        keepalive_interval,
+        max_calls_per_connection,
+    } = settings;
     let (sender, conn) = h2::client::Builder::new()
         // Until the backend's SETTINGS arrive, open no more streams than servers commonly
         // allow; h2's default is unlimited, and a burst of calls on a new connection would
         // then meet REFUSED_STREAM from a backend with a lower limit.
         .initial_max_send_streams(INITIAL_MAX_SEND_STREAMS)
         .initial_window_size(ANSWER_STREAM_WINDOW)
-        .initial_connection_window_size(ANSWER_CONNECTION_WINDOW)
+        .initial_connection_window_size(answer_connection_window(max_calls_per_connection))
         .max_header_list_size(MAX_ANSWER_HEADER_LIST)
         .max_send_buffer_size(MAX_SEND_BUFFER)
         .enable_push(false)
@@ -468,7 +496,7 @@ where
     let (answered_tx, answered) = tokio::sync::oneshot::channel();
     tokio::spawn(drive(
         conn,
-        address.clone(),
+        address,
         keepalive_interval,
         state.clone(),
         answered_tx,
