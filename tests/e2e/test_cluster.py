@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import statistics
 import tempfile
 import time
@@ -311,6 +312,34 @@ def test_cross_replica_latency(cluster):
     added = results["other replica"][0] - results["own replica"][0]
     print("LATENCY " + ", ".join(f"{k}: median {m:.2f} ms p90 {p:.2f} ms" for k, (m, p) in results.items())
           + f"; cross-replica adds {added:.2f} ms (median)")
+
+
+def test_callers_that_stop_reading_do_not_hold_up_a_replicas_other_requests(cluster):
+    """One connection from a replica to a peer carries every request it relays there. Callers
+    at replica 2 that stop reading large answers from agents at replica 1 filled that
+    connection's window (4 MiB, 2 MiB a stream), and every other request from replica 2 to
+    replica 1's agents waited. Now each stalled answer holds only its own stream's window."""
+    place = cluster.placement()
+    own, other = cluster.replicas[0], cluster.replicas[1]
+    agents = [n for n, p in place.items() if p is own]
+    assert agents, place
+    stalled = []
+    try:
+        for i in range(6):
+            s = socket.create_connection(("127.0.0.1", other.api_port), timeout=10)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.sendall(f"GET /agents/{agents[0]}/proxy/big/64 HTTP/1.1\r\nHost: x\r\n"
+                      f"Authorization: Bearer {cluster.api_token}\r\n\r\n".encode())
+            stalled.append(s)
+        time.sleep(2)  # the answers fill every window on the way that they may
+        for i in range(6):
+            t0 = time.monotonic()
+            ok, what = cluster.request(other, agents[i % len(agents)], f"past-stalled{i}")
+            assert ok, what
+            assert time.monotonic() - t0 < 2, f"request {i} took {time.monotonic() - t0:.1f}s"
+    finally:
+        for s in stalled:
+            s.close()
 
 
 def test_kill_9_of_one_replica(cluster):

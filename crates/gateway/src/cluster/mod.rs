@@ -59,6 +59,8 @@ pub const ERROR_HEADER: &str = "agentgate-forward-error";
 pub const ROUTE_HEADER: &str = "agentgate-internal-route";
 /// How long a reserved tunnel waits for its request before it goes back to the pool.
 const RESERVATION_TTL: Duration = Duration::from_secs(30);
+/// What one answer from a peer may hold unread here: a peer is near (at 1 ms, 1 GB/s).
+const PEER_ANSWER_STREAM_WINDOW: u32 = 1024 * 1024;
 
 type InternalBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 
@@ -144,8 +146,14 @@ impl Cluster {
             // Below the peers' `http_idle_timeout` (default 120 s), so this side lets an idle
             // connection go before the peer closes it under a request.
             .pool_idle_timeout(Duration::from_secs(60))
-            .http2_initial_stream_window_size(2 * 1024 * 1024)
-            .http2_initial_connection_window_size(4 * 1024 * 1024)
+            // One connection to a peer carries every request this replica sends it, so an
+            // answer whose caller stopped reading must not hold the others up: each may hold
+            // its stream window unread, and the connection has room for the peer's 200
+            // concurrent streams (hyper's default) to do so at once (it was 4 MiB: two
+            // stalled downloads froze every request to the peer's agents until the peer's
+            // stalled_caller_timeout). Nothing is allocated until data waits.
+            .http2_initial_stream_window_size(PEER_ANSWER_STREAM_WINDOW)
+            .http2_initial_connection_window_size(PEER_ANSWER_STREAM_WINDOW * 256)
             // A peer that accepts and then hangs (a stopped process, a blackholed link) is
             // found by its unanswered PINGs within about a second plus internal_call_timeout,
             // even while a reservation legitimately waits up to tunnel_wait for an answer.
