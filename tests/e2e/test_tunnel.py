@@ -535,6 +535,29 @@ def test_grpc_deadline_exceeded_promptly_and_upstream_cancelled(rpc):
     print(f"\n[{rpc.scheme}] DEADLINE_EXCEEDED after {took * 1000:.0f} ms (1 s deadline)")
 
 
+def test_grpc_metadata_a_grpc_server_would_reject_is_refused_at_the_gateway(rpc):
+    """The agent carries every caller's calls to its gRPC upstream over one connection, and a
+    gRPC C-core server that read one malformed `grpc-timeout` there failed later calls of
+    OTHER callers that carry a deadline (20 of 20 once). Such a call, or a `-bin` value that is
+    not base64, is refused with INVALID_ARGUMENT and never forwarded; other callers' calls
+    with deadlines pass."""
+    import raw_h2
+
+    request = rpc.pb.EchoRequest(text="poison").SerializeToString()
+    for bad, says in (([("grpc-timeout", "abc")], "is not a gRPC deadline"),
+                      ([("x-trace-bin", "not base64!")], "is not base64")):
+        c = raw_h2.RawH2(rpc.g.api_port)
+        try:
+            sid = c.request("/agentgate.test.Echo/Unary", headers=rpc.meta + bad,
+                            body=raw_h2.grpc_frame(request))
+            a = c.wait(sid)
+        finally:
+            c.close()
+        assert a.grpc_status == "3" and says in a.grpc_message, (a.headers, a.trailers)
+    for i in range(20):
+        assert rpc.stub.Unary(rpc.pb.EchoRequest(text=str(i)), metadata=rpc.meta, timeout=5).text == str(i)
+
+
 def test_grpc_caller_cancel_reaches_upstream(rpc):
     """No deadline anywhere: only the tunnel can tell the upstream that the caller left."""
     fut = rpc.stub.Slow.future(rpc.pb.SlowRequest(millis=15000, id="cancel"), metadata=rpc.meta)

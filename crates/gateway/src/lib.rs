@@ -21,6 +21,7 @@ mod codec_error_text;
 pub mod config;
 pub mod directory;
 mod fd_limit;
+mod grpc_metadata;
 mod guarded_body;
 mod headers;
 mod http_listener;

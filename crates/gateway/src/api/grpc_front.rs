@@ -134,6 +134,16 @@ pub async fn handle(
         TokenSource::TokenHeader => headers.remove(TOKEN_HEADER),
     };
     headers.remove(http::header::HOST);
+    // The agent's gRPC upstream serves every caller's calls over one connection.
+    if let Err(why) = crate::grpc_metadata::check_metadata(&mut headers) {
+        log.finish_grpc(
+            200,
+            tonic::Code::InvalidArgument,
+            "invalid_metadata",
+            EndedBy::Gateway,
+        );
+        return status_response(tonic::Code::InvalidArgument, &why);
+    }
     let head = RequestHead {
         kind: RequestKind::Grpc as i32,
         upstream: String::new(),
