@@ -125,6 +125,15 @@ class _PatternHandler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
+    def do_HEAD(self):  # noqa: N802
+        """The head GET /bytes/N would have."""
+        self.server.requests += 1
+        n = int(self.path[len("/bytes/"):].split("?")[0]) if self.path.startswith("/bytes/") else 0
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(n))
+        self.end_headers()
+
     def do_POST(self):  # noqa: N802
         """Reads the whole body (Content-Length), then answers with its length."""
         self.server.requests += 1
@@ -147,7 +156,8 @@ class _PatternHandler(BaseHTTPRequestHandler):
 
 
 class PatternServer:
-    """ThreadingHTTPServer on 127.0.0.1: GET /bytes/N streams N pattern bytes; GET /sleep/S
+    """ThreadingHTTPServer on 127.0.0.1: GET /bytes/N streams N pattern bytes (HEAD: its head);
+    GET /sleep/S
     answers after S seconds; POST reads the body and answers its length (after S seconds to
     /sleep/S); GET / says hello."""
 

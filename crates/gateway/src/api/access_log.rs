@@ -206,6 +206,12 @@ impl RequestLog {
         revoked: CancellationToken,
     ) -> http::Response<ApiBody> {
         let status = resp.status().as_u16();
+        // An answer that has no body by definition: servers send none and never poll for it,
+        // so a body wrapper would be dropped unread and the request logged as cut short.
+        if self.method == "HEAD" || matches!(status, 204 | 304) {
+            self.finish_with(status, None, "ok", EndedBy::Upstream, 0);
+            return resp;
+        }
         let declared = resp
             .headers()
             .get(http::header::CONTENT_LENGTH)
@@ -350,6 +356,9 @@ impl Body for LoggedBody {
                         .get(&GRPC_STATUS)
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_string);
+                    // Trailers end an answer: the server does not poll for more, and drops
+                    // the body (which, unfinished, would read as the caller gone).
+                    self.finish("ok", EndedBy::Upstream);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
