@@ -799,6 +799,7 @@ def test_forwarding_headers_hop_by_hop_token_and_query(env):
             "Proxy-Authorization: Basic Zm9vOmJhcg==\r\n"
             "X-Custom: kept\r\n"
             "X-Forwarded-For: 203.0.113.7\r\n"
+            "X-Forwarded-For: 198.51.100.2\r\n"
             "\r\n")
     status, _, body = _raw_request(g.api_port, head)
     assert status == 200, body
@@ -808,7 +809,8 @@ def test_forwarding_headers_hop_by_hop_token_and_query(env):
     for k, v in info["headers"]:
         seen.setdefault(k.lower(), []).append(v)
     assert seen.get("x-custom") == ["kept"]
-    assert seen.get("x-forwarded-for") == ["203.0.113.7, 127.0.0.1"]
+    # Every hop the caller's line(s) named, then the caller (the second line was lost).
+    assert seen.get("x-forwarded-for") == ["203.0.113.7, 198.51.100.2, 127.0.0.1"]
     assert seen.get("x-forwarded-proto") == ["http"]
     assert seen.get("x-forwarded-host") == [f"api.example.test:{g.api_port}"]
     for hop in ("connection", "keep-alive", "te", "x-private-hop", "proxy-authorization",
@@ -844,3 +846,19 @@ def test_forwarding_headers_hop_by_hop_token_and_query(env):
     assert info["body_len"] == len(payload)
     assert seen.get("transfer-encoding", ["chunked"]) == ["chunked"], seen
     assert "gzip" not in json.dumps(seen)
+
+    # An upgrade the tunnel does not carry (it reached the upstream as a plain GET), and a
+    # gRPC call over HTTP/1.1 (its status, in trailers, cannot come back): a sentence each,
+    # and nothing reaches the upstream.
+    before = len(read_events(up.events))
+    status, _, body = _raw_request(g.api_port, "GET /agents/hdr/proxy/ws HTTP/1.1\r\nHost: x\r\n"
+                                   f"Authorization: Bearer {api}\r\nUpgrade: websocket\r\n"
+                                   "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                                   "Sec-WebSocket-Version: 13\r\n\r\n")
+    assert status == 501 and b"does not carry protocol upgrades" in body, (status, body)
+    status, _, body = _raw_request(g.api_port, "POST /agentgate.test.Echo/Unary HTTP/1.1\r\nHost: x\r\n"
+                                   f"Authorization: Bearer {api}\r\nagentgate-agent: hdr\r\n"
+                                   "Content-Type: application/grpc\r\nContent-Length: 5\r\n\r\n",
+                                   b"\x00\x00\x00\x00\x00")
+    assert status == 505 and b"gRPC needs HTTP/2" in body, (status, body)
+    assert len(read_events(up.events)) == before

@@ -68,6 +68,21 @@ fn is_agent_call(method: &str) -> bool {
     method.starts_with("/agentgate.v1.") || method.starts_with("/gitlab.agent.")
 }
 
+/// The answer to a gRPC call that arrived over HTTP/1.1 (a proxy in between downgraded it).
+pub(super) fn over_http1() -> Response<ApiBody> {
+    let mut resp = Response::new(super::full_body(
+        "agentgate: this gRPC call arrived over HTTP/1.1, but gRPC needs HTTP/2 (its status \
+         comes back in trailers): something in between downgraded it; let HTTP/2 through (h2c, \
+         or TLS with ALPN h2)\n",
+    ));
+    *resp.status_mut() = http::StatusCode::HTTP_VERSION_NOT_SUPPORTED;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
 pub async fn handle(
     api: Arc<super::ApiState>,
     peer: std::net::SocketAddr,

@@ -89,6 +89,15 @@ pub async fn handle(
              /agents/{agent}/upstreams/{name}/{path}",
         );
     };
+    // An upgrade (WebSocket, h2c) is a protocol switch the tunnel does not carry: forwarded
+    // without its Upgrade header it reached the upstream as a plain GET.
+    if req.headers().contains_key(http::header::UPGRADE) {
+        return error_response(
+            StatusCode::NOT_IMPLEMENTED,
+            "the tunnel does not carry protocol upgrades (WebSocket, h2c); make plain HTTP or \
+             gRPC requests through it",
+        );
+    }
     let (agent, upstream) = (target.agent.to_string(), target.upstream.to_string());
     let (token, source) = match api.authenticate(req.headers(), &agent) {
         Ok(found) => found,
@@ -148,10 +157,16 @@ pub async fn handle(
         }
     }
     headers.remove(http::header::HOST);
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {}", peer.ip()),
-        None => peer.ip().to_string(),
-    };
+    // Every X-Forwarded-For line the caller sent, in order (proxies may add a line each
+    // instead of appending to one), then the caller's address.
+    let mut xff = String::new();
+    for prev in headers.get_all(&X_FORWARDED_FOR) {
+        if let Ok(prev) = prev.to_str() {
+            xff.push_str(prev.trim());
+            xff.push_str(", ");
+        }
+    }
+    xff.push_str(&peer.ip().to_string());
     if let Ok(v) = HeaderValue::from_str(&xff) {
         headers.insert(X_FORWARDED_FOR, v);
     }

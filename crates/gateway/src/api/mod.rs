@@ -138,6 +138,10 @@ async fn route(
     // Each front's future is boxed where it is made: the whole request path is in it (tens
     // of KiB), and inline it would be copied again by every wrapper it goes through (the
     // service function, the in-flight counter, hyper's dispatcher) on every request.
+    if is_grpc && req.version() <= http::Version::HTTP_11 {
+        // Its trailers (the call's status) cannot come back over HTTP/1.1.
+        return grpc_front::over_http1();
+    }
     if is_grpc {
         Box::pin(grpc_front::handle(api, peer, req)).await
     } else {
