@@ -1048,6 +1048,29 @@ def test_sidecar_backend_down_and_gateway_gone(env):
         assert took < 18, f"UNAVAILABLE only after {took:.1f}s"
 
 
+def test_a_sidecar_stream_cut_mid_answer_ends_unavailable_not_internal(env):
+    """A long poll through the local listener that has had messages when the gateway dies
+    (SIGKILL here): the caller got the reset of the agent's HTTP/2 server, INTERNAL "RST_STREAM
+    with error code 2", which clients do not retry. Cut between two messages, it now ends with
+    UNAVAILABLE and the agent's sentence."""
+    router = JobRouter()
+    try:
+        g = env.gateway(tls=False, extra=backend_flag(router.url))
+        agent, lp = start_sidecar(env, g.url("grpc"), env.token_file("side-cut"), "side-cut", "grpc")
+        ready_sidecar(g, agent, lp, "side-cut", "grpc")
+        with ic.h2c_channel(lp) as ch:
+            stream = Client(ch).wait_job(wait_job_request(job="cut", count=5, delay=2, first_now=True),
+                                         timeout=30)
+            assert next(stream) == b"cut:0"
+            g.proc.send_signal(signal.SIGKILL)
+            with pytest.raises(grpc.RpcError) as ei:
+                next(stream)
+        assert ei.value.code() == grpc.StatusCode.UNAVAILABLE, ei.value
+        assert "broke off the call mid-answer" in (ei.value.details() or ""), ei.value.details()
+    finally:
+        router.stop()
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. Through the shipped nginx and HAProxy configs.
 #

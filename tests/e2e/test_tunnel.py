@@ -25,6 +25,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+import ingress_clients as ic
+
 from conftest import free_port, wait_for
 
 PEERS = Path(__file__).resolve().parent / "peers"
@@ -479,6 +481,39 @@ def test_grpc_bidi_streaming_in_lock_step(rpc):
         assert (r.index, r.text, r.payload) == (i, f"M{i}", str(i).encode())
         q.put(pb.EchoRequest(text=f"m{i + 1}", payload=str(i + 1).encode()) if i < 19 else None)
     assert list(responses) == []
+
+
+@pytest.mark.parametrize("scheme", ["grpc", "ws"])
+def test_a_grpc_call_whose_agent_goes_away_mid_answer_ends_unavailable(env, scheme):
+    """An answer under way when the agent's connection breaks (its process is killed here):
+    the caller got a reset, which gRPC clients report as INTERNAL and do not retry. Cut between
+    two messages, as here, the call ends with UNAVAILABLE and a sentence, and the access line
+    says `broken`."""
+    import queue
+
+    s = GrpcSetup(env, scheme)
+    try:
+        q: queue.Queue = queue.Queue()
+
+        def requests():
+            while (item := q.get(timeout=30)) is not None:
+                yield item
+
+        q.put(s.pb.EchoRequest(text="m0"))
+        responses = s.stub.Bidi(requests(), metadata=s.meta, timeout=30)
+        assert next(responses).text == "M0"
+        s.agent.send_signal(signal.SIGKILL)
+        with pytest.raises(grpc.RpcError) as ei:
+            next(responses)
+        q.put(None)
+        assert ei.value.code() == grpc.StatusCode.UNAVAILABLE, ei.value
+        assert "broke off the call mid-answer" in (ei.value.details() or ""), ei.value.details()
+        line = wait_for(lambda: next((x for x in ic.plain(s.g.proc.output()).splitlines()
+                                      if "agentgate::access" in x and "Bidi" in x), None),
+                        timeout=5, what="the access line")
+        assert 'outcome="broken"' in line, line
+    finally:
+        s.channel.close()
 
 
 def test_grpc_error_status_message_trailers_and_details_preserved(rpc):

@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use agentgate_proto::status_on_break::StatusOnBreak;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
@@ -216,7 +217,16 @@ async fn forward(
         Err(e) => Err(e),
     };
     match sent {
-        Ok(resp) => resp,
+        // A stream cut after its answer began (the connection to the gateway broke) ends with
+        // UNAVAILABLE where it can, not with a reset the caller reads as INTERNAL.
+        Ok(resp) => resp.map(|body| {
+            Body::new(StatusOnBreak::new(body, |e| {
+                tonic::Status::unavailable(format!(
+                    "agentgate agent: the connection to the gateway broke off the call \
+                     mid-answer ({e}); it may or may not have finished at the backend"
+                ))
+            }))
+        }),
         Err(e) if agentgate_transport::error_chain::find::<tonic::TimeoutExpired>(&e).is_some() => {
             refuse(
                 &path,

@@ -8,6 +8,7 @@ mod header_message;
 pub mod headers;
 pub mod pump;
 pub mod status_code;
+pub mod status_on_break;
 
 /// Version 1 of the contract: `agentgate.v1`.
 pub mod v1 {

@@ -19,6 +19,8 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use agentgate_proto::status_on_break::{status_trailers, MessageBoundary};
+
 use super::{ApiBody, BoxError};
 use crate::headers::GRPC_STATUS;
 use crate::metrics::Metrics;
@@ -232,6 +234,7 @@ impl RequestLog {
                 declared,
                 sent: 0,
                 grpc,
+                messages: MessageBoundary::default(),
                 grpc_status,
                 revoked: Box::pin(revoked.cancelled_owned()),
             }
@@ -286,6 +289,8 @@ struct LoggedBody {
     declared: Option<u64>,
     sent: u64,
     grpc: bool,
+    /// For a gRPC answer: where its messages stand, should it break.
+    messages: MessageBoundary,
     grpc_status: Option<String>,
     revoked: Pin<Box<WaitForCancellationFutureOwned>>,
 }
@@ -350,6 +355,9 @@ impl Body for LoggedBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
                     self.sent += d.len() as u64;
+                    if self.grpc {
+                        self.messages.advance(d);
+                    }
                 }
                 if let Some(t) = frame.trailers_ref() {
                     self.grpc_status = t
@@ -367,6 +375,15 @@ impl Body for LoggedBody {
                     self.finish("caller_stalled", EndedBy::Gateway);
                 } else {
                     self.finish("broken", EndedBy::Agent);
+                    // A gRPC answer cut between two messages can still end properly, with a
+                    // status clients may retry; a reset reads as INTERNAL to them.
+                    if self.grpc && self.messages.between_messages() {
+                        let status = tonic::Status::unavailable(format!(
+                            "agentgate: the tunnel broke off the call mid-answer ({e}); it may or \
+                             may not have finished at the upstream"
+                        ));
+                        return Poll::Ready(Some(Ok(Frame::trailers(status_trailers(&status)))));
+                    }
                 }
                 Poll::Ready(Some(Err(e)))
             }
