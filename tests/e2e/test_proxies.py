@@ -340,6 +340,28 @@ def test_agents_follow_proxy_reload(env, upstreams, kind):
 
 
 
+def test_agents_behind_haproxy_move_once_per_connection_age_not_in_a_loop(env, upstreams):
+    """HAProxy carries many agents' calls on a few connections to the gateway. When one reached
+    its drain point (`max_connection_age`), its agents were told to move, and HAProxy put their
+    new Register back on that same connection (nothing had told it to stop using it), where
+    they were told to move again: 256 registrations a second. The drain now also sends the
+    connection a GOAWAY, and a session that begins on a connection already draining is not
+    told to move at once."""
+    g, ports = start_gateway(env, "tls", ["--set", 'max_connection_age="8s"',
+                                          "--set", 'max_connection_age_grace="30s"'])
+    front = start_proxy(env, "haproxy", "tls", ports)
+    api = env.token("user", kind="api")
+    agents = {f"age-{i}": start_agent(env, f"age-{i}", front.url("grpcs"), upstreams) for i in range(3)}
+    for name in agents:
+        g.wait_agent(name, "grpcs")
+    time.sleep(20)  # two and a half connection ages
+    counts = {name: a.output().count("connected and registered") for name, a in agents.items()}
+    print(f"\nregistrations in 20 s of 8 s connection ages: {counts}")
+    assert max(counts.values()) <= 12, counts
+    for name in agents:
+        echo_through(front, name, api)
+
+
 @pytest.mark.parametrize("version", [1, 2])
 def test_agent_survives_nginx_keepalive_requests_goaway(env, upstreams, version):
     """nginx sends GOAWAY after `keepalive_requests` streams on one client connection (default

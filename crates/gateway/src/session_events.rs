@@ -28,6 +28,9 @@ use tonic::Status;
 use crate::directory::SessionGuard;
 use crate::session::Sessions;
 
+/// The drain's reason (in its GOAWAY) when a connection nears `max_connection_age`.
+const DRAIN_MAX_AGE: &str = "max_connection_age";
+
 /// Reason label when a session ends because its token was revoked.
 pub const REJECT_REVOKED: &str = "token_revoked";
 /// Reason label when a session ends because its token's expiry passed.
@@ -92,7 +95,13 @@ impl SessionEvents {
         // The session ends a little after the connection's GOAWAY for max age, so that the
         // agent dials a fresh connection only once no new streams can land on this one.
         let end_at = sessions.session_deadline(&conn);
-        let drain_at = sessions.drain_deadline(&conn);
+        // A session that begins on a connection already past its drain point (a proxy that
+        // put a new agent's Register on its old connection to the gateway) is not told to move
+        // at once: moved, it came back on the same connection, hundreds of times a second. It
+        // stays until the connection's end.
+        let drain_at = sessions
+            .drain_deadline(&conn)
+            .filter(|d| *d > Instant::now());
         Self {
             stopping_then_shutdown: Box::pin(sessions.stopping.clone().cancelled_owned()),
             revoked: Box::pin(revoked.cancelled_owned()),
@@ -225,6 +234,10 @@ impl Stream for SessionEvents {
                     conn = this.conn.id,
                     "connection draining: asking the agent to reconnect"
                 );
+                // And the connection's client: a proxy carrying many agents' calls on it opens
+                // no new streams here (the agent's new Register among them) once it reads the
+                // GOAWAY; calls in flight go on until the connection's max age and grace.
+                let _ = this.conn.request_drain(DRAIN_MAX_AGE);
                 return event(session_event::Event::Draining(Draining {
                     reason: "connection reached max_connection_age".into(),
                 }));
