@@ -362,6 +362,27 @@ def test_agents_behind_haproxy_move_once_per_connection_age_not_in_a_loop(env, u
         echo_through(front, name, api)
 
 
+def test_agents_behind_a_proxy_whose_gateway_is_down_are_told_so(env, upstreams):
+    """nginx answers 502 when the gateway behind it is down. A gRPC agent logged tonic's
+    decoding of nginx's HTML page ("invalid compression flag: 60 ... status: 502 Bad Gateway
+    (INTERNAL)"), and an agent in auto mode took the 502 for a path without HTTP/2 and fell
+    back to WebSocket. Now each says the proxy answered HTTP 502 and could not reach the
+    gateway, and the auto agent does not fall back."""
+    g, ports = start_gateway(env, "tls")
+    front = start_proxy(env, "nginx", "tls", ports)
+    g.proc.stop()
+
+    def reason(agent):
+        return wait_for(lambda: next((x for x in agent.output().splitlines() if "cannot connect" in x), None),
+                        timeout=20, what="the agent's reason")
+    for name, url in (("orphan-grpcs", front.url("grpcs")), ("orphan-auto", front.url("wss"))):
+        agent = start_agent(env, name, url, upstreams)
+        line = reason(agent)
+        assert "answered HTTP 502 instead of taking the gRPC call" in line, line
+        assert "could not reach the gateway" in line and "compression flag" not in line, line
+        assert "falling back" not in agent.output(), agent.output()[-2000:]
+
+
 @pytest.mark.parametrize("version", [1, 2])
 def test_agent_survives_nginx_keepalive_requests_goaway(env, upstreams, version):
     """nginx sends GOAWAY after `keepalive_requests` streams on one client connection (default

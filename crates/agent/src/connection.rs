@@ -110,6 +110,12 @@ pub enum ConnectError {
          balancer in front of it has no live gateway behind it"
     )]
     NotCleartextHttp2 { url: String, detail: String },
+    #[error(
+        "{url} answered HTTP {status} instead of taking the gRPC call: a proxy in front, or \
+         something that is not the gateway{}",
+        agentgate_transport::refusal_hint(*status)
+    )]
+    HttpAnswer { url: String, status: u16 },
     #[error("{what} did not finish within {after:?}")]
     Timeout { what: String, after: Duration },
     #[error("protocol error: {0}")]
@@ -453,6 +459,15 @@ impl Dialer {
                 after: deadline,
             })?
             .map_err(|e| match e {
+                // An HTTP answer that is not gRPC (a proxy's 502 page, a 505 from the gateway
+                // behind a proxy that downgraded the call): tonic words it as a decoding
+                // error ("invalid compression flag: 60") or a missing grpc-status.
+                ConnectError::Call { status, .. } if http_status_of(&status).is_some() => {
+                    ConnectError::HttpAnswer {
+                        url: url.to_string(),
+                        status: http_status_of(&status).unwrap_or_default(),
+                    }
+                }
                 // h2c to a TLS port: the server answers our preface with TLS (or closes),
                 // and the first call fails with a bare transport error whose code depends on
                 // timing (UNAVAILABLE, UNKNOWN, INTERNAL, CANCELLED). A gateway's own refusals
@@ -527,10 +542,16 @@ impl Dialer {
                 match self.establish(&direct, true, self.cfg.probe_timeout).await {
                     Ok(c) => Ok((c, None)),
                     Err(e @ ConnectError::Unauthenticated(_)) => Err(e),
-                    // Nothing listens at that address (the gateway is down, or restarting):
-                    // the WebSocket fallback dials the same address, so it would only fail
-                    // again, and a line about HTTP/2 would mislead.
+                    // Nothing listens at that address (the gateway is down, or restarting),
+                    // or the proxy there cannot reach the gateway: the WebSocket fallback
+                    // goes the same way, so it would only fail again (or stay on WebSocket
+                    // once the gateway is back), and a line about HTTP/2 would mislead.
                     Err(e @ ConnectError::Dial(DialError::Connect { .. })) => Err(e),
+                    Err(
+                        e @ ConnectError::HttpAnswer {
+                            status: 502..=504, ..
+                        },
+                    ) => Err(e),
                     Err(e) => {
                         tracing::info!(probe = %direct, "direct gRPC probe failed ({e}); falling back to {server}");
                         let why = format!("the direct gRPC probe of {direct} failed: {e}");
@@ -547,6 +568,18 @@ impl Dialer {
     }
 }
 
+/// The HTTP status of an answer that was not gRPC, from tonic's words for it.
+fn http_status_of(status: &tonic::Status) -> Option<u16> {
+    let m = status.message();
+    let after = [
+        "while receiving response with status: ",
+        "mapped from HTTP status code ",
+    ]
+    .iter()
+    .find_map(|marker| m.find(marker).map(|i| &m[i + marker.len()..]))?;
+    after.get(..3)?.parse().ok().filter(|s| *s != 200)
+}
+
 fn call_error(status: tonic::Status) -> ConnectError {
     if status.code() == tonic::Code::Unauthenticated {
         ConnectError::Unauthenticated(status.message().to_string())
@@ -555,6 +588,33 @@ fn call_error(status: tonic::Status) -> ConnectError {
             call: "registration",
             status,
         }
+    }
+}
+
+#[cfg(test)]
+mod http_answer_tests {
+    use super::*;
+
+    #[test]
+    fn tonic_words_for_an_http_answer_give_its_status() {
+        let flag = tonic::Status::internal(
+            "protocol error: received message with invalid compression flag: 60 (valid flags \
+             are 0 and 1) while receiving response with status: 502 Bad Gateway",
+        );
+        assert_eq!(http_status_of(&flag), Some(502));
+        let missing = tonic::Status::unavailable(
+            "grpc-status header missing, mapped from HTTP status code 503",
+        );
+        assert_eq!(http_status_of(&missing), Some(503));
+        assert_eq!(
+            http_status_of(&tonic::Status::unavailable("agentgate: busy")),
+            None
+        );
+        let e = ConnectError::HttpAnswer {
+            url: "grpcs://gw:443".into(),
+            status: 505,
+        };
+        assert!(e.to_string().contains("grpc_pass, not proxy_pass"), "{e}");
     }
 }
 

@@ -244,15 +244,33 @@ fn refusal_text(body: &[u8]) -> String {
         .split(|c: char| c.is_whitespace() || c.is_control())
         .filter(|w| !w.is_empty())
         .collect();
-    words.join(" ").chars().take(200).collect()
+    let line = words.join(" ");
+    if line.chars().count() <= 400 {
+        return line;
+    }
+    let mut cut: String = line.chars().take(400).collect();
+    if let Some(space) = cut.rfind(' ') {
+        cut.truncate(space);
+    }
+    cut + " ..."
 }
 
-/// What to check after the upgrade was refused with `status`.
-fn refusal_hint(status: u16) -> &'static str {
+/// What to check after a proxy (or the gateway) answered an agent's WebSocket upgrade or gRPC
+/// call with HTTP `status` instead of taking it.
+pub fn refusal_hint(status: u16) -> &'static str {
     match status {
         404 => "; check the URL's path: a proxy in front routes only some paths to the gateway",
         401 | 403 => "; a proxy in front refused the agent: check its access rules",
-        502..=504 => "; the proxy in front could not reach the gateway",
+        426 => {
+            "; the request reached the gateway without its upgrade: a proxy in between dropped \
+             the Upgrade and Connection headers (nginx: proxy_http_version 1.1; proxy_set_header \
+             Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\")"
+        }
+        502..=504 => "; the proxy in front could not reach the gateway (is it running?)",
+        505 => {
+            "; something in between speaks HTTP/1.1 to the gateway: let HTTP/2 through (nginx: \
+             grpc_pass, not proxy_pass), or use a ws:// or wss:// URL"
+        }
         _ => "",
     }
 }

@@ -29,7 +29,9 @@ mod websocket;
 
 pub use authority::{non_uri_authority, refuse_non_uri_authority};
 pub use connect_proxy::{ProxyConfig, ProxyError};
-pub use dial::{dial, explain_tls_failure, DialError, DialSettings, TlsPeer, GATEWAY_TLS_PEER};
+pub use dial::{
+    dial, explain_tls_failure, refusal_hint, DialError, DialSettings, TlsPeer, GATEWAY_TLS_PEER,
+};
 pub use goaway_watch::GoawayWatch;
 pub use ingress::{
     accept_until, bind_listener, serve_ingress, ConnMeta, ConnectionLimit, IngressObserver,
