@@ -591,33 +591,6 @@ fn call_error(status: tonic::Status) -> ConnectError {
     }
 }
 
-#[cfg(test)]
-mod http_answer_tests {
-    use super::*;
-
-    #[test]
-    fn tonic_words_for_an_http_answer_give_its_status() {
-        let flag = tonic::Status::internal(
-            "protocol error: received message with invalid compression flag: 60 (valid flags \
-             are 0 and 1) while receiving response with status: 502 Bad Gateway",
-        );
-        assert_eq!(http_status_of(&flag), Some(502));
-        let missing = tonic::Status::unavailable(
-            "grpc-status header missing, mapped from HTTP status code 503",
-        );
-        assert_eq!(http_status_of(&missing), Some(503));
-        assert_eq!(
-            http_status_of(&tonic::Status::unavailable("agentgate: busy")),
-            None
-        );
-        let e = ConnectError::HttpAnswer {
-            url: "grpcs://gw:443".into(),
-            status: 505,
-        };
-        assert!(e.to_string().contains("grpc_pass, not proxy_pass"), "{e}");
-    }
-}
-
 /// Runs the agent until `stop` is cancelled.
 pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> anyhow::Result<()> {
     Agent::new(cfg)?.run(stop).await
@@ -786,4 +759,31 @@ async fn run_agent(agent: Agent, stop: CancellationToken) -> anyhow::Result<()> 
     }
     tracing::info!("agent stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tonic_words_for_an_http_answer_give_its_status() {
+        let flag = tonic::Status::internal(
+            "protocol error: received message with invalid compression flag: 60 (valid flags \
+             are 0 and 1) while receiving response with status: 502 Bad Gateway",
+        );
+        assert_eq!(http_status_of(&flag), Some(502));
+        let missing = tonic::Status::unavailable(
+            "grpc-status header missing, mapped from HTTP status code 503",
+        );
+        assert_eq!(http_status_of(&missing), Some(503));
+        assert_eq!(
+            http_status_of(&tonic::Status::unavailable("agentgate: busy")),
+            None
+        );
+        let e = ConnectError::HttpAnswer {
+            url: "grpcs://gw:443".into(),
+            status: 505,
+        };
+        assert!(e.to_string().contains("grpc_pass, not proxy_pass"), "{e}");
+    }
 }
