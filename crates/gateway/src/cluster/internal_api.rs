@@ -191,6 +191,20 @@ async fn route(
             } else {
                 let agent = agent.to_string();
                 let (head, body) = forwarded_request(req, verified.body_key, &state.metrics);
+                // This route carries no body: its MAC trailer is read and checked before the
+                // request goes on, so the answer never comes before the request is whole (an
+                // early answer resets the stream, and the trailer arriving after the reset
+                // was a connection error to HTTP/2; see h2 patch 9).
+                if let Err(why) = bodiless(body).await {
+                    let mut r = text(
+                        StatusCode::BAD_REQUEST,
+                        format!("agentgate internal API: {why}\n"),
+                    );
+                    r.headers_mut()
+                        .insert(ROUTE_HEADER, HeaderValue::from_static("agent-request"));
+                    return r;
+                }
+                let body = http_body_util::Empty::<bytes::Bytes>::new();
                 // Not connected here is an error the sender waits on (the agent is moving),
                 // answered at once rather than after `tunnel_wait`.
                 let tunnel = if state.local.holds(&agent) {
@@ -215,6 +229,21 @@ async fn route(
         }
         _ => text(StatusCode::NOT_FOUND, "no such internal route\n"),
     }
+}
+
+/// Reads the whole body of a request on the one-call route, which has none: its MAC trailer.
+async fn bodiless(body: super::signing::VerifiedBody<Incoming>) -> Result<(), String> {
+    let mut body = std::pin::pin!(body);
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) if f.data_ref().is_some_and(|d| !d.is_empty()) => {
+                return Err("the one-call route carries requests without a body".into())
+            }
+            Ok(_) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(())
 }
 
 /// The tunnel request a peer forwarded: its head, carried as headers, and its MAC-checked body.
@@ -245,7 +274,8 @@ fn forwarded_request(
         timeout_millis,
         ..Default::default()
     };
-    let body = super::signing::VerifiedBody::new(body, body_key, metrics.clone());
+    let declared_length = headers.contains_key(http::header::CONTENT_LENGTH);
+    let body = super::signing::VerifiedBody::new(body, body_key, metrics.clone(), declared_length);
     (head, body)
 }
 

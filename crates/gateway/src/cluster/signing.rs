@@ -435,15 +435,19 @@ pub enum BodyMacError {
 }
 
 pin_project! {
-    /// The receiving side: passes the body on one frame late, so that its last bytes go on
-    /// only once the MAC trailer has checked out. A body that does not match therefore never
-    /// reaches the agent's upstream whole (a declared content-length stays unmet), and the
-    /// request is aborted with [`BodyMacError`].
+    /// The receiving side: the body's end goes on only once the MAC trailer has checked out,
+    /// so a body that does not match never reaches the agent's upstream whole, and the
+    /// request is aborted with [`BodyMacError`]. A body with a declared length is whole with
+    /// its last byte, so it is passed on one frame late (that length stays unmet); any other
+    /// (chunked, gRPC) is whole only with its end, and goes on frame by frame: held back, an
+    /// interactive stream's last message waited for a frame the client sends only after the
+    /// answer (a bidi call across replicas hung until its deadline).
     pub struct VerifiedBody<B> {
         #[pin]
         inner: B,
         key: BodyKey,
         hash: Sha256,
+        hold_last: bool,
         held: Option<Bytes>,
         trailers: Option<HeaderMap>,
         finished: bool,
@@ -452,11 +456,13 @@ pin_project! {
 }
 
 impl<B> VerifiedBody<B> {
-    pub fn new(inner: B, key: BodyKeyHandle, metrics: Arc<Metrics>) -> Self {
+    /// `declared_length`: the request carries a content-length.
+    pub fn new(inner: B, key: BodyKeyHandle, metrics: Arc<Metrics>, declared_length: bool) -> Self {
         Self {
             inner,
             key: key.0,
             hash: Sha256::new(),
+            hold_last: declared_length,
             held: None,
             trailers: None,
             finished: false,
@@ -497,6 +503,9 @@ where
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(d) => {
                         this.hash.update(&d);
+                        if !*this.hold_last {
+                            return Poll::Ready(Some(Ok(Frame::data(d))));
+                        }
                         if let Some(prev) = this.held.replace(d) {
                             return Poll::Ready(Some(Ok(Frame::data(prev))));
                         }
@@ -649,6 +658,7 @@ mod tests {
     async fn verified_bytes(
         sent: Vec<&'static str>,
         tamper: Option<usize>,
+        declared_length: bool,
     ) -> (Vec<Bytes>, Option<BodyMacError>) {
         let (a, b) = pair();
         let call = a.sign(B, &http::Method::POST, "/r", "x", "");
@@ -671,6 +681,7 @@ mod tests {
             stream_of(on_wire.into_iter().map(Ok).collect()),
             v.body_key,
             Arc::new(Metrics::default()),
+            declared_length,
         ));
         let mut passed = vec![];
         while let Some(f) = body.frame().await {
@@ -688,16 +699,48 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_passes_whole_only_when_its_mac_checks_out() {
-        let (passed, err) = verified_bytes(vec!["one ", "two ", "three"], None).await;
-        assert!(err.is_none());
-        assert_eq!(passed.concat(), b"one two three");
-        // A swapped chunk: the last chunk is never passed on, and the body ends in an error.
-        let (passed, err) = verified_bytes(vec!["one ", "two ", "three"], Some(1)).await;
+        for declared_length in [true, false] {
+            let (passed, err) =
+                verified_bytes(vec!["one ", "two ", "three"], None, declared_length).await;
+            assert!(err.is_none());
+            assert_eq!(passed.concat(), b"one two three");
+        }
+        // A swapped chunk in a body of declared length: the last chunk is never passed on,
+        // and the body ends in an error.
+        let (passed, err) = verified_bytes(vec!["one ", "two ", "three"], Some(1), true).await;
         assert!(matches!(err, Some(BodyMacError::Mismatch)), "{err:?}");
         assert_eq!(
             passed.concat(),
             b"one EVIL",
             "the held-back last chunk stays back"
         );
+        // Without a declared length every chunk goes on as it comes (an interactive stream
+        // must not wait for the next), and the body's end becomes the error.
+        let (passed, err) = verified_bytes(vec!["one ", "two ", "three"], Some(1), false).await;
+        assert!(matches!(err, Some(BodyMacError::Mismatch)), "{err:?}");
+        assert_eq!(passed.concat(), b"one EVILthree");
+    }
+
+    #[tokio::test]
+    async fn a_chunk_without_a_declared_length_goes_on_before_the_next_arrives() {
+        let (a, b) = pair();
+        let call = a.sign(B, &http::Method::POST, "/r", "x", "");
+        let v = b
+            .verify(Some(&call.token), &http::Method::POST, "/r", "")
+            .unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
+        let mut body = Box::pin(VerifiedBody::new(
+            StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)),
+            v.body_key,
+            Arc::new(Metrics::default()),
+            false,
+        ));
+        tx.send(Ok(Frame::data(Bytes::from_static(b"ping"))))
+            .await
+            .unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("the first message went on while the sender waits for its answer");
+        assert_eq!(first.unwrap().unwrap().into_data().unwrap(), "ping");
     }
 }

@@ -504,6 +504,19 @@ impl Inner {
                         );
                         return Err(Error::library_reset(id, Reason::STREAM_CLOSED));
                     }
+                } else if self.actions.may_have_forgotten_stream(peer, id) {
+                    // agentgate patch 9: a server does reset a stream whose request is still
+                    // open (it answered early: RST_STREAM(NO_ERROR)), and the client's
+                    // trailers may arrive after the reset stream was forgotten (past
+                    // `max_concurrent_reset_streams`). That is a frame on a closed stream, a
+                    // stream error (RFC 9113, 5.1), not a reason to close the connection with
+                    // every other stream on it. Counted against
+                    // `max_local_error_reset_streams` like every reset for an error.
+                    tracing::debug!(
+                        "recv_headers for forgotten stream={:?}, sending STREAM_CLOSED",
+                        id,
+                    );
+                    return Err(Error::library_reset(id, Reason::STREAM_CLOSED));
                 }
 
                 match self
