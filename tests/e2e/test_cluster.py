@@ -253,6 +253,19 @@ def test_internal_api_requires_a_signed_token(cluster):
     # The agent still works after the reservation was released.
     ok, what = cluster.request(r, agent, "after-release")
     assert ok, what
+    # Anyone who reaches the port can cause a refusal line: they share the budget of lines a
+    # client without credentials may cause (20,000 lines in 0.28 s before).
+    import subprocess
+
+    lines_before = r.proc.output().count("internal API call refused")
+    t0 = time.monotonic()
+    subprocess.run(["h2load", "-n", "3000", "-c", "10", "-m", "10", f"http://127.0.0.1:{r.internal_port}{listing}"],
+                   capture_output=True, timeout=60, check=True)
+    took = time.monotonic() - t0
+    time.sleep(1.2)
+    lines = r.proc.output().count("internal API call refused") - lines_before
+    assert r.metric("agentgate_internal_rejected_total", reason="missing") >= 3000
+    assert lines <= 20 * (took + 3), f"{lines} lines for 3,000 refused calls in {took:.1f}s"
 
 
 def test_redis_writes_stay_flat_while_tunnels_churn(cluster):

@@ -62,7 +62,9 @@ async fn route(
     req: Request<Incoming>,
 ) -> Response<ResponseBody> {
     if let Some(why) = agentgate_transport::refuse_non_uri_authority(&req) {
-        tracing::warn!(%peer, path = %req.uri().path(), "internal API call refused: {why}");
+        if let Some(suppressed) = agentgate_transport::PRE_AUTH_LOG.allow() {
+            tracing::warn!(%peer, path = %req.uri().path(), suppressed, "internal API call refused: {why}");
+        }
         return text(
             StatusCode::BAD_REQUEST,
             format!("agentgate internal API: {why}\n"),
@@ -92,7 +94,11 @@ async fn route(
         Ok(v) => v,
         Err(e) => {
             state.metrics.internal_rejected.inc(&[e.reason()]);
-            tracing::warn!(%peer, path = %path, "internal API call refused: {e}");
+            // Anyone who reaches the port can cause this line: the shared budget of lines
+            // a client without credentials may cause (SECURITY.md).
+            if let Some(suppressed) = agentgate_transport::PRE_AUTH_LOG.allow() {
+                tracing::warn!(%peer, path = %path, suppressed, "internal API call refused: {e}");
+            }
             return text(
                 StatusCode::UNAUTHORIZED,
                 format!("agentgate internal API: {e}\n"),
