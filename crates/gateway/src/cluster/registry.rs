@@ -386,15 +386,29 @@ impl Registry {
     /// Keeps the entries fresh until `stop`, then removes this replica's entries.
     pub async fn run_refresher(self: Arc<Self>, stop: CancellationToken) {
         loop {
-            if self.dirty.load(Ordering::Relaxed) && self.refresh_all().await.is_ok() {
-                self.dirty.store(false, Ordering::Relaxed);
-                tracing::debug!("cluster registry written");
+            let mut failed = false;
+            if self.dirty.load(Ordering::Relaxed) {
+                if self.refresh_all().await.is_ok() {
+                    self.dirty.store(false, Ordering::Relaxed);
+                    tracing::debug!("cluster registry written");
+                } else {
+                    failed = true;
+                }
             }
             let wait = if self.dirty.load(Ordering::Relaxed) {
                 Duration::from_secs(1)
             } else {
                 self.refresh
             };
+            if failed {
+                // Retried after `wait`, whatever wakes this loop meanwhile: every failed Redis
+                // call wakes it, its own among them, so it spun (11,000 failed calls a second
+                // while the Sentinels still named a master that had died).
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(wait) => continue,
+                }
+            }
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = self.wake.notified() => {}
