@@ -142,12 +142,6 @@ class Proc:
                 self.p.wait(timeout=5)
         self.log.close()
 
-    def cpu_seconds(self) -> float:
-        """User and system CPU time the process has used."""
-        with open(f"/proc/{self.p.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
     def rss_kib(self) -> int:
         with open(f"/proc/{self.p.pid}/status") as f:
             for line in f:
