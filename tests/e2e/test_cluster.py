@@ -611,6 +611,34 @@ def test_an_interactive_grpc_stream_through_another_replica_answers_each_message
         assert list(responses) == []
 
 
+def test_a_replica_with_another_secret_is_named_not_taken_for_a_busy_agent(env):
+    """Two replicas whose internal secrets differ: the agent's replica refuses the other's
+    signed calls (401, bad signature). The caller got 503 "connected but had no idle tunnel"
+    (outcome no_idle_tunnel) in a millisecond, and only an INFO line said why. Now a 503 that
+    names the refusal and what to check, outcome cluster_unavailable, and a warning."""
+    upstream = AgentUpstream()
+    try:
+        tok = env.token_file("split")
+        api_token = env.token("split-user", kind="api")
+        redis = Redis(env)
+        other_secret = env.tmp / "another-secret"
+        other_secret.write_bytes(b"another-secret-of-at-least-32-bytes-for-this-test\n")
+        here = Replica(env, 1, redis, write_secret(env)[0], REPLICA_FLAGS)
+        there = Replica(env, 2, redis, other_secret, REPLICA_FLAGS)
+        env.agent(f"grpc://127.0.0.1:{there.port}", tok,
+                  extra=["--upstream", upstream.url_for("split")] + AGENT_FLAGS, name="agent-split")
+        there.wait_agent("split")
+        status, _, text = api_request(here, "GET", "/agents/split/proxy/echo", api_token)
+        assert status == 503, (status, text[:300])
+        assert b"refused this replica's call" in text and b"same internal secret" in text, text[:400]
+        assert here.metric("agentgate_tunnel_requests_total", kind="http", outcome="cluster_unavailable",
+                           transport="none") == 1
+        assert here.forwards("refused") == 1
+        assert "refused this replica's call" in here.proc.output()
+    finally:
+        upstream.close()
+
+
 def test_a_crashed_replica_whose_agent_is_gone_too_is_skipped_not_called_per_request(env):
     """kill -9 of a replica AND its agent (a host lost whole): the replica's Redis entries stay
     until registry_ttl (5 min here). A request for that agent at the survivor, with a body or

@@ -59,6 +59,8 @@ pub const ERROR_HEADER: &str = "agentgate-forward-error";
 pub const ROUTE_HEADER: &str = "agentgate-internal-route";
 /// How long a reserved tunnel waits for its request before it goes back to the pool.
 const RESERVATION_TTL: Duration = Duration::from_secs(30);
+/// Lines a second about peers refusing this replica's calls (one per request otherwise).
+static PEER_REFUSED_LOG: agentgate_transport::LogBudget = agentgate_transport::LogBudget::new(2);
 /// What one answer from a peer may hold unread here: a peer is near (at 1 ms, 1 GB/s).
 const PEER_ANSWER_STREAM_WINDOW: u32 = 1024 * 1024;
 
@@ -344,6 +346,8 @@ impl Cluster {
                 .map_err(|_| ReserveFailure::Failed(format!("{peer}: bad reservation id {text:?}")))
         } else if status == http::StatusCode::NOT_FOUND {
             Err(ReserveFailure::NotThere(format!("{peer}: {text}")))
+        } else if status == http::StatusCode::UNAUTHORIZED {
+            Err(ReserveFailure::Refused(format!("{peer}: {text}")))
         } else {
             Err(ReserveFailure::Failed(format!("{peer}: {status}: {text}")))
         }
@@ -367,7 +371,7 @@ impl Cluster {
                 self.metrics.forwards.inc(&["registry_unavailable"]);
                 return Err(ForwardError::ClusterUnavailable {
                     agent: agent.into(),
-                    message: e.to_string(),
+                    message: format!("the cluster registry is unavailable: {e}"),
                 });
             }
         };
@@ -433,6 +437,25 @@ impl Cluster {
                 );
                 return Err(ForwardError::NotConnected {
                     agent: agent.into(),
+                });
+            }
+            // A replica that refuses our calls is a misconfiguration the caller should hear
+            // of, not an agent that was busy.
+            if let Some(refused) = failures
+                .iter()
+                .find(|f| matches!(f, ReserveFailure::Refused(_)))
+            {
+                self.metrics.forwards.inc(&["refused"]);
+                if let Some(suppressed) = PEER_REFUSED_LOG.allow() {
+                    tracing::warn!(agent, ?tried, suppressed, "a replica holding the agent refused this replica's call; check that every replica has the same internal_secret_file and synchronised clocks");
+                }
+                return Err(ForwardError::ClusterUnavailable {
+                    agent: agent.into(),
+                    message: format!(
+                        "the agent's replica refused this replica's call ({refused}); check \
+                         that every replica has the same internal secret and a synchronised \
+                         clock"
+                    ),
                 });
             }
             self.metrics.forwards.inc(&["no_tunnel"]);
@@ -712,7 +735,11 @@ enum ReserveFailure {
     /// The peer is unreachable or silent (now marked down): its agents are moving.
     #[error("{0}")]
     Gone(String),
-    /// Anything else: no ready tunnel there, or the peer failed or refused.
+    /// The peer refused this replica's signed call (401: another shared secret, clocks apart,
+    /// another URL): a misconfiguration, not a busy agent.
+    #[error("{0}")]
+    Refused(String),
+    /// Anything else: no ready tunnel there, or the peer failed.
     #[error("{0}")]
     Failed(String),
 }

@@ -35,9 +35,9 @@ pub enum ForwardError {
     BadRequest { agent: String, message: String },
     #[error("tunnel to agent {agent:?} broke: {message}")]
     TunnelBroken { agent: String, message: String },
-    #[error(
-        "agent {agent:?} is not connected here and the cluster registry is unavailable: {message}"
-    )]
+    /// The agent is not connected here and no other replica can be asked: `message` says
+    /// why (the registry is down, the agent's replica refused this one's call).
+    #[error("agent {agent:?} is not connected here, and {message}")]
     ClusterUnavailable { agent: String, message: String },
     /// The caller's request body broke off (it went away mid-upload): the agent is told to
     /// cancel at once rather than wait for the rest of the body.
