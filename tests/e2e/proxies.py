@@ -286,12 +286,14 @@ def render_haproxy_tcp(gw: GatewayPorts, port: int, api_port: int,
     text = (DEPLOY / "haproxy" / "agentgate-tcp-passthrough.cfg").read_text()
     text = sub(text, r"^(\s*)bind :443$", rf"\1bind 127.0.0.1:{port}", "the agents' bind")
     text = sub(text, r"^(\s*)bind :8443$", rf"\1bind 127.0.0.1:{api_port}", "the API bind")
-    text = sub(text, rf"^(\s*server gateway1 )127\.0\.0\.1:{SHIPPED_AGENT_PORT}( .*) send-proxy-v2 (.*)$",
-               rf"\g<1>127.0.0.1:{gw.agent}\2 {proxy_header} \3 source {HAPROXY_SOURCE}",
+    text = sub(text, rf"^(\s*server gateway1 )127\.0\.0\.1:{SHIPPED_AGENT_PORT}(.*) send-proxy-v2(.*)$",
+               rf"\g<1>127.0.0.1:{gw.agent}\2 {proxy_header}\3 source {HAPROXY_SOURCE}",
                "the agent port server with send-proxy-v2")
-    text = sub(text, rf"^(\s*server gateway1 )127\.0\.0\.1:{SHIPPED_API_PORT}( .*) send-proxy-v2 (.*)$",
-               rf"\g<1>127.0.0.1:{gw.api}\2 {proxy_header} \3 source {HAPROXY_SOURCE}",
+    text = sub(text, rf"^(\s*server gateway1 )127\.0\.0\.1:{SHIPPED_API_PORT}(.*) send-proxy-v2(.*)$",
+               rf"\g<1>127.0.0.1:{gw.api}\2 {proxy_header}\3 source {HAPROXY_SOURCE}",
                "the API server with send-proxy-v2")
+    # The health checks go to the admin port's /readyz.
+    text = sub(text, r" check port 8151 ", f" check port {gw.admin} ", "the health checks' admin port")
     return text
 
 

@@ -14,6 +14,7 @@ import json
 import socket
 import ssl
 import subprocess
+import time
 
 import grpc
 import pytest
@@ -137,6 +138,13 @@ def test_haproxy_in_tcp_mode_passes_tls_through_to_the_gateway(env, upstreams):
     wait_for(lambda: "agentgate_agents/agentgate_agent_port/gateway1" in hap.access_log()
              or "agentgate_agents agentgate_agent_port/gateway1" in hap.access_log(),
              timeout=15, what="HAProxy's tcplog line for an agent connection")
+    # The health checks ask /readyz on the admin port: none is a TLS handshake cut short on
+    # the agent port, counted and logged every 5 s (they were, with check-send-proxy).
+    before = g.metric("agentgate_connections_rejected_total", reason="tls_error")
+    lines = g.proc.output().count("TLS handshake failed")
+    time.sleep(6)
+    assert g.metric("agentgate_connections_rejected_total", reason="tls_error") == before
+    assert g.proc.output().count("TLS handshake failed") == lines
 
 
 @pytest.mark.parametrize("proxy_header", ["send-proxy-v2", "send-proxy"])
