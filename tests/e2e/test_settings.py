@@ -214,3 +214,22 @@ def test_print_config_shows_the_name_a_backend_is_known_by():
                                 "--set", 'backends=[{services=["b.v1."], url="http://127.0.0.1:8"}]',
                                 "--print-config").stdout)
     assert sorted(b["name"] for b in printed["backends"]) == ["b.v1", "runner.jobs.v1"], printed["backends"]
+
+
+def test_output_to_a_closed_pipe_or_a_full_disk_is_not_a_panic(tmp_path):
+    """`agentgate completions bash | head -2` panicked (the reader went first), and so did
+    `config defaults > /dev/full`. A reader that went away wanted no more: exit 0, quietly; a
+    write that fails otherwise is an error with a sentence."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTGATE_")}
+    env["RUST_BACKTRACE"] = "1"
+    for args in (["completions", "bash"], ["config", "defaults"], ["man", "--help"]):
+        p = subprocess.Popen([str(BIN), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        p.stdout.read(16)
+        p.stdout.close()  # the reader goes first
+        err = p.stderr.read().decode()
+        assert p.wait(timeout=20) == 0 and "panicked" not in err, (args, err)
+    with open("/dev/full", "w") as full:
+        out = subprocess.run([str(BIN), "config", "defaults"], stdout=full, stderr=subprocess.PIPE,
+                             text=True, timeout=20, env=env)
+    assert out.returncode == 2 and "panicked" not in out.stderr, out.stderr
+    assert "cannot write to standard output: No space left on device" in out.stderr, out.stderr

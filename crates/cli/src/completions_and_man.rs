@@ -5,10 +5,16 @@ use std::path::Path;
 
 use anyhow::Context;
 
-/// The completion script for `shell` on stdout.
-pub fn print_completions(mut cmd: clap::Command, shell: clap_complete::Shell) {
+/// The completion script for `shell` on stdout (made whole first: clap_complete panics on a
+/// failed write).
+pub fn print_completions(
+    mut cmd: clap::Command,
+    shell: clap_complete::Shell,
+) -> anyhow::Result<()> {
     let name = cmd.get_name().to_string();
-    clap_complete::generate(shell, &mut cmd, name, &mut std::io::stdout());
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut cmd, name, &mut script);
+    crate::stdout::write(script)
 }
 
 /// `agentgate.1` and one page per visible subcommand (`agentgate-server.1`,

@@ -6,6 +6,7 @@ mod completions_and_man;
 mod config_defaults;
 mod demo;
 mod settings;
+mod stdout;
 mod test_upstream;
 
 use std::net::SocketAddr;
@@ -480,24 +481,25 @@ fn runtime(
 async fn agent_check(c: AgentConfig) -> anyhow::Result<()> {
     let server = c.server.to_string();
     let steps = agentgate_agent::check::check(c).await;
-    println!("agentgate agent check: {server}");
+    stdout::line(format!("agentgate agent check: {server}"))?;
     for s in &steps {
-        println!(
+        stdout::line(format!(
             "  {}  {}: {}",
             if s.ok { "ok    " } else { "FAILED" },
             s.what,
             s.detail
-        );
+        ))?;
     }
     let failed = steps.iter().filter(|s| !s.ok).count();
     if failed > 0 {
         anyhow::bail!("{failed} of {} checks failed", steps.len());
     }
-    println!("all {} checks passed", steps.len());
+    stdout::line(format!("all {} checks passed", steps.len()))?;
     Ok(())
 }
 
 fn token_command(cmd: TokenCommand) -> anyhow::Result<()> {
+    use std::io::Write;
     match cmd {
         TokenCommand::Create {
             name,
@@ -528,7 +530,8 @@ fn token_command(cmd: TokenCommand) -> anyhow::Result<()> {
                     format!("cannot read the token to import from {}", file.display())
                 })?;
                 let entry = tokens::import_token(&path, kind, &name, &agents, &value)?;
-                eprintln!(
+                let _ = writeln!(
+                    QuietStderr,
                     "imported {} token {} for {:?} into {} (only its hash is stored)",
                     entry.kind.label(),
                     entry.id,
@@ -539,21 +542,22 @@ fn token_command(cmd: TokenCommand) -> anyhow::Result<()> {
             }
             let (token, entry) =
                 tokens::create_token_expiring(&path, kind, &name, &agents, expires_in)?;
-            eprintln!(
+            let _ = writeln!(
+                QuietStderr,
                 "created {} token {} for {:?} in {} (shown once; only its hash is stored)",
                 entry.kind.label(),
                 entry.id,
                 entry.name,
                 path.display()
             );
-            println!("{token}");
+            stdout::line(token)?;
         }
         TokenCommand::List { tokens: path } => {
             let listed = tokens::list_tokens(&path)?;
-            println!(
+            stdout::line(format!(
                 "{:<18} {:<6} {:<24} {:<20} {:<20} AGENTS",
                 "ID", "KIND", "NAME", "CREATED", "EXPIRES"
-            );
+            ))?;
             for t in listed {
                 let created = humantime::format_rfc3339_seconds(
                     std::time::UNIX_EPOCH + Duration::from_secs(t.created_at),
@@ -580,10 +584,10 @@ fn token_command(cmd: TokenCommand) -> anyhow::Result<()> {
                     )
                     .to_string(),
                 };
-                println!(
+                stdout::line(format!(
                     "{:<18} {:<6} {:<24} {:<20} {:<20} {}",
                     t.id, kind, t.name, created, expires, agents
-                );
+                ))?;
             }
         }
         TokenCommand::Revoke {
@@ -591,7 +595,7 @@ fn token_command(cmd: TokenCommand) -> anyhow::Result<()> {
             tokens: path,
         } => {
             for t in tokens::revoke_tokens(&path, &id_or_name)? {
-                println!("revoked {} ({:?} {:?})", t.id, t.kind, t.name);
+                stdout::line(format!("revoked {} ({:?} {:?})", t.id, t.kind, t.name))?;
             }
         }
     }
@@ -641,8 +645,7 @@ fn main() -> std::process::ExitCode {
             Command::Server(a) => {
                 let c = server_config(&a)?;
                 if a.print_config {
-                    print!("{}", toml::to_string_pretty(&c)?);
-                    return Ok(());
+                    return stdout::write(toml::to_string_pretty(&c)?);
                 }
                 agentgate_gateway::run(c, stop_on_signals(), |_| {}).await
             }
@@ -658,23 +661,16 @@ fn main() -> std::process::ExitCode {
             Command::Token { command } => token_command(command),
             Command::Config {
                 command: ConfigCommand::Defaults { of },
-            } => {
-                print!(
-                    "{}",
-                    match of {
-                        ConfigOf::Server => config_defaults::server()?,
-                        ConfigOf::Agent => config_defaults::agent(
-                            <Cli as clap::CommandFactory>::command()
-                                .find_subcommand("agent")
-                                .expect("the agent command"),
-                        )?,
-                    }
-                );
-                Ok(())
-            }
+            } => stdout::write(match of {
+                ConfigOf::Server => config_defaults::server()?,
+                ConfigOf::Agent => config_defaults::agent(
+                    <Cli as clap::CommandFactory>::command()
+                        .find_subcommand("agent")
+                        .expect("the agent command"),
+                )?,
+            }),
             Command::Completions { shell } => {
-                completions_and_man::print_completions(config_defaults::command(), shell);
-                Ok(())
+                completions_and_man::print_completions(config_defaults::command(), shell)
             }
             Command::Man { out_dir } => {
                 completions_and_man::write_man_pages(config_defaults::command(), &out_dir)
