@@ -443,6 +443,36 @@ def test_bad_cluster_settings_stop_the_start_with_a_sentence(env, extra, words):
     assert "panicked" not in r.stderr
 
 
+def test_a_wrong_redis_password_is_said_at_once_and_in_one_sentence(env):
+    """Redis answers, and refuses the password: with redis_required_at_start the gateway
+    waited the whole redis_startup_timeout and said "Redis did not answer (... - AuthenticationFailed)".
+    It now stops at once with a sentence. And a running replica's refused calls are one
+    sentence too, not the library's list of every pipelined command."""
+    redis = Redis(env)
+    assert redis.cli("CONFIG", "SET", "requirepass", "right-password") == "OK"
+    secret_file, _ = write_secret(env)
+    base = [str(BIN), "server", "--listen", f"127.0.0.1:{free_port()}", "--admin-listen",
+            f"127.0.0.1:{free_port()}", "--api-listen", f"127.0.0.1:{free_port()}", "--tokens",
+            str(env.tokens), "--internal-listen", f"127.0.0.1:{free_port()}",
+            "--internal-secret-file", str(secret_file)]
+    t0 = time.monotonic()
+    r = subprocess.run(base + ["--redis", f"redis://:wrong@127.0.0.1:{redis.port}/0",
+                               "--set", "redis_required_at_start=true", "--set", 'redis_startup_timeout="20s"'],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and time.monotonic() - t0 < 10, (time.monotonic() - t0, r.stderr)
+    assert "Redis refused the password" in r.stderr, r.stderr
+    for internal in ("AuthenticationFailed", "Pipeline failure", "did not answer"):
+        assert internal not in r.stderr, r.stderr
+    # Without a password at all: NOAUTH on each call, in one sentence.
+    g = env.gateway(tls=False, extra=["--redis", f"redis://127.0.0.1:{redis.port}/0",
+                                      "--internal-listen", f"127.0.0.1:{free_port()}",
+                                      "--internal-secret-file", str(secret_file)])
+    wait_for(lambda: "Redis refused the call: NOAUTH" in g.proc.output(), timeout=15,
+             what="the refusal in the log")
+    line = next(x for x in g.proc.output().splitlines() if "NOAUTH" in x)
+    assert "check the password" in line and "Pipeline failure" not in line, line
+
+
 def test_a_short_secret_stops_the_start_with_a_sentence(env):
     short = env.tmp / "short-secret"
     short.write_text("only-16-bytes!!!\n")

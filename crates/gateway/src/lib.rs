@@ -392,10 +392,16 @@ async fn start_cluster(
     let cfg = &gw.config;
     match c.registry.reachable_within(cfg.redis_startup_timeout).await {
         Ok(()) => tracing::info!("cluster mode: Redis answers"),
+        Err(e) if cfg.redis_required_at_start && e.is_refused_password() => anyhow::bail!(
+            "{e}; redis_required_at_start is on, so the gateway does not start without Redis"
+        ),
         Err(e) if cfg.redis_required_at_start => anyhow::bail!(
             "Redis did not answer within {:?} ({e}); redis_required_at_start is on: start \
              Redis, fix --redis, or turn the setting off to serve local agents without it",
             cfg.redis_startup_timeout
+        ),
+        Err(e) if e.is_refused_password() => tracing::error!(
+            "{e}: serving local agents; this replica joins the cluster once Redis takes it"
         ),
         Err(e) => tracing::warn!(
             "Redis does not answer yet ({e}): serving local agents; this replica joins the \

@@ -43,8 +43,61 @@ fn now_ms() -> u64 {
 pub enum RegistryError {
     #[error("Redis round trip timed out after {0:?}")]
     Timeout(Duration),
-    #[error("Redis: {0}")]
+    #[error("{}", describe_redis(.0))]
     Redis(#[from] redis::RedisError),
+}
+
+impl RegistryError {
+    /// Redis answered and refused the credentials: waiting will not change that.
+    pub fn is_refused_password(&self) -> bool {
+        let Self::Redis(e) = self else { return false };
+        e.kind() == redis::ErrorKind::AuthenticationFailed
+            || matches!(e.code(), Some("NOAUTH" | "WRONGPASS"))
+    }
+}
+
+/// A Redis failure in one sentence. The library's own text lists every command of a failed
+/// pipeline (a refresh line grew to 23 KB with 207 agents) and names its error kinds
+/// (`MasterNameNotFoundBySentinel`, `- AuthenticationFailed`).
+fn describe_redis(e: &redis::RedisError) -> String {
+    use redis::ErrorKind as K;
+    if let Some(errors) = e.clone().into_server_errors() {
+        if let Some((_, first)) = errors.first() {
+            let code = first.code();
+            let hint = match code {
+                "NOAUTH" | "WRONGPASS" => "; check the password (and ACL user) in the redis URL",
+                "READONLY" => {
+                    "; it is a replica: point the URL at the master, or follow it with \
+                     redis+sentinel://"
+                }
+                "LOADING" => "; it is loading its data set",
+                "OOM" => "; it is out of memory (maxmemory)",
+                _ => "",
+            };
+            let more = match errors.len() {
+                1 => String::new(),
+                n => format!(" (and {} more commands)", n - 1),
+            };
+            let detail = first.details().unwrap_or_default();
+            return format!("Redis refused the call: {code} {detail}{hint}{more}");
+        }
+    }
+    match e.kind() {
+        K::AuthenticationFailed => "Redis refused the password; check the password (and ACL \
+                                    user) in the redis URL"
+            .into(),
+        K::MasterNameNotFoundBySentinel => "the Sentinels know no master by the name in the \
+                                            redis+sentinel:// URL; check that name"
+            .into(),
+        K::NoValidReplicasFoundBySentinel => "the Sentinels name no master that answers \
+                                              (a failover under way?)"
+            .into(),
+        K::Io => format!(
+            "cannot reach Redis: {}",
+            e.detail().unwrap_or(&e.to_string())
+        ),
+        _ => format!("Redis: {e}"),
+    }
 }
 
 pub struct Registry {
@@ -137,6 +190,8 @@ impl Registry {
                 .map(|(pong,): (String,)| pong);
             match r {
                 Ok(_) => return Ok(()),
+                // Redis answered, and refuses the password: that will not change by waiting.
+                Err(e) if e.is_refused_password() => return Err(e),
                 Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
                 Err(_) => {
                     *self.conn.lock().await = None;
