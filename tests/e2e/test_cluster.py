@@ -433,6 +433,20 @@ def test_kill_9_of_one_replica(cluster):
     assert not failures, "\n".join(failures)
 
 
+def test_a_flushed_registry_is_written_again_within_seconds(cluster):
+    """FLUSHALL (or an eviction) empties the registry without breaking a connection: every
+    cross-replica request got 503 "not connected" for up to 4 minutes (the next refresh), and
+    nothing said why. Each replica now looks every 5 s whether Redis still lists it."""
+    pairs = [(r, n) for n, p in cluster.placement().items() for r in cluster.alive_replicas if r is not p]
+    assert not all_pairs_ok(cluster, pairs[:6], "before-flush")
+    assert cluster.redis.cli("FLUSHALL") == "OK"
+    t0 = time.monotonic()
+    wait_for(lambda: not all_pairs_ok(cluster, pairs[:6], "after-flush"), timeout=20, interval=0.5,
+             what="cross-replica requests served again after FLUSHALL")
+    print(f"\nserved again {time.monotonic() - t0:.1f} s after FLUSHALL")
+    assert any("no longer lists this replica" in r.proc.output() for r in cluster.alive_replicas)
+
+
 def test_redis_stop_and_start(cluster):
     """Redis stopped (SIGTERM) for ~3 s and started again, empty, on the same port: local requests
     never fail; remote ones fail at once with 503 naming the registry while Redis is down, and

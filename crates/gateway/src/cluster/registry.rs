@@ -27,6 +27,8 @@ use crate::metrics::Metrics;
 static REDIS_FAILURE_LOG: agentgate_transport::LogBudget = agentgate_transport::LogBudget::new(2);
 
 const REPLICAS_KEY: &str = "agentgate:replicas";
+/// How often a replica looks whether Redis still lists it (one HEXISTS).
+const LISTED_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
 fn agent_key(agent: &str) -> String {
     format!("agentgate:agent:{agent}")
@@ -382,6 +384,31 @@ impl Registry {
         Ok(())
     }
 
+    /// Whether Redis still lists this replica. A registry emptied without a broken connection
+    /// (FLUSHALL, eviction, a proxy in front of Redis that switched it) left every other
+    /// replica's requests for this one's agents answered "not connected" until the next
+    /// refresh, up to 4 minutes, without a word. A failed check counts as listed: failures
+    /// mark the registry for rewriting themselves.
+    async fn still_listed(&self) -> bool {
+        let listed: Result<(bool,), RegistryError> = self
+            .run("check", || {
+                let mut p = redis::pipe();
+                p.cmd("HEXISTS").arg(REPLICAS_KEY).arg(&self.self_url);
+                p
+            })
+            .await;
+        match listed {
+            Ok((false,)) => {
+                tracing::warn!(
+                    "the cluster registry no longer lists this replica (Redis flushed, evicted \
+                     or replaced?); writing its entries again"
+                );
+                false
+            }
+            _ => true,
+        }
+    }
+
     /// Replicas (internal URLs) that hold `agent`, expired entries removed.
     pub async fn replicas_for(&self, agent: &str) -> Result<Vec<String>, RegistryError> {
         self.live_fields("lookup", &agent_key(agent)).await
@@ -440,11 +467,13 @@ impl Registry {
 
     /// Keeps the entries fresh until `stop`, then removes this replica's entries.
     pub async fn run_refresher(self: Arc<Self>, stop: CancellationToken) {
+        let mut next_refresh = tokio::time::Instant::now() + self.refresh;
         loop {
             let mut failed = false;
             if self.dirty.load(Ordering::Relaxed) {
                 if self.refresh_all().await.is_ok() {
                     self.dirty.store(false, Ordering::Relaxed);
+                    next_refresh = tokio::time::Instant::now() + self.refresh;
                     tracing::debug!("cluster registry written");
                 } else {
                     failed = true;
@@ -453,7 +482,9 @@ impl Registry {
             let wait = if self.dirty.load(Ordering::Relaxed) {
                 Duration::from_secs(1)
             } else {
-                self.refresh
+                next_refresh
+                    .saturating_duration_since(tokio::time::Instant::now())
+                    .min(LISTED_CHECK_INTERVAL)
             };
             if failed {
                 // Retried after `wait`, whatever wakes this loop meanwhile: every failed Redis
@@ -468,7 +499,9 @@ impl Registry {
                 _ = stop.cancelled() => break,
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(wait) => {
-                    self.dirty.store(true, Ordering::Relaxed);
+                    if tokio::time::Instant::now() >= next_refresh || !self.still_listed().await {
+                        self.dirty.store(true, Ordering::Relaxed);
+                    }
                 }
             }
         }
