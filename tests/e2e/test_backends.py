@@ -1048,6 +1048,27 @@ def test_sidecar_backend_down_and_gateway_gone(env):
         assert took < 18, f"UNAVAILABLE only after {took:.1f}s"
 
 
+def test_the_local_listener_answers_a_client_that_does_not_speak_http2(env):
+    """curl (HTTP/1.1) at the local listener got an HTTP/2 SETTINGS frame and a reset, which
+    curl shows as "Received HTTP/0.9", and the agent said nothing. It now gets a 505 naming
+    what the listener takes, and the agent a line; gRPC calls go on as before."""
+    router = JobRouter()
+    try:
+        g = env.gateway(tls=False, extra=backend_flag(router.url))
+        agent, lp = start_sidecar(env, g.url("grpc"), env.token_file("side-h1"), "side-h1", "grpc")
+        ready_sidecar(g, agent, lp, "side-h1", "grpc")
+        r = subprocess.run(["curl", "-sS", "--http1.1", "-o", "-", "-w", "\n%{http_code}",
+                            f"http://127.0.0.1:{lp}/runner.jobs.v1.JobRouter/GetJob"],
+                           capture_output=True, text=True, timeout=20)
+        body, _, code = r.stdout.rpartition("\n")
+        assert code == "505" and "takes gRPC calls over HTTP/2 without TLS" in body, (r.stdout, r.stderr)
+        wait_for(lambda: "did not speak HTTP/2" in agent.output(), timeout=5, what="the agent's line")
+        with ic.h2c_channel(lp) as ch:
+            assert Client(ch).get(b"still", timeout=5)[0] == b"job:still"
+    finally:
+        router.stop()
+
+
 def test_a_sidecar_stream_cut_mid_answer_ends_unavailable_not_internal(env):
     """A long poll through the local listener that has had messages when the gateway dies
     (SIGKILL here): the caller got the reset of the agent's HTTP/2 server, INTERNAL "RST_STREAM

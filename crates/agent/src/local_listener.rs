@@ -95,6 +95,10 @@ pub async fn serve(listener: TcpListener, caller: BackendCaller, stop: Cancellat
         let caller = caller.clone();
         let stop = stop.clone();
         tasks.spawn(async move {
+            let mut tcp = tcp;
+            if !speaks_http2(&mut tcp, peer).await {
+                return;
+            }
             let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
                 let caller = caller.clone();
                 async move { Ok::<_, Infallible>(caller.call(req.map(Body::new)).await) }
@@ -118,6 +122,41 @@ pub async fn serve(listener: TcpListener, caller: BackendCaller, stop: Cancellat
     }
     tasks.close();
     tasks.wait().await;
+}
+
+/// How long a new local connection has to send its first bytes before it is served anyway.
+const FIRST_BYTES_WAIT: Duration = Duration::from_secs(5);
+
+/// What a local client that does not speak HTTP/2 is told (curl, a browser, an HTTP/1.1 gRPC
+/// client): the HTTP/2 server would answer it with a SETTINGS frame and a reset.
+const NOT_HTTP2_ANSWER: &str = "agentgate agent: the local listener takes gRPC calls over \
+HTTP/2 without TLS (h2c, prior knowledge), and this client spoke something else (HTTP/1.1?)\n";
+
+/// Whether the client's first bytes begin the HTTP/2 preface; one that sends something else
+/// gets [`NOT_HTTP2_ANSWER`] and a line in the log (within [`LOCAL_CALL_LOG`]).
+async fn speaks_http2(tcp: &mut tokio::net::TcpStream, peer: SocketAddr) -> bool {
+    use tokio::io::AsyncWriteExt;
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0";
+    let mut first = [0u8; 3];
+    let n = match tokio::time::timeout(FIRST_BYTES_WAIT, tcp.peek(&mut first)).await {
+        Ok(Ok(n)) => n,
+        // Silent, or gone: the HTTP/2 server deals with it as it would.
+        _ => return true,
+    };
+    if n == 0 || PREFACE.starts_with(&first[..n]) {
+        return true;
+    }
+    if let Some(suppressed) = LOCAL_CALL_LOG.allow() {
+        tracing::warn!(%peer, suppressed, "local connection refused: it did not speak HTTP/2 (gRPC without TLS)");
+    }
+    let answer = format!(
+        "HTTP/1.1 505 HTTP Version Not Supported\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Connection: close\r\nContent-Length: {}\r\n\r\n{NOT_HTTP2_ANSWER}",
+        NOT_HTTP2_ANSWER.len()
+    );
+    let _ = tcp.write_all(answer.as_bytes()).await;
+    let _ = tcp.shutdown().await;
+    false
 }
 
 impl BackendCaller {
