@@ -897,3 +897,15 @@ def test_forwarding_headers_hop_by_hop_token_and_query(env):
                                    b"\x00\x00\x00\x00\x00")
     assert status == 505 and b"gRPC needs HTTP/2" in body, (status, body)
     assert len(read_events(up.events)) == before
+
+    # 150 headers each way over HTTP/1.1 (hyper's default limit of 100 gave the caller 431, and
+    # an upstream's answer with more failed inside the agent: 502 "failed before answering").
+    many = "".join(f"X-Many-{i}: {i}\r\n" for i in range(150))
+    status, _, body = _raw_request(g.api_port, "GET /agents/hdr/proxy/inspect HTTP/1.1\r\nHost: x\r\n"
+                                   f"Authorization: Bearer {api}\r\n{many}\r\n")
+    assert status == 200, (status, body[:300])
+    assert sum(1 for k, _ in json.loads(body)["headers"] if k.lower().startswith("x-many-")) == 150
+    status, headers, body = _raw_request(g.api_port, "GET /agents/hdr/proxy/many-headers?n=150 HTTP/1.1\r\n"
+                                         f"Host: x\r\nAuthorization: Bearer {api}\r\n\r\n")
+    assert status == 200 and body == b"ok", (status, body[:300])
+    assert sum(1 for k in headers if k.startswith("x-many-")) == 150

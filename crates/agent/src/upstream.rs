@@ -53,6 +53,8 @@ pub struct Upstreams {
 
 impl Upstreams {
     pub fn new(cfg: &AgentConfig) -> anyhow::Result<Self> {
+        /// Headers an upstream's HTTP/1.1 answer may carry.
+        const UPSTREAM_MAX_HEADERS: usize = 256;
         use agentgate_transport::tls::{client_config, ServerVerification};
         let verify = match &cfg.upstream_ca {
             Some(p) => ServerVerification::CaFile(p.clone()),
@@ -72,6 +74,10 @@ impl Upstreams {
                 .wrap_connector(http);
             Client::builder(TokioExecutor::new())
                 .http2_only(http2_only)
+                // hyper's default of 100 made an answer with more headers fail inside the
+                // agent ("message head is too large"): the caller got 502 "failed before
+                // answering" for an upstream that had answered.
+                .http1_max_headers(UPSTREAM_MAX_HEADERS)
                 .pool_idle_timeout(Duration::from_secs(30))
                 .build(https)
         };

@@ -119,6 +119,10 @@ impl HttpListenerSettings {
 }
 
 /// Whether a connection ended because its bytes were not an HTTP request hyper could parse.
+/// Headers an HTTP/1.1 request may carry (hyper's default is 100; HTTP/2 requests with more
+/// passed, so the two protocols disagreed).
+const HTTP1_MAX_HEADERS: usize = 256;
+
 fn is_parse_error(e: &(dyn std::error::Error + 'static)) -> bool {
     agentgate_transport::error_chain::find::<hyper::Error>(e)
         .is_some_and(|h| h.is_parse() || h.is_parse_too_large())
@@ -256,6 +260,7 @@ pub async fn serve_http<F, S, B>(
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             builder
                 .http1()
+                .max_headers(HTTP1_MAX_HEADERS)
                 .timer(TokioTimer::new())
                 .header_read_timeout(settings.header_read_timeout);
             builder
@@ -306,12 +311,23 @@ pub async fn serve_http<F, S, B>(
                 settings.refused("no_request", peer, &why);
             } else if let Err(e) = result {
                 if is_parse_error(e.as_ref()) {
-                    // hyper has answered 400 (HTTP/1.1) or closed (HTTP/2), without a word.
-                    let why = format!(
-                        "the request was not valid HTTP ({}); this port serves HTTP/1.1 and \
-                         HTTP/2 requests",
-                        agentgate_transport::error_chain::describe(e.as_ref())
-                    );
+                    // hyper has answered 400 or 431 (HTTP/1.1) or closed (HTTP/2), without a
+                    // word.
+                    let too_large =
+                        agentgate_transport::error_chain::find::<hyper::Error>(e.as_ref())
+                            .is_some_and(hyper::Error::is_parse_too_large);
+                    let why = if too_large {
+                        format!(
+                            "the request's head was over the limit (more than \
+                             {HTTP1_MAX_HEADERS} headers, or over 400 KiB); it got 431"
+                        )
+                    } else {
+                        format!(
+                            "the request was not valid HTTP ({}); this port serves HTTP/1.1 \
+                             and HTTP/2 requests",
+                            agentgate_transport::error_chain::describe(e.as_ref())
+                        )
+                    };
                     settings.refused("malformed_request", peer, &why);
                 } else {
                     tracing::debug!(listener = settings.name, error = %e, %peer, "connection ended with error");

@@ -15,6 +15,7 @@ Endpoints (any method unless noted):
                          pattern_ok, chunked.
   /sleep?ms=N            Sleeps N ms then answers like /inspect (to overlap concurrent requests).
   /hang[?id=X]           Never answers; writes `hang_closed` to --events when the client goes.
+  GET /many-headers?n=N  An answer with N headers X-Many-i (and the body "ok").
   GET /drip?pieces=N&every_ms=M&size=S[&id=X]
                          A chunked answer of N pieces of S bytes, one every M ms (a watch, or a
                          log that is followed): `drip_complete` when all went out.
@@ -35,8 +36,13 @@ import socket
 import sys
 import threading
 import time
+import http.client
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
+
+# The standard library's HTTP server refuses more than 100 request headers (431); the tunnel
+# tests send more.
+http.client._MAXHEADERS = 1000  # noqa: SLF001
 
 PATTERN_SEED = 20240611
 # Not a power of two, so that a reordered or repeated chunk of any usual size is detected.
@@ -206,6 +212,15 @@ class Handler(BaseHTTPRequestHandler):
                 return self._hang(q)
             if path == "/drip":
                 return self._drip(q)
+            if path == "/many-headers":
+                n = int(q.get("n", "150"))
+                self.send_response(200)
+                for i in range(n):
+                    self.send_header(f"X-Many-{i}", str(i))
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+                return None
             if path == "/stats":
                 s = self.server.stats
                 return self._json({"peak": s.peak, "total": s.total, "in_flight": s.in_flight})
