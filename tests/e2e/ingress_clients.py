@@ -152,6 +152,15 @@ def connect(port: int, tls_ctx: ssl.SSLContext | None = None, server_hostname: s
     return s
 
 
+def unread_get(port: int, path: str, api_token: str) -> socket.socket:
+    """A GET on the tunnel API whose answer is never read: a 4 KiB receive buffer, and
+    nobody reads it (a caller that stops reading). Close the socket when done."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {api_token}\r\n\r\n".encode())
+    return s
+
+
 def read_until_closed(s: socket.socket, timeout: float) -> tuple[bytes, float]:
     """Reads until the peer closes (EOF or reset). Returns (bytes read, seconds it took).
     Fails if the peer is still there after `timeout`."""

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import statistics
 import tempfile
 import time
@@ -38,6 +37,7 @@ from pathlib import Path
 
 import pytest
 
+import ingress_clients as ic
 from conftest import Env, keep_logs, wait_for
 from test_tunnel import api_request
 from cluster_helpers import (
@@ -339,11 +339,7 @@ def test_callers_that_stop_reading_do_not_hold_up_a_replicas_other_requests(clus
     stalled = []
     try:
         for i in range(6):
-            s = socket.create_connection(("127.0.0.1", other.api_port), timeout=10)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            s.sendall(f"GET /agents/{agents[0]}/proxy/big/64 HTTP/1.1\r\nHost: x\r\n"
-                      f"Authorization: Bearer {cluster.api_token}\r\n\r\n".encode())
-            stalled.append(s)
+            stalled.append(ic.unread_get(other.api_port, f"/agents/{agents[0]}/proxy/big/64", cluster.api_token))
         time.sleep(2)  # the answers fill every window on the way that they may
         for i in range(6):
             t0 = time.monotonic()

@@ -791,11 +791,8 @@ def test_callers_that_stop_reading_are_cut_loose_and_the_agent_serves_others(env
     stalled = []
     try:
         for i in range(40):
-            s = socket.create_connection(("127.0.0.1", g.api_port), timeout=10)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            s.sendall(f"GET /agents/steady/proxy/download?size=30000000&id=stalled-{i} HTTP/1.1\r\n"
-                      f"Host: x\r\nAuthorization: Bearer {api}\r\n\r\n".encode())
-            stalled.append(s)
+            stalled.append(ic.unread_get(g.api_port, f"/agents/steady/proxy/download?size=30000000&id=stalled-{i}",
+                                         api))
         wait_for(lambda: g.metric("agentgate_tunnel_answers_cancelled_total", reason="caller_stalled",
                                   transport="grpc") == 40, timeout=30, what="the 40 stalled answers cancelled")
         # The agent cancelled each at its upstream.
