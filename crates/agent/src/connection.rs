@@ -170,7 +170,7 @@ impl Connection {
                 }
                 Err(s) => {
                     return SessionSignal::Ended {
-                        why: format!("session failed: {}", s.message()),
+                        why: session_failure(&s),
                         planned: false,
                     }
                 }
@@ -568,6 +568,29 @@ impl Dialer {
     }
 }
 
+/// Why a session ended with an error, in words: a connection closed under it (HTTP/2's
+/// "error reading a body from connection") is what a proxy's reload or a gateway's restart
+/// looks like from here, and the agent reconnects.
+fn session_failure(status: &tonic::Status) -> String {
+    let m = status.message();
+    let closed = [
+        "error reading a body from connection",
+        "connection closed",
+        "connection reset",
+        "broken pipe",
+    ]
+    .iter()
+    .any(|w| m.to_ascii_lowercase().contains(w));
+    if closed {
+        format!(
+            "the connection closed under the session ({m}): the gateway or a proxy in between \
+             closed it (a restart, a reload?)"
+        )
+    } else {
+        format!("session failed: {m}")
+    }
+}
+
 /// The HTTP status of an answer that was not gRPC, from tonic's words for it.
 fn http_status_of(status: &tonic::Status) -> Option<u16> {
     let m = status.message();
@@ -785,5 +808,17 @@ mod tests {
             status: 505,
         };
         assert!(e.to_string().contains("grpc_pass, not proxy_pass"), "{e}");
+    }
+
+    #[test]
+    fn a_connection_closed_under_the_session_is_said_so() {
+        let closed =
+            tonic::Status::unknown("h2 protocol error: error reading a body from connection");
+        assert!(session_failure(&closed).contains("a proxy in between closed it"));
+        let other = tonic::Status::internal("agentgate: something else");
+        assert_eq!(
+            session_failure(&other),
+            "session failed: agentgate: something else"
+        );
     }
 }

@@ -179,7 +179,10 @@ async fn tunnel(ctx: Arc<TunnelContext>) {
             if !ctx.stop.is_cancelled() {
                 // The connection takes no new streams (a GOAWAY from the gateway or from a
                 // proxy in between, say on reload): tell the manager to move to a new one.
-                tracing::warn!(code = %agentgate_proto::status_code::code_name(status.code()), "cannot open a tunnel stream: {}", status.message());
+                // Once: every tunnel the pool tries on a closed connection fails the same way.
+                if !ctx.broken.is_cancelled() {
+                    tracing::warn!(code = %agentgate_proto::status_code::code_name(status.code()), "cannot open a tunnel stream: {}", status.message());
+                }
                 ctx.broken.cancel();
             }
             return;
