@@ -136,14 +136,13 @@ HTTP/2 without TLS (h2c, prior knowledge), and this client spoke something else 
 /// gets [`NOT_HTTP2_ANSWER`] and a line in the log (within [`LOCAL_CALL_LOG`]).
 async fn speaks_http2(tcp: &mut tokio::net::TcpStream, peer: SocketAddr) -> bool {
     use tokio::io::AsyncWriteExt;
-    const PREFACE: &[u8] = b"PRI * HTTP/2.0";
     let mut first = [0u8; 3];
     let n = match tokio::time::timeout(FIRST_BYTES_WAIT, tcp.peek(&mut first)).await {
         Ok(Ok(n)) => n,
         // Silent, or gone: the HTTP/2 server deals with it as it would.
         _ => return true,
     };
-    if n == 0 || PREFACE.starts_with(&first[..n]) {
+    if n == 0 || agentgate_transport::HTTP2_PREFACE.starts_with(&first[..n]) {
         return true;
     }
     if let Some(suppressed) = LOCAL_CALL_LOG.allow() {

@@ -639,9 +639,7 @@ fn grpc_code(v: &HeaderValue) -> Code {
 }
 
 fn trailers(status: &Status) -> Frame<Bytes> {
-    let mut map = HeaderMap::new();
-    let _ = status.add_header(&mut map);
-    Frame::trailers(map)
+    Frame::trailers(agentgate_proto::status_on_break::status_trailers(status))
 }
 
 pin_project! {
