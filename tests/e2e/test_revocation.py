@@ -219,7 +219,8 @@ def test_a_token_file_that_vanishes_keeps_the_loaded_tokens_and_says_so(env):
              what="the failed reload shown")
     time.sleep(3)  # more token checks, none of which may empty the store
     assert any(x["name"] == "keeps-going" for x in g.agents()), g.agents()
-    assert g.metric("agentgate_token_store_reload_failures_total") == 1
+    # A missing file is retried every 2 s, each retry a failure of its own.
+    assert g.metric("agentgate_token_store_reload_failures_total") >= 1
     log = g.proc.output()
     assert "token store reload failed; keeping the previous one" in log and "does not exist" in log, log[-2000:]
     assert "ending session" not in log

@@ -143,7 +143,7 @@ fn add_token_store(admin: &AdminState, scrape: &mut Scrape) {
     scrape
         .family(
             "agentgate_token_store_reload_failures_total",
-            "Token store reloads that failed (each version of a broken file counts once); the \
+            "Token store reloads that failed (a file that does not parse counts once per version; one that cannot be read, once per retry, every 2 s); the \
              tokens loaded before stay in use.",
             Kind::Counter,
         )
