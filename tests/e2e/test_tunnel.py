@@ -391,11 +391,11 @@ def test_20_agents_each_reach_their_own_upstream(env):
 
 
 class GrpcSetup:
-    def __init__(self, env, scheme):
+    def __init__(self, env, scheme, gateway_extra: list[str] | None = None):
         self.env = env
         self.api = env.token("caller", kind="api")
         tok = env.token_file("rpc")
-        self.g = env.gateway()
+        self.g = env.gateway(extra=gateway_extra)
         self.up = GrpcUpstream(env)
         self.pb, self.pbg = self.up.pb, self.up.pbg
         self.agent, _ = start_agent(env, self.g, scheme, "rpc", grpc_upstream=self.up.url,
@@ -512,6 +512,47 @@ def test_a_grpc_call_whose_agent_goes_away_mid_answer_ends_unavailable(env, sche
                                       if "agentgate::access" in x and "Bidi" in x), None),
                         timeout=5, what="the access line")
         assert 'outcome="broken"' in line, line
+    finally:
+        s.channel.close()
+
+
+def test_a_grpc_answer_still_streaming_when_the_shutdown_grace_ends_gets_unavailable(env):
+    """A streaming call through the tunnel API that outlasts `shutdown_grace`: when the grace
+    ends the gateway ends it with UNAVAILABLE and a sentence (a status gRPC clients may retry
+    elsewhere), the access line says `shutdown` (not that the caller went away), and the
+    gateway exits cleanly."""
+    import queue
+
+    s = GrpcSetup(env, "grpc", gateway_extra=["--set", 'shutdown_grace="2s"'])
+    try:
+        q: queue.Queue = queue.Queue()
+
+        def requests():
+            i = 0
+            while q.empty():
+                yield s.pb.EchoRequest(text=f"m{i}")
+                i += 1
+                time.sleep(0.2)
+
+        responses = s.stub.Bidi(requests(), metadata=s.meta, timeout=30)
+        assert next(responses).text == "M0"
+        t0 = time.monotonic()
+        s.g.proc.send_signal(signal.SIGTERM)
+        answered = 1
+        with pytest.raises(grpc.RpcError) as ei:
+            for _ in responses:
+                answered += 1
+        ended_after = time.monotonic() - t0
+        q.put(None)
+        assert ei.value.code() == grpc.StatusCode.UNAVAILABLE, ei.value
+        assert "grace period ended before the answer did; retry the request" in \
+            (ei.value.details() or ""), ei.value.details()
+        assert answered >= 5, f"the call stopped being served during the grace ({answered} answers)"
+        assert 1.5 <= ended_after <= 5, f"ended {ended_after:.1f} s after SIGTERM (grace 2 s)"
+        assert s.g.proc.wait(timeout=10) == 0, ic.plain(s.g.proc.output())[-2000:]
+        line = next((x for x in ic.plain(s.g.proc.output()).splitlines()
+                     if "agentgate::access" in x and "Bidi" in x), None)
+        assert line and 'outcome="shutdown"' in line, line
     finally:
         s.channel.close()
 

@@ -337,6 +337,7 @@ pub async fn run_with(
         tokens: gw.tokens.clone(),
         router: gw.router.clone(),
         metrics: gw.metrics.clone(),
+        grace_over: gw.tunnels.grace_over(),
     });
     let mut api_settings = http_listener::HttpListenerSettings::from_config(
         "api",

@@ -201,11 +201,13 @@ impl RequestLog {
         );
     }
 
-    /// The answer, logged when it ends, and ended early if the token is revoked.
+    /// The answer, logged when it ends, and ended early if the token is revoked or the
+    /// shutdown grace ends first (`grace_over`).
     pub fn answer(
         self,
         resp: http::Response<ApiBody>,
         revoked: CancellationToken,
+        grace_over: CancellationToken,
     ) -> http::Response<ApiBody> {
         let status = resp.status().as_u16();
         // An answer that has no body by definition: servers send none and never poll for it,
@@ -237,6 +239,7 @@ impl RequestLog {
                 messages: MessageBoundary::default(),
                 grpc_status,
                 revoked: Box::pin(revoked.cancelled_owned()),
+                grace_over: Box::pin(grace_over.cancelled_owned()),
             }
             .boxed_unsync()
         })
@@ -293,6 +296,7 @@ struct LoggedBody {
     messages: MessageBoundary,
     grpc_status: Option<String>,
     revoked: Pin<Box<WaitForCancellationFutureOwned>>,
+    grace_over: Pin<Box<WaitForCancellationFutureOwned>>,
 }
 
 impl LoggedBody {
@@ -306,6 +310,25 @@ impl LoggedBody {
                 self.sent,
             );
         }
+    }
+}
+
+impl LoggedBody {
+    /// The shutdown grace ended with the answer still streaming: it ends now, logged as
+    /// `shutdown`. A gRPC answer between two messages ends with UNAVAILABLE (the caller may
+    /// retry it at another replica); any other answer is cut, as the process's exit would.
+    fn end_at_grace_over(&mut self) -> Result<Frame<Bytes>, BoxError> {
+        self.inner = super::full_body(Bytes::new());
+        self.finish("shutdown", EndedBy::Gateway);
+        let why = "agentgate: the gateway is shutting down and its grace period ended before \
+                   the answer did; retry the request (another replica, or this one once \
+                   restarted, answers it)";
+        if self.grpc && self.messages.between_messages() {
+            return Ok(Frame::trailers(status_trailers(
+                &tonic::Status::unavailable(why),
+            )));
+        }
+        Err(why.into())
     }
 }
 
@@ -350,6 +373,9 @@ impl Body for LoggedBody {
                 ))));
             }
             return Poll::Ready(Some(Err("agentgate: the API token was revoked".into())));
+        }
+        if self.grace_over.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(self.end_at_grace_over()));
         }
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {

@@ -217,7 +217,7 @@ pub async fn handle(
             let mut h = fwd.headers;
             strip_hop_by_hop(&mut h, false);
             *resp.headers_mut() = h;
-            log.answer(resp, revoked)
+            log.answer(resp, revoked, api.grace_over.clone())
         }
         Err(e) => {
             // The gRPC status is in the answer; nobody reads one the caller left (499).

@@ -202,7 +202,7 @@ pub async fn handle(
             let mut h = fwd.headers;
             strip_hop_by_hop(&mut h, false);
             *resp.headers_mut() = h;
-            log.answer(resp, revoked)
+            log.answer(resp, revoked, api.grace_over.clone())
         }
         Err(e) => {
             log.finish(e.http_status().as_u16(), e.outcome(), EndedBy::of(&e));

@@ -80,6 +80,10 @@ pub struct ApiState {
     pub tokens: Arc<TokenStore>,
     pub router: Arc<Router>,
     pub metrics: Arc<Metrics>,
+    /// Cancelled when the shutdown grace is over: answers still streaming then are ended by
+    /// the gateway (a gRPC answer with UNAVAILABLE, a retryable status) and logged as
+    /// `shutdown`, not left to be cut when the process exits.
+    pub grace_over: tokio_util::sync::CancellationToken,
 }
 
 impl ApiState {

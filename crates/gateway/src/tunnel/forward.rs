@@ -86,6 +86,12 @@ impl LocalTunnels {
         self.ending.cancel();
     }
 
+    /// Cancelled when the shutdown grace is over: the tunnel API ends the answers still
+    /// streaming then (`api::access_log`), as this ends those still awaited.
+    pub fn grace_over(&self) -> tokio_util::sync::CancellationToken {
+        self.ending.clone()
+    }
+
     pub fn new(
         parking: Arc<TunnelParking>,
         directory: Arc<Directory>,
