@@ -835,6 +835,71 @@ def test_max_call_duration_ends_call_and_cancels_backend(env):
         router.stop()
 
 
+def test_a_connection_without_a_session_is_told_to_move_before_max_age(env):
+    """A runner that only calls backends has no agent session on its connection. When the
+    connection nears `max_connection_age` it still gets a GOAWAY (debug data
+    `max_connection_age`, at 80-95% of the age), so its next calls go to a new connection and a
+    long poll in flight finishes within `max_connection_age_grace`. (It used to get no GOAWAY
+    and be closed at age + grace, cutting whatever was in flight.)"""
+    router = JobRouter()
+    try:
+        tok = env.token("runner")
+        g = env.gateway(extra=backend_flag(router.url) + [
+            "--set", 'max_connection_age="5s"', "--set", 'max_connection_age_grace="4s"'])
+        port = g.clear_port or g.port
+        # A raw client: one authenticated call, then it waits for what the gateway says.
+        raw = raw_h2.DeafClient(port)
+        t0 = time.monotonic()
+        sid = raw.request(method_path("GetJob"), headers=bearer(tok), body=raw_h2.grpc_frame(b"raw"))
+        assert raw.read(lambda: sid in raw.status, timeout=10) == "done" and raw.status[sid] == "0"
+        raw.read(lambda: raw.goaway is not None, timeout=12)
+        goaway_after = time.monotonic() - t0
+        assert raw.goaway is not None, "no GOAWAY before the connection closed"
+        _, code, debug = raw.goaway
+        assert code == 0 and b"max_connection_age" in debug, raw.goaway
+        assert 3.9 <= goaway_after <= 5.5, f"GOAWAY {goaway_after:.2f} s after connecting (age 5 s)"
+        raw.close()
+
+        # grpcio: back-to-back long polls of 2.5 s and a unary loop for three ages. Each poll
+        # in flight at a drain point finishes well within the grace; none may fail.
+        errors: list[str] = []
+        done = {"polls": 0, "unary": 0}
+        stop = time.monotonic() + 15
+        with channel_for(g, "grpc") as ch:
+            cl = Client(ch, bearer(tok))
+
+            def polls():
+                while time.monotonic() < stop:
+                    try:
+                        got = list(cl.wait_job(wait_job_request(job="lp", count=1, delay=2.5),
+                                               metadata=cl.md, timeout=CALL_TIMEOUT))
+                        assert got == [b"lp:0"], got
+                        done["polls"] += 1
+                    except grpc.RpcError as e:
+                        errors.append(f"poll: {e.code()} {e.details()}")
+
+            def unary():
+                while time.monotonic() < stop:
+                    try:
+                        assert cl.get(b"u")[0] == b"job:u"
+                        done["unary"] += 1
+                    except grpc.RpcError as e:
+                        errors.append(f"unary: {e.code()} {e.details()}")
+                    time.sleep(0.2)
+
+            threads = [threading.Thread(target=f, daemon=True) for f in (polls, polls, unary)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(40)
+        print(f"\nsessionless runner across max_connection_age: {done}, errors: {errors[:3]}")
+        assert not errors, errors
+        assert done["polls"] >= 8 and done["unary"] >= 30, done
+        assert "connection draining: it reached max_connection_age" in ic.plain(g.proc.output())
+    finally:
+        router.stop()
+
+
 def test_keepalive_pings_keep_to_the_backends_ping_policy(env):
     """gRPC servers close a connection PINGed more often than they allow (ENHANCE_YOUR_CALM,
     "too_many_pings"), and every long poll on it with it; by default they allow one PING per

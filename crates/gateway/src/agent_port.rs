@@ -34,6 +34,7 @@ fn ingress_settings(cfg: &GatewayConfig) -> anyhow::Result<IngressSettings> {
         max_streams_before_auth: (cfg.max_streams_before_auth > 0)
             .then_some(cfg.max_streams_before_auth),
         proxy_protocol_from: cfg.proxy_protocol_networks()?,
+        max_connection_age: (!cfg.max_connection_age.is_zero()).then_some(cfg.max_connection_age),
         ws: WsSettings {
             read_buffer_size: cfg.ws_read_buffer_size,
             max_message_size: cfg.ws_max_message_size,

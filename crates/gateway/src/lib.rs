@@ -83,15 +83,7 @@ pub struct Gateway {
     shutdown: CancellationToken,
 }
 
-/// When an aged connection starts draining: its tunnels stop being used and its agent is
-/// asked to reconnect, ahead of the GOAWAY at the full age. Jittered per connection between
-/// 80% and 95% of the age, so connections made together (after a restart, say) do not all
-/// rebalance at the same moment.
-pub fn drain_point(age: Duration, conn_id: u64) -> Duration {
-    // A multiplicative hash spreads consecutive ids over [0, 1).
-    let spread = (conn_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
-    age.mul_f64(0.80 + 0.15 * spread)
-}
+pub use agentgate_transport::drain_point;
 
 impl Gateway {
     /// Agent sessions registered here (for the demo and the admin API).

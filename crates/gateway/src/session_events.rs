@@ -19,7 +19,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use agentgate_proto::v1::{session_event, Draining, Heartbeat, SessionEvent};
-use agentgate_transport::ConnMeta;
+use agentgate_transport::{ConnMeta, DRAIN_MAX_AGE};
 use futures_util::Stream;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
@@ -27,9 +27,6 @@ use tonic::Status;
 
 use crate::directory::SessionGuard;
 use crate::session::Sessions;
-
-/// The drain's reason (in its GOAWAY) when a connection nears `max_connection_age`.
-const DRAIN_MAX_AGE: &str = "max_connection_age";
 
 /// Reason label when a session ends because its token was revoked.
 pub const REJECT_REVOKED: &str = "token_revoked";

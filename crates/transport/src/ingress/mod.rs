@@ -69,6 +69,12 @@ pub struct IngressSettings {
     /// the client (crate::proxy_header); from any other address none is looked for. Empty:
     /// the PROXY protocol is off.
     pub proxy_protocol_from: Vec<ipnet::IpNet>,
+    /// `max_connection_age`: every connection is told to move (a GOAWAY, see
+    /// [`ConnMeta::request_drain`]) at its [`drain_point`], whether or not an agent session
+    /// runs on it: a runner that only calls backends, or a proxy carrying many clients' calls,
+    /// must learn of the end before `max_connection_age_grace` cuts what is in flight. `None`:
+    /// connections never age.
+    pub max_connection_age: Option<Duration>,
     pub ws: WsSettings,
 }
 
@@ -84,9 +90,24 @@ impl Default for IngressSettings {
             max_bytes_before_auth: Some(1024 * 1024),
             max_streams_before_auth: Some(100),
             proxy_protocol_from: Vec::new(),
+            max_connection_age: None,
             ws: WsSettings::default(),
         }
     }
+}
+
+/// The drain reason (GOAWAY debug data) of a connection that reached `max_connection_age`.
+pub const DRAIN_MAX_AGE: &str = "max_connection_age";
+
+/// When a connection with `max_connection_age` = `age` is told to move (its GOAWAY; its agent
+/// session, if any, is asked to reconnect and its tunnels stop being used), ahead of the
+/// forced close at the full age plus grace. Jittered per connection between 80% and 95% of
+/// the age, so connections made together (after a restart, say) do not all rebalance at the
+/// same moment.
+pub fn drain_point(age: Duration, conn_id: u64) -> Duration {
+    // A multiplicative hash spreads consecutive ids over [0, 1).
+    let spread = (conn_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
+    age.mul_f64(0.80 + 0.15 * spread)
 }
 
 /// Why a connection was refused before it reached the gRPC server.

@@ -31,6 +31,9 @@ pub struct ServerConn {
     /// on a connection that opened streams, again `auth_timeout` after its GOAWAY.
     auth_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     auth_timeout: Duration,
+    /// Fires at the connection's [`super::drain_point`] of `max_connection_age`: the client is
+    /// then told to move (GOAWAY), session or not.
+    age_drain: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Bytes of a frame of the gateway's own (the drain's GOAWAY) still to be written before
     /// the server's next bytes; empty when there is none.
     injected: Vec<u8>,
@@ -54,6 +57,10 @@ impl ServerConn {
         permit: OwnedSemaphorePermit,
         source: SourceSlot,
     ) -> Self {
+        let age_drain = settings.max_connection_age.map(|age| {
+            let at = meta.opened_at + super::drain_point(age, meta.id);
+            Box::pin(tokio::time::sleep_until(at.into()))
+        });
         Self {
             io,
             meta,
@@ -68,6 +75,7 @@ impl ServerConn {
                 .auth_timeout
                 .map(|t| Box::pin(tokio::time::sleep(t))),
             auth_timeout: settings.auth_timeout.unwrap_or_default(),
+            age_drain,
             injected: Vec::new(),
             after_drain: None,
             preface_checked: 0,
@@ -247,6 +255,24 @@ impl ServerConn {
         io::Error::new(io::ErrorKind::InvalidData, what)
     }
 
+    /// The connection reached its drain point of `max_connection_age`: the client is told to
+    /// open its next calls elsewhere (GOAWAY, written now if the server's output allows), and
+    /// its calls in flight go on until the age and its grace are over. A connection with an
+    /// agent session gets the same from the session, which also tells the agent (and logs it).
+    fn drain_for_age(&mut self, cx: &mut Context<'_>) {
+        if self.meta.request_drain(super::DRAIN_MAX_AGE) && self.meta.registered.get().is_none() {
+            tracing::info!(
+                conn = self.meta.id,
+                peer = %self.meta.peer,
+                transport = %self.meta.kind,
+                agent = self.meta.agent.get().map(String::as_str).unwrap_or("-"),
+                "connection draining: it reached max_connection_age; GOAWAY sent, its calls in \
+                 flight get max_connection_age_grace"
+            );
+        }
+        let _ = self.poll_injected(cx);
+    }
+
     /// Before the server's next bytes: queues the drain's GOAWAY once the gateway asked for
     /// it and the output sits between two frames, then writes whatever is queued. `Pending`
     /// until all of it is out, so the server's bytes never split a frame of ours.
@@ -384,6 +410,14 @@ impl AsyncRead for ServerConn {
                 io::ErrorKind::ConnectionAborted,
                 "closed by the gateway",
             )));
+        }
+        if this
+            .age_drain
+            .as_mut()
+            .is_some_and(|at| at.as_mut().poll(cx).is_ready())
+        {
+            this.age_drain = None;
+            this.drain_for_age(cx);
         }
         if let Some(deadline) = &mut this.auth_deadline {
             let reason = RejectReason::AuthTimeout;
