@@ -877,3 +877,80 @@ def test_control_frame_floods_on_the_api_port_close_the_connection(env, flood):
              timeout=5, what=f"the {flood} flood refused as {reason}")
     assert "connection refused: the client" in g.proc.output()
     assert_steady_serves(g, api)
+
+
+def h2_frame(kind: int, payload: bytes, flags: int = 0, stream: int = 0) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+PRIORITY_FRAME = h2_frame(0x2, b"\x00\x00\x00\x00\x10", stream=1)
+WINDOW_UPDATE_FRAME = h2_frame(0x8, (1).to_bytes(4, "big"))
+UNKNOWN_FRAME = h2_frame(0xFA, b"x")
+
+
+def send_until_closed(s: socket.socket, frame: bytes, count: int):
+    """Sends `frame` `count` times in batches, or until the peer has closed."""
+    batch = frame * 200
+    for _ in range(count // 200):
+        try:
+            s.sendall(batch)
+        except OSError:
+            return
+
+
+@pytest.mark.parametrize("port_kind", ["api", "agent"])
+@pytest.mark.parametrize("frame", ["window_update", "priority", "unknown"])
+def test_frames_that_carry_no_request_cannot_be_sent_without_end(env, port_kind, frame):
+    """WINDOW_UPDATE, PRIORITY and unknown frames ask nothing of the server, but each costs it
+    a read: a flood of them cost the gateway 15 times the client's CPU, for as long as the
+    client liked (never closed on the API port; on the agent port once authenticated). Past
+    an allowance (1,000, more per stream opened and per DATA frame sent) the connection is
+    closed, counted as too_many_control_frames and logged; other callers are unharmed."""
+    g, api = gateway_with_steady_agent(env, tls=False)
+    payload = {"window_update": WINDOW_UPDATE_FRAME, "priority": PRIORITY_FRAME,
+               "unknown": UNKNOWN_FRAME}[frame]
+    c = raw_h2.RawH2(g.api_port if port_kind == "api" else g.port)
+    if port_kind == "agent":
+        # Authenticated first: before that, the pre-authentication byte budget ends it.
+        sid = c.request(HEALTH_CHECK, headers=[("authorization", f"Bearer {env.token('steady')}")],
+                        body=raw_h2.grpc_frame(b""))
+        c.wait(sid)
+    send_until_closed(c.sock, payload, 20_000)
+    assert closed_within(c.sock, 5) is not None, "20,000 control frames and the connection is open"
+    if port_kind == "api":
+        metric = lambda: g.metric("agentgate_http_connections_refused_total", listener="api",  # noqa: E731
+                                  reason="too_many_control_frames")
+    else:
+        metric = lambda: rejected(g, "too_many_control_frames")  # noqa: E731
+    wait_for(lambda: metric() == 1, timeout=5, what="the flood refused as too_many_control_frames")
+    assert "frames that carry no request" in ic.plain(g.proc.output())
+    c.close()
+    assert_steady_serves(g, api)
+
+
+def test_frames_without_requests_do_not_hold_an_api_connection_open(env):
+    """A client that made one request (refused: no token) and then sends a PRIORITY frame now
+    and then held its place on the API listener for ever, since any bytes counted as activity
+    (4,096 such connections filled it). Only requests count now: it is closed once
+    http_idle_timeout has passed since its request ended."""
+    g, api = gateway_with_steady_agent(env, tls=False, extra=["--set", 'http_idle_timeout="2s"'])
+    c = raw_h2.RawH2(g.api_port)
+    a = c.wait(c.request("/agents/steady/proxy/x", method="GET", grpc=False,
+                         authority=f"127.0.0.1:{g.api_port}"))
+    assert a.headers.get(":status") == "401", a.__dict__
+    t0 = time.monotonic()
+    closed_after = None
+    while time.monotonic() - t0 < 10:
+        try:
+            c.sock.sendall(PRIORITY_FRAME)
+        except OSError:
+            closed_after = time.monotonic() - t0
+            break
+        c.pump(lambda: False, timeout=0.5)
+        if c.closed:
+            closed_after = time.monotonic() - t0
+            break
+    c.close()
+    assert closed_after is not None, "a connection sending only PRIORITY frames was held 10 s"
+    assert 1.5 < closed_after < 5, closed_after
+    assert_steady_serves(g, api)

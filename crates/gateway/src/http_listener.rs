@@ -5,7 +5,8 @@
 //! a cap per source address on connections that have not begun a request (once the listener
 //! is half full), a deadline for the
 //! TLS handshake, a deadline for the first request (and for each request's headers), and an
-//! idle timeout that closes a connection with no request in flight and no bytes moving. Each
+//! idle timeout that closes a connection with no request in flight since the last one ended
+//! (frames that carry no request, PINGs or WINDOW_UPDATEs, do not hold it open). Each
 //! refusal is counted in `agentgate_http_connections_refused_total` and logged within the
 //! shared pre-authentication log budget.
 
@@ -33,13 +34,18 @@ use tokio_util::sync::CancellationToken;
 
 /// Why an HTTP listener refused or cut a connection before its first request (the `reason`
 /// label of `agentgate_http_connections_refused_total`).
-pub const REFUSAL_REASONS: [&str; 6] = [
+pub const REFUSAL_REASONS: [&str; 11] = [
     "over_limit",
     "source_over_limit",
     "tls",
     "proxy_header",
     "no_request",
     "malformed_request",
+    "too_many_pings",
+    "too_many_settings",
+    "too_many_control_frames",
+    "http2_flood",
+    "http2_protocol_error",
 ];
 
 /// The listeners' names (the `listener` label).
@@ -301,13 +307,38 @@ pub async fn serve_http<F, S, B>(
                 }
             };
             let flood = *activity.flood.lock().unwrap_or_else(|e| e.into_inner());
+            let goaway_error = activity
+                .goaway_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
             if let Some((reason, why)) = flood {
                 settings.refused(reason, peer, why);
-            } else if activity.no_request.load(Ordering::Relaxed) {
+            } else if let Some((code, debug)) = goaway_error {
+                let (reason, name) = agentgate_transport::http2_error_reason(code);
+                let detail = if debug.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({debug})")
+                };
                 let why = format!(
-                    "no request began within {:?} (http_header_read_timeout)",
-                    settings.header_read_timeout
+                    "the gateway closed the connection with GOAWAY {name}{detail} for what the \
+                     client sent"
                 );
+                settings.refused(reason.as_str(), peer, &why);
+            } else if activity.no_request.load(Ordering::Relaxed) {
+                let why = if activity.is_http2_client() {
+                    format!(
+                        "no request began within {:?} of the HTTP/2 connection's set-up \
+                         (http_idle_timeout)",
+                        settings.idle_timeout.max(settings.header_read_timeout)
+                    )
+                } else {
+                    format!(
+                        "no request began within {:?} (http_header_read_timeout)",
+                        settings.header_read_timeout
+                    )
+                };
                 settings.refused("no_request", peer, &why);
             } else if let Err(e) = result {
                 if is_parse_error(e.as_ref()) {
@@ -350,8 +381,10 @@ pub async fn serve_http<F, S, B>(
     }
 }
 
-/// What the idle timeout looks at: requests in flight on the connection, and when bytes last
-/// moved.
+/// What the idle timeout looks at: requests in flight on the connection, and when the last
+/// one began or ended. Bytes alone do not count: a client that keeps a connection busy with
+/// frames that carry no request (one PRIORITY frame every few seconds) held a place on the
+/// listener for ever, and 4,096 of them filled the tunnel API.
 #[derive(Default)]
 struct Activity {
     in_flight: AtomicUsize,
@@ -365,6 +398,10 @@ struct Activity {
     /// Set (reason, sentence) when the connection was closed for a flood of HTTP/2 control
     /// frames.
     flood: Mutex<Option<(&'static str, &'static str)>>,
+    /// The error code and debug text of a GOAWAY with an error that the HTTP/2 server sent
+    /// (a flood it caught itself, or a protocol error by the client), once the connection is
+    /// over: hyper says nothing of it.
+    goaway_error: Mutex<Option<(u32, String)>>,
     /// Bytes of the HTTP/2 client preface the connection began with, so far; at its whole
     /// length the client is an HTTP/2 client that may connect ahead of its first call
     /// (tonic's `Endpoint::connect`, grpc-go's `WithBlock`), and only the idle timeout applies.
@@ -431,6 +468,7 @@ where
 
     fn call(&mut self, req: R) -> Self::Future {
         self.activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.activity.touch();
         if !self.activity.started.swap(true, Ordering::Relaxed) {
             drop(
                 self.activity
@@ -477,7 +515,7 @@ where
 /// The deadlines [`IdleIo`] keeps.
 #[derive(Clone, Copy)]
 struct IdleLimits {
-    /// No request in flight and no bytes in either direction for this long: closed.
+    /// No request in flight for this long since the last one began or ended: closed.
     idle: Duration,
     /// No request begun this long after the connection was set up (TLS included): closed,
     /// whether or not bytes trickle in; for a client that sent the whole HTTP/2 preface (it
@@ -488,8 +526,8 @@ struct IdleLimits {
     min_ping_interval: Option<Duration>,
 }
 
-/// Closes the connection once it has had no request in flight and no bytes in either
-/// direction for `idle`, or once it has begun no request within `first_request`.
+/// Closes the connection once it has had no request in flight for `idle` since its last
+/// request began or ended, or once it has begun no request within `first_request`.
 struct IdleIo<T> {
     io: T,
     activity: Arc<Activity>,
@@ -503,6 +541,19 @@ struct IdleIo<T> {
     /// The PING and SETTINGS policy of an HTTP/2 connection (dropped once the first bytes
     /// show HTTP/1.1): hyper answers every PING and SETTINGS frame, as fast as they come.
     frames: Option<agentgate_transport::PingPolicy>,
+}
+
+impl<T> Drop for IdleIo<T> {
+    fn drop(&mut self) {
+        let sent = self.frames.as_ref().and_then(|f| f.goaway_sent());
+        if let Some(goaway) = sent.filter(|(code, _)| *code != 0) {
+            *self
+                .activity
+                .goaway_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(goaway);
+        }
+    }
 }
 
 impl<T> IdleIo<T> {
@@ -541,6 +592,11 @@ impl<T> IdleIo<T> {
             agentgate_transport::TooManyPings::Settings { .. } => (
                 "too_many_settings",
                 "the client keeps sending HTTP/2 SETTINGS frames",
+            ),
+            agentgate_transport::TooManyPings::ControlFrames { .. } => (
+                "too_many_control_frames",
+                "the client keeps sending HTTP/2 frames that carry no request (PRIORITY, \
+                 WINDOW_UPDATE, ...)",
             ),
         };
         *self
@@ -608,7 +664,6 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
         let before = buf.filled().len();
         let res = Pin::new(&mut self.io).poll_read(cx, buf);
         if matches!(res, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.touch();
             self.activity.saw(&buf.filled()[before..]);
             self.watch_frames(&buf.filled()[before..])?;
         }
@@ -627,11 +682,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     ) -> Poll<io::Result<usize>> {
         let res = Pin::new(&mut self.io).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = res {
-            if n > 0 {
-                self.activity.touch();
-                if let Some(policy) = &mut self.frames {
-                    policy.feed_outbound(&buf[..n]);
-                }
+            if let Some(policy) = self.frames.as_mut().filter(|_| n > 0) {
+                policy.feed_outbound(&buf[..n]);
             }
         }
         res
@@ -643,17 +695,14 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     ) -> Poll<io::Result<usize>> {
         let res = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = res {
-            if n > 0 {
-                self.activity.touch();
-                if let Some(policy) = &mut self.frames {
-                    let mut left = n;
-                    for b in bufs {
-                        let take = left.min(b.len());
-                        policy.feed_outbound(&b[..take]);
-                        left -= take;
-                        if left == 0 {
-                            break;
-                        }
+            if let Some(policy) = self.frames.as_mut().filter(|_| n > 0) {
+                let mut left = n;
+                for b in bufs {
+                    let take = left.min(b.len());
+                    policy.feed_outbound(&b[..take]);
+                    left -= take;
+                    if left == 0 {
+                        break;
                     }
                 }
             }

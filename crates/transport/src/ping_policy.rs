@@ -27,6 +27,25 @@ const FRAME_SETTINGS: u8 = 0x4;
 /// server an acknowledgement; clients send one at the start and rarely another, so a stream of
 /// them is a flood.
 pub const MAX_CLIENT_SETTINGS: u32 = 32;
+const FRAME_PRIORITY: u8 = 0x2;
+const FRAME_WINDOW_UPDATE: u8 = 0x8;
+/// Frame types from 0xa up are extensions (ALTSVC, ORIGIN, ...) or unknown: a server ignores
+/// them, at the cost of reading them.
+const FIRST_EXTENSION_FRAME: u8 = 0xa;
+
+/// Frames a client sends that carry no request and ask nothing of the server (PRIORITY,
+/// WINDOW_UPDATE, PING acknowledgements, GOAWAY, extension and unknown types): the server
+/// reads and drops each, so a stream of them costs CPU out of all proportion to the client's
+/// (a WINDOW_UPDATE flood cost the gateway 15 times what it cost the client). The allowance,
+/// after Envoy's limits on PRIORITY frames per stream and WINDOW_UPDATE frames per DATA frame
+/// sent: [`CONTROL_FRAMES_BASE`] to start with, more for each stream the client opened and
+/// each DATA frame the server sent (a receiver acknowledges DATA with WINDOW_UPDATEs), and
+/// [`CONTROL_FRAMES_PER_SECOND`] for each second of the connection, so long-lived quiet
+/// connections (PING acknowledgements, a stray WINDOW_UPDATE) never run out.
+pub const CONTROL_FRAMES_BASE: u64 = 1_000;
+pub const CONTROL_FRAMES_PER_STREAM: u64 = 100;
+pub const CONTROL_FRAMES_PER_DATA_SENT: u64 = 10;
+pub const CONTROL_FRAMES_PER_SECOND: u64 = 100;
 
 #[derive(Debug)]
 enum State {
@@ -157,6 +176,12 @@ pub struct PingPolicy {
     headers: u32,
     /// PING acknowledgements from the client.
     ping_acks: u32,
+    /// When the client's first bytes were read: the start of the control-frame allowance.
+    started: Option<Instant>,
+    /// Control frames from the client (see [`CONTROL_FRAMES_BASE`]).
+    control_frames: u64,
+    /// DATA frames the server sent.
+    data_sent: u64,
 }
 
 /// The client sent control frames faster than the policy allows.
@@ -166,6 +191,8 @@ pub enum TooManyPings {
     Pings { strikes: u32 },
     /// More than [`MAX_CLIENT_SETTINGS`] SETTINGS frames.
     Settings { count: u32 },
+    /// More control frames than the allowance (see [`CONTROL_FRAMES_BASE`]).
+    ControlFrames { count: u64 },
 }
 
 impl PingPolicy {
@@ -179,6 +206,9 @@ impl PingPolicy {
             settings: 0,
             headers: 0,
             ping_acks: 0,
+            started: None,
+            control_frames: 0,
+            data_sent: 0,
         }
     }
 
@@ -192,11 +222,30 @@ impl PingPolicy {
             settings,
             headers,
             ping_acks,
+            started,
+            control_frames,
+            data_sent,
             ..
         } = self;
+        let started = *started.get_or_insert(now);
         inbound.scan(data, |kind, flags| {
             if kind == FRAME_HEADERS {
                 *headers = headers.saturating_add(1);
+            }
+            let control = matches!(kind, FRAME_PRIORITY | FRAME_WINDOW_UPDATE | FRAME_GOAWAY)
+                || kind >= FIRST_EXTENSION_FRAME
+                || (kind == FRAME_PING && flags & FLAG_ACK != 0);
+            if control {
+                *control_frames += 1;
+                let allowance = CONTROL_FRAMES_BASE
+                    + CONTROL_FRAMES_PER_STREAM * u64::from(*headers)
+                    + CONTROL_FRAMES_PER_DATA_SENT * *data_sent
+                    + CONTROL_FRAMES_PER_SECOND * now.saturating_duration_since(started).as_secs();
+                if *control_frames > allowance {
+                    return Err(TooManyPings::ControlFrames {
+                        count: *control_frames,
+                    });
+                }
             }
             if kind == FRAME_PING && flags & FLAG_ACK != 0 {
                 *ping_acks = ping_acks.saturating_add(1);
@@ -260,10 +309,14 @@ impl PingPolicy {
     /// waits for it before ending sessions).
     pub fn feed_outbound(&mut self, data: &[u8]) -> bool {
         let strikes = &mut self.strikes;
+        let data_sent = &mut self.data_sent;
         let mut goaway = false;
         let _ = self.outbound.scan(data, |kind, _| {
             if kind == FRAME_DATA || kind == FRAME_HEADERS {
                 *strikes = 0;
+            }
+            if kind == FRAME_DATA {
+                *data_sent += 1;
             }
             goaway |= kind == FRAME_GOAWAY;
             Ok::<(), ()>(())
@@ -420,6 +473,54 @@ mod tests {
                 count: MAX_CLIENT_SETTINGS + 1
             })
         );
+    }
+
+    #[test]
+    fn a_control_frame_flood_is_refused_and_real_traffic_is_not() {
+        let t0 = Instant::now();
+        let window_update = frame(FRAME_WINDOW_UPDATE, 0, &[0, 0, 0, 1]);
+        let priority = frame(FRAME_PRIORITY, 0, &[0, 0, 0, 0, 16]);
+        let unknown = frame(0xfa, 0, b"x");
+        // A flood of any of them, with nothing else going on, ends past the base allowance.
+        for flood in [&window_update, &priority, &unknown] {
+            let mut p = PingPolicy::new(Duration::from_secs(20));
+            p.feed(HTTP2_PREFACE, t0).unwrap();
+            for _ in 0..CONTROL_FRAMES_BASE {
+                p.feed(flood, t0).unwrap();
+            }
+            assert_eq!(
+                p.feed(flood, t0),
+                Err(TooManyPings::ControlFrames {
+                    count: CONTROL_FRAMES_BASE + 1
+                })
+            );
+        }
+        // A download: two WINDOW_UPDATEs (stream and connection) for every DATA frame sent,
+        // far past the base allowance, is fine; so is a connection that lives for hours and
+        // acknowledges a PING a minute.
+        let mut p = PingPolicy::new(Duration::from_secs(20));
+        p.feed(HTTP2_PREFACE, t0).unwrap();
+        p.feed(&frame(FRAME_HEADERS, 0x4, &[0x82]), t0).unwrap();
+        for _ in 0..100_000 {
+            p.feed_outbound(&frame(FRAME_DATA, 0, &[0; 16]));
+            p.feed(&window_update, t0).unwrap();
+            p.feed(&window_update, t0).unwrap();
+        }
+        let mut p = PingPolicy::new(Duration::from_secs(20));
+        p.feed(HTTP2_PREFACE, t0).unwrap();
+        for minute in 0..600 {
+            let at = t0 + Duration::from_secs(60 * minute);
+            p.feed(&frame(FRAME_PING, FLAG_ACK, &[0; 8]), at).unwrap();
+        }
+        // Streams opened buy room for PRIORITY frames (browsers send several per stream).
+        let mut p = PingPolicy::new(Duration::from_secs(20));
+        p.feed(HTTP2_PREFACE, t0).unwrap();
+        for _ in 0..50 {
+            p.feed(&frame(FRAME_HEADERS, 0x4, &[0x82]), t0).unwrap();
+            for _ in 0..CONTROL_FRAMES_PER_STREAM {
+                p.feed(&priority, t0).unwrap();
+            }
+        }
     }
 
     #[test]

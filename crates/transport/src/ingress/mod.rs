@@ -27,7 +27,7 @@ pub use accept::{accept_until, bind_listener, AcceptHealth, ACCEPT_HEALTH};
 pub(crate) use classify::websocket_upgrade;
 pub use limit::ConnectionLimit;
 pub use serve::serve_ingress;
-pub use server_conn::ServerConn;
+pub use server_conn::{http2_error_reason, ServerConn};
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -149,6 +149,9 @@ pub enum RejectReason {
     PreAuthBytesTotal,
     /// More SETTINGS frames than any client needs (`ping_policy::MAX_CLIENT_SETTINGS`).
     TooManySettings,
+    /// More HTTP/2 frames that carry no request (PRIORITY, WINDOW_UPDATE, ...) than the
+    /// allowance (`ping_policy::CONTROL_FRAMES_BASE`).
+    TooManyControlFrames,
     /// More than `max_streams_before_auth` streams opened before any call authenticated.
     StreamsBeforeAuth,
     /// A connection from a `proxy_protocol_from` address without a valid PROXY protocol
@@ -166,7 +169,7 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 23] = [
+    pub const ALL: [RejectReason; 24] = [
         Self::SniffTimeout,
         Self::BadPreface,
         Self::EarlyEof,
@@ -183,6 +186,7 @@ impl RejectReason {
         Self::PreAuthBytes,
         Self::PreAuthBytesTotal,
         Self::TooManySettings,
+        Self::TooManyControlFrames,
         Self::StreamsBeforeAuth,
         Self::ProxyHeader,
         Self::NotAnUpgrade,
@@ -210,6 +214,7 @@ impl RejectReason {
             Self::PreAuthBytes => "pre_auth_bytes",
             Self::PreAuthBytesTotal => "pre_auth_bytes_total",
             Self::TooManySettings => "too_many_settings",
+            Self::TooManyControlFrames => "too_many_control_frames",
             Self::StreamsBeforeAuth => "streams_before_auth",
             Self::ProxyHeader => "proxy_header",
             Self::NotAnUpgrade => "not_an_upgrade",

@@ -113,6 +113,19 @@ fn http2_error_name(code: u32) -> &'static str {
 const ENHANCE_YOUR_CALM: u32 = 0xb;
 const NO_ERROR: u32 = 0x0;
 
+/// Why an HTTP/2 server closed a connection with a GOAWAY carrying error `code`, and the
+/// code's name: ENHANCE_YOUR_CALM is a flood it caught (too many resets, CONTINUATION
+/// frames, ...), any other error a protocol error by the client. For every listener's
+/// refusal metric and log line.
+pub fn http2_error_reason(code: u32) -> (RejectReason, &'static str) {
+    let reason = if code == ENHANCE_YOUR_CALM {
+        RejectReason::Http2Flood
+    } else {
+        RejectReason::Http2ProtocolError
+    };
+    (reason, http2_error_name(code))
+}
+
 impl ServerConn {
     /// The HTTP/2 server ended the connection with an error GOAWAY: counted and logged (its
     /// library says nothing, and the client may be anyone).
@@ -124,11 +137,7 @@ impl ServerConn {
         if code == NO_ERROR {
             return;
         }
-        let reason = if code == ENHANCE_YOUR_CALM {
-            RejectReason::Http2Flood
-        } else {
-            RejectReason::Http2ProtocolError
-        };
+        let (reason, name) = http2_error_reason(code);
         self.observer.rejected(reason);
         if let Some(suppressed) = PRE_AUTH_LOG.allow() {
             let detail = if debug.is_empty() {
@@ -143,9 +152,8 @@ impl ServerConn {
                 agent = self.meta.agent.get().map(String::as_str).unwrap_or("-"),
                 %reason,
                 suppressed,
-                "the gateway closed the connection with GOAWAY {}{detail} for what the client \
-                 sent",
-                http2_error_name(code)
+                "the gateway closed the connection with GOAWAY {name}{detail} for what the client \
+                 sent"
             );
         }
     }
@@ -499,6 +507,11 @@ impl AsyncRead for ServerConn {
                         crate::ping_policy::TooManyPings::Settings { .. } => (
                             RejectReason::TooManySettings,
                             "the client keeps sending HTTP/2 SETTINGS frames",
+                        ),
+                        crate::ping_policy::TooManyPings::ControlFrames { .. } => (
+                            RejectReason::TooManyControlFrames,
+                            "the client keeps sending HTTP/2 frames that carry no request \
+                             (PRIORITY, WINDOW_UPDATE, ...)",
                         ),
                     };
                     this.observer.rejected(reason);
