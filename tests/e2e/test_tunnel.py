@@ -824,6 +824,33 @@ def test_agent_restart_is_reachable_again(env, sig):
         assert json.loads(body)["target"] == f"/inspect?after={i}"
 
 
+def test_a_get_whose_agent_dies_under_it_gets_503_after_the_reconnect_wait(env):
+    """A GET in flight when its agent is killed is retried on another tunnel (GETs are
+    idempotent), but the agent went with its tunnels: the retry waits as long as for any agent
+    connected nowhere (agent_reconnect_wait, 2 s), not tunnel_wait (10 s, for a busy agent
+    that is connected), then 503 not_connected, and the access line says the agent answered
+    nothing (transport none)."""
+    api = env.token("caller", kind="api")
+    g = env.gateway()
+    up = HttpUpstream(env)
+    agent, _ = start_agent(env, g, "grpc", "doomed", upstreams=[up.url])
+    got: list = []
+    t = threading.Thread(target=lambda: got.append(api_request(g, "GET", "/agents/doomed/proxy/hang?id=d", api)),
+                         daemon=True)
+    t.start()
+    wait_event(up.events, timeout=10, event="request", method="GET")
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    agent.send_signal(signal.SIGKILL)
+    t.join(20)
+    took = time.monotonic() - t0
+    assert got, "no answer"
+    status, headers, body = got[0]
+    assert status == 503, (status, body[:300])
+    assert b"is not connected" in body, body[:300]
+    assert took < 5, f"503 came {took:.1f} s after the agent died (agent_reconnect_wait is 2 s)"
+
+
 # --------------------------------------------------------------------------------------------
 # 8. Headers and query strings
 # --------------------------------------------------------------------------------------------

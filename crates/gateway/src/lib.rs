@@ -138,7 +138,7 @@ impl Gateway {
             parking.clone(),
             directory.clone(),
             metrics.clone(),
-            config.tunnel_wait,
+            (config.tunnel_wait, config.agent_reconnect_wait),
             config.tunnel_chunk_size,
             config.stalled_caller_timeout,
         ));

@@ -69,6 +69,9 @@ pub struct LocalTunnels {
     metrics: Arc<Metrics>,
     /// `tunnel_wait`: how long a request waits for an idle tunnel of a connected agent.
     pub tunnel_wait: Duration,
+    /// `agent_reconnect_wait`: how long a request retried after its tunnel broke waits for an
+    /// agent that went away with it (connected nowhere here any more).
+    reconnect_wait: Duration,
     /// `tunnel_chunk_size`: the largest body chunk sent to an agent.
     chunk_size: usize,
     /// `stalled_caller_timeout`: how long a streaming answer may wait on its caller before it
@@ -96,7 +99,7 @@ impl LocalTunnels {
         parking: Arc<TunnelParking>,
         directory: Arc<Directory>,
         metrics: Arc<Metrics>,
-        tunnel_wait: Duration,
+        (tunnel_wait, reconnect_wait): (Duration, Duration),
         chunk_size: usize,
         stalled_caller_timeout: Duration,
     ) -> Self {
@@ -105,6 +108,7 @@ impl LocalTunnels {
             directory,
             metrics,
             tunnel_wait,
+            reconnect_wait,
             chunk_size,
             stalled_caller_timeout,
             ending: tokio_util::sync::CancellationToken::new(),
@@ -169,7 +173,16 @@ impl LocalTunnels {
         for attempt in 1..=TUNNEL_ATTEMPTS {
             let t = match next.take() {
                 Some(t) => t,
-                None => self.take(agent, self.tunnel_wait, broke_on).await?,
+                None => {
+                    // The agent may have gone with the tunnel that broke (its process was
+                    // killed): then it is waited for as any agent connected nowhere is.
+                    let wait = if self.directory.is_connected(agent) {
+                        self.tunnel_wait
+                    } else {
+                        self.reconnect_wait.min(self.tunnel_wait)
+                    };
+                    self.take(agent, wait, broke_on).await?
+                }
             };
             check_descriptor(agent, &t, &head)?;
             let conn = t.conn.id;
@@ -404,7 +417,7 @@ mod stream_ends {
             Arc::new(TunnelParking::new(metrics.clone(), None)),
             Arc::default(),
             metrics,
-            Duration::from_millis(50),
+            (Duration::from_millis(50), Duration::from_millis(50)),
             64 * 1024,
             Duration::from_secs(60),
         )
