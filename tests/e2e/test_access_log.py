@@ -93,6 +93,9 @@ def test_a_caller_gone_before_the_answer_gets_a_line_and_frees_the_tunnel_at_onc
                         what="the access line of the request whose caller went before the answer")
         assert field(line, "outcome") == "caller_aborted" and field(line, "ended_by") == "caller", line
         assert field(line, "status") == "499", line
+        # The agent had the request: the line names its connection ("none" only when no agent
+        # got the request).
+        assert field(line, "transport") == "grpc", line
 
         # Gone mid-upload: 3 MiB of a declared 10 MB.
         t0 = time.monotonic()
@@ -105,7 +108,10 @@ def test_a_caller_gone_before_the_answer_gets_a_line_and_frees_the_tunnel_at_onc
                         what="the access line of the abandoned upload")
         took = time.monotonic() - t0
         assert field(line, "outcome") == "caller_aborted" and field(line, "ended_by") == "caller", line
+        assert field(line, "transport") == "grpc", line
         assert took < 10, f"the abandoned upload ended only after {took:.1f}s: {line}"
+        assert g.metric("agentgate_tunnel_requests_total", kind="http", outcome="caller_aborted",
+                        transport="grpc") == 2
         assert "broke off" in plain(g.proc.output())
         status, body = api_get(g.api_port, "/agents/logged-edge/proxy/bytes/10", api)
         assert status == 200 and len(body) == 10

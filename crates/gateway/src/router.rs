@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cluster::{Cluster, DirectForward};
 use crate::tokens::TokenStore;
-use crate::tunnel::{ForwardError, ForwardResponse, LocalTunnels};
+use crate::tunnel::{ForwardError, ForwardResponse, LocalTunnels, ServedOver, REPLICA};
 
 /// How often a request waiting for a disconnected agent looks again (locally, and in Redis).
 const RECONNECT_POLL: Duration = Duration::from_millis(100);
@@ -45,6 +45,7 @@ impl Router {
         agent: &str,
         head: RequestHead,
         body: B,
+        served: &ServedOver,
     ) -> Result<ForwardResponse, ForwardError>
     where
         B: Body<Data = Bytes> + Send + 'static,
@@ -56,7 +57,12 @@ impl Router {
         loop {
             if self.local.holds(agent) {
                 match self.local.take(agent, tunnel_wait, None).await {
-                    Ok(tunnel) => return self.local.forward_on(agent, tunnel, head, body).await,
+                    Ok(tunnel) => {
+                        return self
+                            .local
+                            .forward_on(agent, tunnel, head, body, served)
+                            .await
+                    }
                     // This replica began to drain while the request waited: its agents are
                     // moving to other replicas, so look for them there (the body is untouched).
                     Err(_) if self.stopping.is_cancelled() && self.cluster.is_some() => {
@@ -81,6 +87,7 @@ impl Router {
                         Err(e @ ForwardError::NotConnected { .. }) => break 'remote e,
                         Err(e) => return Err(e),
                     };
+                    served.set(REPLICA);
                     if let ([peer], true) = (peers.as_slice(), body.is_end_stream()) {
                         match cluster
                             .forward_direct(peer, agent, &head, tunnel_wait)
@@ -167,7 +174,11 @@ mod tests {
     /// A bodiless request to `agent` that the router must refuse; its error.
     async fn refused(gw: &Gateway, agent: &str) -> ForwardError {
         let empty = http_body_util::Empty::<Bytes>::new();
-        gw.router.forward(agent, head(), empty).await.err().unwrap()
+        gw.router
+            .forward(agent, head(), empty, &ServedOver::default())
+            .await
+            .err()
+            .unwrap()
     }
 
     #[tokio::test]
@@ -210,7 +221,12 @@ mod tests {
             let started = std::time::Instant::now();
             let resp = gw
                 .router
-                .forward("known", head(), http_body_util::Empty::<Bytes>::new())
+                .forward(
+                    "known",
+                    head(),
+                    http_body_util::Empty::<Bytes>::new(),
+                    &ServedOver::default(),
+                )
                 .await
                 .expect("served once the agent is back");
             assert_eq!(resp.status, 200);
@@ -242,7 +258,11 @@ mod tests {
                 (head, agent)
             });
             let empty = http_body_util::Empty::<Bytes>::new();
-            let resp = gw.router.forward("known", head(), empty).await.unwrap();
+            let resp = gw
+                .router
+                .forward("known", head(), empty, &ServedOver::default())
+                .await
+                .unwrap();
             assert_eq!(resp.status, 201);
             let body = resp.body.collect().await.unwrap().to_bytes();
             assert_eq!(&body[..], b"whole");

@@ -25,6 +25,7 @@ use super::{ApiBody, BoxError};
 use crate::headers::GRPC_STATUS;
 use crate::metrics::Metrics;
 use crate::tokens::TokenEntry;
+use crate::tunnel::ServedOver;
 
 /// Who ended a request.
 #[derive(Clone, Copy)]
@@ -74,8 +75,8 @@ pub struct RequestLog {
     path: String,
     started: Instant,
     bytes_in: Arc<AtomicU64>,
-    /// The agent connection's transport once an agent answered (`none` until then).
-    transport: &'static str,
+    /// The agent connection the request went down (`none` until it did; see [`ServedOver`]).
+    served: ServedOver,
     /// Set once the line is written.
     written: bool,
 }
@@ -115,7 +116,7 @@ impl RequestLog {
             path: path.chars().take(512).collect(),
             started: Instant::now(),
             bytes_in: Arc::default(),
-            transport: "none",
+            served: ServedOver::default(),
             written: false,
         }
     }
@@ -128,9 +129,9 @@ impl RequestLog {
         }
     }
 
-    /// The transport of the agent connection that answered (the `transport` label).
-    pub fn served_over(&mut self, transport: &'static str) {
-        self.transport = transport;
+    /// Where the request goes, for the forwarding to fill in (the `transport` label).
+    pub fn served(&self) -> &ServedOver {
+        &self.served
     }
 
     /// Writes the line and counts the outcome, for a request that got no answer body.
@@ -175,7 +176,7 @@ impl RequestLog {
         }
         self.metrics
             .tunnel_requests
-            .inc(&[self.kind, outcome, self.transport]);
+            .inc(&[self.kind, outcome, self.served.get()]);
         self.metrics
             .tunnel_request_duration
             .observe(&[self.kind, outcome], self.started.elapsed());
@@ -186,7 +187,7 @@ impl RequestLog {
             token_name = %self.token.name,
             caller = %self.caller,
             agent = %self.agent,
-            transport = self.transport,
+            transport = self.served.get(),
             upstream = %self.upstream,
             method = %self.method,
             path = %self.path,

@@ -128,7 +128,7 @@ pub async fn handle(
         .and_then(|v| v.to_str().ok())
         .and_then(crate::headers::parse_grpc_timeout);
     let deadline = timeout.map(|t| Instant::now() + t);
-    let mut log = RequestLog::new(
+    let log = RequestLog::new(
         api.metrics.clone(),
         "grpc",
         &token,
@@ -171,7 +171,7 @@ pub async fn handle(
         timeout_millis: timeout.map_or(0, |t| t.as_millis().max(1) as u64),
         ..Default::default()
     };
-    let forward = api.router.forward(&agent, head, body);
+    let forward = api.router.forward(&agent, head, body, log.served());
     let deadline_passed = async {
         match deadline {
             Some(d) => tokio::time::sleep_until(d).await,
@@ -197,7 +197,6 @@ pub async fn handle(
     };
     match result {
         Ok(fwd) => {
-            log.served_over(fwd.transport);
             // A "trailers-only" answer (an error status straight away) carries grpc-status in
             // its headers and must end the stream on them: relaying the empty body as a DATA
             // frame would make clients read the status as plain headers and see UNKNOWN.

@@ -127,7 +127,7 @@ pub async fn handle(
         path_and_query.push('?');
         path_and_query.push_str(q);
     }
-    let mut log = RequestLog::new(
+    let log = RequestLog::new(
         api.metrics.clone(),
         "http",
         &token,
@@ -187,7 +187,7 @@ pub async fn handle(
         ..Default::default()
     };
     let result = tokio::select! {
-        r = api.router.forward(&agent, head, body) => r,
+        r = api.router.forward(&agent, head, body, log.served()) => r,
         _ = revoked.cancelled() => {
             log.finish(401, "revoked", EndedBy::Gateway);
             return error_response(StatusCode::UNAUTHORIZED, "the API token of this request was revoked");
@@ -195,7 +195,6 @@ pub async fn handle(
     };
     match result {
         Ok(fwd) => {
-            log.served_over(fwd.transport);
             let mut resp = Response::new(fwd.body);
             *resp.status_mut() =
                 StatusCode::from_u16(fwd.status).unwrap_or(StatusCode::BAD_GATEWAY);

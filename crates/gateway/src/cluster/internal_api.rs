@@ -35,7 +35,7 @@ use crate::directory::Directory;
 use crate::headers::to_proto;
 use crate::http_listener::HttpListenerSettings;
 use crate::metrics::Metrics;
-use crate::tunnel::{ForwardError, ForwardResponse, LocalTunnels, ResponseBody};
+use crate::tunnel::{ForwardError, ForwardResponse, LocalTunnels, ResponseBody, ServedOver};
 
 /// What the internal API's handlers need: this replica's tunnels and agents, the cluster's
 /// signer and reservations, the metrics.
@@ -180,7 +180,7 @@ async fn route(
             answer(
                 state
                     .local
-                    .forward_on(&res.agent, res.tunnel, head, body)
+                    .forward_on(&res.agent, res.tunnel, head, body, &ServedOver::default())
                     .await,
             )
         }
@@ -225,7 +225,10 @@ async fn route(
                     })
                 };
                 answer(match tunnel {
-                    Ok(t) => state.local.forward_on(&agent, t, head, body).await,
+                    Ok(t) => {
+                        let served = ServedOver::default();
+                        state.local.forward_on(&agent, t, head, body, &served).await
+                    }
                     Err(e) => Err(e),
                 })
             };

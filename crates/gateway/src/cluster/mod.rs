@@ -625,7 +625,6 @@ impl Cluster {
             status: parts.status.as_u16(),
             headers: parts.headers,
             body,
-            transport: "replica",
         })
     }
 

@@ -33,9 +33,32 @@ pub struct ForwardResponse {
     pub status: u16,
     pub headers: http::HeaderMap,
     pub body: ResponseBody,
-    /// The transport of the agent connection that served it (`grpc`, `grpcs`, `ws`, `wss`),
-    /// or `replica` when another replica did: the `transport` label of tunnel metrics.
-    pub transport: &'static str,
+}
+
+/// The `transport` label of a request another replica's agent served.
+pub const REPLICA: &str = "replica";
+
+/// Which agent connection a request went down (`grpc`, `grpcs`, `ws`, `wss`, or `replica`
+/// when another replica was asked), set as soon as the request went out: the access log and
+/// `agentgate_tunnel_requests_total` name it even when no answer came back (the caller went
+/// away first, the tunnel broke). `none` while no agent has the request.
+#[derive(Clone)]
+pub struct ServedOver(Arc<std::sync::Mutex<&'static str>>);
+
+impl Default for ServedOver {
+    fn default() -> Self {
+        Self(Arc::new(std::sync::Mutex::new("none")))
+    }
+}
+
+impl ServedOver {
+    pub fn set(&self, transport: &'static str) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = transport;
+    }
+
+    pub fn get(&self) -> &'static str {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// How many tunnels one request may try: a parked tunnel found dead before anything was sent
@@ -160,6 +183,7 @@ impl LocalTunnels {
         tunnel: ParkedTunnel,
         mut head: RequestHead,
         body: B,
+        served: &ServedOver,
     ) -> Result<ForwardResponse, ForwardError>
     where
         B: Body<Data = Bytes> + Send + 'static,
@@ -187,7 +211,7 @@ impl LocalTunnels {
             check_descriptor(agent, &t, &head)?;
             let conn = t.conn.id;
             let again = (repeatable && attempt < TUNNEL_ATTEMPTS).then(|| head.clone());
-            match self.attempt(agent, t, head, &mut body).await {
+            match self.attempt(agent, t, head, &mut body, served).await {
                 Ok(r) => return Ok(r),
                 Err(AttemptError::NotSent(h)) => {
                     tracing::debug!(agent, "parked tunnel was dead; taking another");
@@ -223,6 +247,7 @@ impl LocalTunnels {
         tunnel: ParkedTunnel,
         mut head: RequestHead,
         body: &mut Option<B>,
+        served: &ServedOver,
     ) -> Result<ForwardResponse, AttemptError>
     where
         B: Body<Data = Bytes> + Send + 'static,
@@ -253,6 +278,7 @@ impl LocalTunnels {
             };
             return Err(AttemptError::NotSent(h));
         }
+        served.set(transport);
         // Version 1 sends EndOfRequest even without a body; version 2 said so in the head.
         let pump = match body.take() {
             Some(b) if !(reusable && no_body) => Some(RequestPump::spawn(
@@ -324,7 +350,6 @@ impl LocalTunnels {
                             status: h.status as u16,
                             headers,
                             body: body.boxed_unsync(),
-                            transport,
                         });
                     }
                     let length = if bodiless || matches!(h.status, 204 | 304) {
@@ -353,7 +378,6 @@ impl LocalTunnels {
                         status: h.status as u16,
                         headers,
                         body,
-                        transport,
                     })
                 }
                 agent_message::Msg::Error(e) => {
@@ -508,7 +532,10 @@ mod stream_ends {
                     .await;
                 (request, agent)
             });
-            let resp = local.forward_on("a", tunnel, post(), body).await.unwrap();
+            let resp = local
+                .forward_on("a", tunnel, post(), body, &ServedOver::default())
+                .await
+                .unwrap();
             let collected = resp.body.collect().await.unwrap();
             let trailers = collected.trailers().cloned().expect("the agent's trailers");
             assert_eq!(&collected.to_bytes()[..], b"result");
@@ -547,7 +574,10 @@ mod stream_ends {
                 // Whatever the gateway still sends, its side then ends.
                 while agent.recv().await.is_some() {}
             });
-            let resp = local.forward_on("a", tunnel, post(), body).await.unwrap();
+            let resp = local
+                .forward_on("a", tunnel, post(), body, &ServedOver::default())
+                .await
+                .unwrap();
             assert_eq!(resp.status, 413);
             assert!(resp.body.collect().await.is_ok());
             tokio::time::timeout(Duration::from_secs(5), agent)
@@ -592,7 +622,7 @@ mod stream_ends {
         });
         let empty = http_body_util::Empty::<Bytes>::new();
         let mut body = local
-            .forward_on("a", tunnel, head, empty)
+            .forward_on("a", tunnel, head, empty, &ServedOver::default())
             .await
             .unwrap()
             .body;
@@ -660,10 +690,16 @@ mod stream_ends {
         }
         drop(caller);
         let e = match body {
-            Some(_) => local.forward_on("a", first, post(), caller_body).await,
+            Some(_) => {
+                local
+                    .forward_on("a", first, post(), caller_body, &ServedOver::default())
+                    .await
+            }
             None => {
                 let empty = http_body_util::Empty::<Bytes>::new();
-                local.forward_on("a", first, post(), empty).await
+                local
+                    .forward_on("a", first, post(), empty, &ServedOver::default())
+                    .await
             }
         }
         .err()

@@ -14,7 +14,7 @@ mod to_agent;
 
 pub use answer_body::TunnelBody;
 pub use error::ForwardError;
-pub use forward::{BoxError, ForwardResponse, LocalTunnels, ResponseBody};
+pub use forward::{BoxError, ForwardResponse, LocalTunnels, ResponseBody, ServedOver, REPLICA};
 pub use parking::{ParkedTunnel, TunnelParking};
 pub use service::TunnelService;
 pub use stalled_caller::CallerStalled;
