@@ -621,6 +621,49 @@ def test_an_interactive_grpc_stream_through_another_replica_answers_each_message
         assert list(responses) == []
 
 
+def test_a_caller_gone_mid_upload_through_another_replica_is_logged_as_its_own_doing(env):
+    """A caller that uploads through the replica without the agent and hangs up mid-body:
+    the request ends as it does on one replica (499, caller_aborted, ended by the caller), not
+    as a broken link between the replicas (502 tunnel_broken blamed on the agent, and an
+    unbudgeted warning per abort)."""
+    import socket
+
+    from lifecycle_helpers import PatternServer
+
+    up = PatternServer()
+    try:
+        tok = env.token_file("uploader")
+        api_token = env.token("uploader-user", kind="api")
+        redis = Redis(env)
+        secret_file, _ = write_secret(env)
+        here, there = (Replica(env, i, redis, secret_file, REPLICA_FLAGS) for i in (1, 2))
+        env.agent(f"grpc://127.0.0.1:{there.port}", tok, extra=["--upstream", up.url] + AGENT_FLAGS,
+                  name="agent-uploader")
+        there.wait_agent("uploader")
+        wait_for(lambda: api_request(here, "GET", "/agents/uploader/proxy/", api_token)[0] == 200,
+                 timeout=20, what="the agent reachable through the other replica")
+        for _ in range(3):
+            s = socket.create_connection(("127.0.0.1", here.api_port), timeout=10)
+            s.sendall((f"POST /agents/uploader/proxy/upload HTTP/1.1\r\nHost: x\r\n"
+                       f"Authorization: Bearer {api_token}\r\nContent-Length: 10000000\r\n\r\n").encode())
+            s.sendall(b"u" * (2 * 1024 * 1024))
+            time.sleep(0.3)
+            s.close()
+        lines = wait_for(lambda: (ls := [x for x in ic.plain(here.proc.output()).splitlines()
+                                         if "agentgate::access" in x and "/upload" in x]) and len(ls) >= 3 and ls,
+                         timeout=20, what="three access lines at the caller's replica")
+        for line in lines:
+            assert 'outcome="caller_aborted"' in line and 'ended_by="caller"' in line, line
+            assert "status=499" in line and 'transport="replica"' in line, line
+        assert here.metric("agentgate_forwards_total", outcome="caller_aborted") == 3
+        assert not here.metric("agentgate_forwards_total", outcome="peer_failed")
+        assert "forwarding to a peer replica failed" not in here.proc.output()
+        # The agent serves the next request through the other replica.
+        assert api_request(here, "GET", "/agents/uploader/proxy/", api_token)[0] == 200
+    finally:
+        up.close()
+
+
 def test_a_replica_with_another_secret_is_named_not_taken_for_a_busy_agent(env):
     """Two replicas whose internal secrets differ: the agent's replica refuses the other's
     signed calls (401, bad signature). The caller got 503 "connected but had no idle tunnel"

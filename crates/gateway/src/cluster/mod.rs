@@ -22,7 +22,7 @@ pub mod signing;
 use std::collections::HashMap;
 use std::fmt::Display;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use agentgate_proto::v1::RequestHead;
@@ -61,6 +61,9 @@ pub const ROUTE_HEADER: &str = "agentgate-internal-route";
 const RESERVATION_TTL: Duration = Duration::from_secs(30);
 /// Lines a second about peers refusing this replica's calls (one per request otherwise).
 static PEER_REFUSED_LOG: agentgate_transport::LogBudget = agentgate_transport::LogBudget::new(2);
+/// Lines a second for forwarded requests that failed between the replicas: a broken peer link
+/// fails every request in flight on it at once.
+static PEER_FAILED_LOG: agentgate_transport::LogBudget = agentgate_transport::LogBudget::new(5);
 /// What one answer from a peer may hold unread here: a peer is near (at 1 ms, 1 GB/s).
 const PEER_ANSWER_STREAM_WINDOW: u32 = 1024 * 1024;
 
@@ -483,7 +486,15 @@ impl Cluster {
         let PeerReservation { peer, id } = reservation;
         self.metrics.forwards_sent.inc(&["reserved"]);
         let path = format!("/internal/v1/reservations/{id}/request");
-        let body = body.map_err(|e| BoxError::from(e.to_string()));
+        // Why the caller's body broke off, if it did: then the request failed because the
+        // caller went away, not because the link between the replicas broke.
+        let broke_off: Arc<OnceLock<String>> = Arc::default();
+        let seen = broke_off.clone();
+        let body = body.map_err(move |e| {
+            let why = e.to_string();
+            let _ = seen.set(why.clone());
+            BoxError::from(why)
+        });
         let resp = self
             .send_forwarded(
                 &peer,
@@ -492,6 +503,7 @@ impl Cluster {
                 &head,
                 body,
                 self.settings.first_byte_timeout,
+                &broke_off,
             )
             .await
             .map_err(|e| e.into_error(agent))?;
@@ -517,7 +529,15 @@ impl Cluster {
         };
         self.metrics.forwards_sent.inc(&["direct"]);
         let resp = match self
-            .send_forwarded(peer, &path, agent, head, empty(), first_byte)
+            .send_forwarded(
+                peer,
+                &path,
+                agent,
+                head,
+                empty(),
+                first_byte,
+                &OnceLock::new(),
+            )
             .await
         {
             Ok(r) => r,
@@ -541,6 +561,8 @@ impl Cluster {
 
     /// Signs and sends one forwarded request to `peer`, the tunnel request's head travelling
     /// as headers; waits up to `first_byte` (zero: no limit) for the response head.
+    /// `caller_broke_off` holds why the caller's body failed, if it did (set by the body).
+    #[allow(clippy::too_many_arguments)]
     async fn send_forwarded(
         &self,
         peer: &str,
@@ -549,6 +571,7 @@ impl Cluster {
         head: &RequestHead,
         body: impl Body<Data = Bytes, Error = BoxError> + Send + 'static,
         first_byte: Duration,
+        caller_broke_off: &OnceLock<String>,
     ) -> Result<http::Response<hyper::body::Incoming>, SendFailure> {
         let method = http::Method::from_bytes(head.method.as_bytes()).unwrap_or(http::Method::GET);
         let mut headers = from_proto(&head.headers);
@@ -588,10 +611,16 @@ impl Cluster {
             }
         };
         resp.map_err(|e| {
+            if let Some(why) = caller_broke_off.get() {
+                self.metrics.forwards.inc(&["caller_aborted"]);
+                return SendFailure::CallerAborted(why.clone());
+            }
             self.metrics.forwards.inc(&["peer_failed"]);
             let message = peer_client_error(&e);
             // The peer's address goes to the log only; the caller's answer names no address.
-            tracing::warn!(peer, agent, error = %message, "forwarding to a peer replica failed");
+            if let Some(suppressed) = PEER_FAILED_LOG.allow() {
+                tracing::warn!(peer, agent, error = %message, suppressed, "forwarding to a peer replica failed");
+            }
             if e.is_connect() {
                 SendFailure::Connect(message)
             } else {
@@ -711,6 +740,9 @@ enum SendFailure {
     NoHead(String),
     /// The connection or the stream broke once the request was on its way.
     Broken(String),
+    /// The caller's request body broke off (it went away mid-upload), which ended the
+    /// forwarded request.
+    CallerAborted(String),
 }
 
 impl SendFailure {
@@ -721,6 +753,7 @@ impl SendFailure {
             Self::Connect(message) | Self::Broken(message) => {
                 ForwardError::TunnelBroken { agent, message }
             }
+            Self::CallerAborted(message) => ForwardError::CallerAborted { agent, message },
         }
     }
 }
