@@ -6,6 +6,8 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -71,6 +73,68 @@ const MAX_WRITE_BUFFER_MESSAGES: usize = 16;
 /// (HTTP/2 inside has its own keepalive), a proxy's keepalive sends one every few seconds.
 pub const MAX_WS_PINGS_PER_SECOND: u32 = 10;
 
+/// Bytes a peer may send in WebSocket frames beyond what they carry for us, on the server
+/// side: empty binary messages, unanswered PONGs, or a message fragmented into empty pieces
+/// each cost a read and deliver nothing (a flood of them cost the gateway 15 to 31 times the
+/// client's CPU). Allowed: [`WS_OVERHEAD_BASE`] (the upgrade request included), as much again
+/// as the payload delivered (a frame's header is at most 14 bytes, and the smallest HTTP/2
+/// frame inside one is 9), and [`WS_OVERHEAD_PER_SECOND`] for keepalive PINGs and PONGs.
+pub const WS_OVERHEAD_BASE: u64 = 256 * 1024;
+pub const WS_OVERHEAD_PER_SECOND: u64 = 4 * 1024;
+
+/// Counts the bytes read from the socket under a server's WebSocket, for
+/// [`WsByteStream::watching_overhead`].
+pub struct RawBytesIn<S> {
+    inner: S,
+    count: Arc<AtomicU64>,
+}
+
+impl<S> RawBytesIn<S> {
+    pub fn new(inner: S, count: Arc<AtomicU64>) -> Self {
+        Self { inner, count }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for RawBytesIn<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        self.count.fetch_add(n, Ordering::Relaxed);
+        res
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for RawBytesIn<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// An `AsyncRead + AsyncWrite` over a WebSocket that carries binary messages.
 pub struct WsByteStream<S> {
     ws: WebSocketStream<S>,
@@ -81,6 +145,11 @@ pub struct WsByteStream<S> {
     violation: Option<(CloseCode, String)>,
     /// The current second's start and the PINGs received in it.
     pings: (Option<Instant>, u32),
+    /// Server side: the bytes read under the WebSocket (see [`RawBytesIn`]) and since when,
+    /// against [`WS_OVERHEAD_BASE`].
+    raw_in: Option<(Arc<AtomicU64>, Instant)>,
+    /// Payload bytes of the binary messages received.
+    payload_in: u64,
 }
 
 impl<S> WsByteStream<S> {
@@ -92,7 +161,27 @@ impl<S> WsByteStream<S> {
             max_write_message: settings.max_write_message_size.max(1024),
             violation: None,
             pings: (None, 0),
+            raw_in: None,
+            payload_in: 0,
         }
+    }
+
+    /// Holds the peer to [`WS_OVERHEAD_BASE`]: `raw_in` counts what was read from the socket
+    /// under the WebSocket (a [`RawBytesIn`]).
+    pub fn watching_overhead(mut self, raw_in: Arc<AtomicU64>) -> Self {
+        self.raw_in = Some((raw_in, Instant::now()));
+        self
+    }
+
+    /// Whether the peer's frames carried more overhead than allowed.
+    fn overhead_exceeded(&self) -> bool {
+        let Some((raw, since)) = &self.raw_in else {
+            return false;
+        };
+        let allowed = WS_OVERHEAD_BASE
+            + 2 * self.payload_in
+            + WS_OVERHEAD_PER_SECOND * since.elapsed().as_secs();
+        raw.load(Ordering::Relaxed) > allowed
     }
 }
 
@@ -179,7 +268,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsByteStream<S> {
                 }
                 return Poll::Ready(Ok(()));
             }
-            match ready!(Pin::new(&mut this.ws).poll_next(cx)) {
+            let next = Pin::new(&mut this.ws).poll_next(cx);
+            if this.overhead_exceeded() {
+                this.violation = Some((
+                    CloseCode::Policy,
+                    "WebSocket frames that carry no data (empty messages or fragments, PONGs) \
+                     far beyond what the data needs"
+                        .into(),
+                ));
+                continue;
+            }
+            match ready!(next) {
                 // tungstenite hands a close frame whose status code RFC 6455 does not allow
                 // (999, 1005, 2000, ...) up as its own 1002 "Protocol violation", and queues that
                 // as the reply; it was taken for a clean end, without a counter or a line.
@@ -194,7 +293,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsByteStream<S> {
                     ));
                 }
                 None | Some(Ok(Message::Close(_))) => return Poll::Ready(Ok(())),
-                Some(Ok(Message::Binary(data))) => this.read_buf = data,
+                Some(Ok(Message::Binary(data))) => {
+                    this.payload_in += data.len() as u64;
+                    this.read_buf = data;
+                }
                 Some(Ok(Message::Text(_))) => {
                     this.violation = Some((
                         CloseCode::Protocol,
@@ -324,6 +426,65 @@ mod tests {
         let server =
             WebSocketStream::from_raw_socket(b, Role::Server, Some(s.tungstenite_config())).await;
         (client, WsByteStream::new(server, &s))
+    }
+
+    /// A server that watches its peer's frame overhead, and the client talking to it.
+    async fn watched_pair() -> (
+        WebSocketStream<tokio::io::DuplexStream>,
+        WsByteStream<RawBytesIn<tokio::io::DuplexStream>>,
+    ) {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let s = WsSettings::default();
+        let client =
+            WebSocketStream::from_raw_socket(a, Role::Client, Some(s.tungstenite_config())).await;
+        let raw = Arc::new(AtomicU64::new(0));
+        let server = WebSocketStream::from_raw_socket(
+            RawBytesIn::new(b, raw.clone()),
+            Role::Server,
+            Some(s.tungstenite_config()),
+        )
+        .await;
+        (client, WsByteStream::new(server, &s).watching_overhead(raw))
+    }
+
+    #[tokio::test]
+    async fn frames_that_carry_nothing_end_the_connection_and_small_ones_do_not() {
+        // The smallest HTTP/2 frames, one per message, as a chatty peer might send them.
+        let (mut client, mut server) = watched_pair().await;
+        let sender = tokio::spawn(async move {
+            for _ in 0..50_000 {
+                client
+                    .send(Message::Binary(Bytes::from_static(&[0; 9])))
+                    .await
+                    .unwrap();
+            }
+            client
+        });
+        let mut got = vec![0; 9 * 50_000];
+        server.read_exact(&mut got).await.unwrap();
+        drop(sender.await.unwrap());
+
+        for flood in [Message::Binary(Bytes::new()), Message::Pong(Bytes::new())] {
+            let (mut client, mut server) = watched_pair().await;
+            let sender = tokio::spawn(async move {
+                for _ in 0..200_000 {
+                    if client.send(flood.clone()).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            let mut buf = [0; 16];
+            let read = tokio::time::timeout(Duration::from_secs(20), server.read(&mut buf));
+            let e = read
+                .await
+                .expect("200,000 empty frames read without an end")
+                .unwrap_err();
+            let inner = e
+                .get_ref()
+                .and_then(|i| i.downcast_ref::<WsProtocolError>());
+            assert!(inner.is_some_and(|v| v.0.contains("carry no data")), "{e}");
+            sender.abort();
+        }
     }
 
     #[tokio::test]

@@ -1,6 +1,7 @@
 //! What kind of connection this is: TLS and its ALPN, the cleartext sniff, and the
 //! WebSocket upgrade, each under the handshake deadline.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpStream;
@@ -12,7 +13,7 @@ use super::{IngressSettings, RejectReason};
 use crate::pre_auth_budget::PreAuthBudget;
 use crate::sniff::{read_prefix, PrefixClass, PrefixedIo};
 use crate::upgrade_request;
-use crate::websocket::{WsByteStream, WS_SUBPROTOCOL};
+use crate::websocket::{RawBytesIn, WsByteStream, WS_SUBPROTOCOL};
 use crate::{BoxedIo, Io, TransportKind};
 
 /// A connection refused before classification ended, and the sentence saying why.
@@ -106,7 +107,8 @@ pub(crate) async fn websocket_upgrade<S: Io>(
         }
         Ok(Ok(Ok(head))) => head,
     };
-    let io = PrefixedIo::new(head.into(), io);
+    let raw_in = Arc::new(AtomicU64::new(0));
+    let io = RawBytesIn::new(PrefixedIo::new(head.into(), io), raw_in.clone());
     let bad_subprotocol: Arc<Mutex<Option<String>>> = Arc::default();
     let seen = bad_subprotocol.clone();
     #[allow(clippy::result_large_err)] // the error type is tungstenite's, not ours
@@ -147,7 +149,9 @@ pub(crate) async fn websocket_upgrade<S: Io>(
                 format!("not a valid WebSocket upgrade: {e}"),
             )),
         },
-        Ok(Ok(ws)) => Ok(Box::new(WsByteStream::new(ws, &settings.ws))),
+        Ok(Ok(ws)) => Ok(Box::new(
+            WsByteStream::new(ws, &settings.ws).watching_overhead(raw_in),
+        )),
     }
 }
 
