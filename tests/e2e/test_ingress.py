@@ -593,6 +593,11 @@ def test_plain_http1_requests_get_an_http_answer_saying_what_the_port_serves(env
                       "-H", "Connection: keep-alive", "-H", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
                       "-H", "Sec-WebSocket-Version: 13")
     assert code == 400 and "Connection: Upgrade" in body, (code, body)
+    # An upgrade a proxy stripped of its Upgrade and Connection headers (a forward proxy, as
+    # tinyproxy does with ws://): the answer says a proxy removed them.
+    code, body = curl(f"http://127.0.0.1:{g.clear_port}/", "-H", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                      "-H", "Sec-WebSocket-Version: 13", "-H", "Sec-WebSocket-Protocol: ws-tunnel")
+    assert code == 426 and "without its Upgrade header: a proxy in between removed it" in body, (code, body)
     # An upgrade over HTTP/1.0 (a proxy without proxy_http_version 1.1), and one with a body:
     # tungstenite refused both later, and the connection closed without an answer.
     upgrade = ["-H", "Upgrade: websocket", "-H", "Connection: Upgrade", "-H", "Sec-WebSocket-Version: 13",

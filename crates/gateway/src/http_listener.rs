@@ -538,8 +538,9 @@ struct IdleIo<T> {
     /// PINGs alone cannot hold a place for ever.
     http2_first_request_by: tokio::time::Instant,
     timer: Pin<Box<tokio::time::Sleep>>,
-    /// The PING and SETTINGS policy of an HTTP/2 connection (dropped once the first bytes
-    /// show HTTP/1.1): hyper answers every PING and SETTINGS frame, as fast as they come.
+    /// The PING, SETTINGS and control-frame policy of an HTTP/2 connection (dropped once the
+    /// first bytes show HTTP/1.1): hyper answers every PING and SETTINGS frame and reads every
+    /// other frame, as fast as they come.
     frames: Option<agentgate_transport::PingPolicy>,
 }
 
@@ -567,9 +568,11 @@ impl<T> IdleIo<T> {
             first_request_by: now + limits.first_request,
             http2_first_request_by: now + limits.idle.max(limits.first_request),
             timer: Box::pin(tokio::time::sleep(limits.idle.min(limits.first_request))),
-            frames: limits
-                .min_ping_interval
-                .map(agentgate_transport::PingPolicy::new),
+            // Every listener reads its HTTP/2 clients' frames (SETTINGS and control-frame
+            // floods); the PING minimum applies where one is set (not between replicas).
+            frames: Some(agentgate_transport::PingPolicy::new(
+                limits.min_ping_interval.unwrap_or(Duration::ZERO),
+            )),
         }
     }
 

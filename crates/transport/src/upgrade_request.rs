@@ -167,6 +167,23 @@ fn check(req: &httparse::Request<'_, '_>) -> Result<(), Refusal> {
                 .into(),
         ));
     }
+    if method == "GET"
+        && header(req, "upgrade").is_none()
+        && (header(req, "sec-websocket-key").is_some()
+            || header(req, "sec-websocket-protocol").is_some())
+    {
+        let mut refusal = Refusal::new(
+            http::StatusCode::UPGRADE_REQUIRED,
+            RejectReason::NotAnUpgrade,
+            "agentgate: this WebSocket upgrade arrived without its Upgrade header: a proxy in \
+             between removed it (Upgrade and Connection are hop-by-hop). nginx needs \
+             proxy_http_version 1.1 and proxy_set_header Upgrade/Connection; through a forward \
+             proxy use wss://, which goes through CONNECT"
+                .into(),
+        );
+        refusal.headers = vec!["Upgrade: websocket"];
+        return Err(refusal);
+    }
     if method != "GET" || !lists(header(req, "upgrade"), "websocket") {
         let mut refusal = Refusal::new(
             http::StatusCode::UPGRADE_REQUIRED,
