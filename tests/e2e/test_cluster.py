@@ -664,6 +664,22 @@ def test_a_caller_gone_mid_upload_through_another_replica_is_logged_as_its_own_d
         up.close()
 
 
+def test_a_crashed_replicas_field_in_the_replica_list_is_removed(env):
+    """agentgate:replicas lists every live replica and never expires as a whole; a replica
+    killed with -9 left its field there for good (pods that crash on new addresses grew it one
+    field per crash). The survivors' refresh removes a field once it is past registry_ttl."""
+    redis = Redis(env)
+    secret_file, _ = write_secret(env)
+    fast = ["--set", 'registry_ttl="3s"', "--set", 'registry_refresh_interval="1s"']
+    survivor, victim = (Replica(env, i, redis, secret_file, fast) for i in (1, 2))
+    wait_for(lambda: set(redis.hgetall("agentgate:replicas")) == {survivor.internal_url, victim.internal_url},
+             timeout=10, what="both replicas listed")
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait(timeout=5)
+    wait_for(lambda: set(redis.hgetall("agentgate:replicas")) == {survivor.internal_url},
+             timeout=15, what="the killed replica's field removed from agentgate:replicas")
+
+
 def test_a_replica_with_another_secret_is_named_not_taken_for_a_busy_agent(env):
     """Two replicas whose internal secrets differ: the agent's replica refuses the other's
     signed calls (401, bad signature). The caller got 503 "connected but had no idle tunnel"

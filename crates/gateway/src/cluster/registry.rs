@@ -381,6 +381,10 @@ impl Registry {
         self.metrics
             .registry_writes
             .add(&[], (agents.len() + 1) as f64);
+        // The list of replicas never expires as a whole (every live replica refreshes it):
+        // the fields of replicas that crashed are removed here, or a fleet of pods that crash
+        // on ever new addresses would grow it by one field a crash.
+        let _ = self.replicas().await;
         Ok(())
     }
 
