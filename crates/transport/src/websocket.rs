@@ -76,9 +76,11 @@ pub const MAX_WS_PINGS_PER_SECOND: u32 = 10;
 /// Bytes a peer may send in WebSocket frames beyond what they carry for us, on the server
 /// side: empty binary messages, unanswered PONGs, or a message fragmented into empty pieces
 /// each cost a read and deliver nothing (a flood of them cost the gateway 15 to 31 times the
-/// client's CPU). Allowed: [`WS_OVERHEAD_BASE`] (the upgrade request included), as much again
-/// as the payload delivered (a frame's header is at most 14 bytes, and the smallest HTTP/2
-/// frame inside one is 9), and [`WS_OVERHEAD_PER_SECOND`] for keepalive PINGs and PONGs.
+/// client's CPU). Allowed: [`WS_OVERHEAD_BASE`] (the upgrade request included), one whole
+/// message of `max_message_size` (a message still arriving has delivered nothing yet), as much
+/// again as the payload delivered (a frame's header is at most 14 bytes, and the smallest
+/// HTTP/2 frame inside one is 9), and [`WS_OVERHEAD_PER_SECOND`] for keepalive PINGs and
+/// PONGs.
 pub const WS_OVERHEAD_BASE: u64 = 256 * 1024;
 pub const WS_OVERHEAD_PER_SECOND: u64 = 4 * 1024;
 
@@ -150,6 +152,8 @@ pub struct WsByteStream<S> {
     raw_in: Option<(Arc<AtomicU64>, Instant)>,
     /// Payload bytes of the binary messages received.
     payload_in: u64,
+    /// `max_message_size`: a message that large may be on its way, read but not delivered.
+    max_message: u64,
 }
 
 impl<S> WsByteStream<S> {
@@ -163,6 +167,7 @@ impl<S> WsByteStream<S> {
             pings: (None, 0),
             raw_in: None,
             payload_in: 0,
+            max_message: settings.max_message_size as u64,
         }
     }
 
@@ -179,6 +184,7 @@ impl<S> WsByteStream<S> {
             return false;
         };
         let allowed = WS_OVERHEAD_BASE
+            + self.max_message
             + 2 * self.payload_in
             + WS_OVERHEAD_PER_SECOND * since.elapsed().as_secs();
         raw.load(Ordering::Relaxed) > allowed
@@ -434,7 +440,11 @@ mod tests {
         WsByteStream<RawBytesIn<tokio::io::DuplexStream>>,
     ) {
         let (a, b) = tokio::io::duplex(1 << 20);
-        let s = WsSettings::default();
+        // Messages up to 64 KiB: the allowance holds one whole message that may be on its way.
+        let s = WsSettings {
+            max_message_size: 64 * 1024,
+            ..WsSettings::default()
+        };
         let client =
             WebSocketStream::from_raw_socket(a, Role::Client, Some(s.tungstenite_config())).await;
         let raw = Arc::new(AtomicU64::new(0));
