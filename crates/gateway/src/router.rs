@@ -87,7 +87,6 @@ impl Router {
                         Err(e @ ForwardError::NotConnected { .. }) => break 'remote e,
                         Err(e) => return Err(e),
                     };
-                    served.set(REPLICA);
                     if let ([peer], true) = (peers.as_slice(), body.is_end_stream()) {
                         match cluster
                             .forward_direct(peer, agent, &head, tunnel_wait)
@@ -105,13 +104,22 @@ impl Router {
                                     agent: agent.into(),
                                 }
                             }
-                            DirectForward::Done(answered) => return answered,
+                            // The peer took the request (unless it refused this replica's
+                            // call: then no agent got it).
+                            DirectForward::Done(answered) => {
+                                if !matches!(answered, Err(ForwardError::ClusterUnavailable { .. }))
+                                {
+                                    served.set(REPLICA);
+                                }
+                                return answered;
+                            }
                             DirectForward::Unsupported => {}
                         }
                     }
                     match cluster.reserve_remote(&peers, tunnel_wait, agent).await {
                         Ok(reserved) => {
-                            return cluster.forward_reserved(reserved, agent, head, body).await
+                            served.set(REPLICA);
+                            return cluster.forward_reserved(reserved, agent, head, body).await;
                         }
                         // Every replica listed for it says it left, or is gone: it is
                         // moving to another one, so wait for it as for an agent connected
