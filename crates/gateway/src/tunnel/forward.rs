@@ -61,6 +61,9 @@ impl ServedOver {
     }
 }
 
+/// How often a request waiting for a tunnel looks whether its agent is still connected.
+const PRESENCE_RECHECK: Duration = Duration::from_millis(250);
+
 /// How many tunnels one request may try: a parked tunnel found dead before anything was sent
 /// on it is always replaced, and a tunnel that broke before the response head is replaced only
 /// for a request that is safe to send twice.
@@ -92,8 +95,8 @@ pub struct LocalTunnels {
     metrics: Arc<Metrics>,
     /// `tunnel_wait`: how long a request waits for an idle tunnel of a connected agent.
     pub tunnel_wait: Duration,
-    /// `agent_reconnect_wait`: how long a request retried after its tunnel broke waits for an
-    /// agent that went away with it (connected nowhere here any more).
+    /// `agent_reconnect_wait`: how long a request waits for an agent that went away while it
+    /// waited (its tunnel broke with its connection; see [`LocalTunnels::take`]).
     reconnect_wait: Duration,
     /// `tunnel_chunk_size`: the largest body chunk sent to an agent.
     chunk_size: usize,
@@ -144,7 +147,10 @@ impl LocalTunnels {
     }
 
     /// Takes a live parked tunnel of `agent`, waiting up to `wait`, preferring connections
-    /// other than `avoid`.
+    /// other than `avoid`. An agent that is connected nowhere here (any more) is waited for
+    /// only `agent_reconnect_wait` from the start, as the router waits for an agent connected
+    /// nowhere: a request retried after its tunnel broke because the agent died waited the
+    /// whole `tunnel_wait` (10 s) whenever the retry began before the agent's session ended.
     pub async fn take(
         &self,
         agent: &str,
@@ -152,7 +158,20 @@ impl LocalTunnels {
         avoid: Option<u64>,
     ) -> Result<ParkedTunnel, ForwardError> {
         let started = std::time::Instant::now();
-        let taken = self.parking.take(agent, wait, avoid).await;
+        let taken = loop {
+            let limit = if self.directory.is_connected(agent) {
+                wait
+            } else {
+                wait.min(self.reconnect_wait)
+            };
+            let left = limit.saturating_sub(started.elapsed());
+            let slice = left.min(PRESENCE_RECHECK);
+            match self.parking.take(agent, slice, avoid).await {
+                Some(t) => break Some(t),
+                None if slice == left => break None,
+                None => {}
+            }
+        };
         self.metrics.tunnel_wait.observe(
             &[if taken.is_some() { "got" } else { "none" }],
             started.elapsed(),
@@ -197,16 +216,7 @@ impl LocalTunnels {
         for attempt in 1..=TUNNEL_ATTEMPTS {
             let t = match next.take() {
                 Some(t) => t,
-                None => {
-                    // The agent may have gone with the tunnel that broke (its process was
-                    // killed): then it is waited for as any agent connected nowhere is.
-                    let wait = if self.directory.is_connected(agent) {
-                        self.tunnel_wait
-                    } else {
-                        self.reconnect_wait.min(self.tunnel_wait)
-                    };
-                    self.take(agent, wait, broke_on).await?
-                }
+                None => self.take(agent, self.tunnel_wait, broke_on).await?,
             };
             check_descriptor(agent, &t, &head)?;
             let conn = t.conn.id;
