@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cluster::{Cluster, DirectForward};
 use crate::tokens::TokenStore;
-use crate::tunnel::{ForwardError, ForwardResponse, LocalTunnels, ServedOver, REPLICA};
+use crate::tunnel::{ForwardError, ForwardResponse, LocalTunnels, ServedOver, NO_AGENT, REPLICA};
 
 /// How often a request waiting for a disconnected agent looks again (locally, and in Redis).
 const RECONNECT_POLL: Duration = Duration::from_millis(100);
@@ -88,6 +88,9 @@ impl Router {
                         Err(e) => return Err(e),
                     };
                     if let ([peer], true) = (peers.as_slice(), body.is_end_stream()) {
+                        // On its way to the peer, which takes a tunnel there at once: labelled
+                        // so from now, in case the caller goes before the answer.
+                        served.set(REPLICA);
                         match cluster
                             .forward_direct(peer, agent, &head, tunnel_wait)
                             .await
@@ -95,25 +98,26 @@ impl Router {
                             // The agent left that replica: wait for it to be listed
                             // elsewhere.
                             DirectForward::Done(Err(e @ ForwardError::NotConnected { .. })) => {
-                                break 'remote e
+                                served.set(NO_AGENT);
+                                break 'remote e;
                             }
                             // The replica is unreachable (nothing was sent; it is marked
                             // down): its agents are moving, so the same.
                             DirectForward::NotSent => {
+                                served.set(NO_AGENT);
                                 break 'remote ForwardError::NotConnected {
                                     agent: agent.into(),
-                                }
+                                };
                             }
-                            // The peer took the request (unless it refused this replica's
-                            // call: then no agent got it).
-                            DirectForward::Done(answered) => {
-                                if !matches!(answered, Err(ForwardError::ClusterUnavailable { .. }))
-                                {
-                                    served.set(REPLICA);
-                                }
-                                return answered;
+                            // The peer refused this replica's call: no agent got it.
+                            DirectForward::Done(
+                                refused @ Err(ForwardError::ClusterUnavailable { .. }),
+                            ) => {
+                                served.set(NO_AGENT);
+                                return refused;
                             }
-                            DirectForward::Unsupported => {}
+                            DirectForward::Done(answered) => return answered,
+                            DirectForward::Unsupported => served.set(NO_AGENT),
                         }
                     }
                     match cluster.reserve_remote(&peers, tunnel_wait, agent).await {

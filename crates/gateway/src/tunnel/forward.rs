@@ -37,6 +37,8 @@ pub struct ForwardResponse {
 
 /// The `transport` label of a request another replica's agent served.
 pub const REPLICA: &str = "replica";
+/// The `transport` label of a request no agent got.
+pub const NO_AGENT: &str = "none";
 
 /// Which agent connection a request went down (`grpc`, `grpcs`, `ws`, `wss`, or `replica`
 /// when another replica was asked), set as soon as the request went out: the access log and
@@ -47,7 +49,7 @@ pub struct ServedOver(Arc<std::sync::Mutex<&'static str>>);
 
 impl Default for ServedOver {
     fn default() -> Self {
-        Self(Arc::new(std::sync::Mutex::new("none")))
+        Self(Arc::new(std::sync::Mutex::new(NO_AGENT)))
     }
 }
 

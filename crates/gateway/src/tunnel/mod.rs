@@ -14,7 +14,9 @@ mod to_agent;
 
 pub use answer_body::TunnelBody;
 pub use error::ForwardError;
-pub use forward::{BoxError, ForwardResponse, LocalTunnels, ResponseBody, ServedOver, REPLICA};
+pub use forward::{
+    BoxError, ForwardResponse, LocalTunnels, ResponseBody, ServedOver, NO_AGENT, REPLICA,
+};
 pub use parking::{ParkedTunnel, TunnelParking};
 pub use service::TunnelService;
 pub use stalled_caller::CallerStalled;
