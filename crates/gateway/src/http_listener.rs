@@ -65,6 +65,11 @@ pub struct HttpListenerSettings {
     /// For each request's headers, and for the first request to begin at all.
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Whether bytes moving (PINGs) keep a connection with no request open past
+    /// `idle_timeout`. Only between replicas: their clients PING every second to find a hung
+    /// peer and reuse pooled connections, which must not be closed under them. Elsewhere only
+    /// requests count, or one PRIORITY frame every few seconds holds a place for ever.
+    pub idle_counts_bytes: bool,
     /// HTTP/2 windows (the internal API streams tunnelled bodies between replicas).
     pub http2_stream_window: u32,
     pub http2_connection_window: u32,
@@ -103,6 +108,7 @@ impl HttpListenerSettings {
             handshake_timeout: c.handshake_timeout,
             header_read_timeout: c.http_header_read_timeout,
             idle_timeout: c.http_idle_timeout,
+            idle_counts_bytes: name == "internal",
             http2_stream_window: c.http2_stream_window,
             http2_connection_window: c.http2_connection_window,
             shutdown_grace: c.shutdown_grace,
@@ -279,6 +285,7 @@ pub async fn serve_http<F, S, B>(
                 idle: settings.idle_timeout,
                 first_request: settings.header_read_timeout,
                 min_ping_interval: settings.min_client_ping_interval,
+                counts_bytes: settings.idle_counts_bytes,
             };
             let result = match acceptor {
                 None => {
@@ -524,6 +531,8 @@ struct IdleLimits {
     first_request: Duration,
     /// `min_client_ping_interval` for HTTP/2 connections, if any.
     min_ping_interval: Option<Duration>,
+    /// `idle_counts_bytes`.
+    counts_bytes: bool,
 }
 
 /// Closes the connection once it has had no request in flight for `idle` since its last
@@ -538,6 +547,8 @@ struct IdleIo<T> {
     /// PINGs alone cannot hold a place for ever.
     http2_first_request_by: tokio::time::Instant,
     timer: Pin<Box<tokio::time::Sleep>>,
+    /// `idle_counts_bytes`: bytes in either direction count as activity.
+    counts_bytes: bool,
     /// The PING, SETTINGS and control-frame policy of an HTTP/2 connection (dropped once the
     /// first bytes show HTTP/1.1): hyper answers every PING and SETTINGS frame and reads every
     /// other frame, as fast as they come.
@@ -568,6 +579,7 @@ impl<T> IdleIo<T> {
             first_request_by: now + limits.first_request,
             http2_first_request_by: now + limits.idle.max(limits.first_request),
             timer: Box::pin(tokio::time::sleep(limits.idle.min(limits.first_request))),
+            counts_bytes: limits.counts_bytes,
             // Every listener reads its HTTP/2 clients' frames (SETTINGS and control-frame
             // floods); the PING minimum applies where one is set (not between replicas).
             frames: Some(agentgate_transport::PingPolicy::new(
@@ -667,6 +679,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
         let before = buf.filled().len();
         let res = Pin::new(&mut self.io).poll_read(cx, buf);
         if matches!(res, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            if self.counts_bytes {
+                self.activity.touch();
+            }
             self.activity.saw(&buf.filled()[before..]);
             self.watch_frames(&buf.filled()[before..])?;
         }
@@ -685,6 +700,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     ) -> Poll<io::Result<usize>> {
         let res = Pin::new(&mut self.io).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = res {
+            if self.counts_bytes && n > 0 {
+                self.activity.touch();
+            }
             if let Some(policy) = self.frames.as_mut().filter(|_| n > 0) {
                 policy.feed_outbound(&buf[..n]);
             }
@@ -698,6 +716,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     ) -> Poll<io::Result<usize>> {
         let res = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = res {
+            if self.counts_bytes && n > 0 {
+                self.activity.touch();
+            }
             if let Some(policy) = self.frames.as_mut().filter(|_| n > 0) {
                 let mut left = n;
                 for b in bufs {
