@@ -322,16 +322,7 @@ pub async fn serve_http<F, S, B>(
             if let Some((reason, why)) = flood {
                 settings.refused(reason, peer, why);
             } else if let Some((code, debug)) = goaway_error {
-                let (reason, name) = agentgate_transport::http2_error_reason(code);
-                let detail = if debug.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({debug})")
-                };
-                let why = format!(
-                    "the gateway closed the connection with GOAWAY {name}{detail} for what the \
-                     client sent"
-                );
+                let (reason, why) = agentgate_transport::goaway_error_refusal(code, &debug);
                 settings.refused(reason.as_str(), peer, &why);
             } else if activity.no_request.load(Ordering::Relaxed) {
                 let why = if activity.is_http2_client() {

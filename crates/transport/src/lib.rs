@@ -37,7 +37,7 @@ pub use ingress::{
     accept_until, bind_listener, serve_ingress, ConnMeta, ConnectionLimit, IngressObserver,
     IngressSettings, RejectReason, ServerConn,
 };
-pub use ingress::{drain_point, http2_error_reason, AcceptHealth, ACCEPT_HEALTH, DRAIN_MAX_AGE};
+pub use ingress::{drain_point, goaway_error_refusal, AcceptHealth, ACCEPT_HEALTH, DRAIN_MAX_AGE};
 pub use kind::TransportKind;
 pub use log_budget::{LogBudget, PRE_AUTH_LINES_PER_SECOND, PRE_AUTH_LOG};
 pub use ping_policy::{PingPolicy, TooManyPings};

@@ -27,7 +27,7 @@ pub use accept::{accept_until, bind_listener, AcceptHealth, ACCEPT_HEALTH};
 pub(crate) use classify::websocket_upgrade;
 pub use limit::ConnectionLimit;
 pub use serve::serve_ingress;
-pub use server_conn::{http2_error_reason, ServerConn};
+pub use server_conn::{goaway_error_refusal, ServerConn};
 
 use std::fmt;
 use std::net::SocketAddr;

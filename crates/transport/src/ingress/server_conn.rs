@@ -113,17 +113,26 @@ fn http2_error_name(code: u32) -> &'static str {
 const ENHANCE_YOUR_CALM: u32 = 0xb;
 const NO_ERROR: u32 = 0x0;
 
-/// Why an HTTP/2 server closed a connection with a GOAWAY carrying error `code`, and the
-/// code's name: ENHANCE_YOUR_CALM is a flood it caught (too many resets, CONTINUATION
-/// frames, ...), any other error a protocol error by the client. For every listener's
-/// refusal metric and log line.
-pub fn http2_error_reason(code: u32) -> (RejectReason, &'static str) {
+/// Why an HTTP/2 server closed a connection with a GOAWAY carrying error `code` and debug
+/// text `debug`, and the sentence that says so: ENHANCE_YOUR_CALM is a flood it caught (too
+/// many resets, CONTINUATION frames, ...), any other error a protocol error by the client.
+/// For every listener's refusal metric and log line.
+pub fn goaway_error_refusal(code: u32, debug: &str) -> (RejectReason, String) {
     let reason = if code == ENHANCE_YOUR_CALM {
         RejectReason::Http2Flood
     } else {
         RejectReason::Http2ProtocolError
     };
-    (reason, http2_error_name(code))
+    let detail = if debug.is_empty() {
+        String::new()
+    } else {
+        format!(" ({debug})")
+    };
+    let sentence = format!(
+        "the gateway closed the connection with GOAWAY {}{detail} for what the client sent",
+        http2_error_name(code)
+    );
+    (reason, sentence)
 }
 
 impl ServerConn {
@@ -137,14 +146,9 @@ impl ServerConn {
         if code == NO_ERROR {
             return;
         }
-        let (reason, name) = http2_error_reason(code);
+        let (reason, sentence) = goaway_error_refusal(code, &debug);
         self.observer.rejected(reason);
         if let Some(suppressed) = PRE_AUTH_LOG.allow() {
-            let detail = if debug.is_empty() {
-                String::new()
-            } else {
-                format!(" ({debug})")
-            };
             tracing::warn!(
                 conn = self.meta.id,
                 peer = %self.meta.peer,
@@ -152,8 +156,7 @@ impl ServerConn {
                 agent = self.meta.agent.get().map(String::as_str).unwrap_or("-"),
                 %reason,
                 suppressed,
-                "the gateway closed the connection with GOAWAY {name}{detail} for what the client \
-                 sent"
+                "{sentence}"
             );
         }
     }
