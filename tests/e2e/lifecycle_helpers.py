@@ -259,6 +259,20 @@ def api_get(api_port: int, path: str, token: str, timeout: float = 10.0):
         conn.close()
 
 
+def get_and_leave(api_port: int, path: str, token: str, after: float = 0.5):
+    """A GET through the tunnel API whose caller hangs up `after` seconds, before any answer
+    (the path must take longer than that to answer)."""
+    conn = http.client.HTTPConnection("127.0.0.1", api_port, timeout=after)
+    try:
+        conn.request("GET", path, headers={"Authorization": f"Bearer {token}"})
+        conn.getresponse()
+        raise AssertionError(f"{path} was answered within {after} s")
+    except TimeoutError:
+        pass
+    finally:
+        conn.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # A TCP proxy that forwards HTTP/1.1 (WebSocket) connections and, while `swallow_h2` is set,
 # accepts direct HTTP/2 connections (the h2c preface) and never answers them.
