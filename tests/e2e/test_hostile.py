@@ -959,3 +959,19 @@ def test_frames_without_requests_do_not_hold_an_api_connection_open(env):
     assert closed_after is not None, "a connection sending only PRIORITY frames was held 10 s"
     assert 1.5 < closed_after < 5, closed_after
     assert_steady_serves(g, api)
+
+
+def test_protocol_errors_on_the_api_port_are_counted_and_logged(env):
+    """A GOAWAY the HTTP/2 server of the tunnel API sends by itself (here PROTOCOL_ERROR for
+    DATA on stream 0) closed the connection without a metric or a log line; it is counted as
+    http2_protocol_error on the api listener and logged, as on the agent port."""
+    g, api = gateway_with_steady_agent(env, tls=False)
+    s = socket.create_connection(("127.0.0.1", g.api_port))
+    s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + h2_frame(0x4, b"") + h2_frame(0x0, b"abcd"))
+    assert closed_within(s, 5) is not None
+    s.close()
+    wait_for(lambda: g.metric("agentgate_http_connections_refused_total", listener="api",
+                              reason="http2_protocol_error") == 1,
+             timeout=5, what="the protocol error counted on the api listener")
+    assert "the gateway closed the connection with GOAWAY PROTOCOL_ERROR" in ic.plain(g.proc.output())
+    assert_steady_serves(g, api)
