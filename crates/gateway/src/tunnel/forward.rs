@@ -159,7 +159,8 @@ impl LocalTunnels {
         wait: Duration,
         avoid: Option<u64>,
     ) -> Result<ParkedTunnel, ForwardError> {
-        let started = std::time::Instant::now();
+        // The timer's clock, as the waits below use it (paused in tests).
+        let started = tokio::time::Instant::now();
         let taken = loop {
             let limit = if self.directory.is_connected(agent) {
                 wait
@@ -457,6 +458,57 @@ mod stream_ends {
             64 * 1024,
             Duration::from_secs(60),
         )
+    }
+
+    /// A request waits for a tunnel of a connected agent up to `tunnel_wait`; when the agent's
+    /// session ends meanwhile (its process was killed), it waits `agent_reconnect_wait` from
+    /// its start instead. Paused time: the waits are exact.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_waiting_for_an_agent_that_goes_away_waits_the_reconnect_wait() {
+        let metrics = Arc::new(Metrics::default());
+        let directory: Arc<Directory> = Arc::default();
+        let local = LocalTunnels::new(
+            Arc::new(TunnelParking::new(metrics.clone(), None)),
+            directory.clone(),
+            metrics.clone(),
+            (Duration::from_secs(10), Duration::from_secs(2)),
+            64 * 1024,
+            Duration::from_secs(60),
+        );
+        let record = crate::directory::AgentRecord {
+            name: "a".into(),
+            instance_id: "i-1".into(),
+            version: String::new(),
+            hostname: String::new(),
+            transport: "grpc".into(),
+            peer: "127.0.0.1:1".into(),
+            connected_since: String::new(),
+            connection_id: 1,
+        };
+        // Connected all along: the whole tunnel_wait, then "no idle tunnel".
+        let session = directory.register(&metrics, record.clone());
+        let t0 = tokio::time::Instant::now();
+        let e = local
+            .take("a", local.tunnel_wait, None)
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(e, ForwardError::NoIdleTunnel { .. }), "{e}");
+        assert_eq!(t0.elapsed(), Duration::from_secs(10));
+        // Gone 100 ms into the wait: 2 s from the start, then "not connected".
+        let t0 = tokio::time::Instant::now();
+        let leave = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            drop(session);
+        };
+        let (taken, ()) = tokio::join!(local.take("a", local.tunnel_wait, None), leave);
+        let e = taken.err().unwrap();
+        assert!(matches!(e, ForwardError::NotConnected { .. }), "{e}");
+        assert!(
+            t0.elapsed() >= Duration::from_secs(2) && t0.elapsed() < Duration::from_millis(2300),
+            "{:?}",
+            t0.elapsed()
+        );
     }
 
     /// A request body the test writes as the caller sends it; dropping the sender ends it.
